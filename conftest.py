@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random pipelines and datasets built once per session, and a CLI runner that
+validates every stdout line against events_schema.json."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    events: list[dict]
+    stdout: str
+    stderr: str
+
+    def of_type(self, type_: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == type_]
+
+    def last(self, type_: str) -> dict:
+        found = self.of_type(type_)
+        assert found, f"no {type_!r} event; types seen: {[e['type'] for e in self.events]}\nstderr:\n{self.stderr[-3000:]}"
+        return found[-1]
+
+
+_validator = None
+
+
+def event_validator():
+    global _validator
+    if _validator is None:
+        import jsonschema
+
+        _validator = jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text()))
+    return _validator
+
+
+def parse_events(stdout: str) -> list[dict]:
+    """Every stdout line must be one schema-valid JSON event, seq 1, 2, 3 ... with one run_id."""
+    events = []
+    for n, line in enumerate(stdout.splitlines(), 1):
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            raise AssertionError(f"stdout line {n} is not JSON: {line[:300]!r}") from None
+        errors = sorted(event_validator().iter_errors(ev), key=str)
+        assert not errors, f"stdout line {n} violates events_schema.json: {errors[0].message}\n{line[:500]}"
+        events.append(ev)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "seq must be 1, 2, 3, ..."
+    assert len({e["run_id"] for e in events}) <= 1, "one run_id per process"
+    return events
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> CliResult:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    return CliResult(proc.returncode, parse_events(proc.stdout), proc.stdout, proc.stderr)
+
+
+def write_config(path: Path, **fields) -> Path:
+    path.write_text(json.dumps(fields, indent=2), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Lazily built tiny pipelines: tiny_models['sdxl'] etc."""
+    from lora_trainer.tiny import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+
+    class Lazy(dict):
+        def __missing__(self, family):
+            path = make_tiny_pipeline(root / family, family)
+            self[family] = Path(path)
+            return self[family]
+
+    return Lazy()
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    from lora_trainer.tiny import make_dataset
+
+    return Path(make_dataset(tmp_path / "data", n=4, trigger="ohwx"))

@@ -1,0 +1,173 @@
+"""Command-line entry: parse flags, claim stdout for events, run preflight or training, map errors to exit codes.
+
+Heavy imports (torch, diffusers) happen only inside the training branch, so ``--help`` and
+``--validate-only`` stay fast and never pay for them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+import warnings
+
+from . import __version__
+from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, ConfigError, Interrupted, TrainerError
+from .events import EventStream, claim_stdout
+
+log = logging.getLogger("train_lora")
+
+DESCRIPTION = """\
+Train a LoRA for Stable Diffusion 1.x, 2.x or SDXL from a JSON config.
+
+Progress is written to stdout as newline-delimited JSON events (see events_schema.json and the README);
+nothing else is ever written to stdout. Human-readable logs go to stderr."""
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, _, meaning in EXIT_CODES)
+    return f"""\
+examples:
+  python3 train_lora.py --config config.json                  train
+  python3 train_lora.py --config config.json --validate-only  check config, dataset, model and output in ~1 s
+  python3 train_lora.py --config config.json --resume         continue from the newest checkpoint
+  python3 train_lora.py --config config.json 2>train.log | my-parser   events on stdout, logs in a file
+
+exit codes:
+{codes}
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit; we want an error event too
+        raise ConfigError(f"invalid command line: {message}",
+                          [{"path": "(command line)", "value": " ".join(sys.argv[1:]), "message": message,
+                            "allowed": "see --help"}], hint="run with --help for the list of flags")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train_lora.py", description=DESCRIPTION, epilog=_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="PATH",
+                   help="JSON config file (schema: config_schema.json). Relative paths inside it are relative to the file.")
+    p.add_argument("--validate-only", action="store_true",
+                   help="check the config, dataset, base model and output folder without loading a model; "
+                        "emit one 'validation' event and exit (0 if usable, 2 if not)")
+    p.add_argument("--resume", action="store_true",
+                   help="shorthand for \"resume\": \"auto\": continue from the newest valid checkpoint in output_path")
+    p.add_argument("--run-id", metavar="ID", help="run id to put in every event (default: random)")
+    p.add_argument("--debug", action="store_true", help="debug logs and Python tracebacks on stderr")
+    p.add_argument("--version", action="version", version=f"train_lora {__version__}")
+    return p
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.captureWarnings(True)  # library warnings become log records on stderr
+    if not debug:
+        # Library chatter (diffusers/transformers deprecations) is noise for an operator; --debug shows it.
+        for name in ("diffusers", "transformers", "accelerate", "peft", "PIL", "huggingface_hub", "py.warnings"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _report(events: EventStream, exc: TrainerError) -> None:
+    events.emit("error", code=exc.code, exit_code=exc.exit_code, message=exc.message, hint=exc.hint,
+                details=exc.details if exc.details is not None else {})
+    log.error("%s (%s, exit %d)", exc.message, exc.code, exc.exit_code)
+    for problem in getattr(exc, "problems", [])[:50]:
+        log.error("  %s: %s (got %r; allowed: %s)", problem.get("path"), problem.get("message"),
+                  problem.get("value"), problem.get("allowed"))
+    if exc.hint:
+        log.error("hint: %s", exc.hint)
+
+
+def _validate_only(cfg, config_warnings, events: EventStream, started: float) -> int:
+    from .preflight import run_preflight
+
+    result = run_preflight(cfg, list(config_warnings))
+    events.emit("validation", ok=result.ok, errors=result.errors, warnings=result.warnings,
+                summary=result.summary, duration_s=round(time.monotonic() - started, 3))
+    for w in result.warnings:
+        log.warning("%s: %s", w.get("code"), w.get("message"))
+    if not result.ok:
+        raise ConfigError(f"validation found {len(result.errors)} error(s)", result.errors,
+                          hint="fix the errors listed in the validation event")
+    log.info("validation passed (%d warning(s))", len(result.warnings))
+    return EXIT_OK
+
+
+def _train(cfg, config_warnings, events: EventStream, args) -> int:
+    from .signals import GracefulStop
+    from .trainer import Trainer
+
+    stop = GracefulStop()
+    stop.install()
+    for w in config_warnings:
+        events.emit("warning", **w)
+    trainer = Trainer(cfg, events, stop=stop, debug=args.debug)
+    try:
+        trainer.setup()
+        trainer.train()
+        trainer.save_final()
+    finally:
+        trainer.cleanup()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    out = claim_stdout()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _setup_logging(debug)
+    events = EventStream(out)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help / --version: argparse printed to (our redirected) stdout
+        return int(exc.code or 0)
+    except ConfigError as exc:
+        _report(events, exc)
+        return exc.exit_code
+    if args.run_id:
+        events.run_id = args.run_id
+    try:
+        from .config import load_config
+
+        cfg, config_warnings = load_config(args.config)
+        if args.resume:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, resume="auto")
+        if args.validate_only:
+            return _validate_only(cfg, config_warnings, events, started)
+        return _train(cfg, config_warnings, events, args)
+    except Interrupted as exc:
+        # The trainer has already emitted `interrupted` with the checkpoint; this is the early-phase path.
+        if not getattr(exc, "reported", False):
+            events.emit("interrupted", signal=signal.Signals(exc.signum).name, step=None, checkpoint=None,
+                        message=exc.message)
+        log.warning("interrupted by %s", signal.Signals(exc.signum).name)
+        return exc.exit_code
+    except TrainerError as exc:
+        if debug:
+            traceback.print_exc()
+        _report(events, exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        events.emit("interrupted", signal="SIGINT", step=None, checkpoint=None, message="interrupted")
+        return 128 + int(signal.SIGINT)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: still an event, never silence
+        if debug:
+            traceback.print_exc()
+        else:
+            log.error("internal error: %s: %s (rerun with --debug for the traceback)", type(exc).__name__, exc)
+        events.emit("error", code="internal_error", exit_code=EXIT_INTERNAL, message=f"{type(exc).__name__}: {exc}",
+                    hint="this is a bug in train_lora; rerun with --debug and report the traceback", details={})
+        return EXIT_INTERNAL
+    finally:
+        events.stop_heartbeat()

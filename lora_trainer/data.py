@@ -1,0 +1,192 @@
+"""Training data on the torch side: image decoding, bucket geometry, epoch plans, latent and text caches.
+
+The epoch plan is a pure function of (seed, epoch), so an exact resume needs only the epoch and the number of
+batches already consumed, both kept in TrainingProgress.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .buckets import make_buckets, nearest_bucket, resize_and_crop
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    index: int
+    path: Path
+    rel: str
+    folder: str
+    caption: str | None
+    repeats: int
+    orig_size: tuple[int, int]  # (w, h) after EXIF rotation
+    bucket: tuple[int, int]  # (w, h) training size
+
+
+def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int) -> list[TrainImage]:
+    buckets = make_buckets(resolution, min_size, max_size, 64) if bucketing else [(resolution, resolution)]
+    images = []
+    for i, r in enumerate(records):
+        w, h = r.width, r.height  # the scan reports the size after EXIF orientation
+        bucket = nearest_bucket(w, h, buckets) if bucketing else (resolution, resolution)
+        images.append(TrainImage(i, Path(r.path), r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket)))
+    return images
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white (what a viewer shows)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def load_pixels(img: TrainImage, *, random_crop: bool, rng: random.Random | None, flip: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded, resized, cropped image in [-1, 1] (CHW float32) and SDXL time ids
+    (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    with Image.open(img.path) as raw:
+        im = to_rgb(raw)
+    bw, bh = img.bucket
+    rw, rh, left, top = resize_and_crop(im.width, im.height, (bw, bh), random_crop=random_crop, rng=rng)
+    im = im.resize((rw, rh), Image.Resampling.LANCZOS).crop((left, top, left + bw, top + bh))
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    time_ids = torch.tensor([img.orig_size[1], img.orig_size[0], top, left, bh, bw], dtype=torch.float32)
+    return arr, time_ids
+
+
+def plan_epoch(images: list[TrainImage], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of image indices for one epoch: each image repeated, grouped by bucket, shuffled.
+
+    Every batch comes from one bucket (tensors must stack); a bucket's last batch may be smaller, so no
+    sample is dropped. The order depends only on (seed, epoch).
+    """
+    rng = random.Random(f"plan:{seed}:{epoch}")
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for img in images:
+        by_bucket.setdefault(img.bucket, []).extend([img.index] * img.repeats)
+    batches: list[list[int]] = []
+    for bucket in sorted(by_bucket):
+        idx = by_bucket[bucket]
+        rng.shuffle(idx)
+        batches.extend(idx[i:i + batch_size] for i in range(0, len(idx), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def image_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    # The posterior mean, not a sample: a cached latent then does not depend on batch composition or on
+    # how much of the RNG stream earlier cache misses consumed, which keeps reruns and resumes bit-exact.
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class LatentCache:
+    """VAE latents computed once per image (at its bucket, with its crop fixed at cache time).
+
+    On disk, each entry is keyed by the image bytes, the VAE identity and the geometry, so a rerun reuses
+    entries and a changed image (or bucket, or model) is re-encoded.
+    """
+
+    def __init__(self, disk_dir: Path | None, model_key: str):
+        self.disk_dir = disk_dir
+        self.model_key = model_key
+        self.latents: dict[int, torch.Tensor] = {}
+        self.time_ids: dict[int, torch.Tensor] = {}
+        self.hits = 0
+        self.encoded = 0
+
+    def _key(self, img: TrainImage, seed: int, random_crop: bool) -> str:
+        payload = json.dumps([image_digest(img.path), self.model_key, img.bucket, seed if random_crop else None])
+        return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+    def build(self, vae, images: list[TrainImage], *, device: torch.device, seed: int, random_crop: bool,
+              batch_size: int, progress: Callable[[int, int], None], should_stop: Callable[[], None]) -> None:
+        from safetensors.torch import load_file, save_file
+
+        todo: list[tuple[TrainImage, str | None]] = []
+        for img in images:
+            key = self._key(img, seed, random_crop) if self.disk_dir else None
+            path = self.disk_dir / f"{key}.safetensors" if key else None
+            if path is not None and path.is_file():
+                try:
+                    t = load_file(path)
+                    self.latents[img.index], self.time_ids[img.index] = t["latents"], t["time_ids"]
+                    self.hits += 1
+                    continue
+                except Exception:  # noqa: BLE001 - a damaged cache entry is simply recomputed
+                    pass
+            todo.append((img, key))
+        done = len(images) - len(todo)
+        progress(done, len(images))
+        by_bucket: dict[tuple[int, int], list[tuple[TrainImage, str | None]]] = {}
+        for item in todo:
+            by_bucket.setdefault(item[0].bucket, []).append(item)
+        for bucket in sorted(by_bucket):
+            items = by_bucket[bucket]
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]
+                pix, tids = zip(*(load_pixels(img, random_crop=random_crop,
+                                              rng=random.Random(f"crop:{seed}:{img.index}")) for img, _ in chunk))
+                lat = encode_latents(vae, torch.stack(pix)).float().cpu()
+                for (img, key), latent, tid in zip(chunk, lat, tids):
+                    self.latents[img.index], self.time_ids[img.index] = latent.contiguous(), tid
+                    if key and self.disk_dir is not None:
+                        self.disk_dir.mkdir(parents=True, exist_ok=True)
+                        tmp = self.disk_dir / f".{key}.tmp"
+                        save_file({"latents": latent.contiguous(), "time_ids": tid}, str(tmp))
+                        tmp.replace(self.disk_dir / f"{key}.safetensors")
+                    self.encoded += 1
+                done += len(chunk)
+                progress(done, len(images))
+                should_stop()
+
+
+class TextCache:
+    """Conditioning per distinct caption, computed once while the text encoders are frozen."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def build(self, family, comps, captions: list[str], *, device: torch.device, batch_size: int,
+              progress: Callable[[int, int], None]) -> None:
+        unique = sorted(set(captions))
+        for i in range(0, len(unique), batch_size):
+            chunk = unique[i:i + batch_size]
+            cond = family.encode_text(comps, chunk, device)
+            for j, caption in enumerate(chunk):
+                self.entries[caption] = {k: v[j].detach() for k, v in cond.items() if v is not None}
+            progress(min(i + batch_size, len(unique)), len(unique))
+
+    def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        keys = self.entries[captions[0]].keys()
+        return {k: torch.stack([self.entries[c][k] for c in captions]) for k in keys}

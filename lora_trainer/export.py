@@ -1,0 +1,460 @@
+"""Turn trained PEFT LoRA weights into the files that diffusers, ComfyUI, A1111 and Forge load.
+
+Two files are written per export:
+
+* ``<output_name>.safetensors`` -- the kohya (sd-scripts ``networks/lora.py``) layout, the one form every popular
+  loader accepts: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (scalar, the true alpha;
+  loaders scale by alpha / rank) plus ``ss_*``, ``modelspec.*`` and ``sshs_*`` header metadata.
+* ``pytorch_lora_weights.safetensors`` -- the diffusers/PEFT layout (``unet.<module>.lora_A.weight`` ...) with the
+  LoraConfig per component in the ``lora_adapter_metadata`` header entry, which newer diffusers (0.42 here) reads
+  so that alpha != rank keeps its scale (without it diffusers assumes alpha == rank).
+
+Public API::
+
+    kohya_state_dict(family, states, *, alpha, rank, unet_config, dtype=torch.float16) -> dict[str, Tensor]
+    kohya_module_name(family, component, peft_module_path, unet_config=None) -> str
+    peft_state_dict(states, dtype=None) -> dict[str, Tensor]
+    adapter_metadata(states, *, alpha, rank, lora_configs=None) -> dict[str, str]
+    build_metadata(*, family, rank, alpha, output_name, trigger_words, tag_frequency, resolution, training,
+                   title=None, prediction_type="epsilon", network_args=None, started_at=None) -> dict[str, str]
+    add_hashes(state_dict, metadata) -> dict[str, str]
+    save_safetensors_atomic(tensors, path, metadata=None) -> None
+    export_lora(out_dir, output_name, family, states, *, alpha, rank, unet_config, metadata,
+                lora_configs=None, dtype=torch.float16) -> dict
+
+``states`` maps component name ("unet", "text_encoder", "text_encoder_2") to ``peft.get_peft_model_state_dict(...)``
+of that component; ``family`` is "sd15", "sd2" or "sdxl"; ``unet_config`` is the diffusers UNet config (dict or
+FrozenDict), used for SDXL only.
+
+Naming rules (sd-scripts, confirmed against ComfyUI ``comfy/lora.py`` + ``comfy/utils.py unet_to_diffusers``, A1111
+``extensions-builtin/Lora/networks.py`` and diffusers ``loaders/lora_conversion_utils.py``):
+
+* SD1.x/2.x UNet: sd-scripts trains the diffusers UNet, so names are diffusers paths with ``_``:
+  ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``lora_unet_down_blocks_0_attentions_0_..._to_q``.
+* SDXL UNet: sd-scripts trains its own SGM/LDM UNet (``library/sdxl_original_unet.py``), so names use the original
+  block layout: ``input_blocks.N.{0 resnet | 1 transformer}``, ``middle_block.{0,1,2}``,
+  ``output_blocks.N.{0 resnet | 1 transformer | 1-or-2 upsampler}``; resnet children are renamed (conv1 ->
+  in_layers.2, time_emb_proj -> emb_layers.1, conv2 -> out_layers.3, conv_shortcut -> skip_connection). The block
+  numbering is derived from the config (layers_per_block, block types), never hard-coded for the full-size model.
+* Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + ``text_model_encoder_layers_...``.
+  transformers 5.x ``CLIPTextModel`` has no ``text_model.`` level, but ComfyUI only maps names WITH it and silently
+  ignores the rest, so the level is always written.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+FAMILIES = ("sd15", "sd2", "sdxl")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PEFT_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py
+
+# Kohya text-encoder prefixes: sd-scripts LoRANetwork.LORA_PREFIX_TEXT_ENCODER{,1,2}.
+_TE_PREFIX = {("sd15", "text_encoder"): "lora_te", ("sd2", "text_encoder"): "lora_te",
+              ("sdxl", "text_encoder"): "lora_te1", ("sdxl", "text_encoder_2"): "lora_te2"}
+# diffusers ResnetBlock2D child -> SGM ResBlock child (ComfyUI UNET_MAP_RESNET, A1111 suffix_conversion).
+_RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                  "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+# Modules outside the block structure (ComfyUI UNET_MAP_BASIC).
+_TOP_TO_SGM = {
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+    "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
+}
+# PEFT suffix -> kohya suffix. Anything else (DoRA magnitude, lora_B bias, embedding LoRA) has no kohya form that
+# every loader reads, so it is refused rather than silently dropped.
+_PEFT_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+# --------------------------------------------------------------------------------------------------- PEFT parsing
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+
+
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:  # dict, FrozenDict or config object
+    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+
+
+def _peft_modules(state: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Group one component's PEFT state dict into {module path: {"lora_A.weight": A, "lora_B.weight": B}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        k = key.removeprefix("base_model.model.")  # a PeftModel wrapper adds this level
+        for suffix in _PEFT_SUFFIX:
+            if k.endswith("." + suffix):
+                modules.setdefault(k[: -len(suffix) - 1], {})[suffix] = tensor
+                break
+        else:
+            raise ValueError(
+                f"{component}: unsupported PEFT key {key!r}; only plain LoRA (lora_A/lora_B weights, no DoRA, "
+                "no lora bias, no embedding LoRA) can be exported")
+    for path, pair in modules.items():
+        if len(pair) != 2:
+            raise ValueError(f"{component}: module {path!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A.weight"], pair["lora_B.weight"]
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"{component}: {path!r} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} ranks differ")
+    return modules
+
+
+def _te_path(path: str) -> str:
+    """Module path with the ``text_model.`` level CLIPTextModel had before transformers 5.x (and still has in
+    CLIPTextModelWithProjection); ComfyUI, A1111 and older diffusers all expect it."""
+    if path.startswith("text_model.") or path.startswith("text_projection"):
+        return path
+    return "text_model." + path
+
+
+# ------------------------------------------------------------------------------------------------ SDXL SGM names
+def _sgm_block_map(unet_config: Any) -> dict[str, tuple[str, str]]:
+    """diffusers container prefix -> (SGM prefix, kind), following the order in which the SGM UNet appends blocks.
+
+    input_blocks: 0 is conv_in; then per down block, one entry per layer (resnet at .0, transformer at .1) and one
+    more for the downsampler (``.0.op``) unless it is the last block. middle_block: resnet, transformer, resnet.
+    output_blocks: per up block (deepest first) layers_per_block + 1 entries; the upsampler sits in the last entry
+    after the resnet and, if present, the transformer (so at .2 with attention, .1 without).
+    """
+    down = list(_cfg_get(unet_config, "down_block_types") or ())
+    up = list(_cfg_get(unet_config, "up_block_types") or ())
+    if not down or len(up) != len(down):
+        raise ValueError("unet_config needs down_block_types and up_block_types of equal length for SDXL names")
+    lpb = _cfg_get(unet_config, "layers_per_block", 2)
+    lpb = [int(lpb)] * len(down) if isinstance(lpb, int) else [int(x) for x in lpb]
+    has_attn = lambda block_type: "Attn" in block_type  # noqa: E731 (CrossAttnDownBlock2D, AttnUpBlock2D, ...)
+    m: dict[str, tuple[str, str]] = {}
+    n = 1
+    for x, block_type in enumerate(down):
+        for i in range(lpb[x]):
+            m[f"down_blocks.{x}.resnets.{i}"] = (f"input_blocks.{n}.0", "resnet")
+            if has_attn(block_type):
+                m[f"down_blocks.{x}.attentions.{i}"] = (f"input_blocks.{n}.1", "attn")
+            n += 1
+        if x < len(down) - 1:
+            m[f"down_blocks.{x}.downsamplers.0.conv"] = (f"input_blocks.{n}.0.op", "leaf")
+            n += 1
+    mid_type = _cfg_get(unet_config, "mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid_type is not None:
+        if has_attn(mid_type):
+            m["mid_block.resnets.0"] = ("middle_block.0", "resnet")
+            m["mid_block.attentions.0"] = ("middle_block.1", "attn")
+            m["mid_block.resnets.1"] = ("middle_block.2", "resnet")
+        else:
+            m["mid_block.resnets.0"] = ("middle_block.0", "resnet")
+            m["mid_block.resnets.1"] = ("middle_block.1", "resnet")
+    n = 0
+    for x, block_type in enumerate(up):
+        layers = list(reversed(lpb))[x] + 1  # diffusers: reversed_layers_per_block[i] + 1
+        for i in range(layers):
+            m[f"up_blocks.{x}.resnets.{i}"] = (f"output_blocks.{n}.0", "resnet")
+            if has_attn(block_type):
+                m[f"up_blocks.{x}.attentions.{i}"] = (f"output_blocks.{n}.1", "attn")
+            if i == layers - 1 and x < len(up) - 1:
+                slot = 2 if has_attn(block_type) else 1
+                m[f"up_blocks.{x}.upsamplers.0.conv"] = (f"output_blocks.{n}.{slot}.conv", "leaf")
+            n += 1
+    return m
+
+
+def diffusers_to_sgm(path: str, block_map: Mapping[str, tuple[str, str]]) -> str:
+    """Map one diffusers UNet module path to its SGM path; raise for paths SGM has no place for."""
+    if path in _TOP_TO_SGM:
+        return _TOP_TO_SGM[path]
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:k])
+        if prefix in block_map:
+            sgm, kind = block_map[prefix]
+            rest = ".".join(parts[k:])
+            if kind == "attn":  # Transformer2DModel internals keep their names (proj_in, transformer_blocks...)
+                return f"{sgm}.{rest}" if rest else sgm
+            if kind == "resnet" and rest in _RESNET_TO_SGM:
+                return f"{sgm}.{_RESNET_TO_SGM[rest]}"
+            if kind == "leaf" and not rest:
+                return sgm
+            break
+    raise ValueError(f"unet module {path!r} has no SGM (input/middle/output_blocks) equivalent for this config")
+
+
+def kohya_module_name(family: str, component: str, path: str, unet_config: Any = None,
+                      _block_map: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """Kohya LoRA module name (without ``.lora_down.weight``) for one PEFT module path of one component."""
+    _check_family(family)
+    if component == "unet":
+        if family == "sdxl":
+            block_map = _block_map if _block_map is not None else _sgm_block_map(unet_config)
+            path = diffusers_to_sgm(path, block_map)
+        return "lora_unet_" + path.replace(".", "_")
+    prefix = _TE_PREFIX.get((family, component))
+    if prefix is None:
+        raise ValueError(f"component {component!r} is not part of a {family} model")
+    return f"{prefix}_" + _te_path(path).replace(".", "_")
+
+
+# ----------------------------------------------------------------------------------------------- state dicts
+def _iter_modules(states: Mapping[str, Mapping[str, torch.Tensor]]):
+    for component, state in states.items():
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}: expected one of {COMPONENTS}")
+        for path, pair in _peft_modules(state, component).items():
+            yield component, path, pair
+
+
+def kohya_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
+                     unet_config: Any = None, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """PEFT states -> kohya state dict (weights in ``dtype``; alpha as a float32 scalar so that a non-integer
+    alpha is not rounded to fp16: every loader reads it with ``.item()``)."""
+    _check_family(family)
+    block_map = _sgm_block_map(unet_config) if family == "sdxl" and "unet" in states else None
+    out: dict[str, torch.Tensor] = {}
+    for component, path, pair in _iter_modules(states):
+        a, b = pair["lora_A.weight"], pair["lora_B.weight"]
+        if a.shape[0] != rank:
+            # One global alpha only reproduces PEFT's scaling (lora_alpha / r) if every module has rank `rank`.
+            raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
+        name = kohya_module_name(family, component, path, unet_config, _block_map=block_map)
+        if f"{name}.lora_down.weight" in out:
+            raise ValueError(f"two modules map to the same kohya name {name!r}")
+        # kohya lora_down/lora_up have exactly PEFT's lora_A/lora_B shapes, convs included
+        # (down: Conv2d(in, r, k), up: Conv2d(r, out, 1x1)), so tensors are copied unchanged.
+        for peft_suffix, kohya_suffix in _PEFT_SUFFIX.items():
+            out[f"{name}.{kohya_suffix}"] = pair[peft_suffix].detach().to("cpu", dtype).contiguous().clone()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """PEFT states -> diffusers ``pytorch_lora_weights`` layout (``<component>.<path>.lora_A.weight``).
+
+    Text-encoder paths get the ``text_model.`` level: diffusers 0.42 strips it again when the loaded CLIPTextModel
+    lacks it, older diffusers/transformers need it, and ComfyUI maps ``text_encoder.text_model.encoder...`` only.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for component, path, pair in _iter_modules(states):
+        if component != "unet":
+            path = _te_path(path)
+        for suffix, tensor in pair.items():
+            t = tensor.detach().to("cpu")
+            out[f"{component}.{path}.{suffix}"] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
+    return out
+
+
+def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
+                     lora_configs: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The ``lora_adapter_metadata`` header entry diffusers reads (``_load_sft_state_dict_metadata``): one JSON
+    object whose keys are ``<component>.<LoraConfig field>`` (diffusers ``_pack_dict_with_prefix``); diffusers
+    strips the prefix and calls ``LoraConfig(**fields)``.
+
+    ``lora_configs`` (component -> peft LoraConfig or its dict) is used when given, as diffusers'
+    ``save_lora_weights`` does; otherwise a minimal config is built from the weights. Its ``target_modules`` are the
+    exact module paths (text encoders without ``text_model.``: PEFT matches a target as a ``.``-suffix, so the
+    shorter path matches both the flattened transformers 5.x CLIPTextModel and the older nested one).
+    """
+    packed: dict[str, Any] = {}
+    for component, state in states.items():
+        cfg = (lora_configs or {}).get(component)
+        if cfg is not None:
+            fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+            if float(fields.get("lora_alpha", alpha)) != float(alpha) or int(fields.get("r", rank)) != int(rank):
+                raise ValueError(f"{component}: LoraConfig r/lora_alpha disagree with rank={rank}, alpha={alpha}")
+            targets = fields.get("target_modules")
+            if component != "unet" and isinstance(targets, (list, set, tuple)):
+                fields["target_modules"] = sorted(str(t).removeprefix("text_model.") for t in targets)
+        else:
+            paths = sorted(_peft_modules(state, component))
+            if component != "unet":
+                paths = [p.removeprefix("text_model.") for p in paths]
+            fields = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": paths,
+                      "init_lora_weights": True, "use_dora": False, "lora_bias": False}
+        for key, value in fields.items():
+            if isinstance(value, (set, frozenset, tuple)):
+                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            if hasattr(value, "value") and not isinstance(value, (str, int, float)):  # enums (peft_type, task_type)
+                value = value.value
+            packed[f"{component}.{key}"] = value
+    return {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True, default=str)}
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+_TRAINING_ALIASES = {  # friendly training-dict names -> sd-scripts train_network.py metadata keys
+    "steps": "ss_steps", "epoch": "ss_epoch", "epochs": "ss_num_epochs", "lr": "ss_learning_rate",
+    "learning_rate": "ss_learning_rate", "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr",
+    "batch_size": "ss_batch_size_per_device", "optimizer": "ss_optimizer", "lr_scheduler": "ss_lr_scheduler",
+    "seed": "ss_seed", "mixed_precision": "ss_mixed_precision", "clip_skip": "ss_clip_skip",
+    "noise_offset": "ss_noise_offset", "num_train_images": "ss_num_train_images",
+    "gradient_accumulation_steps": "ss_gradient_accumulation_steps", "max_train_steps": "ss_max_train_steps",
+    "min_snr_gamma": "ss_min_snr_gamma", "base_model": "ss_sd_model_name", "sd_model_name": "ss_sd_model_name",
+}
+
+
+def _meta_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)  # bools become "True"/"False" and numbers str(), as sd-scripts writes them
+
+
+def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, trigger_words: list[str],
+                   tag_frequency: Mapping[str, Mapping[str, int]], resolution: tuple[int, int],
+                   training: Mapping[str, Any], title: str | None = None, prediction_type: str = "epsilon",
+                   network_args: Mapping[str, Any] | None = None, started_at: float | None = None) -> dict[str, str]:
+    """kohya ``ss_*`` keys (what A1111 reads to classify and alias the LoRA, and Civitai for tags) and modelspec keys
+    (as sd-scripts ``library/sai_model_spec.py`` writes them). All values are strings, as safetensors requires."""
+    _check_family(family)
+    pred = {"v_prediction": "v", "v": "v", "epsilon": "epsilon"}.get(prediction_type)
+    if pred is None:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    v_pred = pred == "v"
+    started = time.time() if started_at is None else float(started_at)
+    width, height = (int(resolution[0]), int(resolution[1]))
+    if family == "sdxl":
+        base_version, arch, impl = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", \
+            "https://github.com/Stability-AI/generative-models"  # sai_model_spec: lora and sdxl -> Stability AI
+    elif family == "sd2":
+        base_version, impl = "sd_v2", "diffusers"
+        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+    else:
+        base_version, arch, impl = "sd_v1", "stable-diffusion-v1", "diffusers"
+
+    md: dict[str, str] = {
+        "ss_session_id": str(random.randint(0, 2**32 - 1)), "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": output_name,  # A1111 shows this as the LoRA's alias
+        "ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)), "ss_network_args": json.dumps(dict(network_args or {})),
+        # A1111 network.py detect_version: ss_base_model_version "sdxl_*" -> SDXL, else ss_v2 == "True" -> SD2,
+        # else SD1; a LoRA judged incompatible with the loaded checkpoint is hidden.
+        "ss_base_model_version": base_version, "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(v_pred),
+        "ss_resolution": str((width, height)),  # sd-scripts writes str(tuple): "(1024, 1024)"
+        "ss_tag_frequency": json.dumps({d: dict(t) for d, t in tag_frequency.items()}, ensure_ascii=False),
+    }
+    for key, value in training.items():
+        if value is not None:
+            md[key if key.startswith("ss_") else _TRAINING_ALIASES.get(key, f"ss_{key}")] = _meta_str(value)
+    md.update({
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": impl, "modelspec.title": title or output_name,
+        "modelspec.resolution": f"{width}x{height}", "modelspec.prediction_type": pred,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started)).isoformat(),  # training start, as sd-scripts
+    })
+    words = [w.strip() for w in trigger_words if w and w.strip()]
+    if words:
+        md["modelspec.trigger_phrase"] = ", ".join(words)
+    return md
+
+
+def add_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """Add ``sshs_model_hash`` / ``sshs_legacy_hash`` as sd-scripts ``precalculate_safetensors_hashes`` does, so
+    A1111 (sd-webui-additional-networks hashing) need not rehash: serialize with only the ``ss_*`` metadata,
+    model hash = sha256 of everything after the header, legacy hash = sha256 of 64 KiB at offset 1 MiB, first 8
+    hex digits. The tensor bytes do not depend on the metadata, so the model hash matches the written file."""
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    buf = safetensors.torch.save(dict(state_dict), ss_only)
+    header_len = int.from_bytes(buf[:8], "little")
+    out = dict(metadata)
+    out["sshs_model_hash"] = hashlib.sha256(buf[8 + header_len:]).hexdigest()
+    out["sshs_legacy_hash"] = hashlib.sha256(buf[0x100000:0x110000]).hexdigest()[:8]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{key!r} is not a tensor")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {key!r} has non-finite values (NaN/Inf); refusing to write")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata {key!r} must map str to str, got {type(value).__name__}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file so that ``path`` is either the old file or the complete new one, never a torn
+    write (a crash, full disk or kill mid-write leaves at most a hidden temp file, which is removed on error):
+    temp file in the same directory (same filesystem, so ``os.replace`` is an atomic rename), fsync the data,
+    rename, fsync the directory so the rename itself survives a power loss. Non-finite tensors are refused
+    before anything is written."""
+    _check_tensors(tensors, metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
+                states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int, unet_config: Any,
+                metadata: Mapping[str, str], lora_configs: Mapping[str, Any] | None = None,
+                dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """Write ``<out_dir>/<output_name>.safetensors`` (kohya, with ``metadata`` + sshs hashes) and
+    ``<out_dir>/pytorch_lora_weights.safetensors`` (PEFT/diffusers, with ``lora_adapter_metadata``).
+
+    Both state dicts are built and checked before either file is written, so a bad tensor leaves no half export.
+    Returns ``{"kohya_path", "peft_path", "kohya_keys", "peft_keys", "modules"}``.
+    """
+    if not output_name or "/" in output_name or "\\" in output_name or output_name.startswith("."):
+        raise ValueError(f"output_name {output_name!r} must be a plain file name")
+    out = Path(out_dir)
+    kohya_path, peft_path = out / f"{output_name}.safetensors", out / PEFT_WEIGHTS_NAME
+    if kohya_path == peft_path:
+        raise ValueError(f"output_name {output_name!r} collides with {PEFT_WEIGHTS_NAME}")
+    kohya = kohya_state_dict(family, states, alpha=alpha, rank=rank, unet_config=unet_config, dtype=dtype)
+    peft = peft_state_dict(states, dtype=dtype)
+    _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now
+    _check_tensors(peft, None)
+    kohya_md = add_hashes(kohya, metadata)
+    peft_md = adapter_metadata(states, alpha=alpha, rank=rank, lora_configs=lora_configs)
+    save_safetensors_atomic(kohya, kohya_path, kohya_md)
+    save_safetensors_atomic(peft, peft_path, peft_md)
+    return {"kohya_path": str(kohya_path), "peft_path": str(peft_path), "kohya_keys": len(kohya),
+            "peft_keys": len(peft), "modules": sum(1 for k in kohya if k.endswith(".alpha"))}
+
+
+__all__ = [
+    "FAMILIES", "COMPONENTS", "PEFT_WEIGHTS_NAME", "LORA_ADAPTER_METADATA_KEY", "kohya_state_dict",
+    "kohya_module_name", "diffusers_to_sgm", "peft_state_dict", "adapter_metadata", "build_metadata",
+    "add_hashes", "save_safetensors_atomic", "export_lora",
+]

@@ -1,0 +1,54 @@
+"""Attaching PEFT LoRA adapters to the UNet and text encoders, and reading their weights back."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+ADAPTER = "default"
+
+
+def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) -> None:
+    names = [n for n, _ in module.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"{path} names modules this model does not have: {', '.join(missing)}",
+                          [{"path": path, "value": list(missing), "message": "no module with this name in the model",
+                            "allowed": "module names such as to_q, to_k, to_v, to_out.0, proj_in, ff.net.2 (UNet) or "
+                                       "q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders)"}])
+
+
+def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
+             use_dora: bool, path: str) -> list[torch.nn.Parameter]:
+    """Wrap the target layers with LoRA (fp32 weights), freeze everything else; returns the trainable params."""
+    from peft import LoraConfig
+
+    _target_check(module, targets, path)
+    module.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        init_lora_weights=True, use_dora=use_dora)
+    module.add_adapter(config, adapter_name=ADAPTER)
+    params = []
+    for name, p in module.named_parameters():
+        if "lora_" in name:
+            # Trainable weights stay fp32 even when the frozen base is bf16/fp16: AdamW updates of ~1e-4 x lr
+            # vanish in bf16's 8-bit mantissa.
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+
+
+def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise RuntimeError(f"checkpoint has LoRA keys the model does not: {unexpected[:5]}")

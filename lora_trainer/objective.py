@@ -1,0 +1,170 @@
+"""Diffusion training objective, independent of model family.
+
+The objective knows only a DDPM-style noise scheduler (anything with
+``alphas_cumprod``, ``add_noise`` and ``get_velocity``, e.g. diffusers'
+``DDPMScheduler``) and a model callable ``model_fn(noisy_latents, timesteps)``.
+Conditioning (text embeddings, SDXL ``added_cond_kwargs``, ...) is bound into
+that callable by the caller, so SD 1.5, 2.x and SDXL share this code.
+
+API::
+
+    settings = ObjectiveSettings(prediction_type="epsilon", noise_offset=0.05,
+                                 min_snr_gamma=5.0, timestep_range=None)
+    objective = DiffusionObjective(noise_scheduler, settings)
+    loss = objective(lambda x, t: unet(x, t, text_emb).sample, latents, generator)
+
+    objective.sample(latents, generator)       -> (noise, timesteps, noisy_latents)
+    objective.target(latents, noise, timesteps) -> regression target
+    objective.loss_weights(timesteps)           -> per-sample float32 weights or None
+    objective.loss(model_pred, target, timesteps) -> scalar float32 loss
+
+Reproducibility: every random draw (noise, noise offset, timesteps, in that
+order) goes through ``generator``, or the global RNG of the latents' device
+when it is None. Draws happen on the generator's device, so pass a generator
+living on the latents' device to avoid a host-to-device copy per step; saving
+``generator.get_state()`` with a checkpoint makes resumed runs bit-identical.
+Noise is drawn in float32 and then cast, so the random stream does not depend
+on the training precision.
+
+Nothing here reads tensor values back to the host (no ``.item()``, no Python
+branches on tensor data), so a training step never forces a device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from diffusers.training_utils import compute_snr
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """Hyper-parameters of the objective.
+
+    prediction_type: "epsilon" | "v_prediction"; take it from the base model's
+        scheduler config, since it must match what the base model was trained on.
+    noise_offset: 0 disables; otherwise adds ``noise_offset * N(0, 1)`` per
+        (sample, channel), broadcast over the spatial dims.
+    min_snr_gamma: None disables min-SNR loss weighting (Hang et al. 2023).
+    timestep_range: optional ``[min, max)`` subset of the train timesteps.
+    """
+
+    prediction_type: str
+    noise_offset: float = 0.0
+    min_snr_gamma: Optional[float] = None
+    timestep_range: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if self.noise_offset < 0:
+            raise ValueError(f"noise_offset must be >= 0, got {self.noise_offset}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
+        if self.timestep_range is not None:
+            # Configs deliver lists; a tuple keeps the frozen dataclass hashable.
+            lo, hi = (int(v) for v in self.timestep_range)
+            object.__setattr__(self, "timestep_range", (lo, hi))
+
+
+class DiffusionObjective:
+    """Noise sampling, targets and (weighted) loss for DDPM-style training."""
+
+    def __init__(self, noise_scheduler, settings: ObjectiveSettings) -> None:
+        self.scheduler = noise_scheduler
+        self.settings = settings
+        num_train_timesteps = len(noise_scheduler.alphas_cumprod)
+        lo, hi = settings.timestep_range or (0, num_train_timesteps)
+        if not 0 <= lo < hi <= num_train_timesteps:
+            raise ValueError(
+                f"timestep_range must satisfy 0 <= min < max <= {num_train_timesteps}, got {(lo, hi)}"
+            )
+        self.t_min, self.t_max = lo, hi
+        # SNR depends only on the timestep: build the table once with diffusers'
+        # own formula, then keep one copy per device so steps only index it.
+        self._snr_cpu = compute_snr(noise_scheduler, torch.arange(num_train_timesteps)).float()
+        self._snr_by_device: dict = {}
+
+    def _snr(self, device: torch.device) -> torch.Tensor:
+        table = self._snr_by_device.get(device)
+        if table is None:
+            table = self._snr_by_device[device] = self._snr_cpu.to(device)
+        return table
+
+    def sample(
+        self, latents: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw (noise, timesteps, noisy_latents) for a batch of clean latents."""
+        draw_device = generator.device if generator is not None else latents.device
+        noise = torch.randn(
+            latents.shape, generator=generator, device=draw_device, dtype=torch.float32
+        )
+        if self.settings.noise_offset > 0:
+            # One shift per (sample, channel) teaches the model to change mean
+            # brightness, which zero-mean noise at every pixel cannot.
+            offset_shape = latents.shape[:2] + (1,) * (latents.ndim - 2)
+            offset = torch.randn(
+                offset_shape, generator=generator, device=draw_device, dtype=torch.float32
+            )
+            noise = noise + self.settings.noise_offset * offset
+        timesteps = torch.randint(
+            self.t_min, self.t_max, (latents.shape[0],),
+            generator=generator, device=draw_device, dtype=torch.long,
+        )
+        noise = noise.to(device=latents.device, dtype=latents.dtype)
+        timesteps = timesteps.to(latents.device)
+        noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
+        return noise, timesteps, noisy_latents
+
+    def target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the model should predict for these noisy latents."""
+        if self.settings.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(latents, noise, timesteps)
+
+    def loss_weights(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample float32 min-SNR weights, or None when weighting is off."""
+        gamma = self.settings.min_snr_gamma
+        if gamma is None:
+            return None
+        # Min-SNR wants an x0-space weight of min(snr, gamma). Epsilon MSE is
+        # x0 MSE times snr and v MSE is x0 MSE times (snr + 1): divide those out.
+        snr = self._snr(timesteps.device)[timesteps]
+        if self.settings.prediction_type == "epsilon":
+            # min(snr, gamma) / snr as clamp(gamma / snr, max=1), so that a
+            # zero-terminal-SNR schedule (snr == 0) gives 1 rather than 0/0 = NaN.
+            return (gamma / snr).clamp(max=1.0)
+        return snr.clamp(max=gamma) / (snr + 1.0)
+
+    def loss(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """Float32 MSE: mean over non-batch dims, min-SNR weighted, batch mean."""
+        # Squaring bf16 / fp16 differences loses most of the small residuals
+        # late in training; upcast first.
+        err = (model_pred.float() - target.float()).square()
+        per_sample = err.mean(dim=tuple(range(1, err.ndim)))
+        weights = self.loss_weights(timesteps)
+        if weights is not None:
+            per_sample = per_sample * weights
+        return per_sample.mean()
+
+    def __call__(
+        self,
+        model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        latents: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """One training-step loss; ``model_fn(noisy_latents, timesteps) -> prediction``."""
+        noise, timesteps, noisy_latents = self.sample(latents, generator)
+        target = self.target(latents, noise, timesteps)
+        model_pred = model_fn(noisy_latents, timesteps)
+        return self.loss(model_pred, target, timesteps)

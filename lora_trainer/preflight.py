@@ -1,0 +1,322 @@
+"""Everything that can be checked before torch is imported: dataset, base model, output folder, resume.
+
+``--validate-only`` prints this and exits; training runs it first so that a run that cannot succeed
+fails in a second instead of after minutes of model loading. Every problem is collected (not just the
+first), as a dict {code, path, message, hint?, files?, count?} where ``path`` names the config key to
+fix and ``files`` lists at most MAX_FILES affected files (``count`` has the total).
+
+Errors make training impossible; warnings do not (a bad image is skipped, a missing caption falls back
+to the trigger words). Checks run in the order dataset, model, output, resume, so the first error is
+the most basic one; ``PreflightResult.exit_code`` is derived from it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .buckets import bucket_plan, make_buckets
+from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
+from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
+from .model_probe import ModelProbe, probe_model
+
+MAX_FILES = 20
+LOW_DISK_BYTES = 2 * 1024 ** 3
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+_EXIT_BY_CODE = {
+    "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
+    "model_not_found": EXIT_MODEL_LOAD, "model_pickle_refused": EXIT_MODEL_LOAD, "model_incomplete": EXIT_MODEL_LOAD,
+    "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD,
+    "output_not_writable": EXIT_IO,
+}
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    ok: bool
+    errors: list[dict]
+    warnings: list[dict]
+    summary: dict
+    # The trainer reuses these instead of scanning twice; not part of the JSON output.
+    scan: DatasetScan | None = field(default=None, compare=False, repr=False)
+    probe: ModelProbe | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.errors:
+            return EXIT_OK
+        return _EXIT_BY_CODE.get(self.errors[0]["code"], EXIT_CONFIG)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "summary": self.summary}
+
+
+def _issue(code: str, path: str, message: str, *, hint: str | None = None, files: Iterable[str] | None = None,
+           **extra: Any) -> dict:
+    d: dict[str, Any] = {"code": code, "path": path, "message": message}
+    if hint:
+        d["hint"] = hint
+    if files is not None:
+        files = list(files)
+        d["files"] = files[:MAX_FILES]
+        d["count"] = len(files)
+    d.update(extra)
+    return d
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def _manifest_ok(folder: Path) -> bool:
+    # Cheap completeness test only (the manifest is written last); checkpoint.verify_checkpoint hashes
+    # every file at resume time, but it needs torch and would cost seconds here.
+    try:
+        with open(folder / CHECKPOINT_MANIFEST, "rb") as fh:
+            manifest = json.loads(fh.read(16 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "step" in manifest
+
+
+def list_checkpoints(output_path: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) for every real <output>/checkpoints/step-NNNNNN folder, oldest first;
+    complete means it has a parseable manifest.json (symlinked folders are ignored, as the trainer does)."""
+    root = Path(output_path) / CHECKPOINT_DIR
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        m = _STEP_DIR.match(e.name)
+        if m and e.is_dir(follow_symlinks=False):
+            out.append((int(m.group(1)), Path(e.path), _manifest_ok(Path(e.path))))
+    return sorted(out)
+
+
+def _check_resume(cfg: Any, base_dir: Path, errors: list, warnings: list) -> dict:
+    if cfg.resume is False or cfg.resume is None:
+        return {"mode": "off"}
+    if cfg.resume == "auto":
+        cps = list_checkpoints(cfg.output_path)
+        complete = [c for c in cps if c[2]]
+        latest = complete[-1] if complete else None
+        return {"mode": "auto", "found": latest is not None, "checkpoint": str(latest[1]) if latest else None,
+                "step": latest[0] if latest else None, "incomplete": len(cps) - len(complete),
+                "action": "resume" if latest else "fresh start"}
+    p = Path(os.path.expanduser(str(cfg.resume)))
+    if not p.is_absolute():
+        p = base_dir / p
+    info = {"mode": "path", "checkpoint": str(p), "found": False, "step": None}
+    if not p.is_dir():
+        errors.append(_issue("resume_not_found", "resume", f"checkpoint folder {p} does not exist",
+                             hint="use \"auto\" to pick the newest checkpoint, or false to start fresh"))
+    elif not _manifest_ok(p):
+        errors.append(_issue("resume_not_found", "resume", f"{p} has no valid {CHECKPOINT_MANIFEST}: not a complete checkpoint "
+                             "(interrupted while saving?)", hint="point resume at an earlier step-NNNNNN folder, or use \"auto\""))
+    else:
+        m = _STEP_DIR.match(p.name)
+        info.update(found=True, step=int(m.group(1)) if m else None)
+    return info
+
+
+# ---------------------------------------------------------------------------------- output
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def probe_writable(folder: Path) -> tuple[bool, str | None]:
+    """Create and delete a temp file: os.access says nothing about read-only mounts, ACLs or quotas."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lora_trainer_write_test_", dir=folder)
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+    try:
+        os.close(fd)
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return True, None
+
+
+def _check_output(cfg: Any, errors: list, warnings: list) -> dict:
+    out = Path(cfg.output_path)
+    final = out / f"{cfg.output_name}.safetensors"
+    info: dict[str, Any] = {"path": str(out), "exists": out.exists(), "writable": False,
+                            "free_bytes": None, "final_lora": str(final), "final_lora_exists": final.exists()}
+    if out.exists() and not out.is_dir():
+        errors.append(_issue("output_not_writable", "output_path", f"{out} exists and is not a folder"))
+        return info
+    anchor = _nearest_existing(out)
+    if not anchor.is_dir():
+        errors.append(_issue("output_not_writable", "output_path", f"{anchor} is a file, so {out} cannot be created"))
+        return info
+    writable, why = probe_writable(anchor)
+    info["writable"] = writable
+    info["tested_in"] = str(anchor)
+    if not writable:
+        what = "the output folder" if anchor == out else f"{anchor}, where {out} would be created,"
+        errors.append(_issue("output_not_writable", "output_path", f"cannot write to {what}: {why}",
+                             hint="choose a folder you can write to, or fix its permissions"))
+    try:
+        free = shutil.disk_usage(anchor).free
+        info["free_bytes"] = free
+        info["free_gib"] = round(free / 1024 ** 3, 2)
+        if free < LOW_DISK_BYTES:
+            warnings.append(_issue("low_disk_space", "output_path",
+                                   f"only {free / 1024 ** 3:.2f} GiB free at {anchor}; checkpoints and latent caches may not fit",
+                                   hint="free space, lower checkpoints_total_limit, or choose another output_path"))
+    except OSError:
+        pass
+    if info["final_lora_exists"] and not cfg.overwrite_output:
+        errors.append(_issue("output_exists", "overwrite_output", f"{final} already exists",
+                             hint="set overwrite_output to true, or choose another output_name"))
+    return info
+
+
+# ---------------------------------------------------------------------------------- dataset
+
+def _files(records: Iterable[ImageRecord], detail: bool = False) -> list[str]:
+    if detail:
+        return [f"{r.rel_path}: {r.problem['message']}" for r in records]
+    return [r.rel_path for r in records]
+
+
+def _steps(cfg: Any, scan: DatasetScan, buckets: list | None) -> dict:
+    samples = scan.samples_per_epoch
+    plan = bucket_plan(scan.usable, buckets, cfg.batch_size) if buckets is not None else None
+    batches = plan["total_batches"] if plan else math.ceil(samples / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+    if cfg.num_epochs is not None:
+        epochs, total = cfg.num_epochs, cfg.num_epochs * steps_per_epoch
+    else:
+        total = cfg.max_train_steps
+        epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else None
+    return {"batches_per_epoch": batches, "steps_per_epoch": steps_per_epoch, "num_epochs": epochs,
+            "total_steps": total, "bucket_plan": plan}
+
+
+def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
+                   verify: bool, deep: bool) -> tuple[dict, DatasetScan | None]:
+    resolution, bucketing = resolve_training_shape(cfg, family, prediction)
+    info: dict[str, Any] = {"path": str(cfg.dataset_path), "resolution": resolution, "bucketing": bucketing,
+                            "resolution_source": "config" if cfg.resolution is not None else
+                            (f"{family} default" if family else "assumed (model family unknown)")}
+    try:
+        scan = scan_dataset(cfg, verify=verify, deep=deep, resolution=resolution, bucketing=bucketing)
+    except FileNotFoundError:
+        errors.append(_issue("dataset_missing", "dataset_path", f"dataset folder {cfg.dataset_path} does not exist"))
+        return info, None
+    except NotADirectoryError:
+        errors.append(_issue("dataset_missing", "dataset_path", f"{cfg.dataset_path} is a file, not a folder"))
+        return info, None
+    info.update(images=len(scan.records), usable=len(scan.usable), bad=len(scan.bad),
+                without_caption=len(scan.without_caption), missing_trigger=len(scan.missing_trigger),
+                too_small=len(scan.too_small), samples_per_epoch=scan.samples_per_epoch,
+                folders=scan.folders, ignored_files=scan.ignored_files, fingerprint=scan.fingerprint)
+    if not scan.records:
+        hint = "images must be .png, .jpg, .jpeg, .webp or .bmp"
+        if not cfg.recursive and any(p.is_dir() for p in Path(cfg.dataset_path).iterdir()):
+            hint += "; recursive is false and there are sub-folders"
+        errors.append(_issue("dataset_empty", "dataset_path", f"no images in {cfg.dataset_path}"
+                             + (f" ({_plural(scan.ignored_files, 'other file')})" if scan.ignored_files else ""), hint=hint))
+        return info, scan
+    if scan.bad:
+        codes = sorted({r.problem["code"] for r in scan.bad})
+        issue = _issue("image_unreadable", "dataset_path",
+                       f"{_plural(len(scan.bad), 'image')} cannot be used and will be skipped ({', '.join(codes)})",
+                       files=_files(scan.bad, detail=True))
+        warnings.append(issue)  # alone never fatal: no_usable_images below is the error
+    if not scan.usable:
+        errors.append(_issue("no_usable_images", "dataset_path", f"none of the {len(scan.records)} images can be read"))
+        return info, scan
+    if scan.without_caption:
+        warnings.append(_issue("caption_missing", "caption_extension",
+                               f"{_plural(len(scan.without_caption), 'image')} have no (or an empty) {cfg.caption_extension} caption; "
+                               f"they train on the trigger words alone", files=_files(scan.without_caption)))
+    if scan.missing_trigger and not cfg.prepend_trigger_words:
+        warnings.append(_issue("trigger_missing", "prepend_trigger_words",
+                               f"{_plural(len(scan.missing_trigger), 'caption')} lack a trigger word and prepend_trigger_words is false",
+                               hint="add the trigger words to the captions or set prepend_trigger_words to true",
+                               files=[f"{r.rel_path}: missing {', '.join(r.missing_triggers)}" for r in scan.missing_trigger]))
+    if scan.caption_warnings:
+        warnings.append(_issue("caption_encoding", "caption_extension",
+                               f"{_plural(len(scan.caption_warnings), 'caption file')} are not clean UTF-8 (decoded best-effort)",
+                               files=[f"{p}: {w}" for p, w in scan.caption_warnings]))
+    if scan.too_small:
+        rule = ("do not cover their bucket" if bucketing else f"have a shorter side below {resolution} px")
+        warnings.append(_issue("image_too_small", "resolution",
+                               f"{_plural(len(scan.too_small), 'image')} {rule} and will be upscaled (blurrier training data)",
+                               files=[f"{r.rel_path}: {r.width}x{r.height}" for r in scan.too_small]))
+    buckets = None
+    if bucketing:
+        try:
+            buckets = make_buckets(resolution, cfg.min_bucket_resolution, cfg.max_bucket_resolution)
+        except ValueError as exc:
+            errors.append(_issue("config_invalid", "resolution", f"no aspect-ratio buckets possible: {exc}"))
+    info.update(_steps(cfg, scan, buckets))
+    return info, scan
+
+
+# ---------------------------------------------------------------------------------- model
+
+def _model_summary(probe: ModelProbe) -> dict:
+    return {"kind": probe.kind, "source": probe.source, "path": str(probe.path) if probe.path else None,
+            "family": probe.family, "family_evidence": probe.family_evidence,
+            "prediction_type": probe.prediction_type, "pipeline_class": probe.pipeline_class,
+            "in_cache": probe.in_cache, "components_found": list(probe.components_found),
+            "components_missing": list(probe.components_missing), "notes": list(probe.notes)}
+
+
+def _model_issue(p: dict) -> dict:
+    path = "model_type" if p["code"] == "model_type_mismatch" else "base_model"
+    return _issue(p["code"], path, p["message"], hint=p.get("hint"), files=p.get("files"))
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: bool = True,
+                  deep: bool = False) -> PreflightResult:
+    """Run every check; never raises for a problem with the inputs (they are reported instead)."""
+    t0 = time.perf_counter()
+    errors: list[dict] = []
+    warnings: list[dict] = [dict(w) for w in config_warnings]
+    base_dir = Path(cfg.config_path).parent if getattr(cfg, "config_path", None) else Path.cwd()
+
+    # The model is probed first (its family decides resolution and bucketing) but reported after the
+    # dataset, so that the first error is the most basic one.
+    probe = probe_model(cfg.base_model, base_dir, model_type=cfg.model_type)
+    family = probe.family or (cfg.model_type if cfg.model_type != "auto" else None)
+    dataset_info, scan = _check_dataset(cfg, family, probe.prediction_type, errors, warnings, verify, deep)
+    errors.extend(_model_issue(p) for p in probe.problems)
+    warnings.extend(_model_issue(p) for p in probe.warnings)
+    output_info = _check_output(cfg, errors, warnings)
+    resume_info = _check_resume(cfg, base_dir, errors, warnings)
+
+    summary = {
+        "dataset": dataset_info,
+        "model": _model_summary(probe),
+        "output": output_info,
+        "resume": resume_info,
+        "duration_s": round(time.perf_counter() - t0, 3),
+    }
+    return PreflightResult(ok=not errors, errors=errors, warnings=warnings, summary=summary, scan=scan, probe=probe)

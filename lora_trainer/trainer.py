@@ -1,0 +1,405 @@
+"""The training recipe: setup -> train -> save_final -> cleanup.
+
+The loop knows nothing about model families (they sit behind ModelFamily), nothing about file formats
+(export.py, checkpoint.py) and nothing about the objective's maths (objective.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import TrainingProgress
+from .config import TrainConfig
+from .data import LatentCache, TextCache, build_images, encode_latents, load_pixels, plan_epoch
+from .device import memory_stats, resolve_device, weight_dtype
+from .errors import DatasetError, Interrupted, ModelLoadError, OutOfMemoryError, TrainingError
+from .events import EventStream
+from .families import Components, get_family
+from .signals import GracefulStop
+from . import resume as resume_mod
+from . import outputs
+
+log = logging.getLogger("train_lora")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, events: EventStream, *, stop: GracefulStop | None = None, debug: bool = False):
+        self.cfg = cfg
+        self.events = events
+        self.stop = stop or GracefulStop()
+        self.debug = debug
+        self.started = time.monotonic()
+        self.progress = TrainingProgress()
+        self.comps: Components | None = None
+        self.last_loss: float | None = None
+        self.resumed_from: Path | None = None
+
+    # ---------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, ev = self.cfg, self.events
+        ev.start_heartbeat(cfg.heartbeat_seconds)
+        from .model_probe import probe_model
+        from .preflight import run_preflight
+
+        # The same checks as --validate-only, so a run never starts on a config that preflight rejects.
+        ev.set_phase("preflight")
+        pre = run_preflight(cfg, [])
+        for w in pre.warnings:
+            ev.emit("warning", **{k: v for k, v in w.items() if k in ("code", "message", "path", "files")})
+        if not pre.ok:
+            _raise_preflight(pre)
+        self.probe = probe_model(cfg.base_model, cfg.config_path.parent if cfg.config_path else Path.cwd())
+
+        self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.accelerator = Accelerator(mixed_precision=self.device_info.mixed_precision,
+                                       cpu=self.device_info.type == "cpu", log_with=None)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.events.enabled = self.events.enabled and self.is_main
+        if self.device.type == "cpu":
+            ev.emit("warning", code="no_gpu", message="no CUDA GPU in use: training runs on the CPU, which is slow")
+        set_seed(cfg.seed)
+
+        self.family = get_family(self.probe.family)
+        self.resolution, self.bucketing = self._shape()
+        self._load_model()
+        self._prepare_data()
+        self._attach_lora()
+        self._build_optimizer()
+        self.resumed_from = resume_mod.maybe_resume(self)
+        ev.emit("run_started", version=__version__, pid=os.getpid(), family=self.family.name,
+                config=cfg.to_dict(), device=self.device_info.to_dict(), mixed_precision=self.device_info.mixed_precision,
+                world_size=self.accelerator.num_processes, total_steps=self.total_steps,
+                start_step=self.progress.global_step, num_images=len(self.images),
+                samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
+                resume_from=str(self.resumed_from) if self.resumed_from else None,
+                resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type)
+
+    def _shape(self) -> tuple[int, bool]:
+        from .dataset_scan import resolve_training_shape
+
+        return resolve_training_shape(self.cfg, self.family.name, self.probe.prediction_type)
+
+    def _load_model(self) -> None:
+        from .loading import check_not_pickle, download_from_hub
+
+        ev, probe = self.events, self.probe
+        ev.set_phase("loading_model")
+        ev.emit("status", phase="loading_model", message=f"loading {self.family.name} model from {self.cfg.base_model}")
+        source = Path(probe.path) if probe.path else None
+        if probe.kind == "hub":
+            source = download_from_hub(self.cfg.base_model, lambda n, total, desc: ev.emit(
+                "progress", phase="downloading", current=n, total=total, unit="B", message=desc))
+        check_not_pickle(source)
+        dtype = weight_dtype(self.device_info.mixed_precision)
+        try:
+            self.comps = self.family.load(source, single_file=probe.kind == "single_file", dtype=dtype,
+                                          progress=lambda i, n, what: ev.emit("progress", phase="loading_model",
+                                                                              current=i, total=n, unit="components",
+                                                                              message=what))
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem for the operator
+            raise ModelLoadError(f"could not load the base model: {type(exc).__name__}: {exc}",
+                                 hint="check that base_model is a complete diffusers folder or a .safetensors "
+                                      "checkpoint of the family it claims", details={"base_model": self.cfg.base_model}) from None
+        for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders.values()):
+            module.requires_grad_(False)
+            module.eval()
+
+    def _prepare_data(self) -> None:
+        from .dataset_scan import scan_dataset
+
+        cfg, ev = self.cfg, self.events
+        ev.set_phase("scanning_dataset")
+        scan = scan_dataset(cfg, resolution=self.resolution, bucketing=self.bucketing, family=self.family.name)
+        if scan.bad:
+            ev.emit("warning", code="images_skipped", message=f"{len(scan.bad)} unreadable image(s) will be skipped",
+                    files=[f"{r.rel_path}: {r.problem['message']}" for r in scan.bad[:50]])
+        if not scan.usable:
+            raise DatasetError(f"no usable images in {cfg.dataset_path}",
+                               hint="add png/jpg/webp/bmp images (sub-folders count when recursive is true)")
+        self.scan = scan
+        self.images = build_images(scan.usable, self.resolution, bucketing=self.bucketing,
+                                   min_size=cfg.min_bucket_resolution, max_size=cfg.max_bucket_resolution)
+        self.samples_per_epoch = sum(i.repeats for i in self.images)
+        self.world = self.accelerator.num_processes
+        batches = len(plan_epoch(self.images, cfg.batch_size, cfg.seed, 0))
+        # Each rank takes every world-th batch; an optimizer step consumes grad_accum batches per rank.
+        per_rank = -(-batches // self.world)
+        self.steps_per_epoch = max(1, -(-per_rank // cfg.gradient_accumulation_steps))
+        self.total_steps = cfg.max_train_steps or cfg.num_epochs * self.steps_per_epoch
+        self.effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.world
+
+        comps, fam = self.comps, self.family
+        self.latent_cache = None
+        if cfg.cache_latents:
+            ev.set_phase("caching_latents")
+            ev.emit("status", phase="caching_latents", message=f"encoding {len(self.images)} image(s) with the VAE")
+            disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
+            self.latent_cache = LatentCache(disk, _model_key(cfg, comps))
+            comps.vae.to(self.device)
+            self.latent_cache.build(comps.vae, self.images, device=self.device, seed=cfg.seed,
+                                    random_crop=cfg.random_crop, batch_size=max(1, cfg.batch_size),
+                                    progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n,
+                                                                  total=t, unit="images"),
+                                    should_stop=lambda: None)
+            comps.vae.to("cpu")  # the VAE is not needed again until sampling; free the accelerator for the UNet
+            ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
+                    message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
+        else:
+            comps.vae.to(self.device)
+
+        self.text_cache = None
+        for te in comps.text_encoders.values():
+            te.to(self.device)
+        if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.randomised_captions:
+            from .captions import build_caption
+
+            ev.set_phase("caching_text")
+            captions = [build_caption(i.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words) for i in self.images]
+            self.text_cache = TextCache()
+            self.text_cache.build(fam, comps, captions, device=self.device, batch_size=16,
+                                  progress=lambda n, t: ev.emit("progress", phase="caching_text", current=n,
+                                                                total=t, unit="captions"))
+            for te in comps.text_encoders.values():
+                te.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _attach_lora(self) -> None:
+        from .lora import add_lora
+
+        cfg, comps = self.cfg, self.comps
+        comps.unet.to(self.device)
+        if cfg.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        self.unet_params = add_lora(comps.unet, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                    targets=cfg.target_modules, use_dora=cfg.use_dora, path="target_modules")
+        self.te_params: list[torch.nn.Parameter] = []
+        if cfg.train_text_encoder:
+            for te in comps.text_encoders.values():
+                self.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                           targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
+                                           path="text_encoder_target_modules")
+                te.train()
+        comps.unet.train()
+
+    def _build_optimizer(self) -> None:
+        from .objective import DiffusionObjective, ObjectiveSettings
+        from .optim import build_lr_scheduler, build_optimizer
+
+        cfg = self.cfg
+        groups = [{"params": self.unet_params, "lr": cfg.learning_rate}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                         device=self.device)
+        self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                               total_steps=self.total_steps)
+        modules = [self.comps.unet, *([te for te in self.comps.text_encoders.values()] if self.te_params else [])]
+        prepared = self.accelerator.prepare(*modules, self.optimizer)
+        self.unet = prepared[0]
+        self.optimizer = prepared[-1]
+        self.objective = DiffusionObjective(self.comps.noise_scheduler, ObjectiveSettings(
+            prediction_type=self.comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
+        # A dedicated generator for noise and timesteps: its state is saved in checkpoints for exact resume.
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.accelerator.process_index)
+        self.loss_ema = torch.zeros((), device=self.device, dtype=torch.float32)
+
+    # ---------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        cfg, ev, prog = self.cfg, self.events, self.progress
+        ev.set_phase("training")
+        ev.emit("status", phase="training", message=f"training {self.total_steps - prog.global_step} step(s)")
+        self.stop.set_deferred(True)
+        session_start, session_step0 = time.monotonic(), prog.global_step
+        window_start, window_samples = time.monotonic(), 0
+        accum = cfg.gradient_accumulation_steps
+        try:
+            while prog.global_step < self.total_steps:
+                batches = plan_epoch(self.images, cfg.batch_size, cfg.seed, prog.epoch)
+                mine = batches[self.accelerator.process_index::self.world]
+                while prog.batch_in_epoch < len(mine) and prog.global_step < self.total_steps:
+                    group = mine[prog.batch_in_epoch:prog.batch_in_epoch + accum]
+                    t0 = time.monotonic()
+                    loss = self._optimizer_step(group, prog.epoch, prog.batch_in_epoch)
+                    prog.batch_in_epoch += len(group)
+                    prog.global_step += 1
+                    prog.samples_seen += sum(len(b) for b in group) * self.world
+                    prog.elapsed_s += time.monotonic() - t0
+                    window_samples += sum(len(b) for b in group) * self.world
+                    self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1) if prog.global_step > 1 else self.loss_ema.copy_(loss.detach().float())
+                    step = prog.global_step
+                    if step % cfg.log_every_n_steps == 0 or step == session_step0 + 1 or step == self.total_steps:
+                        self._emit_step(loss, window_samples, time.monotonic() - window_start,
+                                        (time.monotonic() - session_start) / max(1, step - session_step0))
+                        window_start, window_samples = time.monotonic(), 0
+                    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < self.total_steps:
+                        self.save_checkpoint("interval")
+                    if self.stop.requested:
+                        self._stop_now()
+                if prog.batch_in_epoch >= len(mine):
+                    prog.epoch += 1
+                    prog.batch_in_epoch = 0
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._oom(exc) from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise self._oom(exc) from None
+            raise
+        finally:
+            self.stop.set_deferred(False)
+
+    def _optimizer_step(self, group: list[list[int]], epoch: int, first_batch: int) -> torch.Tensor:
+        total_samples = sum(len(b) for b in group)
+        loss_sum = torch.zeros((), device=self.device)
+        for j, batch in enumerate(group):
+            last = j == len(group) - 1
+            ctx = self.accelerator.no_sync(self.unet) if not last else _null()
+            with ctx:
+                with self.accelerator.autocast():
+                    loss = self._loss(batch, epoch, first_batch + j)
+                # Weight each micro-batch by its share of samples: a short last batch counts less.
+                scaled = loss * (len(batch) / total_samples)
+                self.accelerator.backward(scaled)
+            loss_sum += scaled.detach()
+        if self.cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.unet_params + self.te_params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def _loss(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
+        from .captions import build_caption
+
+        cfg, fam, comps = self.cfg, self.family, self.comps
+        captions = []
+        for j, idx in enumerate(batch):
+            # Per-sample RNG derived from (seed, epoch, batch, slot): caption randomness needs no saved state.
+            rng = random.Random(f"caption:{cfg.seed}:{epoch}:{batch_index}:{j}")
+            captions.append(build_caption(self.images[idx].caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words,
+                                          shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                                          dropout_rate=cfg.caption_dropout_rate, rng=rng))
+        if self.latent_cache is not None:
+            latents = torch.stack([self.latent_cache.latents[i] for i in batch]).to(self.device)
+            time_ids = torch.stack([self.latent_cache.time_ids[i] for i in batch]).to(self.device)
+        else:
+            pix, tids = [], []
+            for j, idx in enumerate(batch):
+                rng = random.Random(f"aug:{cfg.seed}:{epoch}:{batch_index}:{j}")
+                p, t = load_pixels(self.images[idx], random_crop=cfg.random_crop, rng=rng,
+                                   flip=cfg.flip_aug and rng.random() < 0.5)
+                pix.append(p)
+                tids.append(t)
+            latents = encode_latents(comps.vae, torch.stack(pix)).float()
+            time_ids = torch.stack(tids).to(self.device)
+        if self.text_cache is not None:
+            cond = {k: v.to(self.device) for k, v in self.text_cache.batch(captions).items()}
+        elif cfg.train_text_encoder:
+            cond = fam.encode_text(comps, captions, self.device)
+        else:
+            with torch.no_grad():
+                cond = fam.encode_text(comps, captions, self.device)
+        kwargs = fam.unet_kwargs(cond, time_ids)
+
+        def model_fn(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return self.unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+
+        return self.objective(model_fn, latents, generator=self.noise_gen)
+
+    def _emit_step(self, loss: torch.Tensor, samples: int, window_s: float, s_per_step: float) -> None:
+        value = float(loss.item())  # the only host sync of the loop, once per log interval
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {value} at step {self.progress.global_step}",
+                                hint="lower learning_rate, use mixed_precision bf16 instead of fp16, or check the data",
+                                details={"step": self.progress.global_step})
+        self.last_loss = value
+        prog = self.progress
+        self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
+                         loss=value, loss_avg=float(self.loss_ema.item()), lr=self.lr_scheduler.get_last_lr()[0],
+                         images_per_sec=samples / window_s if window_s > 0 else None,
+                         eta_s=round(s_per_step * (self.total_steps - prog.global_step), 1),
+                         elapsed_s=round(prog.elapsed_s, 3), memory=memory_stats(self.device))
+
+    def _stop_now(self) -> None:
+        signum = self.stop.signum or signal.SIGTERM
+        path = self.save_checkpoint("interrupt")
+        self.events.emit("interrupted", signal=signal.Signals(signum).name, step=self.progress.global_step,
+                         checkpoint=str(path) if path else None,
+                         message=f"stopped after step {self.progress.global_step}; resume with \"resume\": \"auto\"")
+        exc = Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+        exc.reported = True
+        raise exc
+
+    def _oom(self, exc: Exception) -> OutOfMemoryError:
+        stats = memory_stats(self.device)
+        return OutOfMemoryError(
+            f"out of memory at step {self.progress.global_step + 1}: {str(exc).splitlines()[0][:300]}",
+            hint="lower batch_size (raise gradient_accumulation_steps to keep the effective batch), turn on "
+                 "gradient_checkpointing, use optimizer adamw8bit, or lower resolution; the last checkpoint is intact",
+            details={"step": self.progress.global_step + 1, "memory": stats})
+
+    # ---------------------------------------------------------------------------------------- save
+    def save_checkpoint(self, reason: str) -> Path | None:
+        with self.stop.saving():
+            path = resume_mod.save(self, reason)
+        return path
+
+    def save_final(self) -> None:
+        self.events.set_phase("saving")
+        self.save_checkpoint("final")  # a finished run is resumable too, e.g. to extend it with more steps
+        with self.stop.saving():
+            paths = outputs.export_final(self)
+        self.events.emit("completed", outputs=paths, steps=self.progress.global_step,
+                         duration_s=round(time.monotonic() - self.started, 3), final_loss=self.last_loss)
+
+    def cleanup(self) -> None:
+        self.events.stop_heartbeat()
+        self.stop.uninstall()
+        self.comps = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _model_key(cfg: TrainConfig, comps: Components) -> str:
+    import hashlib
+    import json
+
+    vae_cfg = json.dumps(dict(comps.vae.config), sort_keys=True, default=str)
+    return hashlib.sha256(f"{cfg.base_model}|{vae_cfg}".encode()).hexdigest()[:16]
+
+
+def _raise_preflight(pre) -> None:
+    """Map the first preflight error to the documented error class (and so the exit code)."""
+    from .errors import EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, ConfigError, OutputError
+
+    first = pre.errors[0]
+    details = {"problems": pre.errors}
+    if pre.exit_code == EXIT_DATASET:
+        raise DatasetError(first["message"], hint=first.get("hint"), details=details)
+    if pre.exit_code == EXIT_MODEL_LOAD:
+        raise ModelLoadError(first["message"], hint=first.get("hint"), details=details)
+    if pre.exit_code == EXIT_IO:
+        raise OutputError(first["message"], hint=first.get("hint"), details=details)
+    raise ConfigError(f"{len(pre.errors)} problem(s) found before training: {first['message']}", pre.errors,
+                      hint="run with --validate-only for the full report")

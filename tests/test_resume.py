@@ -1,0 +1,98 @@
+"""Interruption and exact resume through the real CLI: SIGTERM mid-run, then resume: the final LoRA is
+bitwise identical to an uninterrupted run, and the step/loss events after the resume point match."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, parse_events, run_cli, write_config
+
+
+def _config(tmp_path: Path, model: Path, dataset: Path, out: str, **extra) -> Path:
+    cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / out),
+           "trigger_words": ["ohwx"], "resolution": 64, "max_train_steps": 8, "log_every_n_steps": 1,
+           "checkpointing_steps": 4, "lora_rank": 4, "learning_rate": 1e-3, "batch_size": 2,
+           "caption_dropout_rate": 0.2, "shuffle_tags": True, "noise_offset": 0.05, "lora_dropout": 0.1, **extra}
+    return write_config(tmp_path / f"{out}.json", **cfg)
+
+
+def _run_until_step(config: Path, stop_after: int, sig=signal.SIGTERM):
+    """Start the CLI, send `sig` once a step event >= stop_after arrives; returns (rc, events, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    sent_at = None
+    for line in proc.stdout:
+        lines.append(line)
+        ev = json.loads(line)
+        if sent_at is None and ev["type"] == "step" and ev["step"] >= stop_after:
+            proc.send_signal(sig)
+            sent_at = time.monotonic()
+    rc = proc.wait(timeout=300)
+    stderr = proc.stderr.read()
+    return rc, parse_events("".join(lines)), stderr, (time.monotonic() - sent_at) if sent_at else None
+
+
+def _steps(events):
+    return [(e["step"], e["loss"]) for e in events if e["type"] == "step"]
+
+
+@pytest.mark.parametrize("stops", [[3], [2, 5]])
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_models, dataset, stops):
+    model = tiny_models["sd15"]
+    ref = run_cli("--config", str(_config(tmp_path, model, dataset, "ref")))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_lora = load_file(tmp_path / "ref" / "lora.safetensors")
+    ref_steps = dict(_steps(ref.events))
+
+    cfg = _config(tmp_path, model, dataset, "run", resume="auto")
+    for n, stop in enumerate(stops):
+        rc, events, stderr, took = _run_until_step(cfg, stop)
+        assert rc == 128 + signal.SIGTERM, stderr[-3000:]
+        assert "Traceback" not in stderr
+        inter = [e for e in events if e["type"] == "interrupted"][-1]
+        assert inter["signal"] == "SIGTERM" and inter["checkpoint"]
+        assert took < 10, f"stopping took {took:.1f}s, beyond docker's 10 s grace period"
+        ckpt = [e for e in events if e["type"] == "checkpoint"][-1]
+        assert ckpt["reason"] == "interrupt" and ckpt["step"] == inter["step"]
+        if n:
+            assert [e for e in events if e["type"] == "resumed"], "the second run must resume"
+    final = run_cli("--config", str(cfg))
+    assert final.returncode == 0, final.stderr[-3000:]
+    resumed = final.last("resumed")
+    start = resumed["step"]
+    assert final.last("run_started")["start_step"] == start
+    # The same losses, step for step, after the resume point.
+    for step, loss in _steps(final.events):
+        assert step > start and loss == ref_steps[step], f"step {step}: {loss} != {ref_steps[step]}"
+    assert final.last("completed")["steps"] == 8
+    lora = load_file(tmp_path / "run" / "lora.safetensors")
+    assert lora.keys() == ref_lora.keys()
+    for k in ref_lora:
+        assert lora[k].dtype == ref_lora[k].dtype and lora[k].equal(ref_lora[k]), k
+
+
+def test_resume_with_changed_rank_is_refused(tmp_path, tiny_models, dataset):
+    cfg = _config(tmp_path, tiny_models["sd15"], dataset, "run", max_train_steps=4)
+    assert run_cli("--config", str(cfg)).returncode == 0
+    changed = _config(tmp_path, tiny_models["sd15"], dataset, "run", max_train_steps=6, lora_rank=8,
+                      resume="auto", overwrite_output=True)
+    res = run_cli("--config", str(changed))
+    assert res.returncode == 2
+    err = res.last("error")
+    assert "lora_rank" in err["message"]
+
+
+def test_missing_resume_path_is_an_error(tmp_path, tiny_models, dataset):
+    cfg = _config(tmp_path, tiny_models["sd15"], dataset, "run", resume=str(tmp_path / "nope"))
+    res = run_cli("--config", str(cfg))
+    assert res.returncode == 2 and res.last("error")["code"] == "config_invalid"

@@ -1,0 +1,140 @@
+"""End-to-end training through the real CLI on tiny random pipelines (CPU)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_config
+
+
+def _train(tmp_path: Path, model: Path, dataset: Path, **params):
+    cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / "out"),
+           "trigger_words": ["ohwx"], "resolution": 64, "min_bucket_resolution": 64, "max_train_steps": 4,
+           "log_every_n_steps": 1, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-3, **params}
+    res = run_cli("--config", str(write_config(tmp_path / "config.json", **cfg)), timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res, tmp_path / "out"
+
+
+def _effective_deltas(unet) -> dict[str, torch.Tensor]:
+    """module path -> scale * B @ A of every LoRA layer in a PEFT-wrapped UNet."""
+    out = {}
+    for name, module in unet.named_modules():
+        if hasattr(module, "lora_A") and module.lora_A:
+            adapter = next(iter(module.lora_A.keys()))
+            a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+            out[name] = module.scaling[adapter] * (b @ a)
+    return out
+
+
+def _trained_deltas(ckpt_dir: Path, alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    state = load_file(ckpt_dir / "lora_unet.safetensors")
+    out = {}
+    for key, a in state.items():
+        if key.endswith("lora_A.weight"):
+            path = key[: -len(".lora_A.weight")]
+            b = state[f"{path}.lora_B.weight"]
+            out[path] = (alpha / rank) * (b.float() @ a.float())
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_train_export_and_load_in_diffusers(tmp_path, tiny_models, dataset, family):
+    from diffusers import DiffusionPipeline
+
+    res, out = _train(tmp_path, tiny_models[family], dataset)
+    started = res.last("run_started")
+    assert started["family"] == family and started["total_steps"] == 4
+    assert [e["step"] for e in res.of_type("step")] == [1, 2, 3, 4]
+    done = res.last("completed")
+    assert done["steps"] == 4
+    lora, peft_file = Path(done["outputs"]["lora"]), Path(done["outputs"]["peft_lora"])
+    assert lora == out / "lora.safetensors" and lora.is_file() and peft_file.is_file()
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    assert manifest["steps"] == 4 and manifest["family"] == family and manifest["versions"]["torch"]
+
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] in ("8", "8.0")
+    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
+    assert meta["modelspec.trigger_phrase"] == "ohwx"
+    if family == "sdxl":
+        assert any("input_blocks_" in k for k in keys), "SDXL UNet names must be SGM block names"
+
+    final_ckpt = out / "checkpoints" / "step-000004"
+    trained = _trained_deltas(final_ckpt, alpha=8, rank=4)
+    assert trained and any(d.abs().max() > 0 for d in trained.values())
+
+    for path in (lora, peft_file):
+        pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
+        gen = lambda: pipe("ohwx, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                           generator=torch.Generator().manual_seed(0)).images[0]
+        before = gen()
+        pipe.load_lora_weights(str(path))
+        loaded = _effective_deltas(pipe.unet)
+        assert set(loaded) == set(trained), f"{path.name}: module sets differ"
+        for name, delta in trained.items():
+            torch.testing.assert_close(loaded[name], delta, rtol=2e-2, atol=2e-4, msg=f"{path.name} {name}")
+        after = gen()
+        assert abs(after - before).max() > 0, "loading the LoRA must change the image"
+
+
+def test_lora_learns_the_image(tmp_path, tiny_models):
+    """Overfit one image: the trained LoRA predicts that image's noise clearly better than the base model."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from lora_trainer.data import TrainImage, encode_latents, load_pixels
+    from lora_trainer.tiny import make_dataset
+
+    data = make_dataset(tmp_path / "one", n=1, trigger="ohwx")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+               "conv1", "conv2"]
+    _, out = _train(tmp_path, tiny_models["sd15"], data, max_train_steps=60, learning_rate=3e-3, lora_rank=8,
+                    lora_alpha=8, log_every_n_steps=20, checkpointing_steps=None, target_modules=targets)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd15"])
+    img_path = next(p for p in Path(data).iterdir() if p.suffix in (".png", ".jpg"))
+    img = TrainImage(0, img_path, img_path.name, "", None, 1, (64, 64), (64, 64))
+    pixels, _ = load_pixels(img, random_crop=False, rng=None)
+    latents = encode_latents(pipe.vae, pixels[None])
+    caption = (img_path.with_suffix(".txt")).read_text()
+    ids = pipe.tokenizer(caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    cond = pipe.text_encoder(ids)[0]
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn((16, *latents.shape[1:]), generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    noisy = sched.add_noise(latents.expand(16, -1, -1, -1), noise, t)
+
+    def loss() -> float:
+        with torch.no_grad():
+            pred = pipe.unet(noisy, t, encoder_hidden_states=cond.expand(16, -1, -1)).sample
+        return float(torch.nn.functional.mse_loss(pred, noise))
+
+    base = loss()
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    trained = loss()
+    assert trained < 0.5 * base, f"loss on the training image: base {base:.4f}, with LoRA {trained:.4f}"
+
+
+def test_latent_cache_reused_and_invalidated(tmp_path, tiny_models, dataset):
+    from PIL import Image
+
+    params = dict(cache_latents_to_disk=True, max_train_steps=1, overwrite_output=True)
+    first, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
+    cache = [e for e in first.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
+    assert (cache["reused"], cache["encoded"]) == (0, 4)
+    second, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
+    cache = [e for e in second.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
+    assert (cache["reused"], cache["encoded"]) == (4, 0)
+    img = next(p for p in sorted(dataset.iterdir()) if p.suffix == ".png")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(img)
+    third, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
+    cache = [e for e in third.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
+    assert (cache["reused"], cache["encoded"]) == (3, 1)
