@@ -1,12 +1,9 @@
-"""Resumable, atomic, verifiable training checkpoints, with no pickles anywhere.
+"""Resumable, atomic, verifiable training checkpoints, with no pickles: loading one can never execute code.
 
-A checkpoint is a directory ``step-NNNNNN`` holding ``<name>.safetensors`` (tensors), ``<name>.json``
-(everything else) and ``manifest.json`` (creator, step, size and sha256 of every file). It is built under a
-hidden temporary name and renamed into place only once every byte is fsync'ed, so a process killed at any
-moment leaves either the complete new checkpoint or none at all. Pickle-free state means a checkpoint from
-an untrusted source cannot execute code: only safetensors and JSON are ever parsed.
-
-Where training is lives in ``TrainingProgress`` (and the manifest's step); directory names exist for humans.
+``step-NNNNNN/`` holds ``<name>.safetensors``, ``<name>.json`` and ``manifest.json`` (creator, step, size and
+sha256 of each file). It is built under a hidden name and renamed into place once every byte is fsync'ed, so
+a kill at any moment leaves the complete checkpoint or none. Where training is lives in ``TrainingProgress``
+and the manifest's step; directory names are for humans only.
 """
 from __future__ import annotations
 
@@ -40,19 +37,18 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 _STEP_DIR_RE = re.compile(r"step-\d{6,}")
-# Our own scratch directories; the pid says whether the process that made one may still be using it.
+# Scratch directories of our saves; the pid tells whether the process that made one may still be using it.
 _SCRATCH_RE = re.compile(r"\.(tmp|trash)-(step-\d{6,})-(\d+)-[0-9a-f]+")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_WRITE_CHUNK = 1 << 24  # os.write may write less than asked, and huge single writes can hit EINVAL on some systems
-_MAX_MANIFEST_BYTES = 16 << 20  # a manifest is small; this stops a garbage file from being slurped whole
+_WRITE_CHUNK = 1 << 24  # os.write may write less than asked, and huge single writes fail on some systems
+_MAX_MANIFEST_BYTES = 16 << 20  # a manifest is small; this stops a garbage file from being read whole
 
 
-# --------------------------------------------------------------------------------------------------- progress
 @dataclass
 class TrainingProgress:
-    """Where training is. ``batch_in_epoch`` counts batches of ``epoch`` already consumed, so a resume skips
-    exactly those; ``micro_step`` counts micro-batches accumulated toward the next optimizer step;
-    ``elapsed_s`` is training time summed over all runs, so throughput and ETA survive resumes."""
+    """Where training is. ``batch_in_epoch``: batches of ``epoch`` already consumed, so a resume skips exactly
+    those; ``micro_step``: micro-batches accumulated toward the next optimizer step; ``elapsed_s``: training
+    time summed over all runs, so throughput and ETA survive resumes."""
 
     global_step: int = 0
     epoch: int = 0
@@ -84,40 +80,32 @@ class TrainingProgress:
         if set(data) != names:
             raise ValueError(f"training progress fields mismatch: missing {sorted(names - set(data))}, "
                              f"unexpected {sorted(set(data) - names)}")
-        values = dict(data)
-        for key in ("loss_ema", "elapsed_s"):
-            if values[key] is not None:
-                values[key] = _decode_node(values[key], {}, key)
-        progress = cls(**values)
+        progress = cls(**{**data, "loss_ema": _decode_node(data["loss_ema"], {}, "loss_ema"),
+                          "elapsed_s": _decode_node(data["elapsed_s"], {}, "elapsed_s")})
         progress._validate()
         return progress
 
     def _validate(self) -> None:
-        for name in self._INT_FIELDS:
-            value = getattr(self, name)
-            if type(value) is not int or value < 0:  # bool is an int subclass and would slip through isinstance
-                raise ValueError(f"training progress {name} must be a non-negative int, got {value!r}")
-        for name, allow_none in (("loss_ema", True), ("elapsed_s", False)):
-            value = getattr(self, name)
-            if not ((allow_none and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))):
-                raise ValueError(f"training progress {name} must be a number, got {value!r}")
-        if not self.elapsed_s >= 0:
-            raise ValueError(f"training progress elapsed_s must be >= 0, got {self.elapsed_s!r}")
+        for name in self._INT_FIELDS:  # type(), not isinstance(): True would pass as an int
+            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
+                raise ValueError(f"training progress {name} must be a non-negative int, got {getattr(self, name)!r}")
+        if self.loss_ema is not None and type(self.loss_ema) not in (int, float):
+            raise ValueError(f"training progress loss_ema must be a number or None, got {self.loss_ema!r}")
+        if type(self.elapsed_s) not in (int, float) or not self.elapsed_s >= 0:
+            raise ValueError(f"training progress elapsed_s must be a number >= 0, got {self.elapsed_s!r}")
 
 
-# ------------------------------------------------------------------------------------------ state skeletons
-# Every JSON object in a skeleton is a one-key tag, so user dict keys (even "$tuple") can never be misread.
+# Every JSON object in a skeleton is a one-key tag, so a user dict key (even "$tuple") can never be misread.
 _T_TUPLE, _T_DICT, _T_ITEMS, _T_FLOAT, _T_TENSOR, _T_NDARRAY = "$tuple", "$dict", "$items", "$float", "$tensor", "$ndarray"
 _CANONICAL_NAN_BITS = struct.pack("<d", float("nan"))
 
 
 def _encode_float(x: float) -> Any:
     if math.isfinite(x):
-        return x  # Python's repr, which json uses, round-trips every finite double exactly, -0.0 included
+        return x  # json writes repr(), which round-trips every finite double exactly, -0.0 included
     if math.isinf(x):
         return {_T_FLOAT: "inf" if x > 0 else "-inf"}
-    bits = struct.pack("<d", x)
-    # NaN sign and payload are kept too: "exact" should not have an asterisk.
+    bits = struct.pack("<d", x)  # NaN sign and payload are kept too: "exact" should not have an asterisk
     return {_T_FLOAT: "nan" if bits == _CANONICAL_NAN_BITS else "0x" + bits[::-1].hex()}
 
 
@@ -129,77 +117,63 @@ def _decode_float(text: Any, where: str) -> float:
     raise ValueError(f"malformed float {text!r} at {where}")
 
 
-def _savable(t: torch.Tensor, seen_storages: set[int], name: str) -> torch.Tensor:
+def _savable(t: Any, seen_storages: set[int], name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
         raise TypeError(f"cannot save {name!r}: only dense torch tensors can be saved, got {type(t).__name__}")
     t = t.detach().to("cpu").contiguous()
     if t.numel():
-        # safetensors refuses tensors that share storage (views of one buffer, tied weights): copy the later ones.
+        # safetensors refuses tensors that share storage (views of one buffer, tied weights): copy later ones.
         if t.untyped_storage().data_ptr() in seen_storages:
             t = t.clone()
         seen_storages.add(t.untyped_storage().data_ptr())
     return t
 
 
-class _Flattener:
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.tensors: dict[str, torch.Tensor] = {}
-        self._storages: set[int] = set()
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split ``obj`` into CPU tensors named ``prefix + path`` and a JSON-able skeleton that references them.
 
-    def tensor_name(self, path: list[str]) -> str:
-        base = self.prefix + "/".join(path) if path else (self.prefix or "tensor")
+    Tensors are saved contiguous with their dtype and shape; tensors sharing storage are saved as copies.
+    Give each object stored in one file its own prefix (e.g. "optimizer/") so tensor names stay unique."""
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+
+    def add_tensor(t: torch.Tensor, path: list[str]) -> str:
+        base = prefix + "/".join(path) if path else (prefix or "tensor")
         name, n = base, 1
-        while name in self.tensors:  # keys containing "/" can make two paths spell the same name
+        while name in tensors:  # keys containing "/" can make two paths spell the same name
             name, n = f"{base}#{n}", n + 1
+        tensors[name] = _savable(t, storages, name)
         return name
 
-    def add_tensor(self, t: torch.Tensor, path: list[str]) -> str:
-        name = self.tensor_name(path)
-        self.tensors[name] = _savable(t, self._storages, name)
-        return name
-
-    def encode(self, obj: Any, path: list[str], *, key: bool = False) -> Any:
+    def encode(obj: Any, path: list[str], key: bool = False) -> Any:
         if obj is None or isinstance(obj, bool):  # before int: bool is an int subclass
             return obj
-        if isinstance(obj, str):
-            return str(obj)
-        if isinstance(obj, int):
-            return int(obj)
+        if isinstance(obj, (str, int)):
+            return str(obj) if isinstance(obj, str) else int(obj)
         if isinstance(obj, float):
             return _encode_float(float(obj))
         if isinstance(obj, np.generic) and not isinstance(obj, (np.void, np.object_)):
-            return self.encode(obj.item(), path, key=key)  # numpy scalars: the value survives, the numpy type does not
-        if isinstance(obj, list) and not key:
-            return [self.encode(v, path + [str(i)]) for i, v in enumerate(obj)]
+            return encode(obj.item(), path, key)  # numpy scalars: the value survives, the numpy type does not
         if isinstance(obj, tuple):
-            return {_T_TUPLE: [self.encode(v, path + [str(i)], key=key) for i, v in enumerate(obj)]}
+            return {_T_TUPLE: [encode(v, path + [str(i)], key) for i, v in enumerate(obj)]}
+        if isinstance(obj, list) and not key:
+            return [encode(v, path + [str(i)]) for i, v in enumerate(obj)]
         if isinstance(obj, dict) and not key:
             if all(type(k) is str for k in obj):
-                return {_T_DICT: {k: self.encode(v, path + [k]) for k, v in obj.items()}}
+                return {_T_DICT: {k: encode(v, path + [k]) for k, v in obj.items()}}
             # JSON keys are strings only; optimizer.state has int keys that load_state_dict needs back as ints.
-            return {_T_ITEMS: [[self.encode(k, path, key=True), self.encode(v, path + [str(k)])]
-                               for k, v in obj.items()]}
+            return {_T_ITEMS: [[encode(k, path, True), encode(v, path + [str(k)])] for k, v in obj.items()]}
         if isinstance(obj, torch.Tensor) and not key:
-            return {_T_TENSOR: self.add_tensor(obj, path)}
-        if isinstance(obj, np.ndarray) and not key:
-            if obj.dtype.hasobject or obj.dtype.fields is not None:
-                raise TypeError(f"cannot serialise a numpy array of dtype {obj.dtype} at {'/'.join(path)}")
+            return {_T_TENSOR: add_tensor(obj, path)}
+        if isinstance(obj, np.ndarray) and not key and not obj.dtype.hasobject and obj.dtype.fields is None:
             native = np.array(obj, dtype=obj.dtype.newbyteorder("="), order="C", copy=True)
-            return {_T_NDARRAY: self.add_tensor(torch.from_numpy(native), path)}
-        where = "/".join(path) or "<root>"
-        raise TypeError(f"cannot serialise {type(obj).__name__} {'as a dict key ' if key else ''}at {where} "
-                        "(supported: dict, list, tuple, int, float, bool, None, str, torch.Tensor, numpy array)")
+            return {_T_NDARRAY: add_tensor(torch.from_numpy(native), path)}
+        raise TypeError(f"cannot serialise {type(obj).__name__} {'as a dict key ' if key else ''}at "
+                        f"{'/'.join(path) or '<root>'} (supported: dict, list, tuple, int, float, bool, None, "
+                        "str, torch.Tensor, numpy array)")
 
-
-def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split ``obj`` into CPU tensors (named ``prefix + path``) and a JSON-able skeleton referencing them.
-
-    Tensors come back contiguous with their dtype and shape; tensors sharing storage are saved as copies.
-    Give each object saved into one file its own prefix (e.g. "optimizer/") so tensor names stay unique."""
-    flattener = _Flattener(prefix)
-    skeleton = flattener.encode(obj, [])
-    return flattener.tensors, skeleton
+    skeleton = encode(obj, [])
+    return tensors, skeleton
 
 
 def _decode_node(node: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
@@ -230,7 +204,6 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return _decode_node(skeleton, tensors, "<root>")
 
 
-# -------------------------------------------------------------------------------------------- file plumbing
 def _write_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
@@ -240,12 +213,12 @@ def _write_file(path: Path, data: bytes) -> None:
             if n <= 0:
                 raise OSError(errno.EIO, "write made no progress", str(path))
             view = view[n:]
-        os.fsync(fd)  # the rename that publishes the checkpoint must never reach disk before the data
+        os.fsync(fd)  # the rename that publishes the checkpoint must never reach the disk before the data
     finally:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path) -> None:  # makes directory entries (new files, a rename) durable, not just data
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -254,16 +227,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _open_regular(path: Path) -> int:
-    # O_NOFOLLOW: a manifest must describe the directory's own files, not whatever a symlink points at.
+    # O_NOFOLLOW: a manifest vouches for the directory's own files, not for whatever a symlink points at.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(path))
     return fd
-
-
-def _dir_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 def _is_real_dir(entry: os.DirEntry) -> bool:
@@ -272,13 +241,11 @@ def _is_real_dir(entry: os.DirEntry) -> bool:
 
 def _read_manifest(path: Path, creator: str) -> tuple[dict | None, str]:
     try:
-        fd = _open_regular(path / MANIFEST)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_MANIFEST_BYTES + 1)
-        manifest = json.loads(raw.decode("utf-8"))
+        with os.fdopen(_open_regular(path / MANIFEST), "rb") as f:
+            manifest = json.loads(f.read(_MAX_MANIFEST_BYTES + 1).decode("utf-8"))
     except FileNotFoundError:
-        return None, "no manifest.json (incomplete or not a checkpoint)"
-    except (OSError, ValueError) as exc:
+        return None, "no manifest.json (incomplete, or not a checkpoint)"
+    except (OSError, ValueError, RecursionError) as exc:
         return None, f"manifest.json unreadable: {exc}"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None, "manifest.json is not a lora_trainer checkpoint manifest"
@@ -289,7 +256,7 @@ def _read_manifest(path: Path, creator: str) -> tuple[dict | None, str]:
     step, files = manifest.get("step"), manifest.get("files")
     if type(step) is not int or step < 0 or not isinstance(files, dict):
         return None, "manifest.json is malformed (step/files)"
-    for name, entry in files.items():
+    for name, entry in files.items():  # names are checked so a manifest cannot point outside its directory
         if (not _NAME_RE.fullmatch(name) or name == MANIFEST or not isinstance(entry, dict)
                 or type(entry.get("size")) is not int or not isinstance(entry.get("sha256"), str)):
             return None, f"manifest.json has a malformed entry for {name!r}"
@@ -297,10 +264,9 @@ def _read_manifest(path: Path, creator: str) -> tuple[dict | None, str]:
 
 
 def _check_file(path: Path, entry: dict, *, keep: bool) -> tuple[bytes | None, str]:
-    """Hash a listed file; returns its bytes too when ``keep`` (load), so what is parsed is what was verified."""
+    """Hash a listed file; with ``keep`` also return its bytes, so what load parses is what was verified."""
     try:
-        fd = _open_regular(path)
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size != entry["size"]:
                 return None, f"{path.name}: size {size} != {entry['size']} in manifest (truncated or modified)"
@@ -320,30 +286,27 @@ def _check_file(path: Path, entry: dict, *, keep: bool) -> tuple[bytes | None, s
 
 def verify_checkpoint(path: Path, *, creator: str = DEFAULT_CREATOR) -> tuple[bool, str]:
     """(ok, reason): manifest present and ours, every listed file present with the right size and sha256."""
-    path = Path(path)
-    manifest, reason = _read_manifest(path, creator)
-    if manifest is None:
-        return False, reason
-    for name, entry in manifest["files"].items():
-        _, reason = _check_file(path / name, entry, keep=False)
+    manifest, reason = _read_manifest(Path(path), creator)
+    for name, entry in (manifest or {}).get("files", {}).items():
+        _, reason = _check_file(Path(path) / name, entry, keep=False)
         if reason != "ok":
-            return False, reason
-    return True, "ok"
+            break
+    return reason == "ok", reason
 
 
 def _our_checkpoints(root: Path, creator: str) -> list[tuple[int, Path]]:
-    """(manifest step, path) of real ``step-*`` directories whose manifest names us; unverified."""
-    found = []
+    """(manifest step, path) of real ``step-*`` directories whose manifest names us, newest first; unverified."""
     try:
         entries = list(os.scandir(root))
     except FileNotFoundError:
         return []
+    found = []
     for entry in entries:
         if _STEP_DIR_RE.fullmatch(entry.name) and _is_real_dir(entry):
             manifest, _ = _read_manifest(Path(entry.path), creator)
             if manifest is not None:
                 found.append((manifest["step"], Path(entry.path)))
-    # Sorting by manifest step, never by name: step-1000000 sorts before step-999999 as text.
+    # By manifest step, never by name: as text, step-1000000 sorts before step-999999.
     return sorted(found, key=lambda sp: (sp[0], sp[1].name), reverse=True)
 
 
@@ -357,22 +320,22 @@ def find_latest_checkpoint(root: Path, *, creator: str = DEFAULT_CREATOR) -> Pat
 
 def load_checkpoint(path: Path, *, creator: str = DEFAULT_CREATOR
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """({name: tensors on CPU}, {name: JSON value}) of a checkpoint; anything that fails verification raises OutputError."""
+    """({name: {key: CPU tensor}}, {name: JSON value}); a checkpoint that fails verification raises OutputError."""
     path = Path(path)
 
-    def corrupt(reason: str) -> OutputError:
+    def unusable(reason: str) -> OutputError:
         return OutputError(f"checkpoint {path} is unusable: {reason}",
                            hint="resume from an earlier checkpoint; find_latest_checkpoint skips unusable ones")
 
     manifest, reason = _read_manifest(path, creator)
     if manifest is None:
-        raise corrupt(reason)
+        raise unusable(reason)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     json_values: dict[str, Any] = {}
     for name, entry in manifest["files"].items():
         data, reason = _check_file(path / name, entry, keep=True)
         if data is None:
-            raise corrupt(reason)
+            raise unusable(reason)
         stem, _, ext = name.rpartition(".")
         try:
             if ext == "safetensors":
@@ -381,24 +344,22 @@ def load_checkpoint(path: Path, *, creator: str = DEFAULT_CREATOR
                 json_values[stem] = json.loads(data.decode("utf-8"))
             else:
                 raise ValueError(f"unknown file type {name!r}")
-        except Exception as exc:  # a hash-valid file that does not parse was written wrong: still unusable
-            raise corrupt(f"{name}: {exc}") from exc
+        except Exception as exc:  # hash-valid but unparseable means it was written wrong: unusable all the same
+            raise unusable(f"{name}: {exc}") from exc
     return tensors, json_values
 
 
-# ------------------------------------------------------------------------------------------------------ save
 def _serialise(files: dict[str, dict[str, torch.Tensor]], json_files: dict[str, Any]) -> dict[str, bytes]:
-    blobs: dict[str, bytes] = {}
     for names, ext in ((files, "safetensors"), (json_files, "json")):
         for name in names:
-            if not _NAME_RE.fullmatch(name) or f"{name}.{ext}" == MANIFEST:
+            if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or f"{name}.{ext}" == MANIFEST:
                 raise ValueError(f"invalid checkpoint file name {name!r}: use letters, digits, '_', '.', '-'")
+    blobs: dict[str, bytes] = {}
     for name, tensors in files.items():
         seen: set[int] = set()
         ready = {key: _savable(t, seen, f"{name}/{key}") for key, t in tensors.items()}
         blobs[f"{name}.safetensors"] = safetensors.torch.save(ready, metadata={"format": "pt"})
-    for name, value in json_files.items():
-        # allow_nan=False: NaN/Infinity are not JSON and other readers would reject the file.
+    for name, value in json_files.items():  # allow_nan=False: NaN/Infinity are not JSON; other readers reject them
         blobs[f"{name}.json"] = json.dumps(value, allow_nan=False, indent=1).encode("ascii")
     return blobs
 
@@ -410,28 +371,20 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: it exists, it is just not ours to signal
-        return True
+    except OSError:  # EPERM: it exists, it just is not ours to signal
+        pass
     return True
 
 
 def _discard(path: Path, root: Path) -> None:
-    """Delete a checkpoint directory without ever exposing a half-deleted ``step-*``: rename first, then rmtree."""
+    """Delete a checkpoint without ever exposing a half-deleted ``step-*``: rename it away first, then rmtree."""
     trash = root / f".trash-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _foreign_manifest(path: Path, creator: str) -> bool:
-    try:
-        manifest = json.loads((path / MANIFEST).read_bytes())
-    except (OSError, ValueError):  # none yet, or cut short by the crash: an unfinished save of ours
-        return False
-    return isinstance(manifest, dict) and manifest.get("creator") != creator
-
-
 def _clean_scratch(root: Path, creator: str) -> None:
-    """Remove what crashed saves left behind (no live process owns it any more)."""
+    """Remove what crashed saves left behind: scratch dirs that no live process owns any more."""
     for entry in list(os.scandir(root)):
         match = _SCRATCH_RE.fullmatch(entry.name)
         if not match or not _is_real_dir(entry):
@@ -440,19 +393,23 @@ def _clean_scratch(root: Path, creator: str) -> None:
         if pid != os.getpid() and _pid_alive(pid):
             continue  # maybe a concurrent save by another live process
         path, final = Path(entry.path), root / match.group(2)
-        if _foreign_manifest(path, creator):
-            continue  # another creator's files under our naming pattern: not ours to delete
+        try:  # a manifest cut short by the crash is ours; a complete one of another creator is not
+            manifest = json.loads((path / MANIFEST).read_bytes())
+            if isinstance(manifest, dict) and manifest.get("creator") != creator:
+                continue
+        except (OSError, ValueError, RecursionError):
+            pass
         if match.group(1) == "trash" and not os.path.lexists(final) and verify_checkpoint(path, creator=creator)[0]:
-            # A crash between moving the old checkpoint aside and publishing its replacement: put it back.
+            # Crashed between moving the old checkpoint aside and publishing its replacement: put it back.
             os.rename(path, final)
-            log.warning("restored checkpoint %s left aside by an interrupted save", final)
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+            log.warning("restored checkpoint %s, left aside by an interrupted save", final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int, creator: str, just_saved: Path) -> None:
     ours = _our_checkpoints(root, creator)  # only real step-* dirs with our manifest can ever be deleted
-    keep = {just_saved}
+    keep = {just_saved}  # even when newer steps exist (resumed from an older checkpoint)
     for _, path in ours:
         if len(keep) >= keep_last:
             break
@@ -464,31 +421,30 @@ def _prune(root: Path, keep_last: int, creator: str, just_saved: Path) -> None:
 
 
 def _output_error(exc: OSError, step: int, root: Path) -> OutputError:
-    where = f"checkpoint step {step} in {root}"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        message, hint = f"disk full while saving {where}", "free disk space or lower the number of checkpoints kept"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        message, hint = f"permission denied while saving {where}", "make the output directory writable"
-    else:
-        message, hint = f"could not save {where}: {exc.strerror or exc}", "check the output directory and the disk"
-    return OutputError(f"{message}; the previous checkpoint is intact", hint=hint,
-                       details={"errno": exc.errno, "path": exc.filename, "step": step})
+    what, hint = {errno.ENOSPC: ("disk full", "free disk space or keep fewer checkpoints"),
+                  errno.EDQUOT: ("disk quota exceeded", "free disk space or keep fewer checkpoints"),
+                  errno.EACCES: ("permission denied", "make the output directory writable"),
+                  errno.EPERM: ("permission denied", "make the output directory writable"),
+                  errno.EROFS: ("read-only file system", "choose a writable output directory"),
+                  }.get(exc.errno, (f"error ({exc.strerror or exc})", "check the output directory and its disk"))
+    return OutputError(f"{what} while saving checkpoint step {step} in {root}; the previous checkpoint is intact",
+                       hint=hint, details={"errno": exc.errno, "path": exc.filename, "step": step})
 
 
 def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], json_files: dict[str, Any],
                     *, keep_last: int | None, creator: str = DEFAULT_CREATOR) -> Path:
-    """Atomically write ``root/step-NNNNNN`` (replacing an earlier save of the same step) and return its path.
+    """Atomically write ``root/step-NNNNNN`` (replacing an earlier save of the same step); return its path.
 
-    ``files`` become ``<name>.safetensors``, ``json_files`` ``<name>.json``. Afterwards keeps the newest
-    ``keep_last`` valid checkpoints of ``creator`` (the new one always among them); None keeps all.
-    Raises OutputError on any OS error, after removing the partial directory; earlier checkpoints are untouched."""
+    ``files`` become ``<name>.safetensors``, ``json_files`` ``<name>.json``. Then keeps the newest ``keep_last``
+    valid checkpoints of ``creator``, the new one always among them (None: keep all). Any OS error raises
+    OutputError after the partial directory is removed; earlier checkpoints are never touched by a failed save."""
     if type(step) is not int or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
     if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
         raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
     root = Path(root)
     blobs = _serialise(files, json_files)  # unserialisable state fails here, before the disk is touched
-    final = root / _dir_name(step)
+    final = root / f"step-{step:06d}"
     tmp: Path | None = None
     aside: Path | None = None
     try:
@@ -502,22 +458,22 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "creator": creator, "step": step,
                     "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "created_unix": time.time(), "files": listed}
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("ascii"))  # last: marks completeness
+        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("ascii"))
         _fsync_dir(tmp)
         if os.path.lexists(final):
             if final.is_symlink() or _read_manifest(final, creator)[0] is None:
                 raise OutputError(f"cannot save checkpoint step {step}: {final} exists and is not a checkpoint "
                                   f"of {creator!r}", hint="move it away or use another output directory")
-            # rename() cannot replace a non-empty directory, so the old one steps aside until the new one is in.
+            # rename() cannot replace a non-empty directory: the old one steps aside until the new one is in.
             aside = root / f".trash-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(final, aside)
         try:
             os.rename(tmp, final)
-        except OSError:
+        except BaseException:
             if aside is not None:
                 try:
                     os.rename(aside, final)
-                except OSError:
+                except OSError:  # the next save's scratch cleanup restores it
                     log.error("could not move checkpoint %s back to %s", aside, final)
             raise
         tmp = None
@@ -527,8 +483,7 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         if isinstance(exc, OSError):
             raise _output_error(exc, step, root) from exc
         raise
-    # Committed: the checkpoint is complete under its final name. What follows is housekeeping, and its
-    # failure must not turn a successful save into a reported failure.
+    # Committed. What follows is housekeeping: its failure must not report a successful save as failed.
     try:
         _fsync_dir(root)
         if aside is not None:

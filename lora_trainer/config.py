@@ -17,7 +17,17 @@ from typing import Any
 
 from .errors import ConfigError
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config_schema.json"
+
+def _find_schema(name: str) -> Path:
+    """The package's copy (installed wheels; a symlink to the top-level file in a checkout), else the repo root."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / name, here.parent / name):
+        if candidate.is_file():
+            return candidate
+    return here / name
+
+
+SCHEMA_PATH = _find_schema("config_schema.json")
 REQUIRED = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
 DEFAULT_MAX_TRAIN_STEPS = 1000
@@ -48,6 +58,7 @@ class TrainConfig:
     output_path: Path
     trigger_words: tuple[str, ...]
     model_type: str = "auto"
+    base_model_config: str | None = None
     resolution: int | None = None
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -94,6 +105,8 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = ()
     validation_steps: int | None = None
     num_validation_images: int = 1
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.0
     output_name: str = "lora"
     save_precision: str = "fp16"
     overwrite_output: bool = False

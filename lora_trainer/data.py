@@ -100,6 +100,18 @@ def image_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def decode_failures(images: list[TrainImage]) -> list[tuple[TrainImage, str]]:
+    """Fully decode every image once (uncached training would otherwise hit a bad one mid-run)."""
+    failed = []
+    for img in images:
+        try:
+            with Image.open(img.path) as im:
+                im.load()
+        except Exception as exc:  # noqa: BLE001
+            failed.append((img, f"{type(exc).__name__}: {exc}"))
+    return failed
+
+
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     # The posterior mean, not a sample: a cached latent then does not depend on batch composition or on
@@ -129,7 +141,8 @@ class LatentCache:
         return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
     def build(self, vae, images: list[TrainImage], *, device: torch.device, seed: int, random_crop: bool,
-              batch_size: int, progress: Callable[[int, int], None], should_stop: Callable[[], None]) -> None:
+              batch_size: int, progress: Callable[[int, int], None]) -> list[tuple[TrainImage, str]]:
+        """Fill the cache; returns the images whose pixels failed to decode (they are left out)."""
         from safetensors.torch import load_file, save_file
 
         todo: list[tuple[TrainImage, str | None]] = []
@@ -146,6 +159,7 @@ class LatentCache:
                     pass
             todo.append((img, key))
         done = len(images) - len(todo)
+        failed: list[tuple[TrainImage, str]] = []
         progress(done, len(images))
         by_bucket: dict[tuple[int, int], list[tuple[TrainImage, str | None]]] = {}
         for item in todo:
@@ -153,9 +167,19 @@ class LatentCache:
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             for i in range(0, len(items), batch_size):
-                chunk = items[i:i + batch_size]
-                pix, tids = zip(*(load_pixels(img, random_crop=random_crop,
-                                              rng=random.Random(f"crop:{seed}:{img.index}")) for img, _ in chunk))
+                chunk, pix, tids = [], [], []
+                for img, key in items[i:i + batch_size]:
+                    try:
+                        p, t = load_pixels(img, random_crop=random_crop, rng=random.Random(f"crop:{seed}:{img.index}"))
+                    except Exception as exc:  # noqa: BLE001 - any decoder error means "skip this image"
+                        failed.append((img, f"{type(exc).__name__}: {exc}"))
+                        continue
+                    chunk.append((img, key))
+                    pix.append(p)
+                    tids.append(t)
+                done += len(items[i:i + batch_size]) - len(chunk)
+                if not chunk:
+                    continue
                 lat = encode_latents(vae, torch.stack(pix)).float().cpu()
                 for (img, key), latent, tid in zip(chunk, lat, tids):
                     self.latents[img.index], self.time_ids[img.index] = latent.contiguous(), tid
@@ -167,7 +191,7 @@ class LatentCache:
                     self.encoded += 1
                 done += len(chunk)
                 progress(done, len(images))
-                should_stop()
+        return failed
 
 
 class TextCache:

@@ -21,13 +21,18 @@ def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
              use_dora: bool, path: str) -> list[torch.nn.Parameter]:
     """Wrap the target layers with LoRA (fp32 weights), freeze everything else; returns the trainable params."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     _target_check(module, targets, path)
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         init_lora_weights=True, use_dora=use_dora)
-    module.add_adapter(config, adapter_name=ADAPTER)
+    # diffusers models have add_adapter (which also registers the config for their loaders); transformers'
+    # own add_adapter demands a newer peft than diffusers supports, so text encoders get PEFT's injection.
+    if hasattr(module, "peft_config") or type(module).__module__.startswith("diffusers"):
+        module.add_adapter(config, adapter_name=ADAPTER)
+    else:
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     params = []
     for name, p in module.named_parameters():
         if "lora_" in name:

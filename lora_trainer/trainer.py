@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .checkpoint import TrainingProgress
 from .config import TrainConfig
-from .data import LatentCache, TextCache, build_images, encode_latents, load_pixels, plan_epoch
+from .data import LatentCache, TextCache, build_images, decode_failures, encode_latents, load_pixels, plan_epoch
 from .device import memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted, ModelLoadError, OutOfMemoryError, TrainingError
 from .events import EventStream
@@ -27,6 +27,10 @@ from . import resume as resume_mod
 from . import outputs
 
 log = logging.getLogger("train_lora")
+MAX_NONFINITE_STREAK = 3  # isolated fp16 overflows happen; three in a row means the run has diverged
+MAX_NONFINITE_TOTAL = 10
+# Test hook: steps whose loss is replaced by NaN, to exercise the non-finite path through the real CLI.
+_FAULT_NAN_STEPS = {int(s) for s in os.environ.get("TRAIN_LORA_TEST_NAN_STEPS", "").split(",") if s.strip()}
 
 
 class Trainer:
@@ -103,7 +107,12 @@ class Trainer:
         check_not_pickle(source)
         dtype = weight_dtype(self.device_info.mixed_precision)
         try:
+            config_src = self.cfg.base_model_config  # a hub id, or a folder relative to the config file
+            base = self.cfg.config_path.parent if self.cfg.config_path else Path.cwd()
+            if config_src and (base / Path(config_src).expanduser()).exists():
+                config_src = str((base / Path(config_src).expanduser()).resolve())
             self.comps = self.family.load(source, single_file=probe.kind == "single_file", dtype=dtype,
+                                          single_file_config=config_src,
                                           progress=lambda i, n, what: ev.emit("progress", phase="loading_model",
                                                                               current=i, total=n, unit="components",
                                                                               message=what))
@@ -130,35 +139,45 @@ class Trainer:
             raise DatasetError(f"no usable images in {cfg.dataset_path}",
                                hint="add png/jpg/webp/bmp images (sub-folders count when recursive is true)")
         self.scan = scan
-        self.images = build_images(scan.usable, self.resolution, bucketing=self.bucketing,
-                                   min_size=cfg.min_bucket_resolution, max_size=cfg.max_bucket_resolution)
-        self.samples_per_epoch = sum(i.repeats for i in self.images)
         self.world = self.accelerator.num_processes
-        batches = len(plan_epoch(self.images, cfg.batch_size, cfg.seed, 0))
+        images = build_images(scan.usable, self.resolution, bucketing=self.bucketing,
+                              min_size=cfg.min_bucket_resolution, max_size=cfg.max_bucket_resolution)
+        comps, fam = self.comps, self.family
+        self.latent_cache = None
+        if cfg.cache_latents:
+            ev.set_phase("caching_latents")
+            ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} image(s) with the VAE")
+            disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
+            self.latent_cache = LatentCache(disk, _model_key(cfg, comps))
+            comps.vae.to(self.device)
+            failed = self.latent_cache.build(
+                comps.vae, images, device=self.device, seed=cfg.seed, random_crop=cfg.random_crop,
+                batch_size=max(1, cfg.batch_size),
+                progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n, total=t, unit="images"))
+            comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the UNet
+            ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
+                    message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
+        else:
+            failed = decode_failures(images)
+            comps.vae.to(self.device)
+        if failed:
+            # The header scan passed these, but their pixels do not decode: skip them, once, loudly.
+            ev.emit("warning", code="images_skipped", message=f"{len(failed)} image(s) failed to decode and are skipped",
+                    files=[f"{img.rel}: {msg}" for img, msg in failed[:50]])
+            bad = {img.index for img, _ in failed}
+            images = [img for img in images if img.index not in bad]
+        if not images:
+            raise DatasetError(f"no image in {cfg.dataset_path} could be decoded",
+                               hint="re-export the images as PNG or JPEG")
+        self.images = images
+        self.by_index = {img.index: img for img in images}
+        self.samples_per_epoch = sum(i.repeats for i in images)
+        batches = len(plan_epoch(images, cfg.batch_size, cfg.seed, 0))
         # Each rank takes every world-th batch; an optimizer step consumes grad_accum batches per rank.
         per_rank = -(-batches // self.world)
         self.steps_per_epoch = max(1, -(-per_rank // cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_train_steps or cfg.num_epochs * self.steps_per_epoch
         self.effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.world
-
-        comps, fam = self.comps, self.family
-        self.latent_cache = None
-        if cfg.cache_latents:
-            ev.set_phase("caching_latents")
-            ev.emit("status", phase="caching_latents", message=f"encoding {len(self.images)} image(s) with the VAE")
-            disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
-            self.latent_cache = LatentCache(disk, _model_key(cfg, comps))
-            comps.vae.to(self.device)
-            self.latent_cache.build(comps.vae, self.images, device=self.device, seed=cfg.seed,
-                                    random_crop=cfg.random_crop, batch_size=max(1, cfg.batch_size),
-                                    progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n,
-                                                                  total=t, unit="images"),
-                                    should_stop=lambda: None)
-            comps.vae.to("cpu")  # the VAE is not needed again until sampling; free the accelerator for the UNet
-            ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
-                    message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
-        else:
-            comps.vae.to(self.device)
 
         self.text_cache = None
         for te in comps.text_encoders.values():
@@ -216,6 +235,7 @@ class Trainer:
         # A dedicated generator for noise and timesteps: its state is saved in checkpoints for exact resume.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.accelerator.process_index)
         self.loss_ema = torch.zeros((), device=self.device, dtype=torch.float32)
+        self.nonfinite_streak = self.nonfinite_total = 0
 
     # ---------------------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -224,6 +244,8 @@ class Trainer:
         ev.emit("status", phase="training", message=f"training {self.total_steps - prog.global_step} step(s)")
         self.stop.set_deferred(True)
         session_start, session_step0 = time.monotonic(), prog.global_step
+        if cfg.validation_steps and prog.global_step == 0:
+            self._sample(0)  # the base model's images, for comparison
         window_start, window_samples = time.monotonic(), 0
         accum = cfg.gradient_accumulation_steps
         try:
@@ -239,12 +261,18 @@ class Trainer:
                     prog.samples_seen += sum(len(b) for b in group) * self.world
                     prog.elapsed_s += time.monotonic() - t0
                     window_samples += sum(len(b) for b in group) * self.world
-                    self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1) if prog.global_step > 1 else self.loss_ema.copy_(loss.detach().float())
+                    if self.step_ok:  # a skipped non-finite step must not poison the smoothed loss
+                        if prog.global_step > 1:
+                            self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1)
+                        else:
+                            self.loss_ema.copy_(loss.detach().float())
                     step = prog.global_step
                     if step % cfg.log_every_n_steps == 0 or step == session_step0 + 1 or step == self.total_steps:
                         self._emit_step(loss, window_samples, time.monotonic() - window_start,
                                         (time.monotonic() - session_start) / max(1, step - session_step0))
                         window_start, window_samples = time.monotonic(), 0
+                    if cfg.validation_steps and (step % cfg.validation_steps == 0 or step == self.total_steps):
+                        self._sample(step)
                     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < self.total_steps:
                         self.save_checkpoint("interval")
                     if self.stop.requested:
@@ -261,6 +289,12 @@ class Trainer:
         finally:
             self.stop.set_deferred(False)
 
+    def _sample(self, step: int) -> None:
+        from .sampling import generate_samples
+
+        generate_samples(self, step)
+        self.accelerator.wait_for_everyone()
+
     def _optimizer_step(self, group: list[list[int]], epoch: int, first_batch: int) -> torch.Tensor:
         total_samples = sum(len(b) for b in group)
         loss_sum = torch.zeros((), device=self.device)
@@ -270,16 +304,42 @@ class Trainer:
             with ctx:
                 with self.accelerator.autocast():
                     loss = self._loss(batch, epoch, first_batch + j)
+                    if self.progress.global_step + 1 in _FAULT_NAN_STEPS:
+                        loss = loss * float("nan")
                 # Weight each micro-batch by its share of samples: a short last batch counts less.
                 scaled = loss * (len(batch) / total_samples)
                 self.accelerator.backward(scaled)
             loss_sum += scaled.detach()
+        params = self.unet_params + self.te_params
         if self.cfg.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.unet_params + self.te_params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+            grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        # One host sync per step: the price of never letting a NaN/inf reach the weights (it would then be
+        # in every later checkpoint). The scalar is tiny; the wait is for the step's own kernels.
+        self.step_ok = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        if self.step_ok:
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self._skip_nonfinite(float(loss_sum), float(grad_norm))
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        step = self.progress.global_step + 1
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak > MAX_NONFINITE_STREAK or self.nonfinite_total > MAX_NONFINITE_TOTAL:
+            raise TrainingError(
+                f"loss or gradients not finite at step {step} ({self.nonfinite_streak} in a row, "
+                f"{self.nonfinite_total} in total); stopping before the LoRA is damaged",
+                hint="lower learning_rate, use bf16 instead of fp16, set max_grad_norm, or check the data; the last "
+                     "checkpoint holds finite weights", details={"step": step, "loss": loss, "grad_norm": grad_norm})
+        self.events.emit("warning", code="nonfinite_step_skipped",
+                         message=f"step {step}: loss {loss} / gradient norm {grad_norm} not finite; update skipped",
+                         details={"step": step, "skipped_total": self.nonfinite_total})
 
     def _loss(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
         from .captions import build_caption
@@ -289,7 +349,7 @@ class Trainer:
         for j, idx in enumerate(batch):
             # Per-sample RNG derived from (seed, epoch, batch, slot): caption randomness needs no saved state.
             rng = random.Random(f"caption:{cfg.seed}:{epoch}:{batch_index}:{j}")
-            captions.append(build_caption(self.images[idx].caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words,
+            captions.append(build_caption(self.by_index[idx].caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words,
                                           shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                           dropout_rate=cfg.caption_dropout_rate, rng=rng))
         if self.latent_cache is not None:
@@ -299,7 +359,7 @@ class Trainer:
             pix, tids = [], []
             for j, idx in enumerate(batch):
                 rng = random.Random(f"aug:{cfg.seed}:{epoch}:{batch_index}:{j}")
-                p, t = load_pixels(self.images[idx], random_crop=cfg.random_crop, rng=rng,
+                p, t = load_pixels(self.by_index[idx], random_crop=cfg.random_crop, rng=rng,
                                    flip=cfg.flip_aug and rng.random() < 0.5)
                 pix.append(p)
                 tids.append(t)
@@ -320,12 +380,9 @@ class Trainer:
         return self.objective(model_fn, latents, generator=self.noise_gen)
 
     def _emit_step(self, loss: torch.Tensor, samples: int, window_s: float, s_per_step: float) -> None:
-        value = float(loss.item())  # the only host sync of the loop, once per log interval
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {value} at step {self.progress.global_step}",
-                                hint="lower learning_rate, use mixed_precision bf16 instead of fp16, or check the data",
-                                details={"step": self.progress.global_step})
-        self.last_loss = value
+        value = float(loss.item())  # non-finite values are sent as null; _optimizer_step already guarded the weights
+        if self.step_ok:
+            self.last_loss = value
         prog = self.progress
         self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
                          loss=value, loss_avg=float(self.loss_ema.item()), lr=self.lr_scheduler.get_last_lr()[0],

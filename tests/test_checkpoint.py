@@ -397,7 +397,7 @@ def _failing(real, errnum, when):
     ("write", errno.ENOSPC, lambda n, a: n == 1, "disk full"),
     ("write", errno.ENOSPC, lambda n, a: n == 3, "disk full"),  # third file: progress.json
     ("write", errno.ENOSPC, lambda n, a: n == 4, "disk full"),  # the manifest itself
-    ("fsync", errno.EIO, lambda n, a: n == 2, "could not save"),
+    ("fsync", errno.EIO, lambda n, a: n == 2, "error (Input/output error) while saving"),
     ("mkdir", errno.EACCES, lambda n, a: True, "permission denied"),
     ("rename", errno.ENOSPC, lambda n, a: Path(a[0]).name.startswith(".tmp-"), "disk full"),
 ])
@@ -477,6 +477,15 @@ def test_prune_keeps_newest_by_manifest_step(tmp_path):
     save(third, 15, keep_last=2)
     assert names(third) == ["step-000005", "step-000015"]
     check_payload(third / "step-000005", 20)
+
+    # Resumed from an older checkpoint while newer ones exist: the checkpoint just saved is never pruned.
+    fourth = tmp_path / "rewound"
+    for step in (10, 20, 30):
+        save(fourth, step)
+    save(fourth, 15, keep_last=2)
+    assert names(fourth) == ["step-000015", "step-000030"]
+    save(fourth, 16, keep_last=1)
+    assert names(fourth) == ["step-000016"]
 
 
 def test_prune_never_touches_symlinks_or_foreign_directories(tmp_path):

@@ -138,3 +138,21 @@ def test_latent_cache_reused_and_invalidated(tmp_path, tiny_models, dataset):
     third, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
     cache = [e for e in third.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
     assert (cache["reused"], cache["encoded"]) == (3, 1)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_text_encoder_lora_exported_and_loadable(tmp_path, tiny_models, dataset, family):
+    from diffusers import DiffusionPipeline
+
+    res, out = _train(tmp_path, tiny_models[family], dataset, max_train_steps=2, train_text_encoder=True,
+                      text_encoder_lr=5e-4)
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    prefixes = {"sd15": ("lora_te_text_model_encoder_layers_",), "sdxl": ("lora_te1_text_model_encoder_layers_",
+                                                                          "lora_te2_text_model_encoder_layers_")}[family]
+    for prefix in prefixes:
+        assert any(k.startswith(prefix) for k in keys), f"no {prefix}* keys"
+    pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    n_te = sum(1 for n, _ in pipe.text_encoder.named_modules() if n.endswith("lora_A"))
+    assert n_te > 0, "text-encoder LoRA layers must be injected by diffusers"

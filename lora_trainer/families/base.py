@@ -44,12 +44,12 @@ class ModelFamily:
         return 512
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, source: Path, *, single_file: bool, dtype: torch.dtype,
+    def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         if single_file:
-            return self._load_single_file(source, dtype=dtype)
+            return self._load_single_file(source, dtype=dtype, config=single_file_config)
         names = ["unet", "vae", *self.text_encoder_names]
         total = len(names)
 
@@ -84,11 +84,13 @@ class ModelFamily:
                           noise_scheduler=noise_scheduler, prediction_type=prediction_type,
                           scheduler_config=dict(sched_cfg))
 
-    def _load_single_file(self, path: Path, *, dtype: torch.dtype) -> Components:
+    def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None) -> Components:
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        pipe = cls.from_single_file(str(path), torch_dtype=dtype)
+        kwargs = {"config": config} if config else {}
+        # Weights come only from the .safetensors file; `config` supplies component configs and tokenizers.
+        pipe = cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
         encoders = {n: getattr(pipe, n) for n in self.text_encoder_names}
         tokenizers = {n: getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names}
         pipe.vae.to(torch.float32)

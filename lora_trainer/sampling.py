@@ -1,0 +1,103 @@
+"""Sample images from the current LoRA during training.
+
+Sampling must not perturb training: it runs in eval mode (no LoRA dropout), draws from its own seeded
+generators, and restores every global RNG state afterwards, so a run with samples trains the same weights
+as one without.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _save_png(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _grid(images: list, cols: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def prompts_for(t: "Trainer") -> list[str]:
+    return list(t.cfg.validation_prompts) or [", ".join(t.cfg.trigger_words)]
+
+
+def generate_samples(t: "Trainer", step: int) -> list[str]:
+    """Generate, save and report sample images; returns their paths. Main process only."""
+    if not t.accelerator.is_main_process:
+        return []
+    cfg, comps = t.cfg, t.comps
+    out_dir = cfg.output_path / "samples" / f"step-{step:06d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet = t.accelerator.unwrap_model(t.unet)
+    moved = []
+    for module in (comps.vae, *comps.text_encoders.values()):
+        if next(module.parameters()).device != t.device:
+            moved.append(module)
+            module.to(t.device)
+    training_modes = {m: m.training for m in (unet, *comps.text_encoders.values())}
+    for m in training_modes:
+        m.eval()
+    t.events.emit("status", phase="sampling", message=f"generating sample images at step {step}")
+    paths, images = [], []
+    try:
+        with preserved_rng(), torch.no_grad():
+            pipe = t.family.pipeline(comps)
+            pipe.unet = unet
+            pipe.set_progress_bar_config(disable=True)
+            for pi, prompt in enumerate(prompts_for(t)):
+                for k in range(cfg.num_validation_images):
+                    seed = cfg.seed + 1000 * pi + k  # fixed per (prompt, index): samples are comparable over time
+                    generator = torch.Generator(device=t.device).manual_seed(seed)
+                    with t.accelerator.autocast():
+                        image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
+                                     guidance_scale=cfg.validation_guidance_scale, height=t.resolution,
+                                     width=t.resolution, generator=generator).images[0]
+                    path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
+                    _save_png(image, path)
+                    images.append(image)
+                    paths.append(str(path))
+                    t.events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k)
+            if images:
+                _save_png(_grid(images, cols=cfg.num_validation_images), out_dir / "grid.png")
+            del pipe
+    finally:
+        for m, was_training in training_modes.items():
+            m.train(was_training)
+        for module in moved:
+            module.to("cpu")
+        if t.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return paths

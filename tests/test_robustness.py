@@ -1,0 +1,128 @@
+"""Failure paths through the real CLI: non-finite steps, undecodable images, signals before training,
+unreachable hub models, single-file checkpoints, SD2 v-prediction, and samples that do not disturb training."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import ROOT, parse_events, run_cli, write_config
+
+
+def _cfg(tmp_path: Path, model, dataset: Path, name: str = "c", **extra) -> Path:
+    cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / f"out_{name}"),
+           "trigger_words": ["ohwx"], "resolution": 64, "min_bucket_resolution": 64, "max_train_steps": 4,
+           "log_every_n_steps": 1, "lora_rank": 4, "learning_rate": 1e-3, **extra}
+    return write_config(tmp_path / f"{name}.json", **cfg)
+
+
+def test_isolated_nan_step_is_skipped_with_a_warning(tmp_path, tiny_models, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset)),
+                  env={"TRAIN_LORA_TEST_NAN_STEPS": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    warn = [w for w in res.of_type("warning") if w["code"] == "nonfinite_step_skipped"]
+    assert len(warn) == 1 and warn[0]["details"]["step"] == 2
+    lora = load_file(tmp_path / "out_c" / "lora.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in lora.values())
+
+
+def test_diverged_run_fails_without_writing_a_broken_lora(tmp_path, tiny_models, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, max_train_steps=8, checkpointing_steps=2)),
+                  env={"TRAIN_LORA_TEST_NAN_STEPS": "4,5,6,7"})
+    assert res.returncode == 5, res.stderr[-3000:]
+    err = res.last("error")
+    assert err["code"] == "training_failed" and err["hint"]
+    assert not (tmp_path / "out_c" / "lora.safetensors").exists()
+    assert "Traceback" not in res.stderr
+    for ckpt in (tmp_path / "out_c" / "checkpoints").glob("step-*"):
+        for t in load_file(ckpt / "lora_unet.safetensors").values():
+            assert torch.isfinite(t).all()
+
+
+def test_image_that_fails_to_decode_is_skipped(tmp_path, tiny_models, dataset):
+    victim = sorted(p for p in dataset.iterdir() if p.suffix == ".png")[0]
+    raw = bytearray(victim.read_bytes())
+    start = raw.index(b"IDAT") + 8
+    raw[start:start + 40] = b"\x00" * 40  # damage the compressed pixels but keep every chunk boundary
+    victim.write_bytes(bytes(raw))
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, max_train_steps=2)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    skipped = [w for w in res.of_type("warning") if w["code"] == "images_skipped"]
+    assert skipped and any(victim.name in f for f in skipped[-1]["files"])
+    assert res.last("run_started")["num_images"] == 3
+
+
+def test_sigterm_during_model_loading_exits_cleanly(tmp_path, tiny_models, dataset):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), "--config",
+                             str(_cfg(tmp_path, tiny_models["sd15"], dataset))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if json.loads(line).get("phase") == "loading_model":
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    rc = proc.wait(timeout=120)
+    stderr = proc.stderr.read()
+    events = parse_events("".join(lines))
+    assert rc == 143, stderr[-2000:]
+    inter = [e for e in events if e["type"] == "interrupted"]
+    assert inter and inter[-1]["signal"] == "SIGTERM" and inter[-1]["checkpoint"] is None
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out_c" / "lora.safetensors").exists()
+
+
+def test_uncached_hub_model_offline_is_a_model_load_error(tmp_path, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, "someorg/some-model", dataset)),
+                  env={"HF_HUB_CACHE": str(tmp_path / "empty_cache")})
+    assert res.returncode == 4, res.stderr[-2000:]
+    err = res.last("error")
+    assert err["code"] == "model_load_failed" and err["hint"]
+
+
+def test_single_file_checkpoint_trains(tmp_path, tiny_models, dataset):
+    from lora_trainer.tiny import make_single_file_checkpoint
+
+    ckpt = make_single_file_checkpoint(tiny_models["sd15"], tmp_path / "tiny_sd15.safetensors")
+    res = run_cli("--config", str(_cfg(tmp_path, ckpt, dataset, max_train_steps=2,
+                                       base_model_config=str(tiny_models["sd15"]))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.last("run_started")["family"] == "sd15"
+    assert (tmp_path / "out_c" / "lora.safetensors").is_file()
+
+
+def test_sd2_v_prediction_metadata(tmp_path, tiny_models, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd2-v"], dataset, max_train_steps=2)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    started = res.last("run_started")
+    assert started["family"] == "sd2" and started["prediction_type"] == "v_prediction"
+    with safe_open(str(tmp_path / "out_c" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"].startswith("sd_v2") and meta["ss_v2"] == "True"
+    assert meta["modelspec.prediction_type"] == "v"
+
+
+def test_samples_are_saved_and_do_not_change_training(tmp_path, tiny_models, dataset):
+    common = dict(max_train_steps=4, lora_dropout=0.1, caption_dropout_rate=0.3, shuffle_tags=True)
+    plain = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, "plain", **common)))
+    sampled = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, "sampled", validation_steps=2,
+                                            validation_inference_steps=2, num_validation_images=2,
+                                            validation_prompts=["ohwx, a red circle"], **common)))
+    assert plain.returncode == 0 and sampled.returncode == 0, sampled.stderr[-3000:]
+    samples = sampled.of_type("sample")
+    assert sorted({s["step"] for s in samples}) == [0, 2, 4] and len(samples) == 6
+    for s in samples:
+        assert Path(s["path"]).is_file() and s["prompt"] == "ohwx, a red circle"
+    assert (tmp_path / "out_sampled" / "samples" / "step-000004" / "grid.png").is_file()
+    a = load_file(tmp_path / "out_plain" / "lora.safetensors")
+    b = load_file(tmp_path / "out_sampled" / "lora.safetensors")
+    assert all(a[k].equal(b[k]) for k in a), "sampling changed the trained weights"
