@@ -36,7 +36,7 @@ def test_help_documents_flags_and_exit_codes():
     res = run_cli("--help")
     assert res.returncode == 0
     assert res.stdout == "", "help text goes to stderr: stdout carries events only"
-    for flag in ("--config", "--validate-only", "--resume", "--debug", "--run-id"):
+    for flag in ("--config", "--validate-only", "--resume", "--debug", "--run-id", "--progress"):
         assert flag in res.stderr
     for code, _, meaning in EXIT_CODES:
         assert f"{code:>3}  {meaning}" in res.stderr

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="shorthand for \"resume\": \"auto\": continue from the newest valid checkpoint in output_path")
     p.add_argument("--run-id", metavar="ID", help="run id to put in every event (default: random)")
+    p.add_argument("--progress", choices=("auto", "json", "human"), default="auto",
+                   help="stdout format: json = the event stream; human = progress bar and readable lines; "
+                        "auto (default) = json unless stdout is a terminal")
     p.add_argument("--debug", action="store_true", help="debug logs and Python tracebacks on stderr")
     p.add_argument("--version", action="version", version=f"train_lora {__version__}")
     return p
@@ -120,12 +123,32 @@ def _train(cfg, config_warnings, events: EventStream, args) -> int:
     return EXIT_OK
 
 
+def _wants_human(args: list[str]) -> bool:
+    """Decided before argparse runs, because stdout must be claimed first; argparse validates the value."""
+    mode = "auto"
+    for i, a in enumerate(args):
+        if a == "--progress" and i + 1 < len(args):
+            mode = args[i + 1]
+        elif a.startswith("--progress="):
+            mode = a.split("=", 1)[1]
+    if mode == "human":
+        return True
+    return mode == "auto" and sys.stdout.isatty()
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
+    raw_args = argv if argv is not None else sys.argv[1:]
+    human = _wants_human(raw_args)
     out = claim_stdout()
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in raw_args
     _setup_logging(debug)
-    events = EventStream(out)
+    if human:
+        from .human import HumanProgress
+
+        events = EventStream(None, on_event=HumanProgress(out))
+    else:
+        events = EventStream(out)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help / --version: argparse printed to (our redirected) stdout

@@ -455,6 +455,7 @@ function main() {
       duration_s: Math.round((Date.now() - startedAt) / 100) / 10,
       ...(exitCode !== 0 ? { stderr_tail: state.stderrTail } : {}),
     };
+    process.stdout.on("error", () => process.exit(exitCode)); // a closed stdout must not mask the exit code
     process.stdout.write(`${JSON.stringify(summary)}\n`, () => process.exit(exitCode));
   });
 }
