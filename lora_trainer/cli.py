@@ -143,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     out = claim_stdout()
     debug = "--debug" in raw_args
     _setup_logging(debug)
+    # Under `accelerate launch`, every rank shares the launcher's stdout: only rank 0 may write events.
+    main_rank = os.environ.get("RANK", "0") in ("", "0")
     if human:
         from .human import HumanProgress
 
-        events = EventStream(None, on_event=HumanProgress(out))
+        events = EventStream(None, on_event=HumanProgress(out) if main_rank else None)
     else:
-        events = EventStream(out)
+        events = EventStream(out, enabled=main_rank)
+    if os.environ.get("TRAIN_LORA_RUN_ID"):
+        events.run_id = os.environ["TRAIN_LORA_RUN_ID"]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help / --version: argparse printed to (our redirected) stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ class LatentCache:
                     self.latents[img.index], self.time_ids[img.index] = latent.contiguous(), tid
                     if key and self.disk_dir is not None:
                         self.disk_dir.mkdir(parents=True, exist_ok=True)
-                        tmp = self.disk_dir / f".{key}.tmp"
+                        tmp = self.disk_dir / f".{key}.{os.getpid()}.tmp"  # ranks may write the same entry
                         save_file({"latents": latent.contiguous(), "time_ids": tid}, str(tmp))
                         tmp.replace(self.disk_dir / f"{key}.safetensors")
                     self.encoded += 1

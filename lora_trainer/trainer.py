@@ -275,7 +275,7 @@ class Trainer:
                         self._sample(step)
                     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < self.total_steps:
                         self.save_checkpoint("interval")
-                    if self.stop.requested:
+                    if self._stop_agreed():
                         self._stop_now()
                 if prog.batch_in_epoch >= len(mine):
                     prog.epoch += 1
@@ -288,6 +288,17 @@ class Trainer:
             raise
         finally:
             self.stop.set_deferred(False)
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop after this step. With several processes every rank must stop at the same step (one
+        may get the signal a step later), so the flag is max-reduced: one tiny collective per step."""
+        if self.world == 1:
+            return self.stop.requested
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
+        agreed = bool(self.accelerator.reduce(flag, reduction="max").item())
+        if agreed and self.stop.signum is None:
+            self.stop.signum = signal.SIGTERM
+        return agreed
 
     def _sample(self, step: int) -> None:
         from .sampling import generate_samples
