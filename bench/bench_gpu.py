@@ -199,8 +199,8 @@ class NaiveRunner:
     def __init__(self, model: Path, data: Path, *, batch: int, ckpt: bool, resolution: int, device: str):
         from naive_loop import NaiveLoop
 
-        self.loop = NaiveLoop(model, data, resolution=resolution, batch_size=batch, device=device, sync_each_step=False,
-                              gradient_checkpointing=ckpt)
+        self.loop = NaiveLoop(model, data, resolution=resolution, batch_size=batch, device=device,
+                              gradient_checkpointing=ckpt, sync_each_step=False)
 
     def step(self):
         return self.loop.step()
