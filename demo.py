@@ -10,6 +10,7 @@ as art; the point is to see the whole pipeline (validation, caching, steps, chec
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,9 @@ def main() -> int:
         "training_params": {"resolution": 128, "min_bucket_resolution": 64, "max_bucket_resolution": 256,
                             "batch_size": 2, "max_train_steps": 40, "learning_rate": 1e-3, "lora_rank": 8,
                             "checkpointing_steps": 20, "log_every_n_steps": 5, "output_name": "demo_lora",
-                            "overwrite_output": True, "seed": 7},
+                            "overwrite_output": True, "seed": 7, "validation_steps": 20,
+                            "validation_inference_steps": 8, "num_validation_images": 2,
+                            "validation_prompts": ["ohwx, a red circle, blue background"]},
     }
     (OUT / "config.json").write_text(json.dumps(config, indent=2))
     print(f"demo assets in {OUT} (dataset: {data})", file=sys.stderr)
@@ -47,7 +50,12 @@ def main() -> int:
         print(f"exit code {rc} after {time.monotonic() - t0:.1f} s", file=sys.stderr)
         if rc:
             return rc
-    print(f"\nLoRA: {OUT / 'out' / 'demo_lora.safetensors'}", file=sys.stderr)
+    # The README shows these two pictures: copied from this run, never drawn by hand.
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    shutil.copyfile(OUT / "out" / "loss_curve.png", docs / "demo_loss_curve.png")
+    shutil.copyfile(OUT / "out" / "samples" / "step-000040" / "grid.png", docs / "demo_samples_step40.png")
+    print(f"\nLoRA: {OUT / 'out' / 'demo_lora.safetensors'}\nreport: {OUT / 'out' / 'report.html'}", file=sys.stderr)
     return 0
 
 

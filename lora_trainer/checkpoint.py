@@ -130,15 +130,16 @@ def _savable(t: Any, seen_storages: set[int], name: str) -> torch.Tensor:
 
 
 def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split ``obj`` into CPU tensors named ``prefix + path`` and a JSON-able skeleton that references them.
+    """Split ``obj`` into CPU tensors named ``prefix/path/in/obj`` and a JSON-able skeleton referencing them.
 
     Tensors are saved contiguous with their dtype and shape; tensors sharing storage are saved as copies.
-    Give each object stored in one file its own prefix (e.g. "optimizer/") so tensor names stay unique."""
+    Give each object stored in one file its own prefix (e.g. "optimizer") so tensor names stay unique."""
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
+    namespace = [prefix.rstrip("/")] if prefix.rstrip("/") else []
 
     def add_tensor(t: torch.Tensor, path: list[str]) -> str:
-        base = prefix + "/".join(path) if path else (prefix or "tensor")
+        base = "/".join(namespace + path) or "tensor"
         name, n = base, 1
         while name in tensors:  # keys containing "/" can make two paths spell the same name
             name, n = f"{base}#{n}", n + 1

@@ -111,6 +111,7 @@ class TrainConfig:
     save_precision: str = "fp16"
     overwrite_output: bool = False
     log_every_n_steps: int = 10
+    report_to: str = "none"
     heartbeat_seconds: float = 30.0
     dataloader_workers: int = 0
     # Keys the user wrote (flat or nested); some checks apply only to explicit values.

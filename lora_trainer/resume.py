@@ -69,6 +69,7 @@ def save(t: "Trainer", reason: str) -> Path | None:
         files["lora"] = outputs.kohya_for_checkpoint(t, states)
         files["optimizer"] = {**opt_tensors, **sched_tensors, **rng_tensors}
         json_files = {"progress": t.progress.to_json(), "run": _run_identity(t),
+                      "history": {"loss": [list(p) for p in t.loss_history]},
                       "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel}}
         path = save_checkpoint(checkpoints_root(t), t.progress.global_step, files, json_files,
                                keep_last=t.cfg.checkpoints_total_limit)
@@ -123,6 +124,7 @@ def maybe_resume(t: "Trainer") -> Path | None:
     t.noise_gen.set_state(rng["noise_generator"])
     t.loss_ema.copy_(rng["loss_ema"].to(t.device))
     t.progress = TrainingProgress.from_json(js["progress"])
+    t.loss_history = [tuple(p) for p in js.get("history", {}).get("loss", [])]
     if "max_train_steps" in changed or "num_epochs" in changed:
         # A new length must also move the schedule's end; the restored step count stays.
         from .optim import build_lr_scheduler

@@ -50,6 +50,16 @@ def _grid(images: list, cols: int):
     return grid
 
 
+def _log_to_dashboard(t: "Trainer", grid, step: int) -> None:
+    if t.cfg.report_to == "tensorboard":
+        writer = t.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    elif t.cfg.report_to == "wandb":
+        import wandb
+
+        t.accelerator.get_tracker("wandb", unwrap=True).log({"samples": [wandb.Image(grid)]}, step=step)
+
+
 def prompts_for(t: "Trainer") -> list[str]:
     return list(t.cfg.validation_prompts) or [", ".join(t.cfg.trigger_words)]
 
@@ -91,7 +101,9 @@ def generate_samples(t: "Trainer", step: int) -> list[str]:
                     paths.append(str(path))
                     t.events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k)
             if images:
-                _save_png(_grid(images, cols=cfg.num_validation_images), out_dir / "grid.png")
+                grid = _grid(images, cols=cfg.num_validation_images)
+                _save_png(grid, out_dir / "grid.png")
+                _log_to_dashboard(t, grid, step)
             del pipe
     finally:
         for m, was_training in training_modes.items():

@@ -6,6 +6,7 @@ The loop knows nothing about model families (they sit behind ModelFamily), nothi
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -66,7 +67,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.accelerator = Accelerator(mixed_precision=self.device_info.mixed_precision,
-                                       cpu=self.device_info.type == "cpu", log_with=None)
+                                       cpu=self.device_info.type == "cpu", log_with=_tracker(cfg),
+                                       project_dir=str(cfg.output_path / "logs"))
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.events.enabled = self.events.enabled and self.is_main
@@ -81,6 +83,9 @@ class Trainer:
         self._attach_lora()
         self._build_optimizer()
         self.resumed_from = resume_mod.maybe_resume(self)
+        if cfg.report_to != "none":
+            flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
+            self.accelerator.init_trackers("train_lora", config=flat)
         ev.emit("run_started", version=__version__, pid=os.getpid(), family=self.family.name,
                 config=cfg.to_dict(), device=self.device_info.to_dict(), mixed_precision=self.device_info.mixed_precision,
                 world_size=self.accelerator.num_processes, total_steps=self.total_steps,
@@ -235,6 +240,8 @@ class Trainer:
         # A dedicated generator for noise and timesteps: its state is saved in checkpoints for exact resume.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.accelerator.process_index)
         self.loss_ema = torch.zeros((), device=self.device, dtype=torch.float32)
+        self.loss_history: list[tuple[int, float | None]] = []
+        self.step_ok, self.step_loss = True, float("nan")
         self.nonfinite_streak = self.nonfinite_total = 0
 
     # ---------------------------------------------------------------------------------------- train
@@ -261,6 +268,7 @@ class Trainer:
                     prog.samples_seen += sum(len(b) for b in group) * self.world
                     prog.elapsed_s += time.monotonic() - t0
                     window_samples += sum(len(b) for b in group) * self.world
+                    self.loss_history.append((prog.global_step, self.step_loss if self.step_ok else None))
                     if self.step_ok:  # a skipped non-finite step must not poison the smoothed loss
                         if prog.global_step > 1:
                             self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1)
@@ -328,12 +336,14 @@ class Trainer:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         # One host sync per step: the price of never letting a NaN/inf reach the weights (it would then be
         # in every later checkpoint). The scalar is tiny; the wait is for the step's own kernels.
-        self.step_ok = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+        self.step_ok = math.isfinite(loss_value) and math.isfinite(norm_value)
+        self.step_loss = loss_value
         if self.step_ok:
             self.optimizer.step()
             self.nonfinite_streak = 0
         else:
-            self._skip_nonfinite(float(loss_sum), float(grad_norm))
+            self._skip_nonfinite(loss_value, norm_value)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
@@ -391,10 +401,14 @@ class Trainer:
         return self.objective(model_fn, latents, generator=self.noise_gen)
 
     def _emit_step(self, loss: torch.Tensor, samples: int, window_s: float, s_per_step: float) -> None:
-        value = float(loss.item())  # non-finite values are sent as null; _optimizer_step already guarded the weights
+        value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
         if self.step_ok:
             self.last_loss = value
         prog = self.progress
+        if self.cfg.report_to != "none":
+            self.accelerator.log({"loss": value, "loss_avg": float(self.loss_ema.item()),
+                                  "lr": self.lr_scheduler.get_last_lr()[0],
+                                  "images_per_sec": samples / window_s if window_s > 0 else 0.0}, step=prog.global_step)
         self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
                          loss=value, loss_avg=float(self.loss_ema.item()), lr=self.lr_scheduler.get_last_lr()[0],
                          images_per_sec=samples / window_s if window_s > 0 else None,
@@ -404,6 +418,7 @@ class Trainer:
     def _stop_now(self) -> None:
         signum = self.stop.signum or signal.SIGTERM
         path = self.save_checkpoint("interrupt")
+        self._write_report("interrupted")
         self.events.emit("interrupted", signal=signal.Signals(signum).name, step=self.progress.global_step,
                          checkpoint=str(path) if path else None,
                          message=f"stopped after step {self.progress.global_step}; resume with \"resume\": \"auto\"")
@@ -430,10 +445,24 @@ class Trainer:
         self.save_checkpoint("final")  # a finished run is resumable too, e.g. to extend it with more steps
         with self.stop.saving():
             paths = outputs.export_final(self)
+            paths.update(self._write_report("completed"))
         self.events.emit("completed", outputs=paths, steps=self.progress.global_step,
                          duration_s=round(time.monotonic() - self.started, 3), final_loss=self.last_loss)
 
+    def _write_report(self, status: str) -> dict[str, str]:
+        if not self.accelerator.is_main_process:
+            return {}
+        from .report import write_report
+
+        try:
+            return write_report(self, status=status)
+        except OSError as exc:  # a report is a convenience: never fail a finished run over it
+            self.events.emit("warning", code="report_failed", message=f"could not write the report: {exc}")
+            return {}
+
     def cleanup(self) -> None:
+        if getattr(self, "accelerator", None) is not None and self.cfg.report_to != "none":
+            self.accelerator.end_training()
         self.events.stop_heartbeat()
         self.stop.uninstall()
         self.comps = None
@@ -447,6 +476,21 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def _tracker(cfg: TrainConfig):
+    if cfg.report_to == "none":
+        return None
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.report_to]
+    if importlib.util.find_spec(package) is None and not (package == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        from .errors import ConfigError
+
+        raise ConfigError(f"report_to '{cfg.report_to}' needs the '{package}' package",
+                          [{"path": "report_to", "value": cfg.report_to, "message": f"{package} is not installed",
+                            "allowed": "\"none\", or install the package"}], hint=f"pip install {package}")
+    return cfg.report_to
 
 
 def _model_key(cfg: TrainConfig, comps: Components) -> str:

@@ -302,6 +302,15 @@ def test_special_floats_and_unsupported_types():
         unflatten_state({"$tensor": "missing"}, {})
 
 
+def test_tensor_names_are_namespaced_by_prefix():
+    state = {"state": {0: {"exp_avg": torch.zeros(2)}}, "t": torch.ones(1)}
+    assert sorted(flatten_state(state, "optimizer")[0]) == ["optimizer/state/0/exp_avg", "optimizer/t"]
+    assert sorted(flatten_state(state, "optimizer/")[0]) == ["optimizer/state/0/exp_avg", "optimizer/t"]
+    tensors, skeleton = flatten_state({"a/b": torch.zeros(1), "a": {"b": torch.ones(1)}}, "")
+    assert len(tensors) == 2  # two paths spelling the same name must not overwrite each other
+    assert_same(unflatten_state(skeleton, tensors), {"a/b": torch.zeros(1), "a": {"b": torch.ones(1)}})
+
+
 def test_storage_sharing_and_non_contiguous_tensors(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     obj = {"base": base, "t": base.t(), "row": base[1], "every_other": base[:, ::2], "again": base}
@@ -429,6 +438,19 @@ def test_resave_same_step_replaces_it_and_a_failed_resave_keeps_the_old(tmp_path
     save_checkpoint(tmp_path, 10, files, js, keep_last=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000010"]
     assert torch.equal(load_checkpoint(tmp_path / "step-000010")[0]["model"]["w"], files["model"]["w"])
+
+
+def test_save_refuses_to_replace_a_foreign_step_directory(tmp_path):
+    user = tmp_path / "step-000005"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "step-000006").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for step in (5, 6):
+        with pytest.raises(OutputError, match="not a checkpoint"):
+            save(tmp_path, step)
+    assert (user / "notes.txt").read_text() == "mine" and (tmp_path / "step-000006").is_symlink()
+    assert names(tmp_path) == ["elsewhere", "step-000005", "step-000006"]
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
