@@ -96,7 +96,8 @@ class TrainingProgress:
 
 
 # Every JSON object in a skeleton is a one-key tag, so a user dict key (even "$tuple") can never be misread.
-_T_TUPLE, _T_DICT, _T_ITEMS, _T_FLOAT, _T_TENSOR, _T_NDARRAY = "$tuple", "$dict", "$items", "$float", "$tensor", "$ndarray"
+_T_TUPLE, _T_DICT, _T_ITEMS, _T_FLOAT = "$tuple", "$dict", "$items", "$float"
+_T_TENSOR, _T_NDARRAY = "$tensor", "$ndarray"
 _CANONICAL_NAN_BITS = struct.pack("<d", float("nan"))
 
 

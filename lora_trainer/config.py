@@ -326,6 +326,10 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
     if cfg.optimizer == "adamw8bit" and cfg.device == "cpu":
         problems.append(_problem("optimizer", cfg.optimizer, "the 8-bit AdamW of bitsandbytes needs a CUDA GPU, but device is 'cpu'",
                                  "adamw, prodigy or adafactor on the CPU"))
+    if cfg.use_dora:
+        problems.append(_problem("use_dora", True, "DoRA training is not available yet: its magnitude vectors have no "
+                                 "form that diffusers, ComfyUI and A1111 all load, and a LoRA only some tools load is "
+                                 "worse than none", "false"))
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(_problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                  "false, or set cache_latents to false"))

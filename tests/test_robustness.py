@@ -126,3 +126,17 @@ def test_samples_are_saved_and_do_not_change_training(tmp_path, tiny_models, dat
     a = load_file(tmp_path / "out_plain" / "lora.safetensors")
     b = load_file(tmp_path / "out_sampled" / "lora.safetensors")
     assert all(a[k].equal(b[k]) for k in a), "sampling changed the trained weights"
+
+
+def test_adafactor_trains_and_missing_prodigy_is_a_clear_config_error(tmp_path, tiny_models, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, "ada", optimizer="adafactor",
+                                       max_train_steps=2)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    try:
+        import prodigyopt  # noqa: F401
+    except ImportError:
+        res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, "prod", optimizer="prodigy",
+                                           learning_rate=1.0, max_train_steps=2)))
+        assert res.returncode == 2
+        err = res.last("error")
+        assert "prodigyopt" in err["message"] and "pip install prodigyopt" in err["hint"]
