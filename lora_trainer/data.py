@@ -215,3 +215,9 @@ class TextCache:
     def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
         keys = self.entries[captions[0]].keys()
         return {k: torch.stack([self.entries[c][k] for c in captions]) for k in keys}
+
+
+def model_key(base_model: str, vae_config) -> str:
+    """Identity of the latent space: the cache is reused only for the same model and VAE configuration."""
+    vae_cfg = json.dumps(dict(vae_config), sort_keys=True, default=str)
+    return hashlib.sha256(f"{base_model}|{vae_cfg}".encode()).hexdigest()[:16]

@@ -320,3 +320,19 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
         "duration_s": round(time.perf_counter() - t0, 3),
     }
     return PreflightResult(ok=not errors, errors=errors, warnings=warnings, summary=summary, scan=scan, probe=probe)
+
+
+def raise_for_preflight(pre: "PreflightResult") -> None:
+    """Map the first preflight error to the documented error class (and so the exit code)."""
+    from .errors import ConfigError, DatasetError, ModelLoadError, OutputError
+
+    first = pre.errors[0]
+    details = {"problems": pre.errors}
+    if pre.exit_code == EXIT_DATASET:
+        raise DatasetError(first["message"], hint=first.get("hint"), details=details)
+    if pre.exit_code == EXIT_MODEL_LOAD:
+        raise ModelLoadError(first["message"], hint=first.get("hint"), details=details)
+    if pre.exit_code == EXIT_IO:
+        raise OutputError(first["message"], hint=first.get("hint"), details=details)
+    raise ConfigError(f"{len(pre.errors)} problem(s) found before training: {first['message']}", pre.errors,
+                      hint="run with --validate-only for the full report")

@@ -105,3 +105,19 @@ pipe.load_lora_weights("{html.escape(str(out_dir / lora_name))}")
     tmp.write_text(doc, encoding="utf-8")
     os.replace(tmp, path)
     return {"loss_curve": str(png), "report": str(path)}
+
+
+def tracker_for(cfg) -> str | None:
+    """accelerate's log_with value for report_to; a missing package is a config error, not a crash."""
+    if cfg.report_to == "none":
+        return None
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.report_to]
+    if importlib.util.find_spec(package) is None and not (package == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        from .errors import ConfigError
+
+        raise ConfigError(f"report_to '{cfg.report_to}' needs the '{package}' package",
+                          [{"path": "report_to", "value": cfg.report_to, "message": f"{package} is not installed",
+                            "allowed": "\"none\", or install the package"}], hint=f"pip install {package}")
+    return cfg.report_to

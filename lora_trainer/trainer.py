@@ -5,6 +5,7 @@ The loop knows nothing about model families (they sit behind ModelFamily), nothi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,17 +16,19 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, outputs
+from . import resume as resume_mod
 from .checkpoint import TrainingProgress
 from .config import TrainConfig
-from .data import LatentCache, TextCache, build_images, decode_failures, encode_latents, load_pixels, plan_epoch
+from .data import (LatentCache, TextCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
+                   plan_epoch)
 from .device import memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted, ModelLoadError, OutOfMemoryError, TrainingError
 from .events import EventStream
 from .families import Components, get_family
+from .preflight import raise_for_preflight
+from .report import tracker_for
 from .signals import GracefulStop
-from . import resume as resume_mod
-from . import outputs
 
 log = logging.getLogger("train_lora")
 MAX_NONFINITE_STREAK = 3  # isolated fp16 overflows happen; three in a row means the run has diverged
@@ -59,7 +62,7 @@ class Trainer:
         for w in pre.warnings:
             ev.emit("warning", **{k: v for k, v in w.items() if k in ("code", "message", "path", "files")})
         if not pre.ok:
-            _raise_preflight(pre)
+            raise_for_preflight(pre)
         self.probe = probe_model(cfg.base_model, cfg.config_path.parent if cfg.config_path else Path.cwd())
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
@@ -67,7 +70,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.accelerator = Accelerator(mixed_precision=self.device_info.mixed_precision,
-                                       cpu=self.device_info.type == "cpu", log_with=_tracker(cfg),
+                                       cpu=self.device_info.type == "cpu", log_with=tracker_for(cfg),
                                        project_dir=str(cfg.output_path / "logs"))
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -153,7 +156,7 @@ class Trainer:
             ev.set_phase("caching_latents")
             ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} image(s) with the VAE")
             disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
-            self.latent_cache = LatentCache(disk, _model_key(cfg, comps))
+            self.latent_cache = LatentCache(disk, model_key(cfg.base_model, comps.vae.config))
             comps.vae.to(self.device)
             failed = self.latent_cache.build(
                 comps.vae, images, device=self.device, seed=cfg.seed, random_crop=cfg.random_crop,
@@ -319,7 +322,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for j, batch in enumerate(group):
             last = j == len(group) - 1
-            ctx = self.accelerator.no_sync(self.unet) if not last else _null()
+            ctx = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
             with ctx:
                 with self.accelerator.autocast():
                     loss = self._loss(batch, epoch, first_batch + j)
@@ -468,50 +471,3 @@ class Trainer:
         self.comps = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _tracker(cfg: TrainConfig):
-    if cfg.report_to == "none":
-        return None
-    import importlib.util
-
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.report_to]
-    if importlib.util.find_spec(package) is None and not (package == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-        from .errors import ConfigError
-
-        raise ConfigError(f"report_to '{cfg.report_to}' needs the '{package}' package",
-                          [{"path": "report_to", "value": cfg.report_to, "message": f"{package} is not installed",
-                            "allowed": "\"none\", or install the package"}], hint=f"pip install {package}")
-    return cfg.report_to
-
-
-def _model_key(cfg: TrainConfig, comps: Components) -> str:
-    import hashlib
-    import json
-
-    vae_cfg = json.dumps(dict(comps.vae.config), sort_keys=True, default=str)
-    return hashlib.sha256(f"{cfg.base_model}|{vae_cfg}".encode()).hexdigest()[:16]
-
-
-def _raise_preflight(pre) -> None:
-    """Map the first preflight error to the documented error class (and so the exit code)."""
-    from .errors import EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, ConfigError, OutputError
-
-    first = pre.errors[0]
-    details = {"problems": pre.errors}
-    if pre.exit_code == EXIT_DATASET:
-        raise DatasetError(first["message"], hint=first.get("hint"), details=details)
-    if pre.exit_code == EXIT_MODEL_LOAD:
-        raise ModelLoadError(first["message"], hint=first.get("hint"), details=details)
-    if pre.exit_code == EXIT_IO:
-        raise OutputError(first["message"], hint=first.get("hint"), details=details)
-    raise ConfigError(f"{len(pre.errors)} problem(s) found before training: {first['message']}", pre.errors,
-                      hint="run with --validate-only for the full report")
