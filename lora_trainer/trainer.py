@@ -35,6 +35,7 @@ MAX_NONFINITE_STREAK = 3  # isolated fp16 overflows happen; three in a row means
 MAX_NONFINITE_TOTAL = 10
 # Test hook: steps whose loss is replaced by NaN, to exercise the non-finite path through the real CLI.
 _FAULT_NAN_STEPS = {int(s) for s in os.environ.get("TRAIN_LORA_TEST_NAN_STEPS", "").split(",") if s.strip()}
+_FAULT_OOM_STEP = int(os.environ.get("TRAIN_LORA_TEST_OOM_STEP", "0") or 0)
 
 
 class Trainer:
@@ -328,6 +329,8 @@ class Trainer:
                     loss = self._loss(batch, epoch, first_batch + j)
                     if self.progress.global_step + 1 in _FAULT_NAN_STEPS:
                         loss = loss * float("nan")
+                    if self.progress.global_step + 1 == _FAULT_OOM_STEP:
+                        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by TRAIN_LORA_TEST_OOM_STEP)")
                 # Weight each micro-batch by its share of samples: a short last batch counts less.
                 scaled = loss * (len(batch) / total_samples)
                 self.accelerator.backward(scaled)

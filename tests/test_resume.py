@@ -92,6 +92,19 @@ def test_resume_with_changed_rank_is_refused(tmp_path, tiny_models, dataset):
     assert "lora_rank" in err["message"]
 
 
+def test_resume_may_extend_the_run_and_reports_the_change(tmp_path, tiny_models, dataset):
+    cfg = _config(tmp_path, tiny_models["sd15"], dataset, "run", max_train_steps=2, checkpointing_steps=2)
+    assert run_cli("--config", str(cfg)).returncode == 0
+    longer = _config(tmp_path, tiny_models["sd15"], dataset, "run", max_train_steps=4, checkpointing_steps=2,
+                     resume="auto", overwrite_output=True)
+    res = run_cli("--config", str(longer))
+    assert res.returncode == 0, res.stderr[-2000:]
+    resumed = res.last("resumed")
+    assert resumed["step"] == 2 and resumed["changed"]["max_train_steps"] == {"from": 2, "to": 4}
+    assert [e["step"] for e in res.of_type("step")] == [3, 4]
+    assert res.last("completed")["steps"] == 4
+
+
 def test_missing_resume_path_is_an_error(tmp_path, tiny_models, dataset):
     cfg = _config(tmp_path, tiny_models["sd15"], dataset, "run", resume=str(tmp_path / "nope"))
     res = run_cli("--config", str(cfg))

@@ -140,3 +140,27 @@ def test_adafactor_trains_and_missing_prodigy_is_a_clear_config_error(tmp_path, 
         assert res.returncode == 2
         err = res.last("error")
         assert "prodigyopt" in err["message"] and "pip install prodigyopt" in err["hint"]
+
+
+def test_out_of_memory_is_classified_and_keeps_the_last_checkpoint(tmp_path, tiny_models, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, max_train_steps=6, checkpointing_steps=2)),
+                  env={"TRAIN_LORA_TEST_OOM_STEP": "4"})
+    assert res.returncode == 6, res.stderr[-2000:]
+    err = res.last("error")
+    assert err["code"] == "out_of_memory" and err["details"]["step"] == 4
+    for word in ("batch_size", "gradient_checkpointing", "adamw8bit", "resolution"):
+        assert word in err["hint"]
+    assert "Traceback" not in res.stderr
+    from lora_trainer.checkpoint import find_latest_checkpoint, verify_checkpoint
+
+    latest = find_latest_checkpoint(tmp_path / "out_c" / "checkpoints")
+    assert latest is not None and latest.name == "step-000002" and verify_checkpoint(latest)[0]
+
+
+def test_gradient_checkpointing_and_accumulation_train(tmp_path, tiny_models, dataset):
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sdxl"], dataset, max_train_steps=2,
+                                       gradient_checkpointing=True, gradient_accumulation_steps=2, batch_size=2)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    started = res.last("run_started")
+    assert started["effective_batch_size"] == 4
+    assert res.last("completed")["steps"] == 2
