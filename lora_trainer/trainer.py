@@ -345,11 +345,17 @@ class Trainer:
         loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
         self.step_ok = math.isfinite(loss_value) and math.isfinite(norm_value)
         self.step_loss = loss_value
-        if self.step_ok:
+        if getattr(self.accelerator, "scaler", None) is not None and math.isfinite(loss_value):
+            # fp16: overflowing gradients are the grad scaler's business. Its step skips the update and lowers
+            # the scale (and it must run, or the scaler's unscale bookkeeping breaks); not a divergence.
+            self.optimizer.step()
+        elif self.step_ok:
             self.optimizer.step()
             self.nonfinite_streak = 0
         else:
             self._skip_nonfinite(loss_value, norm_value)
+            if getattr(self.accelerator, "scaler", None) is not None and self.cfg.max_grad_norm > 0:
+                self.accelerator.scaler.update()  # clip_grad_norm_ already unscaled: close the scaler's step
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
