@@ -9,7 +9,7 @@ discarded), then calls ``Trainer._optimizer_step`` -- the trainer's own step -- 
 2. torch.profiler over ``--steps`` steps: self CPU time by operator family and the top operators.
 3. Experiments, each measured A/B *interleaved per step* (baseline, variant, baseline, variant, ...
    ``--pairs`` pairs) so that noise from other processes hits both; the report is the median ratio.
-   - threads1: torch.set_num_threads(1) instead of torch's default
+   - threads: torch.set_num_threads(1) if the process runs 2+ threads, else 2 (OMP_NUM_THREADS sets the start)
    - channels_last: UNet weights and input latents in channels_last
    - attn_classic: diffusers' AttnProcessor (bmm + softmax) instead of the default SDPA processor
    - bf16_autocast: torch.autocast("cpu", bfloat16) around forward (what mixed_precision "bf16" does), with
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps under torch.profiler")
     ap.add_argument("--pairs", type=int, default=4, help="A/B pairs per experiment")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="fewer experiments (threads1, bf16_autocast, optimizer)")
+    ap.add_argument("--quick", action="store_true", help="fewer experiments (threads, bf16_autocast, optimizer)")
     ap.add_argument("--only", help="comma list of experiments")
     args = ap.parse_args(argv)
 
@@ -238,18 +238,20 @@ def main(argv=None) -> int:
     log(f"profiling {args.steps} steps with torch.profiler")
     fam, top = profile_ops(trainer, batches, args.steps)
 
-    wanted = ["threads1", "channels_last", "attn_classic", "bf16_autocast", "optimizer", "bf16_weights"]
+    wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "optimizer", "bf16_weights"]
     if args.quick:
-        wanted = ["threads1", "bf16_autocast", "optimizer"]
+        wanted = ["threads", "bf16_autocast", "optimizer"]
     if args.only:
         wanted = [w for w in args.only.split(",") if w]
     exps, notes = [], {}
     default_threads = torch.get_num_threads()
     for name in wanted:
         log(f"experiment {name}")
-        if name == "threads1":
-            exps.append(ab(trainer, batches, args.pairs, lambda: torch.set_num_threads(1),
-                           lambda: torch.set_num_threads(default_threads), "torch.set_num_threads(1)"))
+        if name == "threads":
+            other = 2 if default_threads == 1 else 1
+            exps.append(ab(trainer, batches, args.pairs, lambda: torch.set_num_threads(other),
+                           lambda: torch.set_num_threads(default_threads),
+                           f"torch.set_num_threads({other}) instead of {default_threads}"))
         elif name == "channels_last":
             exps.append(ab(trainer, batches, args.pairs, lambda: unet.to(memory_format=torch.channels_last),
                            lambda: unet.to(memory_format=torch.contiguous_format), "UNet channels_last"))
@@ -257,9 +259,10 @@ def main(argv=None) -> int:
             from diffusers.models.attention_processor import AttnProcessor
 
             saved = dict(unet.attn_processors)
-            # set_attn_processor must not see the LoRA-wrapped layers as processors: it only swaps processors.
+            # set_attn_processor pops from the dict it is given: pass a copy each time.
             exps.append(ab(trainer, batches, args.pairs, lambda: unet.set_attn_processor(AttnProcessor()),
-                           lambda: unet.set_attn_processor(saved), "attention: classic bmm+softmax instead of SDPA"))
+                           lambda: unet.set_attn_processor(dict(saved)),
+                           "attention: classic bmm+softmax instead of SDPA"))
         elif name == "bf16_autocast":
             ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
             state = {}

@@ -46,13 +46,22 @@ def _steps(events):
     return [(e["step"], e["loss"]) for e in events if e["type"] == "step"]
 
 
-@pytest.mark.parametrize("stops", [[3], [2, 5]])
-def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_models, dataset, stops):
-    model = tiny_models["sd15"]
-    ref = run_cli("--config", str(_config(tmp_path, model, dataset, "ref")))
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_models):
+    """The uninterrupted run, once for every interruption pattern (the dataset generator is deterministic)."""
+    from lora_trainer.tiny import make_dataset
+
+    tmp = tmp_path_factory.mktemp("reference")
+    data = make_dataset(tmp / "data", n=4, trigger="ohwx")
+    ref = run_cli("--config", str(_config(tmp, tiny_models["sd15"], data, "ref")))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_lora = load_file(tmp_path / "ref" / "lora.safetensors")
-    ref_steps = dict(_steps(ref.events))
+    return load_file(tmp / "ref" / "lora.safetensors"), dict(_steps(ref.events))
+
+
+@pytest.mark.parametrize("stops", [[3], [2, 5]])
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_models, dataset, stops, reference_run):
+    model = tiny_models["sd15"]
+    ref_lora, ref_steps = reference_run
 
     cfg = _config(tmp_path, model, dataset, "run", resume="auto")
     for n, stop in enumerate(stops):
