@@ -6,6 +6,9 @@ Model: the quarter-width SDXL of bench/models.py (UNet ~160M parameters, random 
 LoRA rank 16 on to_q/to_k/to_v/to_out.0, fp32. Data: 8 generated 256x256 images with captions
 (lora_trainer.tiny.make_dataset). Both trainers run as subprocesses, alternating A, B, A, B, ... (``--rounds``
 pairs), so machine noise (other processes on the box) hits both; nothing else of ours runs meanwhile.
+Both children get OMP_NUM_THREADS=1 by default (``--threads``): on a shared 2-core machine, a process with two
+OpenMP threads stalls at every parallel region whenever anything else is runnable (measured 3-35x slower
+steps), which buries the comparison in noise; ``--threads 0`` leaves torch's default.
 
 - train_lora: ``train_lora.py --config c.json`` with log_every_n_steps 1, checkpointing_steps null,
   cache_latents true (and its default cache_text_embeddings true), resolution 256, min_bucket_resolution 64,
@@ -83,6 +86,14 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _runnable() -> int | None:
+    """Tasks currently runnable on the box (/proc/loadavg's 4th field), ours included."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_child(cmd: list[str], *, step_re: re.Pattern, stream: str, env: dict, timeout: float) -> dict:
     """Run cmd; timestamp every line; sample the child's CPU time whenever a step line arrives."""
     t0 = time.monotonic()
@@ -91,6 +102,7 @@ def run_child(cmd: list[str], *, step_re: re.Pattern, stream: str, env: dict, ti
                             bufsize=1)
     lines = {"stdout": [], "stderr": []}
     step_marks: list[tuple[float, float | None]] = []
+    runnable: list[int] = []
 
     def reader(name: str, fh) -> None:
         for line in fh:
@@ -98,6 +110,9 @@ def run_child(cmd: list[str], *, step_re: re.Pattern, stream: str, env: dict, ti
             lines[name].append((now - t0, line.rstrip("\n")))
             if name == stream and step_re.search(line):
                 step_marks.append((now - t0, _cpu_seconds(proc.pid)))
+                r = _runnable()
+                if r is not None:
+                    runnable.append(r)
 
     threads = [threading.Thread(target=reader, args=(n, getattr(proc, n)), daemon=True) for n in lines]
     for th in threads:
@@ -113,14 +128,15 @@ def run_child(cmd: list[str], *, step_re: re.Pattern, stream: str, env: dict, ti
             proc.kill()
             _, status, rusage = os.wait4(proc.pid, 0)
             break
-        time.sleep(0.05)
+        time.sleep(0.2)
     wall = time.monotonic() - t0
     for th in threads:
         th.join(timeout=10)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "wall_s": wall, "maxrss_gib": rusage.ru_maxrss / 2**20,
             "cpu_s": rusage.ru_utime + rusage.ru_stime, "stdout": lines["stdout"], "stderr": lines["stderr"],
-            "step_marks": step_marks, "load_start": load0, "load_end": os.getloadavg()[0]}
+            "step_marks": step_marks, "load_start": load0, "load_end": os.getloadavg()[0],
+            "runnable_mean": statistics.mean(runnable) if runnable else None}
 
 
 def _cpu_per_step(marks: list[tuple[float, float | None]]) -> list[float]:
@@ -140,8 +156,14 @@ def parse_train_lora(res: dict) -> dict:
     step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
     first = next((t for t, line in res["stdout"] if '"type":"step"' in line), None)
     err = next((e for e in events if e.get("type") == "error"), None)
+    # Arrival time (s after spawn) of the first event of each setup phase: where start-up time goes.
+    phases: dict[str, float] = {}
+    for (t, line), e in zip([x for x in res["stdout"] if x[1].startswith("{")], events):
+        key = e.get("phase") if e.get("type") in ("status", "progress") else e.get("type")
+        if key in ("loading_model", "caching_latents", "caching_text", "run_started", "step") and key not in phases:
+            phases[key] = t
     return {"step_s": step_s, "first_step_s": first, "cpu_step_s": _cpu_per_step(res["step_marks"]),
-            "error": err, "final_loss": steps[-1]["loss"] if steps else None}
+            "error": err, "final_loss": steps[-1]["loss"] if steps else None, "phases": phases}
 
 
 def parse_naive(res: dict) -> dict:
@@ -209,8 +231,10 @@ def build_table(res: dict, args) -> list[tuple[str, str, str, str]]:
         rows.append((label + " [median of runs]", _fmt(va, unit), _fmt(vb, unit), _ratio(va, vb)))
     rows.append(("per-run steady medians (s)", " ".join(_fmt(_med(r["step_s"][skip:]), nd=2) for r in a),
                  " ".join(_fmt(_med(r["step_s"][skip:]), nd=2) for r in b), ""))
-    rows.append(("load average during runs", " ".join(f"{r['load_start']:.1f}-{r['load_end']:.1f}" for r in a),
+    rows.append(("load average at start-end of each run", " ".join(f"{r['load_start']:.1f}-{r['load_end']:.1f}" for r in a),
                  " ".join(f"{r['load_start']:.1f}-{r['load_end']:.1f}" for r in b), ""))
+    rows.append(("runnable tasks at step ends (mean per run)", " ".join(_fmt(r.get("runnable_mean"), nd=1) for r in a),
+                 " ".join(_fmt(r.get("runnable_mean"), nd=1) for r in b), ""))
     rows.append(("final loss (last run)", _fmt(a[-1].get("final_loss"), nd=4), _fmt(b[-1].get("final_loss"), nd=4), ""))
     return rows
 
@@ -238,7 +262,7 @@ def print_table(res: dict, args, meta: dict) -> dict:
     w1 = max(12, *(len(r[1]) for r in rows))
     w2 = max(12, *(len(r[2]) for r in rows))
     lines = [f"CPU benchmark {meta['date']}: {meta['model']}, {args.resolution} px, batch 1, rank 16, fp32, "
-             f"{meta['torch']} ({meta['threads']} threads) on {meta['cpu']}",
+             f"{meta['torch']} ({meta['threads']} thread(s) per process) on {meta['cpu']}",
              f"{args.rounds} run(s) of {args.steps} steps each, alternating train_lora/naive; steady = steps "
              f"{args.skip + 1}..{args.steps}",
              f"{'metric':<{w0}} | {'train_lora':<{w1}} | {'naive':<{w2}} | train_lora/naive",
@@ -249,6 +273,10 @@ def print_table(res: dict, args, meta: dict) -> dict:
     lines.append(f"target: train_lora steady step <= {TARGET}x naive: {verdict}")
     lines.append(f"naive step breakdown (steady, share of step time; median per step): "
                  f"{naive_breakdown(res['naive'], args.skip)}")
+    ph = res["train_lora"][-1].get("phases") or {}
+    if ph:
+        lines.append("train_lora start-up, first event of each phase (s after spawn, last run): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in sorted(ph.items(), key=lambda kv: kv[1])))
     v = res.get("validate")
     if v:
         lines.append(f"--validate-only on {args.validate_images} images: median {v.get('wall median', 'n/a')} "
@@ -264,12 +292,15 @@ def print_table(res: dict, args, meta: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=14, help="optimizer steps per run (default 14)")
-    ap.add_argument("--rounds", type=int, default=2, help="train_lora/naive pairs, alternating (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="train_lora/naive pairs, alternating (default 3)")
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps per run left out of the steady state")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl at 64 px: a quick check")
-    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both children (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OMP_NUM_THREADS for both children (default 1; 0 = torch's own choice, all cores). On a "
+                         "shared 2-core box, two OpenMP threads per process slow down 3-35x whenever another "
+                         "process is runnable; one thread is within 1.4x of two on an idle box and stable")
     ap.add_argument("--validate-images", type=int, default=1000)
     ap.add_argument("--validate-runs", type=int, default=3)
     ap.add_argument("--no-validate", action="store_true")
@@ -289,6 +320,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     try:
         log(f"building {'tiny' if args.tiny else 'quarter-width'} SDXL and {args.images} images in {work}")
         model, data = prepare(work, tiny=args.tiny, n_images=args.images, resolution=args.resolution)

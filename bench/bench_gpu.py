@@ -139,12 +139,13 @@ def count_syncs(dev: Dev, fn) -> int | None:
     torch = dev.torch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
-            torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
     return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
 
 
@@ -267,11 +268,11 @@ def finish(rows: list[dict], ceiling: dict, dev_info: dict, args, extra: dict) -
         f = lambda v, fmt: "n/a" if v is None else fmt.format(v)  # noqa: E731
         table.append([r["who"], str(r["batch"]), "yes" if r["ckpt"] else "no", f(r["step_s"], "{:.3f}"),
                       f(r["images_per_s"], "{:.2f}"), f(r.get("speedup_vs_naive"), "{:.2f}x"),
-                      f(r["peak_vram_gib"], "{:.2f}"), f(r.get("flops_per_step") and r["flops_per_step"] / 1e12, "{:.2f}"),
+                      f(r["peak_vram_gib"], "{:.2f}"), f(r.get("flops_per_step") and r["flops_per_step"] / 1e12, "{:.3g}"),
                       f(r["mfu"] and 100 * r["mfu"], "{:.1f}%"), f(r["hfu"] and 100 * r["hfu"], "{:.1f}%"),
                       f(r.get("host_syncs_per_step"), "{}")])
     title = (f"GPU benchmark: {dev_info.get('name')} (torch {dev_info['torch']}, CUDA {dev_info.get('cuda')}); "
-             f"{extra['model']} at {args.resolution} px, LoRA rank 16, {extra['precision']}; bf16 ceiling "
+             f"{extra['model']} at {args.resolution} px, LoRA rank 16, {'bf16' if extra['precision'] == 'bf16' else 'fp32'}; bf16 ceiling "
              f"{ceiling['tflops_median']:.1f} TFLOP/s ({ceiling['n']}^3 matmul, best {ceiling['tflops_best']:.1f})")
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
     text = [title, " | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
@@ -285,11 +286,21 @@ def finish(rows: list[dict], ceiling: dict, dev_info: dict, args, extra: dict) -
     return {"text": "\n".join(text), "markdown": "\n".join(md) + "\n", "verdicts": verdicts}
 
 
+def missing_packages() -> list[str]:
+    """What train_lora needs that this Python lacks (the GPU image has no diffusers or jsonschema)."""
+    import importlib.util
+
+    need = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "jsonschema", "PIL", "numpy")
+    return [n for n in need if importlib.util.find_spec(n) is None]
+
+
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl at 64 px (checks on the CPU)")
+    ap.add_argument("--size", choices=("full", "quarter"), default="full",
+                    help="bench/models.py size when not --tiny (quarter: to check the full-size path cheaply)")
     ap.add_argument("--resolution", type=int, help="default 1024 (64 with --tiny)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--checkpointing", default="0,1", help="comma list of 0/1")
@@ -302,6 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write results as JSON to this path and markdown beside it (.md)")
     args = ap.parse_args(argv)
     args.resolution = args.resolution or (64 if args.tiny else 1024)
+    if missing := missing_packages():
+        raise SystemExit(f"missing Python packages: {', '.join(missing)} (carry them as wheels: see bench/RESULTS.md)")
 
     import torch
 
@@ -330,17 +343,24 @@ def main(argv=None) -> int:
             if args.tiny:
                 make_model(model, "tiny")
             else:
+                # Random init on the device is seconds; on the host it is minutes for 2.6B parameters.
                 with torch.device(dev.device):
-                    comps = build_components("full")
+                    comps = build_components(args.size)
                 n_unet = sum(p.numel() for p in comps["unet"].parameters())
-                log(f"built full SDXL on {dev.device} (UNet {n_unet / 1e6:.1f}M params); saving")
-                save_pipeline(comps, model, unet_dtype=torch.bfloat16, te_dtype=torch.bfloat16)
+                log(f"built {args.size} SDXL on {dev.device} (UNet {n_unet / 1e6:.1f}M params); saving")
+                store = torch.bfloat16 if dev.cuda else torch.float32
+                for k in ("unet", "text_encoder", "text_encoder_2"):
+                    comps[k] = comps[k].to(store).to("cpu")
+                comps["vae"] = comps["vae"].to("cpu")
+                save_pipeline(comps, model)
                 del comps
                 dev.free()
         if not data.is_dir():
             make_dataset(data, 8, sizes=[(args.resolution, args.resolution)])
         log(f"model + data ready in {time.monotonic() - t:.1f} s")
-        model_desc = "tiny SDXL (lora_trainer.tiny)" if args.tiny else "full SDXL architecture (UNet 2567.5M, random)"
+        model_desc = ("tiny SDXL (lora_trainer.tiny)" if args.tiny else
+                      "full SDXL architecture (UNet 2567.5M, random)" if args.size == "full" else
+                      "quarter-width SDXL (UNet 160.8M, random)")
 
         batches = [int(b) for b in args.batches.split(",") if b]
         ckpts = [bool(int(c)) for c in args.checkpointing.split(",") if c]

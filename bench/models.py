@@ -23,7 +23,6 @@ reports the real 49408 vocabulary.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

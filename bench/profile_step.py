@@ -14,6 +14,7 @@ discarded), then calls ``Trainer._optimizer_step`` -- the trainer's own step -- 
    - attn_classic: diffusers' AttnProcessor (bmm + softmax) instead of the default SDPA processor
    - bf16_autocast: torch.autocast("cpu", bfloat16) around forward (what mixed_precision "bf16" does), with
      its numerics: loss and LoRA-gradient error against fp32 on identical inputs
+   - fused_adamw: the trainer's step with AdamW(fused=True) swapped in for its foreach AdamW
    - optimizer: AdamW for-loop vs foreach (the trainer's choice on the CPU) vs fused, on the real LoRA params
    - bf16_weights: frozen UNet weights stored in bf16 + autocast (= config mixed_precision "bf16"; destructive,
      so it runs last)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps under torch.profiler")
     ap.add_argument("--pairs", type=int, default=4, help="A/B pairs per experiment")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="fewer experiments (threads, bf16_autocast, optimizer)")
+    ap.add_argument("--quick", action="store_true", help="fewer experiments (threads, bf16_autocast, fused_adamw, optimizer)")
     ap.add_argument("--only", help="comma list of experiments")
     args = ap.parse_args(argv)
 
@@ -238,9 +239,9 @@ def main(argv=None) -> int:
     log(f"profiling {args.steps} steps with torch.profiler")
     fam, top = profile_ops(trainer, batches, args.steps)
 
-    wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "optimizer", "bf16_weights"]
+    wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "fused_adamw", "optimizer", "bf16_weights"]
     if args.quick:
-        wanted = ["threads", "bf16_autocast", "optimizer"]
+        wanted = ["threads", "bf16_autocast", "fused_adamw", "optimizer"]
     if args.only:
         wanted = [w for w in args.only.split(",") if w]
     exps, notes = [], {}
@@ -275,6 +276,15 @@ def main(argv=None) -> int:
                 state.pop("cm").__exit__(None, None, None)
             exps.append(ab(trainer, batches, args.pairs, on, off, "bf16 autocast (fp32 weights)"))
             notes["bf16_autocast_numerics"] = grad_numerics(trainer, batches, ctx)
+        elif name == "fused_adamw":
+            inner = trainer.optimizer.optimizer
+            fused = torch.optim.AdamW(trainer.unet_params + trainer.te_params, lr=trainer.cfg.learning_rate,
+                                      weight_decay=trainer.cfg.weight_decay, fused=True)
+
+            def swap(opt):
+                trainer.optimizer.optimizer = opt
+            exps.append(ab(trainer, batches, args.pairs, lambda: swap(fused), lambda: swap(inner),
+                           "AdamW(fused=True) instead of foreach, in the trainer's step"))
         elif name == "optimizer":
             notes["optimizer"] = optimizer_bench(trainer.unet_params, reps=20)
         elif name == "bf16_weights":
@@ -291,7 +301,7 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ report (last output)
     lines = [f"train_lora step profile ({info['dtype']}, mixed_precision {info['mixed_precision']}, "
-             f"{info['threads']} threads, {info['lora_layers']} LoRA layers / {n_lora / 1e6:.2f}M params, "
+             f"threads {info['threads']}, {info['lora_layers']} LoRA layers / {n_lora / 1e6:.2f}M params, "
              f"attention {', '.join(attn_procs)}, optimizer {info['optimizer']} {info['optimizer_defaults']})",
              "step phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()),
              "self CPU time by operator family (share, s/step):"]
@@ -306,7 +316,7 @@ def main(argv=None) -> int:
     if "bf16_autocast_numerics" in notes:
         n = notes["bf16_autocast_numerics"]
         lines.append(f"  bf16 autocast numerics vs fp32 (same batch/noise/t): loss {n['loss_fp32']:.5f} vs "
-                     f"{n['loss_variant']:.5f} (rel {n['loss_rel_err']:.1e}); LoRA grad cosine {n['grad_cosine']:.5f}, "
+                     f"{n['loss_variant']:.5f} (rel {n['loss_rel_err']:.1e}); LoRA grad cosine {min(1.0, n['grad_cosine']):.5f}, "
                      f"rel err {n['grad_rel_err']:.1e}")
     if "optimizer" in notes:
         for k, v in notes["optimizer"].items():

@@ -137,6 +137,10 @@ class LatentCache:
         self.hits = 0
         self.encoded = 0
 
+    def to(self, device: torch.device) -> None:
+        self.latents = {k: v.to(device) for k, v in self.latents.items()}
+        self.time_ids = {k: v.to(device) for k, v in self.time_ids.items()}
+
     def _key(self, img: TrainImage, seed: int, random_crop: bool) -> str:
         payload = json.dumps([image_digest(img.path), self.model_key, img.bucket, seed if random_crop else None])
         return hashlib.sha256(payload.encode()).hexdigest()[:40]

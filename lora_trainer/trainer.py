@@ -164,6 +164,10 @@ class Trainer:
                 batch_size=max(1, cfg.batch_size),
                 progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n, total=t, unit="images"))
             comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the UNet
+            if self.device.type == "cuda":
+                # Latents are small (256 KiB at 1024 px): kept on the GPU, a step needs no host-to-device copy,
+                # which would otherwise be a synchronising pageable transfer every step.
+                self.latent_cache.to(self.device)
             ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
                     message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
         else:
