@@ -346,6 +346,10 @@ class Trainer:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         # One host sync per step: the price of never letting a NaN/inf reach the weights (it would then be
         # in every later checkpoint). The scalar is tiny; the wait is for the step's own kernels.
+        if self.world > 1:
+            # The mean over ranks: what the step optimised, and the same on every rank, so that all ranks take the
+            # same skip-or-step decision below (DDP weights would drift apart otherwise).
+            loss_sum = self.accelerator.reduce(loss_sum.detach().float(), reduction="mean")
         loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
         self.step_ok = math.isfinite(loss_value) and math.isfinite(norm_value)
         self.step_loss = loss_value

@@ -32,14 +32,18 @@ def _env():
 
 
 def test_two_processes_one_stream_one_lora(tmp_path, tiny_models, dataset):
-    cfg = _config(tmp_path, tiny_models, dataset, max_train_steps=4, checkpointing_steps=2)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+    cfg = _config(tmp_path, tiny_models, dataset, max_train_steps=16, checkpointing_steps=8, learning_rate=3e-3,
+                  target_modules=targets)
     proc = subprocess.run([*ACCELERATE, str(ROOT / "train_lora.py"), "--config", str(cfg)], capture_output=True,
                           text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = parse_events(proc.stdout)  # one process's stream: seq without gaps or duplicates, one run_id
     started = [e for e in events if e["type"] == "run_started"]
     assert len(started) == 1 and started[0]["world_size"] == 2 and started[0]["effective_batch_size"] == 2
-    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, f"loss must decrease: {losses}"
     assert len([e for e in events if e["type"] == "completed"]) == 1
     lora = load_file(tmp_path / "out" / "lora.safetensors")
     assert lora and sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
