@@ -11,7 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# A torch already in the venv (e.g. a CUDA build installed by hand) is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 

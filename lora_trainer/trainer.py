@@ -6,6 +6,7 @@ The loop knows nothing about model families (they sit behind ModelFamily), nothi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -243,6 +244,12 @@ class Trainer:
         prepared = self.accelerator.prepare(*modules, self.optimizer)
         self.unet = prepared[0]
         self.optimizer = prepared[-1]
+        # Trained text encoders run through their prepared (DDP) wrappers so their LoRA gradients are averaged
+        # across ranks; the plain modules stay in comps for sampling and saving.
+        self.train_comps = self.comps
+        if self.te_params:
+            self.train_comps = dataclasses.replace(
+                self.comps, text_encoders=dict(zip(self.comps.text_encoders, prepared[1:-1])))
         self.objective = DiffusionObjective(self.comps.noise_scheduler, ObjectiveSettings(
             prediction_type=self.comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
         # A dedicated generator for noise and timesteps: its state is saved in checkpoints for exact resume.
@@ -409,7 +416,7 @@ class Trainer:
         if self.text_cache is not None:
             cond = {k: v.to(self.device) for k, v in self.text_cache.batch(captions).items()}
         elif cfg.train_text_encoder:
-            cond = fam.encode_text(comps, captions, self.device)
+            cond = fam.encode_text(self.train_comps, captions, self.device)
         else:
             with torch.no_grad():
                 cond = fam.encode_text(comps, captions, self.device)
