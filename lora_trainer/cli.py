@@ -23,8 +23,9 @@ log = logging.getLogger("train_lora")
 DESCRIPTION = """\
 Train a LoRA for Stable Diffusion 1.x, 2.x or SDXL from a JSON config.
 
-Progress is written to stdout as newline-delimited JSON events (see events_schema.json and the README);
-nothing else is ever written to stdout. Human-readable logs go to stderr."""
+Progress is written to stdout as newline-delimited JSON events (see events_schema.json and the README), and
+nothing else; on a terminal (or with --progress human) stdout shows a progress bar instead, never mixed with
+JSON. Logs, warnings and tracebacks go to stderr, and so does this help."""
 
 
 def _epilog() -> str:
