@@ -2,17 +2,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU torch by default (what CI and the tests use); `make setup TORCH_SPEC=torch` on a GPU machine
-# with a CUDA build of pip's default index, or install your CUDA torch into $(VENV) first.
+# torch is installed before everything else, from TORCH_SPEC (CI machines hold a CPU wheel of 2.13.0 on disk);
+# a torch already in $(VENV), e.g. a CUDA build installed by hand, is kept. Extra pip arguments are allowed:
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench bench-gpu clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# A torch already in the venv (e.g. a CUDA build installed by hand) is kept.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
