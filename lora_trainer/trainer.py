@@ -55,17 +55,17 @@ class Trainer:
     def setup(self) -> None:
         cfg, ev = self.cfg, self.events
         ev.start_heartbeat(cfg.heartbeat_seconds)
-        from .model_probe import probe_model
         from .preflight import run_preflight
 
-        # The same checks as --validate-only, so a run never starts on a config that preflight rejects.
+        # The same checks as --validate-only, so a run never starts on a config that preflight rejects. Its model
+        # probe and dataset scan (done for the detected family's resolution) are what training uses.
         ev.set_phase("preflight")
         pre = run_preflight(cfg, [])
         for w in pre.warnings:
             ev.emit("warning", **{k: v for k, v in w.items() if k in ("code", "message", "path", "files")})
         if not pre.ok:
             raise_for_preflight(pre)
-        self.probe = probe_model(cfg.base_model, cfg.config_path.parent if cfg.config_path else Path.cwd())
+        self.probe, self.scan = pre.probe, pre.scan
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
         from accelerate import Accelerator
@@ -82,7 +82,7 @@ class Trainer:
         set_seed(cfg.seed)
 
         self.family = get_family(self.probe.family)
-        self.resolution, self.bucketing = self._shape()
+        self.resolution, self.bucketing = self.scan.resolution, self.scan.bucketing
         self._load_model()
         self._prepare_data()
         self._attach_lora()
@@ -98,11 +98,6 @@ class Trainer:
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type)
-
-    def _shape(self) -> tuple[int, bool]:
-        from .dataset_scan import resolve_training_shape
-
-        return resolve_training_shape(self.cfg, self.family.name, self.probe.prediction_type)
 
     def _load_model(self) -> None:
         from .loading import check_not_pickle, download_from_hub
@@ -137,18 +132,9 @@ class Trainer:
             module.eval()
 
     def _prepare_data(self) -> None:
-        from .dataset_scan import scan_dataset
-
-        cfg, ev = self.cfg, self.events
-        ev.set_phase("scanning_dataset")
-        scan = scan_dataset(cfg, resolution=self.resolution, bucketing=self.bucketing, family=self.family.name)
-        if scan.bad:
-            ev.emit("warning", code="images_skipped", message=f"{len(scan.bad)} unreadable image(s) will be skipped",
-                    files=[f"{r.rel_path}: {r.problem['message']}" for r in scan.bad[:50]])
-        if not scan.usable:
-            raise DatasetError(f"no usable images in {cfg.dataset_path}",
-                               hint="add png/jpg/webp/bmp images (sub-folders count when recursive is true)")
-        self.scan = scan
+        # Unreadable images were already reported by preflight's image_unreadable warning (with the files), and
+        # "no usable image" is a preflight error: the scan's usable records are all that is left to train on.
+        cfg, ev, scan = self.cfg, self.events, self.scan
         self.world = self.accelerator.num_processes
         images = build_images(scan.usable, self.resolution, bucketing=self.bucketing,
                               min_size=cfg.min_bucket_resolution, max_size=cfg.max_bucket_resolution)
@@ -291,7 +277,7 @@ class Trainer:
                             self.loss_ema.copy_(loss.detach().float())
                     step = prog.global_step
                     if step % cfg.log_every_n_steps == 0 or step == session_step0 + 1 or step == self.total_steps:
-                        self._emit_step(loss, window_samples, time.monotonic() - window_start,
+                        self._emit_step(window_samples, time.monotonic() - window_start,
                                         (time.monotonic() - session_start) / max(1, step - session_step0))
                         window_start, window_samples = time.monotonic(), 0
                     if cfg.validation_steps and (step % cfg.validation_steps == 0 or step == self.total_steps):
@@ -427,18 +413,19 @@ class Trainer:
 
         return self.objective(model_fn, latents, generator=self.noise_gen)
 
-    def _emit_step(self, loss: torch.Tensor, samples: int, window_s: float, s_per_step: float) -> None:
+    def _emit_step(self, samples: int, window_s: float, s_per_step: float) -> None:
         value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
         if self.step_ok:
             self.last_loss = value
         prog = self.progress
+        loss_avg = float(self.loss_ema.item())
+        lr = self.lr_scheduler.get_last_lr()[0]
+        images_per_sec = samples / window_s if window_s > 0 else None
         if self.cfg.report_to != "none":
-            self.accelerator.log({"loss": value, "loss_avg": float(self.loss_ema.item()),
-                                  "lr": self.lr_scheduler.get_last_lr()[0],
-                                  "images_per_sec": samples / window_s if window_s > 0 else 0.0}, step=prog.global_step)
+            self.accelerator.log({"loss": value, "loss_avg": loss_avg, "lr": lr,
+                                  "images_per_sec": images_per_sec or 0.0}, step=prog.global_step)
         self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
-                         loss=value, loss_avg=float(self.loss_ema.item()), lr=self.lr_scheduler.get_last_lr()[0],
-                         images_per_sec=samples / window_s if window_s > 0 else None,
+                         loss=value, loss_avg=loss_avg, lr=lr, images_per_sec=images_per_sec,
                          eta_s=round(s_per_step * (self.total_steps - prog.global_step), 1),
                          elapsed_s=round(prog.elapsed_s, 3), memory=memory_stats(self.device))
 

@@ -164,3 +164,12 @@ def test_gradient_checkpointing_and_accumulation_train(tmp_path, tiny_models, da
     started = res.last("run_started")
     assert started["effective_batch_size"] == 4
     assert res.last("completed")["steps"] == 2
+
+
+def test_unreadable_image_is_reported_once_and_skipped(tmp_path, tiny_models, dataset):
+    (dataset / "empty.png").write_bytes(b"")
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, max_train_steps=1)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    mentions = [w for w in res.of_type("warning") if any("empty.png" in f for f in w.get("files", []))]
+    assert len(mentions) == 1, mentions
+    assert res.last("run_started")["num_images"] == 4
