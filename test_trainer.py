@@ -3,7 +3,6 @@ events_schema.json (see tests/conftest.py), exit codes as documented."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -101,7 +100,6 @@ def test_flat_and_nested_conflict_is_an_error(tmp_path, dataset):
     ({"output_name": "../escape"}, "output_name"),
     ({"trigger_words": [""]}, "trigger_words"),
     ({"resume": True}, "resume"),
-    ({"use_dora": True}, "use_dora"),
     ({"training_params": {"dataset_path": "x"}}, "training_params.dataset_path"),
 ])
 def test_cross_field_and_schema_rules(tmp_path, dataset, extra, path):

@@ -327,9 +327,11 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
         problems.append(_problem("optimizer", cfg.optimizer, "the 8-bit AdamW of bitsandbytes needs a CUDA GPU, but device is 'cpu'",
                                  "adamw, prodigy or adafactor on the CPU"))
     if cfg.use_dora:
-        problems.append(_problem("use_dora", True, "DoRA training is not available yet: its magnitude vectors have no "
-                                 "form that diffusers, ComfyUI and A1111 all load, and a LoRA only some tools load is "
-                                 "worse than none", "false"))
+        warnings.append({"code": "dora_loaders", "path": "use_dora",
+                         "message": "DoRA: diffusers loads pytorch_lora_weights.safetensors exactly; ComfyUI and Forge "
+                                    "load the kohya file (their current output-axis DoRA normalises by the base "
+                                    "weight's norm, a small approximation); A1111's built-in loader implements only "
+                                    "input-axis DoRA and misapplies it. See README 'DoRA'."})
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(_problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                  "false, or set cache_latents to false"))

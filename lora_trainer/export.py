@@ -9,6 +9,13 @@ Two files are written per export:
   LoraConfig per component in the ``lora_adapter_metadata`` header entry, which newer diffusers (0.42 here) reads
   so that alpha != rank keeps its scale (without it diffusers assumes alpha == rank).
 
+DoRA (PEFT ``use_dora``) adds one magnitude vector per module: W' = m * (W + s*B@A) / ||W + s*B@A||, the norm taken
+per output channel. The PEFT file keeps PEFT's ``lora_magnitude_vector`` (shape [out], or [1, out, 1, 1] for convs),
+which diffusers loads exactly. The kohya file stores it as ``.dora_scale`` shaped [out, 1] / [out, 1, 1, 1]: the
+LyCORIS ``wd_on_out`` layout, which ComfyUI and Forge recognise as output-axis decomposition by its first
+dimension (a flat [out] vector would broadcast to [out, out] there). diffusers drops ``dora_scale`` from kohya
+files, so its users load the PEFT file.
+
 Public API::
 
     kohya_state_dict(family, states, *, alpha, rank, unet_config, dtype=torch.float16) -> dict[str, Tensor]
@@ -16,7 +23,8 @@ Public API::
     peft_state_dict(states, dtype=None) -> dict[str, Tensor]
     adapter_metadata(states, *, alpha, rank, lora_configs=None) -> dict[str, str]
     build_metadata(*, family, rank, alpha, output_name, trigger_words, tag_frequency, resolution, training,
-                   title=None, prediction_type="epsilon", network_args=None, started_at=None) -> dict[str, str]
+                   title=None, prediction_type="epsilon", network_args=None, started_at=None,
+                   dora=False) -> dict[str, str]
     add_hashes(state_dict, metadata) -> dict[str, str]
     save_safetensors_atomic(tensors, path, metadata=None) -> None
     export_lora(out_dir, output_name, family, states, *, alpha, rank, unet_config, metadata,
@@ -24,21 +32,7 @@ Public API::
 
 ``states`` maps component name ("unet", "text_encoder", "text_encoder_2") to ``peft.get_peft_model_state_dict(...)``
 of that component; ``family`` is "sd15", "sd2" or "sdxl"; ``unet_config`` is the diffusers UNet config (dict or
-FrozenDict), used for SDXL only.
-
-Naming rules (sd-scripts, confirmed against ComfyUI ``comfy/lora.py`` + ``comfy/utils.py unet_to_diffusers``, A1111
-``extensions-builtin/Lora/networks.py`` and diffusers ``loaders/lora_conversion_utils.py``):
-
-* SD1.x/2.x UNet: sd-scripts trains the diffusers UNet, so names are diffusers paths with ``_``:
-  ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``lora_unet_down_blocks_0_attentions_0_..._to_q``.
-* SDXL UNet: sd-scripts trains its own SGM/LDM UNet (``library/sdxl_original_unet.py``), so names use the original
-  block layout: ``input_blocks.N.{0 resnet | 1 transformer}``, ``middle_block.{0,1,2}``,
-  ``output_blocks.N.{0 resnet | 1 transformer | 1-or-2 upsampler}``; resnet children are renamed (conv1 ->
-  in_layers.2, time_emb_proj -> emb_layers.1, conv2 -> out_layers.3, conv_shortcut -> skip_connection). The block
-  numbering is derived from the config (layers_per_block, block types), never hard-coded for the full-size model.
-* Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + ``text_model_encoder_layers_...``.
-  transformers 5.x ``CLIPTextModel`` has no ``text_model.`` level, but ComfyUI only maps names WITH it and silently
-  ignores the rest, so the level is always written.
+FrozenDict), used for SDXL only. Module naming rules live in kohya_names.py.
 """
 from __future__ import annotations
 
@@ -56,152 +50,47 @@ from typing import Any
 import safetensors.torch
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+from .kohya_names import FAMILIES, check_family, diffusers_to_sgm, kohya_module_name, sgm_block_map, te_path
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PEFT_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py
 
-# Kohya text-encoder prefixes: sd-scripts LoRANetwork.LORA_PREFIX_TEXT_ENCODER{,1,2}.
-_TE_PREFIX = {("sd15", "text_encoder"): "lora_te", ("sd2", "text_encoder"): "lora_te",
-              ("sdxl", "text_encoder"): "lora_te1", ("sdxl", "text_encoder_2"): "lora_te2"}
-# diffusers ResnetBlock2D child -> SGM ResBlock child (ComfyUI UNET_MAP_RESNET, A1111 suffix_conversion).
-_RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-                  "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-# Modules outside the block structure (ComfyUI UNET_MAP_BASIC).
-_TOP_TO_SGM = {
-    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-    "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
-}
-# PEFT suffix -> kohya suffix. Anything else (DoRA magnitude, lora_B bias, embedding LoRA) has no kohya form that
-# every loader reads, so it is refused rather than silently dropped.
+# PEFT suffix -> kohya suffix. Anything else (lora_B bias, embedding LoRA) has no kohya form that every loader
+# reads, so it is refused rather than silently dropped.
 _PEFT_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+MAGNITUDE = "lora_magnitude_vector"  # get_peft_model_state_dict's name for a DoRA layer's magnitude
 
 
 # --------------------------------------------------------------------------------------------------- PEFT parsing
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
-
-
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:  # dict, FrozenDict or config object
-    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-
-
 def _peft_modules(state: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Group one component's PEFT state dict into {module path: {"lora_A.weight": A, "lora_B.weight": B}}."""
+    """Group one component's PEFT state dict into {module path: {"lora_A.weight": A, "lora_B.weight": B
+    [, "lora_magnitude_vector": m]}}."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         k = key.removeprefix("base_model.model.")  # a PeftModel wrapper adds this level
-        for suffix in _PEFT_SUFFIX:
+        for suffix in (*_PEFT_SUFFIX, MAGNITUDE):
             if k.endswith("." + suffix):
                 modules.setdefault(k[: -len(suffix) - 1], {})[suffix] = tensor
                 break
         else:
             raise ValueError(
-                f"{component}: unsupported PEFT key {key!r}; only plain LoRA (lora_A/lora_B weights, no DoRA, "
-                "no lora bias, no embedding LoRA) can be exported")
-    for path, pair in modules.items():
-        if len(pair) != 2:
-            raise ValueError(f"{component}: module {path!r} has {sorted(pair)} but needs both lora_A and lora_B")
-        a, b = pair["lora_A.weight"], pair["lora_B.weight"]
+                f"{component}: unsupported PEFT key {key!r}; only LoRA and DoRA (lora_A/lora_B weights and "
+                "magnitude vectors; no lora bias, no embedding LoRA) can be exported")
+    for path, parts in modules.items():
+        if not {"lora_A.weight", "lora_B.weight"} <= set(parts):
+            raise ValueError(f"{component}: module {path!r} has {sorted(parts)} but needs both lora_A and lora_B")
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{component}: {path!r} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} ranks differ")
+        if MAGNITUDE in parts and parts[MAGNITUDE].numel() != b.shape[0]:
+            raise ValueError(f"{component}: {path!r} magnitude {tuple(parts[MAGNITUDE].shape)} does not have one "
+                             f"entry per output channel ({b.shape[0]})")
     return modules
 
 
-def _te_path(path: str) -> str:
-    """Module path with the ``text_model.`` level CLIPTextModel had before transformers 5.x (and still has in
-    CLIPTextModelWithProjection); ComfyUI, A1111 and older diffusers all expect it."""
-    if path.startswith("text_model.") or path.startswith("text_projection"):
-        return path
-    return "text_model." + path
-
-
-# ------------------------------------------------------------------------------------------------ SDXL SGM names
-def _sgm_block_map(unet_config: Any) -> dict[str, tuple[str, str]]:
-    """diffusers container prefix -> (SGM prefix, kind), following the order in which the SGM UNet appends blocks.
-
-    input_blocks: 0 is conv_in; then per down block, one entry per layer (resnet at .0, transformer at .1) and one
-    more for the downsampler (``.0.op``) unless it is the last block. middle_block: resnet, transformer, resnet.
-    output_blocks: per up block (deepest first) layers_per_block + 1 entries; the upsampler sits in the last entry
-    after the resnet and, if present, the transformer (so at .2 with attention, .1 without).
-    """
-    down = list(_cfg_get(unet_config, "down_block_types") or ())
-    up = list(_cfg_get(unet_config, "up_block_types") or ())
-    if not down or len(up) != len(down):
-        raise ValueError("unet_config needs down_block_types and up_block_types of equal length for SDXL names")
-    lpb = _cfg_get(unet_config, "layers_per_block", 2)
-    lpb = [int(lpb)] * len(down) if isinstance(lpb, int) else [int(x) for x in lpb]
-    has_attn = lambda block_type: "Attn" in block_type  # noqa: E731 (CrossAttnDownBlock2D, AttnUpBlock2D, ...)
-    m: dict[str, tuple[str, str]] = {}
-    n = 1
-    for x, block_type in enumerate(down):
-        for i in range(lpb[x]):
-            m[f"down_blocks.{x}.resnets.{i}"] = (f"input_blocks.{n}.0", "resnet")
-            if has_attn(block_type):
-                m[f"down_blocks.{x}.attentions.{i}"] = (f"input_blocks.{n}.1", "attn")
-            n += 1
-        if x < len(down) - 1:
-            m[f"down_blocks.{x}.downsamplers.0.conv"] = (f"input_blocks.{n}.0.op", "leaf")
-            n += 1
-    mid_type = _cfg_get(unet_config, "mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid_type is not None:
-        if has_attn(mid_type):
-            m["mid_block.resnets.0"] = ("middle_block.0", "resnet")
-            m["mid_block.attentions.0"] = ("middle_block.1", "attn")
-            m["mid_block.resnets.1"] = ("middle_block.2", "resnet")
-        else:
-            m["mid_block.resnets.0"] = ("middle_block.0", "resnet")
-            m["mid_block.resnets.1"] = ("middle_block.1", "resnet")
-    n = 0
-    for x, block_type in enumerate(up):
-        layers = list(reversed(lpb))[x] + 1  # diffusers: reversed_layers_per_block[i] + 1
-        for i in range(layers):
-            m[f"up_blocks.{x}.resnets.{i}"] = (f"output_blocks.{n}.0", "resnet")
-            if has_attn(block_type):
-                m[f"up_blocks.{x}.attentions.{i}"] = (f"output_blocks.{n}.1", "attn")
-            if i == layers - 1 and x < len(up) - 1:
-                slot = 2 if has_attn(block_type) else 1
-                m[f"up_blocks.{x}.upsamplers.0.conv"] = (f"output_blocks.{n}.{slot}.conv", "leaf")
-            n += 1
-    return m
-
-
-def diffusers_to_sgm(path: str, block_map: Mapping[str, tuple[str, str]]) -> str:
-    """Map one diffusers UNet module path to its SGM path; raise for paths SGM has no place for."""
-    if path in _TOP_TO_SGM:
-        return _TOP_TO_SGM[path]
-    parts = path.split(".")
-    for k in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:k])
-        if prefix in block_map:
-            sgm, kind = block_map[prefix]
-            rest = ".".join(parts[k:])
-            if kind == "attn":  # Transformer2DModel internals keep their names (proj_in, transformer_blocks...)
-                return f"{sgm}.{rest}" if rest else sgm
-            if kind == "resnet" and rest in _RESNET_TO_SGM:
-                return f"{sgm}.{_RESNET_TO_SGM[rest]}"
-            if kind == "leaf" and not rest:
-                return sgm
-            break
-    raise ValueError(f"unet module {path!r} has no SGM (input/middle/output_blocks) equivalent for this config")
-
-
-def kohya_module_name(family: str, component: str, path: str, unet_config: Any = None,
-                      _block_map: Mapping[str, tuple[str, str]] | None = None) -> str:
-    """Kohya LoRA module name (without ``.lora_down.weight``) for one PEFT module path of one component."""
-    _check_family(family)
-    if component == "unet":
-        if family == "sdxl":
-            block_map = _block_map if _block_map is not None else _sgm_block_map(unet_config)
-            path = diffusers_to_sgm(path, block_map)
-        return "lora_unet_" + path.replace(".", "_")
-    prefix = _TE_PREFIX.get((family, component))
-    if prefix is None:
-        raise ValueError(f"component {component!r} is not part of a {family} model")
-    return f"{prefix}_" + _te_path(path).replace(".", "_")
+def is_dora(states: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
+    return any(k.endswith("." + MAGNITUDE) for state in states.values() for k in state)
 
 
 # ----------------------------------------------------------------------------------------------- state dicts
@@ -209,19 +98,25 @@ def _iter_modules(states: Mapping[str, Mapping[str, torch.Tensor]]):
     for component, state in states.items():
         if component not in COMPONENTS:
             raise ValueError(f"unknown component {component!r}: expected one of {COMPONENTS}")
-        for path, pair in _peft_modules(state, component).items():
-            yield component, path, pair
+        for path, parts in _peft_modules(state, component).items():
+            yield component, path, parts
+
+
+def _magnitude(t: torch.Tensor) -> torch.Tensor:
+    # Always fp32: the magnitude rescales every output of the layer, not just the low-rank delta, so fp16/bf16
+    # rounding here would move the whole layer by up to 5e-4 / 4e-3 relative; it costs 4 bytes per channel.
+    return t.detach().to("cpu", torch.float32).contiguous().clone()
 
 
 def kohya_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
                      unet_config: Any = None, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """PEFT states -> kohya state dict (weights in ``dtype``; alpha as a float32 scalar so that a non-integer
-    alpha is not rounded to fp16: every loader reads it with ``.item()``)."""
-    _check_family(family)
-    block_map = _sgm_block_map(unet_config) if family == "sdxl" and "unet" in states else None
+    alpha is not rounded to fp16: every loader reads it with ``.item()``; DoRA magnitudes as fp32 ``dora_scale``)."""
+    check_family(family)
+    block_map = sgm_block_map(unet_config) if family == "sdxl" and "unet" in states else None
     out: dict[str, torch.Tensor] = {}
-    for component, path, pair in _iter_modules(states):
-        a, b = pair["lora_A.weight"], pair["lora_B.weight"]
+    for component, path, parts in _iter_modules(states):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.shape[0] != rank:
             # One global alpha only reproduces PEFT's scaling (lora_alpha / r) if every module has rank `rank`.
             raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
@@ -231,23 +126,34 @@ def kohya_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor
         # kohya lora_down/lora_up have exactly PEFT's lora_A/lora_B shapes, convs included
         # (down: Conv2d(in, r, k), up: Conv2d(r, out, 1x1)), so tensors are copied unchanged.
         for peft_suffix, kohya_suffix in _PEFT_SUFFIX.items():
-            out[f"{name}.{kohya_suffix}"] = pair[peft_suffix].detach().to("cpu", dtype).contiguous().clone()
+            out[f"{name}.{kohya_suffix}"] = parts[peft_suffix].detach().to("cpu", dtype).contiguous().clone()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if MAGNITUDE in parts:  # [out, 1(, 1, 1)]: the weight's rank, output channels first (see module doc)
+            out[f"{name}.dora_scale"] = _magnitude(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
     return out
 
 
 def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """PEFT states -> diffusers ``pytorch_lora_weights`` layout (``<component>.<path>.lora_A.weight``).
+    """PEFT states -> diffusers ``pytorch_lora_weights`` layout (``<component>.<path>.lora_A.weight``; DoRA
+    magnitudes in PEFT's shape, fp32, named ``lora_magnitude_vector`` for the UNet and
+    ``lora_magnitude_vector.weight`` for text encoders).
 
     Text-encoder paths get the ``text_model.`` level: diffusers 0.42 strips it again when the loaded CLIPTextModel
     lacks it, older diffusers/transformers need it, and ComfyUI maps ``text_encoder.text_model.encoder...`` only.
     """
     out: dict[str, torch.Tensor] = {}
-    for component, path, pair in _iter_modules(states):
+    for component, path, parts in _iter_modules(states):
         if component != "unet":
-            path = _te_path(path)
-        for suffix, tensor in pair.items():
+            path = te_path(path)
+        for suffix, tensor in parts.items():
+            if suffix == MAGNITUDE:
+                # diffusers loads UNet adapters through PEFT, which takes PEFT's key as is, but text encoders
+                # through transformers' adapter loader (5.x), which matches parameter names and silently leaves
+                # a magnitude without ".weight" at its initial value (PEFT accepts that form too).
+                key = f"{component}.{path}.{suffix}" + (".weight" if component != "unet" else "")
+                out[key] = _magnitude(tensor)
+                continue
             t = tensor.detach().to("cpu")
             out[f"{component}.{path}.{suffix}"] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
     return out
@@ -275,11 +181,13 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
             if component != "unet" and isinstance(targets, (list, set, tuple)):
                 fields["target_modules"] = sorted(str(t).removeprefix("text_model.") for t in targets)
         else:
-            paths = sorted(_peft_modules(state, component))
+            modules = _peft_modules(state, component)
+            paths = sorted(modules)
             if component != "unet":
                 paths = [p.removeprefix("text_model.") for p in paths]
             fields = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": paths,
-                      "init_lora_weights": True, "use_dora": False, "lora_bias": False}
+                      "init_lora_weights": True, "use_dora": any(MAGNITUDE in m for m in modules.values()),
+                      "lora_bias": False}
         for key, value in fields.items():
             if isinstance(value, (set, frozenset, tuple)):
                 value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
@@ -312,15 +220,21 @@ def _meta_str(value: Any) -> str:
 def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, trigger_words: list[str],
                    tag_frequency: Mapping[str, Mapping[str, int]], resolution: tuple[int, int],
                    training: Mapping[str, Any], title: str | None = None, prediction_type: str = "epsilon",
-                   network_args: Mapping[str, Any] | None = None, started_at: float | None = None) -> dict[str, str]:
+                   network_args: Mapping[str, Any] | None = None, started_at: float | None = None,
+                   dora: bool = False) -> dict[str, str]:
     """kohya ``ss_*`` keys (what A1111 reads to classify and alias the LoRA, and Civitai for tags) and modelspec keys
     (as sd-scripts ``library/sai_model_spec.py`` writes them). All values are strings, as safetensors requires."""
-    _check_family(family)
+    check_family(family)
     pred = {"v_prediction": "v", "v": "v", "epsilon": "epsilon"}.get(prediction_type)
     if pred is None:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     v_pred = pred == "v"
     started = time.time() if started_at is None else float(started_at)
+    args = dict(network_args or {})
+    if dora:
+        # How LyCORIS (the sd-scripts network that writes dora_scale) records output-axis DoRA, so tools that
+        # continue training or classify the file (Civitai, sd-scripts --network_weights) read it as such.
+        args.update(algo="lora", dora_wd="True", wd_on_out="True")
     width, height = (int(resolution[0]), int(resolution[1]))
     if family == "sdxl":
         base_version, arch, impl = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", \
@@ -335,8 +249,8 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
         "ss_session_id": str(random.randint(0, 2**32 - 1)), "ss_training_started_at": str(started),
         "ss_training_finished_at": str(time.time()),
         "ss_output_name": output_name,  # A1111 shows this as the LoRA's alias
-        "ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": str(float(alpha)), "ss_network_args": json.dumps(dict(network_args or {})),
+        "ss_network_module": "lycoris.kohya" if dora else "networks.lora", "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)), "ss_network_args": json.dumps(args),
         # A1111 network.py detect_version: ss_base_model_version "sdxl_*" -> SDXL, else ss_v2 == "True" -> SD2,
         # else SD1; a LoRA judged incompatible with the loaded checkpoint is hidden.
         "ss_base_model_version": base_version, "ss_v2": str(family == "sd2"),
@@ -455,6 +369,6 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
 
 __all__ = [
     "FAMILIES", "COMPONENTS", "PEFT_WEIGHTS_NAME", "LORA_ADAPTER_METADATA_KEY", "kohya_state_dict",
-    "kohya_module_name", "diffusers_to_sgm", "peft_state_dict", "adapter_metadata", "build_metadata",
+    "kohya_module_name", "diffusers_to_sgm", "peft_state_dict", "is_dora", "MAGNITUDE", "adapter_metadata", "build_metadata",
     "add_hashes", "save_safetensors_atomic", "export_lora",
 ]

@@ -57,3 +57,23 @@ def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
         raise RuntimeError(f"checkpoint has LoRA keys the model does not: {unexpected[:5]}")
+
+
+@torch.no_grad()
+def dora_row_scale(modules: dict[str, torch.nn.Module]) -> dict | None:
+    """Range of ||W + s*B@A|| / ||W|| over the output channels of every DoRA layer, or None without DoRA.
+
+    ComfyUI and Forge (as released in 2026) divide an output-axis DoRA magnitude by the norm of the base weight W
+    instead of the adapted W + dW, so each output channel comes out scaled by exactly this ratio compared with
+    PEFT/diffusers; recorded in the manifest so a user can see how far that is from 1 for their LoRA.
+    """
+    lo, hi, layers = float("inf"), 0.0, 0
+    for module in modules.values():
+        for layer in module.modules():
+            if not getattr(layer, "use_dora", {}).get(ADAPTER):
+                continue
+            w = layer.get_base_layer().weight.float()
+            adapted = w + layer.get_delta_weight(ADAPTER).float()
+            ratio = adapted.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            lo, hi, layers = min(lo, float(ratio.min())), max(hi, float(ratio.max())), layers + 1
+    return {"layers": layers, "min": lo, "max": hi} if layers else None

@@ -58,7 +58,7 @@ def _metadata(t: "Trainer") -> dict[str, str]:
                           resolution=(t.resolution, t.resolution), training=training, title=cfg.output_name,
                           prediction_type=t.comps.prediction_type,
                           network_args={"train_text_encoder": cfg.train_text_encoder, "dropout": cfg.lora_dropout},
-                          started_at=time.time() - (time.monotonic() - t.started))
+                          started_at=time.time() - (time.monotonic() - t.started), dora=cfg.use_dora)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -79,7 +79,7 @@ def export_final(t: "Trainer") -> dict[str, str]:
     """Write the LoRA files and the manifest (main process); returns the paths for the completed event."""
     from .export import export_lora
     from .resume import _components
-    from .lora import lora_state
+    from .lora import dora_row_scale, lora_state
 
     cfg = t.cfg
     paths: dict[str, str] = {}
@@ -92,7 +92,8 @@ def export_final(t: "Trainer") -> dict[str, str]:
                               dtype=SAVE_DTYPES[cfg.save_precision])
             paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
                      "manifest": str(cfg.output_path / MANIFEST_NAME)}
-            _write_json_atomic(cfg.output_path / MANIFEST_NAME, manifest(t, res))
+            extra = {"dora_comfyui_row_scale": dora_row_scale(_components(t))} if cfg.use_dora else {}
+            _write_json_atomic(cfg.output_path / MANIFEST_NAME, {**manifest(t, res), **extra})
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "
