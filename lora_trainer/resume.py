@@ -50,11 +50,43 @@ def _components(t: "Trainer") -> dict[str, torch.nn.Module]:
     return mods
 
 
+def _own_rng(t: "Trainer") -> list[torch.Tensor]:
+    """The generators that differ between ranks: noise/timesteps, and torch's default ones (LoRA dropout)."""
+    states = [t.noise_gen.get_state(), torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states.append(torch.cuda.get_rng_state())
+    return [s.to(torch.uint8).flatten() for s in states]
+
+
+def _gather_rank_rng(t: "Trainer") -> torch.Tensor | None:
+    """[world, n] uint8: every rank's _own_rng, concatenated (a collective: every rank must call it). The states
+    have the same size on every rank, so one tensor all-gather carries them, without pickling objects."""
+    if t.world == 1:
+        return None
+    mine = torch.cat(_own_rng(t)).to(t.device)
+    return t.accelerator.gather(mine[None]).cpu()
+
+
+def _restore_rank_rng(t: "Trainer", table: torch.Tensor) -> None:
+    row = table[t.accelerator.process_index]
+    sizes = [s.numel() for s in _own_rng(t)]
+    if row.numel() != sum(sizes):
+        raise ConfigError("the checkpoint's per-process random states do not fit this machine's devices",
+                          [{"path": "resume", "value": str(t.cfg.resume), "message": "saved on other devices",
+                            "allowed": "resume on the same kind of devices, or resume: false"}])
+    parts = list(torch.split(row, sizes))
+    t.noise_gen.set_state(parts[0].clone())
+    torch.set_rng_state(parts[1].clone())
+    if len(parts) > 2:
+        torch.cuda.set_rng_state(parts[2].clone())
+
+
 def save(t: "Trainer", reason: str) -> Path | None:
     """Write a checkpoint of the current step (main process only); every rank waits for it."""
     from . import outputs
 
     path = None
+    rank_rng = _gather_rank_rng(t)
     if t.accelerator.is_main_process:
         states = {name: lora_state(m) for name, m in _components(t).items()}
         outputs.check_finite(states, f"checkpoint at step {t.progress.global_step}")
@@ -64,6 +96,8 @@ def save(t: "Trainer", reason: str) -> Path | None:
                "noise_generator": t.noise_gen.get_state(), "loss_ema": t.loss_ema.detach().cpu()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if rank_rng is not None:
+            rng["ranks"] = rank_rng
         rng_tensors, rng_skel = flatten_state(rng, "rng")
         files = {f"lora_{name}": state for name, state in states.items()}
         files["lora"] = outputs.kohya_for_checkpoint(t, states)
@@ -122,6 +156,8 @@ def maybe_resume(t: "Trainer") -> Path | None:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     t.noise_gen.set_state(rng["noise_generator"])
+    if "ranks" in rng and t.world > 1:  # world_size must match (MUST_MATCH), so every rank has its row
+        _restore_rank_rng(t, rng["ranks"])
     t.loss_ema.copy_(rng["loss_ema"].to(t.device))
     t.progress = TrainingProgress.from_json(js["progress"])
     t.loss_history = [tuple(p) for p in js.get("history", {}).get("loss", [])]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,3 +71,25 @@ def test_sigterm_to_launcher_stops_all_ranks_with_a_checkpoint(tmp_path, tiny_mo
     assert ckpt.is_dir() and (ckpt / "manifest.json").is_file()
     progress = json.loads((ckpt / "progress.json").read_text())
     assert progress["global_step"] == inter[-1]["step"]
+
+
+def test_two_process_resume_is_bitwise_identical(tmp_path, tiny_models, dataset):
+    """Each rank draws its own noise and LoRA-dropout masks; a checkpoint must restore every rank's generators,
+    not rank 0's everywhere, for the resumed run to end on the uninterrupted run's exact weights."""
+    def run(cfg):
+        proc = subprocess.run([*ACCELERATE, str(ROOT / "train_lora.py"), "--config", str(cfg)], capture_output=True,
+                              text=True, env=_env(), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return parse_events(proc.stdout)
+
+    common = dict(max_train_steps=6, checkpointing_steps=3, learning_rate=3e-3, lora_dropout=0.2, seed=5)
+    run(_config(tmp_path, tiny_models, dataset, **common))
+    ref = tmp_path / "out"
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(ref / "checkpoints" / "step-000003", tmp_path / "step-000003")
+    events = run(write_config(tmp_path / "r.json", **{**json.loads((tmp_path / "c.json").read_text()),
+                                                      "output_path": str(resumed_dir),
+                                                      "resume": str(tmp_path / "step-000003")}))
+    assert [e["step"] for e in events if e["type"] == "resumed"] == [3]
+    a, b = load_file(ref / "lora.safetensors"), load_file(resumed_dir / "lora.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
