@@ -74,7 +74,9 @@ def _setup_logging(debug: bool) -> None:
     logging.captureWarnings(True)  # library warnings become log records on stderr
     if not debug:
         # Library chatter (diffusers/transformers deprecations) is noise for an operator; --debug shows it.
-        for name in ("diffusers", "transformers", "accelerate", "peft", "PIL", "huggingface_hub", "py.warnings"):
+        # httpx logs every request URL of a hub download at INFO.
+        for name in ("diffusers", "transformers", "accelerate", "peft", "PIL", "huggingface_hub", "py.warnings",
+                     "httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -6,50 +6,144 @@ loaded like a local folder. Only safetensors weights are fetched or read: pickle
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
 from .errors import ModelLoadError
+from .model_probe import hub_offline
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer*/*", "*.model"]
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# Exactly what families/base.py loads from a pipeline folder (from_pretrained(..., use_safetensors=True), no
+# variant): model_index.json, the scheduler config, each model component's config and its non-variant
+# safetensors weights (single file or shards + index), and the tokenizers. Real repos also hold root-level
+# single-file checkpoints (v1-5-pruned.safetensors, sd_xl_base_1.0.safetensors: 4-7 GB each), fp16/non_ema
+# variants and a safety_checker: a bare "*.safetensors" would download all of them for nothing.
+_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_TOKENIZERS = ("tokenizer", "tokenizer_2")
+HUB_PATTERNS = ["model_index.json", "scheduler/*.json",
+                *(f"{comp}/{name}" for comp in _MODEL_COMPONENTS for name in (
+                    "config.json",
+                    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
+                    "diffusion_pytorch_model.safetensors.index.json",
+                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")),
+                *(f"{tok}/*" for tok in _TOKENIZERS)]
+HUB_IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # never fetched, whatever the folder
 
 
-def _progress_tqdm(report: Callable[[int, int | None, str], None]):
+def _progress_tqdm(report: Callable[[int, int | None, str], None], *, unit: str, total: int | None):
     from tqdm.auto import tqdm
+
+    lock = threading.Lock()  # files download in parallel threads: one update and its event at a time
 
     class EventTqdm(tqdm):  # huggingface_hub drives a tqdm; we turn its updates into progress events
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = False
-            kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 - the bar itself is not wanted anywhere
+            self._devnull = kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 - the bar itself is not wanted
             super().__init__(*args, **kwargs)
+            # snapshot_download drives several bars through this class. huggingface_hub 2.x: a file counter
+            # ("Fetching N files"), network bytes ("Downloading bytes": under Xet, compressed bytes against a
+            # guessed total) and bytes written to the cache (the files' real sizes): only the last is reported,
+            # so events are one series in bytes. 1.x has only the file counter: that series is in files.
+            if unit == "B":
+                self._reported = self.unit == "B" and not str(self.desc or "").startswith("Downloading bytes")
+            else:
+                self._reported = self.unit != "B"
 
         def update(self, n=1):
-            out = super().update(n)
-            report(int(self.n), int(self.total) if self.total else None, str(self.desc or "download"))
+            with lock:
+                out = super().update(n)
+                if self._reported:
+                    bar_total = int(self.total) if self.total else None
+                    # The cache bar's own total grows as each parallel download starts (a bar near 100% before
+                    # the big files begin); the dry run's sum is the real one.
+                    best = total if total is not None and total >= self.n else bar_total
+                    report(int(self.n), best, unit)
             return out
+
+        def close(self):
+            super().close()
+            self._devnull.close()
 
     return EventTqdm
 
 
-def download_from_hub(repo_id: str, report: Callable[[int, int | None, str], None]) -> Path:
+def _planned_bytes(snapshot_download, repo_id: str) -> int | None:
+    """Bytes still to download, from huggingface_hub's dry run (one listing request); None where unavailable."""
     try:
+        plan = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS,
+                                 dry_run=True)
+        return sum(int(f.file_size or 0) for f in plan if f.will_download)
+    except Exception:  # noqa: BLE001 - older huggingface_hub (no dry_run), or the real call will report the error
+        return None
+
+
+def download_from_hub(repo_id: str, report: Callable[[int, int | None, str], None]) -> Path:
+    """Download (or complete) a pipeline snapshot into the HF cache; ``report(current, total, unit)`` gets the
+    progress, unit "B" (huggingface_hub 2.x) or "files" (1.x)."""
+    try:
+        import huggingface_hub
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - a dependency of diffusers
         raise ModelLoadError(f"huggingface_hub is not installed: {exc}") from None
+    unit = "B" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "files"
+    total = _planned_bytes(snapshot_download, repo_id) if unit == "B" and not hub_offline() else None
     try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, tqdm_class=_progress_tqdm(report))
+        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS,
+                                 tqdm_class=_progress_tqdm(report, unit=unit, total=total))
     except Exception as exc:  # noqa: BLE001 - offline, 401/404, DNS: all mean "cannot get the model"
         name = type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        offline = hub_offline()
+        # (`huggingface-cli` is gone since huggingface_hub 1.0: its command is `hf`.)
         hint = ("the machine is offline or HF_HUB_OFFLINE is set and the model is not in the local cache; "
-                "download it where there is network (huggingface-cli download " + repo_id + ") or point "
+                "download it where there is network (hf download " + repo_id + ") or point "
                 "base_model at a local folder or .safetensors file")
         if not offline and ("401" in str(exc) or "403" in str(exc) or "Gated" in name):
             hint = "the model is gated or private: accept its licence on huggingface.co and set HF_TOKEN"
+            if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+                hint += " (HF_TOKEN is set: check that its account has been granted access and that it can read)"
         raise ModelLoadError(f"could not download '{repo_id}' from the Hugging Face hub ({name})", hint=hint,
                              details={"base_model": repo_id, "exception": name}) from None
     return Path(path)
+
+
+def _emit_warnings(ev, warnings, already=()) -> None:
+    for w in warnings:
+        if w not in already:
+            ev.emit("warning", **{k: v for k, v in w.items() if k in ("code", "message", "path", "files")})
+
+
+def download_with_events(repo_id: str, ev) -> Path:
+    """download_from_hub with its progress as ``progress`` events (phase "downloading")."""
+    ev.set_phase("downloading")
+    ev.emit("status", phase="downloading", message=f"downloading {repo_id} from the Hugging Face hub")
+    message = f"downloading {repo_id}"
+    return download_from_hub(repo_id, lambda n, total, unit: ev.emit(
+        "progress", phase="downloading", current=n, total=total, unit=unit, message=message))
+
+
+def preflight_for_training(cfg, ev):
+    """The same checks as --validate-only, so a run never starts on a config that preflight rejects; its model
+    probe and dataset scan (for the detected family's resolution) are what training uses. Raises on errors.
+
+    A hub id not in the cache has no family at that point, and the family decides the loader, resolution and
+    buckets: it is downloaded first, then checked again on the cached snapshot (probed like a local folder, the
+    dataset rescanned for that family). Every rank downloads; huggingface_hub's file locks make that safe, and
+    only rank 0 emits events.
+    """
+    from .preflight import raise_for_preflight, run_preflight
+
+    ev.set_phase("preflight")
+    pre = run_preflight(cfg, [])
+    _emit_warnings(ev, pre.warnings)
+    if pre.ok and pre.probe.kind == "hub" and pre.probe.family is None:
+        download_with_events(cfg.base_model, ev)
+        first = pre.warnings
+        pre = run_preflight(cfg, [])
+        _emit_warnings(ev, pre.warnings, first)
+    if not pre.ok:
+        raise_for_preflight(pre)
+    return pre
 
 
 def check_not_pickle(path: Path) -> None:

@@ -27,7 +27,6 @@ from .device import memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted, ModelLoadError, OutOfMemoryError, TrainingError
 from .events import EventStream
 from .families import Components, get_family
-from .preflight import raise_for_preflight
 from .report import tracker_for
 from .signals import GracefulStop
 
@@ -55,16 +54,9 @@ class Trainer:
     def setup(self) -> None:
         cfg, ev = self.cfg, self.events
         ev.start_heartbeat(cfg.heartbeat_seconds)
-        from .preflight import run_preflight
+        from .loading import preflight_for_training
 
-        # The same checks as --validate-only, so a run never starts on a config that preflight rejects. Its model
-        # probe and dataset scan (done for the detected family's resolution) are what training uses.
-        ev.set_phase("preflight")
-        pre = run_preflight(cfg, [])
-        for w in pre.warnings:
-            ev.emit("warning", **{k: v for k, v in w.items() if k in ("code", "message", "path", "files")})
-        if not pre.ok:
-            raise_for_preflight(pre)
+        pre = preflight_for_training(cfg, ev)
         self.probe, self.scan = pre.probe, pre.scan
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
@@ -100,15 +92,16 @@ class Trainer:
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type)
 
     def _load_model(self) -> None:
-        from .loading import check_not_pickle, download_from_hub
+        from .loading import check_not_pickle, download_with_events
 
         ev, probe = self.events, self.probe
         ev.set_phase("loading_model")
         ev.emit("status", phase="loading_model", message=f"loading {self.family.name} model from {self.cfg.base_model}")
         source = Path(probe.path) if probe.path else None
         if probe.kind == "hub":
-            source = download_from_hub(self.cfg.base_model, lambda n, total, desc: ev.emit(
-                "progress", phase="downloading", current=n, total=total, unit="B", message=desc))
+            # A cached snapshot may be partial (an interrupted download): snapshot_download completes it, and
+            # costs one metadata request when it is complete (none with HF_HUB_OFFLINE).
+            source = download_with_events(self.cfg.base_model, ev)
         check_not_pickle(source)
         dtype = weight_dtype(self.device_info.mixed_precision)
         try:
@@ -152,9 +145,7 @@ class Trainer:
                 progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n, total=t, unit="images"))
             comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the UNet
             if self.device.type == "cuda":
-                # Latents are small (256 KiB at 1024 px): kept on the GPU, a step needs no host-to-device copy,
-                # which would otherwise be a synchronising pageable transfer every step.
-                self.latent_cache.to(self.device)
+                self.latent_cache.place(self.device, torch.cuda.mem_get_info(self.device)[0])
             ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
                     message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
         else:
@@ -387,8 +378,7 @@ class Trainer:
                                           shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                           dropout_rate=cfg.caption_dropout_rate, rng=rng))
         if self.latent_cache is not None:
-            latents = torch.stack([self.latent_cache.latents[i] for i in batch]).to(self.device)
-            time_ids = torch.stack([self.latent_cache.time_ids[i] for i in batch]).to(self.device)
+            latents, time_ids = self.latent_cache.batch(batch, self.device)
         else:
             pix, tids = [], []
             for j, idx in enumerate(batch):

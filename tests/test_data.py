@@ -77,3 +77,22 @@ def test_plan_epoch_buckets_repeats_and_determinism(tmp_path):
     assert plan == plan_epoch(images, batch_size=2, seed=1, epoch=0)
     assert plan != plan_epoch(images, batch_size=2, seed=1, epoch=1)
     assert plan != plan_epoch(images, batch_size=2, seed=2, epoch=0)
+
+
+def test_latent_cache_placement_and_batches():
+    import torch
+
+    from lora_trainer.data import LatentCache
+
+    cache = LatentCache(None, "m")
+    for i in range(3):
+        cache.latents[i] = torch.full((4, 8, 8), float(i))
+        cache.time_ids[i] = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0]) + i
+    assert cache.nbytes == 3 * (4 * 8 * 8 + 6) * 4
+    cpu = torch.device("cpu")
+    # Too large for a tenth of the free memory: stays on the host; small enough: moved.
+    assert cache.place(cpu, free_bytes=cache.nbytes * 10 - 1) == "host"
+    assert cache.place(cpu, free_bytes=cache.nbytes * 10) == "device"
+    latents, time_ids = cache.batch([2, 0], cpu)
+    assert latents.shape == (2, 4, 8, 8) and latents[0].eq(2).all() and latents[1].eq(0).all()
+    assert time_ids[:, 0].tolist() == [66.0, 64.0]
