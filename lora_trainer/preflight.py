@@ -25,18 +25,23 @@ from typing import Any, Iterable
 from .buckets import bucket_plan, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
-from .model_probe import ModelProbe, probe_model
+from .model_probe import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_model
 
 MAX_FILES = 20
 LOW_DISK_BYTES = 2 * 1024 ** 3
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Where diffusers' from_single_file takes component configs and tokenizers when no `config` is given
+# (diffusers 0.42 loaders/single_file_utils.py DIFFUSERS_DEFAULT_PIPELINE_PATHS, keys v1 / v2 / xl_base).
+SINGLE_FILE_CONFIG_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                            "sd2": "stabilityai/stable-diffusion-2-1",
+                            "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 _EXIT_BY_CODE = {
     "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
     "model_not_found": EXIT_MODEL_LOAD, "model_pickle_refused": EXIT_MODEL_LOAD, "model_incomplete": EXIT_MODEL_LOAD,
-    "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD,
+    "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD, "model_config_missing": EXIT_MODEL_LOAD,
     "output_not_writable": EXIT_IO,
 }
 
@@ -279,6 +284,46 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
 
 # ---------------------------------------------------------------------------------- model
 
+def _check_single_file_config(cfg: Any, probe: ModelProbe, base_dir: Path, errors: list, warnings: list) -> dict | None:
+    """A single-file checkpoint holds weights only: its component configs and tokenizers come from
+    base_model_config (a diffusers folder or hub id) or else diffusers' default repo for the family. Checked here
+    so that an offline machine learns it before training, not after loading gigabytes."""
+    if probe.kind != "single_file" or probe.problems or probe.family is None:
+        return None
+    src = (cfg.base_model_config or "").strip()
+    if src:
+        local = base_dir / Path(os.path.expanduser(src))
+        if local.is_dir():
+            if not (local / "model_index.json").is_file():
+                errors.append(_issue("model_config_missing", "base_model_config",
+                                     f"{local} has no model_index.json: not a diffusers pipeline folder",
+                                     hint="point it at a diffusers folder of the same family (configs and tokenizers "
+                                          "are enough, no weights needed)"))
+            return {"source": str(local), "kind": "folder"}
+        if not HUB_ID.match(src):
+            errors.append(_issue("model_config_missing", "base_model_config", f"{local} does not exist and "
+                                 f"'{src}' is not a hub id", hint="a diffusers folder or a hub id (org/name)"))
+            return {"source": src, "kind": "invalid"}
+        repo, why = src, "base_model_config"
+    else:
+        repo, why = SINGLE_FILE_CONFIG_REPOS[probe.family], f"diffusers' default for {probe.family} single files"
+    if find_cached_snapshot(repo) is not None:
+        return {"source": repo, "kind": "hub", "in_cache": True}
+    fetch = f"hf download {repo} --include '*.json' '*.txt'"
+    if hub_offline():
+        errors.append(_issue("model_config_missing", "base_model_config",
+                             f"the single-file checkpoint takes its component configs and tokenizers from {repo} ({why}), "
+                             f"which is not in the local Hugging Face cache ({hf_hub_cache_dir()}), and HF_HUB_OFFLINE is set",
+                             hint="set base_model_config to a diffusers folder of the same family (configs and tokenizers "
+                                  f"are enough, no weights), or fetch them where there is network: {fetch}"))
+    else:
+        warnings.append(_issue("single_file_config_download", "base_model_config",
+                               f"component configs and tokenizers for the single-file checkpoint will be fetched from "
+                               f"{repo} ({why}) at the start of training: a few MB, no weights",
+                               hint=f"to avoid the download, set base_model_config to a local diffusers folder or run {fetch}"))
+    return {"source": repo, "kind": "hub", "in_cache": False}
+
+
 def _model_summary(probe: ModelProbe) -> dict:
     return {"kind": probe.kind, "source": probe.source, "path": str(probe.path) if probe.path else None,
             "family": probe.family, "family_evidence": probe.family_evidence,
@@ -309,12 +354,13 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     dataset_info, scan = _check_dataset(cfg, family, probe.prediction_type, errors, warnings, verify, deep)
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
+    config_info = _check_single_file_config(cfg, probe, base_dir, errors, warnings)
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, base_dir, errors, warnings)
 
     summary = {
         "dataset": dataset_info,
-        "model": _model_summary(probe),
+        "model": {**_model_summary(probe), **({"config": config_info} if config_info else {})},
         "output": output_info,
         "resume": resume_info,
         "duration_s": round(time.perf_counter() - t0, 3),

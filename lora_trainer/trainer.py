@@ -36,6 +36,7 @@ MAX_NONFINITE_TOTAL = 10
 # Test hook: steps whose loss is replaced by NaN, to exercise the non-finite path through the real CLI.
 _FAULT_NAN_STEPS = {int(s) for s in os.environ.get("TRAIN_LORA_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _FAULT_OOM_STEP = int(os.environ.get("TRAIN_LORA_TEST_OOM_STEP", "0") or 0)
+_FAULT_SIGTERM_STEP = int(os.environ.get("TRAIN_LORA_TEST_SIGTERM_STEP", "0") or 0)  # as if `kill` came mid-step
 
 
 class Trainer:
@@ -49,6 +50,7 @@ class Trainer:
         self.comps: Components | None = None
         self.last_loss: float | None = None
         self.resumed_from: Path | None = None
+        self.last_saved: tuple[int, Path | None] | None = None  # (step, path) of the newest checkpoint written
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -71,6 +73,10 @@ class Trainer:
         self.events.enabled = self.events.enabled and self.is_main
         if self.device.type == "cpu":
             ev.emit("warning", code="no_gpu", message="no CUDA GPU in use: training runs on the CPU, which is slow")
+            if self.device_info.mixed_precision == "bf16":  # measured: bench/RESULTS.md, "Profile of train_lora's step"
+                ev.emit("warning", code="cpu_bf16_slow", path="mixed_precision",
+                        message="bf16 on the CPU measured 1.1-1.3x slower than fp32 (bench/RESULTS.md); "
+                                "\"auto\" or \"no\" trains in fp32")
         set_seed(cfg.seed)
 
         self.family = get_family(self.probe.family)
@@ -242,6 +248,8 @@ class Trainer:
         ev.set_phase("training")
         ev.emit("status", phase="training", message=f"training {self.total_steps - prog.global_step} step(s)")
         self.stop.set_deferred(True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # gpu_peak_gb then means training, not VAE caching
         session_start, session_step0 = time.monotonic(), prog.global_step
         if cfg.validation_steps and prog.global_step == 0:
             self._sample(0)  # the base model's images, for comparison
@@ -317,6 +325,8 @@ class Trainer:
                     loss = self._loss(batch, epoch, first_batch + j)
                     if self.progress.global_step + 1 in _FAULT_NAN_STEPS:
                         loss = loss * float("nan")
+                    if self.progress.global_step + 1 == _FAULT_SIGTERM_STEP and j == 0:
+                        os.kill(os.getpid(), signal.SIGTERM)
                     if self.progress.global_step + 1 == _FAULT_OOM_STEP:
                         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by TRAIN_LORA_TEST_OOM_STEP)")
                 # Weight each micro-batch by its share of samples: a short last batch counts less.
@@ -421,7 +431,10 @@ class Trainer:
 
     def _stop_now(self) -> None:
         signum = self.stop.signum or signal.SIGTERM
-        path = self.save_checkpoint("interrupt")
+        if self.last_saved is not None and self.last_saved[0] == self.progress.global_step:
+            path = self.last_saved[1]  # the interval checkpoint of this very step: saving it again only costs time
+        else:
+            path = self.save_checkpoint("interrupt")
         self._write_report("interrupted")
         self.events.emit("interrupted", signal=signal.Signals(signum).name, step=self.progress.global_step,
                          checkpoint=str(path) if path else None,
@@ -442,6 +455,7 @@ class Trainer:
     def save_checkpoint(self, reason: str) -> Path | None:
         with self.stop.saving():
             path = resume_mod.save(self, reason)
+        self.last_saved = (self.progress.global_step, path)
         return path
 
     def save_final(self) -> None:

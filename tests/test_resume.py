@@ -72,7 +72,9 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_models, dataset
         assert inter["signal"] == "SIGTERM" and inter["checkpoint"]
         assert took < 10, f"stopping took {took:.1f}s, beyond docker's 10 s grace period"
         ckpt = [e for e in events if e["type"] == "checkpoint"][-1]
-        assert ckpt["reason"] == "interrupt" and ckpt["step"] == inter["step"]
+        # The step's own interval checkpoint when the stop lands on one (not written twice), else an interrupt one.
+        assert ckpt["step"] == inter["step"] and ckpt["path"] == inter["checkpoint"]
+        assert ckpt["reason"] == ("interval" if inter["step"] % 4 == 0 else "interrupt")
         if n:
             assert [e for e in events if e["type"] == "resumed"], "the second run must resume"
     final = run_cli("--config", str(cfg))
@@ -118,3 +120,17 @@ def test_missing_resume_path_is_an_error(tmp_path, tiny_models, dataset):
     cfg = _config(tmp_path, tiny_models["sd15"], dataset, "run", resume=str(tmp_path / "nope"))
     res = run_cli("--config", str(cfg))
     assert res.returncode == 2 and res.last("error")["code"] == "config_invalid"
+
+
+def test_stop_on_a_checkpoint_step_saves_once(tmp_path, tiny_models, dataset):
+    """A signal during the step that ends with an interval checkpoint: that checkpoint is the interrupt's; writing
+    the same step again would double the stop time (an SDXL checkpoint is hundreds of MB)."""
+    cfg = _config(tmp_path, tiny_models["sd15"], dataset, "run", checkpointing_steps=3)
+    res = run_cli("--config", str(cfg), env={"TRAIN_LORA_TEST_SIGTERM_STEP": "3"})
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    ckpts = res.of_type("checkpoint")
+    assert [(c["step"], c["reason"]) for c in ckpts] == [(3, "interval")]
+    inter = res.last("interrupted")
+    assert inter["step"] == 3 and inter["checkpoint"] == ckpts[0]["path"]
+    resumed = run_cli("--config", str(cfg), "--resume")
+    assert resumed.returncode == 0 and resumed.last("resumed")["step"] == 3

@@ -100,6 +100,43 @@ def test_single_file_checkpoint_trains(tmp_path, tiny_models, dataset):
     assert (tmp_path / "out_c" / "lora.safetensors").is_file()
 
 
+def test_single_file_without_base_model_config_uses_the_cached_default_repo(tmp_path, tiny_models, dataset):
+    """No base_model_config: diffusers takes configs and tokenizers from its default repo for the family. Offline and
+    not cached, preflight says so before any weights load (naming base_model_config); once that repo's configs
+    are in the HF cache (what `hf download ... --include '*.json' '*.txt'` leaves), the same config trains."""
+    import shutil
+
+    from lora_trainer.preflight import SINGLE_FILE_CONFIG_REPOS
+    from lora_trainer.tiny import make_single_file_checkpoint
+
+    ckpt = make_single_file_checkpoint(tiny_models["sd15"], tmp_path / "tiny_sd15.safetensors")
+    cfg = _cfg(tmp_path, ckpt, dataset, max_train_steps=2)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    check = run_cli("--config", str(cfg), "--validate-only", env=env)
+    assert check.returncode == 2, check.stdout[-2000:]  # --validate-only: 2 for any error (README)
+    err = check.last("validation")["errors"][0]
+    repo = SINGLE_FILE_CONFIG_REPOS["sd15"]
+    assert err["code"] == "model_config_missing" and err["path"] == "base_model_config" and repo in err["message"]
+    assert "hf download" in err["hint"]
+    failed = run_cli("--config", str(cfg), env=env)  # training stops at preflight, before loading any weights
+    assert failed.returncode == 4 and failed.last("error")["code"] == "model_load_failed", failed.stdout[-2000:]
+    assert not failed.of_type("run_started") and "Traceback" not in failed.stderr
+
+    snapshot = tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / ("0" * 40)
+    for f in Path(tiny_models["sd15"]).rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".txt"):  # configs and tokenizer files, no weights
+            (snapshot / f.relative_to(tiny_models["sd15"])).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, snapshot / f.relative_to(tiny_models["sd15"]))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    check = run_cli("--config", str(cfg), "--validate-only", env=env)
+    assert check.returncode == 0, check.stdout[-2000:]
+    assert check.last("validation")["summary"]["model"]["config"] == {"source": repo, "kind": "hub", "in_cache": True}
+    res = run_cli("--config", str(cfg), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.last("run_started")["family"] == "sd15" and (tmp_path / "out_c" / "lora.safetensors").is_file()
+
+
 def test_sd2_v_prediction_metadata(tmp_path, tiny_models, dataset):
     res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd2-v"], dataset, max_train_steps=2)))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -225,3 +225,13 @@ def test_report_to_wandb_through_accelerate(tmp_path, tiny_models, dataset):
     assert [r["step"] for r in losses] == [1, 2]
     assert any(r.get("log", {}).get("samples") == "image" for r in records)
     assert records[-1] == {"finish": True}
+
+
+def test_bf16_on_the_cpu_trains_and_warns(tmp_path, tiny_models, dataset):
+    res, out = _train(tmp_path, tiny_models["sd15"], dataset, mixed_precision="bf16", max_train_steps=2,
+                      gradient_checkpointing=True)
+    assert res.last("run_started")["mixed_precision"] == "bf16"
+    assert "cpu_bf16_slow" in {w["code"] for w in res.of_type("warning")}
+    assert all(e["loss"] is not None for e in res.of_type("step"))
+    lora = load_file(out / "lora.safetensors")
+    assert lora and all(torch.isfinite(t.float()).all() for t in lora.values())
