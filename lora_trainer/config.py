@@ -58,6 +58,7 @@ class TrainConfig:
     output_path: Path
     trigger_words: tuple[str, ...]
     model_type: str = "auto"
+    prediction_type: str = "auto"
     base_model_config: str | None = None
     resolution: int | None = None
     batch_size: int = 1

@@ -351,7 +351,14 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     # dataset, so that the first error is the most basic one.
     probe = probe_model(cfg.base_model, base_dir, model_type=cfg.model_type)
     family = probe.family or (cfg.model_type if cfg.model_type != "auto" else None)
-    dataset_info, scan = _check_dataset(cfg, family, probe.prediction_type, errors, warnings, verify, deep)
+    prediction = probe.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+    if prediction is None and probe.kind == "single_file" and family == "sd2" and not cfg.base_model_config:
+        warnings.append(_issue("prediction_type_unknown", "prediction_type",
+                               "SD2 single-file checkpoints do not record their prediction type; diffusers assumes "
+                               "v_prediction (stable-diffusion-2-1, 768 px)",
+                               hint="set prediction_type to \"epsilon\" for a 512-base SD2 checkpoint, or to "
+                                    "\"v_prediction\" to silence this"))
+    dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep)
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, base_dir, errors, warnings)

@@ -22,7 +22,7 @@ from .lora import load_lora_state, lora_state
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-MUST_MATCH = ("family", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
+MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
               "train_text_encoder", "use_dora", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
               "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents")
 MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
@@ -37,8 +37,8 @@ def checkpoints_root(trainer: "Trainer") -> Path:
 def _run_identity(t: "Trainer") -> dict[str, Any]:
     cfg = t.cfg
     ident = {k: getattr(cfg, k) for k in MUST_MATCH + MAY_CHANGE if hasattr(cfg, k)}
-    ident.update(family=t.family.name, lora_alpha=cfg.alpha, dataset_fingerprint=t.scan.fingerprint,
-                 resolution=t.resolution, bucketing=t.bucketing, world_size=t.world,
+    ident.update(family=t.family.name, prediction_type=t.comps.prediction_type, lora_alpha=cfg.alpha,
+                 dataset_fingerprint=t.scan.fingerprint, resolution=t.resolution, bucketing=t.bucketing, world_size=t.world,
                  mixed_precision=t.device_info.mixed_precision)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ident.items()}
 

@@ -126,6 +126,12 @@ class Trainer:
             raise ModelLoadError(f"could not load the base model: {type(exc).__name__}: {exc}",
                                  hint="check that base_model is a complete diffusers folder or a .safetensors "
                                       "checkpoint of the family it claims", details={"base_model": self.cfg.base_model}) from None
+        wanted = self.cfg.prediction_type
+        if wanted != "auto" and wanted != self.comps.prediction_type:
+            ev.emit("warning", code="prediction_type_override", path="prediction_type",
+                    message=f"the model's scheduler config says {self.comps.prediction_type}; training for {wanted} "
+                            "as prediction_type asks (the LoRA's metadata says so too)")
+            self.comps = self.family.with_prediction_type(self.comps, wanted)
         for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders.values()):
             module.requires_grad_(False)
             module.eval()

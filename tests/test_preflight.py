@@ -174,6 +174,28 @@ def test_hub_id_not_cached(env, monkeypatch):
     assert codes(run_preflight(cfg_of(tmp_path, data, "org/some-model")).errors) == ["model_not_found"]
 
 
+def test_sd2_single_file_prediction_type_and_config_source(env, tiny_models, monkeypatch):
+    """An SD2 single file does not record its prediction type: a warning, silenced by an explicit prediction_type,
+    which also sets the default resolution (epsilon = the 512 base). Its configs come from diffusers' default repo:
+    offline and uncached that is an error naming base_model_config; online, a download warning."""
+    from lora_trainer.tiny import make_single_file_checkpoint
+
+    tmp_path, data, _ = env
+    ckpt = make_single_file_checkpoint(tiny_models["sd2-v"], tmp_path / "sd2.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = run_preflight(cfg_of(tmp_path, data, ckpt))
+    assert r.summary["model"]["family"] == "sd2" and "prediction_type_unknown" in codes(r.warnings)
+    assert codes(r.errors) == ["model_config_missing"] and r.exit_code == EXIT_MODEL_LOAD
+    assert r.summary["dataset"]["resolution"] == 768
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    r = run_preflight(cfg_of(tmp_path, data, ckpt, prediction_type="epsilon"))
+    assert r.ok and "prediction_type_unknown" not in codes(r.warnings)
+    assert "single_file_config_download" in codes(r.warnings) and r.summary["dataset"]["resolution"] == 512
+    r = run_preflight(cfg_of(tmp_path, data, ckpt, base_model_config=str(tmp_path / "data")))
+    assert codes(r.errors) == ["model_config_missing"]  # a folder without model_index.json
+
+
 def test_output_checks(env, monkeypatch):
     tmp_path, data, model = env
     out = tmp_path / "out"

@@ -148,6 +148,22 @@ def test_sd2_v_prediction_metadata(tmp_path, tiny_models, dataset):
     assert meta["modelspec.prediction_type"] == "v"
 
 
+def test_prediction_type_override_trains_reports_and_is_kept_on_resume(tmp_path, tiny_models, dataset):
+    cfg = _cfg(tmp_path, tiny_models["sd2-v"], dataset, max_train_steps=2, prediction_type="epsilon",
+               checkpointing_steps=1)
+    res = run_cli("--config", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.last("run_started")["prediction_type"] == "epsilon"
+    assert "prediction_type_override" in {w["code"] for w in res.of_type("warning")}
+    with safe_open(str(tmp_path / "out_c" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_v_parameterization"] == "False" and meta["modelspec.prediction_type"] == "epsilon"
+    # Continuing with the model's own (v) objective would be another run: refused, naming the setting.
+    again = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd2-v"], dataset, max_train_steps=3,
+                                         checkpointing_steps=1, resume="auto")))
+    assert again.returncode == 2 and "prediction_type" in again.last("error")["message"], again.stdout[-2000:]
+
+
 def test_samples_are_saved_and_do_not_change_training(tmp_path, tiny_models, dataset):
     common = dict(max_train_steps=4, lora_dropout=0.1, caption_dropout_rate=0.3, shuffle_tags=True)
     plain = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], dataset, "plain", **common)))

@@ -84,6 +84,11 @@ class ModelFamily:
                           noise_scheduler=noise_scheduler, prediction_type=prediction_type,
                           scheduler_config=dict(sched_cfg))
 
+    def with_prediction_type(self, comps: Components, prediction_type: str) -> Components:
+        """The same components, trained and sampled for another prediction type (an explicit config override)."""
+        sched_cfg = {**comps.scheduler_config, "prediction_type": prediction_type}
+        return self._components(comps.unet, comps.vae, comps.text_encoders, comps.tokenizers, sched_cfg)
+
     def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None) -> Components:
         import diffusers
 
