@@ -139,6 +139,16 @@ def test_validate_only_reports_missing_dataset_and_model(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_target_module_typo_found_before_training(tmp_path, dataset, tiny_models):
+    cfg = _base(tmp_path, dataset, str(tiny_models["sd15"]), target_modules=["to_q", "to_kk"])
+    path = write_config(tmp_path / "c.json", **cfg)
+    for args in (("--validate-only",), ()):  # validate-only, and a training run, which stops at the same check
+        res = run_cli("--config", str(path), *args)
+        err = _assert_config_error(res, "target_modules")
+        assert not res.of_type("run_started")
+        assert [p["value"] for p in err["details"]["problems"]] == [["to_kk"]]
+
+
 def test_pickle_checkpoint_refused(tmp_path, dataset):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"\x80\x04not really")

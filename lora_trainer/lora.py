@@ -8,14 +8,29 @@ from .errors import ConfigError
 ADAPTER = "default"
 
 
+_ALLOWED = ("module names such as to_q, to_k, to_v, to_out.0, proj_in, ff.net.2, conv1 (UNet) or "
+            "q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders)")
+
+
 def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) -> None:
-    names = [n for n, _ in module.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    """Each target (matched as PEFT matches: the name or a "."-suffix) must name Linear or Conv2d layers only: PEFT
+    would also wrap an Embedding, which no kohya loader reads, and fail on containers and norms."""
+    mods = list(module.named_modules())
+    missing, wrong = [], []
+    for t in targets:
+        hits = [m for n, m in mods if n == t or n.endswith("." + t)]
+        if not hits:
+            missing.append(t)
+        elif any(not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in hits):
+            kinds = sorted({type(m).__name__ for m in hits if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+            wrong.append(f"{t} ({', '.join(kinds)})")
     if missing:
         raise ConfigError(f"{path} names modules this model does not have: {', '.join(missing)}",
                           [{"path": path, "value": list(missing), "message": "no module with this name in the model",
-                            "allowed": "module names such as to_q, to_k, to_v, to_out.0, proj_in, ff.net.2 (UNet) or "
-                                       "q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders)"}])
+                            "allowed": _ALLOWED}])
+    if wrong:
+        raise ConfigError(f"{path}: {', '.join(wrong)} are not Linear or Conv2d layers; LoRA wraps only those",
+                          [{"path": path, "value": wrong, "message": "not a Linear or Conv2d layer", "allowed": _ALLOWED}])
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],

@@ -25,7 +25,8 @@ from typing import Any, Iterable
 from .buckets import bucket_plan, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
-from .model_probe import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_model
+from .model_probe import (HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_model,
+                          read_safetensors_header)
 
 MAX_FILES = 20
 LOW_DISK_BYTES = 2 * 1024 ** 3
@@ -324,6 +325,53 @@ def _check_single_file_config(cfg: Any, probe: ModelProbe, base_dir: Path, error
     return {"source": repo, "kind": "hub", "in_cache": False}
 
 
+def _weight_ndims(root: Path, files: Iterable[str]) -> dict[str, int]:
+    """module path -> rank of its weight, from safetensors headers only (no tensor data is read)."""
+    dims: dict[str, int] = {}
+    for rel in files:
+        if rel.endswith(".safetensors"):
+            header, _ = read_safetensors_header(root / rel)
+            for key, info in (header or {}).items():
+                if key.endswith(".weight") and isinstance(info, dict):
+                    dims[key[: -len(".weight")]] = len(info.get("shape") or ())
+    return dims
+
+
+def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
+    """target_modules must name layers of this model, and Linear or Conv2d ones (weights of rank 2 or 4: what PEFT
+    wraps), matched as PEFT matches them (the name or a "."-suffix of it). Read from the weight files' headers, so
+    a typo fails here instead of after loading gigabytes. Diffusers folders only: single files use other names."""
+    if probe.kind not in ("diffusers_dir", "hub") or probe.path is None or not probe.weight_files:
+        return
+    checks = [("target_modules", cfg.target_modules, ("unet",))]
+    if cfg.train_text_encoder:
+        checks.append(("text_encoder_target_modules", cfg.text_encoder_target_modules,
+                       tuple(c for c in probe.weight_files if c.startswith("text_encoder"))))
+    for key, targets, comps in checks:
+        dims: dict[str, int] = {}
+        for comp in comps:
+            dims.update(_weight_ndims(Path(probe.path), probe.weight_files.get(comp, ())))
+        if not dims:
+            continue
+        unknown, not_layers = [], []
+        for t in targets:
+            matched = {name: d for name, d in dims.items() if name == t or name.endswith("." + t)}
+            if not matched:
+                unknown.append(t)
+            # rank 1: norms; a rank-2 "*embedding" is an nn.Embedding (token/position tables), not a Linear
+            elif any(d not in (2, 4) or name.rsplit(".", 1)[-1].endswith("embedding") for name, d in matched.items()):
+                not_layers.append(t)
+        examples = ("to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2"
+                    if key == "target_modules" else "q_proj, k_proj, v_proj, out_proj, fc1, fc2")
+        if unknown:
+            errors.append(_issue("target_modules_unknown", key, f"{key} names modules this model does not have: "
+                                 f"{', '.join(unknown)}", value=unknown, allowed=f"module names such as {examples}"))
+        if not_layers:
+            errors.append(_issue("target_modules_unsupported", key, f"{key}: {', '.join(not_layers)} are not Linear "
+                                 "or Conv2d layers (norms, embeddings): LoRA wraps only those", value=not_layers,
+                                 allowed=f"module names such as {examples}"))
+
+
 def _model_summary(probe: ModelProbe) -> dict:
     return {"kind": probe.kind, "source": probe.source, "path": str(probe.path) if probe.path else None,
             "family": probe.family, "family_evidence": probe.family_evidence,
@@ -362,6 +410,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, base_dir, errors, warnings)
+    _check_targets(cfg, probe, errors)
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, base_dir, errors, warnings)
 

@@ -196,6 +196,33 @@ def test_sd2_single_file_prediction_type_and_config_source(env, tiny_models, mon
     assert codes(r.errors) == ["model_config_missing"]  # a folder without model_index.json
 
 
+def test_target_modules_checked_from_weight_headers(env, tiny_models):
+    """A typo, a norm or an embedding in target_modules fails preflight (no model loaded), naming the key; the
+    trainer's own check at load time refuses the same embedding, so nothing trains into an unexportable LoRA."""
+    tmp_path, data, _ = env
+    model = tiny_models["sd15"]
+    assert run_preflight(cfg_of(tmp_path, data, model, train_text_encoder=True)).ok
+    r = run_preflight(cfg_of(tmp_path, data, model, target_modules=["to_q", "to_qq", "norm1"]))
+    assert [(e["code"], e["path"], e["value"]) for e in r.errors] == [
+        ("target_modules_unknown", "target_modules", ["to_qq"]),
+        ("target_modules_unsupported", "target_modules", ["norm1"])]
+    r = run_preflight(cfg_of(tmp_path, data, model, train_text_encoder=True,
+                             text_encoder_target_modules=["q_proj", "token_embedding"]))
+    assert [(e["code"], e["path"], e["value"]) for e in r.errors] == [
+        ("target_modules_unsupported", "text_encoder_target_modules", ["token_embedding"])]
+    assert r.exit_code == EXIT_CONFIG
+
+    from transformers import CLIPTextModel
+
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.lora import add_lora
+
+    te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    with pytest.raises(ConfigError, match="token_embedding .Embedding. are not Linear or Conv2d"):
+        add_lora(te, rank=4, alpha=4, dropout=0.0, targets=("q_proj", "token_embedding"), use_dora=False,
+                 path="text_encoder_target_modules")
+
+
 def test_output_checks(env, monkeypatch):
     tmp_path, data, model = env
     out = tmp_path / "out"
