@@ -78,6 +78,7 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     use_dora: bool = False
+    init_lora: str | None = None
     train_text_encoder: bool = False
     mixed_precision: str = "auto"
     device: str = "auto"

@@ -411,6 +411,11 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, base_dir, errors, warnings)
     _check_targets(cfg, probe, errors)
+    if getattr(cfg, "init_lora", None):
+        from .init_lora import header_problems
+
+        errors.extend(dict(p, code="init_lora_mismatch") for p in header_problems(
+            base_dir / os.path.expanduser(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, base_dir, errors, warnings)
 

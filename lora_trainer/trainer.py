@@ -216,6 +216,10 @@ class Trainer:
                                            path="text_encoder_target_modules")
                 te.train()
         comps.unet.train()
+        if cfg.init_lora:
+            from .init_lora import init_from_file
+
+            init_from_file(self)
 
     def _build_optimizer(self) -> None:
         from .objective import DiffusionObjective, ObjectiveSettings
