@@ -89,3 +89,20 @@ def test_files_that_do_not_fit_are_refused_before_training(tmp_path, tiny_models
                                        train_text_encoder=False)))
     assert res.returncode == 2 and "target_modules" in {p["path"] for p in res.last("error")["details"]["problems"]}
     assert "Traceback" not in res.stderr
+
+
+def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
+    data, _ = source
+    dora = dict(use_dora=True, target_modules=["to_q", "to_v", "conv1"])  # conv1: [out,1,1,1] <-> [1,out,1,1]
+    src = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], data, "src", **dora)))
+    assert src.returncode == 0, src.stderr[-3000:]
+    res = run_cli("--config", str(_cfg(tmp_path, tiny_models["sd15"], data, "cont", **dora, **FROZEN,
+                                       init_lora=str(tmp_path / "src" / "lora.safetensors"))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    want, got = load_file(tmp_path / "src" / "lora.safetensors"), load_file(tmp_path / "cont" / "lora.safetensors")
+    assert got.keys() == want.keys() and any(k.endswith(".dora_scale") for k in want)
+    for k in want:
+        if k.endswith(".dora_scale"):  # fp32 in the file: one AdamW step at lr 1e-12 stays below its resolution too
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(got[k], want[k]), k
