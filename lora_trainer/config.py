@@ -125,6 +125,15 @@ class TrainConfig:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
     @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the config are relative to: the config file's (else the working one)."""
+        return self.config_path.parent if self.config_path is not None else Path.cwd()
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config (base_model_config, init_lora, resume ...), ~ expanded, relative to base_dir."""
+        return _resolve_path(value, self.base_dir)
+
+    @property
     def randomised_captions(self) -> bool:
         return self.caption_dropout_rate > 0 or self.shuffle_tags
 

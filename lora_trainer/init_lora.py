@@ -116,8 +116,7 @@ def read_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def init_from_file(t: Any) -> None:
     """The Trainer's step: load cfg.init_lora (relative to the config file) into the fresh adapters, and say so."""
     cfg = t.cfg
-    base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
-    path = base / Path(cfg.init_lora).expanduser()
+    path = cfg.resolve(cfg.init_lora)
     models = {"unet": t.comps.unet, **(t.comps.text_encoders if cfg.train_text_encoder else {})}
     info = apply_init_lora(path, t.family.name, models, rank=cfg.lora_rank, alpha=cfg.alpha, use_dora=cfg.use_dora,
                            unet_config=t.comps.unet_config)

@@ -122,9 +122,10 @@ def download_with_events(repo_id: str, ev) -> Path:
         "progress", phase="downloading", current=n, total=total, unit=unit, message=message))
 
 
-def preflight_for_training(cfg, ev):
+def preflight_for_training(cfg, ev) -> tuple:
     """The same checks as --validate-only, so a run never starts on a config that preflight rejects; its model
     probe and dataset scan (for the detected family's resolution) are what training uses. Raises on errors.
+    Returns (preflight result, the snapshot it downloaded or None).
 
     A hub id not in the cache has no family at that point, and the family decides the loader, resolution and
     buckets: it is downloaded first, then checked again on the cached snapshot (probed like a local folder, the
@@ -136,14 +137,15 @@ def preflight_for_training(cfg, ev):
     ev.set_phase("preflight")
     pre = run_preflight(cfg, [])
     _emit_warnings(ev, pre.warnings)
+    snapshot = None
     if pre.ok and pre.probe.kind == "hub" and pre.probe.family is None:
-        download_with_events(cfg.base_model, ev)
+        snapshot = download_with_events(cfg.base_model, ev)
         first = pre.warnings
         pre = run_preflight(cfg, [])
         _emit_warnings(ev, pre.warnings, first)
     if not pre.ok:
         raise_for_preflight(pre)
-    return pre
+    return pre, snapshot
 
 
 def check_not_pickle(path: Path) -> None:

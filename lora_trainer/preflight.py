@@ -113,7 +113,7 @@ def list_checkpoints(output_path: Path) -> list[tuple[int, Path, bool]]:
     return sorted(out)
 
 
-def _check_resume(cfg: Any, base_dir: Path, errors: list, warnings: list) -> dict:
+def _check_resume(cfg: Any, errors: list, warnings: list) -> dict:
     if cfg.resume is False or cfg.resume is None:
         return {"mode": "off"}
     if cfg.resume == "auto":
@@ -123,9 +123,7 @@ def _check_resume(cfg: Any, base_dir: Path, errors: list, warnings: list) -> dic
         return {"mode": "auto", "found": latest is not None, "checkpoint": str(latest[1]) if latest else None,
                 "step": latest[0] if latest else None, "incomplete": len(cps) - len(complete),
                 "action": "resume" if latest else "fresh start"}
-    p = Path(os.path.expanduser(str(cfg.resume)))
-    if not p.is_absolute():
-        p = base_dir / p
+    p = cfg.resolve(str(cfg.resume))
     info = {"mode": "path", "checkpoint": str(p), "found": False, "step": None}
     if not p.is_dir():
         errors.append(_issue("resume_not_found", "resume", f"checkpoint folder {p} does not exist",
@@ -285,7 +283,7 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
 
 # ---------------------------------------------------------------------------------- model
 
-def _check_single_file_config(cfg: Any, probe: ModelProbe, base_dir: Path, errors: list, warnings: list) -> dict | None:
+def _check_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warnings: list) -> dict | None:
     """A single-file checkpoint holds weights only: its component configs and tokenizers come from
     base_model_config (a diffusers folder or hub id) or else diffusers' default repo for the family. Checked here
     so that an offline machine learns it before training, not after loading gigabytes."""
@@ -293,7 +291,7 @@ def _check_single_file_config(cfg: Any, probe: ModelProbe, base_dir: Path, error
         return None
     src = (cfg.base_model_config or "").strip()
     if src:
-        local = base_dir / Path(os.path.expanduser(src))
+        local = cfg.resolve(src)
         if local.is_dir():
             if not (local / "model_index.json").is_file():
                 errors.append(_issue("model_config_missing", "base_model_config",
@@ -393,11 +391,10 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     t0 = time.perf_counter()
     errors: list[dict] = []
     warnings: list[dict] = [dict(w) for w in config_warnings]
-    base_dir = Path(cfg.config_path).parent if getattr(cfg, "config_path", None) else Path.cwd()
 
     # The model is probed first (its family decides resolution and bucketing) but reported after the
     # dataset, so that the first error is the most basic one.
-    probe = probe_model(cfg.base_model, base_dir, model_type=cfg.model_type)
+    probe = probe_model(cfg.base_model, cfg.base_dir, model_type=cfg.model_type)
     family = probe.family or (cfg.model_type if cfg.model_type != "auto" else None)
     prediction = probe.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     if prediction is None and probe.kind == "single_file" and family == "sd2" and not cfg.base_model_config:
@@ -409,15 +406,15 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep)
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
-    config_info = _check_single_file_config(cfg, probe, base_dir, errors, warnings)
+    config_info = _check_single_file_config(cfg, probe, errors, warnings)
     _check_targets(cfg, probe, errors)
     if getattr(cfg, "init_lora", None):
         from .init_lora import header_problems
 
         errors.extend(dict(p, code="init_lora_mismatch") for p in header_problems(
-            base_dir / os.path.expanduser(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
+            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
     output_info = _check_output(cfg, errors, warnings)
-    resume_info = _check_resume(cfg, base_dir, errors, warnings)
+    resume_info = _check_resume(cfg, errors, warnings)
 
     summary = {
         "dataset": dataset_info,

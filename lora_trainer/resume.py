@@ -119,9 +119,7 @@ def _pick(t: "Trainer") -> Path | None:
         return None
     if cfg.resume == "auto":
         return find_latest_checkpoint(checkpoints_root(t))
-    path = Path(cfg.resume)
-    if not path.is_absolute() and cfg.config_path is not None:
-        path = cfg.config_path.parent / path
+    path = cfg.resolve(str(cfg.resume))  # the folder preflight checked
     ok, reason = verify_checkpoint(path) if path.exists() else (False, "no such directory")
     if not ok:
         raise ConfigError(f"cannot resume from {path}: {reason}",

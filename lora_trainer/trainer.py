@@ -58,7 +58,7 @@ class Trainer:
         ev.start_heartbeat(cfg.heartbeat_seconds)
         from .loading import preflight_for_training
 
-        pre = preflight_for_training(cfg, ev)
+        pre, self.downloaded = preflight_for_training(cfg, ev)
         self.probe, self.scan = pre.probe, pre.scan
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
@@ -106,15 +106,15 @@ class Trainer:
         source = Path(probe.path) if probe.path else None
         if probe.kind == "hub":
             # A cached snapshot may be partial (an interrupted download): snapshot_download completes it, and
-            # costs one metadata request when it is complete (none with HF_HUB_OFFLINE).
-            source = download_with_events(self.cfg.base_model, ev)
+            # costs one metadata request when it is complete (none with HF_HUB_OFFLINE). Not again when
+            # preflight has just downloaded it.
+            source = self.downloaded or download_with_events(self.cfg.base_model, ev)
         check_not_pickle(source)
         dtype = weight_dtype(self.device_info.mixed_precision)
         try:
             config_src = self.cfg.base_model_config  # a hub id, or a folder relative to the config file
-            base = self.cfg.config_path.parent if self.cfg.config_path else Path.cwd()
-            if config_src and (base / Path(config_src).expanduser()).exists():
-                config_src = str((base / Path(config_src).expanduser()).resolve())
+            if config_src and self.cfg.resolve(config_src).exists():
+                config_src = str(self.cfg.resolve(config_src).resolve())
             self.comps = self.family.load(source, single_file=probe.kind == "single_file", dtype=dtype,
                                           single_file_config=config_src,
                                           progress=lambda i, n, what: ev.emit("progress", phase="loading_model",

@@ -163,6 +163,7 @@ def test_training_downloads_the_model_with_progress_and_writes_the_lora(scenario
     expected_bytes = sum(len(hub.repos[REPO].files[p].data) for p in fetched)
     assert cur[-1] == tot[-1] == expected_bytes and set(tot) == {expected_bytes}, list(zip(cur, tot))
     assert prog[-1]["seq"] < res.last("run_started")["seq"]
+    assert len([e for e in res.of_type("status") if e["phase"] == "downloading"]) == 1  # not again at model load
     assert all(REPO in e.get("message", "") for e in prog)
 
     # The token goes to the hub's API, never to the CDN (another origin), and never into the output.
