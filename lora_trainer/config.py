@@ -75,7 +75,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] | str = "auto"  # "auto", a preset name, or module names (family_spec)
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     use_dora: bool = False
     init_lora: str | None = None
@@ -104,11 +104,23 @@ class TrainConfig:
     cache_text_embeddings: bool = True
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    # Flow-matching options: None takes the family's default (family_spec.FlowDefaults).
+    flow_sigma_sampling: str | None = None
+    flow_logit_mean: float | None = None
+    flow_logit_std: float | None = None
+    flow_mode_scale: float | None = None
+    flow_sigmoid_scale: float | None = None
+    flow_shift: str | None = None
+    flow_shift_value: float | None = None
+    flow_loss_weighting: str | None = None
+    flow_precondition_outputs: bool | None = None
+    train_guidance_scale: float | None = None
+    max_sequence_length: int | None = None
     validation_prompts: tuple[str, ...] = ()
     validation_steps: int | None = None
     num_validation_images: int = 1
     validation_inference_steps: int = 25
-    validation_guidance_scale: float = 7.0
+    validation_guidance_scale: float | None = None
     output_name: str = "lora"
     save_precision: str = "fp16"
     overwrite_output: bool = False

@@ -31,7 +31,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 # itself, since PIL's convert("RGB") would clip them to white. Keep the two in sync.
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
                              "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
-FAMILY_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 _TAIL = 4096
 _PNG_IEND = b"IEND\xaeB`\x82"
@@ -258,13 +257,16 @@ def resolve_training_shape(cfg: Any, family: str | None = None, prediction_type:
 
     An SD2 model of unknown prediction type is assumed to be the 768-v kind (SD 2.x's flagship).
     """
+    from .family_spec import SPECS
+
     fam = family or (cfg.model_type if cfg.model_type != "auto" else None)
+    spec = SPECS.get(fam or "sd15", SPECS["sd15"])
     res = cfg.resolution
     if res is None:
-        res = FAMILY_RESOLUTION.get(fam or "sd15", 512)
+        res = spec.default_resolution
         if fam == "sd2" and prediction_type == "epsilon":
             res = 512
-    bucketing = cfg.enable_bucketing if cfg.enable_bucketing is not None else fam == "sdxl"
+    bucketing = cfg.enable_bucketing if cfg.enable_bucketing is not None else spec.bucketing_default
     return res, bool(bucketing)
 
 

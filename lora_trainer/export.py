@@ -50,9 +50,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .family_spec import FAMILY_NAMES
 from .kohya_names import FAMILIES, check_family, diffusers_to_sgm, kohya_module_name, sgm_block_map, te_path
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 PEFT_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py
 
@@ -87,6 +88,10 @@ def _peft_modules(state: Mapping[str, torch.Tensor], component: str) -> dict[str
             raise ValueError(f"{component}: {path!r} magnitude {tuple(parts[MAGNITUDE].shape)} does not have one "
                              f"entry per output channel ({b.shape[0]})")
     return modules
+
+
+def _is_text_encoder(component: str) -> bool:
+    return component.startswith("text_encoder")
 
 
 def is_dora(states: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
@@ -144,14 +149,14 @@ def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
     """
     out: dict[str, torch.Tensor] = {}
     for component, path, parts in _iter_modules(states):
-        if component != "unet":
+        if _is_text_encoder(component):
             path = te_path(path)
         for suffix, tensor in parts.items():
             if suffix == MAGNITUDE:
                 # diffusers loads UNet adapters through PEFT, which takes PEFT's key as is, but text encoders
                 # through transformers' adapter loader (5.x), which matches parameter names and silently leaves
                 # a magnitude without ".weight" at its initial value (PEFT accepts that form too).
-                key = f"{component}.{path}.{suffix}" + (".weight" if component != "unet" else "")
+                key = f"{component}.{path}.{suffix}" + (".weight" if _is_text_encoder(component) else "")
                 out[key] = _magnitude(tensor)
                 continue
             t = tensor.detach().to("cpu")
@@ -178,12 +183,12 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
             if float(fields.get("lora_alpha", alpha)) != float(alpha) or int(fields.get("r", rank)) != int(rank):
                 raise ValueError(f"{component}: LoraConfig r/lora_alpha disagree with rank={rank}, alpha={alpha}")
             targets = fields.get("target_modules")
-            if component != "unet" and isinstance(targets, (list, set, tuple)):
+            if _is_text_encoder(component) and isinstance(targets, (list, set, tuple)):
                 fields["target_modules"] = sorted(str(t).removeprefix("text_model.") for t in targets)
         else:
             modules = _peft_modules(state, component)
             paths = sorted(modules)
-            if component != "unet":
+            if _is_text_encoder(component):
                 paths = [p.removeprefix("text_model.") for p in paths]
             fields = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": paths,
                       "init_lora_weights": True, "use_dora": any(MAGNITUDE in m for m in modules.values()),
@@ -198,6 +203,20 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
 
 
 # --------------------------------------------------------------------------------------------------- metadata
+# (ss_base_model_version, modelspec architecture, modelspec implementation) exactly as sd-scripts writes them for its
+# FLUX.1 and SD3 LoRAs (library/sai_model_spec.py, flux_train_network.py, sd3_train_network.py). Forge calls a LoRA
+# FLUX if the implementation is BFL's URL or the architecture is flux-1-dev/lora (sd_forge_lora/network.py).
+_BFL = "https://github.com/black-forest-labs/flux"
+DIT_MODELSPEC = {
+    "flux1": {"dev": ("flux1", "flux-1-dev", _BFL), "schnell": ("flux1", "flux-1-schnell", _BFL),
+              None: ("flux1", "flux-1-dev", _BFL)},
+    "sd3": {"sd3-medium": ("medium", "stable-diffusion-3-medium", "diffusers"),
+            "sd3.5-medium": ("5-medium", "stable-diffusion-3-5-medium", "diffusers"),
+            "sd3.5-large": ("5-large", "stable-diffusion-3-5-large", "diffusers"),
+            None: ("5-large", "stable-diffusion-3-5-large", "diffusers")},
+}
+
+
 _TRAINING_ALIASES = {  # friendly training-dict names -> sd-scripts train_network.py metadata keys
     "steps": "ss_steps", "epoch": "ss_epoch", "epochs": "ss_num_epochs", "lr": "ss_learning_rate",
     "learning_rate": "ss_learning_rate", "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr",
@@ -221,11 +240,12 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
                    tag_frequency: Mapping[str, Mapping[str, int]], resolution: tuple[int, int],
                    training: Mapping[str, Any], title: str | None = None, prediction_type: str = "epsilon",
                    network_args: Mapping[str, Any] | None = None, started_at: float | None = None,
-                   dora: bool = False) -> dict[str, str]:
+                   dora: bool = False, variant: str | None = None) -> dict[str, str]:
     """kohya ``ss_*`` keys (what A1111 reads to classify and alias the LoRA, and Civitai for tags) and modelspec keys
     (as sd-scripts ``library/sai_model_spec.py`` writes them). All values are strings, as safetensors requires."""
-    check_family(family)
-    pred = {"v_prediction": "v", "v": "v", "epsilon": "epsilon"}.get(prediction_type)
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {family!r}: expected one of {FAMILY_NAMES}")
+    pred = {"v_prediction": "v", "v": "v", "epsilon": "epsilon", "flow": "flow"}.get(prediction_type)
     if pred is None:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     v_pred = pred == "v"
@@ -236,7 +256,9 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
         # continue training or classify the file (Civitai, sd-scripts --network_weights) read it as such.
         args.update(algo="lora", dora_wd="True", wd_on_out="True")
     width, height = (int(resolution[0]), int(resolution[1]))
-    if family == "sdxl":
+    if family in DIT_MODELSPEC:
+        base_version, arch, impl = DIT_MODELSPEC[family][variant if variant in DIT_MODELSPEC[family] else None]
+    elif family == "sdxl":
         base_version, arch, impl = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", \
             "https://github.com/Stability-AI/generative-models"  # sai_model_spec: lora and sdxl -> Stability AI
     elif family == "sd2":
@@ -264,9 +286,13 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
     md.update({
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
         "modelspec.implementation": impl, "modelspec.title": title or output_name,
-        "modelspec.resolution": f"{width}x{height}", "modelspec.prediction_type": pred,
+        "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(started)).isoformat(),  # training start, as sd-scripts
     })
+    if pred != "flow":  # sd-scripts writes none for FLUX.1 (and "epsilon" for SD3, which would mislead)
+        md["modelspec.prediction_type"] = pred
+    if family == "flux1":
+        md["ss_model_type"] = "flux"  # flux_train_network.py
     words = [w.strip() for w in trigger_words if w and w.strip()]
     if words:
         md["modelspec.trigger_phrase"] = ", ".join(words)
@@ -342,11 +368,13 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
 def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
                 states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int, unet_config: Any,
                 metadata: Mapping[str, str], lora_configs: Mapping[str, Any] | None = None,
-                dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+                dtype: torch.dtype = torch.float16, kohya: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Write ``<out_dir>/<output_name>.safetensors`` (kohya, with ``metadata`` + sshs hashes) and
     ``<out_dir>/pytorch_lora_weights.safetensors`` (PEFT/diffusers, with ``lora_adapter_metadata``).
 
-    Both state dicts are built and checked before either file is written, so a bad tensor leaves no half export.
+    ``kohya``: the tool file's state dict when the family builds it (transformer families' layout); by default the
+    kohya SD layout is built here. Both state dicts are built and checked before either file is written, so a bad
+    tensor leaves no half export.
     Returns ``{"kohya_path", "peft_path", "kohya_keys", "peft_keys", "modules"}``.
     """
     if not output_name or "/" in output_name or "\\" in output_name or output_name.startswith("."):
@@ -355,7 +383,8 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     kohya_path, peft_path = out / f"{output_name}.safetensors", out / PEFT_WEIGHTS_NAME
     if kohya_path == peft_path:
         raise ValueError(f"output_name {output_name!r} collides with {PEFT_WEIGHTS_NAME}")
-    kohya = kohya_state_dict(family, states, alpha=alpha, rank=rank, unet_config=unet_config, dtype=dtype)
+    if kohya is None:
+        kohya = kohya_state_dict(family, states, alpha=alpha, rank=rank, unet_config=unet_config, dtype=dtype)
     peft = peft_state_dict(states, dtype=dtype)
     _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now
     _check_tensors(peft, None)

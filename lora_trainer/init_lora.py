@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported lazily: preflight (header_problems) runs 
     import torch
 
 _KOHYA = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
-_PEFT = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
+_PEFT = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
                    r"lora_magnitude_vector(?:\.weight)?)$")
 
 
@@ -117,9 +117,9 @@ def init_from_file(t: Any) -> None:
     """The Trainer's step: load cfg.init_lora (relative to the config file) into the fresh adapters, and say so."""
     cfg = t.cfg
     path = cfg.resolve(cfg.init_lora)
-    models = {"unet": t.comps.unet, **(t.comps.text_encoders if cfg.train_text_encoder else {})}
-    info = apply_init_lora(path, t.family.name, models, rank=cfg.lora_rank, alpha=cfg.alpha, use_dora=cfg.use_dora,
-                           unet_config=t.comps.unet_config)
+    unet = t.comps.denoisers.get("unet")
+    info = apply_init_lora(path, t.family.name, dict(t.lora_modules), rank=cfg.lora_rank, alpha=cfg.alpha,
+                           use_dora=cfg.use_dora, unet_config=unet.config if unet is not None else None)
     t.events.emit("status", phase="init_lora", message=f"starting from {path.name}: {info['modules']} module(s)"
                   + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else ""))
     if info["not_in_file"]:
@@ -131,9 +131,11 @@ def init_from_file(t: Any) -> None:
 def _names_for(family: str, component: str, path: str, unet_config: Any) -> list[str]:
     """Every name a file may use for this module: kohya (SGM for SDXL, and the diffusers-named variant some
     trainers write), and PEFT with or without the text_model level."""
-    from .kohya_names import kohya_module_name, te_path
+    from .kohya_names import FAMILIES, kohya_module_name, te_path
 
-    names = [kohya_module_name(family, component, path, unet_config)]
+    if component == "transformer":  # our ComfyUI file and the PEFT file name transformer modules alike
+        return [f"transformer.{path}"]
+    names = [kohya_module_name(family, component, path, unet_config)] if family in FAMILIES else []
     if component == "unet":
         names.append("lora_unet_" + path.replace(".", "_"))
         names.append(f"unet.{path}")

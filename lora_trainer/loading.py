@@ -16,17 +16,23 @@ from .model_probe import hub_offline
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Exactly what families/base.py loads from a pipeline folder (from_pretrained(..., use_safetensors=True), no
 # variant): model_index.json, the scheduler config, each model component's config and its non-variant
-# safetensors weights (single file or shards + index), and the tokenizers. Real repos also hold root-level
-# single-file checkpoints (v1-5-pruned.safetensors, sd_xl_base_1.0.safetensors: 4-7 GB each), fp16/non_ema
-# variants and a safety_checker: a bare "*.safetensors" would download all of them for nothing.
-_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-_TOKENIZERS = ("tokenizer", "tokenizer_2")
+# safetensors weights (single file or shards + index), and the tokenizers. Components: SD/SDXL unet, vae,
+# text_encoder(_2); FLUX.1 / SD3 transformer, vae, text_encoder (CLIP-L), text_encoder_2 (T5 for FLUX.1, CLIP-G
+# for SD3), text_encoder_3 (SD3's T5); the T5 tokenizer folder (tokenizer_2 / tokenizer_3) holds spiece.model
+# and tokenizer.json. Real repos also hold root-level single-file checkpoints (v1-5-pruned.safetensors,
+# sd_xl_base_1.0.safetensors, flux1-dev.safetensors + ae.safetensors, sd3.5_large.safetensors and
+# text_encoders/*.safetensors: 4-24 GB each), fp16/bf16/non_ema variants (model.fp16-00001-of-00002.safetensors)
+# and a safety_checker: a bare "*.safetensors" would download all of them for nothing. Shard names are
+# matched digit by digit (save_pretrained writes -00001-of-00002), so a variant's shards never match.
+_MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+_SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
 HUB_PATTERNS = ["model_index.json", "scheduler/*.json",
                 *(f"{comp}/{name}" for comp in _MODEL_COMPONENTS for name in (
                     "config.json",
-                    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
+                    "diffusion_pytorch_model.safetensors", f"diffusion_pytorch_model{_SHARD}",
                     "diffusion_pytorch_model.safetensors.index.json",
-                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")),
+                    "model.safetensors", f"model{_SHARD}", "model.safetensors.index.json")),
                 *(f"{tok}/*" for tok in _TOKENIZERS)]
 HUB_IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # never fetched, whatever the folder
 

@@ -1,4 +1,4 @@
-"""Attaching PEFT LoRA adapters to the UNet and text encoders, and reading their weights back."""
+"""Attaching PEFT LoRA adapters to the denoiser(s) and text encoders, and reading their weights back."""
 from __future__ import annotations
 
 import torch
@@ -8,21 +8,25 @@ from .errors import ConfigError
 ADAPTER = "default"
 
 
-_ALLOWED = ("module names such as to_q, to_k, to_v, to_out.0, proj_in, ff.net.2, conv1 (UNet) or "
-            "q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders)")
+_ALLOWED = ("a preset (attention, attention_mlp, all_linear), or module names such as to_q, to_k, to_v, to_out.0, "
+            "proj_in, ff.net.2, conv1 (UNet), add_q_proj, proj_mlp (FLUX/SD3 transformer) or q_proj, k_proj, v_proj, "
+            "out_proj, fc1, fc2 (text encoders)")
 
 
-def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) -> None:
-    """Each target (matched as PEFT matches: the name or a "."-suffix) must name Linear or Conv2d layers only: PEFT
-    would also wrap an Embedding, which no kohya loader reads, and fail on containers and norms."""
-    mods = list(module.named_modules())
-    missing, wrong = [], []
-    for t in targets:
-        hits = [m for n, m in mods if n == t or n.endswith("." + t)]
-        if not hits:
-            missing.append(t)
-        elif any(not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in hits):
-            kinds = sorted({type(m).__name__ for m in hits if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) -> list[str]:
+    """Each target pattern (see family_spec: a PEFT-style name/suffix, or a ``*`` pattern over Linear layers) must
+    select Linear or Conv2d layers only: PEFT would also wrap an Embedding, which no kohya loader reads, and fail on
+    containers and norms. Returns PEFT's target_modules list (``*`` patterns expanded to module names)."""
+    from .family_spec import expand_targets, peft_targets
+
+    layers = {n: (2 if isinstance(m, torch.nn.Linear) else 4 if isinstance(m, torch.nn.Conv2d) else 0)
+              for n, m in module.named_modules() if n}
+    hits = expand_targets(tuple(targets), layers)
+    missing = [t for t, names in hits.items() if not names]
+    wrong = []
+    for t, names in hits.items():
+        kinds = sorted({type(module.get_submodule(n)).__name__ for n in names if not layers[n]})
+        if kinds:
             wrong.append(f"{t} ({', '.join(kinds)})")
     if missing:
         raise ConfigError(f"{path} names modules this model does not have: {', '.join(missing)}",
@@ -31,6 +35,7 @@ def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) 
     if wrong:
         raise ConfigError(f"{path}: {', '.join(wrong)} are not Linear or Conv2d layers; LoRA wraps only those",
                           [{"path": path, "value": wrong, "message": "not a Linear or Conv2d layer", "allowed": _ALLOWED}])
+    return peft_targets(tuple(targets), layers)
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
@@ -38,9 +43,9 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float
     """Wrap the target layers with LoRA (fp32 weights), freeze everything else; returns the trainable params."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    _target_check(module, targets, path)
+    target_names = _target_check(module, targets, path)
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_names,
                         init_lora_weights=True, use_dora=use_dora)
     # diffusers models have add_adapter (which also registers the config for their loaders); transformers'
     # own add_adapter demands a newer peft than diffusers supports, so text encoders get PEFT's injection.

@@ -4,28 +4,64 @@ Family detection rules (first match wins), written so that tiny test models, who
 real ones, are classified by the same structural facts as the real checkpoints:
 
 diffusers folder (model_index.json):
-  1. ``_class_name`` containing "XL", a non-null ``text_encoder_2`` component, or
+  0. ``_class_name`` of another family (FLUX.2, Qwen-Image, Z-Image, Chroma, Wan, Kandinsky, PixArt, ...,
+     and the FLUX.1 Fill / Canny-Depth control / Kontext / Redux pipelines, whose transformer is not the
+     text-to-image one)                                                      -> unsupported, family named
+  1. ``FluxPipeline`` (also FluxImg2Img/Inpaint/ControlNet*: same components, same transformer; the
+     pipeline class is not what training loads)                             -> flux1
+     variant: transformer ``guidance_embeds`` true -> "dev", else "schnell". A transformer whose
+     ``out_channels`` differs from ``in_channels`` is image-conditioned (Fill, Canny/Depth)  -> unsupported
+  2. ``StableDiffusion3Pipeline`` (also its Img2Img/Inpaint/PAG/ControlNet* classes)         -> sd3
+     variant, by structure: transformer ``dual_attention_layers`` non-empty (MMDiT-X attn2 blocks)
+     -> "sd3.5-medium"; else ``qk_norm`` set (SD3.5 added RMS q/k norms; SD3 medium has none) or
+     ``num_layers`` >= 38 (the real 3.5 large depth) -> "sd3.5-large"; else -> "sd3-medium".
+  3. ``_class_name`` containing "XL", a non-null ``text_encoder_2`` component, or
      unet ``addition_embed_type == "text_time"``                              -> sdxl
-  2. other ``StableDiffusion*Pipeline`` classes: unet ``cross_attention_dim`` 768 -> sd15, 1024 -> sd2
+  4. other ``StableDiffusion*Pipeline`` classes: unet ``cross_attention_dim`` 768 -> sd15, 1024 -> sd2
      (the real models' widths); otherwise text_encoder ``hidden_act`` "gelu" (OpenCLIP) -> sd2,
      "quick_gelu" (OpenAI CLIP) -> sd15; otherwise unet ``use_linear_projection`` or a per-block
      ``attention_head_dim`` list -> sd2, else sd15
-  3. any other pipeline class (SD3, Flux, ...)                               -> unsupported
-  prediction type: scheduler/scheduler_config.json ``prediction_type`` (diffusers' default: epsilon).
+  5. any other pipeline class                                                 -> unsupported
+  prediction type: flux1/sd3 are rectified-flow models -> "flow"; SD: scheduler/scheduler_config.json
+  ``prediction_type`` (diffusers' default: epsilon).
+  components: flux1 needs transformer, vae, text_encoder + tokenizer (CLIP-L), text_encoder_2 +
+  tokenizer_2 (T5), scheduler; sd3 also text_encoder_2 + tokenizer_2 (CLIP-G) and text_encoder_3 +
+  tokenizer_3 (T5). Sharded weights need their index and every shard it (or the shard names) lists. A T5
+  tokenizer folder needs tokenizer.json, or spiece.model where the sentencepiece package is installed
+  (transformers 5 converts spiece.model only with it).
 
-single-file .safetensors (header only; marker prefixes as in diffusers' single_file_utils
-CHECKPOINT_KEY_NAMES):
+single-file .safetensors (header only; marker keys as in diffusers' single_file_utils
+CHECKPOINT_KEY_NAMES / infer_diffusers_model_type, ComfyUI's model_detection; transformer keys are
+matched with or without the ``model.diffusion_model.`` prefix):
+  LoRA key names (``lora_unet_*``, ``*.lora_A.*``, ``*.lora_down.*``, LyCORIS ...)     -> a LoRA: unsupported
   ``conditioner.embedders.1.model.``  (OpenCLIP-G next to CLIP-L)  -> sdxl
   ``conditioner.embedders.0.model.`` alone                         -> SDXL refiner: unsupported
   ``cond_stage_model.model.``         (OpenCLIP-H)                 -> sd2
   ``cond_stage_model.transformer.``   (OpenAI CLIP-L)              -> sd15
   else the UNet's attn2.to_k width (1024 -> sd2, 768 -> sd15), ``label_emb`` -> sdxl.
-  prediction type: a ``v_pred`` key or modelspec metadata; SD1/SDXL default to epsilon; SD2 files do
-  not say (768-v and 512-base share the layout), so it stays None.
+  another family's distinctive keys: FLUX.2 ``single_stream_modulation.lin.weight`` /
+  ``double_stream_modulation_img.lin.weight``, Chroma ``distilled_guidance_layer.*``, Qwen-Image
+  ``txt_norm.weight`` / ``txt_in.text_norm.weight``, Z-Image ``layers.0.adaLN_modulation.0.weight``, Wan
+  ``head.modulation``, HunyuanVideo, Lumina 2, AuraFlow, ... (``_UNSUPPORTED_FILE_MARKERS``) -> unsupported, named
+  ``joint_blocks.N.{x,context}_block.*`` (SAI MMDiT)               -> sd3; variant: ``x_block.attn2.*``
+     -> "sd3.5-medium"; ``attn.ln_q.*`` (RMS q/k norm) or ``joint_blocks.37.*`` -> "sd3.5-large";
+     else "sd3-medium"
+  ``double_blocks.N.img_attn.*`` + ``img_in.weight`` (BFL FLUX layout) with ``vector_in.*`` -> flux1;
+     variant: ``guidance_in.*`` -> "dev" (``img_in`` input width 384 -> Fill, 128 -> Canny/Depth:
+     unsupported), else "schnell". Without ``vector_in`` it is another FLUX-like model: unsupported.
+  else one component on its own (a diffusers UNet/transformer, a VAE such as ae.safetensors, a T5/CLIP
+  text encoder)                                                    -> unsupported, said so
+  prediction type: flux1/sd3 -> "flow"; a ``v_pred`` key or modelspec metadata; SD1/SDXL default to
+  epsilon; SD2 files do not say (768-v and 512-base share the layout), so it stays None.
+  components: SD files must hold unet, vae and text encoder. A flux1/sd3 file usually holds the
+  transformer only (ComfyUI full checkpoints add ``text_encoders.clip_l/clip_g/t5xxl.*`` and
+  ``vae.*``/``first_stage_model.*``): what it lacks is listed in components_missing and taken from
+  base_model_config or the family's default repo (``DEFAULT_CONFIG_REPOS``), not a problem.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -37,10 +73,95 @@ PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 PICKLE_MESSAGE = "pickle checkpoints can run code when loaded; convert to .safetensors"
 BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = BASE_COMPONENTS + ("text_encoder_2", "tokenizer_2")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+FLUX1_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                  "text_encoder_3", "tokenizer_3", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+T5_TOKENIZERS = {"flux1": "tokenizer_2", "sd3": "tokenizer_3"}  # the others are CLIP tokenizers
+FLOW_FAMILIES = frozenset({"flux1", "sd3"})
+SUPPORTED = "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _V2_TO_K = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+_DIT_PREFIX = "model.diffusion_model."
+
+# Pipeline classes trained as flux1 / sd3: the same components and the same text-to-image transformer (the
+# trainer loads components, not the pipeline class; a ControlNet pipeline's controlnet is not used).
+FLUX1_PIPELINES = frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
+                             "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"})
+SD3_PIPELINES = frozenset({"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                           "StableDiffusion3InpaintPipeline", "StableDiffusion3PAGPipeline",
+                           "StableDiffusion3PAGImg2ImgPipeline", "StableDiffusion3ControlNetPipeline",
+                           "StableDiffusion3ControlNetInpaintingPipeline"})
+# (class name prefix, family) of pipelines we cannot train; first match wins, so longer prefixes come first.
+_UNSUPPORTED_PIPELINES = (
+    ("Flux2Klein", "FLUX.2 klein"), ("Flux2", "FLUX.2"), ("Flux3", "FLUX.3"),
+    ("FluxFill", "FLUX.1 Fill, an inpainting transformer"),
+    ("FluxControlNet", "FLUX.1 ControlNet"),  # only the classes not in FLUX1_PIPELINES reach this
+    ("FluxControl", "FLUX.1 Canny/Depth, an image-conditioned transformer"),
+    ("FluxKontext", "FLUX.1 Kontext, an image-editing model"), ("FluxPriorRedux", "FLUX.1 Redux, an image adapter"),
+    ("QwenImage", "Qwen-Image"), ("ZImage", "Z-Image"), ("Chroma", "Chroma"), ("Wan", "Wan"),
+    ("Kandinsky", "Kandinsky"), ("PixArt", "PixArt"), ("Sana", "Sana"), ("Lumina", "Lumina"),
+    ("HiDream", "HiDream"), ("AuraFlow", "AuraFlow"), ("Cosmos", "Cosmos"), ("HunyuanDiT", "Hunyuan-DiT"),
+    ("Hunyuan", "Hunyuan"), ("LTX", "LTX-Video"), ("Krea", "Krea"), ("CogVideoX", "CogVideoX"),
+    ("CogView", "CogView"), ("Kolors", "Kolors"), ("StableCascade", "Stable Cascade"), ("Mochi", "Mochi"),
+    ("Allegro", "Allegro"), ("Latte", "Latte"), ("OmniGen", "OmniGen"), ("StableAudio", "Stable Audio"),
+    ("StableDiffusion3", "SD3"),  # an SD3 class not in SD3_PIPELINES (e.g. a modular pipeline)
+    ("Flux", "a FLUX pipeline this trainer does not know"),  # not FLUX1_PIPELINES: never guessed to be SDXL
+)
+# Single files of families we cannot train: (family, marker keys without the model.diffusion_model. prefix:
+# any of them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux2, flux3, chroma,
+# qwen-image-2.1, z-image-turbo, lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana,
+# stable_cascade, cosmos, krea2) and ComfyUI model_detection (Qwen-Image txt_norm, PixArt, Hunyuan-DiT,
+# Kandinsky 5). Checked before FLUX.1, as diffusers checks flux2/chroma before flux.
+_UNSUPPORTED_FILE_MARKERS = (
+    ("FLUX.2", ("single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight"), None),
+    ("FLUX.3", ("early_stream_modulations.image.lin.weight",), None),
+    ("Chroma", ("distilled_guidance_layer.in_proj.bias", "distilled_guidance_layer.in_proj.weight",
+                "distilled_guidance_layer.norms.0.scale", "distilled_guidance_layer.0.norms.0.scale"), None),
+    ("HunyuanVideo", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",
+                      "txt_in.individual_token_refiner.blocks.0.norm1.weight"), None),
+    ("Qwen-Image", ("txt_norm.weight", "txt_in.text_norm.weight"), "transformer_blocks."),
+    ("Z-Image", ("layers.0.adaLN_modulation.0.weight",), None),
+    ("Lumina 2", ("cap_embedder.0.weight", "cap_embedder.1.weight"), None),
+    ("Wan", ("head.modulation",), None),
+    ("AuraFlow", ("double_layers.0.attn.w1q.weight",), None),
+    ("Mochi", ("blocks.0.attn.qkv_x.weight",), None),
+    ("LTX-Video", ("patchify_proj.weight", "adaln_single.emb.timestep_embedder.linear_1.bias"), None),
+    ("HiDream", ("double_stream_blocks.0.block.adaLN_modulation.1.bias", "caption_projection.0.linear.weight"), None),
+    ("PixArt", ("t_block.1.weight",), None),
+    ("Sana", ("blocks.0.cross_attn.q_linear.weight",), None),
+    ("Hunyuan-DiT", ("mlp_t5.0.weight",), None),
+    ("Kandinsky 5", ("visual_transformer_blocks.0.cross_attention.key_norm.weight",), None),
+    ("Krea 2", ("txtfusion.projector.weight",), None),
+    ("Stable Cascade", ("clip_txt_mapper.weight", "down_blocks.1.0.channelwise.0.weight"), None),
+    ("Cosmos", ("net.x_embedder.proj.1.weight",), None),
+)
+# Where diffusers' from_single_file takes configs, tokenizers (and the components a transformer-only file
+# lacks) when no config is given: DIFFUSERS_DEFAULT_PIPELINE_PATHS of diffusers 0.42 (flux-dev, flux-schnell,
+# sd3, sd35_medium, sd35_large; v1, v2, xl_base).
+DEFAULT_CONFIG_REPOS = {
+    ("flux1", "dev"): "black-forest-labs/FLUX.1-dev",
+    ("flux1", "schnell"): "black-forest-labs/FLUX.1-schnell",
+    ("sd3", "sd3-medium"): "stabilityai/stable-diffusion-3-medium-diffusers",
+    ("sd3", "sd3.5-medium"): "stabilityai/stable-diffusion-3.5-medium",
+    ("sd3", "sd3.5-large"): "stabilityai/stable-diffusion-3.5-large",
+    ("sd15", None): "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ("sd2", None): "stabilityai/stable-diffusion-2-1",
+    ("sdxl", None): "stabilityai/stable-diffusion-xl-base-1.0",
+}
+# component -> key prefixes of a single-file flow checkpoint (ComfyUI / SAI full checkpoints); the
+# transformer is what the family was detected by.
+_FILE_COMPONENTS = {
+    "flux1": (("vae", ("vae.", "first_stage_model.")), ("text_encoder", ("text_encoders.clip_l.",)),
+              ("text_encoder_2", ("text_encoders.t5xxl.",))),
+    "sd3": (("vae", ("vae.", "first_stage_model.")), ("text_encoder", ("text_encoders.clip_l.",)),
+            ("text_encoder_2", ("text_encoders.clip_g.",)), ("text_encoder_3", ("text_encoders.t5xxl.",))),
+}
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+_VARIANT = re.compile(r"\.(fp16|bf16)[.-]")
+_MMDIT = re.compile(r"^joint_blocks\.(\d+)\.(x_block|context_block)\.")
+_BFL_DOUBLE = re.compile(r"^double_blocks\.\d+\.img_attn\.")
 
 
 @dataclass(frozen=True)
@@ -48,8 +169,8 @@ class ModelProbe:
     kind: str  # "diffusers_dir" | "single_file" | "hub" | "invalid"
     source: str  # base_model as written in the config
     path: Path | None  # resolved local folder/file, or the cached hub snapshot
-    family: str | None  # "sd15" | "sd2" | "sdxl" | None
-    prediction_type: str | None  # "epsilon" | "v_prediction" | None (unknown)
+    family: str | None  # "sd15" | "sd2" | "sdxl" | "flux1" | "sd3" | None
+    prediction_type: str | None  # "epsilon" | "v_prediction" | "flow" (flux1, sd3) | None (unknown)
     pipeline_class: str | None = None
     family_evidence: str | None = None  # the rule that decided the family
     components_found: tuple[str, ...] = ()
@@ -59,6 +180,8 @@ class ModelProbe:
     warnings: tuple[dict, ...] = ()
     in_cache: bool | None = None  # hub ids only
     notes: tuple[str, ...] = ()
+    # flux1: "dev" | "schnell"; sd3: "sd3-medium" | "sd3.5-medium" | "sd3.5-large"; None for SD or unknown
+    variant: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -126,7 +249,9 @@ def _component_weights(folder: Path) -> tuple[list[str], list[str], list[dict]]:
     safe = [n for n in names if n.endswith(".safetensors")]
     pickles = [n for n in names if os.path.splitext(n)[1] in PICKLE_SUFFIXES]
     problems: list[dict] = []
+    indexed: set[str] = set()  # stems that have an index: "model" for model.safetensors.index.json
     for idx in (n for n in names if n.endswith(".safetensors.index.json")):
+        indexed.add(idx[: -len(".safetensors.index.json")])
         index, err = _read_json(folder / idx)
         shards = sorted(set((index or {}).get("weight_map", {}).values()))
         missing = [s for s in shards if s not in names]
@@ -135,6 +260,20 @@ def _component_weights(folder: Path) -> tuple[list[str], list[str], list[dict]]:
         elif missing:
             problems.append(_p("model_incomplete", f"{folder.name}: {len(missing)} shard(s) listed in {idx} are missing",
                                files=[f"{folder.name}/{m}" for m in missing]))
+    # Shards without their index (from_pretrained finds them only through it), or fewer than "-of-N" says.
+    groups: dict[tuple[str, int], set[int]] = {}
+    for n in safe:
+        m = _SHARD.match(n)
+        if m:
+            groups.setdefault((m["stem"], int(m["n"])), set()).add(int(m["i"]))
+    for (stem, total), have in sorted(groups.items()):
+        if stem not in indexed:
+            problems.append(_p("model_incomplete", f"{folder.name}: sharded weights {stem}-*-of-{total:05d}.safetensors "
+                               f"have no {stem}.safetensors.index.json",
+                               "download the index file of the sharded weights too"))
+            lost = [f"{folder.name}/{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
+            if lost:
+                problems.append(_p("model_incomplete", f"{folder.name}: {len(lost)} of {total} shard(s) are missing", files=lost))
     for n in safe:
         _, prob = read_safetensors_header(folder / n)
         if prob:
@@ -159,6 +298,71 @@ def _sd_family(unet_cfg: dict, te_cfg: dict) -> tuple[str, str]:
     return "sd15", "unet layout of SD1.x"
 
 
+def _unsupported(what: str, family_name: str | None = None, hint: str | None = None) -> dict:
+    named = f" ({family_name})" if family_name else ""
+    return _p("model_unsupported", f"{what}{named} is not supported; supported: {SUPPORTED}",
+              hint or "use an SD1.5, SD2.x, SDXL, FLUX.1 (dev or schnell) or SD3/SD3.5 base model")
+
+
+def _unsupported_file(name: str, evidence: str, hint: str | None = None) -> dict:
+    return _p("model_unsupported", f"this is a {name} checkpoint ({evidence}); {name} is not supported; "
+              f"supported: {SUPPORTED}", hint or "use an SD1.5, SD2.x, SDXL, FLUX.1 (dev or schnell) or SD3/SD3.5 base model")
+
+
+def _unsupported_pipeline_family(cls: str) -> str | None:
+    return next((name for prefix, name in _UNSUPPORTED_PIPELINES if cls.startswith(prefix)), None)
+
+
+def _flux1_variant(tcfg: dict) -> tuple[str | None, str, dict | None]:
+    """(variant, evidence, unsupported-problem) from transformer/config.json (empty if unreadable)."""
+    if not tcfg:
+        return None, "", None
+    ic, oc = tcfg.get("in_channels"), tcfg.get("out_channels")
+    if ic is not None and oc is not None and ic != oc:
+        return None, "", _unsupported(f"a FLUX.1 transformer with in_channels {ic} != out_channels {oc}",
+                                      "an image-conditioned model such as FLUX.1 Fill or Canny/Depth",
+                                      "use FLUX.1-dev or FLUX.1-schnell (text-to-image)")
+    if tcfg.get("guidance_embeds"):
+        return "dev", "; transformer guidance_embeds true (dev)", None
+    return "schnell", "; transformer guidance_embeds false (schnell)", None
+
+
+def _sd3_variant(tcfg: dict) -> tuple[str | None, str]:
+    """Structural: MMDiT-X dual attention -> 3.5 medium; SD3.5's RMS q/k norm (or the real 38 layers) -> 3.5 large."""
+    if not tcfg:
+        return None, ""
+    if tcfg.get("dual_attention_layers"):
+        return "sd3.5-medium", "; transformer dual_attention_layers (MMDiT-X, SD3.5 medium)"
+    if tcfg.get("qk_norm"):
+        return "sd3.5-large", f"; transformer qk_norm {tcfg['qk_norm']} without dual attention (SD3.5 large)"
+    if (tcfg.get("num_layers") or 0) >= 38:
+        return "sd3.5-large", "; transformer num_layers >= 38 (SD3.5 large)"
+    return "sd3-medium", "; transformer without qk_norm or dual attention (SD3 medium)"
+
+
+def _have_sentencepiece() -> bool:
+    return importlib.util.find_spec("sentencepiece") is not None  # looked up, not imported
+
+
+def _tokenizer_problem(folder: Path, comp: str, t5: bool) -> tuple[dict | None, str | None]:
+    """(problem, note) for a tokenizer folder: CLIP needs vocab.json+merges.txt or tokenizer.json; T5 needs
+    tokenizer.json, or spiece.model with sentencepiece installed (transformers 5 converts it only with that)."""
+    names = set(os.listdir(folder))
+    if "tokenizer.json" in names:
+        return None, None
+    if not t5:
+        if {"vocab.json", "merges.txt"} <= names:
+            return None, None
+        return _p("model_incomplete", f"{comp}/ has neither vocab.json+merges.txt nor tokenizer.json"), None
+    if "spiece.model" not in names:
+        return _p("model_incomplete", f"{comp}/ (T5 tokenizer) has neither tokenizer.json nor spiece.model"), None
+    if _have_sentencepiece():
+        return None, f"{comp} has only spiece.model: converted with sentencepiece when loaded"
+    return _p("model_incomplete", f"{comp}/ (T5 tokenizer) has only spiece.model, which transformers can read only "
+              "with the sentencepiece package (not installed)",
+              f"pip install sentencepiece, or add the tokenizer.json of the model's repo to {comp}/"), None
+
+
 def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
     index, err = _read_json(path / "model_index.json")
     if index is None:
@@ -176,18 +380,41 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
     te_cfg = _read_json(path / "text_encoder" / "config.json")[0] or {}
     problems: list[dict] = []
     notes: list[str] = []
-    family: str | None
-    if "XL" in cls or "text_encoder_2" in declared or unet_cfg.get("addition_embed_type") == "text_time":
+    family: str | None = None
+    evidence: str | None = None
+    variant: str | None = None
+    named = None if cls in FLUX1_PIPELINES or cls in SD3_PIPELINES else _unsupported_pipeline_family(cls)
+    if named:
+        problems.append(_unsupported(f"pipeline class {cls}", named))
+    elif cls in FLUX1_PIPELINES or cls in SD3_PIPELINES:
+        tcfg = _read_json(path / "transformer" / "config.json")[0] or {}
+        if cls in FLUX1_PIPELINES:
+            variant, more, bad = _flux1_variant(tcfg)
+            if bad:
+                problems.append(bad)
+            else:
+                family = "flux1"
+        else:
+            family = "sd3"
+            variant, more = _sd3_variant(tcfg)
+        evidence = f"model_index _class_name {cls}{more}"
+        base_cls = "FluxPipeline" if cls in FLUX1_PIPELINES else "StableDiffusion3Pipeline"
+        if family and cls != base_cls:
+            extra = sorted(declared - set(FLUX1_COMPONENTS if family == "flux1" else SD3_COMPONENTS))
+            notes.append(f"pipeline class {cls}: trained as {base_cls} (text-to-image)"
+                         + (f"; not used: {', '.join(extra)}" if extra else ""))
+    elif "XL" in cls or "text_encoder_2" in declared or unet_cfg.get("addition_embed_type") == "text_time":
         family = "sdxl"
         evidence = ("model_index _class_name " + cls) if "XL" in cls else (
             "text_encoder_2 component" if "text_encoder_2" in declared else "unet addition_embed_type text_time")
-    elif cls.startswith("StableDiffusion") and not cls.startswith("StableDiffusion3"):
+    elif cls.startswith("StableDiffusion"):
         family, evidence = _sd_family(unet_cfg, te_cfg)
     else:
-        family, evidence = None, None
-        problems.append(_p("model_unsupported", f"pipeline class {cls or '(none)'} is not Stable Diffusion 1.x/2.x/XL",
-                           "use an SD1.5, SD2.x or SDXL base model"))
-    required = SDXL_COMPONENTS if family == "sdxl" else BASE_COMPONENTS
+        problems.append(_unsupported(f"pipeline class {cls or '(none)'}"))
+    if family is None:  # nothing to train: listing "missing unet" for a Qwen-Image folder would only mislead
+        return ModelProbe("diffusers_dir", source, path, None, None, pipeline_class=cls or None,
+                          problems=tuple(problems), notes=tuple(notes))
+    required = {"sdxl": SDXL_COMPONENTS, "flux1": FLUX1_COMPONENTS, "sd3": SD3_COMPONENTS}.get(family, BASE_COMPONENTS)
     found, missing, weight_files = [], [], {}
     pickles_only: list[str] = []
     explained: set[str] = set()  # missing components that already have a specific problem
@@ -213,14 +440,16 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
                 else:
                     problems.append(_p("model_incomplete", f"{comp}/ has no weight files"))
                 continue
-            if all(".fp16." in n or ".bf16." in n for n in safe if not n.endswith(".index.json")):
+            if all(_VARIANT.search(n) for n in safe):
                 notes.append(f"{comp} has only variant weights ({', '.join(safe)})")
         elif comp.startswith("tokenizer"):
-            names = set(os.listdir(folder))
-            if not ({"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names):
+            prob, note = _tokenizer_problem(folder, comp, T5_TOKENIZERS.get(family) == comp)
+            if note:
+                notes.append(note)
+            if prob:
                 missing.append(comp)
                 explained.add(comp)
-                problems.append(_p("model_incomplete", f"{comp}/ has neither vocab.json+merges.txt nor tokenizer.json"))
+                problems.append(prob)
                 continue
         elif comp == "scheduler" and not (folder / "scheduler_config.json").is_file():
             missing.append(comp)
@@ -235,21 +464,107 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
     if plain_missing:
         problems.append(_p("model_incomplete", f"missing component(s): {', '.join(plain_missing)}"))
     sched, _ = _read_json(path / "scheduler" / "scheduler_config.json")
-    prediction = sched.get("prediction_type", "epsilon") if sched is not None else None
+    if family in FLOW_FAMILIES:
+        prediction = "flow"
+        sched_cls = str((sched or {}).get("_class_name", ""))
+        if sched is not None and sched_cls and not sched_cls.startswith("FlowMatch"):
+            notes.append(f"scheduler {sched_cls} is not a flow-matching scheduler; {family} is trained as a flow model")
+    else:
+        prediction = sched.get("prediction_type", "epsilon") if sched is not None else None
     return ModelProbe("diffusers_dir", source, path, family, prediction, pipeline_class=cls or None,
                       family_evidence=evidence, components_found=tuple(found), components_missing=tuple(missing),
-                      weight_files=weight_files, problems=tuple(problems), notes=tuple(notes))
+                      weight_files=weight_files, problems=tuple(problems), notes=tuple(notes), variant=variant)
 
 
 # ---------------------------------------------------------------------------------- single file
 
-def _family_from_keys(keys: set[str], header: dict) -> tuple[str | None, str | None, dict | None]:
-    """(family, evidence, unsupported-problem)."""
+_LORA_PREFIXES = ("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")
+_LORA_PARTS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".hada_w1_a", ".lokr_w1")
+
+
+def _lora_problem(keys: set[str]) -> dict | None:
+    if not any(k.startswith(_LORA_PREFIXES) or any(part in k for part in _LORA_PARTS) for k in keys):
+        return None
+    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
+        layout = " (FLUX layout)"
+    elif any("joint_blocks" in k for k in keys):
+        layout = " (SD3 layout)"
+    elif any(s in k for k in keys for s in ("down_blocks", "input_blocks", "mid_block")):
+        layout = " (Stable Diffusion UNet layout)"
+    else:
+        layout = ""
+    return _p("model_unsupported", f"this file is a LoRA{layout}, not a base model",
+              "set base_model to the model the LoRA was trained on (a diffusers folder, a full checkpoint or a hub "
+              "id); to continue training this LoRA, set init_lora to it")
+
+
+def _flow_family_from_keys(keys: set[str], header: dict) -> tuple[str | None, str | None, str | None, dict | None]:
+    """(family, variant, evidence, unsupported-problem) for DiT checkpoints; all None if there is none."""
+    dit = {k.removeprefix(_DIT_PREFIX) for k in keys}
+    prefixed = any(k.startswith(_DIT_PREFIX) for k in keys)
+    where = f" under {_DIT_PREFIX}" if prefixed else ""
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in dit)
+
+    for name, markers, needs in _UNSUPPORTED_FILE_MARKERS:
+        hit = next((m for m in markers if m in dit), None)
+        if hit and (needs is None or has(needs)):
+            return None, None, None, _unsupported_file(name, f"{hit}{where}")
+    if any(_MMDIT.match(k) for k in dit):
+        if any(k.startswith("joint_blocks.") and ".x_block.attn2." in k for k in dit):
+            variant, why = "sd3.5-medium", "x_block.attn2.* (MMDiT-X dual attention of SD3.5 medium)"
+        elif any(k.startswith("joint_blocks.") and ".attn.ln_q." in k for k in dit):
+            variant, why = "sd3.5-large", "attn.ln_q.* (RMS q/k norm of SD3.5) without x_block.attn2"
+        elif has("joint_blocks.37."):
+            variant, why = "sd3.5-large", "joint_blocks.37.* (38 blocks: SD3.5 large)"
+        else:
+            variant, why = "sd3-medium", "no q/k norm, no x_block.attn2 (SD3 medium)"
+        return "sd3", variant, f"SAI MMDiT layout: joint_blocks.*.x_block/context_block{where}; {why}", None
+    if any(_BFL_DOUBLE.match(k) for k in dit) and "img_in.weight" in dit:
+        if not has("vector_in."):
+            return None, None, None, _unsupported_file(
+                "FLUX-like (not FLUX.1)", f"BFL double_blocks + img_in{where} but no vector_in.*, FLUX.1's CLIP input")
+        if not has("guidance_in."):
+            return "flux1", "schnell", f"BFL FLUX layout: double_blocks.*.img_attn + img_in{where}; no guidance_in (schnell)", None
+        img_in = header.get((_DIT_PREFIX if prefixed else "") + "img_in.weight") or {}
+        width = (img_in.get("shape") or [0, 0])[-1] if isinstance(img_in, dict) else 0
+        if width in (384, 128):  # diffusers: 384 -> flux-fill, 128 -> flux-depth (control), 64 -> flux-dev
+            return None, None, None, _unsupported_file(
+                "FLUX.1 Fill" if width == 384 else "FLUX.1 Canny/Depth control",
+                f"img_in input width {width}, not 64", "use FLUX.1-dev or FLUX.1-schnell (text-to-image)")
+        return "flux1", "dev", f"BFL FLUX layout: double_blocks.*.img_attn + img_in{where}; guidance_in.* (dev)", None
+    return None, None, None, None
+
+
+def _component_file_problem(keys: set[str]) -> dict | None:
+    """A file holding one component (a diffusers UNet/transformer, a VAE, a text encoder), not a model."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
-        return None, None, _p("model_unsupported", "this file is a LoRA, not a base model", "set base_model to a full SD checkpoint")
+    hint = "use a full single-file checkpoint or a diffusers pipeline folder"
+    if "conv_in.weight" in keys or has("down_blocks."):
+        return _p("model_unsupported", "this looks like a single diffusers component (e.g. a UNet), not a full checkpoint", hint)
+    if has("transformer_blocks.") and (has("single_transformer_blocks.") or has("context_embedder.") or has("x_embedder.")):
+        return _p("model_unsupported", "this looks like a single diffusers component (a FLUX/SD3 transformer in "
+                  "diffusers layout), not a full checkpoint",
+                  "point base_model at the pipeline folder that holds it (the one with model_index.json), or at the "
+                  "original single-file release (BFL / SAI layout)")
+    if has("encoder.") and has("decoder.") and ("decoder.conv_in.weight" in keys or "decoder.conv_out.weight" in keys):
+        return _p("model_unsupported", "this looks like a VAE on its own, not a base model", hint)
+    if has("encoder.block.") or "shared.weight" in keys or has("text_model.encoder."):
+        return _p("model_unsupported", "this looks like a text encoder on its own, not a base model", hint)
+    return None
+
+
+def _family_from_keys(keys: set[str], header: dict) -> tuple[str | None, str | None, dict | None]:
+    """(family, evidence, unsupported-problem) for Stable Diffusion checkpoints."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    lora = _lora_problem(keys)
+    if lora:
+        return None, None, lora
     if has("conditioner.embedders.1.model."):
         return "sdxl", "conditioner.embedders.1.model.* (OpenCLIP-G of SDXL)", None
     if has("conditioner.embedders.0.model."):
@@ -267,10 +582,7 @@ def _family_from_keys(keys: set[str], header: dict) -> tuple[str | None, str | N
             return "sd15", "UNet attn2.to_k width 768", None
     if has("model.diffusion_model.label_emb."):
         return "sdxl", "UNet label_emb (SDXL add-embedding)", None
-    if "conv_in.weight" in keys or has("down_blocks."):
-        return None, None, _p("model_unsupported", "this looks like a single diffusers component (e.g. a UNet), not a full checkpoint",
-                              "use a full single-file checkpoint or a diffusers pipeline folder")
-    return None, None, _p("model_unsupported", "no Stable Diffusion 1.x/2.x/XL tensor names found in this file")
+    return None, None, None
 
 
 def probe_single_file(path: Path, source: str) -> ModelProbe:
@@ -280,17 +592,34 @@ def probe_single_file(path: Path, source: str) -> ModelProbe:
     meta = header.get("__metadata__") or {}
     keys = {k for k in header if k != "__metadata__"}
     family, evidence, unsupported = _family_from_keys(keys, header)
+    variant = None
+    if family is None and unsupported is None:
+        family, variant, evidence, unsupported = _flow_family_from_keys(keys, header)
+    if family is None and unsupported is None:
+        unsupported = _component_file_problem(keys) or _p(
+            "model_unsupported", f"no Stable Diffusion 1.x/2.x/XL, SD3 or FLUX.1 tensor names found in this file; supported: {SUPPORTED}")
     problems: list[dict] = [unsupported] if unsupported else []
     found, missing = [], []
-    if family:
+    notes: list[str] = []
+    if family in FLOW_FAMILIES:
+        found.append("transformer")
+        for comp, prefixes in _FILE_COMPONENTS[family]:
+            (found if any(k.startswith(prefixes) for k in keys) else missing).append(comp)
+        if missing:
+            repo = DEFAULT_CONFIG_REPOS.get((family, variant))
+            notes.append(f"the checkpoint holds {', '.join(found)} only: {', '.join(missing)} (and the tokenizers, "
+                         f"scheduler, configs) come from base_model_config or else {repo} (diffusers' default "
+                         f"for {family} {variant} single files)")
+    elif family:
         te = "conditioner.embedders." if family == "sdxl" else "cond_stage_model."
         for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model."), ("text_encoder", te)):
             (found if any(k.startswith(prefix) for k in keys) else missing).append(comp)
         if missing:
             problems.append(_p("model_incomplete", f"checkpoint lacks the {', '.join(missing)} weights"))
     spec_pred = str(meta.get("modelspec.prediction_type", "")).lower()
-    notes: list[str] = []
-    if "v_pred" in keys or spec_pred in ("v", "v_prediction", "v-prediction"):
+    if family in FLOW_FAMILIES:
+        prediction = "flow"
+    elif "v_pred" in keys or spec_pred in ("v", "v_prediction", "v-prediction"):
         prediction = "v_prediction"
     elif spec_pred == "epsilon" or family in ("sd15", "sdxl"):
         prediction = "epsilon"
@@ -300,7 +629,7 @@ def probe_single_file(path: Path, source: str) -> ModelProbe:
             notes.append("SD2 single files do not record their prediction type (768-v or 512-base epsilon)")
     return ModelProbe("single_file", source, path, family, prediction, family_evidence=evidence,
                       components_found=tuple(found), components_missing=tuple(missing),
-                      problems=tuple(problems), notes=tuple(notes))
+                      problems=tuple(problems), notes=tuple(notes), variant=variant)
 
 
 # ---------------------------------------------------------------------------------- hub cache
@@ -358,7 +687,8 @@ def probe_hub(repo_id: str) -> ModelProbe:
     return ModelProbe("hub", repo_id, snap, inner.family, inner.prediction_type, pipeline_class=inner.pipeline_class,
                       family_evidence=inner.family_evidence, components_found=inner.components_found,
                       components_missing=inner.components_missing, weight_files=inner.weight_files,
-                      problems=tuple(problems), warnings=tuple(warns), in_cache=True, notes=inner.notes)
+                      problems=tuple(problems), warnings=tuple(warns), in_cache=True, notes=inner.notes,
+                      variant=inner.variant)
 
 
 # ---------------------------------------------------------------------------------- entry point

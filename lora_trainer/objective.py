@@ -76,6 +76,8 @@ class ObjectiveSettings:
 class DiffusionObjective:
     """Noise sampling, targets and (weighted) loss for DDPM-style training."""
 
+    timestep_kind = "ddpm_index"  # model_fn receives integer timesteps (flow.FlowMatchingObjective: sigmas)
+
     def __init__(self, noise_scheduler, settings: ObjectiveSettings) -> None:
         self.scheduler = noise_scheduler
         self.settings = settings

@@ -31,10 +31,8 @@ def check_finite(states: dict[str, dict[str, torch.Tensor]], what: str) -> None:
 
 
 def kohya_for_checkpoint(t: "Trainer", states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    from .export import kohya_state_dict
-
-    return kohya_state_dict(t.family.name, states, alpha=t.cfg.alpha, rank=t.cfg.lora_rank,
-                            unet_config=t.comps.unet_config, dtype=SAVE_DTYPES[t.cfg.save_precision])
+    return t.family.tool_state_dict(states, t.comps, alpha=t.cfg.alpha, rank=t.cfg.lora_rank,
+                                    dtype=SAVE_DTYPES[t.cfg.save_precision])
 
 
 def _metadata(t: "Trainer") -> dict[str, str]:
@@ -58,7 +56,8 @@ def _metadata(t: "Trainer") -> dict[str, str]:
                           resolution=(t.resolution, t.resolution), training=training, title=cfg.output_name,
                           prediction_type=t.comps.prediction_type,
                           network_args={"train_text_encoder": cfg.train_text_encoder, "dropout": cfg.lora_dropout},
-                          started_at=time.time() - (time.monotonic() - t.started), dora=cfg.use_dora)
+                          started_at=time.time() - (time.monotonic() - t.started), dora=cfg.use_dora,
+                          variant=t.comps.variant)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -88,8 +87,8 @@ def export_final(t: "Trainer") -> dict[str, str]:
         check_finite(states, "final LoRA")
         try:
             res = export_lora(cfg.output_path, cfg.output_name, t.family.name, states, alpha=cfg.alpha,
-                              rank=cfg.lora_rank, unet_config=t.comps.unet_config, metadata=_metadata(t),
-                              dtype=SAVE_DTYPES[cfg.save_precision])
+                              rank=cfg.lora_rank, unet_config=None, metadata=_metadata(t),
+                              dtype=SAVE_DTYPES[cfg.save_precision], kohya=kohya_for_checkpoint(t, states))
             paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
                      "manifest": str(cfg.output_path / MANIFEST_NAME)}
             extra = {"dora_comfyui_row_scale": dora_row_scale(_components(t))} if cfg.use_dora else {}

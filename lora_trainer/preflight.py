@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from .buckets import bucket_plan, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
+from .family_spec import DDPM_KEYS, FLOW_KEYS, SPECS, expand_targets, objective_summary
 from .model_probe import (HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_model,
                           read_safetensors_header)
 
@@ -33,11 +34,6 @@ LOW_DISK_BYTES = 2 * 1024 ** 3
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Where diffusers' from_single_file takes component configs and tokenizers when no `config` is given
-# (diffusers 0.42 loaders/single_file_utils.py DIFFUSERS_DEFAULT_PIPELINE_PATHS, keys v1 / v2 / xl_base).
-SINGLE_FILE_CONFIG_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                            "sd2": "stabilityai/stable-diffusion-2-1",
-                            "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 _EXIT_BY_CODE = {
     "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
@@ -305,7 +301,11 @@ def _check_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warning
             return {"source": src, "kind": "invalid"}
         repo, why = src, "base_model_config"
     else:
-        repo, why = SINGLE_FILE_CONFIG_REPOS[probe.family], f"diffusers' default for {probe.family} single files"
+        # Where diffusers' from_single_file takes component configs and tokenizers when no `config` is given
+        # (diffusers 0.42 loaders/single_file_utils.py DIFFUSERS_DEFAULT_PIPELINE_PATHS).
+        repos = SPECS[probe.family].single_file_config_repo
+        repo = repos.get(getattr(probe, "variant", None), repos[None])
+        why = f"diffusers' default for {probe.family} single files"
     if find_cached_snapshot(repo) is not None:
         return {"source": repo, "kind": "hub", "in_cache": True}
     fetch = f"hf download {repo} --include '*.json' '*.txt'"
@@ -341,10 +341,12 @@ def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
     a typo fails here instead of after loading gigabytes. Diffusers folders only: single files use other names."""
     if probe.kind not in ("diffusers_dir", "hub") or probe.path is None or not probe.weight_files:
         return
-    checks = [("target_modules", cfg.target_modules, ("unet",))]
+    spec = SPECS.get(probe.family or "")
+    if spec is None:
+        return
+    checks = [("target_modules", spec.targets(cfg.target_modules), spec.denoisers)]
     if cfg.train_text_encoder:
-        checks.append(("text_encoder_target_modules", cfg.text_encoder_target_modules,
-                       tuple(c for c in probe.weight_files if c.startswith("text_encoder"))))
+        checks.append(("text_encoder_target_modules", cfg.text_encoder_target_modules, spec.lora_text_encoders))
     for key, targets, comps in checks:
         dims: dict[str, int] = {}
         for comp in comps:
@@ -352,8 +354,8 @@ def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
         if not dims:
             continue
         unknown, not_layers = [], []
-        for t in targets:
-            matched = {name: d for name, d in dims.items() if name == t or name.endswith("." + t)}
+        for t, names in expand_targets(tuple(targets), dims).items():
+            matched = {name: dims[name] for name in names}
             if not matched:
                 unknown.append(t)
             # rank 1: norms; a rank-2 "*embedding" is an nn.Embedding (token/position tables), not a Linear
@@ -370,9 +372,44 @@ def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
                                  allowed=f"module names such as {examples}"))
 
 
+def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors: list) -> dict | None:
+    """Options of one objective on a family of the other, and family-specific keys on a family without the
+    feature, are config errors naming the key (the schema cannot know the family). Returns the objective summary."""
+    spec = SPECS.get(family or "")
+    if spec is None:
+        return None
+    ex = cfg.explicit_keys
+
+    def refuse(key: str, why: str, allowed: str) -> None:
+        errors.append(_issue("config_invalid", key, f"{key}: {why}", value=getattr(cfg, key), allowed=allowed))
+
+    if spec.is_flow:
+        for key in DDPM_KEYS:
+            if key in ex and getattr(cfg, key) not in (None, 0, 0.0, "auto"):
+                refuse(key, f"{spec.label} trains with flow matching; {key} is a DDPM (SD1.x/SD2.x/SDXL) option",
+                       "remove it (see the flow_* options)")
+    else:
+        for key in FLOW_KEYS:
+            if key in ex and getattr(cfg, key) is not None:
+                refuse(key, f"{spec.label} trains with the DDPM objective; {key} is a flow-matching option",
+                       "remove it, or use a FLUX.1 / SD3 base model")
+    if "train_guidance_scale" in ex and cfg.train_guidance_scale is not None and not spec.has_guidance_embedder(variant):
+        refuse("train_guidance_scale", f"this {spec.label} model has no guidance embedder "
+               "(only guidance-distilled models such as FLUX.1-dev have one)", "null")
+    if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
+        refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
+    if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:
+        m = spec.pixel_multiple
+        errors.append(_issue("config_invalid", "resolution", f"{spec.label} needs image sides that are multiples of "
+                             f"{m} px (VAE downsampling x the denoiser's patch size)", value=cfg.resolution,
+                             allowed=f"a multiple of {m}, e.g. {max(m, cfg.resolution // m * m)}"))
+    return objective_summary(cfg, spec)
+
+
 def _model_summary(probe: ModelProbe) -> dict:
     return {"kind": probe.kind, "source": probe.source, "path": str(probe.path) if probe.path else None,
-            "family": probe.family, "family_evidence": probe.family_evidence,
+            "family": probe.family, "variant": getattr(probe, "variant", None),
+            "family_evidence": probe.family_evidence,
             "prediction_type": probe.prediction_type, "pipeline_class": probe.pipeline_class,
             "in_cache": probe.in_cache, "components_found": list(probe.components_found),
             "components_missing": list(probe.components_missing), "notes": list(probe.notes)}
@@ -407,6 +444,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, errors, warnings)
+    objective_info = _check_family_keys(cfg, family, getattr(probe, "variant", None), errors)
     _check_targets(cfg, probe, errors)
     if getattr(cfg, "init_lora", None):
         from .init_lora import header_problems
@@ -418,7 +456,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
 
     summary = {
         "dataset": dataset_info,
-        "model": {**_model_summary(probe), **({"config": config_info} if config_info else {})},
+        "model": {**_model_summary(probe), **({"config": config_info} if config_info else {}),
+                  **({"objective": objective_info} if objective_info else {})},
         "output": output_info,
         "resume": resume_info,
         "duration_s": round(time.perf_counter() - t0, 3),

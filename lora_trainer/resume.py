@@ -44,10 +44,7 @@ def _run_identity(t: "Trainer") -> dict[str, Any]:
 
 
 def _components(t: "Trainer") -> dict[str, torch.nn.Module]:
-    mods = {"unet": t.accelerator.unwrap_model(t.unet)}
-    if t.te_params:
-        mods.update({name: t.accelerator.unwrap_model(te) for name, te in t.comps.text_encoders.items()})
-    return mods
+    return dict(t.lora_modules)  # plain (unwrapped) modules: their parameters are the ones DDP trains
 
 
 def _own_rng(t: "Trainer") -> list[torch.Tensor]:

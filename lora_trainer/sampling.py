@@ -71,13 +71,13 @@ def generate_samples(t: "Trainer", step: int) -> list[str]:
     cfg, comps = t.cfg, t.comps
     out_dir = cfg.output_path / "samples" / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet = t.accelerator.unwrap_model(t.unet)
+    denoisers = dict(comps.denoisers)  # the plain modules, LoRA attached: no DDP wrapper in a pipeline
     moved = []
     for module in (comps.vae, *comps.text_encoders.values()):
         if next(module.parameters()).device != t.device:
             moved.append(module)
             module.to(t.device)
-    training_modes = {m: m.training for m in (unet, *comps.text_encoders.values())}
+    training_modes = {m: m.training for m in (*denoisers.values(), *comps.text_encoders.values())}
     for m in training_modes:
         m.eval()
     t.events.emit("status", phase="sampling", message=f"generating sample images at step {step}")
@@ -85,16 +85,15 @@ def generate_samples(t: "Trainer", step: int) -> list[str]:
     try:
         with preserved_rng(), torch.no_grad():
             pipe = t.family.pipeline(comps)
-            pipe.unet = unet
             pipe.set_progress_bar_config(disable=True)
+            extra = t.family.sample_kwargs()
             for pi, prompt in enumerate(prompts_for(t)):
                 for k in range(cfg.num_validation_images):
                     seed = cfg.seed + 1000 * pi + k  # fixed per (prompt, index): samples are comparable over time
                     generator = torch.Generator(device=t.device).manual_seed(seed)
                     with t.accelerator.autocast():
                         image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
-                                     guidance_scale=cfg.validation_guidance_scale, height=t.resolution,
-                                     width=t.resolution, generator=generator).images[0]
+                                     height=t.resolution, width=t.resolution, generator=generator, **extra).images[0]
                     path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
                     _save_png(image, path)
                     images.append(image)

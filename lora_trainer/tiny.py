@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FAMILIES = ("sd15", "sd2", "sd2-v", "sdxl")
+# FLUX.1 / SD3 live in tiny_dit, imported lazily (tiny_dit builds on this module).
+DIT_FAMILIES = ("flux1-dev", "flux1-schnell", "sd3")
+FAMILIES = ("sd15", "sd2", "sd2-v", "sdxl") + DIT_FAMILIES
 MAX_LENGTH = 77
 # 512 byte-level symbols + 486 merges + 2 specials; fixed so that the text
 # encoders' embedding tables never drift from the tokenizer.
@@ -220,6 +222,10 @@ def make_tiny_pipeline(out_dir, family: str, seed: int = 0) -> Path:
     """Save a complete, randomly initialised diffusers pipeline folder (safetensors only)."""
     import torch
 
+    if family in DIT_FAMILIES:
+        from . import tiny_dit
+
+        return tiny_dit.make_tiny_pipeline(out_dir, family, seed=seed)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
@@ -444,6 +450,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "pipeline":
+        if args.single_file and args.family in DIT_FAMILIES:
+            parser.error("--single-file is only implemented for the UNet families")
         path = make_tiny_pipeline(args.out, args.family, seed=args.seed)
         print(f"tiny {args.family} pipeline written to {path}", file=sys.stderr)
         if args.single_file:

@@ -27,6 +27,7 @@ from .device import memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted, ModelLoadError, OutOfMemoryError, TrainingError
 from .events import EventStream
 from .families import Components, get_family
+from .family_spec import objective_summary
 from .report import tracker_for
 from .signals import GracefulStop
 
@@ -79,7 +80,7 @@ class Trainer:
                                 "\"auto\" or \"no\" trains in fp32")
         set_seed(cfg.seed)
 
-        self.family = get_family(self.probe.family)
+        self.family = get_family(self.probe.family, cfg)
         self.resolution, self.bucketing = self.scan.resolution, self.scan.bucketing
         self._load_model()
         self._prepare_data()
@@ -95,7 +96,8 @@ class Trainer:
                 start_step=self.progress.global_step, num_images=len(self.images),
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
-                resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type)
+                resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
+                variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec))
 
     def _load_model(self) -> None:
         from .loading import check_not_pickle, download_with_events
@@ -132,7 +134,7 @@ class Trainer:
                     message=f"the model's scheduler config says {self.comps.prediction_type}; training for {wanted} "
                             "as prediction_type asks (the LoRA's metadata says so too)")
             self.comps = self.family.with_prediction_type(self.comps, wanted)
-        for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders.values()):
+        for module in self.comps.modules():
             module.requires_grad_(False)
             module.eval()
 
@@ -155,7 +157,7 @@ class Trainer:
                 comps.vae, images, device=self.device, seed=cfg.seed, random_crop=cfg.random_crop,
                 batch_size=max(1, cfg.batch_size),
                 progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n, total=t, unit="images"))
-            comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the UNet
+            comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the denoiser
             if self.device.type == "cuda":
                 self.latent_cache.place(self.device, torch.cuda.mem_get_info(self.device)[0])
             ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
@@ -202,49 +204,53 @@ class Trainer:
     def _attach_lora(self) -> None:
         from .lora import add_lora
 
-        cfg, comps = self.cfg, self.comps
-        comps.unet.to(self.device)
-        if cfg.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()
-        self.unet_params = add_lora(comps.unet, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                    targets=cfg.target_modules, use_dora=cfg.use_dora, path="target_modules")
+        cfg, comps, spec = self.cfg, self.comps, self.family.spec
+        self.denoiser_params: list[torch.nn.Parameter] = []
+        for denoiser in comps.denoisers.values():
+            denoiser.to(self.device)
+            if cfg.gradient_checkpointing:
+                denoiser.enable_gradient_checkpointing()
+            self.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                             targets=spec.targets(cfg.target_modules), use_dora=cfg.use_dora,
+                                             path="target_modules")
+            denoiser.train()
+        # The modules that carry LoRA, by component name: what checkpoints, resume and export read.
+        self.lora_modules: dict[str, torch.nn.Module] = dict(comps.denoisers)
         self.te_params: list[torch.nn.Parameter] = []
         if cfg.train_text_encoder:
-            for te in comps.text_encoders.values():
+            for name in spec.lora_text_encoders:
+                te = comps.text_encoders[name]
                 self.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                                            targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
                                            path="text_encoder_target_modules")
                 te.train()
-        comps.unet.train()
+                self.lora_modules[name] = te
         if cfg.init_lora:
             from .init_lora import init_from_file
 
             init_from_file(self)
 
     def _build_optimizer(self) -> None:
-        from .objective import DiffusionObjective, ObjectiveSettings
         from .optim import build_lr_scheduler, build_optimizer
 
         cfg = self.cfg
-        groups = [{"params": self.unet_params, "lr": cfg.learning_rate}]
+        groups = [{"params": self.denoiser_params, "lr": cfg.learning_rate}]
         if self.te_params:
             groups.append({"params": self.te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
         self.optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                          device=self.device)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
                                                total_steps=self.total_steps)
-        modules = [self.comps.unet, *([te for te in self.comps.text_encoders.values()] if self.te_params else [])]
-        prepared = self.accelerator.prepare(*modules, self.optimizer)
-        self.unet = prepared[0]
+        names = list(self.lora_modules)
+        prepared = self.accelerator.prepare(*self.lora_modules.values(), self.optimizer)
         self.optimizer = prepared[-1]
-        # Trained text encoders run through their prepared (DDP) wrappers so their LoRA gradients are averaged
-        # across ranks; the plain modules stay in comps for sampling and saving.
-        self.train_comps = self.comps
-        if self.te_params:
-            self.train_comps = dataclasses.replace(
-                self.comps, text_encoders=dict(zip(self.comps.text_encoders, prepared[1:-1])))
-        self.objective = DiffusionObjective(self.comps.noise_scheduler, ObjectiveSettings(
-            prediction_type=self.comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
+        wrapped = dict(zip(names, prepared[:-1]))
+        # Denoisers and trained text encoders run through their prepared (DDP) wrappers so their LoRA gradients
+        # are averaged across ranks; the plain modules stay in comps (and lora_modules) for sampling and saving.
+        self.denoisers = {n: wrapped[n] for n in self.comps.denoisers}
+        self.train_comps = dataclasses.replace(
+            self.comps, text_encoders={n: wrapped.get(n, te) for n, te in self.comps.text_encoders.items()})
+        self.objective = self.family.objective(self.comps)
         # A dedicated generator for noise and timesteps: its state is saved in checkpoints for exact resume.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.accelerator.process_index)
         self.loss_ema = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -329,8 +335,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for j, batch in enumerate(group):
             last = j == len(group) - 1
-            ctx = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
-            with ctx:
+            with contextlib.ExitStack() as ctx:
+                if not last:  # gradients are all-reduced once, on the group's last micro-batch
+                    for denoiser in self.denoisers.values():
+                        ctx.enter_context(self.accelerator.no_sync(denoiser))
                 with self.accelerator.autocast():
                     loss = self._loss(batch, epoch, first_batch + j)
                     if self.progress.global_step + 1 in _FAULT_NAN_STEPS:
@@ -343,7 +351,7 @@ class Trainer:
                 scaled = loss * (len(batch) / total_samples)
                 self.accelerator.backward(scaled)
             loss_sum += scaled.detach()
-        params = self.unet_params + self.te_params
+        params = self.denoiser_params + self.te_params
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
@@ -398,7 +406,7 @@ class Trainer:
                                           shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                           dropout_rate=cfg.caption_dropout_rate, rng=rng))
         if self.latent_cache is not None:
-            latents, time_ids = self.latent_cache.batch(batch, self.device)
+            latents, geometry = self.latent_cache.batch(batch, self.device)
         else:
             pix, tids = [], []
             for j, idx in enumerate(batch):
@@ -408,7 +416,7 @@ class Trainer:
                 pix.append(p)
                 tids.append(t)
             latents = encode_latents(comps.vae, torch.stack(pix)).float()
-            time_ids = torch.stack(tids).to(self.device)
+            geometry = torch.stack(tids).to(self.device)
         if self.text_cache is not None:
             cond = {k: v.to(self.device) for k, v in self.text_cache.batch(captions).items()}
         elif cfg.train_text_encoder:
@@ -416,10 +424,9 @@ class Trainer:
         else:
             with torch.no_grad():
                 cond = fam.encode_text(comps, captions, self.device)
-        kwargs = fam.unet_kwargs(cond, time_ids)
 
-        def model_fn(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return self.unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+        def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return fam.predict(self.denoisers, noisy, t, cond, geometry)
 
         return self.objective(model_fn, latents, generator=self.noise_gen)
 

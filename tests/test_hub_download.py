@@ -225,3 +225,63 @@ def test_gated_repo_is_a_model_load_error_with_an_hf_token_hint(tmp_path, tiny_m
     assert any(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
     assert not hub.unexpected, hub.unexpected
     assert_no_secret(res)
+
+
+# FLUX.1 / SD3 repos: what a diffusers-format repo of those families holds next to the pipeline (root single-file
+# releases, the SAI text_encoders/ folder, fp16/bf16 shards, pickled T5 shards). Only the pipeline may be fetched.
+FLOW_DECOYS = {
+    "flux1-dev.safetensors": b"decoy root single-file transformer" * 64,
+    "ae.safetensors": b"decoy root BFL autoencoder" * 64,
+    "sd3.5_large.safetensors": b"decoy root SAI checkpoint" * 64,
+    "text_encoders/t5xxl_fp16.safetensors": b"decoy SAI text encoder" * 64,
+    "text_encoders/clip_l.safetensors": b"decoy SAI text encoder" * 64,
+    "transformer/diffusion_pytorch_model.fp16-00001-of-00002.safetensors": b"decoy fp16 shard" * 64,
+    "transformer/diffusion_pytorch_model.fp16.safetensors.index.json": b'{"weight_map": {}}',
+    "text_encoder_2/model.bf16-00001-of-00002.safetensors": b"decoy bf16 shard" * 64,
+    "text_encoder_2/pytorch_model-00001-of-00002.bin": b"\x80\x04decoy T5 pickle shard" * 64,
+    "text_encoder_2/pytorch_model.bin.index.json": b'{"weight_map": {}}',
+    "tokenizer_2/pytorch_model.bin": b"\x80\x04decoy pickle in a tokenizer folder" * 8,
+    "dev_grid.jpg": b"\xff\xd8decoy image" * 64,
+}
+
+
+@pytest.mark.parametrize("cls,repo,variant", [("FluxPipeline", "fake-org/tiny-flux1-dev", "dev"),
+                                              ("StableDiffusion3Pipeline", "fake-org/tiny-sd35-medium", "sd3.5-medium")])
+def test_flow_family_repo_downloads_only_the_pipeline(tmp_path, cls, repo, variant):
+    from test_model_probe import write_flow_pipeline
+
+    from lora_trainer.model_probe import probe_model
+
+    tcfg = {"guidance_embeds": True} if cls == "FluxPipeline" else {"qk_norm": "rms_norm", "dual_attention_layers": [0]}
+    model = write_flow_pipeline(tmp_path / "model", cls, tcfg)
+    # the transformer sharded too, as the real 12 B / 8 B ones are
+    t = model / "transformer"
+    (t / "diffusion_pytorch_model.safetensors").rename(t / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    (t / "diffusion_pytorch_model-00002-of-00002.safetensors").write_bytes((t / "diffusion_pytorch_model-00001-of-00002.safetensors").read_bytes())
+    (t / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "diffusion_pytorch_model-00001-of-00002.safetensors", '
+        '"v": "diffusion_pytorch_model-00002-of-00002.safetensors"}}')
+    model_files = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()}
+    t5, t5_tok = ("text_encoder_2", "tokenizer_2") if cls == "FluxPipeline" else ("text_encoder_3", "tokenizer_3")
+    assert {"transformer/diffusion_pytorch_model-00002-of-00002.safetensors", f"{t5}/model-00002-of-00002.safetensors",
+            f"{t5}/model.safetensors.index.json", f"{t5_tok}/spiece.model", f"{t5_tok}/tokenizer.json"} <= model_files
+    hf_home = tmp_path / "hf_home"
+    hub = FakeHub()
+    hub.add_repo(repo, model, FLOW_DECOYS)
+    code = ("import sys; from lora_trainer.loading import download_from_hub; "
+            "print(download_from_hub(sys.argv[1], lambda *a: None))")
+    with hub:
+        proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
+                              cwd=Path(__file__).resolve().parents[1], check=False, capture_output=True, text=True,
+                              timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    repo_cache = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    snaps = list((repo_cache / "snapshots").iterdir())
+    assert len(snaps) == 1
+    assert {p.relative_to(snaps[0]).as_posix() for p in snaps[0].rglob("*") if p.is_file()} == model_files
+    asked = hub.requested_files(repo)
+    assert not asked & set(FLOW_DECOYS), f"decoys requested: {sorted(asked & set(FLOW_DECOYS))}"
+    assert not hub.unexpected, hub.unexpected
+    # what was fetched is exactly what the probe needs
+    p = probe_model(str(snaps[0]))
+    assert p.ok and (p.family, p.variant) == ("flux1" if cls == "FluxPipeline" else "sd3", variant), p.problems

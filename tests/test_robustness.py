@@ -106,7 +106,7 @@ def test_single_file_without_base_model_config_uses_the_cached_default_repo(tmp_
     are in the HF cache (what `hf download ... --include '*.json' '*.txt'` leaves), the same config trains."""
     import shutil
 
-    from lora_trainer.preflight import SINGLE_FILE_CONFIG_REPOS
+    from lora_trainer.family_spec import SPECS
     from lora_trainer.tiny import make_single_file_checkpoint
 
     ckpt = make_single_file_checkpoint(tiny_models["sd15"], tmp_path / "tiny_sd15.safetensors")
@@ -115,7 +115,7 @@ def test_single_file_without_base_model_config_uses_the_cached_default_repo(tmp_
     check = run_cli("--config", str(cfg), "--validate-only", env=env)
     assert check.returncode == 2, check.stdout[-2000:]  # --validate-only: 2 for any error (README)
     err = check.last("validation")["errors"][0]
-    repo = SINGLE_FILE_CONFIG_REPOS["sd15"]
+    repo = SPECS["sd15"].single_file_config_repo[None]
     assert err["code"] == "model_config_missing" and err["path"] == "base_model_config" and repo in err["message"]
     assert "hf download" in err["hint"]
     failed = run_cli("--config", str(cfg), env=env)  # training stops at preflight, before loading any weights

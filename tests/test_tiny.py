@@ -94,7 +94,7 @@ def test_pipeline_is_deterministic_and_keeps_global_rng(tmp_path):
     wa, wb = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(ValueError):
-        tiny.make_tiny_pipeline(tmp_path / "c", "sd3")
+        tiny.make_tiny_pipeline(tmp_path / "c", "flux2")
 
 
 @pytest.mark.parametrize("sub", ["tokenizer", "tokenizer_2"])

@@ -1,93 +1,97 @@
-"""The model-family interface. The training loop, data and checkpoint code talk only to this.
+"""The model-family interface. The training loop, data, caches, checkpoints and export talk only to this.
 
-A family knows how to load its components, turn captions into conditioning, build the UNet's extra inputs,
-and which LoRA targets and export names it uses. Adding SD3 or Flux means adding a module here, not touching
-the loop.
+A family provides: its components (trainable denoiser(s), VAE, text encoders, tokenizers, scheduler config),
+the conditioning bundle for a batch of captions, the denoiser call (latent packing, positional ids, guidance,
+the timestep value the denoiser takes), the objective strategy and its settings, the sampling pipeline, and the
+file the ComfyUI/Forge/A1111 loaders read. Facts that preflight needs without torch (defaults, presets, objective
+kind) live in ``family_spec.py``; a family object carries its spec.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+
+from ..family_spec import FamilySpec
+
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass
 class Components:
-    unet: torch.nn.Module
+    denoisers: dict[str, torch.nn.Module]  # trainable denoiser(s) by pipeline attribute: {"unet": ...}, {"transformer": ...}
     vae: torch.nn.Module
-    text_encoders: dict[str, torch.nn.Module]  # ordered: "text_encoder", "text_encoder_2"
+    text_encoders: dict[str, torch.nn.Module]  # ordered as the pipeline names them: text_encoder, text_encoder_2, ...
     tokenizers: dict[str, Any]  # same keys as text_encoders
-    noise_scheduler: Any  # a diffusers DDPMScheduler built from the model's scheduler config
-    prediction_type: str
-    scheduler_config: dict = field(default_factory=dict)
+    scheduler_config: dict
+    prediction_type: str  # "epsilon" | "v_prediction" (DDPM families) | "flow"
+    variant: str | None = None  # e.g. FLUX.1 "dev" / "schnell"
 
-    @property
-    def unet_config(self) -> dict:
-        return dict(self.unet.config)
+    def modules(self) -> list[torch.nn.Module]:
+        return [*self.denoisers.values(), self.vae, *self.text_encoders.values()]
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+def _tokenizer_name(encoder: str) -> str:
+    return encoder.replace("text_encoder", "tokenizer")
 
 
 class ModelFamily:
-    """Base class; subclasses set the class attributes and override what differs."""
+    """Base class. Subclasses set the class attributes and implement encode_text / predict."""
 
-    name: str = ""
+    spec: FamilySpec
     pipeline_class: str = ""
-    text_encoder_names: tuple[str, ...] = ("text_encoder",)
-    bucketing_default: bool = False
+    denoiser_classes: Mapping[str, str] = {}  # attribute -> diffusers class
+    text_encoder_classes: Mapping[str, str] = {}  # attribute -> transformers class
+    tokenizer_classes: Mapping[str, str] = {}  # tokenizer attribute -> transformers class
 
-    def default_resolution(self, prediction_type: str) -> int:
-        return 512
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg  # the run's TrainConfig (None in unit tests that only need names)
+        self.variant: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
-             progress: Callable[[int, int, str], None] | None = None) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
+             progress: Progress | None = None) -> Components:
         if single_file:
-            return self._load_single_file(source, dtype=dtype, config=single_file_config)
-        names = ["unet", "vae", *self.text_encoder_names]
-        total = len(names)
+            comps = self._load_single_file(source, dtype=dtype, config=single_file_config)
+        else:
+            comps = self._load_folder(source, dtype=dtype, progress=progress)
+        self.variant = comps.variant
+        return comps
 
-        def tick(i: int, what: str) -> None:
-            if progress:
-                progress(i, total, what)
+    def _load_folder(self, source: Path, *, dtype: torch.dtype, progress: Progress | None) -> Components:
+        import diffusers
+        import transformers
 
-        tick(0, "unet")
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True,
-                                                    local_files_only=True)
-        tick(1, "vae")
-        # The VAE stays fp32: SD/SDXL VAEs overflow in fp16 and it only runs once per image when caching.
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True,
-                                            local_files_only=True)
+        names = [*self.denoiser_classes, "vae", *self.text_encoder_classes]
+        tick = (lambda i, what: progress(i, len(names), what)) if progress else (lambda i, what: None)
+        common = dict(use_safetensors=True, local_files_only=True)
+        denoisers = {}
+        for i, name in enumerate(self.denoiser_classes):
+            tick(i, name)
+            cls = getattr(diffusers, self.denoiser_classes[name])
+            denoisers[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, **common)
+        tick(len(denoisers), "vae")
+        # The VAE stays fp32: SD/SDXL VAEs overflow in fp16, and it runs once per image when latents are cached.
+        vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
         encoders, tokenizers = {}, {}
-        for i, name in enumerate(self.text_encoder_names):
-            tick(2 + i, name)
-            encoders[name] = self._text_encoder_class(name).from_pretrained(
-                source, subfolder=name, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
-            tokenizers[name] = self._load_tokenizer(source, name.replace("text_encoder", "tokenizer"))
-        tick(total, "done")
-        sched_cfg = DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True)
-        return self._components(unet, vae, encoders, tokenizers, sched_cfg)
-
-    def _components(self, unet, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
-        from diffusers import DDPMScheduler
-
-        prediction_type = sched_cfg.get("prediction_type", "epsilon") or "epsilon"
-        # Training always uses the DDPM forward process, whatever sampler the model ships with.
-        noise_scheduler = DDPMScheduler.from_config(sched_cfg)
-        return Components(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                          noise_scheduler=noise_scheduler, prediction_type=prediction_type,
-                          scheduler_config=dict(sched_cfg))
-
-    def with_prediction_type(self, comps: Components, prediction_type: str) -> Components:
-        """The same components, trained and sampled for another prediction type (an explicit config override)."""
-        sched_cfg = {**comps.scheduler_config, "prediction_type": prediction_type}
-        return self._components(comps.unet, comps.vae, comps.text_encoders, comps.tokenizers, sched_cfg)
+        for i, name in enumerate(self.text_encoder_classes):
+            tick(len(denoisers) + 1 + i, name)
+            cls = getattr(transformers, self.text_encoder_classes[name])
+            encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, **common)
+            tok = _tokenizer_name(name)
+            tokenizers[name] = getattr(transformers, self.tokenizer_classes[tok]).from_pretrained(
+                source, subfolder=tok, local_files_only=True)
+        tick(len(names), "done")
+        # load_config only reads scheduler_config.json, whatever the scheduler class named in it.
+        sched_cfg = dict(diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True))
+        return self.components(denoisers, vae, encoders, tokenizers, sched_cfg)
 
     def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None) -> Components:
         import diffusers
@@ -96,57 +100,91 @@ class ModelFamily:
         kwargs = {"config": config} if config else {}
         # Weights come only from the .safetensors file; `config` supplies component configs and tokenizers.
         pipe = cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
-        encoders = {n: getattr(pipe, n) for n in self.text_encoder_names}
-        tokenizers = {n: getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names}
         pipe.vae.to(torch.float32)
-        return self._components(pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
+        return self._from_pipe(pipe)
 
-    def _text_encoder_class(self, name: str):
-        from transformers import CLIPTextModel
+    def _from_pipe(self, pipe) -> Components:
+        denoisers = {n: getattr(pipe, n) for n in self.denoiser_classes}
+        encoders = {n: getattr(pipe, n) for n in self.text_encoder_classes}
+        tokenizers = {n: getattr(pipe, _tokenizer_name(n)) for n in self.text_encoder_classes}
+        return self.components(denoisers, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
 
-        return CLIPTextModel
+    def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
+        return Components(denoisers=denoisers, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                          scheduler_config=sched_cfg, prediction_type=self.prediction_type_of(sched_cfg),
+                          variant=self.variant_of(denoisers))
 
-    @staticmethod
-    def _load_tokenizer(source: Path, subfolder: str):
-        from transformers import CLIPTokenizer
+    def prediction_type_of(self, sched_cfg: dict) -> str:
+        return "flow" if self.spec.is_flow else (sched_cfg.get("prediction_type") or "epsilon")
 
-        return CLIPTokenizer.from_pretrained(source, subfolder=subfolder, local_files_only=True)
+    def variant_of(self, denoisers: dict[str, torch.nn.Module]) -> str | None:
+        return None
 
-    # -- conditioning ----------------------------------------------------------------------------
-    def tokenize(self, comps: Components, captions: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, tok in comps.tokenizers.items():
-            out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-        return out
+    def with_prediction_type(self, comps: Components, prediction_type: str) -> Components:
+        """The same components, trained and sampled for another prediction type (an explicit config override)."""
+        return dataclasses.replace(comps, prediction_type=prediction_type,
+                                   scheduler_config={**comps.scheduler_config, "prediction_type": prediction_type})
+
+    # -- training ------------------------------------------------------------------------------------
+    def objective(self, comps: Components):
+        """The training objective strategy: DDPM (epsilon / v) or rectified flow, with the run's settings."""
+        cfg = self.cfg
+        if self.spec.is_flow:
+            from ..family_spec import flow_options
+            from ..flow import FlowMatchingObjective, FlowSettings
+
+            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec)), patch_size=2)
+        from diffusers import DDPMScheduler
+
+        from ..objective import DiffusionObjective, ObjectiveSettings
+
+        # Training always uses the DDPM forward process, whatever sampler the model ships with.
+        return DiffusionObjective(DDPMScheduler.from_config(comps.scheduler_config), ObjectiveSettings(
+            prediction_type=comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
+
+    def tokenize(self, tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
 
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Conditioning tensors for a batch of captions; keys are what unet_kwargs expects."""
-        ids = self.tokenize(comps, captions)["text_encoder"].to(device)
-        hidden = comps.text_encoders["text_encoder"](ids, return_dict=False)[0]
-        return {"encoder_hidden_states": hidden}
+        """The conditioning bundle for a batch of captions (what predict's ``cond`` receives); tensors only, one
+        row per caption, so the text cache can store and stack them."""
+        raise NotImplementedError
 
-    def unet_kwargs(self, cond: dict[str, torch.Tensor], time_ids: torch.Tensor) -> dict[str, Any]:
-        """Extra UNet inputs. time_ids: [B, 6] (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    def predict(self, denoisers: Mapping[str, torch.nn.Module], noisy: torch.Tensor, t: torch.Tensor,
+                cond: Mapping[str, torch.Tensor], geometry: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents [B, C, H, W], shaped like them. ``t`` is what the
+        objective draws (DDPM timestep indices, or flow sigmas in (0, 1]); ``geometry`` [B, 6] is each image's
+        (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+        raise NotImplementedError
 
-    # -- export ------------------------------------------------------------------------------------
+    # -- sampling ------------------------------------------------------------------------------------
     def pipeline(self, comps: Components):
         """A diffusers pipeline over the (LoRA-wrapped) components, for sample images."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        kwargs = {"unet": comps.unet, "vae": comps.vae, "scheduler": self._sampling_scheduler(comps)}
-        for name in self.text_encoder_names:
+        kwargs: dict[str, Any] = {**comps.denoisers, "vae": comps.vae, "scheduler": self.sampling_scheduler(comps)}
+        for name in self.text_encoder_classes:
             kwargs[name] = comps.text_encoders[name]
-            kwargs[name.replace("text_encoder", "tokenizer")] = comps.tokenizers[name]
+            kwargs[_tokenizer_name(name)] = comps.tokenizers[name]
         return cls(**kwargs, **self._pipeline_extra_kwargs())
 
     def _pipeline_extra_kwargs(self) -> dict:
         return {}
 
-    @staticmethod
-    def _sampling_scheduler(comps: Components):
+    def sampling_scheduler(self, comps: Components):
         from diffusers import EulerDiscreteScheduler
 
         return EulerDiscreteScheduler.from_config(comps.scheduler_config)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the pipeline call (guidance, sequence length)."""
+        g = self.cfg.validation_guidance_scale if self.cfg is not None else None
+        return {"guidance_scale": self.spec.sample_guidance if g is None else g}
+
+    # -- export ----------------------------------------------------------------------------------------
+    def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], comps: Components, *, alpha: float,
+                        rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states."""
+        raise NotImplementedError

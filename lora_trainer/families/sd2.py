@@ -3,11 +3,9 @@
 is the target (from the scheduler's prediction_type) and the native resolution."""
 from __future__ import annotations
 
+from ..family_spec import SPECS
 from .sd15 import SD15
 
 
 class SD2(SD15):
-    name = "sd2"
-
-    def default_resolution(self, prediction_type: str) -> int:
-        return 768 if prediction_type == "v_prediction" else 512
+    spec = SPECS["sd2"]

@@ -2,42 +2,36 @@
 embedding of the second encoder, and size/crop "time ids" as extra conditioning."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from .base import Components, ModelFamily
+from ..family_spec import SPECS
+from .base import Components
+from .unet import UNetFamily
 
 
-class SDXL(ModelFamily):
-    name = "sdxl"
+class SDXL(UNetFamily):
+    spec = SPECS["sdxl"]
     pipeline_class = "StableDiffusionXLPipeline"
-    text_encoder_names = ("text_encoder", "text_encoder_2")
-    bucketing_default = True
-
-    def default_resolution(self, prediction_type: str) -> int:
-        return 1024
-
-    def _text_encoder_class(self, name: str):
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        return CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    tokenizer_classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer"}
 
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        ids = self.tokenize(comps, captions)
         hidden, pooled = [], None
-        for name in self.text_encoder_names:
-            out = comps.text_encoders[name](ids[name].to(device), output_hidden_states=True, return_dict=True)
+        for name in self.text_encoder_classes:
+            ids = self.tokenize(comps.tokenizers[name], captions).to(device)
+            out = comps.text_encoders[name](ids, output_hidden_states=True, return_dict=True)
             # SDXL conditions on the penultimate layer of both encoders (as the diffusers pipeline does).
             hidden.append(out.hidden_states[-2])
             if name == "text_encoder_2":
                 pooled = out.text_embeds
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
 
-    def unet_kwargs(self, cond: dict[str, torch.Tensor], time_ids: torch.Tensor) -> dict[str, Any]:
+    def unet_kwargs(self, cond: Mapping[str, torch.Tensor], geometry: torch.Tensor) -> dict[str, Any]:
         pooled = cond["pooled"]
         return {"encoder_hidden_states": cond["encoder_hidden_states"],
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}}
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": geometry.to(pooled.dtype)}}
 
     def _pipeline_extra_kwargs(self) -> dict:
         return {"add_watermarker": False} if _has_watermark_arg() else {}

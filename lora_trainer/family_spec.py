@@ -1,0 +1,179 @@
+"""What each model family is, as plain data: no torch, so preflight (``--validate-only``) can use it in a second.
+
+The torch side of a family (loading, conditioning, the denoiser call, sampling) lives in ``families/``; this
+module holds the facts both sides need: the objective it trains with and that objective's defaults, native
+resolution and bucketing, the pixel multiple its latents need, LoRA target presets, which text encoders may get
+LoRA, the sampler's defaults, and the names other tools use for it (modelspec, kohya ``ss_base_model_version``).
+
+Target presets are lists of module patterns. A pattern without ``*`` is matched as PEFT matches target names (the
+module's name or a "."-suffix of it); a pattern with ``*`` is an fnmatch pattern over full module names and selects
+only Linear layers under it (``transformer_blocks.*``: every Linear of every block), so that a preset can say
+"all Linear layers of the blocks" without naming the model's embeddings or final layer.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Mapping
+
+PRESETS = ("attention", "attention_mlp", "all_linear")
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+_SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# FLUX.1 / SD3 joint attention: the image stream (to_*) and the text stream (add_*, to_add_out); FLUX's single
+# blocks and SD3.5-medium's attn2 have to_q/k/v too, so the suffixes reach them.
+_MMDIT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+_MMDIT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+
+@dataclass(frozen=True)
+class FlowDefaults:
+    """Per-family defaults of the flow-matching options (config keys flow_*; see README "Flow matching")."""
+
+    sigma_sampling: str = "uniform"
+    shift: str = "none"
+    shift_value: float = 3.0
+    loss_weighting: str = "none"
+    precondition_outputs: bool = False
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    label: str  # for people: "FLUX.1", "SDXL"
+    objective: str  # "ddpm" | "flow"
+    denoisers: tuple[str, ...]  # pipeline attribute names of the trainable denoiser(s)
+    text_encoders: tuple[str, ...]
+    lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
+    default_resolution: int
+    bucketing_default: bool
+    pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
+    presets: Mapping[str, tuple[str, ...]]
+    default_preset: str
+    flow: FlowDefaults | None = None  # None for DDPM families
+    # Sampling defaults: guidance_scale of the diffusers pipeline (CFG, or FLUX-dev's embedded guidance).
+    sample_guidance: float = 7.0
+    # Variant -> value fed to the guidance embedder during training (None: the variant has no embedder).
+    train_guidance: Mapping[str | None, float | None] = field(default_factory=dict)
+    # Variant -> default T5 max_sequence_length (None: the family has no T5).
+    max_sequence_length: Mapping[str | None, int] = field(default_factory=dict)
+    single_file_config_repo: Mapping[str | None, str] = field(default_factory=dict)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.objective == "flow"
+
+    def has_guidance_embedder(self, variant: str | None) -> bool:
+        return self.train_guidance.get(variant) is not None
+
+    def targets(self, value) -> tuple[str, ...]:
+        """target_modules as configured ("auto", a preset name, or explicit names) -> module patterns."""
+        if value in (None, "auto"):
+            return self.presets[self.default_preset]
+        if isinstance(value, str):
+            return self.presets[value]
+        return tuple(value)
+
+
+def _sd_presets(blocks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    return {"attention": _SD_ATTENTION,
+            "attention_mlp": _SD_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+            "all_linear": tuple(f"{b}.*" for b in blocks)}
+
+
+_UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+_SD_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
+             "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+SPECS: dict[str, FamilySpec] = {
+    "sd15": FamilySpec("sd15", "SD1.x", "ddpm", ("unet",), ("text_encoder",), ("text_encoder",), 512, False, 8,
+                       _sd_presets(_UNET_BLOCKS), "attention", sample_guidance=7.0,
+                       single_file_config_repo={None: _SD_REPOS["sd15"]}),
+    "sd2": FamilySpec("sd2", "SD2.x", "ddpm", ("unet",), ("text_encoder",), ("text_encoder",), 768, False, 8,
+                      _sd_presets(_UNET_BLOCKS), "attention", sample_guidance=7.0,
+                      single_file_config_repo={None: _SD_REPOS["sd2"]}),
+    "sdxl": FamilySpec("sdxl", "SDXL", "ddpm", ("unet",), ("text_encoder", "text_encoder_2"),
+                       ("text_encoder", "text_encoder_2"), 1024, True, 64, _sd_presets(_UNET_BLOCKS), "attention",
+                       sample_guidance=7.0, single_file_config_repo={None: _SD_REPOS["sdxl"]}),
+    # FLUX.1: VAE 8x, then 2x2 latent packing -> 16 px. Training draws sigmas from a sigmoid(N(0,1)) (ai-toolkit,
+    # SimpleTuner, kohya's recommendation) and, for dev, shifts them by FLUX's resolution-dependent mu, the same
+    # shift its sampler applies, so training spends its steps where sampling does; schnell samples unshifted.
+    # Guidance: FLUX.1-dev's guidance embedder is fed 1.0 in training (BFL's advice, black-forest-labs/flux #79;
+    # ai-toolkit and SimpleTuner default): LoRAs trained at 3.5 come out weaker when sampled at 3.5.
+    "flux1": FamilySpec(
+        "flux1", "FLUX.1", "flow", ("transformer",), ("text_encoder", "text_encoder_2"), ("text_encoder",), 1024,
+        True, 16,
+        {"attention": _MMDIT_ATTENTION,
+         "attention_mlp": _MMDIT_ATTENTION + _MMDIT_MLP + ("proj_mlp", "single_transformer_blocks.*.proj_out"),
+         "all_linear": ("transformer_blocks.*", "single_transformer_blocks.*")},
+        "attention_mlp", flow=FlowDefaults(sigma_sampling="sigmoid", shift="resolution"), sample_guidance=3.5,
+        train_guidance={"dev": 1.0, "schnell": None}, max_sequence_length={"dev": 512, "schnell": 256, None: 512},
+        single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
+                                 None: "black-forest-labs/FLUX.1-dev"}),
+    # SD3/3.5: VAE 8x, patch 2 -> 16 px. Logit-normal sigmas with the static shift 3.0 of its scheduler and x0
+    # preconditioning: what diffusers' and kohya's SD3 scripts do by default.
+    "sd3": FamilySpec(
+        "sd3", "SD3/3.5", "flow", ("transformer",), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+        ("text_encoder", "text_encoder_2"), 1024, True, 16,
+        {"attention": _MMDIT_ATTENTION, "attention_mlp": _MMDIT_ATTENTION + _MMDIT_MLP,
+         "all_linear": ("transformer_blocks.*",)},
+        "attention", flow=FlowDefaults(sigma_sampling="logit_normal", shift="static", shift_value=3.0,
+                                       precondition_outputs=True),
+        sample_guidance=7.0, max_sequence_length={None: 256},
+        single_file_config_repo={"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+                                 "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+                                 "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+                                 None: "stabilityai/stable-diffusion-3.5-large"}),
+}
+FAMILY_NAMES = tuple(SPECS)
+FLOW_KEYS = ("flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
+             "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs")
+DDPM_KEYS = ("min_snr_gamma", "noise_offset", "prediction_type")
+
+
+def get_spec(name: str) -> FamilySpec:
+    if name not in SPECS:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def expand_targets(patterns: tuple[str, ...], modules: Mapping[str, int]) -> dict[str, list[str]]:
+    """Which modules each pattern selects. ``modules`` maps module name -> rank of its weight (2 Linear, 4 conv;
+    what a safetensors header or ``named_modules`` says). Suffix patterns select any layer (the caller checks
+    the kind); ``*`` patterns only rank-2 weights not named like an embedding table."""
+    out: dict[str, list[str]] = {}
+    for pat in patterns:
+        if "*" in pat:
+            out[pat] = sorted(n for n, d in modules.items()
+                              if fnmatch.fnmatchcase(n, pat) and d == 2 and not n.rsplit(".", 1)[-1].endswith("embedding"))
+        else:
+            out[pat] = sorted(n for n in modules if n == pat or n.endswith("." + pat))
+    return out
+
+
+def peft_targets(patterns: tuple[str, ...], modules: Mapping[str, int]) -> list[str]:
+    """The target_modules list for PEFT: suffix patterns as they are, ``*`` patterns expanded to full names."""
+    expanded = expand_targets(tuple(p for p in patterns if "*" in p), modules)
+    names = {n for hits in expanded.values() for n in hits}
+    return sorted({p for p in patterns if "*" not in p} | names)
+
+
+def flow_options(cfg, spec: FamilySpec) -> dict:
+    """FlowSettings keyword arguments: each flow_* config key, or the family's default where it is null."""
+    d = spec.flow or FlowDefaults()
+
+    def pick(key: str, default):
+        value = getattr(cfg, key, None) if cfg is not None else None
+        return default if value is None else value
+
+    return {"sigma_sampling": pick("flow_sigma_sampling", d.sigma_sampling),
+            "logit_mean": pick("flow_logit_mean", 0.0), "logit_std": pick("flow_logit_std", 1.0),
+            "mode_scale": pick("flow_mode_scale", 1.29), "sigmoid_scale": pick("flow_sigmoid_scale", 1.0),
+            "shift": pick("flow_shift", d.shift), "shift_value": pick("flow_shift_value", d.shift_value),
+            "loss_weighting": pick("flow_loss_weighting", d.loss_weighting),
+            "precondition_outputs": bool(pick("flow_precondition_outputs", d.precondition_outputs))}
+
+
+def objective_summary(cfg, spec: FamilySpec) -> dict:
+    """What the run trains with, every default resolved (validation summary and run_started)."""
+    return {"kind": "flow", **flow_options(cfg, spec)} if spec.is_flow else {"kind": "ddpm"}
