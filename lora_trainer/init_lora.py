@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported lazily: preflight (header_problems) runs 
 
 _KOHYA = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
 _PEFT = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
-                   r"lora_magnitude_vector(?:\.weight)?)$")
+                   r"lora_magnitude_vector(?:\.weight)?|dora_scale)$")
 
 
 def _problem(message: str, value: Any, allowed: str) -> ConfigError:

@@ -160,3 +160,42 @@ def check_not_pickle(path: Path) -> None:
                              hint="pickle files can run arbitrary code when loaded; convert it to .safetensors "
                                   "(or use the model's diffusers folder) and point base_model at that",
                              details={"base_model": str(path)})
+
+
+def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
+    """The family's components from base_model (downloading a hub id first when preflight has not), frozen and in
+    eval mode, with an explicit prediction_type applied. Loader failures become ModelLoadError (exit 4)."""
+    from .errors import Interrupted
+
+    ev.set_phase("loading_model")
+    ev.emit("status", phase="loading_model", message=f"loading {family.name} model from {cfg.base_model}")
+    source = Path(probe.path) if probe.path else None
+    if probe.kind == "hub":
+        # A cached snapshot may be partial (an interrupted download): snapshot_download completes it, and costs
+        # one metadata request when it is complete (none with HF_HUB_OFFLINE). Not again when preflight has just
+        # downloaded it.
+        source = downloaded or download_with_events(cfg.base_model, ev)
+    check_not_pickle(source)
+    try:
+        config_src = cfg.base_model_config  # a hub id, or a folder relative to the config file
+        if config_src and cfg.resolve(config_src).exists():
+            config_src = str(cfg.resolve(config_src).resolve())
+        comps = family.load(source, single_file=probe.kind == "single_file", dtype=dtype, single_file_config=config_src,
+                            progress=lambda i, n, what: ev.emit("progress", phase="loading_model", current=i, total=n,
+                                                                unit="components", message=what))
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem for the operator
+        raise ModelLoadError(f"could not load the base model: {type(exc).__name__}: {exc}",
+                             hint="check that base_model is a complete diffusers folder or a .safetensors "
+                                  "checkpoint of the family it claims", details={"base_model": cfg.base_model}) from None
+    wanted = cfg.prediction_type
+    if wanted != "auto" and wanted != comps.prediction_type:
+        ev.emit("warning", code="prediction_type_override", path="prediction_type",
+                message=f"the model's scheduler config says {comps.prediction_type}; training for {wanted} "
+                        "as prediction_type asks (the LoRA's metadata says so too)")
+        comps = family.with_prediction_type(comps, wanted)
+    for module in comps.modules():
+        module.requires_grad_(False)
+        module.eval()
+    return comps

@@ -43,7 +43,7 @@ T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in real T5
 # FLUX.1 transformer (real: 19 double + 38 single blocks, 24 heads x 128, axes (16, 56, 56)).
 FLUX_CLIP_HIDDEN = 32  # CLIP-L width (real 768) = pooled_projection_dim
 FLUX_NUM_LAYERS, FLUX_NUM_SINGLE_LAYERS = 2, 2
-FLUX_NUM_HEADS, FLUX_HEAD_DIM = 2, 16  # inner dim 32 (real 3072)
+FLUX_NUM_HEADS, FLUX_HEAD_DIM = 4, 16  # inner dim 64 = the packed latent width, as real FLUX (3072 > 64): no bottleneck
 FLUX_AXES_DIMS_ROPE = (4, 6, 6)  # sums to FLUX_HEAD_DIM
 FLUX_IN_CHANNELS = LATENT_CHANNELS * 4  # 2x2 packing -> 64, as the real model
 

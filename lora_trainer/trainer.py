@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import (LatentCache, TextCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
                    plan_epoch)
 from .device import memory_stats, resolve_device, weight_dtype
-from .errors import DatasetError, Interrupted, ModelLoadError, OutOfMemoryError, TrainingError
+from .errors import DatasetError, Interrupted, OutOfMemoryError, TrainingError
 from .events import EventStream
 from .families import Components, get_family
 from .family_spec import objective_summary
@@ -100,43 +100,10 @@ class Trainer:
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec))
 
     def _load_model(self) -> None:
-        from .loading import check_not_pickle, download_with_events
+        from .loading import load_components
 
-        ev, probe = self.events, self.probe
-        ev.set_phase("loading_model")
-        ev.emit("status", phase="loading_model", message=f"loading {self.family.name} model from {self.cfg.base_model}")
-        source = Path(probe.path) if probe.path else None
-        if probe.kind == "hub":
-            # A cached snapshot may be partial (an interrupted download): snapshot_download completes it, and
-            # costs one metadata request when it is complete (none with HF_HUB_OFFLINE). Not again when
-            # preflight has just downloaded it.
-            source = self.downloaded or download_with_events(self.cfg.base_model, ev)
-        check_not_pickle(source)
-        dtype = weight_dtype(self.device_info.mixed_precision)
-        try:
-            config_src = self.cfg.base_model_config  # a hub id, or a folder relative to the config file
-            if config_src and self.cfg.resolve(config_src).exists():
-                config_src = str(self.cfg.resolve(config_src).resolve())
-            self.comps = self.family.load(source, single_file=probe.kind == "single_file", dtype=dtype,
-                                          single_file_config=config_src,
-                                          progress=lambda i, n, what: ev.emit("progress", phase="loading_model",
-                                                                              current=i, total=n, unit="components",
-                                                                              message=what))
-        except (Interrupted, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem for the operator
-            raise ModelLoadError(f"could not load the base model: {type(exc).__name__}: {exc}",
-                                 hint="check that base_model is a complete diffusers folder or a .safetensors "
-                                      "checkpoint of the family it claims", details={"base_model": self.cfg.base_model}) from None
-        wanted = self.cfg.prediction_type
-        if wanted != "auto" and wanted != self.comps.prediction_type:
-            ev.emit("warning", code="prediction_type_override", path="prediction_type",
-                    message=f"the model's scheduler config says {self.comps.prediction_type}; training for {wanted} "
-                            "as prediction_type asks (the LoRA's metadata says so too)")
-            self.comps = self.family.with_prediction_type(self.comps, wanted)
-        for module in self.comps.modules():
-            module.requires_grad_(False)
-            module.eval()
+        self.comps = load_components(self.cfg, self.family, self.probe, self.events, downloaded=self.downloaded,
+                                     dtype=weight_dtype(self.device_info.mixed_precision))
 
     def _prepare_data(self) -> None:
         # Unreadable images were already reported by preflight's image_unreadable warning (with the files), and
