@@ -21,8 +21,9 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+FAMILY ?= sdxl
 demo: setup
-	$(PY) demo.py
+	$(PY) demo.py --family $(FAMILY)
 
 bench: setup
 	$(PY) bench/bench_validate_only.py

@@ -22,7 +22,7 @@ reports the real 49408 vocabulary.
 
 FLUX.1 (``--model flux``; the builder is ``build_flux_components`` / ``make_flux_model``):
 
-    python3 bench/models.py --model flux --size reduced --out DIR   # the CPU stand-in (transformer 100M)
+    python3 bench/models.py --model flux --size reduced --out DIR   # the CPU stand-in (transformer 82M)
     python3 bench/models.py --model flux --size full --count        # parameter counts (meta device)
     python3 bench/models.py --model flux --flops                    # FLOP shares of the naive step, real vs reduced
 
@@ -397,7 +397,8 @@ def flux_flops(size: str, *, resolution: int = 256, t5: str = "full", t5_layers:
                    return_dict=False)[0]
             y.float().square().mean().backward()
         out["transformer_fwd_bwd"] = count(step)
-    out["lora_layers"] = len(targets)
+    out["lora_layers"] = sum(1 for n, _ in tr.named_modules() if n.endswith(".lora_A"))
+    out["lora_params"] = sum(p.numel() for n, p in tr.named_parameters() if "lora_" in n)
     return out
 
 

@@ -76,3 +76,20 @@ def test_validate_only_reports_the_objective_and_refuses_cross_options(tmp_path,
     assert bad.returncode == 2
     paths = {e["path"] for e in bad.last("validation")["errors"]}
     assert {"min_snr_gamma", "train_guidance_scale"} <= paths, json.dumps(bad.last("validation")["errors"])
+
+
+def test_validate_only_checks_transformer_targets(tmp_path, tiny_models, dataset):
+    base = {"dataset_path": str(dataset), "base_model": str(tiny_models["sd3"]), "output_path": str(tmp_path / "out"),
+            "trigger_words": ["ohwx"], "resolution": 64, "min_bucket_resolution": 64}
+    typo = run_cli("--config", str(write_config(tmp_path / "t.json", **base, target_modules=["to_q", "add_qq_proj"])),
+                   "--validate-only")
+    errors = typo.last("validation")["errors"]
+    assert typo.returncode == 2 and [(e["code"], e["value"]) for e in errors] == [("target_modules_unknown",
+                                                                                  ["add_qq_proj"])]
+    norm = run_cli("--config", str(write_config(tmp_path / "n.json", **base, target_modules=["norm_q"])),
+                   "--validate-only")
+    assert norm.last("validation")["errors"][0]["code"] == "target_modules_unsupported"
+    for preset in ("attention", "attention_mlp", "all_linear"):
+        ok = run_cli("--config", str(write_config(tmp_path / f"{preset}.json", **base, target_modules=preset)),
+                     "--validate-only")
+        assert ok.returncode == 0, ok.last("validation")["errors"]
