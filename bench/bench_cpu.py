@@ -1,9 +1,16 @@
 """CPU speed benchmark: train_lora (its real CLI) against the naive diffusers-example loop, interleaved.
 
-    python3 bench/bench_cpu.py [--steps 14] [--rounds 2] [--skip 3] [--profile auto|on|off] [--tiny] [--keep DIR]
+    python3 bench/bench_cpu.py [--model sdxl|flux] [--steps 14] [--rounds 2] [--skip 3] [--profile auto|on|off]
+                               [--tiny] [--keep DIR] [--t5-layers N]
 
-Model: the quarter-width SDXL of bench/models.py (UNet ~160M parameters, random weights), 256 px, batch 1,
-LoRA rank 16 on to_q/to_k/to_v/to_out.0, fp32. Data: 8 generated 256x256 images with captions
+Models (``--model``, random weights, bench/models.py):
+- ``sdxl`` (default): the quarter-width SDXL (UNet ~160M parameters), LoRA rank 16 on to_q/to_k/to_v/to_out.0;
+  target train_lora <= 0.8x naive.
+- ``flux``: the reduced FLUX.1-dev (transformer 6 heads x 128, 2 double + 4 single blocks, 82M; VAE, CLIP-L and T5
+  at a quarter of their widths, full depths; ``--t5-layers`` overrides the T5 depth), LoRA rank 16 on the FLUX
+  family's default targets (preset attention_mlp); naive = bench/naive_flux.py (diffusers'
+  train_dreambooth_lora_flux.py step: VAE + CLIP + T5 every step); target train_lora <= 0.5x naive.
+Both at 256 px, batch 1, fp32. Data: 8 generated 256x256 images with captions
 (lora_trainer.tiny.make_dataset). Both trainers run as subprocesses, alternating A, B, A, B, ... (``--rounds``
 pairs), so machine noise (other processes on the box) hits both; nothing else of ours runs meanwhile.
 Both children get OMP_NUM_THREADS=1 by default (``--threads``): on a shared 2-core machine, a process with two
@@ -14,7 +21,8 @@ steps), which buries the comparison in noise; ``--threads 0`` leaves torch's def
   cache_latents true (and its default cache_text_embeddings true), resolution 256, min_bucket_resolution 64,
   lora_rank 16. Step time = difference of consecutive ``step`` events' ``elapsed_s`` (time spent in the
   optimizer step, measured by the trainer).
-- naive: bench/naive_loop.py (VAE + both text encoders + UNet every step, per-part timers).
+- naive: bench/naive_loop.py (SDXL) or bench/naive_flux.py (FLUX): VAE + text encoders + denoiser every step,
+  per-part timers.
 
 Reported: median steady-state step time (the first ``--skip`` steps of each run left out), the minimum, the
 per-step CPU time of the child (from /proc, sampled when each step line arrives: waiting for the CPU does not
@@ -44,7 +52,9 @@ BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TARGET = 0.8
+TARGETS = {"sdxl": 0.8, "flux": 0.5}
+TARGET = TARGETS["sdxl"]  # set from --model in main()
+NAIVE = {"sdxl": "naive_loop.py", "flux": "naive_flux.py"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,15 +63,25 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- setup
-def prepare(work: Path, *, tiny: bool, n_images: int, resolution: int) -> tuple[Path, Path]:
+def model_dir_name(kind: str, tiny: bool, t5_layers: int | None) -> str:
+    if kind == "sdxl":
+        return "model-tiny" if tiny else "model"  # "model": the name --keep folders of earlier sessions use
+    return "model-flux-tiny" if tiny else f"model-flux-reduced{f'-t5x{t5_layers}' if t5_layers else ''}"
+
+
+def prepare(work: Path, *, tiny: bool, n_images: int, resolution: int, kind: str = "sdxl",
+            t5_layers: int | None = None) -> tuple[Path, Path]:
     from lora_trainer.tiny import make_dataset
 
     sys.path.insert(0, str(BENCH))
-    from models import make_model
+    from models import make_flux_model, make_model
 
-    model, data = work / "model", work / "data"
+    model, data = work / model_dir_name(kind, tiny, t5_layers), work / f"data-{resolution}"
     if not (model / "model_index.json").is_file():
-        make_model(model, "tiny" if tiny else "quarter")
+        if kind == "flux":
+            make_flux_model(model, "tiny" if tiny else "reduced", t5_layers=t5_layers)
+        else:
+            make_model(model, "tiny" if tiny else "quarter")
     if not data.is_dir():
         make_dataset(data, n_images, sizes=[(resolution, resolution)])
     return model, data
@@ -244,8 +264,11 @@ def naive_breakdown(runs: list[dict], skip: int) -> str:
     total = sum(p["step"] for p in parts)
     if not total:
         return "n/a"
-    names = (("unet", "UNet fwd+bwd"), ("vae", "VAE encode"), ("text", "text encoders"), ("optim", "optimizer"),
-             ("data", "image load"), ("other", "noise/ids"))
+    flux = any("transformer" in p for p in parts)
+    names = ((("transformer", "transformer fwd+bwd") if flux else ("unet", "UNet fwd+bwd")), ("vae", "VAE encode"),
+             ("text", "text encoders" + (" (CLIP + T5)" if flux else "")), ("optim", "optimizer"),
+             ("data", "image load" if not flux else "batch (pre-loaded)"),
+             ("other", "noise/sigmas/ids/packing" if flux else "noise/ids"))
     return ", ".join(f"{label} {100 * sum(p.get(k, 0.0) for p in parts) / total:.0f}% "
                      f"({statistics.median(p.get(k, 0.0) for p in parts):.3f} s)" for k, label in names)
 
@@ -296,7 +319,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps per run left out of the steady state")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl at 64 px: a quick check")
+    ap.add_argument("--model", choices=("sdxl", "flux"), default="sdxl",
+                    help="sdxl: quarter-width SDXL (target 0.8x); flux: reduced FLUX.1-dev (target 0.5x)")
+    ap.add_argument("--t5-layers", type=int, help="flux: T5 depth of the reduced model (default 24, the real depth)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="lora_trainer.tiny's sdxl / tiny_dit's flux1-dev at 64 px: a quick check")
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for both children (default 1; 0 = torch's own choice, all cores). On a "
                          "shared 2-core box, two OpenMP threads per process slow down 3-35x whenever another "
@@ -313,6 +340,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.tiny and args.resolution == 256:
         args.resolution = 64
+    global TARGET
+    TARGET = TARGETS[args.model]
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_cpu_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -323,8 +352,10 @@ def main(argv=None) -> int:
     else:
         env.pop("OMP_NUM_THREADS", None)
     try:
-        log(f"building {'tiny' if args.tiny else 'quarter-width'} SDXL and {args.images} images in {work}")
-        model, data = prepare(work, tiny=args.tiny, n_images=args.images, resolution=args.resolution)
+        what = {"sdxl": "quarter-width SDXL", "flux": "reduced FLUX.1-dev"}[args.model]
+        log(f"building {'tiny' if args.tiny else what} and {args.images} images in {work}")
+        model, data = prepare(work, tiny=args.tiny, n_images=args.images, resolution=args.resolution,
+                              kind=args.model, t5_layers=args.t5_layers)
         res: dict = {"train_lora": [], "naive": []}
         step_event = re.compile(r'"type":\s*"step"')
         naive_step = re.compile(r"^STEP ")
@@ -342,7 +373,7 @@ def main(argv=None) -> int:
             log(f"  train_lora steps: {' '.join(f'{x:.2f}' for x in run['step_s'])}")
             res["train_lora"].append(run)
             log(f"round {r + 1}/{args.rounds}: naive loop")
-            run = run_child([sys.executable, str(BENCH / "naive_loop.py"), "--model", str(model), "--data", str(data),
+            run = run_child([sys.executable, str(BENCH / NAIVE[args.model]), "--model", str(model), "--data", str(data),
                              "--resolution", str(args.resolution), "--batch-size", "1", "--steps", str(args.steps),
                              "--skip", str(args.skip)],
                             step_re=naive_step, stream="stderr", env=env, timeout=args.timeout)
@@ -371,7 +402,14 @@ def main(argv=None) -> int:
 
         import torch
 
-        meta = {"date": date.today().isoformat(), "model": "tiny SDXL" if args.tiny else "quarter-width SDXL (UNet 160.8M)",
+        if args.model == "flux":
+            from models import flux_description
+
+            model_desc = "tiny FLUX.1-dev (lora_trainer.tiny_dit)" if args.tiny else \
+                flux_description("reduced", t5_layers=args.t5_layers) + " (transformer 82.3M)"
+        else:
+            model_desc = "tiny SDXL" if args.tiny else "quarter-width SDXL (UNet 160.8M)"
+        meta = {"date": date.today().isoformat(), "model": model_desc,
                 "torch": f"torch {torch.__version__}", "threads": args.threads or torch.get_num_threads(),
                 "cpu": f"{os.cpu_count()}-core CPU"}
         log(f"total benchmark time {time.monotonic() - t_all:.0f} s")

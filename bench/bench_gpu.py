@@ -1,7 +1,17 @@
 """GPU speed benchmark for ONE device call (<= 8 minutes on an H100/H200): train_lora's step vs the naive loop.
 
-    python3 bench/bench_gpu.py --out bench_gpu.json                      # on the GPU machine
+    python3 bench/bench_gpu.py --out bench_gpu.json                      # on the GPU machine (SDXL)
+    python3 bench/bench_gpu.py --model flux --model-dir /tmp/flux1-dev-full --out bench_gpu_flux.json
     python3 bench/bench_gpu.py --device cpu --tiny --out /tmp/gpu.json   # a quick check without a GPU
+    python3 bench/bench_gpu.py --device cpu --tiny --model flux --out /tmp/gpu_flux.json
+
+``--model flux``: FLUX.1-dev at full size (bench/models.py: the published transformer, VAE and CLIP-L configs,
+random weights built on the GPU directly in bf16, and a 2-layer T5 stand-in of the real width 4096 unless
+``--t5 full``), batch 1 at 512 then 1024 px (``--resolutions``), no gradient checkpointing then with it; the
+naive side is bench/naive_flux.py (diffusers' train_dreambooth_lora_flux.py step, VAE + CLIP + T5 + transformer
+every step, all bf16). ``--model-dir`` reuses a folder that bench/device_check.py ``--flux-dir`` wrote (saving
+and reloading 24 GB is most of the set-up time). No targets are set for FLUX: the table reports s/step,
+images/s, peak VRAM, MFU.
 
 What it measures, in one process:
 1. the card (name, capability, memory, torch / CUDA versions) and a bf16 matmul ceiling (8192^3 matmuls,
@@ -152,14 +162,14 @@ def count_syncs(dev: Dev, fn) -> int | None:
 # ------------------------------------------------------------------------------------------- the two contenders
 def trainer_config(work: Path, model: Path, data: Path, *, batch: int, ckpt: bool, resolution: int,
                    device: str, precision: str) -> Path:
-    out = work / f"out_b{batch}_{'ckpt' if ckpt else 'nockpt'}"
+    out = work / f"out_b{batch}_r{resolution}_{'ckpt' if ckpt else 'nockpt'}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {"dataset_path": str(data), "base_model": str(model), "output_path": str(out), "trigger_words": ["ohwx"],
            "max_train_steps": 100000, "batch_size": batch, "resolution": resolution,
            "min_bucket_resolution": min(256, resolution), "lora_rank": 16, "gradient_checkpointing": ckpt,
            "cache_latents": True, "checkpointing_steps": None, "log_every_n_steps": 1000, "heartbeat_seconds": 3600,
            "mixed_precision": precision, "device": device, "overwrite_output": True}
-    path = work / f"config_b{batch}_{int(ckpt)}.json"
+    path = work / f"config_b{batch}_r{resolution}_{int(ckpt)}.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path
 
@@ -197,11 +207,15 @@ class TrainLoraRunner:
 class NaiveRunner:
     name = "naive"
 
-    def __init__(self, model: Path, data: Path, *, batch: int, ckpt: bool, resolution: int, device: str):
-        from naive_loop import NaiveLoop
+    def __init__(self, model: Path, data: Path, *, batch: int, ckpt: bool, resolution: int, device: str,
+                 kind: str = "sdxl"):
+        if kind == "flux":
+            from naive_flux import NaiveFluxLoop as Loop
+        else:
+            from naive_loop import NaiveLoop as Loop
 
-        self.loop = NaiveLoop(model, data, resolution=resolution, batch_size=batch, device=device,
-                              gradient_checkpointing=ckpt, sync_each_step=False)
+        self.loop = Loop(model, data, resolution=resolution, batch_size=batch, device=device,
+                         gradient_checkpointing=ckpt, sync_each_step=False)
 
     def step(self):
         return self.loop.step()
@@ -235,44 +249,51 @@ TARGETS = ("images/s >= 3x naive at equal batch", ">= 30% MFU at batch 4 without
 
 def finish(rows: list[dict], ceiling: dict, dev_info: dict, args, extra: dict) -> dict:
     peak = ceiling["tflops_median"] * 1e12
-    by = {(r["who"], r["batch"], r["ckpt"]): r for r in rows if "error" not in r}
+    by = {(r["who"], r["batch"], r["ckpt"], r["resolution"]): r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
             continue
-        model_flops = (by.get((r["who"], r["batch"], False)) or r).get("flops_per_step")
+        model_flops = (by.get((r["who"], r["batch"], False, r["resolution"])) or r).get("flops_per_step")
         r["model_flops_per_step"] = model_flops
         r["mfu"] = model_flops / r["step_s"] / peak if model_flops else None
         hw = r.get("flops_per_step")
         r["hfu"] = hw / r["step_s"] / peak if hw else None
-        naive = by.get(("naive", r["batch"], r["ckpt"]))
+        naive = by.get(("naive", r["batch"], r["ckpt"], r["resolution"]))
         if r["who"] == "train_lora" and naive:
             r["speedup_vs_naive"] = r["images_per_s"] / naive["images_per_s"]
     verdicts = []
+    if extra.get("kind") == "flux":
+        return _render(rows, ceiling, dev_info, args, extra, [])
     sp = [r.get("speedup_vs_naive") for r in rows if r["who"] == "train_lora" and r.get("speedup_vs_naive")]
     verdicts.append((TARGETS[0], "n/a" if not sp else
                      ("MET" if min(sp) >= 3 else "MISSED") + f" (speed-ups {', '.join(f'{x:.2f}x' for x in sp)})"))
-    b4 = by.get(("train_lora", 4, False))
+    res = args.resolutions_list[0]
+    b4 = by.get(("train_lora", 4, False, res))
     verdicts.append((TARGETS[1], "n/a" if not b4 or b4.get("mfu") is None else
                      ("MET" if b4["mfu"] >= 0.30 else "MISSED") + f" ({100 * b4['mfu']:.1f}%)"))
-    b1 = by.get(("train_lora", 1, True))
+    b1 = by.get(("train_lora", 1, True, res))
     verdicts.append((TARGETS[2], "n/a" if not b1 or b1.get("peak_vram_gib") is None else
                      ("MET" if b1["peak_vram_gib"] <= 8 else "MISSED") + f" ({b1['peak_vram_gib']:.2f} GiB)"))
+    return _render(rows, ceiling, dev_info, args, extra, verdicts)
 
-    head = ["trainer", "batch", "grad ckpt", "s/step", "images/s", "vs naive", "peak VRAM GiB", "TFLOP/step",
+
+def _render(rows: list[dict], ceiling: dict, dev_info: dict, args, extra: dict, verdicts: list) -> dict:
+    head = ["trainer", "px", "batch", "grad ckpt", "s/step", "images/s", "vs naive", "peak VRAM GiB", "TFLOP/step",
             "MFU", "HFU", "syncs/step"]
     table = []
     for r in rows:
         if "error" in r:
-            table.append([r["who"], str(r["batch"]), "yes" if r["ckpt"] else "no", r["error"], "", "", "", "", "", "", ""])
+            table.append([r["who"], str(r["resolution"]), str(r["batch"]), "yes" if r["ckpt"] else "no", r["error"],
+                          "", "", "", "", "", "", ""])
             continue
         f = lambda v, fmt: "n/a" if v is None else fmt.format(v)  # noqa: E731
-        table.append([r["who"], str(r["batch"]), "yes" if r["ckpt"] else "no", f(r["step_s"], "{:.3f}"),
+        table.append([r["who"], str(r["resolution"]), str(r["batch"]), "yes" if r["ckpt"] else "no", f(r["step_s"], "{:.3f}"),
                       f(r["images_per_s"], "{:.2f}"), f(r.get("speedup_vs_naive"), "{:.2f}x"),
                       f(r["peak_vram_gib"], "{:.2f}"), f(r.get("flops_per_step") and r["flops_per_step"] / 1e12, "{:.3g}"),
                       f(r["mfu"] and 100 * r["mfu"], "{:.1f}%"), f(r["hfu"] and 100 * r["hfu"], "{:.1f}%"),
                       f(r.get("host_syncs_per_step"), "{}")])
     title = (f"GPU benchmark: {dev_info.get('name')} (torch {dev_info['torch']}, CUDA {dev_info.get('cuda')}); "
-             f"{extra['model']} at {args.resolution} px, LoRA rank 16, {'bf16' if extra['precision'] == 'bf16' else 'fp32'}; bf16 ceiling "
+             f"{extra['model']} at {args.resolutions} px, LoRA rank 16, {'bf16' if extra['precision'] == 'bf16' else 'fp32'}; bf16 ceiling "
              f"{ceiling['tflops_median']:.1f} TFLOP/s ({ceiling['n']}^3 matmul, best {ceiling['tflops_best']:.1f})")
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
     text = [title, " | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
@@ -290,7 +311,8 @@ def missing_packages() -> list[str]:
     """What train_lora needs that this Python lacks (the GPU image has no diffusers or jsonschema)."""
     import importlib.util
 
-    need = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "jsonschema", "PIL", "numpy")
+    need = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "jsonschema", "PIL", "numpy",
+            "tokenizers")
     return [n for n in need if importlib.util.find_spec(n) is None]
 
 
@@ -298,11 +320,17 @@ def missing_packages() -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl at 64 px (checks on the CPU)")
-    ap.add_argument("--size", choices=("full", "quarter"), default="full",
-                    help="bench/models.py size when not --tiny (quarter: to check the full-size path cheaply)")
-    ap.add_argument("--resolution", type=int, help="default 1024 (64 with --tiny)")
-    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--model", choices=("sdxl", "flux"), default="sdxl")
+    ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl / tiny_dit's flux1-dev at 64 px "
+                                                        "(checks on the CPU)")
+    ap.add_argument("--size", choices=("full", "quarter", "reduced"), default="full",
+                    help="bench/models.py size when not --tiny (sdxl quarter / flux reduced: to check the "
+                         "full-size path cheaply)")
+    ap.add_argument("--t5", choices=("standin", "full"), default="standin", help="flux: the T5 encoder")
+    ap.add_argument("--model-dir", help="the diffusers folder to use (built there if missing, and kept)")
+    ap.add_argument("--resolution", type=int, help="one resolution (default: sdxl 1024, flux 512,1024; tiny 64)")
+    ap.add_argument("--resolutions", help="comma list, e.g. 512,1024")
+    ap.add_argument("--batches", help="default sdxl 1,4; flux 1")
     ap.add_argument("--checkpointing", default="0,1", help="comma list of 0/1")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -312,7 +340,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="work folder (default: a temp folder, removed)")
     ap.add_argument("--out", help="write results as JSON to this path and markdown beside it (.md)")
     args = ap.parse_args(argv)
-    args.resolution = args.resolution or (64 if args.tiny else 1024)
+    flux = args.model == "flux"
+    if args.resolutions is None:
+        args.resolutions = str(args.resolution) if args.resolution else "64" if args.tiny else "512,1024" if flux else "1024"
+    args.resolutions_list = [int(r) for r in args.resolutions.split(",") if r]
+    args.resolution = max(args.resolutions_list)  # the dataset's image size
+    args.batches = args.batches or ("1" if flux else "1,4")
     if missing := missing_packages():
         raise SystemExit(f"missing Python packages: {', '.join(missing)} (carry them as wheels: see bench/RESULTS.md)")
 
@@ -335,11 +368,17 @@ def main(argv=None) -> int:
     notes: list[str] = []
     try:
         from lora_trainer.tiny import make_dataset
-        from models import build_components, save_pipeline, make_model
+        from models import build_components, flux_description, make_flux_model, make_model, save_pipeline
 
-        model, data = work / "model", work / "data"
+        model = Path(args.model_dir) if args.model_dir else work / "model"
+        data = work / "data"
         t = time.monotonic()
-        if not (model / "model_index.json").is_file():
+        if not (model / "model_index.json").is_file() and flux:
+            size = "tiny" if args.tiny else args.size if args.size != "quarter" else "reduced"
+            # On the device in bf16: seconds and no host copy of the 12B transformer; saved from there.
+            make_flux_model(model, size, t5=args.t5, dtype=torch.bfloat16 if dev.cuda else None, device=dev.device)
+            dev.free()
+        elif not (model / "model_index.json").is_file():
             if args.tiny:
                 make_model(model, "tiny")
             else:
@@ -358,45 +397,51 @@ def main(argv=None) -> int:
         if not data.is_dir():
             make_dataset(data, 8, sizes=[(args.resolution, args.resolution)])
         log(f"model + data ready in {time.monotonic() - t:.1f} s")
-        model_desc = ("tiny SDXL (lora_trainer.tiny)" if args.tiny else
+        model_desc = ("tiny FLUX.1-dev (lora_trainer.tiny_dit)" if flux and args.tiny else
+                      flux_description("full" if args.size == "full" else "reduced",
+                                       t5=args.t5 if args.size == "full" else "full") + ", random" if flux else
+                      "tiny SDXL (lora_trainer.tiny)" if args.tiny else
                       "full SDXL architecture (UNet 2567.5M, random)" if args.size == "full" else
                       "quarter-width SDXL (UNet 160.8M, random)")
 
         batches = [int(b) for b in args.batches.split(",") if b]
         ckpts = [bool(int(c)) for c in args.checkpointing.split(",") if c]
-        configs = [(b, c) for c in ckpts for b in batches]  # no-ckpt first: MFU and speed-up targets need them
+        # no-ckpt first: MFU and speed-up targets need them
+        configs = [(b, c, r) for c in ckpts for r in args.resolutions_list for b in batches]
         durations: list[float] = []
-        for batch, ckpt in configs:
+        for batch, ckpt, resolution in configs:
             for who in ("train_lora", "naive"):
                 est = max(durations) if durations else 0.0
                 if time.monotonic() - T0 + est > args.budget_s:
-                    rows.append({"who": who, "batch": batch, "ckpt": ckpt, "error": "skipped (time budget)"})
-                    log(f"skip {who} b{batch} ckpt={ckpt}: time budget")
+                    rows.append({"who": who, "batch": batch, "ckpt": ckpt, "resolution": resolution,
+                                 "error": "skipped (time budget)"})
+                    log(f"skip {who} b{batch} {resolution}px ckpt={ckpt}: time budget")
                     continue
                 t = time.monotonic()
-                log(f"{who} batch {batch} checkpointing {ckpt}: setup")
+                log(f"{who} batch {batch} {resolution} px checkpointing {ckpt}: setup")
                 dev.free()
                 base_alloc = dev.allocated_gib()
                 runner = None
                 try:
                     if who == "train_lora":
-                        cfg = trainer_config(work, model, data, batch=batch, ckpt=ckpt, resolution=args.resolution,
+                        cfg = trainer_config(work, model, data, batch=batch, ckpt=ckpt, resolution=resolution,
                                              device=args.device, precision=precision)
                         runner = TrainLoraRunner(cfg)
                     else:
-                        runner = NaiveRunner(model, data, batch=batch, ckpt=ckpt, resolution=args.resolution,
-                                             device=args.device)
+                        runner = NaiveRunner(model, data, batch=batch, ckpt=ckpt, resolution=resolution,
+                                             device=args.device, kind=args.model)
                     setup_s = time.monotonic() - t
                     res = measure(dev, runner, batch=batch, warmup=args.warmup, steps=args.steps,
                                   flops=not args.no_flops)
-                    res.update(who=who, batch=batch, ckpt=ckpt, setup_s=setup_s, baseline_alloc_gib=base_alloc)
+                    res.update(who=who, batch=batch, ckpt=ckpt, resolution=resolution, setup_s=setup_s,
+                               baseline_alloc_gib=base_alloc)
                     log(f"  {res['images_per_s']:.3f} images/s, {res['step_s']:.3f} s/step, peak "
                         f"{res['peak_vram_gib']} GiB, flops {res.get('flops_per_step')}, syncs {res.get('host_syncs_per_step')}")
                     rows.append(res)
                 except Exception as exc:  # noqa: BLE001 - an OOM or failure is a result too
                     msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                     log(f"  failed: {msg}")
-                    rows.append({"who": who, "batch": batch, "ckpt": ckpt, "error": msg})
+                    rows.append({"who": who, "batch": batch, "ckpt": ckpt, "resolution": resolution, "error": msg})
                 finally:
                     if runner is not None:
                         runner.close()
@@ -406,11 +451,16 @@ def main(argv=None) -> int:
         if base_alloc := dev.allocated_gib():
             notes.append(f"{base_alloc:.2f} GiB still allocated after the last run")
         notes.append("train_lora caches latents and text embeddings before the timed steps (not counted); naive "
-                     "loads images and runs the VAE and both text encoders every step")
+                     + ("runs the VAE, CLIP and T5 every step (images pre-loaded, as the example's dataset does)"
+                        if flux else "loads images and runs the VAE and both text encoders every step"))
+        if flux and not args.tiny and args.t5 == "standin":
+            notes.append("T5 is a 2-layer stand-in of the real width (4096): the naive rows omit ~4.8 TFLOP "
+                         "(~5-10 ms on this card) of the real 24-layer T5 per step")
         notes.append("MFU counts model FLOPs (FlopCounterMode, no recomputation); HFU counts what ran, recompute included")
         if not dev.cuda:
             notes.append("CPU check run: numbers say nothing about a GPU")
-        report = finish(rows, ceiling, info, args, {"model": model_desc, "precision": precision, "notes": notes})
+        report = finish(rows, ceiling, info, args, {"model": model_desc, "precision": precision, "notes": notes,
+                                                    "kind": args.model})
         log(f"total {time.monotonic() - T0:.0f} s")
         if args.out:
             out = Path(args.out)
@@ -422,7 +472,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)  # a --model-dir outside it stays
 
 
 if __name__ == "__main__":

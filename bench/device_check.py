@@ -1,7 +1,7 @@
-"""End-to-end check of the REAL train_lora CLI on a CUDA card, in one device call (default budget 360 s).
+"""End-to-end check of the REAL train_lora CLI on a CUDA card, in one device call (default budget 400 s).
 
     python3 bench/device_check.py --out $OUT/device_check.json          # on the GPU machine (see bench/RESULTS.md)
-    python3 bench/device_check.py --device cpu --no-sdxl                # dry run without a GPU
+    python3 bench/device_check.py --device cpu --tiny                   # dry run without a GPU (~2-3 minutes)
 
 CI runs only on the CPU, so nothing there exercises CUDA (autocast, the fp16 grad scaler, CUDA RNG state in
 checkpoints, SIGTERM timing on a card, DoRA on a GPU, "auto" precision). This runs `train_lora.py --config ...` on
@@ -10,6 +10,17 @@ gaps) and checks exit codes, events and outputs; each check_* function says what
 value; those that would overrun --budget-s are reported as skipped. Progress goes to stderr, the markdown table to
 stdout; --out gets JSON (rewritten after every check, so a killed call leaves partial results) and a .md beside it.
 Exit 0 when every check that ran passed, else 1.
+
+The FLUX check (``flux1-dev/full``) is the one full-size model: FLUX.1-dev's published transformer (11.9B), VAE
+and CLIP-L configs with random weights, built on the card directly in bf16 (bench/models.py, seconds; no fp32 or
+host copy) and saved once (24 GB), plus a 2-layer T5 stand-in of the real output width 4096 (the trainer caches
+T5's output once and moves the encoder off the card, so T5's size changes set-up time, not training memory or
+speed). Then the real CLI trains a short run at 512 px and, when time is left, one at 1024 px (batch 1, rank 16,
+default FLUX targets, bf16, no gradient checkpointing): s/step from the step events (the trainer syncs every
+step), peak GPU memory (``memory.gpu_peak_gb`` = torch.cuda.max_memory_allocated over training), model load and
+cache times, LoRA files. An out-of-memory exit at 1024 px is recorded as a result, not a failure.
+``--tiny`` swaps in lora_trainer.tiny_dit's flux1-dev at 64 / 128 px (the CPU dry run).
+``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 """
 from __future__ import annotations
 
@@ -70,6 +81,11 @@ class Run:  # one CLI process
     stderr_tail: str
     wall_s: float
     signal_to_exit_s: float | None = None
+    arrivals: list[float] = field(default_factory=list)  # seconds after spawn at which each event arrived
+
+    def at(self, pred) -> float | None:
+        """Arrival time of the first event for which pred(event) holds."""
+        return next((t for t, e in zip(self.arrivals, self.events) if pred(e)), None)
 
     def of(self, type_: str) -> list[dict]:
         return [e for e in self.events if e.get("type") == type_]
@@ -84,6 +100,7 @@ class Ctx:
         self.cuda = args.device == "cuda"
         self.tmp = Path(tempfile.mkdtemp(prefix="device_check_"))
         self.steps = args.steps or (30 if self.cuda else 12)
+        self.flux_dir = Path(args.flux_dir) if args.flux_dir else self.tmp / "model-flux1-dev"
         # bf16 is the H100's natural precision; on the CPU fp32 ("no") is the default and much faster.
         self.main_precision = "bf16" if self.cuda else "no"
         self.models: dict[str, Path] = {}
@@ -116,14 +133,16 @@ class Ctx:
         return path, cfg
 
 
-def run_cli(ctx: Ctx, cfg: Path, name: str, stop_after: int | None = None) -> Run:
-    """Run train_lora.py like a parent process would; SIGTERM once a step event >= stop_after arrives."""
+def run_cli(ctx: Ctx, cfg: Path, name: str, stop_after: int | None = None, *, record: bool = True,
+            max_timeout: float = 300.0) -> Run:
+    """Run train_lora.py like a parent process would; SIGTERM once a step event >= stop_after arrives.
+    record=False keeps the run out of the time estimate of the small-model checks."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if not ctx.cuda:  # a shared CPU box: torch's all-cores threads collapse under contention (bench/RESULTS.md)
         env.setdefault("OMP_NUM_THREADS", "1")
-    timeout = max(60.0, min(300.0, ctx.remaining() + 60))
+    timeout = max(60.0, min(max_timeout, ctx.remaining() + 60))
     killed = threading.Event()
-    events, problems, sent = [], [], None
+    events, problems, sent, arrivals = [], [], None, []
     t0 = time.monotonic()
     # stderr to a file, not a pipe: an unread stderr pipe fills up (64 KiB) and blocks the child.
     with open(ctx.tmp / f"{name.replace('/', '-')}.stderr", "w+") as err:
@@ -140,6 +159,7 @@ def run_cli(ctx: Ctx, cfg: Path, name: str, stop_after: int | None = None) -> Ru
                     problems.append(f"stdout line {n} is not a JSON object: {line[:200]!r}")
                     continue
                 events.append(ev)
+                arrivals.append(time.monotonic() - t0)
                 bad = next(iter(ctx.validator.iter_errors(ev)), None)
                 if bad is not None and len(problems) < 5:
                     problems.append(f"event {ev.get('seq')} ({ev.get('type')}) violates the schema: {bad.message}")
@@ -161,9 +181,10 @@ def run_cli(ctx: Ctx, cfg: Path, name: str, stop_after: int | None = None) -> Ru
         problems.append("more than one run_id")
     if "Traceback (most recent call last)" in stderr:
         problems.append("a Python traceback on stderr (only --debug may print one)")
-    ctx.run_times.append(done - t0)
+    if record:
+        ctx.run_times.append(done - t0)
     log(f"  {name}: exit {rc} in {done - t0:.1f} s, {len(events)} events")
-    return Run(rc, events, problems, stderr[-2500:], done - t0, (done - sent) if sent else None)
+    return Run(rc, events, problems, stderr[-2500:], done - t0, (done - sent) if sent else None, arrivals)
 
 
 def mem_max(run: Run, prefix: str) -> float | None:
@@ -255,6 +276,8 @@ def check_env(ctx: Ctx, c: Check) -> None:
                                              capture_output=True, text=True, timeout=20, check=False).stdout.strip()
     else:
         n.update(cpu=f"{platform.machine()} ({os.cpu_count()} cores)", gpu_visible=torch.cuda.is_available())
+    n["host_ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    n["tmp_free_gib"] = round(shutil.disk_usage(ctx.tmp).free / 2**30, 1)
     from lora_trainer.tiny import make_dataset, make_tiny_pipeline
 
     t = time.monotonic()
@@ -288,6 +311,101 @@ def check_train(ctx: Ctx, c: Check, family: str, precision: str) -> None:
         c.require(got["image_finite"], "inference with the LoRA gave non-finite pixels")
     if family == "sd15" and precision == ctx.main_precision and not c.problems:
         ctx.reference = (cfg, run, Path(cfg["output_path"]))
+
+
+def _steady(xs: list[float], skip: int) -> float | None:
+    xs = xs[skip:] or xs
+    return round(sorted(xs)[len(xs) // 2], 4) if xs else None
+
+
+def check_flux(ctx: Ctx, c: Check) -> None:
+    """FLUX.1-dev through the real CLI: build (full size on the card, bf16), then short runs at 512 and 1024 px
+    (tiny: 64 and 128): exit 0, family/variant, s/step, peak GPU memory, load and cache times, LoRA files."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lora_trainer.tiny import make_dataset
+    from models import flux_description, make_flux_model
+
+    tiny = ctx.args.tiny
+    resolutions = (64, 128) if tiny else (512, 1024)
+    steps = {resolutions[0]: ctx.args.flux_steps or (4 if tiny else 8),
+             resolutions[1]: ctx.args.flux_steps or (4 if tiny else 6)}
+    t = time.monotonic()
+    if not (ctx.flux_dir / "model_index.json").is_file():
+        log(f"  building {'tiny' if tiny else 'full-size'} FLUX.1-dev in {ctx.flux_dir}")
+        make_flux_model(ctx.flux_dir, "tiny" if tiny else "full", t5="standin",
+                        dtype=None if tiny or not ctx.cuda else torch.bfloat16, device=None if tiny else ctx.device,
+                        quiet=True)
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    size_gb = sum(f.stat().st_size for f in ctx.flux_dir.rglob("*") if f.is_file()) / 1e9
+    c.numbers.update(model="tiny_dit flux1-dev" if tiny else flux_description("full", t5="standin"),
+                     build_and_save_s=round(time.monotonic() - t, 1), model_gb=round(size_gb, 1))
+    data = make_dataset(ctx.tmp / "data-flux", n=8, sizes=[(resolutions[1], resolutions[1])], trigger="ohwx")
+    per_run = None
+    for k, res in enumerate(resolutions):
+        tag = f"{res}px"
+        if per_run is not None and ctx.remaining() < 1.3 * per_run:
+            c.numbers[f"{tag}_skipped"] = f"{ctx.remaining():.0f} s left, ~{1.3 * per_run:.0f} s needed"
+            log(f"  skip {tag}: {c.numbers[f'{tag}_skipped']}")
+            continue
+        out = ctx.tmp / f"flux-{tag}"
+        cfg = {"dataset_path": str(data), "base_model": str(ctx.flux_dir), "output_path": str(out),
+               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
+               "max_train_steps": steps[res], "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
+               "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
+               "cache_latents": True, "gradient_checkpointing": False, "heartbeat_seconds": 600}
+        if k == 0:  # the sampling path on the card, cheaply: 2 denoising steps, before and after training
+            cfg.update(validation_prompts=["ohwx, a red circle, blue background"], validation_steps=steps[res],
+                       validation_inference_steps=2)
+        cfg_path = ctx.tmp / f"flux-{tag}.json"
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        run = run_cli(ctx, cfg_path, f"flux/{tag}", record=False, max_timeout=420.0)
+        per_run = run.wall_s
+        err = run.last("error")
+        if run.rc != 0 and err.get("code") == "out_of_memory" and k > 0:
+            # "1024 px if memory allows": an OOM there is the answer, not a broken trainer.
+            c.numbers[f"{tag}_result"] = "out_of_memory"
+            c.details[f"{tag}_oom"] = {"message": err.get("message"), "details": err.get("details")}
+            continue
+        sub = Check(c.name)
+        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
+            c.problems += [f"{tag}: {p}" for p in sub.problems]
+            continue
+        started = run.last("run_started")
+        sub.require(started.get("family") == "flux1" and started.get("variant") == "dev",
+                    f"{tag}: run_started family/variant {started.get('family')}/{started.get('variant')}, "
+                    f"expected flux1/dev")
+        step_events = run.of("step")
+        sub.require(len(step_events) == steps[res], f"{tag}: {len(step_events)} step events, expected {steps[res]}")
+        elapsed = [e["elapsed_s"] for e in step_events]
+        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+        if k == 0:
+            samples = run.of("sample")
+            sub.require(len(samples) >= 2 and all(Path(x["path"]).is_file() for x in samples),
+                        f"{tag}: samples {samples[:2]}")
+        outputs = run.last("completed").get("outputs") or {}
+        kohya = load_lora(sub, outputs.get("lora"), f"{tag}_comfy")
+        peft = load_lora(sub, outputs.get("peft_lora"), f"{tag}_peft")
+        loading = run.at(lambda e: e.get("type") == "status" and e.get("phase") == "loading_model")
+        caching = run.at(lambda e: e.get("type") == "status" and e.get("phase") == "caching_latents")
+        text = run.at(lambda e: e.get("type") == "progress" and e.get("phase") == "caching_text")
+        began = run.at(lambda e: e.get("type") == "run_started")
+        first = run.at(lambda e: e.get("type") == "step")
+        mem = (step_events[-1].get("memory") or {}) if step_events else {}
+        c.numbers.update({
+            f"{tag}_s_per_step": _steady(step_s, 2), f"{tag}_first_step_s": round(step_s[0], 2) if step_s else None,
+            f"{tag}_img_per_s": round(1 / _steady(step_s, 2), 2) if step_s and _steady(step_s, 2) else None,
+            f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"), f"{tag}_gpu_alloc_gb": mem.get("gpu_allocated_gb"),
+            f"{tag}_rss_peak_gb": mem_max(run, "rss"), f"{tag}_wall_s": round(run.wall_s, 1),
+            f"{tag}_load_s": round(caching - loading, 1) if loading is not None and caching is not None else None,
+            f"{tag}_cache_s": round(began - caching, 1) if began is not None and caching is not None else None,
+            f"{tag}_spawn_to_first_step_s": round(first, 1) if first is not None else None,
+            f"{tag}_loss_last": sub.numbers.get("loss_last"),
+            f"{tag}_lora_peft_tensors": len(peft), f"{tag}_lora_comfy_tensors": len(kohya)})
+        c.details[f"{tag}_step_s"] = [round(x, 4) for x in step_s]
+        c.details[f"{tag}_text_cache_progress_at_s"] = text
+        c.details[f"{tag}_warnings"] = sub.details.get("warnings")
+        c.problems += sub.problems
 
 
 def check_sigterm_resume(ctx: Ctx, c: Check) -> None:
@@ -388,11 +506,14 @@ def check_cpu_device(ctx: Ctx, c: Check) -> None:
 
 # ------------------------------------------------------------------------------------------------------ driver
 def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
-    """(name, CLI runs it makes, function) in order of value: what is skipped when time runs out comes last."""
+    """(name, CLI runs it makes, function) in order of value: what is skipped when time runs out comes last.
+    The FLUX check's runs are not tiny-model runs: its time is estimated apart (flux_need_s)."""
     main, other = ctx.main_precision, "fp16" if ctx.cuda else "bf16"  # the trainer refuses fp16 on the CPU
     items = [("environment", 0, partial(check_env, ctx)),
-             (f"train/sd15/{main}", 1, partial(check_train, ctx, family="sd15", precision=main)),
-             ("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
+             (f"train/sd15/{main}", 1, partial(check_train, ctx, family="sd15", precision=main))]
+    if not ctx.args.no_flux:
+        items.append((f"flux1-dev/{'tiny' if ctx.args.tiny else 'full'}", -1, partial(check_flux, ctx)))
+    items += [("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
              (f"train/sd15/{other}", 1, partial(check_train, ctx, family="sd15", precision=other)),
              ("dora", 1, partial(check_dora, ctx)),
              ("auto_precision", 1, partial(check_auto_precision, ctx))]
@@ -401,6 +522,15 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
     if ctx.cuda:
         items.append(("cpu_device", 1, partial(check_cpu_device, ctx)))
     return items
+
+
+def flux_need_s(ctx: Ctx) -> float:
+    """Time the FLUX check needs for its build and the first (512 px) run; the 1024 px run is skipped inside the
+    check when too little is left. Full size on an H200, estimated (not yet measured on a card): build on the
+    card + save 24 GB ~60-90 s; a CLI run ~60-90 s (imports, reading 24 GB, caching, 8 steps, export)."""
+    if ctx.args.tiny:
+        return 30.0
+    return (0.0 if (ctx.flux_dir / "model_index.json").is_file() else 90.0) + 90.0
 
 
 def render(ctx: Ctx, checks: list[Check]) -> str:
@@ -430,9 +560,15 @@ def main() -> int:
     default_out = Path(os.environ["OUT"]) / "device_check.json" if os.environ.get("OUT") else Path("device_check.json")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--budget-s", type=float, default=360.0, help="skip the remaining checks past this (default 360)")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="skip the remaining checks past this (default 400)")
     ap.add_argument("--steps", type=int, default=0, help="training steps per full run (default 30 cuda, 12 cpu)")
     ap.add_argument("--no-sdxl", action="store_true", help="skip the SDXL runs (saves time on the CPU)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="FLUX check on lora_trainer.tiny_dit's flux1-dev at 64/128 px instead of full size (dry run)")
+    ap.add_argument("--no-flux", action="store_true", help="skip the FLUX check")
+    ap.add_argument("--flux-steps", type=int, default=0, help="steps per FLUX run (default 8 at 512 px, 6 at 1024)")
+    ap.add_argument("--flux-dir", help="where the FLUX model is built (reused if there, and kept); default: the "
+                                       "temp folder")
     ap.add_argument("--out", type=Path, default=default_out)
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (models, configs, outputs, stderr logs)")
     args = ap.parse_args()
@@ -444,7 +580,7 @@ def main() -> int:
         if checks[0].status == "failed":
             c.problems.append("environment check failed")
             continue
-        need = runs * ctx.est_run_s() + (10 if runs else 0)  # + loading the LoRA into diffusers
+        need = (flux_need_s(ctx) if runs < 0 else runs * ctx.est_run_s() + (10 if runs else 0))  # + diffusers load
         if runs and ctx.remaining() < need:
             c.details["skipped_because"] = f"{ctx.remaining():.0f} s left, ~{need:.0f} s needed"
             log(f"skip {c.name}: {c.details['skipped_because']}")
@@ -464,7 +600,7 @@ def main() -> int:
     print(render(ctx, checks), flush=True)
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}" + (f"; kept {ctx.tmp}" if args.keep else ""))
     if not args.keep:
-        shutil.rmtree(ctx.tmp, ignore_errors=True)
+        shutil.rmtree(ctx.tmp, ignore_errors=True)  # an explicit --flux-dir outside it stays
     return 1 if any(c.status == "failed" for c in checks) else 0
 
 

@@ -296,10 +296,6 @@ def build_flux_components(size: str = "full", *, t5: str = "full", t5_layers: in
         finally:
             torch.set_default_dtype(old)
         vae = AutoencoderKL(**cfg["vae"])
-    if dtype is not None:  # modules that ignore the default dtype (none today), made consistent
-        transformer.to(dtype)
-        clip.to(dtype)
-        t5m.to(dtype)
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5m}
 
 

@@ -16,6 +16,7 @@ discarded), then calls ``Trainer._optimizer_step`` -- the trainer's own step -- 
      its numerics: loss and LoRA-gradient error against fp32 on identical inputs
    - fused_adamw: the trainer's step with AdamW(fused=True) swapped in for its foreach AdamW
    - optimizer: AdamW for-loop vs foreach (the trainer's choice on the CPU) vs fused, on the real LoRA params
+   - text_tokens_half (FLUX / SD3 only): half the cached T5 sequence (the cost of max_sequence_length / 2)
    - bf16_weights: frozen UNet weights stored in bf16 + autocast (= config mixed_precision "bf16"; destructive,
      so it runs last)
 """
@@ -76,6 +77,17 @@ def timed_step(trainer, batches: Batches, ctx=None) -> float:
     return time.perf_counter() - t
 
 
+def lora_params(trainer) -> list:
+    """The denoiser's LoRA parameters (``denoiser_params`` since the family refactor; ``unet_params`` before)."""
+    return getattr(trainer, "denoiser_params", None) or trainer.unet_params
+
+
+def denoiser(trainer):
+    """The (plain, unwrapped) denoiser: the UNet or the FLUX / SD3 transformer."""
+    comps = getattr(trainer.comps, "denoisers", None)
+    return next(iter(comps.values())) if comps else trainer.unet
+
+
 def split_step(trainer, batches: Batches, n: int) -> dict:
     """The step's phases, timed around the trainer's own calls (same order as Trainer._optimizer_step)."""
     acc = trainer.accelerator
@@ -88,7 +100,7 @@ def split_step(trainer, batches: Batches, n: int) -> dict:
         t1 = time.perf_counter()
         acc.backward(loss)
         t2 = time.perf_counter()
-        acc.clip_grad_norm_(trainer.unet_params + trainer.te_params, trainer.cfg.max_grad_norm)
+        acc.clip_grad_norm_(lora_params(trainer) + trainer.te_params, trainer.cfg.max_grad_norm)
         t3 = time.perf_counter()
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
@@ -162,7 +174,7 @@ def grad_numerics(trainer, batches: Batches, ctx_factory) -> dict:
         with ctx:
             loss = trainer._loss(batch, epoch, i)
         loss.backward()
-        grads = torch.cat([p.grad.detach().float().flatten() for p in trainer.unet_params if p.grad is not None])
+        grads = torch.cat([p.grad.detach().float().flatten() for p in lora_params(trainer) if p.grad is not None])
         trainer.optimizer.zero_grad(set_to_none=True)
         return float(loss), grads
 
@@ -225,9 +237,9 @@ def main(argv=None) -> int:
     batches = Batches(trainer)
     warm = [timed_step(trainer, batches) for _ in range(args.warmup)]
     log(f"warm-up steps: {' '.join(f'{x:.2f}' for x in warm)}")
-    unet = trainer.unet
+    unet = denoiser(trainer)  # the UNet, or the FLUX / SD3 transformer
     attn_procs = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-    n_lora = sum(p.numel() for p in trainer.unet_params)
+    n_lora = sum(p.numel() for p in lora_params(trainer))
     lora_layers = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
     info = {"threads": torch.get_num_threads(), "attn_processors": attn_procs, "lora_params": n_lora,
             "lora_layers": lora_layers, "optimizer": type(trainer.optimizer.optimizer).__name__,
@@ -240,8 +252,11 @@ def main(argv=None) -> int:
     fam, top = profile_ops(trainer, batches, args.steps)
 
     wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "fused_adamw", "optimizer", "bf16_weights"]
+    flux_like = trainer.text_cache is not None and "prompt_embeds" in next(iter(trainer.text_cache.entries.values()))
+    if flux_like:
+        wanted.insert(1, "text_tokens_half")
     if args.quick:
-        wanted = ["threads", "bf16_autocast", "fused_adamw", "optimizer"]
+        wanted = ["threads", "bf16_autocast", "fused_adamw", "optimizer"] + (["text_tokens_half"] if flux_like else [])
     if args.only:
         wanted = [w for w in args.only.split(",") if w]
     exps, notes = [], {}
@@ -278,15 +293,32 @@ def main(argv=None) -> int:
             notes["bf16_autocast_numerics"] = grad_numerics(trainer, batches, ctx)
         elif name == "fused_adamw":
             inner = trainer.optimizer.optimizer
-            fused = torch.optim.AdamW(trainer.unet_params + trainer.te_params, lr=trainer.cfg.learning_rate,
+            fused = torch.optim.AdamW(lora_params(trainer) + trainer.te_params, lr=trainer.cfg.learning_rate,
                                       weight_decay=trainer.cfg.weight_decay, fused=True)
 
             def swap(opt):
                 trainer.optimizer.optimizer = opt
             exps.append(ab(trainer, batches, args.pairs, lambda: swap(fused), lambda: swap(inner),
                            "AdamW(fused=True) instead of foreach, in the trainer's step"))
+        elif name == "text_tokens_half":
+            # FLUX / SD3: the cached T5 states are padded to max_sequence_length (512 for FLUX.1-dev) and the
+            # transformer attends to all of them; at 256 px that is 512 text tokens beside 256 image tokens. The
+            # variant feeds only the first half of the cached sequence: the compute of max_sequence_length / 2
+            # (the numbers differ from a real 256-token encoding; the cost does not).
+            cache = trainer.text_cache
+            plain = cache.batch
+
+            def halved(captions):
+                out = plain(captions)
+                n = out["prompt_embeds"].shape[1]
+                out["prompt_embeds"] = out["prompt_embeds"][:, : n // 2]
+                return out
+            n_txt = plain([next(iter(cache.entries))])["prompt_embeds"].shape[1]
+            exps.append(ab(trainer, batches, args.pairs, lambda: setattr(cache, "batch", halved),
+                           lambda: setattr(cache, "batch", plain),
+                           f"text tokens {n_txt // 2} instead of {n_txt} (max_sequence_length)"))
         elif name == "optimizer":
-            notes["optimizer"] = optimizer_bench(trainer.unet_params, reps=20)
+            notes["optimizer"] = optimizer_bench(lora_params(trainer), reps=20)
         elif name == "bf16_weights":
             # Frozen base weights to bf16 (LoRA params stay fp32), as mixed_precision "bf16" loads them; autocast on.
             for n, p in unet.named_parameters():

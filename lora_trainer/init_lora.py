@@ -113,19 +113,19 @@ def read_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return modules
 
 
-def init_from_file(t: Any) -> None:
-    """The Trainer's step: load cfg.init_lora (relative to the config file) into the fresh adapters, and say so."""
-    cfg = t.cfg
+def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Module], events) -> None:
+    """The recipe's step: load cfg.init_lora (relative to the config file) into the fresh adapters of ``modules``
+    (component -> adapted module), and say so."""
     path = cfg.resolve(cfg.init_lora)
-    unet = t.comps.denoisers.get("unet")
-    info = apply_init_lora(path, t.family.name, dict(t.lora_modules), rank=cfg.lora_rank, alpha=cfg.alpha,
+    unet = comps.denoisers.get("unet")
+    info = apply_init_lora(path, family_name, dict(modules), rank=cfg.lora_rank, alpha=cfg.alpha,
                            use_dora=cfg.use_dora, unet_config=unet.config if unet is not None else None)
-    t.events.emit("status", phase="init_lora", message=f"starting from {path.name}: {info['modules']} module(s)"
-                  + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else ""))
+    events.emit("status", phase="init_lora", message=f"starting from {path.name}: {info['modules']} module(s)"
+                + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else ""))
     if info["not_in_file"]:
-        t.events.emit("warning", code="init_lora_partial", path="init_lora",
-                      message=f"{len(info['not_in_file'])} adapted module(s) are not in {path.name} and start from "
-                              f"zero (e.g. {info['not_in_file'][0]})")
+        events.emit("warning", code="init_lora_partial", path="init_lora",
+                    message=f"{len(info['not_in_file'])} adapted module(s) are not in {path.name} and start from "
+                            f"zero (e.g. {info['not_in_file'][0]})")
 
 
 def _names_for(family: str, component: str, path: str, unet_config: Any) -> list[str]:

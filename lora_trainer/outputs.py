@@ -7,14 +7,12 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .errors import OutputError, TrainingError
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MANIFEST_NAME = "training_manifest.json"
@@ -30,34 +28,55 @@ def check_finite(states: dict[str, dict[str, torch.Tensor]], what: str) -> None:
                                          "resume from an earlier checkpoint", details={"tensor": f"{comp}.{key}"})
 
 
-def kohya_for_checkpoint(t: "Trainer", states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return t.family.tool_state_dict(states, t.comps, alpha=t.cfg.alpha, rank=t.cfg.lora_rank,
-                                    dtype=SAVE_DTYPES[t.cfg.save_precision])
+@dataclass
+class RunRecord:
+    """The facts of a run that its outputs record (LoRA metadata, manifest); built by the recipe after setup."""
+
+    cfg: Any
+    family: Any  # families.ModelFamily
+    comps: Any  # families.Components
+    run_id: str
+    device_info: Any
+    world: int
+    started: float  # time.monotonic() at the start
+    images: list  # data.TrainImage
+    scan: Any  # dataset_scan.DatasetScan
+    resolution: int
+    bucketing: bool
+    samples_per_epoch: int
+    total_steps: int
 
 
-def _metadata(t: "Trainer") -> dict[str, str]:
+def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The ComfyUI / Forge / A1111 file's tensors (the family's layout) from PEFT states."""
+    cfg = record.cfg
+    return record.family.tool_state_dict(states, record.comps, alpha=cfg.alpha, rank=cfg.lora_rank,
+                                         dtype=SAVE_DTYPES[cfg.save_precision])
+
+
+def _metadata(record: RunRecord, progress) -> dict[str, str]:
     from .captions import tag_frequency
     from .export import build_metadata
 
-    cfg = t.cfg
+    cfg = record.cfg
     by_folder: dict[str, list] = {}
-    for img in t.images:
+    for img in record.images:
         by_folder.setdefault(img.folder or "root", []).append(img.caption)
-    training = {"steps": t.progress.global_step, "epochs": t.progress.epoch, "learning_rate": cfg.learning_rate,
+    training = {"steps": progress.global_step, "epochs": progress.epoch, "learning_rate": cfg.learning_rate,
                 "text_encoder_lr": cfg.text_encoder_lr or cfg.learning_rate, "batch_size": cfg.batch_size,
                 "optimizer": cfg.optimizer, "lr_scheduler": cfg.lr_scheduler, "seed": cfg.seed,
-                "mixed_precision": t.device_info.mixed_precision, "noise_offset": cfg.noise_offset,
-                "num_train_images": len(t.images), "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "max_train_steps": t.total_steps, "base_model": Path(cfg.base_model).name or cfg.base_model}
+                "mixed_precision": record.device_info.mixed_precision, "noise_offset": cfg.noise_offset,
+                "num_train_images": len(record.images), "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                "max_train_steps": record.total_steps, "base_model": Path(cfg.base_model).name or cfg.base_model}
     if cfg.min_snr_gamma:
         training["min_snr_gamma"] = cfg.min_snr_gamma
-    return build_metadata(family=t.family.name, rank=cfg.lora_rank, alpha=cfg.alpha, output_name=cfg.output_name,
+    return build_metadata(family=record.family.name, rank=cfg.lora_rank, alpha=cfg.alpha, output_name=cfg.output_name,
                           trigger_words=list(cfg.trigger_words), tag_frequency=tag_frequency(by_folder),
-                          resolution=(t.resolution, t.resolution), training=training, title=cfg.output_name,
-                          prediction_type=t.comps.prediction_type,
+                          resolution=(record.resolution, record.resolution), training=training, title=cfg.output_name,
+                          prediction_type=record.comps.prediction_type,
                           network_args={"train_text_encoder": cfg.train_text_encoder, "dropout": cfg.lora_dropout},
-                          started_at=time.time() - (time.monotonic() - t.started), dora=cfg.use_dora,
-                          variant=t.comps.variant)
+                          started_at=time.time() - (time.monotonic() - record.started), dora=cfg.use_dora,
+                          variant=record.comps.variant)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -74,59 +93,62 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def export_final(t: "Trainer") -> dict[str, str]:
-    """Write the LoRA files and the manifest (main process); returns the paths for the completed event."""
+def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], progress, last_loss: float | None,
+                 is_main: bool) -> dict[str, str]:
+    """Write the LoRA files and the manifest (main process); returns the paths for the completed event. The caller
+    waits for the other ranks."""
     from .export import export_lora
-    from .resume import _components
     from .lora import dora_row_scale, lora_state
 
-    cfg = t.cfg
+    cfg = record.cfg
     paths: dict[str, str] = {}
-    if t.accelerator.is_main_process:
-        states = {name: lora_state(m) for name, m in _components(t).items()}
+    if is_main:
+        states = {name: lora_state(m) for name, m in modules.items()}
         check_finite(states, "final LoRA")
         try:
-            res = export_lora(cfg.output_path, cfg.output_name, t.family.name, states, alpha=cfg.alpha,
-                              rank=cfg.lora_rank, unet_config=None, metadata=_metadata(t),
-                              dtype=SAVE_DTYPES[cfg.save_precision], kohya=kohya_for_checkpoint(t, states))
+            res = export_lora(cfg.output_path, cfg.output_name, record.family.name, states, alpha=cfg.alpha,
+                              rank=cfg.lora_rank, unet_config=None, metadata=_metadata(record, progress),
+                              dtype=SAVE_DTYPES[cfg.save_precision], kohya=tool_file(record, states))
             paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
                      "manifest": str(cfg.output_path / MANIFEST_NAME)}
-            extra = {"dora_comfyui_row_scale": dora_row_scale(_components(t))} if cfg.use_dora else {}
-            _write_json_atomic(cfg.output_path / MANIFEST_NAME, {**manifest(t, res), **extra})
+            extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
+            _write_json_atomic(cfg.output_path / MANIFEST_NAME,
+                               {**manifest(record, res, progress=progress, last_loss=last_loss), **extra})
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "
                                    "resume: \"auto\" continues from it") from None
-    t.accelerator.wait_for_everyone()
     return paths
 
 
-def manifest(t: "Trainer", export_result: dict) -> dict[str, Any]:
+def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: float | None) -> dict[str, Any]:
     import diffusers
     import peft
     import transformers
 
+    r = record
     return {
         "format": 1,
-        "run_id": t.events.run_id,
-        "config": t.cfg.to_dict(),
-        "family": t.family.name,
-        "prediction_type": t.comps.prediction_type,
-        "resolution": t.resolution,
-        "bucketing": t.bucketing,
-        "dataset": {"fingerprint": t.scan.fingerprint, "images": len(t.images),
-                    "samples_per_epoch": t.samples_per_epoch, "skipped": [r.rel_path for r in t.scan.bad]},
+        "run_id": r.run_id,
+        "config": r.cfg.to_dict(),
+        "family": r.family.name,
+        "variant": r.comps.variant,
+        "prediction_type": r.comps.prediction_type,
+        "resolution": r.resolution,
+        "bucketing": r.bucketing,
+        "dataset": {"fingerprint": r.scan.fingerprint, "images": len(r.images),
+                    "samples_per_epoch": r.samples_per_epoch, "skipped": [x.rel_path for x in r.scan.bad]},
         "versions": {"train_lora": __import__("lora_trainer").__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": platform.python_version()},
-        "device": t.device_info.to_dict(),
-        "world_size": t.world,
-        "steps": t.progress.global_step,
-        "epochs_completed": t.progress.epoch,
-        "samples_seen": t.progress.samples_seen,
-        "train_seconds": round(t.progress.elapsed_s, 3),
-        "wall_seconds": round(time.monotonic() - t.started, 3),
-        "final_loss": t.last_loss,
+        "device": r.device_info.to_dict(),
+        "world_size": r.world,
+        "steps": progress.global_step,
+        "epochs_completed": progress.epoch,
+        "samples_seen": progress.samples_seen,
+        "train_seconds": round(progress.elapsed_s, 3),
+        "wall_seconds": round(time.monotonic() - r.started, 3),
+        "final_loss": last_loss,
         "outputs": {"lora": export_result["kohya_path"], "peft_lora": export_result["peft_path"],
                     "lora_keys": export_result["kohya_keys"], "modules": export_result["modules"]},
     }

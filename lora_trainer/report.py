@@ -10,10 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from typing import Any
 
 LOSS_PNG = "loss_curve.png"
 REPORT_HTML = "report.html"
@@ -67,14 +64,15 @@ def _img_tag(path: Path, width: int | None = None) -> str:
     return f'<img src="data:image/png;base64,{data}"{style} alt="{html.escape(path.name)}">'
 
 
-def write_report(t: "Trainer", *, status: str, outputs: dict[str, str] | None = None) -> dict[str, str]:
-    """Write the loss curve and report.html into output_path; returns their paths. Main process only."""
-    out_dir = t.cfg.output_path
+def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, run_id: str, device_info: Any,
+                 loss_history: list[tuple[int, float | None]]) -> dict[str, str]:
+    """Write the loss curve and report.html into cfg.output_path; returns their paths. Main process only."""
+    out_dir = cfg.output_path
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / LOSS_PNG
-    loss_curve_png(t.loss_history, png)
+    loss_curve_png(loss_history, png)
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>"
-                   for k, v in t.cfg.to_dict().items())
+                   for k, v in cfg.to_dict().items())
     grids = []
     samples_dir = out_dir / "samples"
     for grid in sorted(samples_dir.glob("step-*/grid.png")) if samples_dir.is_dir() else []:
@@ -82,13 +80,13 @@ def write_report(t: "Trainer", *, status: str, outputs: dict[str, str] | None = 
     files = []
     for p in sorted(out_dir.glob("*.safetensors")):
         files.append(f"<tr><td>{html.escape(p.name)}</td><td>{p.stat().st_size / 2**20:.2f} MiB</td></tr>")
-    lora_name = f"{t.cfg.output_name}.safetensors"
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>train_lora report: {html.escape(t.cfg.output_name)}</title>
+    lora_name = f"{cfg.output_name}.safetensors"
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>train_lora report: {html.escape(cfg.output_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ddd;padding:2px 8px;text-align:left;font-size:13px}}figure{{display:inline-block}}</style></head><body>
-<h1>{html.escape(t.cfg.output_name)} ({html.escape(t.family.name)} LoRA)</h1>
-<p>Status: <b>{html.escape(status)}</b>, step {t.progress.global_step} of {t.total_steps}, run {html.escape(t.events.run_id)},
-device {html.escape(t.device_info.name)} ({html.escape(t.device_info.mixed_precision)}).</p>
+<h1>{html.escape(cfg.output_name)} ({html.escape(family)} LoRA)</h1>
+<p>Status: <b>{html.escape(status)}</b>, step {step} of {total_steps}, run {html.escape(run_id)},
+device {html.escape(device_info.name)} ({html.escape(device_info.mixed_precision)}).</p>
 <h2>Loss</h2>{_img_tag(png)}
 <h2>Samples</h2>{''.join(grids) or '<p>No samples (set validation_steps).</p>'}
 <h2>Output files</h2><table>{''.join(files) or '<tr><td>none yet</td></tr>'}</table>
@@ -96,7 +94,7 @@ device {html.escape(t.device_info.name)} ({html.escape(t.device_info.mixed_preci
 # diffusers
 pipe.load_lora_weights("{html.escape(str(out_dir / lora_name))}")
 # ComfyUI: copy {html.escape(lora_name)} to models/loras/ and use a LoraLoader node
-# A1111 / Forge: copy it to models/Lora/ and prompt with &lt;lora:{html.escape(t.cfg.output_name)}:1&gt; {html.escape(', '.join(t.cfg.trigger_words))}
+# A1111 / Forge: copy it to models/Lora/ and prompt with &lt;lora:{html.escape(cfg.output_name)}:1&gt; {html.escape(', '.join(cfg.trigger_words))}
 </pre>
 <h2>Configuration</h2><table>{rows}</table></body></html>"""
     path = out_dir / REPORT_HTML

@@ -10,13 +10,10 @@ import contextlib
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 @contextlib.contextmanager
@@ -50,65 +47,66 @@ def _grid(images: list, cols: int):
     return grid
 
 
-def _log_to_dashboard(t: "Trainer", grid, step: int) -> None:
-    if t.cfg.report_to == "tensorboard":
-        writer = t.accelerator.get_tracker("tensorboard", unwrap=True)
+def _log_to_dashboard(cfg, accelerator, grid, step: int) -> None:
+    if cfg.report_to == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    elif t.cfg.report_to == "wandb":
+    elif cfg.report_to == "wandb":
         import wandb
 
-        t.accelerator.get_tracker("wandb", unwrap=True).log({"samples": [wandb.Image(grid)]}, step=step)
+        accelerator.get_tracker("wandb", unwrap=True).log({"samples": [wandb.Image(grid)]}, step=step)
 
 
-def prompts_for(t: "Trainer") -> list[str]:
-    return list(t.cfg.validation_prompts) or [", ".join(t.cfg.trigger_words)]
+def prompts_for(cfg) -> list[str]:
+    return list(cfg.validation_prompts) or [", ".join(cfg.trigger_words)]
 
 
-def generate_samples(t: "Trainer", step: int) -> list[str]:
-    """Generate, save and report sample images; returns their paths. Main process only."""
-    if not t.accelerator.is_main_process:
+def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int) -> list[str]:
+    """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
+    the device, autocast and the dashboards); returns their paths. Main process only."""
+    if not accelerator.is_main_process:
         return []
-    cfg, comps = t.cfg, t.comps
+    device = accelerator.device
     out_dir = cfg.output_path / "samples" / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     denoisers = dict(comps.denoisers)  # the plain modules, LoRA attached: no DDP wrapper in a pipeline
     moved = []
     for module in (comps.vae, *comps.text_encoders.values()):
-        if next(module.parameters()).device != t.device:
+        if next(module.parameters()).device != device:
             moved.append(module)
-            module.to(t.device)
+            module.to(device)
     training_modes = {m: m.training for m in (*denoisers.values(), *comps.text_encoders.values())}
     for m in training_modes:
         m.eval()
-    t.events.emit("status", phase="sampling", message=f"generating sample images at step {step}")
+    events.emit("status", phase="sampling", message=f"generating sample images at step {step}")
     paths, images = [], []
     try:
         with preserved_rng(), torch.no_grad():
-            pipe = t.family.pipeline(comps)
+            pipe = family.pipeline(comps)
             pipe.set_progress_bar_config(disable=True)
-            extra = t.family.sample_kwargs()
-            for pi, prompt in enumerate(prompts_for(t)):
+            extra = family.sample_kwargs()
+            for pi, prompt in enumerate(prompts_for(cfg)):
                 for k in range(cfg.num_validation_images):
                     seed = cfg.seed + 1000 * pi + k  # fixed per (prompt, index): samples are comparable over time
-                    generator = torch.Generator(device=t.device).manual_seed(seed)
-                    with t.accelerator.autocast():
+                    generator = torch.Generator(device=device).manual_seed(seed)
+                    with accelerator.autocast():
                         image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
-                                     height=t.resolution, width=t.resolution, generator=generator, **extra).images[0]
+                                     height=resolution, width=resolution, generator=generator, **extra).images[0]
                     path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
                     _save_png(image, path)
                     images.append(image)
                     paths.append(str(path))
-                    t.events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k)
+                    events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k)
             if images:
                 grid = _grid(images, cols=cfg.num_validation_images)
                 _save_png(grid, out_dir / "grid.png")
-                _log_to_dashboard(t, grid, step)
+                _log_to_dashboard(cfg, accelerator, grid, step)
             del pipe
     finally:
         for m, was_training in training_modes.items():
             m.train(was_training)
         for module in moved:
             module.to("cpu")
-        if t.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     return paths

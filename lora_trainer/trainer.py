@@ -19,21 +19,20 @@ import torch
 
 from . import __version__, outputs
 from . import resume as resume_mod
-from .checkpoint import TrainingProgress
+from .resume import CheckpointRun, TrainState
 from .config import TrainConfig
 from .data import (LatentCache, TextCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
                    plan_epoch)
 from .device import memory_stats, resolve_device, weight_dtype
-from .errors import DatasetError, Interrupted, OutOfMemoryError, TrainingError
+from .errors import DatasetError, Interrupted
 from .events import EventStream
+from .guards import NonFiniteGuard, oom_error
 from .families import Components, get_family
 from .family_spec import objective_summary
 from .report import tracker_for
 from .signals import GracefulStop
 
 log = logging.getLogger("train_lora")
-MAX_NONFINITE_STREAK = 3  # isolated fp16 overflows happen; three in a row means the run has diverged
-MAX_NONFINITE_TOTAL = 10
 # Test hook: steps whose loss is replaced by NaN, to exercise the non-finite path through the real CLI.
 _FAULT_NAN_STEPS = {int(s) for s in os.environ.get("TRAIN_LORA_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _FAULT_OOM_STEP = int(os.environ.get("TRAIN_LORA_TEST_OOM_STEP", "0") or 0)
@@ -47,11 +46,21 @@ class Trainer:
         self.stop = stop or GracefulStop()
         self.debug = debug
         self.started = time.monotonic()
-        self.progress = TrainingProgress()
+        self.state = TrainState()
         self.comps: Components | None = None
         self.last_loss: float | None = None
         self.resumed_from: Path | None = None
         self.last_saved: tuple[int, Path | None] | None = None  # (step, path) of the newest checkpoint written
+
+    # The training state lives in one TrainState (what a checkpoint saves); these read and write it.
+    progress = property(lambda self: self.state.progress, lambda self, v: setattr(self.state, "progress", v))
+    optimizer = property(lambda self: self.state.optimizer, lambda self, v: setattr(self.state, "optimizer", v))
+    lr_scheduler = property(lambda self: self.state.lr_scheduler,
+                            lambda self, v: setattr(self.state, "lr_scheduler", v))
+    noise_gen = property(lambda self: self.state.noise_gen, lambda self, v: setattr(self.state, "noise_gen", v))
+    loss_ema = property(lambda self: self.state.loss_ema, lambda self, v: setattr(self.state, "loss_ema", v))
+    loss_history = property(lambda self: self.state.loss_history,
+                            lambda self, v: setattr(self.state, "loss_history", v))
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -86,7 +95,7 @@ class Trainer:
         self._prepare_data()
         self._attach_lora()
         self._build_optimizer()
-        self.resumed_from = resume_mod.maybe_resume(self)
+        self.resumed_from = resume_mod.maybe_resume(self._checkpoint_run())
         if cfg.report_to != "none":
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
             self.accelerator.init_trackers("train_lora", config=flat)
@@ -195,7 +204,7 @@ class Trainer:
         if cfg.init_lora:
             from .init_lora import init_from_file
 
-            init_from_file(self)
+            init_from_file(cfg, self.family.name, comps, self.lora_modules, self.events)
 
     def _build_optimizer(self) -> None:
         from .optim import build_lr_scheduler, build_optimizer
@@ -223,7 +232,7 @@ class Trainer:
         self.loss_ema = torch.zeros((), device=self.device, dtype=torch.float32)
         self.loss_history: list[tuple[int, float | None]] = []
         self.step_ok, self.step_loss = True, float("nan")
-        self.nonfinite_streak = self.nonfinite_total = 0
+        self.nonfinite = NonFiniteGuard(self.events)
 
     # ---------------------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -272,10 +281,10 @@ class Trainer:
                     prog.epoch += 1
                     prog.batch_in_epoch = 0
         except torch.cuda.OutOfMemoryError as exc:
-            raise self._oom(exc) from None
+            raise oom_error(exc, prog.global_step + 1, self.device) from None
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
-                raise self._oom(exc) from None
+                raise oom_error(exc, prog.global_step + 1, self.device) from None
             raise
         finally:
             self.stop.set_deferred(False)
@@ -294,7 +303,8 @@ class Trainer:
     def _sample(self, step: int) -> None:
         from .sampling import generate_samples
 
-        generate_samples(self, step)
+        generate_samples(self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
+                         resolution=self.resolution, step=step)
         self.accelerator.wait_for_everyone()
 
     def _optimizer_step(self, group: list[list[int]], epoch: int, first_batch: int) -> torch.Tensor:
@@ -338,28 +348,14 @@ class Trainer:
             self.optimizer.step()
         elif self.step_ok:
             self.optimizer.step()
-            self.nonfinite_streak = 0
+            self.nonfinite.ok()
         else:
-            self._skip_nonfinite(loss_value, norm_value)
+            self.nonfinite.skip(self.progress.global_step + 1, loss_value, norm_value)
             if getattr(self.accelerator, "scaler", None) is not None and self.cfg.max_grad_norm > 0:
                 self.accelerator.scaler.update()  # clip_grad_norm_ already unscaled: close the scaler's step
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
-
-    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
-        step = self.progress.global_step + 1
-        self.nonfinite_total += 1
-        self.nonfinite_streak += 1
-        if self.nonfinite_streak > MAX_NONFINITE_STREAK or self.nonfinite_total > MAX_NONFINITE_TOTAL:
-            raise TrainingError(
-                f"loss or gradients not finite at step {step} ({self.nonfinite_streak} in a row, "
-                f"{self.nonfinite_total} in total); stopping before the LoRA is damaged",
-                hint="lower learning_rate, use bf16 instead of fp16, set max_grad_norm, or check the data; the last "
-                     "checkpoint holds finite weights", details={"step": step, "loss": loss, "grad_norm": grad_norm})
-        self.events.emit("warning", code="nonfinite_step_skipped",
-                         message=f"step {step}: loss {loss} / gradient norm {grad_norm} not finite; update skipped",
-                         details={"step": step, "skipped_total": self.nonfinite_total})
 
     def _loss(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
         from .captions import build_caption
@@ -427,26 +423,42 @@ class Trainer:
         exc.reported = True
         raise exc
 
-    def _oom(self, exc: Exception) -> OutOfMemoryError:
-        stats = memory_stats(self.device)
-        return OutOfMemoryError(
-            f"out of memory at step {self.progress.global_step + 1}: {str(exc).splitlines()[0][:300]}",
-            hint="lower batch_size (raise gradient_accumulation_steps to keep the effective batch), turn on "
-                 "gradient_checkpointing, use optimizer adamw8bit, or lower resolution; the last checkpoint is intact",
-            details={"step": self.progress.global_step + 1, "memory": stats})
-
     # ---------------------------------------------------------------------------------------- save
     def save_checkpoint(self, reason: str) -> Path | None:
         with self.stop.saving():
-            path = resume_mod.save(self, reason)
+            path = resume_mod.save(self._checkpoint_run(), reason)
         self.last_saved = (self.progress.global_step, path)
         return path
+
+    def _record(self) -> outputs.RunRecord:
+        return outputs.RunRecord(cfg=self.cfg, family=self.family, comps=self.comps, run_id=self.events.run_id,
+                                 device_info=self.device_info, world=self.world, started=self.started,
+                                 images=self.images, scan=self.scan, resolution=self.resolution,
+                                 bucketing=self.bucketing, samples_per_epoch=self.samples_per_epoch,
+                                 total_steps=self.total_steps)
+
+    def _checkpoint_run(self) -> CheckpointRun:
+        from .optim import build_lr_scheduler
+
+        cfg = self.cfg
+        identity = resume_mod.run_identity(
+            cfg, family=self.family.name, prediction_type=self.comps.prediction_type,
+            dataset_fingerprint=self.scan.fingerprint, resolution=self.resolution, bucketing=self.bucketing,
+            world_size=self.world, mixed_precision=self.device_info.mixed_precision)
+        return CheckpointRun(cfg=cfg, events=self.events, accelerator=self.accelerator, modules=dict(self.lora_modules),
+                             state=self.state, identity=identity,
+                             tool_file=lambda states: outputs.tool_file(self._record(), states),
+                             rebuild_scheduler=lambda: build_lr_scheduler(
+                                 cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                 total_steps=self.total_steps))
 
     def save_final(self) -> None:
         self.events.set_phase("saving")
         self.save_checkpoint("final")  # a finished run is resumable too, e.g. to extend it with more steps
         with self.stop.saving():
-            paths = outputs.export_final(self)
+            paths = outputs.export_final(self._record(), modules=dict(self.lora_modules), progress=self.progress,
+                                         last_loss=self.last_loss, is_main=self.is_main)
+            self.accelerator.wait_for_everyone()
             paths.update(self._write_report("completed"))
         self.events.emit("completed", outputs=paths, steps=self.progress.global_step,
                          duration_s=round(time.monotonic() - self.started, 3), final_loss=self.last_loss)
@@ -457,7 +469,9 @@ class Trainer:
         from .report import write_report
 
         try:
-            return write_report(self, status=status)
+            return write_report(self.cfg, status=status, family=self.family.name, step=self.progress.global_step,
+                                total_steps=self.total_steps, run_id=self.events.run_id, device_info=self.device_info,
+                                loss_history=self.loss_history)
         except OSError as exc:  # a report is a convenience: never fail a finished run over it
             self.events.emit("warning", code="report_failed", message=f"could not write the report: {exc}")
             return {}

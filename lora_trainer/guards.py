@@ -1,0 +1,42 @@
+"""What a training step does when it goes wrong: non-finite losses/gradients and running out of memory."""
+from __future__ import annotations
+
+import torch
+
+from .device import memory_stats
+from .errors import OutOfMemoryError, TrainingError
+
+MAX_NONFINITE_STREAK = 3  # isolated fp16 overflows happen; three in a row means the run has diverged
+MAX_NONFINITE_TOTAL = 10
+
+
+class NonFiniteGuard:
+    """Counts skipped non-finite steps: a warning per skip, a TrainingError (exit 5) once the run has diverged."""
+
+    def __init__(self, events):
+        self.events = events
+        self.streak = self.total = 0
+
+    def ok(self) -> None:
+        self.streak = 0
+
+    def skip(self, step: int, loss: float, grad_norm: float) -> None:
+        self.total += 1
+        self.streak += 1
+        if self.streak > MAX_NONFINITE_STREAK or self.total > MAX_NONFINITE_TOTAL:
+            raise TrainingError(
+                f"loss or gradients not finite at step {step} ({self.streak} in a row, {self.total} in total); "
+                "stopping before the LoRA is damaged",
+                hint="lower learning_rate, use bf16 instead of fp16, set max_grad_norm, or check the data; the last "
+                     "checkpoint holds finite weights", details={"step": step, "loss": loss, "grad_norm": grad_norm})
+        self.events.emit("warning", code="nonfinite_step_skipped",
+                         message=f"step {step}: loss {loss} / gradient norm {grad_norm} not finite; update skipped",
+                         details={"step": step, "skipped_total": self.total})
+
+
+def oom_error(exc: Exception, step: int, device: torch.device) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"out of memory at step {step}: {str(exc).splitlines()[0][:300]}",
+        hint="lower batch_size (raise gradient_accumulation_steps to keep the effective batch), turn on "
+             "gradient_checkpointing, use optimizer adamw8bit, or lower resolution; the last checkpoint is intact",
+        details={"step": step, "memory": memory_stats(device)})
