@@ -102,6 +102,7 @@ class TrainConfig:
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True
+    cache_text_embeddings_to_disk: bool = False
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
     # Flow-matching options: None takes the family's default (family_spec.FlowDefaults).

@@ -1,4 +1,5 @@
-"""Training data on the torch side: image decoding, bucket geometry, epoch plans, latent and text caches.
+"""Training data on the torch side: image decoding, bucket geometry, epoch plans, the latent cache (the text
+cache is text_cache.py).
 
 The epoch plan is a pure function of (seed, epoch), so an exact resume needs only the epoch and the number of
 batches already consumed, both kept in TrainingProgress.
@@ -223,28 +224,6 @@ class LatentCache:
                 done += len(chunk)
                 progress(done, len(images))
         return failed
-
-
-class TextCache:
-    """Conditioning per distinct caption, computed once while the text encoders are frozen."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, dict[str, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def build(self, family, comps, captions: list[str], *, device: torch.device, batch_size: int,
-              progress: Callable[[int, int], None]) -> None:
-        unique = sorted(set(captions))
-        for i in range(0, len(unique), batch_size):
-            chunk = unique[i:i + batch_size]
-            cond = family.encode_text(comps, chunk, device)
-            for j, caption in enumerate(chunk):
-                self.entries[caption] = {k: v[j].detach() for k, v in cond.items() if v is not None}
-            progress(min(i + batch_size, len(unique)), len(unique))
-
-    def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        keys = self.entries[captions[0]].keys()
-        return {k: torch.stack([self.entries[c][k] for c in captions]) for k in keys}
 
 
 def model_key(base_model: str, vae_config) -> str:

@@ -37,261 +37,30 @@ import json
 import os
 import socket
 import struct
-import sys
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT = "1"  # bump when the entry layout or the key derivation changes: old files then simply miss
-GIB = 1024 ** 3
-DEFAULT_DEVICE_FRACTION = 0.1
-DEFAULT_HOST_FRACTION = 0.25
-DEFAULT_HOST_CAP = 16 * GIB
+# Re-exported: the cache's public API (the trainer and preflight import them from here).
+from .cache_identity import (DEFAULT_DEVICE_FRACTION, DEFAULT_HOST_CAP, DEFAULT_HOST_FRACTION, FORMAT,  # noqa: F401
+                             GIB, available_host_bytes, choose_placement, default_host_budget, encoder_identity,
+                             estimate_bytes_per_entry, weight_files_identity)
+
 DEFAULT_LRU_BYTES = 256 * 1024 ** 2
 _MAX_HEADER = 16 * 1024 ** 2  # a sane bound for an entry's safetensors header (real ones are < 1 KiB)
 _TMP_PREFIX = ".tmp-"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 # Config keys that say where/when a model was saved, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_diffusers_version", "_commit_hash",
-                         "dtype", "torch_dtype", "_use_default_values"}
-
-
 class TextCacheError(RuntimeError):
     """A text-cache entry cannot be served (no disk folder for a cache that needs one, a damaged file at step time)."""
 
 
 # ------------------------------------------------------------------------------------------------ identity
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_jsonable(v) for v in value]
-        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def _config_dict(module) -> dict | None:
-    cfg = getattr(module, "config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "to_dict"):
-        d = cfg.to_dict()
-    elif isinstance(cfg, Mapping):
-        d = dict(cfg)
-    else:
-        d = dict(getattr(cfg, "__dict__", {}))
-    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
-    attn = getattr(cfg, "_attn_implementation", None)  # sdpa / eager / flash: the numerics differ
-    if attn is not None:
-        d["_attn_implementation"] = attn
-    return _jsonable(d)
-
-
-def _weight_fingerprint(module, tensors: int = 8, samples: int = 512) -> dict:
-    """A cheap stand-in for hashing the weights: parameter count and dtypes, plus strided samples of a few
-    parameters (first, last and evenly between, by name). Two fine-tunes of one architecture differ in these
-    samples; reading them costs a few KiB of device-to-host copies, not gigabytes."""
-    params = sorted(module.named_parameters(), key=lambda kv: kv[0]) if hasattr(module, "named_parameters") else []
-    out: dict[str, Any] = {"count": sum(p.numel() for _, p in params),
-                           "dtypes": sorted({str(p.dtype) for _, p in params})}
-    if not params:
-        return out
-    picks = sorted({round(i * (len(params) - 1) / max(1, tensors - 1)) for i in range(min(tensors, len(params)))})
-    h = hashlib.sha256()
-    for i in picks:
-        name, p = params[i]
-        if p.device.type == "meta" or not p.is_contiguous():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:unsampled".encode())
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        sample = flat[::step][:samples].to("cpu").contiguous()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
-    out["samples_sha256"] = h.hexdigest()
-    return out
-
-
-def _tokenizer_identity(tok) -> dict:
-    """Class, lengths, padding/truncation sides, special tokens, and a hash of the whole tokenizer: the fast
-    backend's serialisation (vocab, merges, normaliser, pre-tokeniser; a few MB for T5) when there is one, else
-    the vocabulary (and a sentencepiece model's bytes)."""
-    d: dict[str, Any] = {"class": f"{type(tok).__module__}.{type(tok).__qualname__}"}
-    for attr in ("vocab_size", "model_max_length", "padding_side", "truncation_side", "special_tokens_map"):
-        # An attribute a tokenizer lacks (or fails to compute) is simply not part of its identity.
-        with contextlib.suppress(Exception):
-            d[attr] = _jsonable(getattr(tok, attr))
-    with contextlib.suppress(TypeError):
-        d["len"] = len(tok)
-    h = hashlib.sha256()
-    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        h.update(b"backend:" + backend.to_str().encode())
-    else:
-        with contextlib.suppress(Exception):
-            h.update(b"vocab:" + json.dumps(tok.get_vocab(), sort_keys=True, ensure_ascii=False).encode())
-        sp = getattr(tok, "sp_model", None)
-        if sp is not None and hasattr(sp, "serialized_model_proto"):
-            h.update(b"sp:" + sp.serialized_model_proto())
-    d["sha256"] = h.hexdigest()
-    return d
-
-
-def encoder_identity(family, comps, extra: Mapping[str, Any] | None = None) -> str:
-    """The identity string of "what turns a caption into conditioning", for ``TextCache(encoder_key=...)``.
-
-    Covers the family (name, implementation class, variant, T5 max_sequence_length), each text encoder (class,
-    config without its save path/version, attention implementation, parameter count and dtypes, a sampled weight
-    fingerprint), each tokenizer (see _tokenizer_identity), the torch/transformers versions and the float32 matmul
-    precision, plus ``extra`` (what the caller knows about the weight files: e.g. ``weight_files_identity(...)``).
-    Nothing hashed here is larger than a tokenizer's JSON: it takes milliseconds, not a pass over the weights.
-    Compute it after the encoders are loaded and before build; their device does not matter."""
-    try:
-        max_len = getattr(family, "max_sequence_length", None)
-    except Exception:  # noqa: BLE001 - a family without a T5 may not know one
-        max_len = None
-    payload = {
-        "format": FORMAT,
-        "family": getattr(family, "name", None),
-        "family_class": f"{type(family).__module__}.{type(family).__qualname__}",
-        "variant": getattr(comps, "variant", None) or getattr(family, "variant", None),
-        "max_sequence_length": max_len,
-        "text_encoders": {name: {"class": f"{type(m).__module__}.{type(m).__qualname__}", "config": _config_dict(m),
-                                 "weights": _weight_fingerprint(m)}
-                          for name, m in getattr(comps, "text_encoders", {}).items()},
-        "tokenizers": {name: _tokenizer_identity(t) for name, t in getattr(comps, "tokenizers", {}).items()},
-        "torch": torch.__version__,
-        "transformers": getattr(sys.modules.get("transformers"), "__version__", None),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "extra": _jsonable(dict(extra or {})),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _safetensors_header_sha(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 * 1024 ** 2:
-                return None
-            return hashlib.sha256(fh.read(n)).hexdigest()
-    except (OSError, struct.error):
-        return None
-
-
-def weight_files_identity(*paths: os.PathLike | str) -> dict[str, Any]:
-    """Cheap identity of weight files, for ``encoder_identity(extra=...)``: per file, its size and (for
-    .safetensors) the sha256 of its header (tensor names, dtypes, shapes, offsets, metadata), else its mtime.
-    A folder contributes its direct files (a diffusers ``text_encoder/`` folder); hub symlinks are followed."""
-    out: dict[str, Any] = {}
-    for p in map(Path, paths):
-        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            try:
-                st = f.stat()
-            except OSError:
-                out[str(f)] = None
-                continue
-            label = f"{p.name}/{f.name}" if p.is_dir() else f.name
-            if f.suffix == ".safetensors":
-                out[label] = [st.st_size, _safetensors_header_sha(f)]
-            else:
-                out[label] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ budgets
-def _cgroup_available() -> int | None:
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            raw = Path(limit_file).read_text().strip()
-            if raw == "max":
-                return None
-            limit, usage = int(raw), int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit >= 1 << 60:  # cgroup v1's "unlimited"
-            return None
-        return max(0, limit - usage)
-    return None
-
-
-def available_host_bytes() -> int | None:
-    """Memory a new allocation can get without swapping: MemAvailable (else free pages), bounded by the
-    container's cgroup limit when there is one. None when unknown."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = None
-    cg = _cgroup_available()
-    if cg is not None:
-        avail = cg if avail is None else min(avail, cg)
-    return avail
-
-
-def default_host_budget(fraction: float = DEFAULT_HOST_FRACTION, cap: int = DEFAULT_HOST_CAP, share: int = 1) -> int:
-    """``fraction`` of the available RAM, at most ``cap``, divided by ``share`` (the processes on this machine:
-    each rank holds its own cache). 2 GiB / share when the available memory is unknown."""
-    avail = available_host_bytes()
-    budget = min(cap, 2 * GIB) if avail is None else min(cap, int(avail * fraction))
-    return budget // max(1, share)
-
-
-def estimate_bytes_per_entry(family: str, *, max_sequence_length: int | None = None, dtype_bytes: int = 2) -> int:
-    """An entry's size for the real models, from shapes alone (for preflight, before anything is loaded):
-    SD1.x [77, 768]; SD2.x [77, 1024]; SDXL [77, 2048] + pooled 1280; FLUX.1 [L, 4096] + pooled 768 (L 512 dev,
-    256 schnell); SD3 [77 + L, 4096] + pooled 2048 (L 256)."""
-    if family == "sd15":
-        n = 77 * 768
-    elif family == "sd2":
-        n = 77 * 1024
-    elif family == "sdxl":
-        n = 77 * 2048 + 1280
-    elif family == "flux1":
-        n = (max_sequence_length or 512) * 4096 + 768
-    elif family == "sd3":
-        n = (77 + (max_sequence_length or 256)) * 4096 + 2048
-    else:
-        raise ValueError(f"unknown family {family!r}")
-    return n * dtype_bytes
-
-
-def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_budget_bytes: int,
-                     to_disk: bool = False) -> tuple[str, str]:
-    """("device" | "host" | "disk", why). ``device_budget_bytes`` is device_fraction x the accelerator's free
-    memory, None without a CUDA device."""
-    mib = total_bytes / 1024 ** 2
-    if to_disk:
-        return "disk", "requested (to_disk)"
-    if device_budget_bytes is not None and total_bytes <= device_budget_bytes:
-        return "device", f"{mib:.1f} MiB fits the device budget ({device_budget_bytes / 1024 ** 2:.1f} MiB)"
-    if total_bytes <= host_budget_bytes:
-        why = f"{mib:.1f} MiB fits the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
-        if device_budget_bytes is not None:
-            why += f" but not the device budget ({device_budget_bytes / 1024 ** 2:.1f} MiB)"
-        return "host", why
-    return "disk", f"{mib:.1f} MiB exceeds the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
-
-
-# ------------------------------------------------------------------------------------------------ entry files
 def _crc(t: torch.Tensor) -> int:
     """CRC-32 of a CPU tensor's bytes as safetensors stores them (row-major, native little-endian)."""
     return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0

@@ -21,7 +21,7 @@ from . import __version__, outputs
 from . import resume as resume_mod
 from .resume import CheckpointRun, TrainState
 from .config import TrainConfig
-from .data import (LatentCache, TextCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
+from .data import (LatentCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
                    plan_epoch)
 from .device import memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted
@@ -106,7 +106,8 @@ class Trainer:
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
-                variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec))
+                variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
+                text_cache=self.text_cache.plan() if self.text_cache is not None else None)
 
     def _load_model(self) -> None:
         from .loading import load_components
@@ -121,7 +122,7 @@ class Trainer:
         self.world = self.accelerator.num_processes
         images = build_images(scan.usable, self.resolution, bucketing=self.bucketing,
                               min_size=cfg.min_bucket_resolution, max_size=cfg.max_bucket_resolution)
-        comps, fam = self.comps, self.family
+        comps = self.comps
         self.latent_cache = None
         if cfg.cache_latents:
             ev.set_phase("caching_latents")
@@ -163,19 +164,41 @@ class Trainer:
         self.text_cache = None
         for te in comps.text_encoders.values():
             te.to(self.device)
-        if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.randomised_captions:
-            from .captions import build_caption
-
-            ev.set_phase("caching_text")
-            captions = [build_caption(i.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words) for i in self.images]
-            self.text_cache = TextCache()
-            self.text_cache.build(fam, comps, captions, device=self.device, batch_size=16,
-                                  progress=lambda n, t: ev.emit("progress", phase="caching_text", current=n,
-                                                                total=t, unit="captions"))
+        # Without tag shuffling a step's caption is its image's built caption, or "" when caption dropout fires:
+        # a finite set, all cached.
+        if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags:
+            self._cache_text()
             for te in comps.text_encoders.values():
                 te.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _cache_text(self) -> None:
+        from .captions import build_caption
+        from .text_cache import TextCache, default_host_budget, encoder_identity, weight_files_identity
+
+        cfg, ev, comps = self.cfg, self.events, self.comps
+        ev.set_phase("caching_text")
+        captions = [build_caption(i.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words) for i in self.images]
+        if cfg.caption_dropout_rate > 0:
+            captions.append("")
+        src = self.downloaded or (Path(self.probe.path) if self.probe.path else None)
+        if src is not None and src.is_dir():
+            files = weight_files_identity(*(src / n for n in comps.text_encoders if (src / n).is_dir()))
+        else:
+            files = weight_files_identity(src) if src is not None else {}
+        # Always given the folder: a cache too large for memory spills to disk without a setting.
+        self.text_cache = TextCache(
+            encoder_identity(self.family, comps, {"weight_files": files}),
+            disk_dir=cfg.output_path / "cache" / "text_embeddings", persist=cfg.cache_text_embeddings_to_disk,
+            free_device_bytes=torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None,
+            host_budget_bytes=default_host_budget(share=int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
+        plan = self.text_cache.build(self.family, comps, captions, device=self.device, batch_size=16,
+                                     progress=lambda n, t: ev.emit("progress", phase="caching_text", current=n,
+                                                                   total=t, unit="captions"))
+        ev.emit("status", phase="text_cache", reused=plan["hits"], encoded=plan["encoded"],
+                message=f"text cache: {plan['entries']} caption(s), {plan['total_bytes'] / 1024 ** 2:.1f} MiB "
+                        f"on {plan['placement']}; {plan['hits']} reused, {plan['encoded']} encoded")
 
     def _attach_lora(self) -> None:
         from .lora import add_lora
@@ -381,7 +404,7 @@ class Trainer:
             latents = encode_latents(comps.vae, torch.stack(pix)).float()
             geometry = torch.stack(tids).to(self.device)
         if self.text_cache is not None:
-            cond = {k: v.to(self.device) for k, v in self.text_cache.batch(captions).items()}
+            cond = self.text_cache.batch(captions)  # on self.device already
         elif cfg.train_text_encoder:
             cond = fam.encode_text(self.train_comps, captions, self.device)
         else:

@@ -208,3 +208,20 @@ def test_flux_lora_learns_the_image(tmp_path, tiny_models):
     pipe.load_lora_weights(str(tmp_path / "fit" / "lora.safetensors"))
     trained = error()
     assert trained < 0.5 * base, f"velocity error on the training image: base {base:.4f}, with LoRA {trained:.4f}"
+
+
+def test_text_cache_with_caption_dropout_is_reused_from_disk(tmp_path, tiny_models, dataset):
+    """T5 families: caption dropout keeps the text cache (the dataset's captions plus ""); with
+    cache_text_embeddings_to_disk a rerun takes every entry from disk, runs no encoder, and trains the same."""
+    cfg = _config(tmp_path, tiny_models["flux1-schnell"], dataset, "tc", max_train_steps=2, checkpointing_steps=None,
+                  caption_dropout_rate=0.5, cache_text_embeddings_to_disk=True, overwrite_output=True)
+    runs = [run_cli("--config", str(cfg)) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    plans = [r.last("run_started")["text_cache"] for r in runs]
+    assert [(p["placement"], p["entries"], p["hits"], p["encoded"]) for p in plans] == \
+        [("host", 5, 0, 5), ("host", 5, 5, 0)]
+    status = [e for e in runs[1].events if e["type"] == "status" and e["phase"] == "text_cache"][-1]
+    assert (status["reused"], status["encoded"]) == (5, 0)
+    assert [e["loss"] for e in runs[0].of_type("step")] == [e["loss"] for e in runs[1].of_type("step")]
+    assert len(list((tmp_path / "tc" / "cache" / "text_embeddings").rglob("*.safetensors"))) == 5
