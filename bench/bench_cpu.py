@@ -398,6 +398,8 @@ def main(argv=None) -> int:
                                    "--steps", str(args.profile_steps), "--quick"],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
             print(proc.stdout, flush=True)
+            if proc.returncode != 0:
+                log(f"profile_step.py failed (exit {proc.returncode}):\n" + "\n".join(proc.stderr.splitlines()[-15:]))
             res["profile_summary"] = proc.returncode == 0
 
         import torch

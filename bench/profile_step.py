@@ -252,7 +252,9 @@ def main(argv=None) -> int:
     fam, top = profile_ops(trainer, batches, args.steps)
 
     wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "fused_adamw", "optimizer", "bf16_weights"]
-    flux_like = trainer.text_cache is not None and "prompt_embeds" in next(iter(trainer.text_cache.entries.values()))
+    tc = trainer.text_cache
+    captions = (list(tc.captions) if hasattr(tc, "captions") else list(getattr(tc, "entries", {}))) if tc else []
+    flux_like = bool(captions) and "prompt_embeds" in tc.batch(captions[:1])
     if flux_like:
         wanted.insert(1, "text_tokens_half")
     if args.quick:
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
                 n = out["prompt_embeds"].shape[1]
                 out["prompt_embeds"] = out["prompt_embeds"][:, : n // 2]
                 return out
-            n_txt = plain([next(iter(cache.entries))])["prompt_embeds"].shape[1]
+            n_txt = plain(captions[:1])["prompt_embeds"].shape[1]
             exps.append(ab(trainer, batches, args.pairs, lambda: setattr(cache, "batch", halved),
                            lambda: setattr(cache, "batch", plain),
                            f"text tokens {n_txt // 2} instead of {n_txt} (max_sequence_length)"))

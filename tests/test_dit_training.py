@@ -82,9 +82,14 @@ def test_dit_family_end_to_end(tmp_path, tiny_models, dataset, fixture):
         meta, keys = f.metadata(), list(f.keys())
     assert meta["modelspec.architecture"].startswith("flux-1-" if family == "flux1" else "stable-diffusion-3")
     assert meta["modelspec.trigger_phrase"] == "ohwx" and meta["ss_network_dim"] == str(RANK)
-    assert {k.split(".", 1)[0] for k in keys} == {"transformer", *encoders}
-    assert all(".text_model." in k for k in keys if k.startswith("text_encoder")), "ComfyUI maps text_model. only"
-    assert not any(k.endswith(".alpha") for k in keys), "alpha is folded into lora_B (see export_dit)"
+    if family == "flux1":  # diffusers names, alpha folded into lora_B (export_dit)
+        assert {k.split(".", 1)[0] for k in keys} == {"transformer", *encoders}
+        assert all(".text_model." in k for k in keys if k.startswith("text_encoder")), "ComfyUI maps text_model. only"
+        assert not any(k.endswith(".alpha") for k in keys)
+    else:  # kohya/SAI names with fused q/k/v (export_sd3_kohya), for Forge and ComfyUI
+        prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in keys}
+        assert prefixes == {"lora_unet", *(["lora_te1", "lora_te2"] if encoders else [])}, prefixes
+        assert any("_x_block_attn_qkv." in k for k in keys) and any("_x_block_attn2_qkv." in k for k in keys)
 
     pipe = DiffusionPipeline.from_pretrained(model)
     trained = _trained(out / "checkpoints" / "step-000004")
@@ -98,7 +103,7 @@ def test_dit_family_end_to_end(tmp_path, tiny_models, dataset, fixture):
                  max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images[0]
 
     before = image(pipe)
-    for path in (peft_file, lora):
+    for path in (peft_file, lora) if family == "flux1" else (peft_file,):
         pipe = DiffusionPipeline.from_pretrained(model)
         pipe.load_lora_weights(str(path))
         for component in ("transformer", *encoders):
@@ -117,10 +122,9 @@ def test_dit_family_end_to_end(tmp_path, tiny_models, dataset, fixture):
     transformer_cfg = dict(pipe.transformer.config)
     assert unloaded_keys(keys, COMFY_FAMILY[family], transformer_cfg, clips) == []
     assert missing_targets(keys, COMFY_FAMILY[family], transformer_cfg, clips) == []
-    if family == "flux1":  # Forge maps FLUX.1's diffusers names like ComfyUI; SD3: see README "FLUX.1 and SD3 files"
-        assert forge_unmatched_keys(keys, "flux", transformer_cfg, clips) == []
-    assert unloaded_keys([k.replace("transformer.", "diffusion_model.", 1) for k in keys], COMFY_FAMILY[family],
-                         transformer_cfg, clips), "negative control: diffusers names under diffusion_model."
+    assert forge_unmatched_keys(keys, COMFY_FAMILY[family], transformer_cfg, clips) == []
+    assert unloaded_keys([k.replace("transformer.", "diffusion_model.", 1).replace("lora_unet_", "lora_dit_", 1)
+                          for k in keys], COMFY_FAMILY[family], transformer_cfg, clips), "negative control"
     manifest = json.loads((out / "training_manifest.json").read_text())
     assert manifest["family"] == family and manifest["prediction_type"] == "flow"
 
