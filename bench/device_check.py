@@ -101,6 +101,7 @@ class Ctx:
         self.tmp = Path(tempfile.mkdtemp(prefix="device_check_"))
         self.steps = args.steps or (30 if self.cuda else 12)
         self.flux_dir = Path(args.flux_dir) if args.flux_dir else self.tmp / "model-flux1-dev"
+        self.flux_size = args.flux_size or ("tiny" if args.tiny else "full")
         # bf16 is the H100's natural precision; on the CPU fp32 ("no") is the default and much faster.
         self.main_precision = "bf16" if self.cuda else "no"
         self.models: dict[str, Path] = {}
@@ -325,20 +326,23 @@ def check_flux(ctx: Ctx, c: Check) -> None:
     from lora_trainer.tiny import make_dataset
     from models import flux_description, make_flux_model
 
-    tiny = ctx.args.tiny
-    resolutions = (64, 128) if tiny else (512, 1024)
-    steps = {resolutions[0]: ctx.args.flux_steps or (4 if tiny else 8),
-             resolutions[1]: ctx.args.flux_steps or (4 if tiny else 6)}
+    size = ctx.flux_size
+    tiny = size == "tiny"
+    resolutions = {"tiny": (64, 128), "reduced": (128, 256), "full": (512, 1024)}[size]
+    steps = {resolutions[0]: ctx.args.flux_steps or (8 if size == "full" else 4),
+             resolutions[1]: ctx.args.flux_steps or (6 if size == "full" else 4)}
+    # reduced (a CPU dry run of the full-size path): built in bf16 like the full model, with a 2-layer T5.
+    t5_layers = 2 if size == "reduced" else None
     t = time.monotonic()
     if not (ctx.flux_dir / "model_index.json").is_file():
-        log(f"  building {'tiny' if tiny else 'full-size'} FLUX.1-dev in {ctx.flux_dir}")
-        make_flux_model(ctx.flux_dir, "tiny" if tiny else "full", t5="standin",
-                        dtype=None if tiny or not ctx.cuda else torch.bfloat16, device=None if tiny else ctx.device,
-                        quiet=True)
+        log(f"  building {size} FLUX.1-dev in {ctx.flux_dir}")
+        make_flux_model(ctx.flux_dir, size, t5="standin", t5_layers=t5_layers,
+                        dtype=None if tiny or not (ctx.cuda or size == "reduced") else torch.bfloat16,
+                        device=None if tiny else ctx.device, quiet=True)
         if ctx.cuda:
             torch.cuda.empty_cache()
     size_gb = sum(f.stat().st_size for f in ctx.flux_dir.rglob("*") if f.is_file()) / 1e9
-    c.numbers.update(model="tiny_dit flux1-dev" if tiny else flux_description("full", t5="standin"),
+    c.numbers.update(model="tiny_dit flux1-dev" if tiny else flux_description(size, t5="standin", t5_layers=t5_layers),
                      build_and_save_s=round(time.monotonic() - t, 1), model_gb=round(size_gb, 1))
     data = make_dataset(ctx.tmp / "data-flux", n=8, sizes=[(resolutions[1], resolutions[1])], trigger="ohwx")
     per_run = None
@@ -512,7 +516,7 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
     items = [("environment", 0, partial(check_env, ctx)),
              (f"train/sd15/{main}", 1, partial(check_train, ctx, family="sd15", precision=main))]
     if not ctx.args.no_flux:
-        items.append((f"flux1-dev/{'tiny' if ctx.args.tiny else 'full'}", -1, partial(check_flux, ctx)))
+        items.append((f"flux1-dev/{ctx.flux_size}", -1, partial(check_flux, ctx)))
     items += [("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
              (f"train/sd15/{other}", 1, partial(check_train, ctx, family="sd15", precision=other)),
              ("dora", 1, partial(check_dora, ctx)),
@@ -528,8 +532,8 @@ def flux_need_s(ctx: Ctx) -> float:
     """Time the FLUX check needs for its build and the first (512 px) run; the 1024 px run is skipped inside the
     check when too little is left. Full size on an H200, estimated (not yet measured on a card): build on the
     card + save 24 GB ~60-90 s; a CLI run ~60-90 s (imports, reading 24 GB, caching, 8 steps, export)."""
-    if ctx.args.tiny:
-        return 30.0
+    if ctx.flux_size != "full":
+        return 30.0 if ctx.flux_size == "tiny" else 90.0
     return (0.0 if (ctx.flux_dir / "model_index.json").is_file() else 90.0) + 90.0
 
 
@@ -565,6 +569,9 @@ def main() -> int:
     ap.add_argument("--no-sdxl", action="store_true", help="skip the SDXL runs (saves time on the CPU)")
     ap.add_argument("--tiny", action="store_true",
                     help="FLUX check on lora_trainer.tiny_dit's flux1-dev at 64/128 px instead of full size (dry run)")
+    ap.add_argument("--flux-size", choices=("tiny", "reduced", "full"),
+                    help="FLUX model: full (default on a card), tiny (= --tiny), reduced (bench/models.py's CPU "
+                         "stand-in with a 2-layer T5, built in bf16, 128/256 px: the full-size code path on the CPU)")
     ap.add_argument("--no-flux", action="store_true", help="skip the FLUX check")
     ap.add_argument("--flux-steps", type=int, default=0, help="steps per FLUX run (default 8 at 512 px, 6 at 1024)")
     ap.add_argument("--flux-dir", help="where the FLUX model is built (reused if there, and kept); default: the "

@@ -61,9 +61,11 @@ def prompts_for(cfg) -> list[str]:
     return list(cfg.validation_prompts) or [", ".join(cfg.trigger_words)]
 
 
-def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int) -> list[str]:
+def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
+                     cached: Any = None) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
-    the device, autocast and the dashboards); returns their paths. Main process only."""
+    the device, autocast and the dashboards); returns their paths. Main process only. ``cached(prompts)``: the
+    text cache's lookup, when the text encoders were released (the prompts' conditioning is in it)."""
     if not accelerator.is_main_process:
         return []
     device = accelerator.device
@@ -89,8 +91,10 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
                 for k in range(cfg.num_validation_images):
                     seed = cfg.seed + 1000 * pi + k  # fixed per (prompt, index): samples are comparable over time
                     generator = torch.Generator(device=device).manual_seed(seed)
+                    text = {"prompt": prompt} if cached is None else family.prompt_kwargs(
+                        cached([prompt]), cached([""]) if family.sample_negative_prompt else None)
                     with accelerator.autocast():
-                        image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
+                        image = pipe(**text, num_inference_steps=cfg.validation_inference_steps,
                                      height=resolution, width=resolution, generator=generator, **extra).images[0]
                     path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
                     _save_png(image, path)

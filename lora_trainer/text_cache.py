@@ -27,7 +27,7 @@ Captions are plain strings and "" is an entry like any other: with caption dropo
 captions a step can see are the dataset's built captions plus "", so the trainer can cache them all (build with
 ``captions + [""]``) instead of turning the cache off. Validation prompts may be added the same way.
 
-Only torch and safetensors are needed here; nothing imports the trainer.
+Only torch and safetensors are needed here; nothing imports the trainer (build_run_cache takes what it needs).
 """
 from __future__ import annotations
 
@@ -408,3 +408,41 @@ class TextCache:
             torch.stack(parts, out=staged)
             out[name] = staged.to(self.device, non_blocking=True)
         return out
+
+
+def build_run_cache(cfg, family, comps, images, *, device: torch.device, world: int, source: Path | None,
+                    events) -> TextCache:
+    """The training run's cache: every image's built caption, "" with caption dropout, and (for families that
+    sample from cached embeddings) the validation prompts and CFG's empty negative, after which the text encoders
+    are dropped from ``comps``. Emits the ``text_cache`` status event."""
+    import gc
+
+    from .captions import build_caption
+    from .sampling import prompts_for
+
+    captions = [build_caption(i.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words) for i in images]
+    if cfg.caption_dropout_rate > 0:
+        captions.append("")
+    if family.samples_from_cache and cfg.validation_steps:  # sampling then needs no text encoder either
+        captions += prompts_for(cfg) + ([""] if family.sample_negative_prompt else [])
+    if source is not None and source.is_dir():
+        files = weight_files_identity(*(source / n for n in comps.text_encoders if (source / n).is_dir()))
+    else:
+        files = weight_files_identity(source) if source is not None else {}
+    # Always given the folder: a cache too large for memory spills to disk without a setting.
+    cache = TextCache(
+        encoder_identity(family, comps, {"weight_files": files}),
+        disk_dir=cfg.output_path / "cache" / "text_embeddings", persist=cfg.cache_text_embeddings_to_disk,
+        free_device_bytes=torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None,
+        host_budget_bytes=default_host_budget(share=int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    plan = cache.build(family, comps, captions, device=device, batch_size=16,
+                       progress=lambda n, t: events.emit("progress", phase="caching_text", current=n, total=t,
+                                                         unit="captions"))
+    if family.samples_from_cache:
+        comps.text_encoders.clear()  # every caption and prompt is cached: nothing encodes text again
+        gc.collect()
+    events.emit("status", phase="text_cache", reused=plan["hits"], encoded=plan["encoded"],
+                message=f"text cache: {plan['entries']} caption(s), {plan['total_bytes'] / 1024 ** 2:.1f} MiB on "
+                        f"{plan['placement']}; {plan['hits']} reused, {plan['encoded']} encoded"
+                        + ("; text encoders released" if family.samples_from_cache else ""))
+    return cache

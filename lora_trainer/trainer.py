@@ -107,7 +107,8 @@ class Trainer:
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
-                text_cache=self.text_cache.plan() if self.text_cache is not None else None)
+                text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
+                if self.text_cache is not None else None)
 
     def _load_model(self) -> None:
         from .loading import load_components
@@ -174,31 +175,12 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def _cache_text(self) -> None:
-        from .captions import build_caption
-        from .text_cache import TextCache, default_host_budget, encoder_identity, weight_files_identity
+        from .text_cache import build_run_cache
 
-        cfg, ev, comps = self.cfg, self.events, self.comps
-        ev.set_phase("caching_text")
-        captions = [build_caption(i.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words) for i in self.images]
-        if cfg.caption_dropout_rate > 0:
-            captions.append("")
-        src = self.downloaded or (Path(self.probe.path) if self.probe.path else None)
-        if src is not None and src.is_dir():
-            files = weight_files_identity(*(src / n for n in comps.text_encoders if (src / n).is_dir()))
-        else:
-            files = weight_files_identity(src) if src is not None else {}
-        # Always given the folder: a cache too large for memory spills to disk without a setting.
-        self.text_cache = TextCache(
-            encoder_identity(self.family, comps, {"weight_files": files}),
-            disk_dir=cfg.output_path / "cache" / "text_embeddings", persist=cfg.cache_text_embeddings_to_disk,
-            free_device_bytes=torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None,
-            host_budget_bytes=default_host_budget(share=int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
-        plan = self.text_cache.build(self.family, comps, captions, device=self.device, batch_size=16,
-                                     progress=lambda n, t: ev.emit("progress", phase="caching_text", current=n,
-                                                                   total=t, unit="captions"))
-        ev.emit("status", phase="text_cache", reused=plan["hits"], encoded=plan["encoded"],
-                message=f"text cache: {plan['entries']} caption(s), {plan['total_bytes'] / 1024 ** 2:.1f} MiB "
-                        f"on {plan['placement']}; {plan['hits']} reused, {plan['encoded']} encoded")
+        self.events.set_phase("caching_text")
+        source = self.downloaded or (Path(self.probe.path) if self.probe.path else None)
+        self.text_cache = build_run_cache(self.cfg, self.family, self.comps, self.images, device=self.device,
+                                          world=self.world, source=source, events=self.events)
 
     def _attach_lora(self) -> None:
         from .lora import add_lora
@@ -327,7 +309,9 @@ class Trainer:
         from .sampling import generate_samples
 
         generate_samples(self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
-                         resolution=self.resolution, step=step)
+                         resolution=self.resolution, step=step,
+                         cached=self.text_cache.batch if self.text_cache is not None and not self.comps.text_encoders
+                         else None)
         self.accelerator.wait_for_everyone()
 
     def _optimizer_step(self, group: list[list[int]], epoch: int, first_batch: int) -> torch.Tensor:

@@ -166,12 +166,21 @@ class ModelFamily:
         cls = getattr(diffusers, self.pipeline_class)
         kwargs: dict[str, Any] = {**comps.denoisers, "vae": comps.vae, "scheduler": self.sampling_scheduler(comps)}
         for name in self.text_encoder_classes:
-            kwargs[name] = comps.text_encoders[name]
+            kwargs[name] = comps.text_encoders.get(name)  # None once released after caching (samples_from_cache)
             kwargs[_tokenizer_name(name)] = comps.tokenizers[name]
         return cls(**kwargs, **self._pipeline_extra_kwargs())
 
     def _pipeline_extra_kwargs(self) -> dict:
         return {}
+
+    # Families whose pipelines take precomputed prompt embeddings set this, so that after caching the text
+    # encoders (T5-XXL: 9.5 GB in bf16) leave the GPU and host memory for good.
+    samples_from_cache = False
+    sample_negative_prompt = False  # the pipeline's CFG encodes "" as the negative prompt
+
+    def prompt_kwargs(self, cond: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor] | None) -> dict:
+        """Pipeline keyword arguments that replace a prompt by its cached conditioning (samples_from_cache)."""
+        raise NotImplementedError
 
     def sampling_scheduler(self, comps: Components):
         from diffusers import EulerDiscreteScheduler

@@ -47,6 +47,11 @@ class Flux1(MMDiTFamily):
         explicit = getattr(self.cfg, "train_guidance_scale", None) if self.cfg is not None else None
         return self.spec.train_guidance[self.variant] if explicit is None else float(explicit)
 
+    samples_from_cache = True
+
+    def prompt_kwargs(self, cond, negative):
+        return {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"]}
+
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         ids = self.tokenize(comps.tokenizers["text_encoder"], captions).to(device)
         pooled = comps.text_encoders["text_encoder"](ids, output_hidden_states=False).pooler_output

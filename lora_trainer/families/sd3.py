@@ -25,6 +25,14 @@ class SD3(MMDiTFamily):
             return "sd3.5-medium"
         return "sd3.5-large" if cfg.get("qk_norm") else "sd3-medium"
 
+    samples_from_cache = True
+    sample_negative_prompt = True
+
+    def prompt_kwargs(self, cond, negative):
+        return {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"],
+                "negative_prompt_embeds": negative["prompt_embeds"],
+                "negative_pooled_prompt_embeds": negative["pooled"]}
+
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         hidden, pooled = [], []
         for name in ("text_encoder", "text_encoder_2"):
