@@ -93,3 +93,13 @@ def test_validate_only_checks_transformer_targets(tmp_path, tiny_models, dataset
         ok = run_cli("--config", str(write_config(tmp_path / f"{preset}.json", **base, target_modules=preset)),
                      "--validate-only")
         assert ok.returncode == 0, ok.last("validation")["errors"]
+
+
+@pytest.mark.parametrize("name", ["flux1_dev.json", "sd35_large.json"])
+def test_example_family_configs_validate(name):
+    from lora_trainer.config import load_config
+
+    cfg, warnings = load_config(Path(__file__).resolve().parent.parent / "examples" / "configs" / name)
+    assert cfg.model_type in ("flux1", "sd3") and not warnings
+    pre = run_preflight(cfg)
+    assert not [e for e in pre.errors if e["code"] == "config_invalid"], "no family rule may refuse the example"
