@@ -393,7 +393,10 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
             if key in ex and getattr(cfg, key) is not None:
                 refuse(key, f"{spec.label} trains with the DDPM objective; {key} is a flow-matching option",
                        "remove it, or use a FLUX.1 / SD3 base model")
-    if "train_guidance_scale" in ex and cfg.train_guidance_scale is not None and not spec.has_guidance_embedder(variant):
+    # An unknown variant (a hub model not downloaded yet) may have the embedder: checked again after the download.
+    maybe = variant is None and any(v is not None for v in spec.train_guidance.values())
+    if "train_guidance_scale" in ex and cfg.train_guidance_scale is not None and not maybe \
+            and not spec.has_guidance_embedder(variant):
         refuse("train_guidance_scale", f"this {spec.label} model has no guidance embedder "
                "(only guidance-distilled models such as FLUX.1-dev have one)", "null")
     if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
