@@ -29,7 +29,7 @@ per-step CPU time of the child (from /proc, sampled when each step line arrives:
 count, spinning does), time from process start to the first finished step, total wall time, peak RSS (wait4),
 the ratios train_lora / naive, the naive step's breakdown, and ``--validate-only`` latency on 1,000 images
 (bench/bench_validate_only.py as a subprocess). With ``--profile auto`` (default) the in-process profile of
-train_lora's step (bench/profile_step.py) runs when the 0.8x target is missed. The table is the last output.
+train_lora's step (bench/profile_step.py) runs when the model's target is missed. The table is the last output.
 """
 from __future__ import annotations
 

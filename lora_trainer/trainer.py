@@ -85,8 +85,9 @@ class Trainer:
             ev.emit("warning", code="no_gpu", message="no CUDA GPU in use: training runs on the CPU, which is slow")
             if self.device_info.mixed_precision == "bf16":  # measured: bench/RESULTS.md, "Profile of train_lora's step"
                 ev.emit("warning", code="cpu_bf16_slow", path="mixed_precision",
-                        message="bf16 on the CPU measured 1.1-1.3x slower than fp32 (bench/RESULTS.md); "
-                                "\"auto\" or \"no\" trains in fp32")
+                        message="bf16 on the CPU: measured 1.1-1.3x slower than fp32 for SDXL but 2.3-2.9x faster "
+                                "for FLUX.1, with LoRA gradients that drift from fp32 (bench/RESULTS.md); \"auto\" "
+                                "or \"no\" trains in fp32")
         set_seed(cfg.seed)
 
         self.family = get_family(self.probe.family, cfg)

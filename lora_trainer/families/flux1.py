@@ -24,10 +24,11 @@ def unpack(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """[(h/2)(w/2), 3] rows (0, row, col) of the packed latent grid, as FluxPipeline._prepare_latent_image_ids."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] += torch.arange(h // 2)[:, None]
-    ids[..., 2] += torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    # Built on the device: a host-built grid would be a blocking host-to-device copy every step.
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype=dtype)
 
 
 class Flux1(MMDiTFamily):
