@@ -74,17 +74,18 @@ def _progress_tqdm(report: Callable[[int, int | None, str], None], *, unit: str,
     return EventTqdm
 
 
-def _planned_bytes(snapshot_download, repo_id: str) -> int | None:
+def _planned_bytes(snapshot_download, repo_id: str, allow_patterns: list[str]) -> int | None:
     """Bytes still to download, from huggingface_hub's dry run (one listing request); None where unavailable."""
     try:
-        plan = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS,
+        plan = snapshot_download(repo_id, allow_patterns=allow_patterns, ignore_patterns=HUB_IGNORE_PATTERNS,
                                  dry_run=True)
         return sum(int(f.file_size or 0) for f in plan if f.will_download)
     except Exception:  # noqa: BLE001 - older huggingface_hub (no dry_run), or the real call will report the error
         return None
 
 
-def download_from_hub(repo_id: str, report: Callable[[int, int | None, str], None]) -> Path:
+def download_from_hub(repo_id: str, report: Callable[[int, int | None, str], None],
+                      allow_patterns: list[str] | None = None) -> Path:
     """Download (or complete) a pipeline snapshot into the HF cache; ``report(current, total, unit)`` gets the
     progress, unit "B" (huggingface_hub 2.x) or "files" (1.x)."""
     try:
@@ -93,9 +94,10 @@ def download_from_hub(repo_id: str, report: Callable[[int, int | None, str], Non
     except ImportError as exc:  # pragma: no cover - a dependency of diffusers
         raise ModelLoadError(f"huggingface_hub is not installed: {exc}") from None
     unit = "B" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "files"
-    total = _planned_bytes(snapshot_download, repo_id) if unit == "B" and not hub_offline() else None
+    allow_patterns = allow_patterns or HUB_PATTERNS
+    total = _planned_bytes(snapshot_download, repo_id, allow_patterns) if unit == "B" and not hub_offline() else None
     try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS,
+        path = snapshot_download(repo_id, allow_patterns=allow_patterns, ignore_patterns=HUB_IGNORE_PATTERNS,
                                  tqdm_class=_progress_tqdm(report, unit=unit, total=total))
     except Exception as exc:  # noqa: BLE001 - offline, 401/404, DNS: all mean "cannot get the model"
         name = type(exc).__name__
@@ -119,13 +121,13 @@ def _emit_warnings(ev, warnings, already=()) -> None:
             ev.emit("warning", **{k: v for k, v in w.items() if k in ("code", "message", "path", "files")})
 
 
-def download_with_events(repo_id: str, ev) -> Path:
+def download_with_events(repo_id: str, ev, allow_patterns: list[str] | None = None) -> Path:
     """download_from_hub with its progress as ``progress`` events (phase "downloading")."""
     ev.set_phase("downloading")
     ev.emit("status", phase="downloading", message=f"downloading {repo_id} from the Hugging Face hub")
     message = f"downloading {repo_id}"
     return download_from_hub(repo_id, lambda n, total, unit: ev.emit(
-        "progress", phase="downloading", current=n, total=total, unit=unit, message=message))
+        "progress", phase="downloading", current=n, total=total, unit=unit, message=message), allow_patterns)
 
 
 def preflight_for_training(cfg, ev) -> tuple:
@@ -165,6 +167,7 @@ def check_not_pickle(path: Path) -> None:
 def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
     """The family's components from base_model (downloading a hub id first when preflight has not), frozen and in
     eval mode, with an explicit prediction_type applied. Loader failures become ModelLoadError (exit 4)."""
+    from .dit_single_file import DiTSingleFileError
     from .errors import Interrupted
 
     ev.set_phase("loading_model")
@@ -180,11 +183,20 @@ def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
         config_src = cfg.base_model_config  # a hub id, or a folder relative to the config file
         if config_src and cfg.resolve(config_src).exists():
             config_src = str(cfg.resolve(config_src).resolve())
+        elif probe.kind == "single_file" and family.spec.is_flow:
+            # A transformer-only file: VAE and text-encoder weights come from the config repo (snapshot_download
+            # costs one metadata request when it is cached, none offline).
+            from .dit_single_file import config_source_patterns, default_config_repo
+
+            repo = config_src or default_config_repo(probe.family, probe.variant)
+            config_src = str(download_with_events(repo, ev, allow_patterns=config_source_patterns(probe.family)))
         comps = family.load(source, single_file=probe.kind == "single_file", dtype=dtype, single_file_config=config_src,
                             progress=lambda i, n, what: ev.emit("progress", phase="loading_model", current=i, total=n,
                                                                 unit="components", message=what))
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt, ModelLoadError):
         raise
+    except DiTSingleFileError as exc:
+        raise ModelLoadError(exc.message, hint=exc.hint, details={"base_model": cfg.base_model}) from None
     except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem for the operator
         raise ModelLoadError(f"could not load the base model: {type(exc).__name__}: {exc}",
                              hint="check that base_model is a complete diffusers folder or a .safetensors "

@@ -59,7 +59,7 @@ class ModelFamily:
     def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
              progress: Progress | None = None) -> Components:
         if single_file:
-            comps = self._load_single_file(source, dtype=dtype, config=single_file_config)
+            comps = self._load_single_file(source, dtype=dtype, config=single_file_config, progress=progress)
         else:
             comps = self._load_folder(source, dtype=dtype, progress=progress)
         self.variant = comps.variant
@@ -93,7 +93,8 @@ class ModelFamily:
         sched_cfg = dict(diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True))
         return self.components(denoisers, vae, encoders, tokenizers, sched_cfg)
 
-    def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None) -> Components:
+    def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None,
+                          progress: Progress | None = None) -> Components:
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)

@@ -23,6 +23,16 @@ class MMDiTFamily(ModelFamily):
         ids = self.tokenize(comps.tokenizers[name], captions, self.max_sequence_length).to(device)
         return comps.text_encoders[name](ids, output_hidden_states=False)[0]
 
+    def _load_single_file(self, path, *, dtype, config, progress=None):
+        # Pipeline.from_single_file wants the text encoders in the file, reads all of it, and cannot convert FLUX
+        # at widths other than 3072: the transformer comes from the file, the rest from the config source.
+        from pathlib import Path
+
+        from ..dit_single_file import load_components_single_file, resolve_config_source
+
+        source = resolve_config_source(config, family_name=self.name, checkpoint=Path(path))
+        return load_components_single_file(self, Path(path), config_source=source, dtype=dtype, progress=progress)
+
     def sampling_scheduler(self, comps: Components):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
