@@ -67,6 +67,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     return CliResult(proc.returncode, parse_events(proc.stdout), proc.stdout, proc.stderr)
 
 
+def lora_deltas(module) -> dict:
+    """module path -> scale * B @ A of every LoRA layer of a PEFT-wrapped model (UNet, transformer, text encoder)."""
+    out = {}
+    for name, layer in module.named_modules():
+        if hasattr(layer, "lora_A") and layer.lora_A:
+            adapter = next(iter(layer.lora_A.keys()))
+            a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+            out[name] = layer.scaling[adapter] * (b @ a)
+    return out
+
+
 def write_config(path: Path, **fields) -> Path:
     path.write_text(json.dumps(fields, indent=2), encoding="utf-8")
     return path

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import model_probe as mp
-from .dit_convert import flux_bfl_to_diffusers, sd3_sai_to_diffusers, swap_scale_shift  # noqa: F401 (public here too)
+from .dit_convert import flux_bfl_to_diffusers, sd3_sai_to_diffusers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -445,14 +445,9 @@ def load_transformer_single_file(family_name: str, path: Path, *, config_source:
 
 def load_components_single_file(family: ModelFamily, path: Path, *, config_source: Path, dtype,
                                 progress: Progress | None = None) -> Components:
-    """The family's Components: the transformer from the single file, the VAE (fp32, as _load_folder), text
-    encoders, tokenizers and scheduler config from the local diffusers folder ``config_source``."""
-    import diffusers
-    import torch
-    import transformers
-
-    from .families.base import _tokenizer_name
-
+    """The family's Components: the transformer from the single file, everything else (VAE, text encoders,
+    tokenizers, scheduler config) loaded by the family's own folder loader from the diffusers folder
+    ``config_source``."""
     _family(family.name)
     config_source = Path(config_source)
     problems = config_source_problems(config_source, family.name)
@@ -460,21 +455,5 @@ def load_components_single_file(family: ModelFamily, path: Path, *, config_sourc
         raise DiTSingleFileError(
             f"the config source {config_source} cannot supply what {Path(path).name} lacks: " + "; ".join(problems),
             hint=_config_source_hint(family.name))
-    names = [*family.denoiser_classes, "vae", *family.text_encoder_classes]
-    tick = (lambda i, what: progress(i, len(names), what)) if progress else (lambda i, what: None)
-    tick(0, "transformer")
-    transformer = load_transformer_single_file(family.name, Path(path), config_source=config_source, dtype=dtype)
-    common = {"use_safetensors": True, "local_files_only": True}
-    tick(1, "vae")
-    vae = diffusers.AutoencoderKL.from_pretrained(config_source, subfolder="vae", torch_dtype=torch.float32, **common)
-    encoders, tokenizers = {}, {}
-    for i, name in enumerate(family.text_encoder_classes):
-        tick(2 + i, name)
-        cls = getattr(transformers, family.text_encoder_classes[name])
-        encoders[name] = cls.from_pretrained(config_source, subfolder=name, torch_dtype=dtype, **common)
-        tok = _tokenizer_name(name)
-        tokenizers[name] = getattr(transformers, family.tokenizer_classes[tok]).from_pretrained(
-            config_source, subfolder=tok, local_files_only=True)
-    tick(len(names), "done")
-    sched_cfg = dict(diffusers.DDPMScheduler.load_config(config_source, subfolder="scheduler", local_files_only=True))
-    return family.components({"transformer": transformer}, vae, encoders, tokenizers, sched_cfg)
+    return family._load_folder(config_source, dtype=dtype, progress=progress, load_denoiser=lambda name: (
+        load_transformer_single_file(family.name, Path(path), config_source=config_source, dtype=dtype)))

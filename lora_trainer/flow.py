@@ -68,6 +68,8 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
+from .objective import weighted_mse
+
 FLOW_SIGMA_SAMPLING = ("uniform", "logit_normal", "mode", "sigmoid")
 FLOW_SHIFTS = ("none", "static", "resolution")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -320,19 +322,13 @@ class FlowMatchingObjective:
         With ``precondition_outputs`` the prediction is first turned into an
         x0 estimate, which needs ``noisy_latents``.
         """
-        # Squaring bf16 / fp16 differences loses most of the small residuals
-        # late in training; upcast first.
+        # float32 before the preconditioning arithmetic too (weighted_mse upcasts the rest).
         pred = model_pred.float()
         if self.settings.precondition_outputs:
             if noisy_latents is None:
                 raise ValueError("precondition_outputs needs noisy_latents in loss()")
             pred = noisy_latents.float() - _per_sample(sigmas, pred) * pred
-        err = (pred - target.float()).square()
-        per_sample = err.mean(dim=tuple(range(1, err.ndim)))
-        weights = self.loss_weights(sigmas)
-        if weights is not None:
-            per_sample = per_sample * weights
-        return per_sample.mean()
+        return weighted_mse(pred, target, self.loss_weights(sigmas))
 
     def __call__(
         self,

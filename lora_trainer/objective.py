@@ -73,6 +73,18 @@ class ObjectiveSettings:
             object.__setattr__(self, "timestep_range", (lo, hi))
 
 
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Float32 MSE: mean over non-batch dims, times the per-sample weights (if any), batch mean. Shared with
+    flow.FlowMatchingObjective."""
+    # Squaring bf16 / fp16 differences loses most of the small residuals
+    # late in training; upcast first.
+    err = (pred.float() - target.float()).square()
+    per_sample = err.mean(dim=tuple(range(1, err.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
 class DiffusionObjective:
     """Noise sampling, targets and (weighted) loss for DDPM-style training."""
 
@@ -150,14 +162,7 @@ class DiffusionObjective:
         self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """Float32 MSE: mean over non-batch dims, min-SNR weighted, batch mean."""
-        # Squaring bf16 / fp16 differences loses most of the small residuals
-        # late in training; upcast first.
-        err = (model_pred.float() - target.float()).square()
-        per_sample = err.mean(dim=tuple(range(1, err.ndim)))
-        weights = self.loss_weights(timesteps)
-        if weights is not None:
-            per_sample = per_sample * weights
-        return per_sample.mean()
+        return weighted_mse(model_pred, target, self.loss_weights(timesteps))
 
     def __call__(
         self,

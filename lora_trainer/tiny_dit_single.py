@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+# diffusers' AdaLayerNormContinuous is (scale, shift), the original (shift, scale): the loader's swap is its own
+# inverse, so the writer uses the same function.
+from .dit_convert import swap_scale_shift
+
 DIT_PREFIX = "model.diffusion_model."
 TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                "t5xxl": "text_encoders.t5xxl.transformer."}
@@ -42,12 +46,6 @@ def _check(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     if t.shape[0] != rows:
         raise ValueError(f"{what}: {t.shape[0]} rows, the config says {rows}")
     return t
-
-
-def swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
-    """diffusers' AdaLayerNormContinuous is (scale, shift), the original (shift, scale): the swap is its own inverse."""
-    shift, scale = weight.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
 
 
 # --------------------------------------------------------------------------- FLUX.1 (BFL layout)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_config
+from conftest import lora_deltas, run_cli, write_config
 
 # fixture -> (family, variant, CLIP encoders trained with train_text_encoder: exercised on two of the three)
 FAMILIES = {"flux1-dev": ("flux1", "dev", ("text_encoder",)), "flux1-schnell": ("flux1", "schnell", ()),
@@ -26,16 +26,6 @@ def _config(tmp_path: Path, model: Path, dataset: Path, name: str, **params) -> 
            "checkpointing_steps": 2, "log_every_n_steps": 1, "lora_rank": RANK, "lora_alpha": ALPHA,
            "learning_rate": 2e-3, "max_sequence_length": 32, **params}
     return write_config(tmp_path / f"{name}.json", **cfg)
-
-
-def _deltas(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, layer in module.named_modules():
-        if hasattr(layer, "lora_A") and layer.lora_A:
-            adapter = next(iter(layer.lora_A.keys()))
-            a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
-            out[name] = layer.scaling[adapter] * (b @ a)
-    return out
 
 
 def _trained(ckpt: Path, component: str = "transformer") -> dict[str, torch.Tensor]:
@@ -108,7 +98,7 @@ def test_dit_family_end_to_end(tmp_path, tiny_models, dataset, fixture):
         pipe.load_lora_weights(str(path))
         for component in ("transformer", *encoders):
             want = trained if component == "transformer" else _trained(out / "checkpoints" / "step-000004", component)
-            loaded = _deltas(getattr(pipe, component))
+            loaded = lora_deltas(getattr(pipe, component))
             assert set(loaded) == set(want), f"{path.name} {component}: module sets differ"
             for name, delta in want.items():
                 torch.testing.assert_close(loaded[name], delta, rtol=2e-2, atol=2e-4, msg=f"{path.name} {name}")

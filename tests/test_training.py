@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_config
+from conftest import lora_deltas, run_cli, write_config
 
 
 def _train(tmp_path: Path, model: Path, dataset: Path, **params):
@@ -19,17 +19,6 @@ def _train(tmp_path: Path, model: Path, dataset: Path, **params):
     res = run_cli("--config", str(write_config(tmp_path / "config.json", **cfg)), timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return res, tmp_path / "out"
-
-
-def _effective_deltas(unet) -> dict[str, torch.Tensor]:
-    """module path -> scale * B @ A of every LoRA layer in a PEFT-wrapped UNet."""
-    out = {}
-    for name, module in unet.named_modules():
-        if hasattr(module, "lora_A") and module.lora_A:
-            adapter = next(iter(module.lora_A.keys()))
-            a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
-            out[name] = module.scaling[adapter] * (b @ a)
-    return out
 
 
 def _trained_deltas(ckpt_dir: Path, alpha: float, rank: int) -> dict[str, torch.Tensor]:
@@ -78,7 +67,7 @@ def test_train_export_and_load_in_diffusers(tmp_path, tiny_models, dataset, fami
                            generator=torch.Generator().manual_seed(0)).images[0]
         before = gen()
         pipe.load_lora_weights(str(path))
-        loaded = _effective_deltas(pipe.unet)
+        loaded = lora_deltas(pipe.unet)
         assert set(loaded) == set(trained), f"{path.name}: module sets differ"
         for name, delta in trained.items():
             torch.testing.assert_close(loaded[name], delta, rtol=2e-2, atol=2e-4, msg=f"{path.name} {name}")

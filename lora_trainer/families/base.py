@@ -65,7 +65,10 @@ class ModelFamily:
         self.variant = comps.variant
         return comps
 
-    def _load_folder(self, source: Path, *, dtype: torch.dtype, progress: Progress | None) -> Components:
+    def _load_folder(self, source: Path, *, dtype: torch.dtype, progress: Progress | None,
+                     load_denoiser: Callable[[str], torch.nn.Module] | None = None) -> Components:
+        """Every component from a diffusers folder; ``load_denoiser(name)`` takes the denoiser(s) from elsewhere
+        (a single-file checkpoint) while the rest still comes from ``source``."""
         import diffusers
         import transformers
 
@@ -75,6 +78,9 @@ class ModelFamily:
         denoisers = {}
         for i, name in enumerate(self.denoiser_classes):
             tick(i, name)
+            if load_denoiser is not None:
+                denoisers[name] = load_denoiser(name)
+                continue
             cls = getattr(diffusers, self.denoiser_classes[name])
             denoisers[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, **common)
         tick(len(denoisers), "vae")
