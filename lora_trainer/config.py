@@ -146,10 +146,6 @@ class TrainConfig:
         """A path from the config (base_model_config, init_lora, resume ...), ~ expanded, relative to base_dir."""
         return _resolve_path(value, self.base_dir)
 
-    @property
-    def randomised_captions(self) -> bool:
-        return self.caption_dropout_rate > 0 or self.shuffle_tags
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (for events and the manifest); secret-looking keys are redacted."""
         out: dict[str, Any] = {}
