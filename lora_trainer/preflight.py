@@ -26,10 +26,9 @@ from .buckets import bucket_plan, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .model_probe import ModelProbe, probe_model
-from .preflight_model import (_check_family_keys, _check_single_file_config, _check_targets, _model_issue,
-                              _model_summary)
+from .preflight_model import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
+                              _issue, _model_issue, _model_summary)
 
-MAX_FILES = 20
 LOW_DISK_BYTES = 2 * 1024 ** 3
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MANIFEST = "manifest.json"
@@ -61,19 +60,6 @@ class PreflightResult:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "summary": self.summary}
-
-
-def _issue(code: str, path: str, message: str, *, hint: str | None = None, files: Iterable[str] | None = None,
-           **extra: Any) -> dict:
-    d: dict[str, Any] = {"code": code, "path": path, "message": message}
-    if hint:
-        d["hint"] = hint
-    if files is not None:
-        files = list(files)
-        d["files"] = files[:MAX_FILES]
-        d["count"] = len(files)
-    d.update(extra)
-    return d
 
 
 def _plural(n: int, word: str) -> str:

@@ -9,11 +9,20 @@ from .family_spec import DDPM_KEYS, FLOW_KEYS, SPECS, expand_targets, objective_
 from .model_probe import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, read_safetensors_header
 
 
+MAX_FILES = 20  # files listed per issue; ``count`` has the total
+
+
 def _issue(code: str, path: str, message: str, *, hint: str | None = None, files: Iterable[str] | None = None,
            **extra: Any) -> dict:
-    from .preflight import _issue as issue  # one definition of an issue's shape
-
-    return issue(code, path, message, hint=hint, files=files, **extra)
+    d: dict[str, Any] = {"code": code, "path": path, "message": message}
+    if hint:
+        d["hint"] = hint
+    if files is not None:
+        files = list(files)
+        d["files"] = files[:MAX_FILES]
+        d["count"] = len(files)
+    d.update(extra)
+    return d
 
 
 def _check_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warnings: list) -> dict | None:
