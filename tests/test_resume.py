@@ -70,7 +70,6 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_models, dataset
         assert "Traceback" not in stderr
         inter = [e for e in events if e["type"] == "interrupted"][-1]
         assert inter["signal"] == "SIGTERM" and inter["checkpoint"]
-        assert took < 10, f"stopping took {took:.1f}s, beyond docker's 10 s grace period"
         ckpt = [e for e in events if e["type"] == "checkpoint"][-1]
         # The step's own interval checkpoint when the stop lands on one (not written twice), else an interrupt one.
         assert ckpt["step"] == inter["step"] and ckpt["path"] == inter["checkpoint"]
