@@ -109,6 +109,12 @@ def _validate_only(cfg, config_warnings, events: EventStream, started: float) ->
 
 
 def _train(cfg, config_warnings, events: EventStream, args) -> int:
+    from .run_lock import OutputLock
+
+    lock = OutputLock(cfg.output_path)
+    if os.environ.get("RANK", "0") in ("", "0"):  # the other ranks write nothing without rank 0
+        lock.acquire(events.run_id)  # before anything is read or written (or torch imported): a second run
+        # touches nothing and is refused at once
     from .signals import GracefulStop
     from .trainer import Trainer
 
@@ -123,6 +129,7 @@ def _train(cfg, config_warnings, events: EventStream, args) -> int:
         trainer.save_final()
     finally:
         trainer.cleanup()
+        lock.release()
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ EXIT_MODEL_LOAD = 4
 EXIT_TRAINING = 5
 EXIT_OUT_OF_MEMORY = 6
 EXIT_IO = 7
+EXIT_BUSY = 8  # not an input error: the same config can be retried once the other run has finished
 EXIT_SIGINT = 128 + int(signal.SIGINT)  # 130
 EXIT_SIGTERM = 128 + int(signal.SIGTERM)  # 143
 
@@ -31,6 +32,7 @@ EXIT_CODES: list[tuple[int, str, str]] = [
     (EXIT_TRAINING, "training_failed", "training failed (e.g. loss or gradients not finite)"),
     (EXIT_OUT_OF_MEMORY, "out_of_memory", "out of GPU or host memory"),
     (EXIT_IO, "io_error", "could not write outputs (disk full, permissions)"),
+    (EXIT_BUSY, "output_in_use", "another run is using output_path (one run per output folder); nothing was touched"),
     (EXIT_SIGINT, "interrupted", "interrupted by SIGINT (Ctrl-C); a resumable checkpoint was saved if training had started"),
     (EXIT_SIGTERM, "interrupted", "interrupted by SIGTERM (docker stop); a resumable checkpoint was saved if training had started"),
 ]
@@ -75,6 +77,10 @@ class OutOfMemoryError(TrainerError):
 
 class OutputError(TrainerError):
     code, exit_code = "io_error", EXIT_IO
+
+
+class OutputBusyError(TrainerError):
+    code, exit_code = "output_in_use", EXIT_BUSY
 
 
 class Interrupted(TrainerError):

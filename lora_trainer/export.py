@@ -240,9 +240,12 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
                    tag_frequency: Mapping[str, Mapping[str, int]], resolution: tuple[int, int],
                    training: Mapping[str, Any], title: str | None = None, prediction_type: str = "epsilon",
                    network_args: Mapping[str, Any] | None = None, started_at: float | None = None,
-                   dora: bool = False, variant: str | None = None) -> dict[str, str]:
+                   dora: bool = False, variant: str | None = None, finished_at: float | None = None,
+                   session_id: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """kohya ``ss_*`` keys (what A1111 reads to classify and alias the LoRA, and Civitai for tags) and modelspec keys
-    (as sd-scripts ``library/sai_model_spec.py`` writes them). All values are strings, as safetensors requires."""
+    (as sd-scripts ``library/sai_model_spec.py`` writes them). All values are strings, as safetensors requires.
+    ``started_at``/``finished_at``/``session_id`` default to now and a random id; a caller that passes them gets the
+    same metadata (and so the same file) every time it exports the same weights."""
     if family not in FAMILY_NAMES:
         raise ValueError(f"unknown family {family!r}: expected one of {FAMILY_NAMES}")
     pred = {"v_prediction": "v", "v": "v", "epsilon": "epsilon", "flow": "flow"}.get(prediction_type)
@@ -268,8 +271,9 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
         base_version, arch, impl = "sd_v1", "stable-diffusion-v1", "diffusers"
 
     md: dict[str, str] = {
-        "ss_session_id": str(random.randint(0, 2**32 - 1)), "ss_training_started_at": str(started),
-        "ss_training_finished_at": str(time.time()),
+        "ss_session_id": str(random.randint(0, 2**32 - 1) if session_id is None else int(session_id)),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(time.time() if finished_at is None else float(finished_at)),
         "ss_output_name": output_name,  # A1111 shows this as the LoRA's alias
         "ss_network_module": "lycoris.kohya" if dora else "networks.lora", "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)), "ss_network_args": json.dumps(args),
@@ -296,6 +300,7 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
     words = [w.strip() for w in trigger_words if w and w.strip()]
     if words:
         md["modelspec.trigger_phrase"] = ", ".join(words)
+    md.update(extra or {})
     return md
 
 
@@ -325,6 +330,21 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
             raise ValueError(f"metadata {key!r} must map str to str, got {type(value).__name__}")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def ordinary_mode(path: str | os.PathLike) -> None:
+    """Give a temp file (mkstemp makes it 0600) the mode any new file gets (0666 less the umask), before it is
+    renamed into place: ComfyUI, a web server or a container running as another user must be able to read it."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -338,6 +358,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """safetensors bytes whose header lists its keys sorted. safetensors writes the metadata from a hash map, so
+    its order (and the file's bytes) changes from process to process; sorted, the same weights and metadata make
+    the same file, which is what lets a retry rewrite a finished run's outputs bitwise. The tensor bytes are
+    safetensors' own; the header is re-encoded as JSON and space-padded to 8 bytes, as the format allows."""
+    buf = safetensors.torch.save(dict(tensors), dict(metadata) if metadata else None)
+    n = int.from_bytes(buf[:8], "little")
+    header = json.dumps(json.loads(buf[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = header.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + buf[8 + n:]
+
+
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file so that ``path`` is either the old file or the complete new one, never a torn
@@ -348,13 +381,14 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     _check_tensors(tensors, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = canonical_safetensors(tensors, metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        safetensors.torch.save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        ordinary_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

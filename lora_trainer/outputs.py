@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import OutputError, TrainingError
+from .run_lock import LINEAGE_KEY
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MANIFEST_NAME = "training_manifest.json"
@@ -45,6 +46,7 @@ class RunRecord:
     bucketing: bool
     samples_per_epoch: int
     total_steps: int
+    lineage: dict  # resume.TrainState.lineage
 
 
 def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -75,8 +77,9 @@ def _metadata(record: RunRecord, progress) -> dict[str, str]:
                           resolution=(record.resolution, record.resolution), training=training, title=cfg.output_name,
                           prediction_type=record.comps.prediction_type,
                           network_args={"train_text_encoder": cfg.train_text_encoder, "dropout": cfg.lora_dropout},
-                          started_at=time.time() - (time.monotonic() - record.started), dora=cfg.use_dora,
-                          variant=record.comps.variant)
+                          started_at=record.lineage["started_at"], finished_at=record.lineage["finished_at"],
+                          session_id=int(record.lineage["id"][:8], 16), extra={LINEAGE_KEY: record.lineage["id"]},
+                          dora=cfg.use_dora, variant=record.comps.variant)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -86,6 +89,9 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             json.dump(data, fh, indent=2, default=str)
             fh.flush()
             os.fsync(fh.fileno())
+        from .export import ordinary_mode
+
+        ordinary_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -130,6 +136,7 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
     return {
         "format": 1,
         "run_id": r.run_id,
+        "lineage": r.lineage["id"],
         "config": r.cfg.to_dict(),
         "family": r.family.name,
         "variant": r.comps.variant,

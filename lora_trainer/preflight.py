@@ -26,6 +26,7 @@ from .buckets import bucket_plan, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .model_probe import ModelProbe, probe_model
+from .run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
 from .preflight_model import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
                               _issue, _model_issue, _model_summary)
 
@@ -173,10 +174,35 @@ def _check_output(cfg: Any, errors: list, warnings: list) -> dict:
                                    hint="free space, lower checkpoints_total_limit, or choose another output_path"))
     except OSError:
         pass
+    holder = active_holder(out)
+    if holder is not None and holder.get("pid") != os.getpid():
+        info["in_use_by"] = holder
+        warnings.append(_issue("output_in_use", "output_path",
+                               f"{out} is in use by {describe(holder)}: training now would exit 8 (output_in_use)",
+                               hint="wait for that run to finish, or choose another output_path"))
     if info["final_lora_exists"] and not cfg.overwrite_output:
-        errors.append(_issue("output_exists", "overwrite_output", f"{final} already exists",
-                             hint="set overwrite_output to true, or choose another output_name"))
+        own = _own_checkpoint(cfg, final)
+        if own is not None:
+            info["final_lora_rewrite"] = {"checkpoint": str(own), "reason": "the LoRA is this run's (its lineage "
+                                          "matches the checkpoint's): the retry finishes the run and rewrites it"}
+        else:
+            errors.append(_issue("output_exists", "overwrite_output", f"{final} already exists (from another run)",
+                                 hint="set overwrite_output to true, or choose another output_name"))
     return info
+
+
+def _own_checkpoint(cfg: Any, final: Path) -> Path | None:
+    """The checkpoint a resume would load, when the existing final LoRA was written by the same run (lineage):
+    a retry of a run killed while exporting, or one extended with more steps. None otherwise."""
+    if cfg.resume is False or cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        complete = [p for _, p, ok in list_checkpoints(cfg.output_path) if ok]
+        folder = complete[-1] if complete else None
+    else:
+        folder = cfg.resolve(str(cfg.resume))
+    lineage = lora_lineage(final)
+    return folder if folder is not None and lineage and checkpoint_lineage(folder) == lineage else None
 
 
 # ---------------------------------------------------------------------------------- dataset

@@ -8,6 +8,8 @@ and is reported in the `resumed` event.
 from __future__ import annotations
 
 import random
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +41,14 @@ class TrainState:
     noise_gen: torch.Generator | None = None
     loss_ema: torch.Tensor | None = None
     loss_history: list = field(default_factory=list)
+    # Which run this is, across resumes: made at a fresh start, restored from checkpoints. The outputs record it, so
+    # a retry can tell its own finished LoRA (rewrite it, bitwise the same) from another run's (never overwrite);
+    # its times make the LoRA's metadata the same however often the run was resumed.
+    lineage: dict = field(default_factory=lambda: new_lineage())
+
+
+def new_lineage() -> dict:
+    return {"id": uuid.uuid4().hex, "started_at": time.time(), "finished_at": None}
 
 
 @dataclass
@@ -128,7 +138,7 @@ def save(run: CheckpointRun, reason: str) -> Path | None:
         files = {f"lora_{name}": state for name, state in states.items()}
         files["lora"] = run.tool_file(states)
         files["optimizer"] = {**opt_tensors, **sched_tensors, **rng_tensors}
-        json_files = {"progress": st.progress.to_json(), "run": run.identity,
+        json_files = {"progress": st.progress.to_json(), "run": run.identity, "lineage": st.lineage,
                       "history": {"loss": [list(p) for p in st.loss_history]},
                       "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel}}
         path = save_checkpoint(checkpoints_root(run.cfg), st.progress.global_step, files, json_files,
@@ -186,6 +196,8 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
     st.loss_ema.copy_(rng["loss_ema"].to(device))
     st.progress = TrainingProgress.from_json(js["progress"])
     st.loss_history = [tuple(p) for p in js.get("history", {}).get("loss", [])]
+    if isinstance(js.get("lineage"), dict) and js["lineage"].get("id"):  # older checkpoints lack it: a new lineage
+        st.lineage = dict(js["lineage"])
     if "max_train_steps" in changed or "num_epochs" in changed:
         # A new length must also move the schedule's end; the restored step count stays.
         last = st.lr_scheduler.last_epoch

@@ -37,6 +37,7 @@ log = logging.getLogger("train_lora")
 _FAULT_NAN_STEPS = {int(s) for s in os.environ.get("TRAIN_LORA_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _FAULT_OOM_STEP = int(os.environ.get("TRAIN_LORA_TEST_OOM_STEP", "0") or 0)
 _FAULT_SIGTERM_STEP = int(os.environ.get("TRAIN_LORA_TEST_SIGTERM_STEP", "0") or 0)  # as if `kill` came mid-step
+_FAULT_KILL_AFTER_EXPORT = os.environ.get("TRAIN_LORA_TEST_KILL_AFTER_EXPORT") == "1"  # SIGKILL before `completed`
 
 
 class Trainer:
@@ -97,6 +98,9 @@ class Trainer:
         self._attach_lora()
         self._build_optimizer()
         self.resumed_from = resume_mod.maybe_resume(self._checkpoint_run())
+        if self.resumed_from is not None:
+            self.last_saved = (self.progress.global_step, self.resumed_from)
+            self.last_loss = next((v for _, v in reversed(self.loss_history) if v is not None), None)
         if cfg.report_to != "none":
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
             self.accelerator.init_trackers("train_lora", config=flat)
@@ -443,7 +447,7 @@ class Trainer:
                                  device_info=self.device_info, world=self.world, started=self.started,
                                  images=self.images, scan=self.scan, resolution=self.resolution,
                                  bucketing=self.bucketing, samples_per_epoch=self.samples_per_epoch,
-                                 total_steps=self.total_steps)
+                                 total_steps=self.total_steps, lineage=self.state.lineage)
 
     def _checkpoint_run(self) -> CheckpointRun:
         from .optim import build_lr_scheduler
@@ -462,10 +466,17 @@ class Trainer:
 
     def save_final(self) -> None:
         self.events.set_phase("saving")
-        self.save_checkpoint("final")  # a finished run is resumable too, e.g. to extend it with more steps
+        lineage = self.state.lineage
+        if not (self.last_saved and self.last_saved[0] == self.progress.global_step and lineage["finished_at"]):
+            lineage["finished_at"] = time.time()
+            self.save_checkpoint("final")  # a finished run is resumable too, e.g. to extend it with more steps
+        # else a retry of a finished run (killed while exporting): its final checkpoint is this state, and the
+        # outputs are rewritten from it, bitwise as they were
         with self.stop.saving():
             paths = outputs.export_final(self._record(), modules=dict(self.lora_modules), progress=self.progress,
                                          last_loss=self.last_loss, is_main=self.is_main)
+            if _FAULT_KILL_AFTER_EXPORT:
+                os.kill(os.getpid(), signal.SIGKILL)
             self.accelerator.wait_for_everyone()
             paths.update(self._write_report("completed"))
         self.events.emit("completed", outputs=paths, steps=self.progress.global_step,
