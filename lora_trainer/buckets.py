@@ -18,6 +18,17 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 Shape = tuple[int, int]  # (width, height)
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 256, 2048
+
+
+def bucket_range(min_size: int | None, max_size: int | None, resolution: int) -> tuple[int, int]:
+    """The bucket side range, from the config's min/max_bucket_resolution. An unset bound is a default that follows
+    the explicit values: 256-2048 widened to hold the resolution (a 64 px run needs no min spelled out) and never
+    crossing the other bound; only two explicit bounds, or an explicit bound and resolution, can conflict."""
+    lo = min_size if min_size is not None else min(DEFAULT_MIN_SIZE, resolution,
+                                                   max_size if max_size is not None else resolution)
+    hi = max_size if max_size is not None else max(DEFAULT_MAX_SIZE, resolution, lo)
+    return lo, hi
 
 
 def make_buckets(resolution: int, min_size: int = 256, max_size: int = 2048, step: int = 64) -> list[Shape]:

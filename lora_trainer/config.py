@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .buckets import bucket_range
 from .errors import ConfigError
 
 
@@ -95,8 +96,8 @@ class TrainConfig:
     repeats: int = 1
     recursive: bool = True
     enable_bucketing: bool | None = None
-    min_bucket_resolution: int = 256
-    max_bucket_resolution: int = 2048
+    min_bucket_resolution: int | None = None  # None: buckets.bucket_range's default, which follows resolution
+    max_bucket_resolution: int | None = None
     random_crop: bool = False
     flip_aug: bool = False
     cache_latents: bool = True
@@ -328,10 +329,12 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
             problems.append(_problem("resolution", cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
                                      f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
         bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and cfg.model_type == "sdxl")
-        if bucketing and not (cfg.min_bucket_resolution <= cfg.resolution <= cfg.max_bucket_resolution):
+        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, cfg.resolution)
+        if bucketing and not (lo <= cfg.resolution <= hi):  # only an explicit bound can exclude it
             problems.append(_problem("resolution", cfg.resolution, "resolution lies outside the bucket range",
-                                     f"{cfg.min_bucket_resolution} to {cfg.max_bucket_resolution}"))
-    if cfg.min_bucket_resolution > cfg.max_bucket_resolution:
+                                     f"{lo} to {hi} (min_bucket_resolution / max_bucket_resolution)"))
+    if None not in (cfg.min_bucket_resolution, cfg.max_bucket_resolution) and \
+            cfg.min_bucket_resolution > cfg.max_bucket_resolution:
         problems.append(_problem("min_bucket_resolution", cfg.min_bucket_resolution,
                                  "min_bucket_resolution is larger than max_bucket_resolution",
                                  f"<= {cfg.max_bucket_resolution}"))

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from . import captions as cap
-from .buckets import make_buckets, nearest_bucket, upscale_factor
+from .buckets import bucket_range, make_buckets, nearest_bucket, upscale_factor
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 # Modes the trainer's loader (data.to_rgb) turns into 8-bit RGB; it rescales 16-bit and float modes
@@ -349,7 +349,8 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     buckets = None
     if bucketing:
         try:
-            buckets = make_buckets(resolution, cfg.min_bucket_resolution, cfg.max_bucket_resolution)
+            buckets = make_buckets(resolution, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution,
+                                                               resolution))
         except ValueError:
             buckets = None  # the config check reports impossible bucket settings; judge as square
     usable = tuple(r for r in records if r.usable)

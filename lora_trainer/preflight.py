@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .buckets import bucket_plan, make_buckets
+from .buckets import bucket_plan, bucket_range, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .model_probe import ModelProbe, probe_model
@@ -282,7 +282,8 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
     buckets = None
     if bucketing:
         try:
-            buckets = make_buckets(resolution, cfg.min_bucket_resolution, cfg.max_bucket_resolution)
+            buckets = make_buckets(resolution, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution,
+                                                               resolution))
         except ValueError as exc:
             errors.append(_issue("config_invalid", "resolution", f"no aspect-ratio buckets possible: {exc}"))
     info.update(_steps(cfg, scan, buckets))

@@ -20,6 +20,7 @@ import torch
 from . import __version__, outputs
 from . import resume as resume_mod
 from .resume import CheckpointRun, TrainState
+from .buckets import bucket_range
 from .config import TrainConfig
 from .data import (LatentCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
                    plan_epoch)
@@ -126,8 +127,8 @@ class Trainer:
         # "no usable image" is a preflight error: the scan's usable records are all that is left to train on.
         cfg, ev, scan = self.cfg, self.events, self.scan
         self.world = self.accelerator.num_processes
-        images = build_images(scan.usable, self.resolution, bucketing=self.bucketing,
-                              min_size=cfg.min_bucket_resolution, max_size=cfg.max_bucket_resolution)
+        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, self.resolution)
+        images = build_images(scan.usable, self.resolution, bucketing=self.bucketing, min_size=lo, max_size=hi)
         comps = self.comps
         self.latent_cache = None
         if cfg.cache_latents:
