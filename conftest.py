@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread in this process and every trainer it starts (they inherit it): two threads on two cores shared
+# with a neighbour wait on each other and a run gets many times slower, and a fixed count keeps CPU results the same
+# from run to run, which the bitwise resume tests compare. The trainer's own choice is tested in test_device.py.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @dataclass

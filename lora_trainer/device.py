@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,6 +52,55 @@ def resolve_device(device: str, mixed_precision: str) -> DeviceInfo:
                             "allowed": "\"no\", \"bf16\" or \"auto\" on the CPU"}])
     name = platform.processor() or platform.machine() or "cpu"
     return DeviceInfo("cpu", f"{name} ({os.cpu_count()} cores)", None, None, torch.__version__, None, precision)
+
+
+def _busy_cores(cores: list[int], window_s: float = 0.1) -> float | None:
+    """How many of ``cores`` other processes keep busy now: /proc/stat sampled over ``window_s`` (this process
+    sleeps meanwhile, so the figure is the neighbours'). None where /proc/stat is not available."""
+    def sample() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat", encoding="ascii") as fh:
+            for line in fh:
+                name, *vals = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                    ticks = [int(v) for v in vals]
+                    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+                    out[int(name[3:])] = (sum(ticks), idle)
+        return out
+
+    try:
+        first = sample()
+        time.sleep(window_s)
+        second = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for c, (total, idle) in second.items():
+        d_total, d_idle = total - first[c][0], idle - first[c][1]
+        busy += (1 - d_idle / d_total) if d_total > 0 else 0.0
+    return busy
+
+
+def choose_cpu_threads(requested: int | None, *, saved: int | None = None) -> dict:
+    """Set torch's intra-op thread count and say why. torch takes one thread per core; on cores shared with
+    another busy process its spinning threads wait on each other and a step gets up to 15x slower
+    (bench/RESULTS.md), so "auto" leaves the cores that others keep busy. Order: the config's cpu_threads, then
+    OMP_NUM_THREADS, then the count a resumed checkpoint was trained with (CPU kernels may reduce in another order
+    with another count, and a resume must end bitwise equal), then the idle cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    busy = None
+    if requested:
+        threads, source = requested, "config"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    elif saved:
+        threads, source = int(saved), "checkpoint"
+    else:
+        busy = _busy_cores(cores)
+        threads, source = max(1, len(cores) - round(busy or 0.0)), "auto"
+    torch.set_num_threads(threads)
+    return {"threads": torch.get_num_threads(), "cores": len(cores), "busy_cores": None if busy is None else
+            round(busy, 2), "source": source}
 
 
 def weight_dtype(precision: str) -> torch.dtype:

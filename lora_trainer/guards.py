@@ -34,9 +34,37 @@ class NonFiniteGuard:
                          details={"step": step, "skipped_total": self.total})
 
 
-def oom_error(exc: Exception, step: int, device: torch.device) -> OutOfMemoryError:
+# How allocators report exhaustion. CUDA: torch.cuda.OutOfMemoryError ("CUDA out of memory"); the host: MemoryError
+# from Python, numpy or PIL, and RuntimeErrors from torch's CPU allocator ("DefaultCPUAllocator: can't allocate
+# memory: you tried to allocate N bytes", newer torch "... not enough memory ...") or from other backends
+# ("MPS backend out of memory", "HIP out of memory").
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory",
+              "failed to allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXTS)
+
+
+def is_host_out_of_memory(exc: BaseException) -> bool:
+    """The host's memory ran out (not the GPU's): the remedies differ."""
+    text = str(exc).lower()
+    return is_out_of_memory(exc) and not isinstance(exc, torch.cuda.OutOfMemoryError) and "cuda" not in text \
+        and "hip" not in text and "mps" not in text
+
+
+def oom_error(exc: BaseException, step: int, device: torch.device) -> OutOfMemoryError:
+    first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:300] or type(exc).__name__
+    if is_host_out_of_memory(exc):
+        return OutOfMemoryError(
+            f"out of host memory at step {step}: {first_line}",
+            hint="lower batch_size or resolution, set cache_latents_to_disk and cache_text_embeddings_to_disk, "
+                 "lower dataloader_workers, or give the machine (or container) more RAM; the last checkpoint is intact",
+            details={"step": step, "memory": memory_stats(device), "where": "host"})
     return OutOfMemoryError(
-        f"out of memory at step {step}: {str(exc).splitlines()[0][:300]}",
+        f"out of memory at step {step}: {first_line}",
         hint="lower batch_size (raise gradient_accumulation_steps to keep the effective batch), turn on "
              "gradient_checkpointing, use optimizer adamw8bit, or lower resolution; the last checkpoint is intact",
-        details={"step": step, "memory": memory_stats(device)})
+        details={"step": step, "memory": memory_stats(device), "where": "gpu"})

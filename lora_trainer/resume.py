@@ -7,6 +7,7 @@ and is reported in the `resumed` event.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -25,9 +26,16 @@ from .lora import load_lora_state, lora_state
 MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
               "train_text_encoder", "use_dora", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
               "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents")
+# The rest of the recipe may change: the checkpoint stays valid, the following steps train differently, so each
+# change is listed in `resumed.changed` (noise, caption and dropout settings included: before, they changed the
+# run silently).
 MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
               "checkpointing_steps", "checkpoints_total_limit", "log_every_n_steps", "validation_steps",
-              "mixed_precision")
+              "mixed_precision", "noise_offset", "min_snr_gamma", "caption_dropout_rate", "shuffle_tags",
+              "keep_tokens", "lora_dropout", "weight_decay", "max_grad_norm", "flip_aug", "random_crop",
+              "flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
+              "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
+              "train_guidance_scale")
 
 
 @dataclass
@@ -84,6 +92,24 @@ def run_identity(cfg, *, family: str, prediction_type: str, dataset_fingerprint:
                  dataset_fingerprint=dataset_fingerprint, resolution=resolution, bucketing=bucketing,
                  world_size=world_size, mixed_precision=mixed_precision)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ident.items()}
+
+
+def saved_identity(resume_summary: dict | None) -> dict:
+    """The run identity stored in the checkpoint preflight picked to resume from ({} when starting fresh)."""
+    folder = (resume_summary or {}).get("checkpoint") if (resume_summary or {}).get("found") else None
+    try:
+        data = json.loads((Path(folder) / "run.json").read_text(encoding="utf-8")) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def compare_identity(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], dict[str, dict]]:
+    """(MUST_MATCH keys that differ: refused; MAY_CHANGE keys that differ: {"from", "to"}). A key an older
+    checkpoint did not record is neither (nothing to compare with)."""
+    mismatched = [k for k in MUST_MATCH if k in saved and saved[k] != now.get(k)]
+    changed = {k: {"from": saved[k], "to": now.get(k)} for k in MAY_CHANGE if k in saved and saved[k] != now.get(k)}
+    return mismatched, changed
 
 
 def _own_rng(run: CheckpointRun) -> list[torch.Tensor]:
@@ -171,13 +197,12 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
     st, device = run.state, run.accelerator.device
     tensors, js = load_checkpoint(path)
     saved, now = js["run"], run.identity
-    mismatched = [k for k in MUST_MATCH if k in saved and saved[k] != now.get(k)]
+    mismatched, changed = compare_identity(saved, now)
     if mismatched:
         raise ConfigError(f"checkpoint {path.name} was made with different settings: {', '.join(mismatched)}",
                           [{"path": k, "value": now.get(k), "message": f"checkpoint has {saved[k]!r}",
                             "allowed": f"{saved[k]!r} to resume, or resume: false to start over"} for k in mismatched],
                           hint="these settings must match to continue a run exactly")
-    changed = {k: {"from": saved.get(k), "to": now.get(k)} for k in MAY_CHANGE if saved.get(k) != now.get(k)}
     for name, module in run.modules.items():
         load_lora_state(module, {k: v.to(device) for k, v in tensors[f"lora_{name}"].items()})
     skel = js["state"]

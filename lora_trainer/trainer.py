@@ -24,10 +24,10 @@ from .buckets import bucket_range
 from .config import TrainConfig
 from .data import (LatentCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
                    plan_epoch)
-from .device import memory_stats, resolve_device, weight_dtype
+from .device import choose_cpu_threads, memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted
 from .events import EventStream
-from .guards import NonFiniteGuard, oom_error
+from .guards import NonFiniteGuard, is_out_of_memory, oom_error
 from .families import Components, get_family
 from .family_spec import objective_summary
 from .report import tracker_for
@@ -74,6 +74,8 @@ class Trainer:
         self.probe, self.scan = pre.probe, pre.scan
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
+        self.cpu_threads = choose_cpu_threads(
+            cfg.cpu_threads, saved=resume_mod.saved_identity(pre.summary.get("resume")).get("cpu_threads"))
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -113,6 +115,7 @@ class Trainer:
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
+                cpu_threads=self.cpu_threads,
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -458,6 +461,7 @@ class Trainer:
             cfg, family=self.family.name, prediction_type=self.comps.prediction_type,
             dataset_fingerprint=self.scan.fingerprint, resolution=self.resolution, bucketing=self.bucketing,
             world_size=self.world, mixed_precision=self.device_info.mixed_precision)
+        identity["cpu_threads"] = self.cpu_threads["threads"]  # what a resume reuses (device.choose_cpu_threads)
         return CheckpointRun(cfg=cfg, events=self.events, accelerator=self.accelerator, modules=dict(self.lora_modules),
                              state=self.state, identity=identity,
                              tool_file=lambda states: outputs.tool_file(self._record(), states),
