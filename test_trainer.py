@@ -3,6 +3,7 @@ events_schema.json (see tests/conftest.py), exit codes as documented."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,26 @@ def test_help_documents_flags_and_exit_codes():
     assert res.stdout == "", "help text goes to stderr: stdout carries events only"
     for flag in ("--config", "--validate-only", "--resume", "--debug", "--run-id", "--progress"):
         assert flag in res.stderr
-    for code, _, meaning in EXIT_CODES:
-        assert f"{code:>3}  {meaning}" in res.stderr
+    # The help's table must say what the README's does: the same exit codes, each with its error code. (Checking
+    # the help against EXIT_CODES, the list it is printed from, could not fail.)
+    helped = dict(re.findall(r"^ +(\d+)  (.+)$", res.stderr.split("exit codes:", 1)[1], re.M))
+    documented = _readme_exit_codes()
+    assert set(map(int, helped)) == set(documented), (sorted(helped), sorted(documented))
+    names = {int(code): name for code, name, _ in EXIT_CODES}
+    for code, name in documented.items():
+        assert names[code] == (name or "ok"), f"exit {code}: README says {name!r}, the code {names[code]!r}"
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    """exit code -> error `code` from the README's "Exit codes" table (130 / 143 share a row)."""
+    section = (ROOT / "README.md").read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    out: dict[int, str] = {}
+    for row in re.findall(r"^\| *([\d /]+?) *\| *([^|]*?) *\|", section, re.M):
+        name = row[1].strip("`") if row[1].startswith("`") else ("interrupted" if "interrupted" in row[1] else "")
+        for code in row[0].split("/"):
+            out[int(code)] = name
+    assert len(out) >= 10, out
+    return out
 
 
 def test_missing_config_flag_is_a_config_error():

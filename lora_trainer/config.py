@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,33 @@ SCHEMA_PATH = _find_schema("config_schema.json")
 REQUIRED = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
 DEFAULT_MAX_TRAIN_STEPS = 1000
-# Fields whose values name files or carry text that should never be echoed back as secrets.
-SECRET_MARKERS = ("token", "password", "secret", "api_key", "apikey")
+# Secrets are named exactly (hf_token, wandb_api_key, password, ...) or end in a secret suffix: a substring match
+# ("token" in the name) also hid counts such as keep_tokens in run_started, the manifest and the report.
+SECRET_KEYS = frozenset({"token", "hf_token", "hub_token", "api_key", "apikey", "wandb_api_key", "password",
+                         "secret", "access_token", "auth_token"})
+SECRET_SUFFIXES = ("_token", "_api_key", "_apikey", "_password", "_secret")
+# Values that are credentials whatever key holds them: Hugging Face tokens (hf_...), OpenAI-style keys (sk-...),
+# W&B keys (40 hex digits), and URLs with a password in them (https://user:pass@host).
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|[0-9a-f]{40})$")
+_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def is_secret_key(name: str) -> bool:
+    key = name.lower()
+    return key in SECRET_KEYS or key.endswith(SECRET_SUFFIXES)
+
+
+def redact(name: str, value: Any) -> Any:
+    """value, or REDACTED where the key names a secret or the value (or a list item) looks like a credential."""
+    if is_secret_key(name):
+        return REDACTED
+    if isinstance(value, str):
+        return REDACTED if SECRET_VALUE.match(value.strip()) or _URL_CREDENTIALS.match(value.strip()) else value
+    if isinstance(value, list):
+        return [redact("", v) for v in value]
+    return value
+
 
 _schema_cache: dict | None = None
 
@@ -149,7 +175,7 @@ class TrainConfig:
         return _resolve_path(value, self.base_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings (for events and the manifest); secret-looking keys are redacted."""
+        """JSON-ready settings (for events and the manifest); secrets are redacted (see redact)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name in ("explicit_keys", "config_path"):
@@ -159,9 +185,7 @@ class TrainConfig:
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            if any(m in f.name.lower() for m in SECRET_MARKERS):
-                value = "<redacted>"
-            out[f.name] = value
+            out[f.name] = redact(f.name, value)
         return out
 
 

@@ -68,9 +68,32 @@ def test_warnings_for_unused_settings(tmp_path):
 
 
 def test_secrets_redacted_in_to_dict(tmp_path):
-    cfg, _ = parse_config(BASE, base_dir=tmp_path)
+    token = "hf_" + "aB3" * 10  # the shape of a Hugging Face token, pasted where it does not belong
+    cfg, _ = parse_config({**BASE, "keep_tokens": 3, "max_sequence_length": 128, "validation_prompts": ["ohwx", token],
+                           "base_model_config": "https://user:s3cret@example.com/configs"}, base_dir=tmp_path)
     d = cfg.to_dict()
-    assert d["trigger_words"] == ["ohwx"] and json.dumps(d)
+    json.dumps(d)
+    assert d["validation_prompts"] == ["ohwx", "<redacted>"]
+    assert d["base_model_config"] == "<redacted>"
+    assert token not in json.dumps(d) and "s3cret" not in json.dumps(d)
+    # Counts and other settings whose names contain "token" are not secrets.
+    assert d["keep_tokens"] == 3 and d["max_sequence_length"] == 128 and d["trigger_words"] == ["ohwx"]
+    # With ordinary values, no setting at all is redacted.
+    plain = parse_config(BASE, base_dir=tmp_path)[0].to_dict()
+    assert "<redacted>" not in json.dumps(plain)
+    assert set(plain) == set(REQUIRED) | set(optional_fields())
+
+
+@pytest.mark.parametrize("name,secret", [
+    ("hf_token", True), ("HF_TOKEN", True), ("wandb_api_key", True), ("password", True), ("hub_token", True),
+    ("db_password", True), ("client_secret", True), ("api_key", True),
+    ("keep_tokens", False), ("max_sequence_length", False), ("tokenizer", False), ("secretary", False),
+    ("token_count", False), ("trigger_words", False)])
+def test_secret_key_names(name, secret):
+    from lora_trainer.config import is_secret_key, redact
+
+    assert is_secret_key(name) is secret
+    assert (redact(name, 5) == "<redacted>") is secret
 
 
 def test_load_config_importing_no_torch(tmp_path):
