@@ -26,6 +26,7 @@ from .buckets import bucket_plan, bucket_range, make_buckets
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .model_probe import ModelProbe, probe_model
+from .scan_index import ScanIndex
 from .run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
 from .preflight_model import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
                               _issue, _model_issue, _model_summary)
@@ -228,13 +229,13 @@ def _steps(cfg: Any, scan: DatasetScan, buckets: list | None) -> dict:
 
 
 def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
-                   verify: bool, deep: bool) -> tuple[dict, DatasetScan | None]:
+                   verify: bool, deep: bool, index: ScanIndex | None = None) -> tuple[dict, DatasetScan | None]:
     resolution, bucketing = resolve_training_shape(cfg, family, prediction)
     info: dict[str, Any] = {"path": str(cfg.dataset_path), "resolution": resolution, "bucketing": bucketing,
                             "resolution_source": "config" if cfg.resolution is not None else
                             (f"{family} default" if family else "assumed (model family unknown)")}
     try:
-        scan = scan_dataset(cfg, verify=verify, deep=deep, resolution=resolution, bucketing=bucketing)
+        scan = scan_dataset(cfg, verify=verify, deep=deep, resolution=resolution, bucketing=bucketing, index=index)
     except FileNotFoundError:
         errors.append(_issue("dataset_missing", "dataset_path", f"dataset folder {cfg.dataset_path} does not exist"))
         return info, None
@@ -244,7 +245,10 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
     info.update(images=len(scan.records), usable=len(scan.usable), bad=len(scan.bad),
                 without_caption=len(scan.without_caption), missing_trigger=len(scan.missing_trigger),
                 too_small=len(scan.too_small), samples_per_epoch=scan.samples_per_epoch,
-                folders=scan.folders, ignored_files=scan.ignored_files, fingerprint=scan.fingerprint)
+                folders=scan.folders, ignored_files=scan.ignored_files, fingerprint=scan.fingerprint,
+                index={"path": str(index.path) if index and index.path else None,
+                       "reused": index.hits if index else 0,
+                       "inspected": len(scan.records) - (index.hits if index else 0)})
     if not scan.records:
         hint = "images must be .png, .jpg, .jpeg, .webp or .bmp"
         if not cfg.recursive and any(p.is_dir() for p in Path(cfg.dataset_path).iterdir()):
@@ -312,7 +316,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
                                "v_prediction (stable-diffusion-2-1, 768 px)",
                                hint="set prediction_type to \"epsilon\" for a 512-base SD2 checkpoint, or to "
                                     "\"v_prediction\" to silence this"))
-    dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep)
+    index = ScanIndex.for_output(cfg.output_path, {"verify": verify, "deep": deep})
+    dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index)
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, errors, warnings)
@@ -325,6 +330,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
             cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
+    if output_info.get("writable"):
+        index.save()  # after the output checks, which report the folder as the user left it
 
     summary = {
         "dataset": dataset_info,
