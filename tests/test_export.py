@@ -14,6 +14,7 @@ peft >= 0.22, newer than the peft in this environment. ``get_peft_model_state_di
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -343,10 +344,44 @@ def test_hashes_match_written_file(exported):
     assert md["sshs_model_hash"] == hashlib.sha256(raw[8 + header:]).hexdigest()
     sd = safetensors.torch.load_file(path)
     ss_only = safetensors.torch.save(sd, {k: v for k, v in md.items() if k.startswith("ss_")})
-    assert md["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+    assert len(ss_only) < 0x100000, "this file is too small for the legacy hash: see the next test"
     first = next(iter(sd))
     sd[first] = sd[first] + 1
     assert ex.add_hashes(sd, md)["sshs_model_hash"] != md["sshs_model_hash"]
+
+
+def _sd_scripts_legacy_hash(buf: bytes) -> str:
+    """sd-scripts' addnet_hash_legacy: seek to 1 MiB, hash the next 64 KiB, first 8 hex digits."""
+    fh = io.BytesIO(buf)
+    fh.seek(0x100000)
+    window = fh.read(0x10000)
+    assert len(window) == 0x10000, "the window must lie inside the file, or both sides hash nothing"
+    return hashlib.sha256(window).hexdigest()[:8]
+
+
+def test_legacy_hash_of_a_file_past_the_window(tmp_path):
+    # A 1.5 MiB kohya file (one rank-96 module pair of a 4096-wide layer): the legacy hash reads real tensor bytes.
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    kohya = {f"{name}.lora_down.weight": torch.randn(96, 4096, generator=g).half(),
+             f"{name}.lora_up.weight": torch.randn(4096, 96, generator=g).half(), f"{name}.alpha": torch.tensor(96.0)}
+    md = {"ss_network_dim": "96", "ss_output_name": "big", "modelspec.title": "big"}
+    info = ex.export_lora(tmp_path, "big", "sdxl", {}, alpha=96, rank=96, unet_config=None, metadata=md, kohya=kohya)
+    raw = open(info["kohya_path"], "rb").read()
+    assert len(raw) > 0x110000
+    with safetensors.safe_open(info["kohya_path"], "pt") as f:
+        written = f.metadata()
+    sd = safetensors.torch.load_file(info["kohya_path"])
+    ss_only = safetensors.torch.save(sd, {k: v for k, v in written.items() if k.startswith("ss_")})
+    assert written["sshs_legacy_hash"] == _sd_scripts_legacy_hash(ss_only)
+    # The window holds tensor values: changing the element at 1 MiB + 256 changes the hash.
+    n = int.from_bytes(ss_only[:8], "little")
+    at = 0x100000 + 0x100 - 8 - n  # offset into the data section
+    key, (start, _) = next((k, v["data_offsets"]) for k, v in json.loads(ss_only[8:8 + n]).items()
+                           if k != "__metadata__" and v["data_offsets"][0] <= at < v["data_offsets"][1])
+    changed = sd[key].clone()
+    changed.view(-1)[(at - start) // changed.element_size()] += 1
+    assert ex.add_hashes({**sd, key: changed}, written)["sshs_legacy_hash"] != written["sshs_legacy_hash"]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e6])  # 1e6 overflows fp16 to Inf
