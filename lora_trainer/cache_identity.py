@@ -1,6 +1,6 @@
 """Identities and budgets for the text-embedding cache (text_cache.py): who encoded an entry (configs, sampled
 weights, tokenizers, weight-file headers; never the gigabytes themselves), how much memory may hold it, and where
-a cache of a given size goes."""
+a cache of a given size goes. The latent cache's VAE identity (data.model_key) is built from the same parts."""
 from __future__ import annotations
 
 import contextlib
@@ -76,6 +76,13 @@ def _weight_fingerprint(module, tensors: int = 8, samples: int = 512) -> dict:
         h.update(sample.view(torch.uint8).numpy().tobytes())
     out["samples_sha256"] = h.hexdigest()
     return out
+
+
+def module_identity(module) -> dict:
+    """Class, config (without its save path and versions) and sampled weight fingerprint of a loaded module: what
+    data.model_key keys the latent cache by (the VAE)."""
+    return {"class": f"{type(module).__module__}.{type(module).__qualname__}", "config": _config_dict(module),
+            "weights": _weight_fingerprint(module)}
 
 
 def _tokenizer_identity(tok) -> dict:

@@ -130,6 +130,7 @@ class TrainConfig:
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True
     cache_text_embeddings_to_disk: bool = False
+    cache_host_budget_gb: float | None = None  # None: text_cache.default_host_budget()
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
     # Flow-matching options: None takes the family's default (family_spec.FlowDefaults).

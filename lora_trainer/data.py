@@ -123,6 +123,13 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+def latent_bytes(vae_config, images: list[TrainImage]) -> int:
+    """The fp32 latents of ``images`` at their buckets (the cache's size), from the VAE's config alone."""
+    channels = int(getattr(vae_config, "latent_channels", 4))
+    factor = 2 ** (len(getattr(vae_config, "block_out_channels", (0, 0, 0, 0))) - 1)
+    return sum(channels * (img.bucket[0] // factor) * (img.bucket[1] // factor) * 4 for img in images)
+
+
 class LatentCache:
     """VAE latents computed once per image (at its bucket, with its crop fixed at cache time).
 
@@ -130,13 +137,25 @@ class LatentCache:
     entries and a changed image (or bucket, or model) is re-encoded.
     """
 
-    def __init__(self, disk_dir: Path | None, model_key: str):
+    def __init__(self, disk_dir: Path | None, model_key: str, *, spill: bool = False):
+        """``spill``: keep entries only on disk (``disk_dir``) and read each batch's from there, for a dataset
+        whose latents exceed the host memory budget (100,000 FLUX images at 1024 px are 100 GB)."""
+        if spill and disk_dir is None:
+            raise ValueError("a spilling latent cache needs a disk folder")
         self.disk_dir = disk_dir
         self.model_key = model_key
+        self.spill = spill
         self.latents: dict[int, torch.Tensor] = {}
         self.time_ids: dict[int, torch.Tensor] = {}
+        self.files: dict[int, Path] = {}  # spill mode: image index -> entry file
         self.hits = 0
         self.encoded = 0
+
+    def _keep(self, index: int, latents: torch.Tensor, time_ids: torch.Tensor, path: Path | None) -> None:
+        if self.spill and path is not None:
+            self.files[index] = path
+        else:
+            self.latents[index], self.time_ids[index] = latents, time_ids
 
     def to(self, device: torch.device) -> None:
         self.latents = {k: v.to(device) for k, v in self.latents.items()}
@@ -151,6 +170,8 @@ class LatentCache:
         (a step then needs no host-to-device copy, which from pageable memory synchronises the stream), else on
         the host, copied through pinned memory (see batch). An SDXL 1024 px latent is 256 KiB: a tenth of an 80 GiB
         card's free memory holds ~30,000 images. Returns "device" or "host"."""
+        if self.spill:
+            return "disk"
         if self.nbytes <= free_bytes // 10:
             self.to(device)
             return "device"
@@ -158,8 +179,15 @@ class LatentCache:
 
     def batch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's latents and time ids on ``device``."""
+        if self.spill:
+            from safetensors.torch import load_file
+
+            entries = {i: load_file(self.files[i]) for i in indices}
+            tables = ({i: e["latents"] for i, e in entries.items()}, {i: e["time_ids"] for i, e in entries.items()})
+        else:
+            tables = (self.latents, self.time_ids)
         out = []
-        for table in (self.latents, self.time_ids):
+        for table in tables:
             x = torch.stack([table[i] for i in indices])
             if x.device.type == "cpu" and device.type == "cuda":
                 # Staged through the caching host allocator's pinned memory, the copy is asynchronous; from
@@ -175,6 +203,7 @@ class LatentCache:
     def build(self, vae, images: list[TrainImage], *, device: torch.device, seed: int, random_crop: bool,
               batch_size: int, progress: Callable[[int, int], None]) -> list[tuple[TrainImage, str]]:
         """Fill the cache; returns the images whose pixels failed to decode (they are left out)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         todo: list[tuple[TrainImage, str | None]] = []
@@ -183,8 +212,14 @@ class LatentCache:
             path = self.disk_dir / f"{key}.safetensors" if key else None
             if path is not None and path.is_file():
                 try:
-                    t = load_file(path)
-                    self.latents[img.index], self.time_ids[img.index] = t["latents"], t["time_ids"]
+                    if self.spill:  # read at step time; here only its header, not 100 GB of latents
+                        with safe_open(str(path), "pt") as f:
+                            if set(f.keys()) != {"latents", "time_ids"}:
+                                raise ValueError("not a latent cache entry")
+                        self._keep(img.index, None, None, path)
+                    else:
+                        t = load_file(path)
+                        self._keep(img.index, t["latents"], t["time_ids"], path)
                     self.hits += 1
                     continue
                 except Exception:  # noqa: BLE001 - a damaged cache entry is simply recomputed
@@ -214,19 +249,36 @@ class LatentCache:
                     continue
                 lat = encode_latents(vae, torch.stack(pix)).float().cpu()
                 for (img, key), latent, tid in zip(chunk, lat, tids):
-                    self.latents[img.index], self.time_ids[img.index] = latent.contiguous(), tid
+                    final = None
                     if key and self.disk_dir is not None:
                         self.disk_dir.mkdir(parents=True, exist_ok=True)
                         tmp = self.disk_dir / f".{key}.{os.getpid()}.tmp"  # ranks may write the same entry
                         save_file({"latents": latent.contiguous(), "time_ids": tid}, str(tmp))
-                        tmp.replace(self.disk_dir / f"{key}.safetensors")
+                        final = self.disk_dir / f"{key}.safetensors"
+                        tmp.replace(final)
+                    self._keep(img.index, latent.contiguous(), tid, final)
                     self.encoded += 1
                 done += len(chunk)
                 progress(done, len(images))
         return failed
 
 
-def model_key(base_model: str, vae_config) -> str:
-    """Identity of the latent space: the cache is reused only for the same model and VAE configuration."""
-    vae_cfg = json.dumps(dict(vae_config), sort_keys=True, default=str)
-    return hashlib.sha256(f"{base_model}|{vae_cfg}".encode()).hexdigest()[:16]
+def model_key(base_model: str, vae, source: Path | str | None = None) -> str:
+    """Identity of the latent space, by content: the VAE's class and config, a sampled fingerprint of its loaded
+    weights, and its weight files on disk (size, safetensors header hash, mtime) when ``source`` (the model's
+    folder or single file) is known. A VAE replaced in the model folder (say a fixed fp16 SDXL VAE: the same
+    config, the same tensor names and shapes) then re-encodes instead of reusing stale latents; the path alone
+    would not change. Cheap: a few KiB of weights are read, never the files' contents."""
+    from .cache_identity import module_identity, weight_files_identity
+
+    files: dict = {}
+    if source is not None:
+        src = Path(source)
+        vae_files = src / "vae" if src.is_dir() else src  # a diffusers folder's vae/, or the single file itself
+        if vae_files.exists():
+            files = weight_files_identity(vae_files)
+            for f in sorted(vae_files.iterdir()) if vae_files.is_dir() else [vae_files]:
+                if f.is_file():  # the header hash misses re-saved values of the same shapes: add the mtime
+                    files.setdefault(f"mtime/{f.name}", f.stat().st_mtime_ns)
+    payload = {"base_model": base_model, "vae": module_identity(vae), "files": files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

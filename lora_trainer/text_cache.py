@@ -410,6 +410,13 @@ class TextCache:
         return out
 
 
+def host_budget(cfg, world: int) -> int:
+    """Bytes of host memory one cache may hold in this process: cache_host_budget_gb, else the default share."""
+    if cfg.cache_host_budget_gb is not None:
+        return int(cfg.cache_host_budget_gb * GIB)
+    return default_host_budget(share=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
 def build_run_cache(cfg, family, comps, images, *, device: torch.device, world: int, source: Path | None,
                     events) -> TextCache:
     """The training run's cache: every image's built caption, "" with caption dropout, and (for families that
@@ -434,7 +441,7 @@ def build_run_cache(cfg, family, comps, images, *, device: torch.device, world: 
         encoder_identity(family, comps, {"weight_files": files}),
         disk_dir=cfg.output_path / "cache" / "text_embeddings", persist=cfg.cache_text_embeddings_to_disk,
         free_device_bytes=torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None,
-        host_budget_bytes=default_host_budget(share=int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        host_budget_bytes=host_budget(cfg, world))
     plan = cache.build(family, comps, captions, device=device, batch_size=16,
                        progress=lambda n, t: events.emit("progress", phase="caching_text", current=n, total=t,
                                                          unit="captions"))

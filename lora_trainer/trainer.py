@@ -115,7 +115,7 @@ class Trainer:
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
-                cpu_threads=self.cpu_threads,
+                cpu_threads=self.cpu_threads, latent_cache=self.latent_plan,
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -133,12 +133,15 @@ class Trainer:
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, self.resolution)
         images = build_images(scan.usable, self.resolution, bucketing=self.bucketing, min_size=lo, max_size=hi)
         comps = self.comps
-        self.latent_cache = None
+        self.latent_cache = self.latent_plan = None
         if cfg.cache_latents:
             ev.set_phase("caching_latents")
             ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} image(s) with the VAE")
-            disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
-            self.latent_cache = LatentCache(disk, model_key(cfg.base_model, comps.vae.config))
+            self.latent_plan = self._latent_plan(images)
+            spill = self.latent_plan["placement"] == "disk"
+            disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk or spill else None
+            self.latent_cache = LatentCache(disk, model_key(cfg.base_model, comps.vae,
+                                                            self.downloaded or self.probe.path), spill=spill)
             comps.vae.to(self.device)
             failed = self.latent_cache.build(
                 comps.vae, images, device=self.device, seed=cfg.seed, random_crop=cfg.random_crop,
@@ -146,7 +149,10 @@ class Trainer:
                 progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n, total=t, unit="images"))
             comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the denoiser
             if self.device.type == "cuda":
-                self.latent_cache.place(self.device, torch.cuda.mem_get_info(self.device)[0])
+                self.latent_plan["placement"] = self.latent_cache.place(self.device,
+                                                                        torch.cuda.mem_get_info(self.device)[0])
+            elif not spill:
+                self.latent_plan["placement"] = "host"
             ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
                     message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
         else:
@@ -182,6 +188,16 @@ class Trainer:
                 te.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _latent_plan(self, images) -> dict:
+        from .data import latent_bytes
+        from .text_cache import host_budget
+
+        total, budget = latent_bytes(self.comps.vae.config, images), host_budget(self.cfg, self.world)
+        placement = "disk" if total > budget else "memory"
+        return {"placement": placement, "total_bytes": total, "host_budget_bytes": budget,
+                "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if total > budget else 'fit'} the host "
+                          f"budget of {budget / 2**20:.1f} MiB" + (": read from disk per step" if total > budget else "")}
 
     def _cache_text(self) -> None:
         from .text_cache import build_run_cache
@@ -294,10 +310,13 @@ class Trainer:
                 if prog.batch_in_epoch >= len(mine):
                     prog.epoch += 1
                     prog.batch_in_epoch = 0
-        except torch.cuda.OutOfMemoryError as exc:
-            raise oom_error(exc, prog.global_step + 1, self.device) from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
+        except Interrupted:
+            # Only rank 0 writes events: every rank logs (stderr) where it stopped, so that "all ranks stop at the
+            # same step" can be checked from outside.
+            log.info("rank %d stopped after step %d", self.accelerator.process_index, prog.global_step)
+            raise
+        except (RuntimeError, MemoryError) as exc:  # CUDA's OutOfMemoryError is a RuntimeError
+            if is_out_of_memory(exc):  # GPU or host allocator (guards.py)
                 raise oom_error(exc, prog.global_step + 1, self.device) from None
             raise
         finally:
