@@ -67,8 +67,20 @@ class EventStream:
         self._heartbeat: threading.Thread | None = None
         self._stop_heartbeat = threading.Event()
         self.phase = "starting"
+        self._progress_start: dict[str, tuple[float, int]] = {}  # phase -> (time, current) of its first event
+
+    def _eta(self, fields: dict) -> float | None:
+        """Seconds left in a progress phase, from its average rate since the phase's first progress event."""
+        phase, current, total = fields.get("phase"), fields.get("current"), fields.get("total")
+        now = time.monotonic()
+        t0, c0 = self._progress_start.setdefault(phase, (now, current or 0))
+        if not total or current is None or current <= c0 or now <= t0:
+            return None
+        return round((total - current) * (now - t0) / (current - c0), 1)
 
     def emit(self, type_: str, **fields: Any) -> dict:
+        if type_ == "progress" and "eta_s" not in fields:
+            fields["eta_s"] = self._eta(fields)
         with self._lock:
             self._seq += 1
             event = {"type": type_, "schema_version": SCHEMA_VERSION, "run_id": self.run_id,
