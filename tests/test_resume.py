@@ -133,3 +133,93 @@ def test_stop_on_a_checkpoint_step_saves_once(tmp_path, tiny_models, dataset):
     assert inter["step"] == 3 and inter["checkpoint"] == ckpts[0]["path"]
     resumed = run_cli("--config", str(cfg), "--resume")
     assert resumed.returncode == 0 and resumed.last("resumed")["step"] == 3
+
+
+# A value other than the default for every MUST_MATCH key: a key added to MUST_MATCH without one fails the test.
+_OTHER = {"base_model": "org/other-model", "lora_rank": 8, "lora_alpha": 3.0, "target_modules": ("to_q",),
+          "text_encoder_target_modules": ("q_proj",), "train_text_encoder": True, "use_dora": True, "batch_size": 2,
+          "gradient_accumulation_steps": 2, "seed": 7, "optimizer": "adafactor", "cache_latents": False,
+          # set by the trainer, not the config:
+          "family": "sdxl", "prediction_type": "v_prediction", "dataset_fingerprint": "another dataset",
+          "resolution": 128, "bucketing": True, "world_size": 2}
+
+
+def _identity(cfg, **run):
+    from lora_trainer.resume import run_identity
+
+    base = dict(family="sd15", prediction_type="epsilon", dataset_fingerprint="fp", resolution=64, bucketing=False,
+                world_size=1, mixed_precision="no")
+    return run_identity(cfg, **{**base, **run})
+
+
+def test_every_must_match_setting_is_refused_alone(tmp_path):
+    """Each MUST_MATCH key, changed alone, is the one refusal; run_identity really takes it from its source."""
+    import dataclasses
+
+    from lora_trainer.config import parse_config
+    from lora_trainer.resume import MUST_MATCH, compare_identity
+
+    assert set(_OTHER) == set(MUST_MATCH)
+    cfg, _ = parse_config({"dataset_path": "d", "base_model": "org/model", "output_path": "o",
+                           "trigger_words": ["ohwx"], "lora_alpha": 16}, base_dir=tmp_path)  # alpha not = rank
+    saved = _identity(cfg)
+    from_trainer = {"family", "prediction_type", "dataset_fingerprint", "resolution", "bucketing", "world_size"}
+    for key, value in _OTHER.items():
+        if key in from_trainer:  # resolved by the trainer (resolution, prediction_type: not the config's "auto")
+            now = _identity(cfg, **{key: value})
+        else:
+            now = _identity(dataclasses.replace(cfg, **{key: value}))
+        assert compare_identity(saved, now) == ([key], {}), key
+
+
+def test_recipe_changes_on_resume_are_listed_not_refused(tmp_path):
+    """noise_offset, caption_dropout_rate and lora_dropout change what the next steps do, not what the checkpoint
+    holds: allowed, like the learning rate, and listed in `resumed.changed` (they used to change silently)."""
+    import dataclasses
+
+    from lora_trainer.config import parse_config
+    from lora_trainer.resume import compare_identity
+
+    cfg, _ = parse_config({"dataset_path": "d", "base_model": "org/model", "output_path": "o",
+                           "trigger_words": ["ohwx"]}, base_dir=tmp_path)
+    saved = _identity(cfg)
+    new = dict(noise_offset=0.1, caption_dropout_rate=0.5, lora_dropout=0.2, min_snr_gamma=5.0, keep_tokens=2)
+    mismatched, changed = compare_identity(saved, _identity(dataclasses.replace(cfg, **new)))
+    assert mismatched == [] and changed == {k: {"from": getattr(cfg, k), "to": v} for k, v in new.items()}
+    # A checkpoint from before these were recorded lists nothing for them (no "from None").
+    old = {k: v for k, v in saved.items() if k not in new}
+    assert compare_identity(old, _identity(dataclasses.replace(cfg, **new))) == ([], {})
+
+
+def test_resume_refuses_every_changed_setting_at_once_then_lists_recipe_changes(tmp_path, tiny_models, dataset):
+    import shutil
+
+    from PIL import Image
+
+    common = dict(max_train_steps=2, checkpointing_steps=2, min_bucket_resolution=64)
+    assert run_cli("--config", str(_config(tmp_path, tiny_models["sd15"], dataset, "run", **common))).returncode == 0
+    # Another copy of the model, a dataset with one more image and eleven other settings: one refusal names all.
+    model = tmp_path / "model_copy"
+    shutil.copytree(tiny_models["sd15"], model)
+    data = tmp_path / "data_more"
+    shutil.copytree(dataset, data)
+    Image.new("RGB", (64, 64), (200, 20, 20)).save(data / "extra.png")
+    other = dict(seed=9, batch_size=1, gradient_accumulation_steps=2, resolution=128, optimizer="adafactor",
+                 target_modules=["to_q", "to_v"], lora_alpha=2, use_dora=True, train_text_encoder=True,
+                 cache_latents=False, enable_bucketing=True)
+    res = run_cli("--config", str(_config(tmp_path, model, data, "run", **common, **other, resume="auto",
+                                          overwrite_output=True)))
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = res.last("error")
+    assert {p["path"] for p in err["details"]["problems"]} == {
+        "base_model", "dataset_fingerprint", "seed", "batch_size", "gradient_accumulation_steps", "resolution",
+        "optimizer", "target_modules", "lora_alpha", "use_dora", "train_text_encoder", "cache_latents", "bucketing"}
+    assert not res.of_type("step")
+    # The same run with only recipe settings changed continues, and says what changed.
+    recipe = dict(noise_offset=0.1, caption_dropout_rate=0.5, lora_dropout=0.2)
+    res = run_cli("--config", str(_config(tmp_path, tiny_models["sd15"], dataset, "run", **{**common, "max_train_steps": 3},
+                                          **recipe, resume="auto", overwrite_output=True)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.last("resumed")["changed"] == {
+        "max_train_steps": {"from": 2, "to": 3}, "noise_offset": {"from": 0.05, "to": 0.1},
+        "caption_dropout_rate": {"from": 0.2, "to": 0.5}, "lora_dropout": {"from": 0.1, "to": 0.2}}

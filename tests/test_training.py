@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from _helpers import assert_report, probe_env, probe_records
 from conftest import lora_deltas, run_cli, write_config
 
 
@@ -46,6 +47,10 @@ def test_train_export_and_load_in_diffusers(tmp_path, tiny_models, dataset, fami
     assert lora == out / "lora.safetensors" and lora.is_file() and peft_file.is_file()
     manifest = json.loads((out / "training_manifest.json").read_text())
     assert manifest["steps"] == 4 and manifest["family"] == family and manifest["versions"]["torch"]
+    assert manifest["config"]["keep_tokens"] == 1 and started["config"]["keep_tokens"] == 1  # not "<redacted>"
+    assert Path(done["outputs"]["report"]) == out / "report.html"
+    assert Path(done["outputs"]["loss_curve"]) == out / "loss_curve.png"
+    assert_report(out, status="completed", step=4, total_steps=4)
 
     with safe_open(str(lora), "pt") as f:
         meta = f.metadata()
@@ -113,20 +118,34 @@ def test_lora_learns_the_image(tmp_path, tiny_models):
 
 
 def test_latent_cache_reused_and_invalidated(tmp_path, tiny_models, dataset):
-    from PIL import Image
+    import shutil
 
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"  # a copy: its VAE is replaced below
+    shutil.copytree(tiny_models["sd15"], model)
     params = dict(cache_latents_to_disk=True, max_train_steps=1, overwrite_output=True)
-    first, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
-    cache = [e for e in first.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
-    assert (cache["reused"], cache["encoded"]) == (0, 4)
-    second, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
-    cache = [e for e in second.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
-    assert (cache["reused"], cache["encoded"]) == (4, 0)
+
+    def cache_use(res):
+        cache = [e for e in res.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
+        return cache["reused"], cache["encoded"]
+
+    first, _ = _train(tmp_path, model, dataset, **params)
+    assert cache_use(first) == (0, 4)
+    second, _ = _train(tmp_path, model, dataset, **params)
+    assert cache_use(second) == (4, 0)
     img = next(p for p in sorted(dataset.iterdir()) if p.suffix == ".png")
     Image.new("RGB", (64, 64), (10, 200, 30)).save(img)
-    third, _ = _train(tmp_path, tiny_models["sd15"], dataset, **params)
-    cache = [e for e in third.events if e["type"] == "status" and e["phase"] == "latent_cache"][-1]
-    assert (cache["reused"], cache["encoded"]) == (3, 1)
+    third, _ = _train(tmp_path, model, dataset, **params)
+    assert cache_use(third) == (3, 1)
+    # A different VAE in the same folder (users swap in e.g. a fixed fp16 SDXL VAE): same config, tensor names,
+    # shapes, dtypes and file size, other values. Every latent is stale and must be encoded again.
+    vae_file = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(vae_file)
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in weights.items()}, str(vae_file))
+    fourth, _ = _train(tmp_path, model, dataset, **params)
+    assert cache_use(fourth) == (0, 4)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -147,21 +166,17 @@ def test_text_encoder_lora_exported_and_loadable(tmp_path, tiny_models, dataset,
     assert n_te > 0, "text-encoder LoRA layers must be injected by diffusers"
 
 
-def test_report_loss_curve_and_tensorboard(tmp_path, tiny_models, dataset):
+def test_report_samples_and_tensorboard(tmp_path, tiny_models, dataset):
+    # The report and loss curve themselves are checked without TensorBoard (test_train_export_and_load_in_diffusers,
+    # and on interruption in test_safety); this needs its logs.
     pytest.importorskip("tensorboard")
-    from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     res, out = _train(tmp_path, tiny_models["sd15"], dataset, max_train_steps=3, report_to="tensorboard",
                       validation_steps=3, validation_inference_steps=2)
-    outputs = res.last("completed")["outputs"]
-    png, report = Path(outputs["loss_curve"]), Path(outputs["report"])
-    with Image.open(png) as im:
-        assert im.size == (800, 400)
-        # the curve is drawn: some pixels are the EMA line's blue
-        assert any(px == (20, 80, 200) for px in im.convert("RGB").getdata())
-    text = report.read_text()
-    assert "data:image/png;base64," in text and "lora.safetensors" in text and "step-000003" in text
+    assert_report(out, status="completed", step=3, total_steps=3)
+    text = (out / "report.html").read_text()
+    assert "lora.safetensors" in text and "<figcaption>step-000003</figcaption>" in text
     runs = list((out / "logs").rglob("events.out.tfevents.*"))
     assert runs, "no TensorBoard event file"
     acc = EventAccumulator(str(runs[0].parent))
@@ -224,3 +239,67 @@ def test_bf16_on_the_cpu_trains_and_warns(tmp_path, tiny_models, dataset):
     assert all(e["loss"] is not None for e in res.of_type("step"))
     lora = load_file(out / "lora.safetensors")
     assert lora and all(torch.isfinite(t.float()).all() for t in lora.values())
+
+
+def test_uncached_multi_bucket_run_with_augmentations_and_a_schedule(tmp_path, tiny_models):
+    """One run with what the cached runs never use: latents encoded per step (cache_latents false), several
+    aspect-ratio buckets in batches of two, flips, random crops, caption dropout, tag shuffling, warm-up and a
+    cosine schedule. The probe (tests/_helpers.py) records what each step really got."""
+    import math
+
+    from lora_trainer.tiny import make_dataset
+
+    # 2 images each: exactly a 128x128, 192x64 or 64x192 bucket, or 160x128 (bucket 128x128, 32 px to crop).
+    data = Path(make_dataset(tmp_path / "data", n=8, sizes=[(128, 128), (192, 64), (64, 192), (160, 128)]))
+    for i, caption in enumerate(sorted(data.glob("*.txt"))):
+        caption.write_text(f"ohwx, shape {i}, red, blue background, soft light")
+    probe = tmp_path / "probe"
+    cfg = {"dataset_path": str(data), "base_model": str(tiny_models["sd15"]), "output_path": str(tmp_path / "out"),
+           "trigger_words": ["ohwx"], "resolution": 128, "enable_bucketing": True, "min_bucket_resolution": 64,
+           "batch_size": 2, "max_train_steps": 8, "log_every_n_steps": 1, "lora_rank": 4, "learning_rate": 1e-3,
+           "cache_latents": False, "flip_aug": True, "random_crop": True, "caption_dropout_rate": 0.3,
+           "shuffle_tags": True, "keep_tokens": 1, "lr_scheduler": "cosine", "lr_warmup_steps": 3}
+    res = run_cli("--config", str(write_config(tmp_path / "c.json", **cfg)), env=probe_env(probe))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.last("run_started")["bucketing"] is True and res.last("completed")["steps"] == 8
+    (rec,) = probe_records(probe)
+
+    # Buckets: each batch is one bucket (the tensors stack), three buckets, batches of two.
+    assert all(len({tuple(b) for b in batch["buckets"]}) == 1 for batch in rec["batches"])
+    assert {tuple(batch["buckets"][0]) for batch in rec["batches"]} == {(128, 128), (192, 64), (64, 192)}
+    assert {len(batch["batch"]) for batch in rec["batches"]} == {2}
+    assert {tuple(p["shape"]) for p in rec["pixels"]} == {(3, 128, 128), (3, 64, 192), (3, 192, 64)}
+
+    # Flips happen, for real: a flipped exact-fit image's left column is its unflipped right column.
+    by_image: dict[str, list[dict]] = {}
+    for p in rec["pixels"]:
+        by_image.setdefault(p["rel"], []).append(p)
+    flips = [p["flip"] for p in rec["pixels"]]
+    assert any(flips) and not all(flips)
+    mirrored = [(a, b) for loads in by_image.values() for a in loads for b in loads
+                if a["flip"] and not b["flip"] and a["crop"] == b["crop"]]
+    assert mirrored and all(abs(a["left"] - b["right"]) < 1e-3 * max(1.0, abs(b["right"])) for a, b in mirrored)
+    # Random crops: the 160x128 images are cropped at more than one offset; exact fits never are.
+    wide = [p for p in rec["pixels"] if p["rel"].startswith(("img_0003", "img_0007"))]
+    assert len({tuple(p["crop"]) for p in wide}) > 1, wide
+    assert all(p["crop"] == [0, 0] for p in rec["pixels"] if p not in wide)
+
+    # Caption dropout and tag shuffling: some captions are empty; the same tags come in more than one order,
+    # the trigger (keep_tokens 1) always first.
+    captions = rec["captions"]
+    assert "" in captions and any(captions)
+    kept = [c for c in captions if c]
+    assert all(c.startswith("ohwx, ") for c in kept)
+    orders: dict[tuple, set] = {}
+    for c in kept:
+        orders.setdefault(tuple(sorted(c.split(", "))), set()).add(c)
+    assert any(len(o) > 1 for o in orders.values()), kept
+
+    # Warm-up then cosine decay, as diffusers' schedule defines it, step by step.
+    def factor(s: int) -> float:
+        return s / 3 if s < 3 else 0.5 * (1 + math.cos(math.pi * (s - 3) / (8 - 3)))
+
+    lrs = [(e["step"], e["lr"]) for e in res.of_type("step")]
+    assert [s for s, _ in lrs] == list(range(1, 9))
+    for s, lr in lrs:
+        assert lr == pytest.approx(1e-3 * factor(s), rel=1e-6, abs=1e-12), (s, lr)
