@@ -16,10 +16,9 @@ from typing import Any
 import torch
 
 FORMAT = "1"  # bump when the entry layout or the key derivation changes: old files then simply miss
-GIB = 1024 ** 3
-DEFAULT_DEVICE_FRACTION = 0.1
-DEFAULT_HOST_FRACTION = 0.25
-DEFAULT_HOST_CAP = 16 * GIB
+# Budgets and placement are torch-free (preflight plans the caches too); re-exported here for the cache's users.
+from .cache_plan import (DEFAULT_DEVICE_FRACTION, DEFAULT_HOST_CAP, DEFAULT_HOST_FRACTION, GIB,  # noqa: E402,F401
+                         available_host_bytes, choose_placement, default_host_budget, estimate_bytes_per_entry)
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_diffusers_version", "_commit_hash",
                          "dtype", "torch_dtype", "_use_default_values"}
@@ -171,90 +170,6 @@ def weight_files_identity(*paths: os.PathLike | str) -> dict[str, Any]:
             else:
                 out[label] = [st.st_size, st.st_mtime_ns]
     return out
-
-
-# ------------------------------------------------------------------------------------------------ budgets
-def _cgroup_available() -> int | None:
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            raw = Path(limit_file).read_text().strip()
-            if raw == "max":
-                return None
-            limit, usage = int(raw), int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit >= 1 << 60:  # cgroup v1's "unlimited"
-            return None
-        return max(0, limit - usage)
-    return None
-
-
-def available_host_bytes() -> int | None:
-    """Memory a new allocation can get without swapping: MemAvailable (else free pages), bounded by the
-    container's cgroup limit when there is one. None when unknown."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = None
-    cg = _cgroup_available()
-    if cg is not None:
-        avail = cg if avail is None else min(avail, cg)
-    return avail
-
-
-def default_host_budget(fraction: float = DEFAULT_HOST_FRACTION, cap: int = DEFAULT_HOST_CAP, share: int = 1) -> int:
-    """``fraction`` of the available RAM, at most ``cap``, divided by ``share`` (the processes on this machine:
-    each rank holds its own cache). 2 GiB / share when the available memory is unknown."""
-    avail = available_host_bytes()
-    budget = min(cap, 2 * GIB) if avail is None else min(cap, int(avail * fraction))
-    return budget // max(1, share)
-
-
-def estimate_bytes_per_entry(family: str, *, max_sequence_length: int | None = None, dtype_bytes: int = 2) -> int:
-    """An entry's size for the real models, from shapes alone (for preflight, before anything is loaded):
-    SD1.x [77, 768]; SD2.x [77, 1024]; SDXL [77, 2048] + pooled 1280; FLUX.1 [L, 4096] + pooled 768 (L 512 dev,
-    256 schnell); SD3 [77 + L, 4096] + pooled 2048 (L 256)."""
-    if family == "sd15":
-        n = 77 * 768
-    elif family == "sd2":
-        n = 77 * 1024
-    elif family == "sdxl":
-        n = 77 * 2048 + 1280
-    elif family == "flux1":
-        n = (max_sequence_length or 512) * 4096 + 768
-    elif family == "sd3":
-        n = (77 + (max_sequence_length or 256)) * 4096 + 2048
-    else:
-        raise ValueError(f"unknown family {family!r}")
-    return n * dtype_bytes
-
-
-def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_budget_bytes: int,
-                     to_disk: bool = False) -> tuple[str, str]:
-    """("device" | "host" | "disk", why). ``device_budget_bytes`` is device_fraction x the accelerator's free
-    memory, None without a CUDA device."""
-    mib = total_bytes / 1024 ** 2
-    if to_disk:
-        return "disk", "requested (to_disk)"
-    if device_budget_bytes is not None and total_bytes <= device_budget_bytes:
-        return "device", f"{mib:.1f} MiB fits the device budget ({device_budget_bytes / 1024 ** 2:.1f} MiB)"
-    if total_bytes <= host_budget_bytes:
-        why = f"{mib:.1f} MiB fits the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
-        if device_budget_bytes is not None:
-            why += f" but not the device budget ({device_budget_bytes / 1024 ** 2:.1f} MiB)"
-        return "host", why
-    return "disk", f"{mib:.1f} MiB exceeds the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
 
 
 # ------------------------------------------------------------------------------------------------ entry files

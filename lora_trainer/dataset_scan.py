@@ -329,11 +329,18 @@ def _inspect_all(jobs: list, *, verify: bool, deep: bool, workers: int | None) -
     size = max(200, len(jobs) // (workers * 8))  # several chunks per worker: a slow folder does not stall one
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     # spawn, not fork: the trainer has a heartbeat thread running, and forking a threaded process is unsafe.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        out: list = []
-        for part in pool.map(_inspect_chunk, chunks, [verify] * len(chunks), [deep] * len(chunks)):
-            out.extend(part)
-    return out
+    from concurrent.futures.process import BrokenProcessPool
+
+    out: list = []
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for part in pool.map(_inspect_chunk, chunks, [verify] * len(chunks), [deep] * len(chunks)):
+                out.extend(part)
+        return out
+    except (BrokenProcessPool, OSError):
+        # A worker could not start (e.g. __main__ is a script spawn cannot re-import, like `python -`): one
+        # process does the same work.
+        return _inspect_chunk(jobs, verify, deep)
 
 
 def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolution: int | None = None,

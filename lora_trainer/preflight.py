@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .buckets import bucket_plan, bucket_range, make_buckets
+from .buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
+from .cache_plan import plan_caches
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .model_probe import ModelProbe, probe_model
@@ -298,6 +299,21 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
 
 # ---------------------------------------------------------------------------------- entry point
 
+def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict) -> dict | None:
+    from .captions import build_caption
+
+    if scan is None or not scan.usable:
+        return None
+    res = info["resolution"]
+    buckets = make_buckets(res, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)) \
+        if info["bucketing"] else None
+    shapes = [nearest_bucket(r.width, r.height, buckets) if buckets else (res, res) for r in scan.usable]
+    built: dict = {}  # datasets repeat captions: build each distinct one once
+    captions = [built[r.caption] if r.caption in built else built.setdefault(
+        r.caption, build_caption(r.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words)) for r in scan.usable]
+    return plan_caches(cfg, family, shapes, captions)
+
+
 def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: bool = True,
                   deep: bool = False) -> PreflightResult:
     """Run every check; never raises for a problem with the inputs (they are reported instead)."""
@@ -330,6 +346,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
             cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
+    caches = _plan_caches(cfg, family, scan, dataset_info)
     if output_info.get("writable"):
         index.save()  # after the output checks, which report the folder as the user left it
 
@@ -339,6 +356,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
                   **({"objective": objective_info} if objective_info else {})},
         "output": output_info,
         "resume": resume_info,
+        "caches": caches,
         "duration_s": round(time.perf_counter() - t0, 3),
     }
     return PreflightResult(ok=not errors, errors=errors, warnings=warnings, summary=summary, scan=scan, probe=probe)

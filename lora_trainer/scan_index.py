@@ -22,11 +22,16 @@ from PIL import __version__ as PIL_VERSION
 log = logging.getLogger("train_lora")
 
 INDEX_NAME = "dataset_index.json"
-VERSION = 1
+VERSION = 2
 
 
 def identity(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _key(ident: list[int]) -> str:
+    # One string, not four 19-digit JSON numbers: parsing the index of 100,000 files was 40% of a rerun.
+    return "%d:%d:%d:%d" % tuple(ident)
 
 
 class ScanIndex:
@@ -60,7 +65,7 @@ class ScanIndex:
 
     def image(self, rel: str, ident: list[int]):
         entry = self.images.get(rel)
-        if entry is not None and entry[0] == ident:
+        if entry is not None and entry[0] == _key(ident):
             self.hits += 1
             self.fresh_images[rel] = entry
             return entry[1]
@@ -68,16 +73,16 @@ class ScanIndex:
 
     def caption(self, rel: str, ident: list[int]):
         entry = self.captions.get(rel)
-        if entry is not None and entry[0] == ident:
+        if entry is not None and entry[0] == _key(ident):
             self.fresh_captions[rel] = entry
             return entry[1], entry[2]
         return None
 
     def put_image(self, rel: str, ident: list[int], result) -> None:
-        self.fresh_images[rel] = [ident, list(result)]
+        self.fresh_images[rel] = [_key(ident), list(result)]
 
     def put_caption(self, rel: str, ident: list[int], text: str | None, warning: str | None) -> None:
-        self.fresh_captions[rel] = [ident, text, warning]
+        self.fresh_captions[rel] = [_key(ident), text, warning]
 
     def save(self) -> None:
         """Write what this scan saw (files gone since are dropped); silently skipped where it cannot be written."""

@@ -1,0 +1,119 @@
+"""How much memory the caches may use and where a cache of a given size goes. Torch-free: the trainer's caches
+(text_cache.py, data.LatentCache) and ``--validate-only``'s plan use the same numbers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+GIB = 1024 ** 3
+DEFAULT_DEVICE_FRACTION = 0.1
+DEFAULT_HOST_FRACTION = 0.25
+DEFAULT_HOST_CAP = 16 * GIB
+
+
+def _cgroup_available() -> int | None:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            raw = Path(limit_file).read_text().strip()
+            if raw == "max":
+                return None
+            limit, usage = int(raw), int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 1 << 60:  # cgroup v1's "unlimited"
+            return None
+        return max(0, limit - usage)
+    return None
+
+
+def available_host_bytes() -> int | None:
+    """Memory a new allocation can get without swapping: MemAvailable (else free pages), bounded by the
+    container's cgroup limit when there is one. None when unknown."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    cg = _cgroup_available()
+    if cg is not None:
+        avail = cg if avail is None else min(avail, cg)
+    return avail
+
+
+def default_host_budget(fraction: float = DEFAULT_HOST_FRACTION, cap: int = DEFAULT_HOST_CAP, share: int = 1) -> int:
+    """``fraction`` of the available RAM, at most ``cap``, divided by ``share`` (the processes on this machine:
+    each rank holds its own cache). 2 GiB / share when the available memory is unknown."""
+    avail = available_host_bytes()
+    budget = min(cap, 2 * GIB) if avail is None else min(cap, int(avail * fraction))
+    return budget // max(1, share)
+
+
+def estimate_bytes_per_entry(family: str, *, max_sequence_length: int | None = None, dtype_bytes: int = 2) -> int:
+    """An entry's size for the real models, from shapes alone (for preflight, before anything is loaded):
+    SD1.x [77, 768]; SD2.x [77, 1024]; SDXL [77, 2048] + pooled 1280; FLUX.1 [L, 4096] + pooled 768 (L 512 dev,
+    256 schnell); SD3 [77 + L, 4096] + pooled 2048 (L 256)."""
+    if family == "sd15":
+        n = 77 * 768
+    elif family == "sd2":
+        n = 77 * 1024
+    elif family == "sdxl":
+        n = 77 * 2048 + 1280
+    elif family == "flux1":
+        n = (max_sequence_length or 512) * 4096 + 768
+    elif family == "sd3":
+        n = (77 + (max_sequence_length or 256)) * 4096 + 2048
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    return n * dtype_bytes
+
+
+def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_budget_bytes: int,
+                     to_disk: bool = False) -> tuple[str, str]:
+    """("device" | "host" | "disk", why). ``device_budget_bytes`` is device_fraction x the accelerator's free
+    memory, None without a CUDA device."""
+    mib = total_bytes / 1024 ** 2
+    if to_disk:
+        return "disk", "requested (to_disk)"
+    if device_budget_bytes is not None and total_bytes <= device_budget_bytes:
+        return "device", f"{mib:.1f} MiB fits the device budget ({device_budget_bytes / 1024 ** 2:.1f} MiB)"
+    if total_bytes <= host_budget_bytes:
+        why = f"{mib:.1f} MiB fits the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
+        if device_budget_bytes is not None:
+            why += f" but not the device budget ({device_budget_bytes / 1024 ** 2:.1f} MiB)"
+        return "host", why
+    return "disk", f"{mib:.1f} MiB exceeds the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
+
+
+LATENT_CHANNELS = {"sd15": 4, "sd2": 4, "sdxl": 4, "flux1": 16, "sd3": 16}  # the families' VAEs; 8x downsampling
+
+
+def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions: list[str]) -> dict | None:
+    """What ``--validate-only`` expects the two caches to hold and where, before any model is loaded: ``shapes``
+    are the training sizes (buckets) of the usable images, ``captions`` the built captions. Entries are counted as
+    the trainer counts them (distinct captions, plus "" with caption dropout) at bf16 (fp32 on the CPU doubles the
+    text figure); on a GPU a cache that fits a tenth of its free memory moves there."""
+    if family not in LATENT_CHANNELS:
+        return None
+    budget = int(cfg.cache_host_budget_gb * GIB) if cfg.cache_host_budget_gb is not None else default_host_budget()
+    out: dict = {"host_budget_bytes": budget}
+    if cfg.cache_latents:
+        total = sum(LATENT_CHANNELS[family] * (w // 8) * (h // 8) * 4 for w, h in shapes)
+        out["latents"] = {"total_bytes": total, "placement": "host" if total <= budget else "disk"}
+    if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags:
+        entries = len(set(captions) | ({""} if cfg.caption_dropout_rate > 0 else set()))
+        per = estimate_bytes_per_entry(family, max_sequence_length=cfg.max_sequence_length)
+        placement, why = choose_placement(entries * per, device_budget_bytes=None, host_budget_bytes=budget,
+                                          to_disk=False)
+        out["text"] = {"entries": entries, "bytes_per_entry": per, "total_bytes": entries * per,
+                       "placement": placement, "reason": why}
+    return out
