@@ -35,6 +35,7 @@ from .preflight_model import (MAX_FILES, _check_family_keys, _check_single_file_
 LOW_DISK_BYTES = 2 * 1024 ** 3
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MANIFEST = "manifest.json"
+MAX_FOLDERS = 100  # folders listed in the summary (a 100,000-image dataset may have thousands); folder_count has all
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 _EXIT_BY_CODE = {
@@ -246,7 +247,8 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
     info.update(images=len(scan.records), usable=len(scan.usable), bad=len(scan.bad),
                 without_caption=len(scan.without_caption), missing_trigger=len(scan.missing_trigger),
                 too_small=len(scan.too_small), samples_per_epoch=scan.samples_per_epoch,
-                folders=scan.folders, ignored_files=scan.ignored_files, fingerprint=scan.fingerprint,
+                folders=dict(list(scan.folders.items())[:MAX_FOLDERS]), folder_count=len(scan.folders),
+                ignored_files=scan.ignored_files, fingerprint=scan.fingerprint,
                 index={"path": str(index.path) if index and index.path else None,
                        "reused": index.hits if index else 0,
                        "inspected": len(scan.records) - (index.hits if index else 0)})

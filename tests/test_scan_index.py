@@ -81,3 +81,20 @@ def test_validate_only_keeps_the_index_in_the_output_cache(tmp_path):
     second = run_preflight(cfg)
     assert second.summary["dataset"]["index"] == {**first.summary["dataset"]["index"], "reused": 7, "inspected": 0}
     assert second.summary["dataset"]["fingerprint"] == first.summary["dataset"]["fingerprint"]
+
+
+def test_the_validation_summary_stays_bounded(tmp_path):
+    from lora_trainer.preflight import MAX_FOLDERS
+    from lora_trainer.preflight_model import MAX_FILES
+
+    data = tmp_path / "data"
+    png = encoded("PNG", 64, 64)
+    for i in range(MAX_FOLDERS + 5):
+        write(data / f"f{i:03d}" / "a.png", png)
+        write(data / f"f{i:03d}" / "b.png", b"broken")
+    cfg = dataclasses.replace(cfg_for(tmp_path, data), base_model=str(standin_model(tmp_path / "model")))
+    r = run_preflight(cfg)
+    d = r.summary["dataset"]
+    assert len(d["folders"]) == MAX_FOLDERS and d["folder_count"] == MAX_FOLDERS + 5  # counts stay complete
+    bad = next(w for w in r.warnings if w["code"] == "image_unreadable")
+    assert len(bad["files"]) == MAX_FILES and bad["count"] == MAX_FOLDERS + 5
