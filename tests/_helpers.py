@@ -1,7 +1,7 @@
 """Test helpers that conftest.py does not have: a probe that records, from inside a real CLI process, what the
 events and files cannot show (the optimizer class and its groups' learning rates, gradient checkpointing calls,
 each rank's batches, the captions and augmentations a step used), and that can inject real host allocator failures
-into a step (TRAIN_LORA_PROBE_HOST_OOM_STEP, TRAIN_LORA_PROBE_MEMORYERROR_STEP) or hold the latent caching after
+into a step (TRAIN_LORA_PROBE_HOST_OOM_STEP, TRAIN_LORA_PROBE_MEMORYERROR_STEP), a bug (TRAIN_LORA_PROBE_BUG_STEP), or hold the latent caching after
 its first entry until a signal comes (TRAIN_LORA_PROBE_HOLD_CACHING).
 
 The probe is a ``sitecustomize`` module on PYTHONPATH, so the process under test is the unmodified
@@ -81,6 +81,8 @@ def _patch_trainer(mod):
             torch.empty(1 << 60, dtype=torch.uint8)
         if self.progress.global_step + 1 == int(os.environ.get("TRAIN_LORA_PROBE_MEMORYERROR_STEP", "0")):
             bytearray(1 << 60)
+        if self.progress.global_step + 1 == int(os.environ.get("TRAIN_LORA_PROBE_BUG_STEP", "0")):
+            {}["a key that is not there"]  # a plain bug (KeyError) inside a step
         _rec["batches"].append({"epoch": epoch, "batch_index": batch_index, "batch": list(batch),
                                 "buckets": [list(self.by_index[i].bucket) for i in batch]})
         return real_loss(self, batch, epoch, batch_index)
