@@ -285,3 +285,23 @@ def test_flow_family_repo_downloads_only_the_pipeline(tmp_path, cls, repo, varia
     # what was fetched is exactly what the probe needs
     p = probe_model(str(snaps[0]))
     assert p.ok and (p.family, p.variant) == ("flux1" if cls == "FluxPipeline" else "sd3", variant), p.problems
+
+
+def test_unreachable_hub_is_a_model_load_error_with_a_network_hint(tmp_path, dataset):
+    """No network: the endpoint refuses connections (a port nothing listens on), the cache is empty."""
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: connecting to it is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    hf_home = tmp_path / "hf_home"
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
+           "HUGGINGFACE_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "5",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+           **{var: ",".join(filter(None, [os.environ.get(var), "127.0.0.1"])) for var in ("NO_PROXY", "no_proxy")}}
+    res = run_cli("--config", str(hub_config(tmp_path / "c.json", dataset, tmp_path / "out")), env=env, timeout=300)
+    assert res.returncode == EXIT_MODEL_LOAD, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.last("error")
+    assert err["code"] == "model_load_failed" and REPO in err["message"], err
+    assert err["hint"] and any(w in err["hint"].lower() for w in ("network", "connection", "offline")), err
+    assert "Traceback" not in res.stderr and not res.of_type("run_started")
