@@ -1,0 +1,338 @@
+/* eslint-disable */
+/**
+ * GENERATED from events_schema.json by scripts/gen-types.mjs (json-schema-to-typescript): do not edit.
+ * Run `npm run gen-types` in examples/node_client after changing the schema; tests/test_event_types.py fails
+ * while this file is stale.
+ */
+
+/**
+ * Every stdout line of train_lora.py is one JSON object matching this schema. Envelope fields: type, schema_version (this document's version; a parent should accept any 1.x), run_id (same for every event of a run), seq (1, 2, 3, ... per process, no gaps), time (UTC ISO-8601 with milliseconds and a Z suffix). Numbers that are not finite are sent as null. Unknown extra fields may be added in minor versions.
+ */
+export type TrainLoraEvent =
+  | ValidationEvent
+  | RunStartedEvent
+  | StatusEvent
+  | ProgressEvent
+  | StepEvent
+  | CheckpointEvent
+  | ResumedEvent
+  | SampleEvent
+  | WarningEvent
+  | ErrorEvent
+  | InterruptedEvent
+  | CompletedEvent
+  | HeartbeatEvent;
+
+/**
+ * Result of --validate-only: config, dataset, base model and output folder checked without loading a model.
+ */
+export interface ValidationEvent {
+  type: "validation";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  ok: boolean;
+  errors: {
+    code?: string;
+    path?: string;
+    message: string;
+    allowed?: unknown;
+    value?: unknown;
+    hint?: string | null;
+    files?: unknown[];
+    [k: string]: unknown | undefined;
+  }[];
+  warnings: {
+    code?: string;
+    path?: string;
+    message: string;
+    allowed?: unknown;
+    value?: unknown;
+    hint?: string | null;
+    files?: unknown[];
+    [k: string]: unknown | undefined;
+  }[];
+  /**
+   * dataset, model, output, resume and plan details
+   */
+  summary: {
+    [k: string]: unknown | undefined;
+  };
+  duration_s?: number;
+}
+/**
+ * Training begins: resolved settings, hardware and plan.
+ */
+export interface RunStartedEvent {
+  type: "run_started";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  version: string;
+  pid?: number;
+  family: "sd15" | "sd2" | "sdxl" | "flux1" | "sd3";
+  config?: {
+    [k: string]: unknown | undefined;
+  };
+  device: {
+    type?: string;
+    name?: string;
+    memory_gb?: number | null;
+    capability?: string | null;
+    torch?: string;
+    cuda?: string | null;
+    [k: string]: unknown | undefined;
+  };
+  mixed_precision: string;
+  world_size: number;
+  total_steps: number;
+  start_step: number;
+  num_images?: number;
+  samples_per_epoch?: number;
+  effective_batch_size?: number;
+  resume_from?: string | null;
+  resolution?: number;
+  bucketing?: boolean;
+  prediction_type?: "epsilon" | "v_prediction" | "flow";
+  /**
+   * the model's variant within its family: FLUX.1 "dev" / "schnell", SD3 "sd3-medium" / "sd3.5-medium" / "sd3.5-large"; null for SD1.x/SD2.x/SDXL
+   */
+  variant?: string | null;
+  /**
+   * the training objective: {"kind": "ddpm"} or {"kind": "flow", sigma_sampling, shift, shift_value, loss_weighting, precondition_outputs, ...} with every family default resolved
+   */
+  objective?: {
+    kind: "ddpm" | "flow";
+    [k: string]: unknown | undefined;
+  };
+  /**
+   * the text-embedding cache's plan (null when captions are encoded every step): placement (device | host | disk), entries, bytes_per_entry, total_bytes, hits (reused from disk), encoded, disk_dir, budgets, reason; text_encoders_released: true when the text encoders were dropped after caching (FLUX.1, SD3: samples come from cached prompt embeddings)
+   */
+  text_cache?: {
+    [k: string]: unknown | undefined;
+  } | null;
+  /**
+   * the latent cache's plan (null with cache_latents false): placement (device | host | disk: read per step, the latents exceed cache_host_budget_gb), total_bytes, host_budget_bytes, reason
+   */
+  latent_cache?: {
+    [k: string]: unknown | undefined;
+  } | null;
+  /**
+   * torch's CPU thread count and why: threads, cores (this process may use), busy_cores (kept busy by other processes when sampled; null unless source is auto), source (config | OMP_NUM_THREADS | checkpoint | auto)
+   */
+  cpu_threads?: {
+    threads: number;
+    cores: number;
+    busy_cores?: number | null;
+    source: "config" | "OMP_NUM_THREADS" | "checkpoint" | "auto";
+    [k: string]: unknown | undefined;
+  };
+}
+/**
+ * A phase of the run starts (loading the model, caching, training, saving, exporting).
+ */
+export interface StatusEvent {
+  type: "status";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  phase: string;
+  message: string;
+  /**
+   * phase latent_cache / text_cache: entries read from the disk cache
+   */
+  reused?: number;
+  /**
+   * phase latent_cache: images encoded with the VAE; phase text_cache: captions encoded with the text encoders
+   */
+  encoded?: number;
+}
+/**
+ * Progress inside a long phase (model download/loading, latent and text caching).
+ */
+export interface ProgressEvent {
+  type: "progress";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  phase: string;
+  current: number;
+  total: number | null;
+  unit?: string;
+  message?: string;
+  /**
+   * seconds left in this phase at its average rate so far (null until there is a rate)
+   */
+  eta_s?: number | null;
+}
+/**
+ * Training progress, every log_every_n_steps optimizer steps, always the first and the last.
+ */
+export interface StepEvent {
+  type: "step";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  step: number;
+  total_steps: number;
+  epoch: number;
+  loss: number | null;
+  loss_avg?: number | null;
+  lr: number | null;
+  images_per_sec?: number | null;
+  eta_s?: number | null;
+  elapsed_s?: number | null;
+  /**
+   * GiB: gpu_allocated_gb, gpu_reserved_gb (now), gpu_peak_gb (highest allocation since training began, after model loading and caching; samples included), CUDA only; rss_peak_gb (the process's peak resident memory since it started)
+   */
+  memory?: {
+    [k: string]: unknown | undefined;
+  };
+}
+/**
+ * A resumable checkpoint was written completely.
+ */
+export interface CheckpointEvent {
+  type: "checkpoint";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  step: number;
+  path: string;
+  reason: "interval" | "final" | "interrupt";
+  size_bytes?: number;
+}
+/**
+ * Training continues from a checkpoint.
+ */
+export interface ResumedEvent {
+  type: "resumed";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  checkpoint: string;
+  step: number;
+  epoch?: number;
+  changed?: {
+    [k: string]: unknown | undefined;
+  };
+}
+/**
+ * A sample image was generated with the current LoRA.
+ */
+export interface SampleEvent {
+  type: "sample";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  step: number;
+  path: string;
+  prompt: string;
+  seed: number;
+  index?: number;
+}
+/**
+ * Something the operator should know; the run continues.
+ */
+export interface WarningEvent {
+  type: "warning";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  /**
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use
+   */
+  code: string;
+  message: string;
+  path?: string;
+  files?: unknown[];
+  details?: unknown;
+}
+/**
+ * The run failed; the process exits with exit_code right after.
+ */
+export interface ErrorEvent {
+  type: "error";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  code:
+    | "config_invalid"
+    | "dataset_invalid"
+    | "model_load_failed"
+    | "training_failed"
+    | "out_of_memory"
+    | "io_error"
+    | "output_in_use"
+    | "internal_error";
+  exit_code: number;
+  message: string;
+  hint: string | null;
+  details?: {
+    [k: string]: unknown | undefined;
+  };
+}
+/**
+ * Stopped by SIGTERM/SIGINT after finishing the current step; the checkpoint (if any) resumes exactly.
+ */
+export interface InterruptedEvent {
+  type: "interrupted";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  signal: string;
+  step: number | null;
+  checkpoint: string | null;
+  message?: string;
+}
+/**
+ * Training finished and the outputs are written.
+ */
+export interface CompletedEvent {
+  type: "completed";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  outputs: {
+    lora: string;
+    peft_lora?: string;
+    manifest?: string;
+    loss_curve?: string;
+    report?: string;
+    [k: string]: unknown | undefined;
+  };
+  steps: number;
+  duration_s: number;
+  final_loss?: number | null;
+}
+/**
+ * Emitted whenever nothing else was emitted for heartbeat_seconds: the process is alive.
+ */
+export interface HeartbeatEvent {
+  type: "heartbeat";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  phase: string;
+  uptime_s: number;
+  idle_s?: number;
+}
+
+/** Every event type this schema version knows: the discriminant of {@link TrainLoraEvent}. */
+export type TrainLoraEventType = TrainLoraEvent["type"];
+
+/** The event of one type, e.g. `EventOfType<"step">` is {@link StepEvent}. */
+export type EventOfType<T extends TrainLoraEventType> = Extract<TrainLoraEvent, { type: T }>;
