@@ -120,6 +120,11 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
             extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
             _write_json_atomic(cfg.output_path / MANIFEST_NAME,
                                {**manifest(record, res, progress=progress, last_loss=last_loss), **extra})
+            from .model_card import write_model_card
+
+            local = cfg.resolve(str(cfg.base_model)).exists()
+            paths["model_card"] = str(write_model_card(cfg, family=record.family.name, steps=progress.global_step,
+                                                       base_is_hub=not local))
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "

@@ -103,7 +103,7 @@ class Trainer:
         self.resumed_from = resume_mod.maybe_resume(self._checkpoint_run())
         if self.resumed_from is not None:
             self.last_saved = (self.progress.global_step, self.resumed_from)
-            self.last_loss = next((v for _, v in reversed(self.loss_history) if v is not None), None)
+            self.last_loss = next((h[1] for h in reversed(self.loss_history) if h[1] is not None), None)
         if cfg.report_to != "none":
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
             self.accelerator.init_trackers("train_lora", config=flat)
@@ -260,7 +260,7 @@ class Trainer:
         # A dedicated generator for noise and timesteps: its state is saved in checkpoints for exact resume.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + self.accelerator.process_index)
         self.loss_ema = torch.zeros((), device=self.device, dtype=torch.float32)
-        self.loss_history: list[tuple[int, float | None]] = []
+        self.loss_history: list[tuple[int, float | None, float]] = []  # (step, loss or None if skipped, lr)
         self.step_ok, self.step_loss = True, float("nan")
         self.nonfinite = NonFiniteGuard(self.events)
 
@@ -290,7 +290,8 @@ class Trainer:
                     prog.samples_seen += sum(len(b) for b in group) * self.world
                     prog.elapsed_s += time.monotonic() - t0
                     window_samples += sum(len(b) for b in group) * self.world
-                    self.loss_history.append((prog.global_step, self.step_loss if self.step_ok else None))
+                    self.loss_history.append((prog.global_step, self.step_loss if self.step_ok else None,
+                                              self.lr_scheduler.get_last_lr()[0]))
                     if self.step_ok:  # a skipped non-finite step must not poison the smoothed loss
                         if prog.global_step > 1:
                             self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1)
@@ -514,9 +515,11 @@ class Trainer:
         try:
             return write_report(self.cfg, status=status, family=self.family.name, step=self.progress.global_step,
                                 total_steps=self.total_steps, run_id=self.events.run_id, device_info=self.device_info,
-                                loss_history=self.loss_history)
-        except OSError as exc:  # a report is a convenience: never fail a finished run over it
-            self.events.emit("warning", code="report_failed", message=f"could not write the report: {exc}")
+                                loss_history=self.loss_history, duration_s=time.monotonic() - self.started,
+                                final_loss=self.last_loss)
+        except Exception as exc:  # noqa: BLE001 - a report is a convenience: never fail a finished run over it
+            self.events.emit("warning", code="report_failed",
+                             message=f"could not write the report: {type(exc).__name__}: {exc}")
             return {}
 
     def cleanup(self) -> None:

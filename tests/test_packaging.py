@@ -48,7 +48,8 @@ def test_pyproject_mirrors_requirements_and_declares_extras_and_script():
     extras = project["optional-dependencies"]
     assert extras["8bit"] == ["bitsandbytes"]
     assert extras["prodigy"] == ["prodigyopt"]
-    assert extras["tensorboard"] == ["tensorboard"]
+    assert extras["tensorboard"] == ["tensorboard>=2.14,<2.22"]
+    assert extras["wandb"] == ["wandb>=0.19,<0.32"]
     assert sorted(extras["dev"]) == sorted(_requirement_lines(ROOT / "requirements-dev.txt"))
     assert project["scripts"] == {"train-lora": "lora_trainer.cli:main"}
     assert set(SCHEMAS) <= set(data["tool"]["setuptools"]["package-data"]["lora_trainer"])
