@@ -282,3 +282,31 @@ def model_key(base_model: str, vae, source: Path | str | None = None) -> str:
                     files.setdefault(f"mtime/{f.name}", f.stat().st_mtime_ns)
     payload = {"base_model": base_model, "vae": module_identity(vae), "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_latent_cache(cfg, comps, images: list[TrainImage], *, device: torch.device, world: int,
+                       source: Path | str | None, events) -> tuple[LatentCache, dict, list]:
+    """Encode the dataset once with the VAE: (cache, plan, images that failed to decode). The plan says where the
+    latents live: on the accelerator when they take at most a tenth of its free memory, in host memory within
+    cache_host_budget_gb, else on disk under <output_path>/cache/latents, read per step."""
+    from .text_cache import host_budget
+
+    total, budget = latent_bytes(comps.vae.config, images), host_budget(cfg, world)
+    spill = total > budget
+    plan = {"placement": "disk" if spill else "host", "total_bytes": total, "host_budget_bytes": budget,
+            "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if spill else 'fit'} the host budget of "
+                      f"{budget / 2**20:.1f} MiB" + (": read from disk per step" if spill else "")}
+    events.emit("status", phase="caching_latents", message=f"encoding {len(images)} image(s) with the VAE")
+    disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk or spill else None
+    cache = LatentCache(disk, model_key(cfg.base_model, comps.vae, source), spill=spill)
+    comps.vae.to(device)
+    failed = cache.build(comps.vae, images, device=device, seed=cfg.seed, random_crop=cfg.random_crop,
+                         batch_size=max(1, cfg.batch_size),
+                         progress=lambda n, t: events.emit("progress", phase="caching_latents", current=n, total=t,
+                                                           unit="images"))
+    comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the denoiser
+    if device.type == "cuda":
+        plan["placement"] = cache.place(device, torch.cuda.mem_get_info(device)[0])
+    events.emit("status", phase="latent_cache", reused=cache.hits, encoded=cache.encoded,
+                message=f"latent cache: {cache.hits} reused, {cache.encoded} encoded, {plan['placement']}")
+    return cache, plan, failed

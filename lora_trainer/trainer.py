@@ -22,7 +22,7 @@ from . import resume as resume_mod
 from .resume import CheckpointRun, TrainState
 from .buckets import bucket_range
 from .config import TrainConfig
-from .data import (LatentCache, build_images, decode_failures, encode_latents, load_pixels, model_key,
+from .data import (build_images, decode_failures, encode_latents, load_pixels,
                    plan_epoch)
 from .device import choose_cpu_threads, memory_stats, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted
@@ -135,26 +135,12 @@ class Trainer:
         comps = self.comps
         self.latent_cache = self.latent_plan = None
         if cfg.cache_latents:
+            from .data import build_latent_cache
+
             ev.set_phase("caching_latents")
-            ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} image(s) with the VAE")
-            self.latent_plan = self._latent_plan(images)
-            spill = self.latent_plan["placement"] == "disk"
-            disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk or spill else None
-            self.latent_cache = LatentCache(disk, model_key(cfg.base_model, comps.vae,
-                                                            self.downloaded or self.probe.path), spill=spill)
-            comps.vae.to(self.device)
-            failed = self.latent_cache.build(
-                comps.vae, images, device=self.device, seed=cfg.seed, random_crop=cfg.random_crop,
-                batch_size=max(1, cfg.batch_size),
-                progress=lambda n, t: ev.emit("progress", phase="caching_latents", current=n, total=t, unit="images"))
-            comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the denoiser
-            if self.device.type == "cuda":
-                self.latent_plan["placement"] = self.latent_cache.place(self.device,
-                                                                        torch.cuda.mem_get_info(self.device)[0])
-            elif not spill:
-                self.latent_plan["placement"] = "host"
-            ev.emit("status", phase="latent_cache", reused=self.latent_cache.hits, encoded=self.latent_cache.encoded,
-                    message=f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.encoded} encoded")
+            self.latent_cache, self.latent_plan, failed = build_latent_cache(
+                cfg, comps, images, device=self.device, world=self.world,
+                source=self.downloaded or self.probe.path, events=ev)
         else:
             failed = decode_failures(images)
             comps.vae.to(self.device)
@@ -188,16 +174,6 @@ class Trainer:
                 te.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _latent_plan(self, images) -> dict:
-        from .data import latent_bytes
-        from .text_cache import host_budget
-
-        total, budget = latent_bytes(self.comps.vae.config, images), host_budget(self.cfg, self.world)
-        placement = "disk" if total > budget else "memory"
-        return {"placement": placement, "total_bytes": total, "host_budget_bytes": budget,
-                "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if total > budget else 'fit'} the host "
-                          f"budget of {budget / 2**20:.1f} MiB" + (": read from disk per step" if total > budget else "")}
 
     def _cache_text(self) -> None:
         from .text_cache import build_run_cache
