@@ -311,6 +311,14 @@ export interface CompletedEvent {
     manifest?: string;
     loss_curve?: string;
     report?: string;
+    /**
+     * README.md beside the LoRA: Hugging Face model card (YAML front matter, samples, how to load)
+     */
+    model_card?: string;
+    /**
+     * samples_over_steps.png: prompts by validation step (with validation_steps)
+     */
+    samples_over_steps?: string;
     [k: string]: unknown | undefined;
   };
   steps: number;
