@@ -160,6 +160,23 @@ function loadRequiredFields(schemaPath) {
   }
 }
 
+// A detached trainer outlives its parent; if the parent exits first (an uncaught error, process.exit), stop it
+// rather than leave it training unattended. One listener for all runs: a server may hold many at once.
+/** @type {Set<import("node:child_process").ChildProcess>} */
+const liveChildren = new Set();
+let exitHookInstalled = false;
+/** @param {import("node:child_process").ChildProcess} child */
+function stopOnExit(child) {
+  liveChildren.add(child);
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on("exit", () => {
+    for (const c of liveChildren) {
+      try { c.kill("SIGTERM"); } catch { /* already gone */ }
+    }
+  });
+}
+
 /**
  * Starts the trainer; events are read from that moment on and buffered until iterated.
  * @param {StartOptions} options
@@ -264,14 +281,7 @@ export class TrainerRun {
     /** @type {Error | null} */
     let spawnError = null;
 
-    // A detached trainer outlives its parent; if the parent exits first (an uncaught error, process.exit), stop it
-    // rather than leave it training unattended. Removed when the trainer exits.
-    const onParentExit = () => {
-      if (!this.#exited && child.pid !== undefined) {
-        try { child.kill("SIGTERM"); } catch { /* already gone */ }
-      }
-    };
-    if (o.stopOnParentExit ?? true) process.on("exit", onParentExit);
+    if ((o.stopOnParentExit ?? true) && child.pid !== undefined) stopOnExit(child);
 
     // Hang detection: any stdout line (heartbeats included) re-arms the timer.
     /** @type {NodeJS.Timeout | null} */
@@ -342,7 +352,7 @@ export class TrainerRun {
 
     this.result = Promise.all([exited, stdoutDone, stderrDone]).then(([{ code, signal }]) => {
       if (hangTimer) clearTimeout(hangTimer);
-      process.removeListener("exit", onParentExit);
+      liveChildren.delete(child);
       this.#end();
       let exitCode;
       /** @type {string | null} */
