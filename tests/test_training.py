@@ -176,7 +176,9 @@ def test_report_samples_and_tensorboard(tmp_path, tiny_models, dataset):
                       validation_steps=3, validation_inference_steps=2)
     assert_report(out, status="completed", step=3, total_steps=3)
     text = (out / "report.html").read_text()
-    assert "lora.safetensors" in text and "<figcaption>step-000003</figcaption>" in text
+    assert "lora.safetensors" in text
+    samples = Path(res.last("completed")["outputs"]["samples_over_steps"])  # the samples figure, in the report
+    assert samples.is_file() and f'alt="{samples.name}"' in text
     runs = list((out / "logs").rglob("events.out.tfevents.*"))
     assert runs, "no TensorBoard event file"
     acc = EventAccumulator(str(runs[0].parent))
