@@ -158,6 +158,7 @@ class TrainConfig:
     heartbeat_seconds: float = 30.0
     dataloader_workers: int = 0
     cpu_threads: int | None = None  # None: device.choose_cpu_threads decides
+    ignore_memory_plan: bool = False
     # Keys the user wrote (flat or nested); some checks apply only to explicit values.
     explicit_keys: frozenset[str] = field(default_factory=frozenset, compare=False)
     config_path: Path | None = field(default=None, compare=False)

@@ -120,4 +120,5 @@ def memory_stats(device: torch.device) -> dict:
         stats["gpu_allocated_gb"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
         stats["gpu_reserved_gb"] = round(torch.cuda.memory_reserved(device) / 2**30, 3)
         stats["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        stats["gpu_reserved_peak_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     return stats

@@ -301,6 +301,29 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
 
 # ---------------------------------------------------------------------------------- entry point
 
+def _check_memory(cfg: Any, probe: ModelProbe, family: str | None, resolution: int | None, errors: list) -> dict | None:
+    """The memory plan; on a detected GPU too small for it, an error whose hint lists settings that would fit."""
+    from .memory_plan import cheaper_settings, detect_gpu, plan_memory
+
+    if resolution is None:
+        return None
+    gpu = detect_gpu() if cfg.device != "cpu" else None
+    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu)
+    if plan is None or plan["fits"] is not False or cfg.ignore_memory_plan:
+        return plan
+    options = cheaper_settings(cfg, probe, family, resolution, gpu)
+    plan["cheaper"] = options
+    fitting = [o for o in options if o["fits"]]
+    first = (fitting or options or [{"settings": {"resolution": resolution}}])[0]
+    errors.append(_issue(
+        "memory_plan_exceeds", next(iter(first["settings"])),
+        f"the run needs about {plan['total_gib']} GiB but {gpu['name']} has {gpu['memory_bytes'] / 2**30:.1f} GiB",
+        hint="; ".join(f"{', '.join(f'{k}: {json.dumps(v)}' for k, v in o['settings'].items())} -> about "
+                       f"{o['total_gib']} GiB{'' if o['fits'] else ' (still too much)'}" for o in options)
+        + "; or set ignore_memory_plan: true to train anyway", options=options))
+    return plan
+
+
 def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict) -> dict | None:
     from .captions import build_caption
 
@@ -349,6 +372,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     caches = _plan_caches(cfg, family, scan, dataset_info)
+    memory = _check_memory(cfg, probe, family, dataset_info.get("resolution"), errors)
     if output_info.get("writable"):
         index.save()  # after the output checks, which report the folder as the user left it
 
@@ -359,6 +383,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
         "output": output_info,
         "resume": resume_info,
         "caches": caches,
+        "memory": memory,
         "duration_s": round(time.perf_counter() - t0, 3),
     }
     return PreflightResult(ok=not errors, errors=errors, warnings=warnings, summary=summary, scan=scan, probe=probe)

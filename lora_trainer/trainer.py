@@ -72,6 +72,7 @@ class Trainer:
 
         pre, self.downloaded = preflight_for_training(cfg, ev)
         self.probe, self.scan = pre.probe, pre.scan
+        self.memory_plan, self.memory_warned = pre.summary.get("memory"), False
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
         self.cpu_threads = choose_cpu_threads(
@@ -115,7 +116,7 @@ class Trainer:
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
-                cpu_threads=self.cpu_threads, latent_cache=self.latent_plan,
+                cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -419,7 +420,20 @@ class Trainer:
         self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
                          loss=value, loss_avg=loss_avg, lr=lr, images_per_sec=images_per_sec,
                          eta_s=round(s_per_step * (self.total_steps - prog.global_step), 1),
-                         elapsed_s=round(prog.elapsed_s, 3), memory=memory_stats(self.device))
+                         elapsed_s=round(prog.elapsed_s, 3), memory=self._memory())
+
+    def _memory(self) -> dict:
+        """The step's memory figures beside the plan; a drift over 15% is a warning, once."""
+        from .memory_plan import drift_warning
+
+        mem = memory_stats(self.device)
+        if self.memory_plan:
+            mem["plan_gb"] = self.memory_plan["total_gib"]
+            message = drift_warning(self.memory_plan, mem) if not self.memory_warned else None
+            if message:
+                self.memory_warned = True
+                self.events.emit("warning", code="memory_plan_drift", message=message)
+        return mem
 
     def _stop_now(self) -> None:
         signum = self.stop.signum or signal.SIGTERM

@@ -83,6 +83,10 @@ export interface RunStartedEvent {
     capability?: string | null;
     torch?: string;
     cuda?: string | null;
+    /**
+     * the resolved compute precision (also run_started.mixed_precision)
+     */
+    mixed_precision?: "no" | "fp16" | "bf16";
     [k: string]: unknown | undefined;
   };
   mixed_precision: string;
@@ -129,6 +133,12 @@ export interface RunStartedEvent {
     source: "config" | "OMP_NUM_THREADS" | "checkpoint" | "auto";
     [k: string]: unknown | undefined;
   };
+  /**
+   * the memory plan (as validation's summary.memory): parts_gib (denoiser_weights, text_encoders, vae, lora, activations, fixed), total_gib, precision, lora_params, denoiser_params, assumes, gpu (name, memory_bytes; null without a detected GPU), fits; null when the model's files could not be read before loading
+   */
+  memory_plan?: {
+    [k: string]: unknown | undefined;
+  } | null;
 }
 /**
  * A phase of the run starts (loading the model, caching, training, saving, exporting).
@@ -188,7 +198,7 @@ export interface StepEvent {
   eta_s?: number | null;
   elapsed_s?: number | null;
   /**
-   * GiB: gpu_allocated_gb, gpu_reserved_gb (now), gpu_peak_gb (highest allocation since training began, after model loading and caching; samples included), CUDA only; rss_peak_gb (the process's peak resident memory since it started)
+   * GiB: gpu_allocated_gb, gpu_reserved_gb (now), gpu_peak_gb (highest allocation since training began, after model loading and caching; samples included), CUDA only; gpu_reserved_peak_gb (the allocator's peak reservation); plan_gb (the memory plan's total, beside the measured figures: a drift over 15% is a memory_plan_drift warning on CUDA); rss_peak_gb (the process's peak resident memory since it started)
    */
   memory?: {
     [k: string]: unknown | undefined;
@@ -249,7 +259,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift
    */
   code: string;
   message: string;

@@ -1,0 +1,154 @@
+"""The memory plan (lora_trainer/memory_plan.py) for the real FLUX.1-dev and SDXL architectures, beside published
+figures. Needs no weights: the models are built on the meta device from their published configs (bench/models.py)
+and written as header-only safetensors files (sparse: the header of the real tensors, the data a hole), which is
+all the plan reads.
+
+    python3 bench/bench_memory_plan.py [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+_DT = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
+
+
+def header_only(path: Path, state: dict, dtype: str = "BF16") -> None:
+    """A safetensors file of ``state``'s names and shapes whose data is a sparse hole (no disk blocks)."""
+    header, offset, size = {}, 0, 2
+    for name, t in sorted(state.items()):
+        n = t.numel() * size
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+
+
+def _meta_state(cls, kwargs) -> dict:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls(**kwargs)
+    return model.state_dict()
+
+
+def _empty(path: Path) -> None:
+    header_only(path, {})
+
+
+def make_folder(root: Path, family: str) -> Path:
+    """A diffusers folder the probe accepts, with the denoiser's real header (configs from bench/models.py)."""
+    from bench import models
+
+    root.mkdir(parents=True, exist_ok=True)
+    if family == "flux1":
+        from diffusers import FluxTransformer2DModel
+
+        cfg = models.flux_configs("full")["transformer"]
+        comps = {"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+        index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1", **comps}
+        state, den = _meta_state(FluxTransformer2DModel, cfg), "transformer"
+        den_cfg = {"_class_name": "FluxTransformer2DModel", **cfg}
+    else:
+        from diffusers import UNet2DConditionModel
+
+        cfg = models.configs("full")["unet"]
+        comps = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "text_encoder": ["transformers", "CLIPTextModel"],
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                 "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+        index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", **comps}
+        state, den = _meta_state(UNet2DConditionModel, cfg), "unet"
+        den_cfg = {"_class_name": "UNet2DConditionModel", **cfg}
+    (root / "model_index.json").write_text(json.dumps(index))
+    for comp in comps:
+        d = root / comp
+        d.mkdir(exist_ok=True)
+        if comp == "scheduler":
+            (d / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon", "shift": 3.0}))
+        elif comp.startswith("tokenizer"):  # the tiny builders' tokenizers: the plan never reads them
+            if "T5" in comps[comp][1]:
+                from lora_trainer.tiny_dit import make_tiny_t5_tokenizer
+                make_tiny_t5_tokenizer().save_pretrained(d)
+            else:
+                from lora_trainer.tiny import _write_vocab_files, make_tiny_tokenizer
+                make_tiny_tokenizer().save_pretrained(d)
+                _write_vocab_files(d)
+        elif comp == den:
+            (d / "config.json").write_text(json.dumps(den_cfg, default=list))
+            header_only(d / "diffusion_pytorch_model.safetensors", state)
+        else:
+            (d / "config.json").write_text(json.dumps({"latent_channels": 16} if comp == "vae" else {}))
+            _empty(d / ("model.safetensors" if comp.startswith("text") else "diffusion_pytorch_model.safetensors"))
+    return root
+
+
+# (family, resolution, settings, published figure, source)
+CASES = [
+    ("flux1", 512, {"lora_rank": 4, "optimizer": "adamw8bit", "gradient_checkpointing": True}, "26 GB (512x768)",
+     "huggingface/blog flux-qlora.md, bf16 base, r4 attention, 8-bit Adam, GC, cached latents + text"),
+    ("flux1", 1024, {"lora_rank": 16, "optimizer": "adamw8bit", "gradient_checkpointing": True}, "~27 GiB (formula)",
+     "shared/reference quantized-base.md section 7 worked example, bf16"),
+    ("flux1", 512, {"lora_rank": 16, "optimizer": "adamw8bit", "gradient_checkpointing": True}, "~25 GiB (formula)",
+     "same, 512 px"),
+    ("sdxl", 1024, {"lora_rank": 16, "optimizer": "adamw8bit", "gradient_checkpointing": True}, "fits 8 GB, 10 GB advised",
+     "kohya sd-scripts docs/train_SDXL-en.md; reference ~8 GiB bf16 + GC + cached"),
+    ("sdxl", 1024, {"lora_rank": 16, "optimizer": "adamw", "gradient_checkpointing": False}, "-",
+     "no published figure (activations measured 5.2 GiB at 1024 px)"),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", metavar="DIR")
+    args = ap.parse_args(argv)
+    from lora_trainer.config import parse_config
+    from lora_trainer.memory_plan import plan_memory
+    from lora_trainer.model_probe import probe_model
+    from lora_trainer.tiny import make_dataset
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_memplan_"))
+    try:
+        data = make_dataset(work / "data", n=2, trigger="ohwx")
+        folders = {f: make_folder(work / f, f) for f in ("flux1", "sdxl")}
+        gpu = {"name": "a 24 GB card", "memory_bytes": 24 * 2 ** 30}
+        rows = []
+        for family, res, settings, published, source in CASES:
+            cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(folders[family]), "trigger_words": ["ohwx"],
+                                   "output_path": str(work / "out"), "resolution": res, "mixed_precision": "bf16",
+                                   **settings})
+            probe = probe_model(str(folders[family]), work)
+            plan = plan_memory(cfg, probe, probe.family, res, gpu=gpu)
+            p = plan["parts_gib"]
+            rows.append((f"{family} {res} px", ", ".join(f"{k}={v}" for k, v in settings.items()),
+                         f"{plan['total_gib']:.1f}", f"{p['denoiser_weights']:.1f} / {p['lora']:.2f} / "
+                         f"{p['activations']:.1f} / {p['fixed']:.1f}", published, source))
+        head = ("case", "settings", "plan GiB", "weights / LoRA / activations / fixed", "published", "source")
+        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+        print("\nmemory plan vs published figures (bf16 base, batch 1)")
+        for r in [head, tuple("-" * w for w in widths), *rows]:
+            print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

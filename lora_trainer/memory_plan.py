@@ -1,0 +1,187 @@
+"""How much accelerator memory a run will need, from the weight files' headers alone (no torch, no weights read),
+part by part, and which cheaper settings would fit a card that is too small.
+
+M = frozen weights at the compute precision + LoRA (fp32 weights, gradients, optimizer state) + activations +
+fixed overhead (+ text encoders / VAE while they stay resident). Activations (B = 1, per image):
+
+* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / 16)^2 image + text tokens, and in the
+  hidden size d. Measured on a full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block
+  keeps ~23 x L x d x 2 bytes for backward (bf16, LoRA on every Linear), ~13x with attention-only LoRA; with gradient
+  checkpointing each block keeps its input (~1.1 x L x d x 2) and one block is recomputed at a time.
+* UNet families: the SDXL UNet measured 1.32 GiB at 512 px and 5.2 GiB at 1024 px without checkpointing (bf16,
+  attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B;
+  checkpointing keeps about a quarter.
+
+Fixed: the CUDA context (~0.5 GiB, invisible to torch's counters) plus 10% allocator slack on the rest. These are
+estimates: the first steps' measured peak is reported beside them and a drift over 15% is a warning.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .family_spec import SPECS, expand_targets
+
+GIB = 1024 ** 3
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  # state bytes per fp32 LoRA param
+CONTEXT_BYTES = int(0.5 * GIB)
+SLACK = 0.10
+DRIFT = 0.15  # the step event's warning threshold (trainer)
+_SDXL_UNET_PARAMS = 2.567e9
+_UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def detect_gpu() -> dict | None:
+    """The first NVIDIA GPU's name and total memory from nvidia-smi (torch-free, ~0.1 s); None without one."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        name, mib = (x.strip() for x in out[0].rsplit(",", 1))
+        return {"name": name, "memory_bytes": int(float(mib) * 2 ** 20)}
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def _shapes(root: Path, files) -> dict[str, list[int]]:
+    from .model_probe import read_safetensors_header
+
+    shapes: dict[str, list[int]] = {}
+    for rel in files or ():
+        if str(rel).endswith(".safetensors"):
+            header, _ = read_safetensors_header(root / rel)
+            for key, info in (header or {}).items():
+                if key != "__metadata__" and isinstance(info, dict):
+                    shapes[key] = list(info.get("shape") or ())
+    return shapes
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _config(root: Path, comp: str) -> dict:
+    try:
+        return json.loads((root / comp / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
+    """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out))."""
+    weights = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
+    chosen = set()
+    for names in expand_targets(tuple(targets), {k: len(s) for k, s in weights.items()}).values():
+        chosen.update(n for n in names if n in weights)
+    total = 0
+    for name in chosen:
+        s = weights[name]
+        total += rank * (s[1] * (s[2] * s[3] if len(s) == 4 else 1) + s[0])
+    return total
+
+
+def _activations(family: str, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
+                 checkpointing: bool, attention_only: bool) -> int:
+    if SPECS[family].is_flow:
+        d = int(cfg_json.get("num_attention_heads", 24)) * int(cfg_json.get("attention_head_dim", 128))
+        blocks = int(cfg_json.get("num_layers", 19)) + int(cfg_json.get("num_single_layers", 0))
+        text = 77 + 256 if family == "sd3" else 512
+        tokens = (resolution // 16) ** 2 + text
+        per_block = (13 if attention_only else 23) * tokens * d * b
+        if checkpointing:
+            return batch * (blocks * int(1.1 * tokens * d * b) + per_block)
+        return batch * blocks * per_block
+    scale = denoiser_params / _SDXL_UNET_PARAMS if denoiser_params else 1.0
+    full = _UNET_BYTES_PER_PIXEL * resolution ** 2 * scale * b / 2
+    return int(batch * (full / 4 if checkpointing else full))
+
+
+def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gpu: dict | None,
+                overrides: dict | None = None) -> dict | None:
+    """Bytes per part for this config (``overrides``: settings to try instead, for the hints). None when the model's
+    files cannot be read here (a hub id not downloaded yet, a single file)."""
+    spec = SPECS.get(family or "")
+    if spec is None or probe is None or probe.kind not in ("diffusers_dir", "hub") or not probe.path \
+            or not probe.weight_files:
+        return None
+    o = {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optimizer,
+         "resolution": resolution, **(overrides or {})}
+    root = Path(probe.path)
+    on_gpu = gpu is not None and cfg.device != "cpu"
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
+    b = 2 if precision in ("bf16", "fp16") else 4
+    parts: dict[str, int] = {}
+    denoiser_params, lora = 0, 0
+    targets = spec.targets(cfg.target_modules)
+    cfg_json: dict = {}
+    for comp in spec.denoisers:
+        shapes = _shapes(root, probe.weight_files.get(comp))
+        denoiser_params += sum(_numel(s) for s in shapes.values())
+        lora += _lora_params(shapes, targets, cfg.lora_rank)
+        cfg_json = cfg_json or _config(root, comp)
+    parts["denoiser_weights"] = denoiser_params * b
+    text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
+    te_params = 0
+    for comp in spec.text_encoders:
+        shapes = _shapes(root, probe.weight_files.get(comp))
+        te_params += sum(_numel(s) for s in shapes.values())
+        if cfg.train_text_encoder and comp in spec.lora_text_encoders:
+            lora += _lora_params(shapes, cfg.text_encoder_target_modules, cfg.lora_rank)
+    # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
+    parts["text_encoders"] = 0 if text_cached else te_params * b
+    vae = sum(_numel(s) for s in _shapes(root, probe.weight_files.get("vae")).values())
+    parts["vae"] = 0 if cfg.cache_latents else vae * b
+    parts["lora"] = lora * (4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8))
+    attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)
+    parts["activations"] = _activations(family, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
+                                        o["gradient_checkpointing"], attention_only)
+    variable = sum(parts.values())
+    parts["fixed"] = (CONTEXT_BYTES if on_gpu else 0) + int(SLACK * variable)
+    total = sum(parts.values())
+    return {"parts_gib": {k: round(v / GIB, 2) for k, v in parts.items()}, "total_gib": round(total / GIB, 2),
+            "total_bytes": total, "precision": precision, "lora_params": lora,
+            "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
+            "gpu": gpu, "fits": None if gpu is None else total <= gpu["memory_bytes"]}
+
+
+def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict) -> list[dict]:
+    """Settings that would fit ``gpu``, cheapest change first, each with its estimate."""
+    tries: list[dict] = []
+    if not cfg.gradient_checkpointing:
+        tries.append({"gradient_checkpointing": True})
+    if cfg.optimizer != "adamw8bit":
+        tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit"})
+    for res in (768, 512):
+        if res < resolution:
+            tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "resolution": res})
+    out = []
+    for change in tries:
+        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change)
+        if plan is not None:
+            out.append({"settings": change, "total_gib": plan["total_gib"], "fits": plan["fits"]})
+    return out
+
+
+def drift_warning(plan: dict | None, memory: dict) -> str | None:
+    """A message when the measured peak (CUDA: reserved by torch's allocator plus the context it cannot see)
+    differs from the plan by more than DRIFT; None on the CPU, where RSS also counts the libraries and the host
+    copies of what went to the device."""
+    peak = memory.get("gpu_reserved_peak_gb")
+    if not plan or peak is None:
+        return None
+    measured = peak + CONTEXT_BYTES / GIB
+    planned = plan["total_gib"]
+    if planned <= 0 or abs(measured - planned) / planned <= DRIFT:
+        return None
+    return (f"memory: measured {measured:.2f} GiB (peak reserved + CUDA context) against a plan of {planned:.2f} GiB "
+            f"({(measured - planned) / planned:+.0%}); the plan's parts: {plan['parts_gib']}")

@@ -1,0 +1,107 @@
+"""The memory plan from weight headers alone: close to published figures for the real FLUX.1-dev and SDXL
+architectures (header-only files, no weights), a refusal with settings that fit on a card that is too small (a
+stand-in nvidia-smi reports the card), an override, and the drift warning's rule."""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli, write_config
+from lora_trainer import memory_plan
+from lora_trainer.config import parse_config
+from lora_trainer.model_probe import probe_model
+
+sys.path.insert(0, str(ROOT))
+from bench.bench_memory_plan import make_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    from lora_trainer.tiny import make_dataset
+
+    root = tmp_path_factory.mktemp("full")
+    return {"flux1": make_folder(root / "flux1", "flux1"), "sdxl": make_folder(root / "sdxl", "sdxl"),
+            "data": make_dataset(root / "data", n=2, trigger="ohwx"), "root": root}
+
+
+def _plan(full_size, family, gpu=None, **kw):
+    cfg, _ = parse_config({"dataset_path": str(full_size["data"]), "base_model": str(full_size[family]),
+                           "output_path": str(full_size["root"] / "out"), "trigger_words": ["ohwx"],
+                           "mixed_precision": "bf16", **kw})
+    probe = probe_model(str(full_size[family]), full_size["root"])
+    return memory_plan.plan_memory(cfg, probe, probe.family, kw.get("resolution", 1024), gpu=gpu)
+
+
+def test_plan_matches_published_figures(full_size):
+    card = {"name": "24 GB", "memory_bytes": 24 * 2 ** 30}
+    # huggingface/blog flux-qlora.md: bf16 FLUX.1-dev, r4 attention LoRA, 8-bit Adam, GC, cached: 26 GB peak
+    flux = _plan(full_size, "flux1", card, resolution=512, lora_rank=4,
+                 target_modules=["to_k", "to_q", "to_v", "to_out.0"], optimizer="adamw8bit", gradient_checkpointing=True)
+    assert flux["denoiser_params"] == pytest.approx(11.9e9, rel=0.01)
+    assert flux["lora_params"] == 4_669_440  # the blog's count for its r4 targets, exactly
+    assert 26 * 0.85 <= flux["total_gib"] <= 26 * 1.15 and flux["fits"] is False
+    # sd-scripts docs/train_SDXL-en.md: an SDXL LoRA fits 8 GB (GC, 8-bit Adam, cached), 10 GB advised
+    sdxl = _plan(full_size, "sdxl", card, resolution=1024, optimizer="adamw8bit", gradient_checkpointing=True)
+    assert sdxl["denoiser_params"] == pytest.approx(2.567e9, rel=0.01) and 6 <= sdxl["total_gib"] <= 10
+    # each saving does what it says, in the direction it says
+    no_gc = _plan(full_size, "sdxl", card, resolution=1024, optimizer="adamw8bit")
+    adamw = _plan(full_size, "sdxl", card, resolution=1024, gradient_checkpointing=True)
+    assert no_gc["parts_gib"]["activations"] > 3 * sdxl["parts_gib"]["activations"]
+    assert adamw["parts_gib"]["lora"] > sdxl["parts_gib"]["lora"]
+    uncached = _plan(full_size, "flux1", card, resolution=512, cache_latents=False, cache_text_embeddings=False)
+    assert uncached["parts_gib"]["vae"] >= 0 and uncached["total_gib"] > flux["total_gib"]
+
+
+def _fake_nvidia_smi(folder, name, mib):
+    folder.mkdir(exist_ok=True)
+    exe = folder / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\necho '{name}, {mib}'\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_validate_only_refuses_a_card_too_small_and_says_what_fits(full_size, tmp_path):
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(full_size["data"]), base_model=str(full_size["flux1"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=1024,
+                       mixed_precision="bf16", device="auto")
+    env = _fake_nvidia_smi(tmp_path / "bin", "NVIDIA GeForce RTX 4090", 24564)
+    res = run_cli("--config", str(cfg), "--validate-only", env=env)
+    assert res.returncode == 2
+    v = res.last("validation")
+    (err,) = [e for e in v["errors"] if e["code"] == "memory_plan_exceeds"]
+    assert "RTX 4090" in err["message"] and "24.0 GiB" in err["message"]
+    options = err["options"]
+    assert options[0]["settings"] == {"gradient_checkpointing": True}  # the cheapest change comes first
+    assert all(o["total_gib"] < v["summary"]["memory"]["total_gib"] for o in options)
+    assert "gradient_checkpointing: true -> about" in err["hint"] and "ignore_memory_plan" in err["hint"]
+    # an explicit override trains anyway; a big card needs none
+    ok = run_cli("--config", str(write_config(tmp_path / "o.json", **{**__import__("json").loads(cfg.read_text()),
+                                                                       "ignore_memory_plan": True})),
+                 "--validate-only", env=env)
+    assert ok.returncode == 0 and ok.last("validation")["summary"]["memory"]["fits"] is False
+    big = run_cli("--config", str(cfg), "--validate-only",
+                  env=_fake_nvidia_smi(tmp_path / "bin80", "NVIDIA H100 80GB HBM3", 81559))
+    assert big.returncode == 0 and big.last("validation")["summary"]["memory"]["fits"] is True
+
+
+def test_without_a_gpu_the_plan_is_a_summary(full_size, tmp_path):
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(full_size["data"]), base_model=str(full_size["flux1"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=1024, device="cpu")
+    res = run_cli("--config", str(cfg), "--validate-only")
+    assert res.returncode == 0
+    memory = res.last("validation")["summary"]["memory"]
+    assert memory["gpu"] is None and memory["fits"] is None and memory["precision"] == "no"  # fp32 on the CPU
+    assert not [w for w in res.last("validation")["warnings"] if "memory" in w["code"]]
+
+
+def test_drift_warning_rule():
+    plan = {"total_gib": 10.0, "parts_gib": {}}
+    ctx = memory_plan.CONTEXT_BYTES / memory_plan.GIB
+    assert memory_plan.drift_warning(plan, {"gpu_reserved_peak_gb": 10.0 - ctx}) is None
+    assert memory_plan.drift_warning(plan, {"gpu_reserved_peak_gb": 11.4 - ctx}) is None  # +14%
+    assert "+20%" in memory_plan.drift_warning(plan, {"gpu_reserved_peak_gb": 12.0 - ctx})
+    assert "-30%" in memory_plan.drift_warning(plan, {"gpu_reserved_peak_gb": 7.0 - ctx})
+    assert memory_plan.drift_warning(plan, {"rss_peak_gb": 30.0}) is None  # CPU: RSS is not comparable
