@@ -133,6 +133,25 @@ def _train(cfg, config_warnings, events: EventStream, args) -> int:
     return EXIT_OK
 
 
+def _out_of_memory(exc: BaseException, phase: str):
+    """An OutOfMemoryError for an allocation failure outside the training loop (which classifies its own)."""
+    if not isinstance(exc, MemoryError):
+        if "torch" not in sys.modules:  # nothing allocated big before torch; and never import it here
+            return None
+        from .guards import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            return None
+    from .errors import OutOfMemoryError
+
+    where = "GPU" if "cuda" in str(exc).lower() else "host"
+    first = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
+    return OutOfMemoryError(f"out of {where} memory while {phase.replace('_', ' ')}: {first}",
+                            hint="a smaller model or resolution, cache_latents_to_disk / cache_text_embeddings_to_disk, "
+                                 "cache_host_budget_gb, or more memory; validate-only's summary.memory shows the plan",
+                            details={"where": where.lower(), "phase": phase})
+
+
 def _wants_human(args: list[str]) -> bool:
     """Decided before argparse runs, because stdout must be claimed first; argparse validates the value."""
     mode = "auto"
@@ -199,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("interrupted", signal="SIGINT", step=None, checkpoint=None, message="interrupted")
         return 128 + int(signal.SIGINT)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: still an event, never silence
+        oom = _out_of_memory(exc, events.phase)
+        if oom is not None:  # outside a training step (loading, caching): still exit 6, with what to lower
+            _report(events, oom)
+            return oom.exit_code
         if debug:
             traceback.print_exc()
         else:

@@ -122,3 +122,36 @@ def memory_stats(device: torch.device) -> dict:
         stats["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         stats["gpu_reserved_peak_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     return stats
+
+
+def cpu_warnings(device_type: str, precision: str) -> list[dict]:
+    """The warnings a CPU run starts with."""
+    warnings: list[dict] = []
+    if device_type != "cpu":
+        return warnings
+    warnings.append({"code": "no_gpu", "message": "no CUDA GPU in use: training runs on the CPU, which is slow"})
+    if precision == "bf16":  # measured: bench/RESULTS.md, "Profile of train_lora's step"
+        warnings.append({"code": "cpu_bf16_slow", "path": "mixed_precision",
+                         "message": "bf16 on the CPU: measured 1.1-1.3x slower than fp32 for SDXL but 2.3-2.9x faster "
+                                    "for FLUX.1, with LoRA gradients that drift from fp32 (bench/RESULTS.md); \"auto\" "
+                                    "or \"no\" trains in fp32"})
+    return warnings
+
+
+class StepMemory:
+    """The step event's memory figures beside the memory plan; a drift over 15% is a warning, once."""
+
+    def __init__(self, plan: dict | None, events):
+        self.plan, self.events, self.warned = plan, events, False
+
+    def stats(self, device: torch.device) -> dict:
+        from .memory_plan import drift_warning
+
+        mem = memory_stats(device)
+        if self.plan:
+            mem["plan_gb"] = self.plan["total_gib"]
+            message = None if self.warned else drift_warning(self.plan, mem)
+            if message:
+                self.warned = True
+                self.events.emit("warning", code="memory_plan_drift", message=message)
+        return mem

@@ -24,7 +24,7 @@ from .buckets import bucket_range
 from .config import TrainConfig
 from .data import (build_images, decode_failures, encode_latents, load_pixels,
                    plan_epoch)
-from .device import choose_cpu_threads, memory_stats, resolve_device, weight_dtype
+from .device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from .errors import DatasetError, Interrupted
 from .events import EventStream
 from .guards import NonFiniteGuard, is_out_of_memory, oom_error
@@ -72,7 +72,8 @@ class Trainer:
 
         pre, self.downloaded = preflight_for_training(cfg, ev)
         self.probe, self.scan = pre.probe, pre.scan
-        self.memory_plan, self.memory_warned = pre.summary.get("memory"), False
+        self.memory_plan = pre.summary.get("memory")
+        self.step_memory = StepMemory(self.memory_plan, ev)
 
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
         self.cpu_threads = choose_cpu_threads(
@@ -86,18 +87,16 @@ class Trainer:
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.events.enabled = self.events.enabled and self.is_main
-        if self.device.type == "cpu":
-            ev.emit("warning", code="no_gpu", message="no CUDA GPU in use: training runs on the CPU, which is slow")
-            if self.device_info.mixed_precision == "bf16":  # measured: bench/RESULTS.md, "Profile of train_lora's step"
-                ev.emit("warning", code="cpu_bf16_slow", path="mixed_precision",
-                        message="bf16 on the CPU: measured 1.1-1.3x slower than fp32 for SDXL but 2.3-2.9x faster "
-                                "for FLUX.1, with LoRA gradients that drift from fp32 (bench/RESULTS.md); \"auto\" "
-                                "or \"no\" trains in fp32")
+        for warning in cpu_warnings(self.device.type, self.device_info.mixed_precision):
+            ev.emit("warning", **warning)
         set_seed(cfg.seed)
 
         self.family = get_family(self.probe.family, cfg)
         self.resolution, self.bucketing = self.scan.resolution, self.scan.bucketing
-        self._load_model()
+        from .loading import load_components
+
+        self.comps = load_components(cfg, self.family, self.probe, ev, downloaded=self.downloaded,
+                                     dtype=weight_dtype(self.device_info.mixed_precision))
         self._prepare_data()
         self._attach_lora()
         self._build_optimizer()
@@ -119,12 +118,6 @@ class Trainer:
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
-
-    def _load_model(self) -> None:
-        from .loading import load_components
-
-        self.comps = load_components(self.cfg, self.family, self.probe, self.events, downloaded=self.downloaded,
-                                     dtype=weight_dtype(self.device_info.mixed_precision))
 
     def _prepare_data(self) -> None:
         # Unreadable images were already reported by preflight's image_unreadable warning (with the files), and
@@ -420,20 +413,7 @@ class Trainer:
         self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
                          loss=value, loss_avg=loss_avg, lr=lr, images_per_sec=images_per_sec,
                          eta_s=round(s_per_step * (self.total_steps - prog.global_step), 1),
-                         elapsed_s=round(prog.elapsed_s, 3), memory=self._memory())
-
-    def _memory(self) -> dict:
-        """The step's memory figures beside the plan; a drift over 15% is a warning, once."""
-        from .memory_plan import drift_warning
-
-        mem = memory_stats(self.device)
-        if self.memory_plan:
-            mem["plan_gb"] = self.memory_plan["total_gib"]
-            message = drift_warning(self.memory_plan, mem) if not self.memory_warned else None
-            if message:
-                self.memory_warned = True
-                self.events.emit("warning", code="memory_plan_drift", message=message)
-        return mem
+                         elapsed_s=round(prog.elapsed_s, 3), memory=self.step_memory.stats(self.device))
 
     def _stop_now(self) -> None:
         signum = self.stop.signum or signal.SIGTERM

@@ -403,10 +403,9 @@ def test_atomic_writer(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["a.safetensors"]
     assert safetensors.torch.load_file(path)["w"].tolist() == [0.0, 0.0, 0.0]
 
-    def crash(tensors, filename, metadata=None):  # dies half-way through writing the temp file
-        open(filename, "wb").write(b"partial")
+    def crash(fd):  # the temp file is written but cannot be flushed to disk: a full disk
         raise OSError("disk full")
-    monkeypatch.setattr(ex.safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(ex.os, "fsync", crash)
     with pytest.raises(OSError):
         ex.save_safetensors_atomic({"w": torch.ones(5)}, path)
     assert os.listdir(tmp_path) == ["a.safetensors"]  # old file intact, temp removed
