@@ -24,7 +24,8 @@
 #   TORCH_INDEX_URL, TORCH_SPEC   the torch build (default: the newest CUDA 12.8 build, for drivers >= 570).
 #   TORCH_WHEELS     an image whose files are torch wheels, offered to pip with --find-links, so no large download:
 #                      docker build -t torch-wheels -f docker/wheels.Dockerfile /path/to/wheel/folder
-#                      docker build --build-arg TORCH_WHEELS=torch-wheels --build-arg TORCH_SPEC=torch==2.13.0+cpu ...
+#                      docker build --build-arg TORCH_WHEELS=torch-wheels --build-arg TORCH_SPEC=torch==2.13.0+cpu \
+#                        --build-arg REQUIRE_CUDA_TORCH=0 ...     (tests/test_docker.py builds so, with PyPI as index)
 #   REQUIRE_CUDA_TORCH   1 (default): the build fails unless torch is a CUDA build; 0 for a CPU image.
 #   TRAINER_UID      uid of the image's `trainer` user.
 # Behind a TLS-intercepting proxy pip needs your CA bundle; it is passed as a build secret (never stored in a layer):
