@@ -181,10 +181,10 @@ def read_safetensors_header(path: Path) -> tuple[dict | None, dict | None]:
             if n > MAX_HEADER_BYTES:
                 return None, _p("model_corrupt", f"{path.name}: header length {n} is implausible; not a safetensors file")
             raw = fh.read(n)
-    except PermissionError:
-        return None, _p("model_not_found", f"{path}: permission denied")
+    except PermissionError:  # the caller names the folder: the file's name completes it
+        return None, _p("model_unreadable", f"{path.name}: permission denied")
     except OSError as exc:
-        return None, _p("model_not_found", f"{path}: cannot read ({exc.strerror or exc})")
+        return None, _p("model_unreadable", f"{path.name}: cannot read ({exc.strerror or exc})")
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):

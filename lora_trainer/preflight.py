@@ -42,6 +42,7 @@ _EXIT_BY_CODE = {
     "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
     "model_not_found": EXIT_MODEL_LOAD, "model_pickle_refused": EXIT_MODEL_LOAD, "model_incomplete": EXIT_MODEL_LOAD,
     "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD, "model_config_missing": EXIT_MODEL_LOAD,
+    "model_unreadable": EXIT_MODEL_LOAD,
     "output_not_writable": EXIT_IO,
 }
 
@@ -148,6 +149,13 @@ def probe_writable(folder: Path) -> tuple[bool, str | None]:
     return True, None
 
 
+def _owner(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return None
+
+
 def _check_output(cfg: Any, errors: list, warnings: list) -> dict:
     out = Path(cfg.output_path)
     final = out / f"{cfg.output_name}.safetensors"
@@ -164,9 +172,13 @@ def _check_output(cfg: Any, errors: list, warnings: list) -> dict:
     info["writable"] = writable
     info["tested_in"] = str(anchor)
     if not writable:
-        what = "the output folder" if anchor == out else f"{anchor}, where {out} would be created,"
+        what = "the output folder" if anchor == out else f"{anchor} (where {out} would be created)"
+        owner = _owner(anchor)
         errors.append(_issue("output_not_writable", "output_path", f"cannot write to {what}: {why}",
-                             hint="choose a folder you can write to, or fix its permissions"))
+                             hint="choose a folder you can write to, or fix its permissions"
+                                  + (f"; it belongs to uid {owner} and this process runs as uid {os.getuid()} (in "
+                                     f"Docker: docker run --user {owner}:...)" if owner is not None
+                                     and hasattr(os, "getuid") and owner != os.getuid() else "")))
     try:
         free = shutil.disk_usage(anchor).free
         info["free_bytes"] = free

@@ -76,11 +76,16 @@ class Request:
     query: dict
     authorization: str | None
     status: int
+    range: str | None = None  # the Range header of a CDN GET (a resumed download)
 
 
 @dataclass
 class FakeHub:
     mode: str = "ok"  # "ok" | "gated"
+    # sha256 -> bytes: a CDN GET of that file declares its full length, sends this many bytes and drops the
+    # connection (a network cut mid-file); a Range GET of it sends nothing more, so the client cannot finish
+    # until the cut is lifted (del hub.cut[sha]).
+    cut: dict[str, int] = field(default_factory=dict)
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -214,10 +219,17 @@ class FakeHub:
                     if f.sha256 == sha:
                         headers = {"Content-Type": "application/octet-stream", "ETag": f'"{sha}"',
                                    "Accept-Ranges": "bytes"}
+                        cut = self.cut.get(sha)
                         if range_header:
                             start = int(range_header.split("=", 1)[1].split("-", 1)[0])
                             headers["Content-Range"] = f"bytes {start}-{len(f.data) - 1}/{len(f.data)}"
+                            if cut is not None:
+                                headers["Content-Length"] = str(len(f.data) - start)
+                                return 206, headers, b""
                             return 206, headers, f.data[start:]
+                        if cut is not None and method == "GET":
+                            headers["Content-Length"] = str(len(f.data))
+                            return 200, headers, f.data[:cut]
                         return 200, headers, f.data
         return self._unexpected(method, "cdn:" + path, query)
 
@@ -358,15 +370,19 @@ def _make_handler(hub: FakeHub, server_name: str):
             except Exception as exc:  # noqa: BLE001 - a bug in the fake must show up in the test, not hang it
                 hub._flag(f"{method} {path}: FakeHub error {type(exc).__name__}: {exc}")
                 status, headers, body = 500, {"Content-Type": "text/plain"}, repr(exc).encode()
-            hub._record(Request(server_name, method, path, query, self.headers.get("Authorization"), status))
+            hub._record(Request(server_name, method, path, query, self.headers.get("Authorization"), status,
+                                self.headers.get("Range")))
             self.send_response(status)
+            declared = headers.pop("Content-Length", None)  # a cut: more is declared than is sent
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("X-Request-Id", "Root=fake-" + hashlib.md5(self.path.encode()).hexdigest()[:12])
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", declared or str(len(body)))
             self.end_headers()
             if method != "HEAD":
                 self.wfile.write(body)
+            if declared is not None and int(declared) != len(body):
+                self.close_connection = True
 
         def do_GET(self):
             self._handle("GET")

@@ -305,3 +305,36 @@ def test_unreachable_hub_is_a_model_load_error_with_a_network_hint(tmp_path, dat
     assert err["code"] == "model_load_failed" and REPO in err["message"], err
     assert err["hint"] and any(w in err["hint"].lower() for w in ("network", "connection", "offline")), err
     assert "Traceback" not in res.stderr and not res.of_type("run_started")
+
+
+def test_a_download_cut_mid_file_is_completed_by_the_next_run(tmp_path, tiny_models, dataset):
+    """The network drops halfway through the UNet's weights: the run fails (exit 4 with a hint, nothing trained). The
+    files that did arrive stay in the cache; the next run fetches only the missing one (huggingface_hub 2.x
+    downloads each file to a per-process temp file and discards it on failure, so that one starts over) and
+    trains."""
+    hf_home = tmp_path / "hf_home"
+    hub = FakeHub()
+    repo = hub.add_repo(REPO, tiny_models["sd15"])
+    unet = repo.files["unet/diffusion_pytorch_model.safetensors"]
+    half = len(unet.data) // 2
+    config = hub_config(tmp_path / "c.json", dataset, tmp_path / "out")
+    with hub:
+        env = {**hub_env(hub, hf_home), "HF_HUB_DOWNLOAD_TIMEOUT": "5"}  # the endpoint exists once started
+        hub.cut[unet.sha256] = half
+        first = run_cli("--config", str(config), env=env)
+        cut_run = hub.take()
+        del hub.cut[unet.sha256]
+        second = run_cli("--config", str(config), env=env)
+        next_run = hub.take()
+    assert first.returncode == EXIT_MODEL_LOAD, first.stdout[-2000:] + first.stderr[-2000:]
+    err = first.last("error")
+    assert err["code"] == "model_load_failed" and err["hint"] and not first.of_type("run_started")
+    cut_gets = {r.path for r in cut_run if r.server == "cdn" and r.method == "GET"}
+    assert f"/cdn/{unet.sha256}" in cut_gets and len(cut_gets) > 1  # the cut hit one of several weight files
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    fetched = {r.path for r in next_run if r.server == "cdn" and r.method == "GET"}
+    assert fetched == {f"/cdn/{unet.sha256}"}, "files that arrived before the cut must not be fetched again"
+    snaps = list((hf_home / "hub" / ("models--" + REPO.replace("/", "--")) / "snapshots").iterdir())
+    assert (snaps[0] / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet.data
+    assert not list((hf_home / "hub").rglob("*.incomplete"))
+    assert not hub.unexpected, hub.unexpected

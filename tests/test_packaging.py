@@ -301,7 +301,9 @@ def test_dockerfile_parses_with_known_instructions_on_a_cuda_runtime_base(docker
     instructions = [ins for _, ins, _ in dockerfile]
     first = next(i for i, ins in enumerate(instructions) if ins != "ARG")
     assert instructions[first] == "FROM", "the first instruction after ARGs must be FROM"
-    froms = [args for _, ins, args in dockerfile if ins == "FROM"]
+    # Global ARGs (those before the first FROM) are what a FROM line may use: the default base is what counts.
+    global_args = _key_values(" ".join(a for _, ins, a in dockerfile[:first] if ins == "ARG")) if first else {}
+    froms = [_expand(args, global_args) for _, ins, args in dockerfile if ins == "FROM"]
     image = froms[-1].split()[0]
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", image), image
     assert instructions.count("ENTRYPOINT") == 1
