@@ -159,6 +159,8 @@ class TrainConfig:
     dataloader_workers: int = 0
     cpu_threads: int | None = None  # None: device.choose_cpu_threads decides
     ignore_memory_plan: bool = False
+    base_quantization: str = "none"  # frozen denoiser storage: none | fp8 | int8 | nf4 (quantize.py)
+    text_encoder_quantization: str = "none"
     # Keys the user wrote (flat or nested); some checks apply only to explicit values.
     explicit_keys: frozenset[str] = field(default_factory=frozenset, compare=False)
     config_path: Path | None = field(default=None, compare=False)

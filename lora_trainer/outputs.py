@@ -72,6 +72,12 @@ def _metadata(record: RunRecord, progress) -> dict[str, str]:
                 "max_train_steps": record.total_steps, "base_model": Path(cfg.base_model).name or cfg.base_model}
     if cfg.min_snr_gamma:
         training["min_snr_gamma"] = cfg.min_snr_gamma
+    # The frozen base's storage format (quantize.py): a LoRA trained on a quantised base partly learns its
+    # rounding, so users load it best on the same format. ss_fp8_base is the key kohya's sd-scripts writes.
+    training["base_quantization"] = cfg.base_quantization
+    training["text_encoder_quantization"] = cfg.text_encoder_quantization
+    if cfg.base_quantization == "fp8":
+        training["ss_fp8_base"] = True
     return build_metadata(family=record.family.name, rank=cfg.lora_rank, alpha=cfg.alpha, output_name=cfg.output_name,
                           trigger_words=list(cfg.trigger_words), tag_frequency=tag_frequency(by_folder),
                           resolution=(record.resolution, record.resolution), training=training, title=cfg.output_name,
@@ -161,6 +167,28 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
         "train_seconds": round(progress.elapsed_s, 3),
         "wall_seconds": round(time.monotonic() - r.started, 3),
         "final_loss": last_loss,
+        "quantization": _quantization(r.cfg, r.comps),
         "outputs": {"lora": export_result["kohya_path"], "peft_lora": export_result["peft_path"],
                     "lora_keys": export_result["kohya_keys"], "modules": export_result["modules"]},
     }
+
+
+def _quantization(cfg: Any, comps: Any) -> dict[str, Any]:
+    """The frozen base's formats, the layers each component really holds in them, and the backend versions that
+    produced them (a LoRA's numbers depend on all three)."""
+    import importlib.metadata
+
+    from .quantize import BACKENDS, stored_small
+
+    versions = {}
+    for fmt in {cfg.base_quantization, cfg.text_encoder_quantization}:
+        backend = BACKENDS.get(fmt)
+        if backend is not None:
+            try:
+                versions[backend.dist] = importlib.metadata.version(backend.dist)
+            except importlib.metadata.PackageNotFoundError:
+                versions[backend.dist] = None
+    modules = {**comps.denoisers, **comps.text_encoders}  # released text encoders are gone: not listed
+    return {"base": cfg.base_quantization, "text_encoders": cfg.text_encoder_quantization,
+            "layers": {name: stored_small(m) for name, m in modules.items()}, "lora_dtype": "float32",
+            "backends": versions}

@@ -165,6 +165,7 @@ def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
 def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors: list) -> dict | None:
     """Options of one objective on a family of the other, and family-specific keys on a family without the
     feature, are config errors naming the key (the schema cannot know the family). Returns the objective summary."""
+    _check_quantization(cfg, errors)  # needs no family: checked even before a hub model is downloaded
     spec = SPECS.get(family or "")
     if spec is None:
         return None
@@ -197,6 +198,16 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
                              f"{m} px (VAE downsampling x the denoiser's patch size)", value=cfg.resolution,
                              allowed=f"a multiple of {m}, e.g. {max(m, cfg.resolution // m * m)}"))
     return objective_summary(cfg, spec)
+
+
+def _check_quantization(cfg: Any, errors: list) -> None:
+    """base_quantization / text_encoder_quantization that cannot work (backend missing or too old, DoRA on a
+    quantised layer) are config errors naming the key, found here without importing torch or the backend."""
+    from .quantize import config_problems
+
+    for key, message, hint in config_problems(cfg):
+        errors.append(_issue("config_invalid", key, message, hint=hint, value=getattr(cfg, key),
+                             allowed="\"none\", or a format whose backend is installed"))
 
 
 def _model_summary(probe: ModelProbe) -> dict:

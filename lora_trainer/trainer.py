@@ -205,6 +205,8 @@ class Trainer:
             from .init_lora import init_from_file
 
             init_from_file(cfg, self.family.name, comps, self.lora_modules, self.events)
+        from .quantize import after_lora  # fp8 storage must follow injection (PEFT copies the base dtype)
+        after_lora(cfg, comps, self.lora_modules)  # ... and every LoRA tensor must then be trainable fp32
 
     def _build_optimizer(self) -> None:
         from .optim import build_lr_scheduler, build_optimizer

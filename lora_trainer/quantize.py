@@ -1,0 +1,262 @@
+"""The frozen base's storage format (``base_quantization`` / ``text_encoder_quantization``): none | fp8 | int8 | nf4.
+
+Weight-only formats (W8A16 / W4A16): the frozen Linear weights are stored small and turned back into the run's
+compute precision inside each matmul; LoRA A/B stay fp32 and are the only trainable tensors. Backends, chosen from
+../shared/reference/quantized-base.md (sections 3, 6, 9), all of which train on a CPU:
+
+* fp8  -> diffusers' layerwise casting (float8_e4m3fn storage, upcast per layer in a forward hook). No extra package.
+  It must follow LoRA injection: PEFT copies the base weight's dtype into new LoRA weights, so casting first would
+  make fp8 LoRA weights (an error on the CPU, silently useless training on a GPU). Plain, unscaled e4m3: ~2.5%
+  output error on random weights, where int8 per-channel has 0.4%.
+* int8 -> torchao ``Int8WeightOnlyConfig`` (per-row scales); PEFT 0.21 wraps it in ``TorchaoLoraLinear``. PEFT refuses
+  torchao < 0.16 during *any* LoRA injection, so the version is checked before a run.
+* nf4  -> bitsandbytes ``Linear4bit(quant_type="nf4")`` swapped in per Linear (block 64, fp32 absmax, no double
+  quantisation: 0.5625 bytes per weight). diffusers' ``BitsAndBytesConfig`` loader refuses without a GPU, a layer
+  built by hand does not; PEFT's generic ``lora.Linear`` wraps it (forward and backward are exact, merging is not
+  offered, and we never merge: only the LoRA is saved).
+
+optimum-quanto is not used: PEFT has no quanto layer, its maintainers call it maintenance-mode, and torch 2.13's int8
+kernel segfaults on bf16 Linears with fewer than 16 inputs.
+
+Only Linear layers inside the repeated blocks are quantised (a module path with a list index: transformer_blocks.3,
+down_blocks.1..., encoder.layers.0, encoder.block.5), and only from 16 features up: norms, embeddings, the patch /
+time / text input projections and the output head stay at compute precision (small, and the most sensitive).
+
+Memory: layers are converted one at a time and each full-precision weight is released as soon as its quantised copy
+exists, so the conversion itself adds at most one layer's full-precision copy. The real host peak is earlier: diffusers'
+``from_pretrained`` materialises the whole component at compute precision before we see it, so host RAM peaks at
+the full-precision component (+ one quantised layer) and drops to the quantised size after; the accelerator only
+ever receives the quantised model. Loading quantised from a memory-mapped file would remove that peak (not done yet).
+
+This module imports torch only inside functions: preflight and the memory plan use the torch-free part.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+FORMATS = ("none", "fp8", "int8", "nf4")
+# Bytes per quantised weight element (the memory plan). int8 adds one fp32 scale per output row and fp8 nothing,
+# both negligible next to in_features bytes per row; NF4 = 4 bits + one fp32 absmax per block of 64.
+STORAGE_BYTES = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+MIN_FEATURES = 16  # smaller Linears save nothing and hit kernel bugs (torch's int8 pack-mm at K < 16)
+NF4_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class Backend:
+    dist: str  # distribution name (importlib.metadata)
+    module: str  # import name (importlib.util.find_spec)
+    minimum: tuple[int, int]  # the extra's lower bound (pyproject.toml)
+    below: tuple[int, int]  # the extra's upper bound: first version not tried here
+    extra: str  # pyproject extra
+    broken_below: str | None = None  # why versions under ``minimum`` cannot work (refused); None: only untested
+
+
+BACKENDS = {"int8": Backend("torchao", "torchao", (0, 16), (0, 19), "int8",
+                            "peft 0.21 refuses torchao below 0.16 during every LoRA injection"),
+            # Tested with 0.50.2 (CPU and the reference's runs); older 4-bit releases are allowed, not refused.
+            "nf4": Backend("bitsandbytes", "bitsandbytes", (0, 45), (0, 51), "nf4")}
+
+
+def pip_command(backend: Backend) -> str:
+    lo, hi = ".".join(map(str, backend.minimum)), ".".join(map(str, backend.below))
+    return f'pip install "{backend.dist}>={lo},<{hi}"  (or: pip install ".[{backend.extra}]")'
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    nums = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit()) or "0"
+        nums.append(int(digits))
+    return (nums + [0, 0])[0], (nums + [0, 0])[1]
+
+
+def backend_problem(fmt: str) -> tuple[str, str] | None:
+    """(message, hint) when the format's backend is missing or too old; None when usable. Torch-free and fast:
+    find_spec and the installed metadata, never an import (torchao alone takes ~0.3 s, bitsandbytes ~1 s)."""
+    backend = BACKENDS.get(fmt)
+    if backend is None:
+        return None  # none / fp8 need only diffusers
+    if importlib.util.find_spec(backend.module) is None:
+        return (f"{fmt} needs {backend.dist}, which is not installed", pip_command(backend))
+    try:
+        version = importlib.metadata.version(backend.dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None  # importable but unregistered (a source checkout): let it try
+    if backend.broken_below and _version_tuple(version) < backend.minimum:
+        return (f"{fmt} needs {backend.dist} >= {'.'.join(map(str, backend.minimum))}, found {version} "
+                f"({backend.broken_below})", pip_command(backend))
+    return None
+
+
+def quantizable(name: str, shape: Sequence[int]) -> bool:
+    """Whether a Linear weight (``name`` = the module path, ``shape`` = (out, in)) is one we store small: inside a
+    repeated block (a list index in its path) and at least MIN_FEATURES wide both ways."""
+    return len(shape) == 2 and min(int(s) for s in shape) >= MIN_FEATURES and any(p.isdigit() for p in name.split("."))
+
+
+def config_problems(cfg: Any) -> list[tuple[str, str, str]]:
+    """(config key, message, hint) for every format setting that cannot work; torch-free (preflight)."""
+    out = []
+    for key in ("base_quantization", "text_encoder_quantization"):
+        fmt = getattr(cfg, key, "none")
+        if fmt == "none":
+            continue
+        problem = backend_problem(fmt)
+        if problem:
+            out.append((key, *problem))
+        cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
+        if key == "text_encoder_quantization" and fmt == "int8" and cached:
+            # The text cache's identity samples the encoders' weights as plain tensors (cache_identity.py), and
+            # torchao's Int8Tensor implements no view(): the run would stop while caching. fp8 and NF4 weights
+            # are plain tensors and fingerprint fine.
+            out.append((key, f"{key} int8 cannot be combined with cached text embeddings yet: the text cache "
+                             "cannot fingerprint torchao int8 weights", "use \"fp8\" or \"nf4\" for the text "
+                        "encoders, or cache_text_embeddings false"))
+        lora_here = key == "base_quantization" or cfg.train_text_encoder
+        if cfg.use_dora and lora_here:
+            # DoRA's magnitude step re-reads the whole base weight as a plain tensor outside the layer's forward:
+            # an fp8 weight is then still in storage dtype, an NF4 one a packed uint8 buffer.
+            out.append((key, f"{key} {fmt} cannot be combined with use_dora: DoRA reads the full-precision base "
+                             "weight every step, which a quantised base does not keep",
+                        "set use_dora false, or this key to \"none\""))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ torch part
+def _kept(module, name: str) -> bool:
+    """Layers the model itself pins to fp32 (``_keep_in_fp32_modules``, e.g. T5's ``wo``, which overflows below fp32
+    and whose forward casts its input to wo's weight dtype: an fp8 / uint8 one would wreck it)."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    return any(k in name.split(".") for k in keep)
+
+
+def _targets(module, fmt: str) -> list[str]:
+    import torch
+
+    return [n for n, m in module.named_modules()
+            if type(m) is torch.nn.Linear and quantizable(n, tuple(m.weight.shape)) and not _kept(module, n)]
+
+
+def _swap_nf4(module, names: Iterable[str]) -> None:
+    import bitsandbytes as bnb
+    import torch
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        lin = getattr(parent, child)
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=lin.weight.dtype, compress_statistics=False, quant_type="nf4",
+                              device="meta")
+        # Params4bit quantises when moved to a device; the full-precision weight is freed with `lin` below.
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK,
+                                     compress_statistics=False).to(lin.weight.device)
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+        setattr(parent, child, q.requires_grad_(False))
+        del lin
+
+
+def quantize_module(module, fmt: str) -> dict:
+    """Store ``module``'s block Linears as ``fmt`` (int8 / nf4: now; fp8: after LoRA, see cast_fp8).
+    Returns what was converted (for the run's event and the manifest)."""
+    names = _targets(module, fmt)
+    params = sum(module.get_submodule(n).weight.numel() for n in names)
+    if fmt == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        wanted = set(names)
+        # quantize_ walks the tree and swaps each weight in place, one module at a time.
+        quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: fqn in wanted)
+    elif fmt == "nf4":
+        _swap_nf4(module, names)
+    return {"format": fmt, "layers": len(names), "params": params}
+
+
+def cast_fp8(module) -> dict:
+    """fp8 storage for the block Linears of a module that already carries its LoRA (see the module docstring): the
+    base layers inside PEFT's wrappers get diffusers' layerwise-casting hook, the LoRA layers never do."""
+    import torch
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    layers, params = 0, 0
+    for name, m in module.named_modules():
+        if type(m) is not torch.nn.Linear or ".lora_" in f".{name}" or _kept(module, name) or not quantizable(
+                name.replace(".base_layer", ""), tuple(m.weight.shape)):
+            continue
+        apply_layerwise_casting_hook(m, storage_dtype=torch.float8_e4m3fn, compute_dtype=m.weight.dtype,
+                                     non_blocking=False)
+        layers, params = layers + 1, params + m.weight.numel()
+    return {"format": "fp8", "layers": layers, "params": params}
+
+
+def check_lora_fp32(modules: dict) -> None:
+    """Every LoRA tensor must be a trainable fp32 tensor after injection and casting: an fp8/bf16 one means the order
+    above was broken and AdamW's small updates would vanish (or, on a CPU, crash)."""
+    import torch
+
+    from .errors import TrainingError
+
+    bad = [f"{comp}.{n} ({p.dtype})" for comp, m in modules.items() for n, p in m.named_parameters()
+           if "lora_" in n and (p.dtype != torch.float32 or not p.requires_grad)]
+    if bad:
+        raise TrainingError(f"internal check failed: LoRA weights must be trainable fp32, found {', '.join(bad[:5])}",
+                            hint="a bug in how the frozen base was quantised; report it with the config",
+                            details={"tensors": bad[:20]})
+
+
+def stored_small(module) -> dict[str, int]:
+    """Layers of a live module whose weight is held in a quantised format, by format: what the manifest records
+    (read from the model, not the config, so a conversion that silently did nothing shows as zero)."""
+    import torch
+
+    counts = {"fp8": 0, "int8": 0, "nf4": 0}
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if type(m).__name__ == "Linear4bit":
+            counts["nf4"] += 1
+        elif isinstance(m, torch.nn.Linear) and w is not None:
+            if w.dtype == torch.float8_e4m3fn:
+                counts["fp8"] += 1
+            elif "Int8" in type(w).__name__:  # torchao Int8Tensor / its AffineQuantizedTensor predecessor
+                counts["int8"] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def _te_formats(cfg: Any, spec: Any, comps: Any) -> dict[str, bool]:
+    """Text encoder name -> whether it gets LoRA (so fp8 casting waits for it)."""
+    return {name: cfg.train_text_encoder and name in spec.lora_text_encoders for name in comps.text_encoders}
+
+
+def quantize_at_load(cfg: Any, spec: Any, comps: Any) -> list[dict]:
+    """After the components load (loading.load_components): int8 / nf4 for the denoisers and text encoders, and fp8
+    for text encoders that will carry no LoRA. Returns one summary per converted component."""
+    done = []
+    fmt = cfg.base_quantization
+    if fmt in ("int8", "nf4"):
+        for name, denoiser in comps.denoisers.items():
+            done.append({"component": name, **quantize_module(denoiser, fmt)})
+    te_fmt = cfg.text_encoder_quantization
+    for name, gets_lora in _te_formats(cfg, spec, comps).items():
+        te = comps.text_encoders[name]
+        if te_fmt in ("int8", "nf4"):
+            done.append({"component": name, **quantize_module(te, te_fmt)})
+        elif te_fmt == "fp8" and not gets_lora:
+            done.append({"component": name, **cast_fp8(te)})
+    return done
+
+
+def after_lora(cfg: Any, comps: Any, lora_modules: dict) -> list[dict]:
+    """Trainer._attach_lora, once every adapter is in: fp8 casting of the LoRA-carrying modules, then the fp32
+    check on every LoRA tensor (whatever the format)."""
+    done = []
+    for name, module in lora_modules.items():
+        fmt = cfg.base_quantization if name in comps.denoisers else cfg.text_encoder_quantization
+        if fmt == "fp8":
+            done.append({"component": name, **cast_fp8(module)})
+    check_lora_fp32(lora_modules)
+    return done
