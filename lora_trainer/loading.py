@@ -210,7 +210,7 @@ def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
     for module in comps.modules():
         module.requires_grad_(False)
         module.eval()
-    if "none" != cfg.base_quantization or "none" != cfg.text_encoder_quantization:
+    if cfg.base_quantization != "none" or cfg.text_encoder_quantization != "none":
         _quantize(cfg, family, comps, ev)
     return comps
 
@@ -219,11 +219,13 @@ def _quantize(cfg, family, comps, ev) -> None:
     """The frozen base's storage format (quantize.py), on the host before anything moves to the accelerator, so the
     accelerator only ever holds the small copy. Preflight has checked the backends; a failure here is still a
     config error naming the key, not a traceback."""
-    from .errors import ConfigError
+    from .errors import ConfigError, TrainerError
     from .quantize import quantize_at_load
 
     try:
         done = quantize_at_load(cfg, family.spec, comps)
+    except TrainerError:  # Interrupted (SIGTERM while converting) keeps its own exit code
+        raise
     except Exception as exc:  # noqa: BLE001 - a backend's own error, reported against the setting that chose it
         key = "base_quantization" if cfg.base_quantization != "none" else "text_encoder_quantization"
         raise ConfigError(f"{key} {getattr(cfg, key)}: the backend failed: {type(exc).__name__}: {exc}",
