@@ -1,8 +1,10 @@
 """How much accelerator memory a run will need, from the weight files' headers alone (no torch, no weights read),
 part by part, and which cheaper settings would fit a card that is too small.
 
-M = frozen weights at the compute precision + LoRA (fp32 weights, gradients, optimizer state) + activations +
-fixed overhead (+ text encoders / VAE while they stay resident). Activations (B = 1, per image):
+M = frozen weights at their storage format (base_quantization / text_encoder_quantization: the block Linears at
+1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision; quantize.py) + LoRA (fp32
+weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders / VAE while they stay
+resident). Activations (B = 1, per image):
 
 * transformer families (FLUX.1, SD3): linear in tokens L = (resolution / 16)^2 image + text tokens, and in the
   hidden size d. Measured on a full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .family_spec import SPECS, expand_targets
+from .quantize import STORAGE_BYTES, quantizable
 
 GIB = 1024 ** 3
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  # state bytes per fp32 LoRA param
@@ -77,6 +80,18 @@ def _config(root: Path, comp: str) -> dict:
         return {}
 
 
+def _weight_bytes(shapes: dict[str, list[int]], fmt: str, b: int) -> int:
+    """Frozen weight bytes: the block Linears quantize.py stores in ``fmt`` at its bytes per element, everything
+    else (norms, embeddings, input/output layers, biases, Conv2d) at the compute precision's ``b``."""
+    store = STORAGE_BYTES.get(fmt)
+    total = 0.0
+    for key, shape in shapes.items():
+        n = _numel(shape)
+        small = store is not None and key.endswith(".weight") and quantizable(key[: -len(".weight")], shape)
+        total += n * (store if small else b)
+    return int(total)
+
+
 def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
     """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out))."""
     weights = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
@@ -115,30 +130,31 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
             or not probe.weight_files:
         return None
     o = {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optimizer,
-         "resolution": resolution, **(overrides or {})}
+         "resolution": resolution, "base_quantization": cfg.base_quantization, **(overrides or {})}
     root = Path(probe.path)
     on_gpu = gpu is not None and cfg.device != "cpu"
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     b = 2 if precision in ("bf16", "fp16") else 4
     parts: dict[str, int] = {}
-    denoiser_params, lora = 0, 0
+    denoiser_params, denoiser_bytes, lora = 0, 0, 0
     targets = spec.targets(cfg.target_modules)
     cfg_json: dict = {}
     for comp in spec.denoisers:
         shapes = _shapes(root, probe.weight_files.get(comp))
         denoiser_params += sum(_numel(s) for s in shapes.values())
+        denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b)
         lora += _lora_params(shapes, targets, cfg.lora_rank)
         cfg_json = cfg_json or _config(root, comp)
-    parts["denoiser_weights"] = denoiser_params * b
+    parts["denoiser_weights"] = denoiser_bytes
     text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
-    te_params = 0
+    te_bytes = 0
     for comp in spec.text_encoders:
         shapes = _shapes(root, probe.weight_files.get(comp))
-        te_params += sum(_numel(s) for s in shapes.values())
+        te_bytes += _weight_bytes(shapes, cfg.text_encoder_quantization, b)
         if cfg.train_text_encoder and comp in spec.lora_text_encoders:
             lora += _lora_params(shapes, cfg.text_encoder_target_modules, cfg.lora_rank)
     # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
-    parts["text_encoders"] = 0 if text_cached else te_params * b
+    parts["text_encoders"] = 0 if text_cached else te_bytes
     vae = sum(_numel(s) for s in _shapes(root, probe.weight_files.get("vae")).values())
     parts["vae"] = 0 if cfg.cache_latents else vae * b
     parts["lora"] = lora * (4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8))
@@ -161,6 +177,11 @@ def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: di
         tries.append({"gradient_checkpointing": True})
     if cfg.optimizer != "adamw8bit":
         tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit"})
+    # A quantised base halves (8-bit) or quarters (NF4) the frozen weights at some accuracy (int8 per-row: ~0.4%
+    # output error on random weights, NF4 ~9%), so it comes before a lower resolution, which changes the training.
+    smaller = [f for f in ("int8", "nf4") if STORAGE_BYTES[f] < STORAGE_BYTES.get(cfg.base_quantization, 2.0)]
+    for fmt in smaller:
+        tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "base_quantization": fmt})
     for res in (768, 512):
         if res < resolution:
             tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "resolution": res})

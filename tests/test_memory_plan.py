@@ -55,6 +55,45 @@ def test_plan_matches_published_figures(full_size):
     assert uncached["parts_gib"]["vae"] >= 0 and uncached["total_gib"] > flux["total_gib"]
 
 
+def test_quantised_base_in_the_plan_and_the_hints(full_size):
+    """Frozen Linear weights at 1 byte (fp8, int8) or 0.5625 (NF4), everything else as before; the reference's
+    FLUX.1-dev worked example (section 7): 22.2 / 11.1 / 5.7-6.2 GiB of weights, ~16 / ~11 GiB at 1024 px with
+    checkpointing, 8-bit AdamW and r16 on all block Linears."""
+    card = {"name": "16 GB", "memory_bytes": 16 * 2 ** 30}
+    kw = dict(resolution=1024, target_modules="all_linear", optimizer="adamw8bit", gradient_checkpointing=True)
+    plans = {q: _plan(full_size, "flux1", card, base_quantization=q, **kw) for q in ("none", "fp8", "int8", "nf4")}
+    weights = {q: p["parts_gib"]["denoiser_weights"] for q, p in plans.items()}
+    assert weights["none"] == pytest.approx(22.2, rel=0.02)
+    assert weights["fp8"] == weights["int8"] == pytest.approx(11.1, rel=0.02)
+    assert 5.7 <= weights["nf4"] <= 6.4
+    assert plans["int8"]["total_gib"] == pytest.approx(16, rel=0.1)
+    assert plans["nf4"]["total_gib"] == pytest.approx(11, rel=0.1)
+    for q in ("fp8", "int8", "nf4"):  # only the frozen weights (and the slack on them) change
+        same = {k: v for k, v in plans[q]["parts_gib"].items() if k not in ("denoiser_weights", "fixed")}
+        assert same == {k: v for k, v in plans["none"]["parts_gib"].items() if k not in ("denoiser_weights", "fixed")}
+    assert [plans[q]["fits"] for q in ("none", "int8", "nf4")] == [False, False, True]  # a 16 GB card needs NF4
+    # the rule per weight (text encoders too): block Linears small, embeddings / norms / tiny layers at 2 bytes
+    t5 = {"encoder.block.0.layer.0.SelfAttention.q.weight": [4096, 4096], "shared.weight": [32128, 4096],
+          "encoder.final_layer_norm.weight": [4096], "encoder.block.0.layer.1.tiny.weight": [8, 4096]}
+    rest = 32128 * 4096 + 4096 + 8 * 4096
+    assert memory_plan._weight_bytes(t5, "none", 2) == 2 * (4096 * 4096 + rest)
+    assert memory_plan._weight_bytes(t5, "int8", 2) == 4096 * 4096 + 2 * rest
+    assert memory_plan._weight_bytes(t5, "nf4", 2) == int(4096 * 4096 * 0.5625) + 2 * rest
+    # the hints offer only formats smaller than the configured one
+    from lora_trainer.config import parse_config
+    from lora_trainer.model_probe import probe_model
+
+    probe = probe_model(str(full_size["flux1"]), full_size["root"])
+    for current, offered in (("none", ["int8", "nf4"]), ("fp8", ["nf4"]), ("nf4", [])):
+        cfg, _ = parse_config({"dataset_path": str(full_size["data"]), "base_model": str(full_size["flux1"]),
+                               "output_path": str(full_size["root"] / "out"), "trigger_words": ["ohwx"],
+                               "mixed_precision": "bf16", "base_quantization": current, **kw})
+        options = memory_plan.cheaper_settings(cfg, probe, "flux1", 1024, card)
+        assert [o["settings"]["base_quantization"] for o in options if "base_quantization" in o["settings"]] == offered
+        if offered:
+            assert [o["fits"] for o in options if o["settings"].get("base_quantization") == "nf4"] == [True]
+
+
 def _fake_nvidia_smi(folder, name, mib):
     folder.mkdir(exist_ok=True)
     exe = folder / "nvidia-smi"
@@ -77,6 +116,9 @@ def test_validate_only_refuses_a_card_too_small_and_says_what_fits(full_size, tm
     assert options[0]["settings"] == {"gradient_checkpointing": True}  # the cheapest change comes first
     assert all(o["total_gib"] < v["summary"]["memory"]["total_gib"] for o in options)
     assert "gradient_checkpointing: true -> about" in err["hint"] and "ignore_memory_plan" in err["hint"]
+    # a quantised base is offered, and at 8 bit FLUX.1-dev fits a 24 GB card at 1024 px (reference: ~16 GiB)
+    assert [o["fits"] for o in options if o["settings"].get("base_quantization") == "int8"] == [True]
+    assert 'base_quantization: "int8" -> about' in err["hint"]
     # an explicit override trains anyway; a big card needs none
     ok = run_cli("--config", str(write_config(tmp_path / "o.json", **{**__import__("json").loads(cfg.read_text()),
                                                                        "ignore_memory_plan": True})),
