@@ -87,12 +87,15 @@ def dora_row_scale(modules: dict[str, torch.nn.Module]) -> dict | None:
     instead of the adapted W + dW, so each output channel comes out scaled by exactly this ratio compared with
     PEFT/diffusers; recorded in the manifest so a user can see how far that is from 1 for their LoRA.
     """
+    from peft.utils.integrations import dequantize_module_weight
+
     lo, hi, layers = float("inf"), 0.0, 0
     for module in modules.values():
         for layer in module.modules():
             if not getattr(layer, "use_dora", {}).get(ADAPTER):
                 continue
-            w = layer.get_base_layer().weight.float()
+            # PEFT's own dequantisation (a no-op for plain weights): an int8 / NF4 base (quantize.py) holds packed data
+            w = dequantize_module_weight(layer.get_base_layer()).float()
             adapted = w + layer.get_delta_weight(ADAPTER).float()
             ratio = adapted.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             lo, hi, layers = min(lo, float(ratio.min())), max(hi, float(ratio.max())), layers + 1

@@ -117,12 +117,12 @@ def config_problems(cfg: Any) -> list[tuple[str, str, str]]:
                              "cannot fingerprint torchao int8 weights", "use \"fp8\" or \"nf4\" for the text "
                         "encoders, or cache_text_embeddings false"))
         lora_here = key == "base_quantization" or cfg.train_text_encoder
-        if cfg.use_dora and lora_here:
-            # DoRA's magnitude step re-reads the whole base weight as a plain tensor outside the layer's forward:
-            # an fp8 weight is then still in storage dtype, an NF4 one a packed uint8 buffer.
-            out.append((key, f"{key} {fmt} cannot be combined with use_dora: DoRA reads the full-precision base "
-                             "weight every step, which a quantised base does not keep",
-                        "set use_dora false, or this key to \"none\""))
+        if cfg.use_dora and lora_here and fmt == "fp8":
+            # DoRA's weight norm reads the base weight outside the layer's forward, where layerwise casting keeps
+            # it in float8, and torch cannot promote float8 (RuntimeError). PEFT dequantises int8 / NF4 itself.
+            out.append((key, f"{key} fp8 cannot be combined with use_dora: DoRA reads the base weight outside the "
+                             "layer's forward, where fp8 storage cannot be computed with",
+                        "use \"int8\" or \"nf4\" with DoRA, set use_dora false, or set this key to \"none\""))
     return out
 
 

@@ -149,8 +149,8 @@ def test_refusals_name_the_key(tmp_path, tiny_models, dataset, monkeypatch):
 
     model = tiny_models["flux1-dev"]
     assert _preflight(tmp_path, model, dataset, base_quantization="nf4", text_encoder_quantization="fp8").ok
-    # DoRA on a quantised layer that carries LoRA
-    pre = _preflight(tmp_path, model, dataset, base_quantization="nf4", use_dora=True)
+    # DoRA on an fp8 layer that carries LoRA (int8 / NF4 DoRA trains: see the SDXL run)
+    pre = _preflight(tmp_path, model, dataset, base_quantization="fp8", use_dora=True)
     (err,) = _errors(pre, "base_quantization")
     assert err["code"] == "config_invalid" and "use_dora" in err["message"] and pre.exit_code == 2
     # ... but not on a text encoder that gets no LoRA
@@ -223,6 +223,8 @@ def runs(tiny_models, tmp_path_factory):
     out["resumed"] = run_cli("--config", str(split), "--resume", env=NAN)
     out["sdxl"] = run_cli("--config", str(_cfg(tmp, tiny_models["sdxl"], data, "sdxl", base_quantization="nf4",
                                                text_encoder_quantization="fp8", train_text_encoder=True)), env=NAN)
+    out["dora"] = run_cli("--config", str(_cfg(tmp, flux, data, "dora", base_quantization="nf4", use_dora=True,
+                                               max_sequence_length=32, max_train_steps=2)))
     return out
 
 
@@ -295,3 +297,14 @@ def test_unet_nf4_with_trained_fp8_text_encoders(runs):
         state = load_file(ckpt / f"lora_{comp}.safetensors")
         assert state and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values()), comp
         assert any(t.abs().max() > 0 for k, t in state.items() if "lora_B" in k), comp
+
+
+def test_dora_on_an_nf4_base(runs):
+    """PEFT dequantises the NF4 weight for DoRA's norm; the manifest's ComfyUI row-scale check reads it the same way."""
+    res = runs["dora"]
+    assert res.returncode == 0, res.stderr[-4000:]
+    state = load_file(runs["tmp"] / "dora" / "checkpoints" / "step-000002" / "lora_transformer.safetensors")
+    magnitudes = [t for k, t in state.items() if "lora_magnitude" in k]
+    assert magnitudes and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+    scale = json.loads((runs["tmp"] / "dora" / "training_manifest.json").read_text())["dora_comfyui_row_scale"]
+    assert scale["layers"] == len(magnitudes) and 0.5 < scale["min"] <= scale["max"] < 2.0, scale
