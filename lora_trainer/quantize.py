@@ -157,6 +157,10 @@ def _swap_nf4(module, names: Iterable[str]) -> None:
                                      compress_statistics=False).to(lin.weight.device)
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+        # On CPUs with AVX512-BF16, bnb repacks the weight in place the first time the layer runs in eval mode
+        # without grad (our validation samples) into an inference-only layout whose matmul then breaks autograd
+        # in the next training step. Keep the trainable layout.
+        q.support_avx512bf16_for_cpu = False
         setattr(parent, child, q.requires_grad_(False))
         del lin
 

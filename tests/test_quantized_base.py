@@ -216,7 +216,9 @@ def runs(tiny_models, tmp_path_factory):
         for n, m in blocks)}
     te = {"fp8": "fp8", "int8": "none", "nf4": "nf4"}  # int8 encoders + a text cache are refused (see below)
     for fmt in FORMATS:
-        out[fmt] = run_cli("--config", str(_cfg(tmp, flux, data, fmt, base_quantization=fmt,
+        # samples at steps 0 and 4: the quantised layers run in eval mode between training steps
+        out[fmt] = run_cli("--config", str(_cfg(tmp, flux, data, fmt, base_quantization=fmt, validation_steps=4,
+                                                validation_inference_steps=2, validation_prompts=["ohwx, a cat"],
                                                 text_encoder_quantization=te[fmt], max_sequence_length=32)), env=NAN)
     split = _cfg(tmp, flux, data, "split", base_quantization="int8", max_sequence_length=32)
     out["stopped"] = run_cli("--config", str(split), env={**NAN, "TRAIN_LORA_TEST_SIGTERM_STEP": "2"})
@@ -240,6 +242,7 @@ def test_every_format_trains_through_the_cli(runs, fmt):
     assert res.last("run_started")["config"]["base_quantization"] == fmt
     steps = res.of_type("step")
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert {e["step"] for e in res.of_type("sample")} == {0, 4}
     # the guard skipped the injected step and nothing else: every other step's loss and LoRA grad norm were finite
     assert [e["details"]["step"] for e in res.of_type("warning") if e["code"] == "nonfinite_step_skipped"] == [3]
     out = runs["tmp"] / fmt
