@@ -262,5 +262,18 @@ def after_lora(cfg: Any, comps: Any, lora_modules: dict) -> list[dict]:
         fmt = cfg.base_quantization if name in comps.denoisers else cfg.text_encoder_quantization
         if fmt == "fp8":
             done.append({"component": name, **cast_fp8(module)})
+        if fmt != "none":
+            _ddp_skip_frozen(module)
     check_lora_fp32(lora_modules)
     return done
+
+
+def _ddp_skip_frozen(module) -> None:
+    """Several processes: DDP broadcasts every parameter from rank 0 when accelerate wraps the model, and neither
+    torchao's int8 tensors (no view()) nor float8 over gloo can be broadcast. Every rank loaded and converted the
+    same files the same way, so the frozen weights already agree: DDP is told to leave them alone (it syncs only
+    the trainable LoRA gradients anyway). A no-op in one process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)

@@ -1,10 +1,13 @@
 """A quantised frozen base (base_quantization / text_encoder_quantization: fp8, int8, nf4) on the CPU with the tiny
 random models: each format converts the block Linears (and nothing else), gives finite LoRA gradients and keeps LoRA
 fp32; each trains through the real CLI with the NaN guard armed; SIGTERM -> resume is bitwise exact (int8); the
-exported LoRA loads on the full-precision base in diffusers; every refusal is a config error naming the key."""
+exported LoRA loads on the full-precision base in diffusers; two processes (DDP) train; every refusal is a config
+error naming the key."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, lora_deltas, run_cli, write_config
+from conftest import ROOT, lora_deltas, parse_events, run_cli, write_config
 
 FORMATS = ("fp8", "int8", "nf4")
 RANK, ALPHA = 4, 8
@@ -311,3 +314,23 @@ def test_dora_on_an_nf4_base(runs):
     assert magnitudes and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
     scale = json.loads((runs["tmp"] / "dora" / "training_manifest.json").read_text())["dora_comfyui_row_scale"]
     assert scale["layers"] == len(magnitudes) and 0.5 < scale["min"] <= scale["max"] < 2.0, scale
+
+
+def test_two_processes_with_quantised_modules(tmp_path, tiny_models, dataset):
+    """DDP broadcasts every parameter when it wraps a model; an fp8 UNet (float8 over gloo) and a trained int8
+    text encoder (torchao tensors have no view()) are told to skip their frozen weights, which agree on every rank."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = _cfg(tmp_path, tiny_models["sd15"], dataset, "ddp", max_train_steps=2, base_quantization="fp8",
+               text_encoder_quantization="int8", train_text_encoder=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(ROOT / "train_lora.py"), "--config", str(cfg)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = parse_events(proc.stdout)
+    assert [e["world_size"] for e in events if e["type"] == "run_started"] == [2]
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
+    for comp in ("unet", "text_encoder"):
+        state = load_file(tmp_path / "ddp" / "checkpoints" / "step-000002" / f"lora_{comp}.safetensors")
+        assert state and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values()), comp
