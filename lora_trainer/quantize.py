@@ -22,11 +22,15 @@ Only Linear layers inside the repeated blocks are quantised (a module path with 
 down_blocks.1..., encoder.layers.0, encoder.block.5), and only from 16 features up: norms, embeddings, the patch /
 time / text input projections and the output head stay at compute precision (small, and the most sensitive).
 
-Memory: layers are converted one at a time and each full-precision weight is released as soon as its quantised copy
-exists, so the conversion itself adds at most one layer's full-precision copy. The real host peak is earlier: diffusers'
-``from_pretrained`` materialises the whole component at compute precision before we see it, so host RAM peaks at
-the full-precision component (+ one quantised layer) and drops to the quantised size after; the accelerator only
-ever receives the quantised model. Loading quantised from a memory-mapped file would remove that peak (not done yet).
+Host memory: layers are converted one at a time, each full-precision weight dropped (and the heap trimmed) before
+the next, then the few unconverted tensors are copied out of the memory-mapped weight file so its mapping goes.
+What that gives, measured on a 283 M-parameter FLUX-like transformer (fp32 file, 1.08 GiB): when the file is in the
+compute dtype, diffusers keeps the weights memory-mapped, so the peak is the file's pages read while converting
+(clean page cache, which the kernel can reclaim) + the quantised copy: RSS 1.7 (NF4) / 1.8 GiB (int8), then the
+quantised size (+0.17 / +0.29 GiB over the process's baseline); without the trimming and the copy-out it stayed at
+2.1 / 2.5 GiB. When the file needs a dtype conversion, ``from_pretrained`` materialises the whole component in
+anonymous memory first: the peak is then the full-precision component. The accelerator only ever receives the
+quantised model. Converting while reading the file would remove the full-precision peak (not done).
 
 This module imports torch only inside functions: preflight and the memory plan use the torch-free part.
 """
@@ -163,6 +167,34 @@ def _swap_nf4(module, names: Iterable[str]) -> None:
         q.support_avx512bf16_for_cpu = False
         setattr(parent, child, q.requires_grad_(False))
         del lin
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise: the full-precision weights just dropped stay in
+    RSS). Measured on a 283 M-parameter transformer: host RSS after conversion falls from 2.1-2.5 GiB to the
+    quantised size. A no-op where libc has no malloc_trim."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _own_remaining_tensors(module) -> None:
+    """diffusers / transformers keep a component's weights as views of its memory-mapped safetensors file; the
+    mapping (and every page of it read while converting, i.e. the whole full-precision file) stays resident while
+    any view lives. Copying the small unconverted tensors (norms, embeddings, biases) out of it releases it."""
+    import torch
+
+    for m in module.modules():
+        for p in m._parameters.values():
+            if type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor:  # not bnb / torchao weights
+                p.data = p.data.clone()
+        for key, b in list(m._buffers.items()):
+            if b is not None and type(b) is torch.Tensor:
+                m._buffers[key] = b.clone()
 
 
 def quantize_module(module, fmt: str) -> dict:
@@ -173,11 +205,15 @@ def quantize_module(module, fmt: str) -> dict:
     if fmt == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        wanted = set(names)
-        # quantize_ walks the tree and swaps each weight in place, one module at a time.
-        quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: fqn in wanted)
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+        for name in names:  # one layer at a time, its full-precision weight freed before the next
+            quantize_(module.get_submodule(name), config, filter_fn=lambda m, fqn: True)
+            _trim_heap()
     elif fmt == "nf4":
         _swap_nf4(module, names)
+    if names:
+        _own_remaining_tensors(module)
+        _trim_heap()
     return {"format": fmt, "layers": len(names), "params": params}
 
 
