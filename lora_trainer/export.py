@@ -371,6 +371,23 @@ def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return len(raw).to_bytes(8, "little") + raw + buf[8 + n:]
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """A text output (manifest, model card) written like the LoRA: temp file, fsync, the umask's mode, rename;
+    ``path`` is the old file or the complete new one, and a failure leaves no temp file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        ordinary_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file so that ``path`` is either the old file or the complete new one, never a torn

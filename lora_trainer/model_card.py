@@ -7,9 +7,7 @@ non-commercial), which a trainer cannot decide.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +86,7 @@ whose license applies to it too.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = out_dir / CARD_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_NAME}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(str(card))
-        from .export import ordinary_mode
+    from .export import write_text_atomic
 
-        ordinary_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, str(card))
     return path

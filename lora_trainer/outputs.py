@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -89,20 +87,9 @@ def _metadata(record: RunRecord, progress) -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        from .export import ordinary_mode
+    from .export import write_text_atomic
 
-        ordinary_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], progress, last_loss: float | None,
