@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .family_spec import SPECS, expand_targets
+from .model_probe import weight_shapes
 from .quantize import STORAGE_BYTES, quantizable
 
 GIB = 1024 ** 3
@@ -51,19 +52,6 @@ def detect_gpu() -> dict | None:
         return {"name": name, "memory_bytes": int(float(mib) * 2 ** 20)}
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         return None
-
-
-def _shapes(root: Path, files) -> dict[str, list[int]]:
-    from .model_probe import read_safetensors_header
-
-    shapes: dict[str, list[int]] = {}
-    for rel in files or ():
-        if str(rel).endswith(".safetensors"):
-            header, _ = read_safetensors_header(root / rel)
-            for key, info in (header or {}).items():
-                if key != "__metadata__" and isinstance(info, dict):
-                    shapes[key] = list(info.get("shape") or ())
-    return shapes
 
 
 def _numel(shape: list[int]) -> int:
@@ -140,7 +128,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     targets = spec.targets(cfg.target_modules)
     cfg_json: dict = {}
     for comp in spec.denoisers:
-        shapes = _shapes(root, probe.weight_files.get(comp))
+        shapes = weight_shapes(root, probe.weight_files.get(comp))
         denoiser_params += sum(_numel(s) for s in shapes.values())
         denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b)
         lora += _lora_params(shapes, targets, cfg.lora_rank)
@@ -149,13 +137,13 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
     te_bytes = 0
     for comp in spec.text_encoders:
-        shapes = _shapes(root, probe.weight_files.get(comp))
+        shapes = weight_shapes(root, probe.weight_files.get(comp))
         te_bytes += _weight_bytes(shapes, cfg.text_encoder_quantization, b)
         if cfg.train_text_encoder and comp in spec.lora_text_encoders:
             lora += _lora_params(shapes, cfg.text_encoder_target_modules, cfg.lora_rank)
     # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
     parts["text_encoders"] = 0 if text_cached else te_bytes
-    vae = sum(_numel(s) for s in _shapes(root, probe.weight_files.get("vae")).values())
+    vae = sum(_numel(s) for s in weight_shapes(root, probe.weight_files.get("vae")).values())
     parts["vae"] = 0 if cfg.cache_latents else vae * b
     parts["lora"] = lora * (4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8))
     attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)

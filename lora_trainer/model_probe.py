@@ -197,6 +197,18 @@ def read_safetensors_header(path: Path) -> tuple[dict | None, dict | None]:
     return header, None
 
 
+def weight_shapes(root: Path, files) -> dict[str, list[int]]:
+    """tensor name -> shape over a component's safetensors files, from their headers only (no tensor data read)."""
+    shapes: dict[str, list[int]] = {}
+    for rel in files or ():
+        if str(rel).endswith(".safetensors"):
+            header, _ = read_safetensors_header(root / rel)
+            for key, info in (header or {}).items():
+                if key != "__metadata__" and isinstance(info, dict):
+                    shapes[key] = list(info.get("shape") or ())
+    return shapes
+
+
 # ---------------------------------------------------------------------------------- diffusers folder
 
 def _component_weights(folder: Path) -> tuple[list[str], list[str], list[dict]]:

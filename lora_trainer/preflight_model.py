@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .family_spec import DDPM_KEYS, FLOW_KEYS, SPECS, expand_targets, objective_summary
-from .model_probe import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, read_safetensors_header
+from .model_probe import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, weight_shapes
 
 
 MAX_FILES = 20  # files listed per issue; ``count`` has the total
@@ -115,14 +115,8 @@ def _check_dit_single_file_config(cfg: Any, probe: ModelProbe, errors: list, war
 
 def _weight_ndims(root: Path, files: Iterable[str]) -> dict[str, int]:
     """module path -> rank of its weight, from safetensors headers only (no tensor data is read)."""
-    dims: dict[str, int] = {}
-    for rel in files:
-        if rel.endswith(".safetensors"):
-            header, _ = read_safetensors_header(root / rel)
-            for key, info in (header or {}).items():
-                if key.endswith(".weight") and isinstance(info, dict):
-                    dims[key[: -len(".weight")]] = len(info.get("shape") or ())
-    return dims
+    return {k[: -len(".weight")]: len(shape) for k, shape in weight_shapes(root, files).items()
+            if k.endswith(".weight")}
 
 
 def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
