@@ -50,6 +50,15 @@ def _check(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- FLUX.1 (BFL layout)
 
+def _final_layer(sd: dict, out: dict, inner_dim: int) -> None:
+    """The output head, the same in the BFL and SAI layouts (adaLN scale/shift halves swapped back)."""
+    out["final_layer.linear.weight"] = sd.pop("proj_out.weight")
+    out["final_layer.linear.bias"] = sd.pop("proj_out.bias")
+    out["final_layer.adaLN_modulation.1.weight"] = swap_scale_shift(
+        _check(sd.pop("norm_out.linear.weight"), 2 * inner_dim, "norm_out.linear.weight"))
+    out["final_layer.adaLN_modulation.1.bias"] = swap_scale_shift(sd.pop("norm_out.linear.bias"))
+
+
 def flux_to_bfl(sd: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
     """A diffusers FluxTransformer2DModel state dict in the BFL layout (inverse of
     convert_flux_transformer_checkpoint_to_diffusers, statement by statement)."""
@@ -141,11 +150,7 @@ def flux_to_bfl(sd: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, to
         out[f"{s}linear2.weight"] = sd.pop(f"{p}proj_out.weight")
         out[f"{s}linear2.bias"] = sd.pop(f"{p}proj_out.bias")
 
-    out["final_layer.linear.weight"] = sd.pop("proj_out.weight")
-    out["final_layer.linear.bias"] = sd.pop("proj_out.bias")
-    out["final_layer.adaLN_modulation.1.weight"] = swap_scale_shift(
-        _check(sd.pop("norm_out.linear.weight"), 2 * inner_dim, "norm_out.linear.weight"))
-    out["final_layer.adaLN_modulation.1.bias"] = swap_scale_shift(sd.pop("norm_out.linear.bias"))
+    _final_layer(sd, out, inner_dim)
     if sd:
         raise ValueError(f"flux_to_bfl: {len(sd)} tensors not mapped, e.g. {sorted(sd)[:5]}")
     return out
@@ -244,11 +249,7 @@ def sd3_to_sai(sd: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, tor
             out[f"{c}mlp.fc2.bias"] = sd.pop(f"{p}ff_context.net.2.bias")
 
     # Final blocks.
-    out["final_layer.linear.weight"] = sd.pop("proj_out.weight")
-    out["final_layer.linear.bias"] = sd.pop("proj_out.bias")
-    out["final_layer.adaLN_modulation.1.weight"] = swap_scale_shift(
-        _check(sd.pop("norm_out.linear.weight"), 2 * inner_dim, "norm_out.linear.weight"))
-    out["final_layer.adaLN_modulation.1.bias"] = swap_scale_shift(sd.pop("norm_out.linear.bias"))
+    _final_layer(sd, out, inner_dim)
     if sd:
         raise ValueError(f"sd3_to_sai: {len(sd)} tensors not mapped, e.g. {sorted(sd)[:5]}")
     return out

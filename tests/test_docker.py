@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub
 
-from conftest import ROOT, parse_events
+from conftest import ROOT, CliResult, parse_events
 
 pytestmark = pytest.mark.docker
 
@@ -156,20 +156,8 @@ def _demo_config(folder: Path) -> Path:
 
 
 @dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    events: list[dict] = field(default_factory=list)
+class Run(CliResult):  # conftest's result (of_type, last) plus what `docker stop` returned
     stop_returncode: int | None = None
-
-    def of_type(self, type_: str) -> list[dict]:
-        return [e for e in self.events if e["type"] == type_]
-
-    def last(self, type_: str) -> dict:
-        found = self.of_type(type_)
-        assert found, f"no {type_!r} event; types: {[e['type'] for e in self.events]}\nstderr:\n{self.stderr[-3000:]}"
-        return found[-1]
 
 
 def _container(docker: str, image: str, host: Path, name: str, docker_args: list[str], args: list[str],
@@ -203,7 +191,7 @@ def _container(docker: str, image: str, host: Path, name: str, docker_args: list
         stderr.seek(0)
         err = stderr.read()
     stdout = "".join(lines)
-    return Run(rc, stdout, err, parse_events(stdout) if stdout.strip() else [], stop_rc)
+    return Run(rc, parse_events(stdout) if stdout.strip() else [], stdout, err, stop_rc)
 
 
 @dataclass
