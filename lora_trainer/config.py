@@ -161,6 +161,7 @@ class TrainConfig:
     ignore_memory_plan: bool = False
     base_quantization: str = "none"  # frozen denoiser storage: none | fp8 | int8 | nf4 (quantize.py)
     text_encoder_quantization: str = "none"
+    offload_blocks: float = 0  # blocks streamed from host memory: a count (>= 1) or a fraction (offload.py)
     # Keys the user wrote (flat or nested); some checks apply only to explicit values.
     explicit_keys: frozenset[str] = field(default_factory=frozenset, compare=False)
     config_path: Path | None = field(default=None, compare=False)
@@ -332,6 +333,29 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
+def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
+    value = cfg.offload_blocks
+    if not value:
+        return
+    if value >= 1 and value != int(value):
+        problems.append(_problem("offload_blocks", value, "offload_blocks of 1 or more is a block count and must be "
+                                 "a whole number", f"{int(value)}, or a fraction between 0 and 1"))
+    if not cfg.gradient_checkpointing:
+        # Without checkpointing autograd holds views of every block's weights until the backward pass, so
+        # streaming would free nothing (offload.py).
+        problems.append(_problem("offload_blocks", value, "offload_blocks needs gradient_checkpointing: without it "
+                                 "the backward pass keeps every block's weights on the accelerator anyway",
+                                 "set gradient_checkpointing true, or offload_blocks 0"))
+    if cfg.base_quantization in ("int8", "nf4"):
+        problems.append(_problem("offload_blocks", value, f"offload_blocks cannot stream a {cfg.base_quantization} "
+                                 "base: its weights carry quantisation state that streaming does not move",
+                                 "base_quantization \"none\" or \"fp8\" with offload_blocks, or offload_blocks 0"))
+    if cfg.use_dora:
+        problems.append(_problem("offload_blocks", value, "offload_blocks cannot be combined with use_dora: DoRA's "
+                                 "export reads the base weights, which streaming keeps in host memory",
+                                 "use_dora false, or offload_blocks 0"))
+
+
 def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -> None:
     ex = cfg.explicit_keys
     if cfg.max_train_steps is not None and cfg.num_epochs is not None:
@@ -384,6 +408,7 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
                                     "load the kohya file (their current output-axis DoRA normalises by the base "
                                     "weight's norm, a small approximation); A1111's built-in loader implements only "
                                     "input-axis DoRA and misapplies it. See README 'DoRA'."})
+    _offload_problems(cfg, problems)
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(_problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                  "false, or set cache_latents to false"))

@@ -58,6 +58,8 @@ class FamilySpec:
     # Variant -> default T5 max_sequence_length (None: the family has no T5).
     max_sequence_length: Mapping[str | None, int] = field(default_factory=dict)
     single_file_config_repo: Mapping[str | None, str] = field(default_factory=dict)
+    # The denoiser's ModuleLists that offload_blocks may stream from host memory, in forward order (offload.py).
+    offload_blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
 
     @property
     def is_flow(self) -> bool:
@@ -109,7 +111,8 @@ SPECS: dict[str, FamilySpec] = {
         "attention_mlp", flow=FlowDefaults(sigma_sampling="sigmoid", shift="resolution"), sample_guidance=3.5,
         train_guidance={"dev": 1.0, "schnell": None}, max_sequence_length={"dev": 512, "schnell": 256, None: 512},
         single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
-                                 None: "black-forest-labs/FLUX.1-dev"}),
+                                 None: "black-forest-labs/FLUX.1-dev"},
+        offload_blocks=("transformer_blocks", "single_transformer_blocks")),
     # SD3/3.5: VAE 8x, patch 2 -> 16 px. Logit-normal sigmas with the static shift 3.0 of its scheduler and x0
     # preconditioning: what diffusers' and kohya's SD3 scripts do by default.
     "sd3": FamilySpec(
@@ -123,7 +126,8 @@ SPECS: dict[str, FamilySpec] = {
         single_file_config_repo={"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
                                  "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                                  "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-                                 None: "stabilityai/stable-diffusion-3.5-large"}),
+                                 None: "stabilityai/stable-diffusion-3.5-large"},
+        offload_blocks=("transformer_blocks",)),
 }
 FAMILY_NAMES = tuple(SPECS)
 FLOW_KEYS = ("flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",

@@ -93,6 +93,27 @@ def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
     return total
 
 
+def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str, b: int) -> list[int]:
+    """Frozen bytes of each streamable block (spec.offload_blocks ModuleLists), in forward order."""
+    blocks: dict[tuple[int, int], dict] = {}
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] in attrs and parts[1].isdigit():
+            blocks.setdefault((attrs.index(parts[0]), int(parts[1])), {})[key] = shape
+    return [_weight_bytes(blocks[k], fmt, b) for k in sorted(blocks)]
+
+
+def _offload(value: float, blocks: list[int]) -> dict | None:
+    """What offload_blocks moves off the accelerator: the last blocks in forward order, one of them back at a time."""
+    from .offload import resolve_count
+
+    count = resolve_count(value, len(blocks))
+    if not count:
+        return None
+    streamed = blocks[len(blocks) - count:]
+    return {"blocks": count, "of": len(blocks), "host_bytes": sum(streamed), "device_bytes": max(streamed)}
+
+
 def _activations(family: str, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
                  checkpointing: bool, attention_only: bool) -> int:
     if SPECS[family].is_flow:
@@ -118,7 +139,8 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
             or not probe.weight_files:
         return None
     o = {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optimizer,
-         "resolution": resolution, "base_quantization": cfg.base_quantization, **(overrides or {})}
+         "resolution": resolution, "base_quantization": cfg.base_quantization,
+         "offload_blocks": cfg.offload_blocks, **(overrides or {})}
     root = Path(probe.path)
     on_gpu = gpu is not None and cfg.device != "cpu"
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
@@ -127,12 +149,17 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     denoiser_params, denoiser_bytes, lora = 0, 0, 0
     targets = spec.targets(cfg.target_modules)
     cfg_json: dict = {}
+    offload: dict | None = None
     for comp in spec.denoisers:
         shapes = weight_shapes(root, probe.weight_files.get(comp))
         denoiser_params += sum(_numel(s) for s in shapes.values())
         denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b)
         lora += _lora_params(shapes, targets, cfg.lora_rank)
         cfg_json = cfg_json or _config(root, comp)
+        offload = offload or _offload(o["offload_blocks"], _block_bytes(shapes, spec.offload_blocks,
+                                                                        o["base_quantization"], b))
+    if offload:
+        denoiser_bytes -= offload["host_bytes"] - offload["device_bytes"]
     parts["denoiser_weights"] = denoiser_bytes
     text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
     te_bytes = 0
@@ -155,6 +182,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     return {"parts_gib": {k: round(v / GIB, 2) for k, v in parts.items()}, "total_gib": round(total / GIB, 2),
             "total_bytes": total, "precision": precision, "lora_params": lora,
             "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
+            "offload": None if offload is None else {**offload, "host_gib": round(offload["host_bytes"] / GIB, 2)},
             "gpu": gpu, "fits": None if gpu is None else total <= gpu["memory_bytes"]}
 
 
@@ -178,7 +206,33 @@ def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: di
         plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change)
         if plan is not None:
             out.append({"settings": change, "total_gib": plan["total_gib"], "fits": plan["fits"]})
+    streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu)
+    if streamed is not None:
+        out.insert(next((i for i, o in enumerate(out) if "resolution" in o["settings"]), len(out)), streamed)
     return out
+
+
+def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict) -> dict | None:
+    """The smallest offload_blocks (with checkpointing and 8-bit AdamW, at the base's current format when it can
+    be streamed) that fits; None when even streaming every block does not, or the base cannot be streamed."""
+    if cfg.base_quantization not in ("none", "fp8") or cfg.use_dora:
+        return None
+    base = {"gradient_checkpointing": True, "optimizer": "adamw8bit"}
+    full = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides={**base, "offload_blocks": 0.999})
+    if full is None or not full["fits"] or not full["offload"]:
+        return None
+    # Each streamed block frees its bytes and costs at most the growth of the largest streamed one, so the total
+    # falls as the count grows: bisect (each plan reads every header; a linear scan over 57 FLUX blocks is slow).
+    lo, hi, best = 1, full["offload"]["of"], None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        change = {**base, "offload_blocks": mid}
+        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change)
+        if plan["fits"]:
+            best, hi = {"settings": change, "total_gib": plan["total_gib"], "fits": True}, mid - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 def drift_warning(plan: dict | None, memory: dict) -> str | None:

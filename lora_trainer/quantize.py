@@ -299,12 +299,12 @@ def after_lora(cfg: Any, comps: Any, lora_modules: dict) -> list[dict]:
         if fmt == "fp8":
             done.append({"component": name, **cast_fp8(module)})
         if fmt != "none":
-            _ddp_skip_frozen(module)
+            ddp_skip_frozen(module)
     check_lora_fp32(lora_modules)
     return done
 
 
-def _ddp_skip_frozen(module) -> None:
+def ddp_skip_frozen(module) -> None:
     """Several processes: DDP broadcasts every parameter from rank 0 when accelerate wraps the model, and neither
     torchao's int8 tensors (no view()) nor float8 over gloo can be broadcast. Every rank loaded and converted the
     same files the same way, so the frozen weights already agree: DDP is told to leave them alone (it syncs only

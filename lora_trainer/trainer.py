@@ -30,6 +30,8 @@ from .events import EventStream
 from .guards import NonFiniteGuard, is_out_of_memory, oom_error
 from .families import Components, get_family
 from .family_spec import objective_summary
+from .offload import stream_denoisers
+from .offload import summary as offload_summary
 from .report import tracker_for
 from .signals import GracefulStop
 
@@ -116,6 +118,7 @@ class Trainer:
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
+                offload=offload_summary(self.streamers),
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -182,8 +185,10 @@ class Trainer:
 
         cfg, comps, spec = self.cfg, self.comps, self.family.spec
         self.denoiser_params: list[torch.nn.Parameter] = []
+        # LoRA goes in on the host, before anything moves: so that fp8 casting and block streaming happen before
+        # the full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives
+        # the same initial LoRA on every device.
         for denoiser in comps.denoisers.values():
-            denoiser.to(self.device)
             if cfg.gradient_checkpointing:
                 denoiser.enable_gradient_checkpointing()
             self.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
@@ -207,6 +212,9 @@ class Trainer:
             init_from_file(cfg, self.family.name, comps, self.lora_modules, self.events)
         from .quantize import after_lora  # fp8 storage must follow injection (PEFT copies the base dtype)
         after_lora(cfg, comps, self.lora_modules)  # ... and every LoRA tensor must then be trainable fp32
+        self.streamers = stream_denoisers(cfg.offload_blocks, spec.offload_blocks, comps.denoisers, self.device)
+        for denoiser in comps.denoisers.values():
+            denoiser.to(self.device)
 
     def _build_optimizer(self) -> None:
         from .optim import build_lr_scheduler, build_optimizer

@@ -147,3 +147,29 @@ def test_drift_warning_rule():
     assert "+20%" in memory_plan.drift_warning(plan, {"gpu_reserved_peak_gb": 12.0 - ctx})
     assert "-30%" in memory_plan.drift_warning(plan, {"gpu_reserved_peak_gb": 7.0 - ctx})
     assert memory_plan.drift_warning(plan, {"rss_peak_gb": 30.0}) is None  # CPU: RSS is not comparable
+
+
+def test_streamed_blocks_in_the_plan_and_the_hints(full_size):
+    """offload_blocks moves the last blocks' frozen weights to host memory and keeps one of them on the card: for
+    FLUX.1-dev half the blocks (29 of 57) are single blocks of 141.6 M parameters, 0.26 GiB each in bf16; on a
+    12 GB card the hint names the fewest streamed blocks that fit."""
+    kw = dict(resolution=1024, optimizer="adamw8bit", gradient_checkpointing=True)
+    plain = _plan(full_size, "flux1", **kw)
+    half = _plan(full_size, "flux1", offload_blocks=0.5, **kw)
+    single = 141.6e6 * 2 / 2 ** 30
+    assert plain["offload"] is None
+    assert (half["offload"]["blocks"], half["offload"]["of"]) == (29, 57)
+    assert half["offload"]["host_gib"] == pytest.approx(29 * single, rel=0.01)
+    drop = plain["parts_gib"]["denoiser_weights"] - half["parts_gib"]["denoiser_weights"]
+    assert drop == pytest.approx(28 * single, rel=0.01)
+    card = {"name": "12 GB", "memory_bytes": 12 * 2 ** 30}
+    cfg, _ = parse_config({"dataset_path": str(full_size["data"]), "base_model": str(full_size["flux1"]),
+                           "output_path": str(full_size["root"] / "out"), "trigger_words": ["ohwx"],
+                           "mixed_precision": "bf16", **kw})
+    probe = probe_model(str(full_size["flux1"]), full_size["root"])
+    (hint,) = [o for o in memory_plan.cheaper_settings(cfg, probe, "flux1", 1024, card)
+               if "offload_blocks" in o["settings"]]
+    count = hint["settings"]["offload_blocks"]
+    assert hint["fits"] and 1 < count < 57
+    fewer = _plan(full_size, "flux1", card, offload_blocks=count - 1, **kw)
+    assert fewer["fits"] is False and hint["total_gib"] <= 12, "the fewest blocks that fit"

@@ -139,6 +139,12 @@ export interface RunStartedEvent {
   memory_plan?: {
     [k: string]: unknown | undefined;
   } | null;
+  /**
+   * block streaming (offload_blocks; null when off): per denoiser, blocks (streamed), of (its streamable blocks), host_bytes (their frozen weights in host memory), pinned (page-locked, on CUDA)
+   */
+  offload?: {
+    [k: string]: unknown | undefined;
+  } | null;
 }
 /**
  * A phase of the run starts (loading the model, caching, training, saving, exporting).

@@ -1,0 +1,188 @@
+"""Streaming a denoiser's blocks from host memory (config ``offload_blocks``), so a base that does not fit the card
+trains there anyway.
+
+The frozen weights of the streamed blocks live in host memory (pinned on CUDA, so copies are DMA transfers). A
+streamed block's weights are copied to the accelerator just before the block runs, and dropped again when the next
+streamed block is copied in; at most one streamed block is resident at a time. The backward pass needs them again:
+a gradient hook on the block's outputs copies them back before autograd enters the block (with gradient
+checkpointing that is also before the block's recomputation, which runs inside its backward).
+
+While offloaded, a weight's data is an empty tensor of its dtype on the accelerator, not its host copy: a use of
+an offloaded weight then fails loudly on every device, the CPU included, instead of silently computing on the host.
+That is what makes the CPU tests of this schedule mean something.
+
+Why gradient checkpointing is required (config error otherwise): without it autograd keeps views of every block's
+weights for the backward pass, so dropping them frees nothing. With it, a block keeps only its inputs.
+
+Only frozen parameters move (requires_grad False); LoRA weights, their optimizer state and buffers stay resident.
+Plain and fp8 (layerwise-cast) weights are supported; int8 / NF4 tensors carry quantisation state in tensor
+subclasses that ``.data`` swaps do not move, so those bases are refused in preflight.
+
+Copies are issued on the compute stream (non-blocking from pinned memory): simple and ordered by construction,
+but not overlapped with compute; the cost is about 2 x the streamed bytes over PCIe per step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+def resolve_count(value: float, total: int) -> int:
+    """offload_blocks as configured (0: off; an integer >= 1: that many blocks; 0 < x < 1: that fraction of the
+    blocks, rounded up) -> a block count in [0, total]."""
+    if not value or total <= 0:
+        return 0
+    count = math.ceil(value * total) if value < 1 else int(value)
+    return min(count, total)
+
+
+def block_lists(module: torch.nn.Module, attrs: Iterable[str]) -> list[torch.nn.Module]:
+    """The family's streamable blocks (spec.offload_blocks: ModuleList attribute names), in forward order."""
+    out: list[torch.nn.Module] = []
+    for attr in attrs:
+        blocks = getattr(module, attr, None)
+        if blocks is not None:
+            out.extend(blocks)
+    return out
+
+
+def summary(streamers: dict[str, BlockStreamer]) -> dict | None:
+    """run_started.offload: per denoiser, how many blocks stream and how many host bytes they hold."""
+    if not streamers:
+        return None
+    return {name: {"blocks": len(s.blocks), "of": s.total, "host_bytes": s.host_bytes, "pinned": s.pin}
+            for name, s in streamers.items()}
+
+
+class BlockStreamer:
+    """Streams the frozen weights of ``blocks`` between host memory and ``device``; ``install`` before the module
+    moves to the device (so the full-size blocks never get there), ``remove`` to put the weights back in place."""
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
+        self.blocks, self.device = blocks, torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.params: list[list[torch.nn.Parameter]] = []
+        self.host: dict[int, torch.Tensor] = {}  # id(param) -> its host copy
+        self.resident: int | None = None  # index of the streamed block whose weights are on the device
+        self.handles: list = []
+        self.loads = 0  # host -> device block copies so far
+        self.total = len(blocks)  # the denoiser's streamable blocks, streamed or not (stream_blocks sets it)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host.values())
+
+    def install(self) -> "BlockStreamer":
+        for i, block in enumerate(self.blocks):
+            frozen = [p for p in block.parameters() if not p.requires_grad]
+            self.params.append(frozen)
+            for p in frozen:
+                host = p.data.to("cpu")
+                self.host[id(p)] = host.pin_memory() if self.pin else host
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self.handles.append(block.register_forward_pre_hook(self._pre_hook(i)))
+            self.handles.append(block.register_forward_hook(self._post_hook(i)))
+        return self
+
+    def load(self, i: int) -> None:
+        if self.resident == i:
+            return
+        if self.resident is not None:
+            self._drop(self.resident)
+        for p in self.params[i]:
+            p.data = self.host[id(p)].to(self.device, non_blocking=self.pin)
+        self.resident = i
+        self.loads += 1
+
+    def _drop(self, i: int) -> None:
+        for p in self.params[i]:
+            # dtype from the live data: layerwise casting may have cast it (it casts back after each forward)
+            p.data = torch.empty(0, dtype=p.data.dtype, device=self.device)
+        self.resident = None
+
+    def release(self) -> None:
+        """Drop the resident block (after the backward pass, before sampling moves things around)."""
+        if self.resident is not None:
+            self._drop(self.resident)
+
+    def _pre_hook(self, i: int):
+        def hook(module, args):
+            self.load(i)
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, output):
+            # Before autograd enters this block (its backward, and with checkpointing its recomputation), its
+            # weights must be back: the first of its outputs' gradients to arrive brings them.
+            for t in _tensors(output):
+                if t.requires_grad:
+                    t.register_hook(self._grad_hook(i))
+        return hook
+
+    def _grad_hook(self, i: int):
+        def hook(grad):
+            self.load(i)
+            return grad
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.resident = None
+        for ps in self.params:
+            for p in ps:
+                p.data = self.host[id(p)].to(self.device)
+        self.host.clear()
+        self.params.clear()
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """Every tensor in a block's output: a tensor, nested tuples (UNet blocks return their skip tensors in one),
+    dicts, or diffusers' output dataclasses."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    elif hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def stream_blocks(denoiser: torch.nn.Module, attrs: tuple[str, ...], value: float,
+                  device: torch.device) -> BlockStreamer | None:
+    """Install streaming on the last ``resolve_count(value, n)`` of the denoiser's n streamable blocks (forward
+    order), or None when offload_blocks is 0."""
+    blocks = block_lists(denoiser, attrs)
+    count = resolve_count(value, len(blocks))
+    if count == 0:
+        return None
+    streamer = BlockStreamer(blocks[len(blocks) - count:], device).install()
+    streamer.total = len(blocks)
+    return streamer
+
+
+def stream_denoisers(value: float, attrs: tuple[str, ...], denoisers: dict[str, torch.nn.Module],
+                     device: torch.device) -> dict[str, BlockStreamer]:
+    """Trainer._attach_lora, after LoRA injection and fp8 casting and before the denoisers move to ``device``."""
+    out = {}
+    for name, denoiser in denoisers.items():
+        streamer = stream_blocks(denoiser, attrs, value, device)
+        if streamer is not None:
+            from .quantize import ddp_skip_frozen  # several processes: DDP must not broadcast the placeholders
+
+            ddp_skip_frozen(denoiser)
+            out[name] = streamer
+    return out
+
+
+def summary(streamers: dict[str, BlockStreamer]) -> dict | None:
+    """run_started.offload: per denoiser, how many blocks stream and how many host bytes they hold."""
+    if not streamers:
+        return None
+    return {name: {"blocks": len(s.blocks), "of": s.total, "host_bytes": s.host_bytes, "pinned": s.pin}
+            for name, s in streamers.items()}

@@ -1,0 +1,174 @@
+"""Block streaming (offload_blocks): the streamed blocks' frozen weights live in host memory and come to the
+accelerator one block at a time, for the forward pass and again for the backward pass. An offloaded weight is an
+empty tensor (offload.py), so a schedule that used one would fail here on the CPU too; the LoRA a streamed run
+trains is bitwise the one of a run without streaming, through the real CLI and across SIGTERM + resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_config
+from lora_trainer.config import ConfigError, parse_config
+
+STEPS = 2
+
+
+def _inputs(family: str, model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    if family == "flux1-dev":
+        return dict(hidden_states=torch.randn(1, 16, c.in_channels, generator=g),
+                    encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
+                    pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+                    timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                    guidance=torch.tensor([1.0]))
+    if family == "sd3":
+        return dict(hidden_states=torch.randn(1, c.in_channels, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
+                    pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+                    timestep=torch.tensor([500.0]))
+    text = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(sample=torch.randn(1, c.in_channels, 16, 16, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, c.cross_attention_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(1, text, generator=g),
+                                   "time_ids": torch.randn(1, 6, generator=g)})
+
+
+def _train(tiny_models, family: str, *, offload: float, checkpointing: bool, fp8: bool = False):
+    """Two SGD steps of LoRA on every block Linear; (LoRA tensors, streamer, most streamed blocks resident at once)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    from lora_trainer.family_spec import SPECS
+    from lora_trainer.lora import add_lora
+    from lora_trainer.offload import stream_blocks
+    from lora_trainer.quantize import after_lora
+
+    cls, sub, spec = {"flux1-dev": (FluxTransformer2DModel, "transformer", SPECS["flux1"]),
+                      "sd3": (SD3Transformer2DModel, "transformer", SPECS["sd3"]),
+                      "sdxl": (UNet2DConditionModel, "unet", SPECS["sdxl"])}[family]
+    model = cls.from_pretrained(tiny_models[family], subfolder=sub)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    torch.manual_seed(0)
+    params = add_lora(model, rank=4, alpha=4, dropout=0.0, targets=spec.targets("all_linear"), use_dora=False,
+                      path="target_modules")
+    if fp8:
+        cfg = type("C", (), {"base_quantization": "fp8", "text_encoder_quantization": "none"})()
+        after_lora(cfg, type("K", (), {"denoisers": {sub: model}})(), {sub: model})
+    model.train()
+    streamer = stream_blocks(model, spec.offload_blocks, offload, torch.device("cpu")) if offload else None
+    most = [0]
+    if streamer:
+        def count(*_):  # how many streamed blocks hold real weights while any block runs
+            most[0] = max(most[0], sum(any(p.numel() for p in ps) for ps in streamer.params))
+        for block in streamer.blocks:
+            block.register_forward_hook(count)
+    for step in range(STEPS):
+        out = model(**_inputs(family, model, step)).sample
+        out.float().pow(2).mean().backward()
+        with torch.no_grad():
+            for p in params:
+                p -= 0.5 * p.grad
+                p.grad = None
+    return [p.detach().clone() for p in params], streamer, most[0]
+
+
+@pytest.mark.parametrize("family,fp8", [("flux1-dev", False), ("flux1-dev", True), ("sd3", False), ("sdxl", False)])
+def test_streaming_trains_the_same_lora_one_block_at_a_time(tiny_models, family, fp8):
+    plain, _, _ = _train(tiny_models, family, offload=0, checkpointing=True, fp8=fp8)
+    for checkpointing in (True, False):  # without checkpointing only the gradient hooks bring blocks back
+        streamed, streamer, most = _train(tiny_models, family, offload=0.99, checkpointing=checkpointing, fp8=fp8)
+        n = len(streamer.blocks)
+        assert n >= 2 and streamer.total == n, "every streamable block streamed (0.99 of them, rounded up)"
+        assert all(torch.equal(a, b) for a, b in zip(plain, streamed)), f"{family}: streaming changed the LoRA"
+        assert most == 1, "one streamed block on the accelerator at a time"
+        # each block comes in for each forward and at most once more for its backward: no thrashing
+        assert STEPS * n <= streamer.loads <= STEPS * 2 * n
+        assert all(p.numel() == 0 for ps in streamer.params[1:] for p in ps), "the blocks left are offloaded"
+        if fp8:
+            assert {t.dtype for t in streamer.host.values()} >= {torch.float8_e4m3fn}, "host copies are the fp8 ones"
+
+
+def test_a_weight_used_while_offloaded_fails_loudly(tiny_models, monkeypatch):
+    """What gives the test above its teeth: without the gradient hooks the backward pass reaches a block whose
+    weights are gone, and the empty placeholder makes that an error instead of a silent host computation."""
+    from lora_trainer.offload import BlockStreamer
+
+    monkeypatch.setattr(BlockStreamer, "_post_hook", lambda self, i: (lambda module, args, output: None))
+    with pytest.raises(RuntimeError) as err:
+        _train(tiny_models, "flux1-dev", offload=0.99, checkpointing=False)
+    assert "size of tensor" in str(err.value) or "dimension" in str(err.value) or "shape" in str(err.value)
+
+
+def test_block_counts_and_refusals(tmp_path, dataset):
+    from lora_trainer.offload import resolve_count
+
+    assert [resolve_count(v, 57) for v in (0, 0.5, 0.01, 0.999, 1, 20, 57, 99)] == [0, 29, 1, 57, 1, 20, 57, 57]
+    base = {"dataset_path": str(dataset), "base_model": str(tmp_path), "output_path": str(tmp_path / "out"),
+            "trigger_words": ["ohwx"], "gradient_checkpointing": True}
+    cfg, _ = parse_config({**base, "offload_blocks": 0.5, "base_quantization": "fp8"})
+    assert cfg.offload_blocks == 0.5
+    for extra, words in (({"offload_blocks": 2.5}, "whole number"),
+                         ({"offload_blocks": 4, "gradient_checkpointing": False}, "gradient_checkpointing"),
+                         ({"offload_blocks": 4, "base_quantization": "int8"}, "int8"),
+                         ({"offload_blocks": 4, "base_quantization": "nf4"}, "nf4"),
+                         ({"offload_blocks": 4, "use_dora": True}, "use_dora"),
+                         ({"offload_blocks": -1}, "minimum")):
+        with pytest.raises(ConfigError) as err:
+            parse_config({**base, **extra})
+        (problem,) = err.value.problems
+        assert problem["path"] == "offload_blocks" and words in json.dumps(problem), problem
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_models, tmp_path_factory):
+    """FLUX.1-dev through the CLI: 4 plain steps, and 4 streamed steps (half the blocks) stopped by SIGTERM after
+    step 2 and resumed; both sample at step 4, so streaming also serves the no-grad sampling pass."""
+    from lora_trainer.tiny import make_dataset
+
+    tmp = tmp_path_factory.mktemp("offload")
+    data = Path(make_dataset(tmp / "data", n=4, trigger="ohwx"))
+
+    def cfg(name, **extra):
+        return str(write_config(
+            tmp / f"{name}.json", dataset_path=str(data), base_model=str(tiny_models["flux1-dev"]),
+            output_path=str(tmp / name), trigger_words=["ohwx"], resolution=64, min_bucket_resolution=64,
+            max_train_steps=4, checkpointing_steps=2, log_every_n_steps=1, lora_rank=4, learning_rate=2e-3,
+            gradient_checkpointing=True, max_sequence_length=32, validation_steps=4, validation_inference_steps=2,
+            validation_prompts=["ohwx, a cat"], **extra))
+
+    streamed = cfg("streamed", offload_blocks=0.5)
+    return {"tmp": tmp, "plain": run_cli("--config", cfg("plain")),
+            "stopped": run_cli("--config", streamed, env={"TRAIN_LORA_TEST_SIGTERM_STEP": "2"}),
+            "resumed": run_cli("--config", streamed, "--resume"),
+            "validate": run_cli("--config", cfg("validate", offload_blocks=0.5), "--validate-only")}
+
+
+def test_streamed_cli_run_resumes_to_the_plain_runs_lora(cli_runs):
+    plain, stopped, resumed = cli_runs["plain"], cli_runs["stopped"], cli_runs["resumed"]
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert plain.last("run_started")["offload"] is None
+    for res in (stopped, resumed):
+        started = res.last("run_started")
+        assert started["offload"]["transformer"]["blocks"] == 2 and started["offload"]["transformer"]["of"] == 4
+        # the plan's host bytes are what the streamer really holds (fp32 on the CPU)
+        assert started["memory_plan"]["offload"]["host_bytes"] == started["offload"]["transformer"]["host_bytes"]
+    assert {e["step"] for e in resumed.of_type("sample")} == {4}
+    a, b = (load_file(cli_runs["tmp"] / n / "lora.safetensors") for n in ("plain", "streamed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "streaming or resume changed the LoRA"
+    assert [e["loss"] for e in resumed.of_type("step")] == [e["loss"] for e in plain.of_type("step")][2:]
+
+
+def test_validate_only_plans_the_streamed_blocks(cli_runs):
+    res = cli_runs["validate"]
+    assert res.returncode == 0, res.stderr[-2000:]
+    memory = res.last("validation")["summary"]["memory"]
+    assert memory["assumes"]["offload_blocks"] == 0.5
+    assert memory["offload"]["blocks"] == 2 and memory["offload"]["of"] == 4
+    assert memory["offload"]["host_bytes"] > memory["offload"]["device_bytes"] > 0
