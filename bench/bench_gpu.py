@@ -161,15 +161,16 @@ def count_syncs(dev: Dev, fn) -> int | None:
 
 # ------------------------------------------------------------------------------------------- the two contenders
 def trainer_config(work: Path, model: Path, data: Path, *, batch: int, ckpt: bool, resolution: int,
-                   device: str, precision: str) -> Path:
-    out = work / f"out_b{batch}_r{resolution}_{'ckpt' if ckpt else 'nockpt'}"
+                   device: str, precision: str, base: str = "none", offload: float = 0) -> Path:
+    out = work / f"out_b{batch}_r{resolution}_{'ckpt' if ckpt else 'nockpt'}_{base}_{offload}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {"dataset_path": str(data), "base_model": str(model), "output_path": str(out), "trigger_words": ["ohwx"],
            "max_train_steps": 100000, "batch_size": batch, "resolution": resolution,
            "min_bucket_resolution": min(256, resolution), "lora_rank": 16, "gradient_checkpointing": ckpt,
            "cache_latents": True, "checkpointing_steps": None, "log_every_n_steps": 1000, "heartbeat_seconds": 3600,
-           "mixed_precision": precision, "device": device, "overwrite_output": True}
-    path = work / f"config_b{batch}_r{resolution}_{int(ckpt)}.json"
+           "mixed_precision": precision, "device": device, "overwrite_output": True, "base_quantization": base,
+           "offload_blocks": offload, "ignore_memory_plan": True}
+    path = work / f"config_b{batch}_r{resolution}_{int(ckpt)}_{base}_{offload}.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path
 
@@ -332,6 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resolutions", help="comma list, e.g. 512,1024")
     ap.add_argument("--batches", help="default sdxl 1,4; flux 1")
     ap.add_argument("--checkpointing", default="0,1", help="comma list of 0/1")
+    ap.add_argument("--base-formats", default="",
+                    help="comma list of base_quantization formats to time too (int8,nf4,fp8), batch 1, checkpointing")
+    ap.add_argument("--offload", default="", help="comma list of offload_blocks values to time too, e.g. 0.5")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     ap.add_argument("--budget-s", type=float, default=420, help="skip configurations that would start after this")
@@ -407,10 +411,17 @@ def main(argv=None) -> int:
         batches = [int(b) for b in args.batches.split(",") if b]
         ckpts = [bool(int(c)) for c in args.checkpointing.split(",") if c]
         # no-ckpt first: MFU and speed-up targets need them
-        configs = [(b, c, r) for c in ckpts for r in args.resolutions_list for b in batches]
+        configs = [(b, c, r, "none", 0, ("train_lora", "naive")) for c in ckpts for r in args.resolutions_list
+                   for b in batches]
+        # then issue 11's memory savers, train_lora alone (batch 1, checkpointing): each quantised base format,
+        # and block streaming, labelled e.g. "train_lora[int8]" / "train_lora[offload 0.5]" in the table
+        configs += [(1, True, r, fmt, 0, (f"train_lora[{fmt}]",)) for fmt in args.base_formats.split(",")
+                    if fmt not in ("", "none") for r in args.resolutions_list]
+        configs += [(1, True, r, "none", float(off), (f"train_lora[offload {off}]",))
+                    for off in args.offload.split(",") if off and float(off) for r in args.resolutions_list]
         durations: list[float] = []
-        for batch, ckpt, resolution in configs:
-            for who in ("train_lora", "naive"):
+        for batch, ckpt, resolution, base, offload, whos in configs:
+            for who in whos:
                 est = max(durations) if durations else 0.0
                 if time.monotonic() - T0 + est > args.budget_s:
                     rows.append({"who": who, "batch": batch, "ckpt": ckpt, "resolution": resolution,
@@ -423,9 +434,9 @@ def main(argv=None) -> int:
                 base_alloc = dev.allocated_gib()
                 runner = None
                 try:
-                    if who == "train_lora":
+                    if who.startswith("train_lora"):
                         cfg = trainer_config(work, model, data, batch=batch, ckpt=ckpt, resolution=resolution,
-                                             device=args.device, precision=precision)
+                                             device=args.device, precision=precision, base=base, offload=offload)
                         runner = TrainLoraRunner(cfg)
                     else:
                         runner = NaiveRunner(model, data, batch=batch, ckpt=ckpt, resolution=resolution,

@@ -65,16 +65,26 @@ def _weight_fingerprint(module, tensors: int = 8, samples: int = 512) -> dict:
     h = hashlib.sha256()
     for i in picks:
         name, p = params[i]
-        if p.device.type == "meta" or not p.is_contiguous():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:unsampled".encode())
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        sample = flat[::step][:samples].to("cpu").contiguous()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
+        for part, t in _plain_parts(name, p.detach()):
+            if t.device.type == "meta" or not t.is_contiguous():
+                h.update(f"{part}:{tuple(t.shape)}:{t.dtype}:unsampled".encode())
+                continue
+            flat = t.reshape(-1)
+            step = max(1, flat.numel() // samples)
+            sample = flat[::step][:samples].to("cpu").contiguous()
+            h.update(f"{part}:{tuple(t.shape)}:{t.dtype}:".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes())
     out["samples_sha256"] = h.hexdigest()
     return out
+
+
+def _plain_parts(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A weight as plain tensors: itself, or a tensor subclass's inner tensors (torchao's int8 weights are
+    qdata / scale / zero_point and implement no reshape or view), via the subclass protocol torch.compile uses."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        return [(name, t)]
+    inner, _ = t.__tensor_flatten__()
+    return [part for attr in inner for part in _plain_parts(f"{name}.{attr}", getattr(t, attr))]
 
 
 def module_identity(module) -> dict:

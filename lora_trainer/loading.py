@@ -190,7 +190,9 @@ def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
 
             repo = config_src or default_config_repo(probe.family, probe.variant)
             config_src = str(download_with_events(repo, ev, allow_patterns=config_source_patterns(probe.family)))
+        loaded_at = _load_dtypes(cfg, family, probe, source, dtype)
         comps = family.load(source, single_file=probe.kind == "single_file", dtype=dtype, single_file_config=config_src,
+                            load_dtypes=loaded_at,
                             progress=lambda i, n, what: ev.emit("progress", phase="loading_model", current=i, total=n,
                                                                 unit="components", message=what))
     except (Interrupted, KeyboardInterrupt, ModelLoadError):
@@ -211,11 +213,32 @@ def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
         module.requires_grad_(False)
         module.eval()
     if cfg.base_quantization != "none" or cfg.text_encoder_quantization != "none":
-        _quantize(cfg, family, comps, ev)
+        _quantize(cfg, family, comps, ev, loaded_at, dtype)
     return comps
 
 
-def _quantize(cfg, family, comps, ev) -> None:
+def _load_dtypes(cfg, family, probe, source: Path | None, dtype) -> dict:
+    """quantize.load_dtypes for a diffusers folder: which converted components load at their file's dtype."""
+    if cfg.base_quantization not in ("int8", "nf4") and cfg.text_encoder_quantization not in ("int8", "nf4"):
+        return {}
+    if probe.kind == "single_file" or source is None or not probe.weight_files:
+        return {}
+    from .model_probe import read_safetensors_header
+    from .quantize import file_dtype, load_dtypes
+
+    stored = {}
+    for comp, files in probe.weight_files.items():
+        dtypes = {}
+        for rel in files:
+            if str(rel).endswith(".safetensors"):
+                header, _ = read_safetensors_header(Path(source) / rel)
+                dtypes.update({k: v["dtype"] for k, v in (header or {}).items()
+                               if k != "__metadata__" and isinstance(v, dict) and len(v.get("shape") or ()) == 2})
+        stored[comp] = file_dtype(dtypes)
+    return load_dtypes(cfg, family.spec, stored, dtype)
+
+
+def _quantize(cfg, family, comps, ev, loaded_at: dict, dtype) -> None:
     """The frozen base's storage format (quantize.py), on the host before anything moves to the accelerator, so the
     accelerator only ever holds the small copy. Preflight has checked the backends; a failure here is still a
     config error naming the key, not a traceback."""
@@ -223,7 +246,7 @@ def _quantize(cfg, family, comps, ev) -> None:
     from .quantize import quantize_at_load
 
     try:
-        done = quantize_at_load(cfg, family.spec, comps)
+        done = quantize_at_load(cfg, family.spec, comps, loaded_at, dtype)
     except TrainerError:  # Interrupted (SIGTERM while converting) keeps its own exit code
         raise
     except Exception as exc:  # noqa: BLE001 - a backend's own error, reported against the setting that chose it
@@ -233,4 +256,6 @@ def _quantize(cfg, family, comps, ev) -> None:
                             "allowed": "another format, or \"none\""}]) from None
     for d in done:
         ev.emit("status", phase="loading_model", message=f"{d['component']}: {d['layers']} Linear layers "
-                f"({d['params']:,} weights) stored as {d['format']}")
+                f"({d['params']:,} weights) stored as {d['format']}"
+                + (f", cast from the file's {loaded_at[d['component']]} layer by layer"
+                   if d["component"] in loaded_at else ""))

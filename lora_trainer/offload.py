@@ -24,9 +24,10 @@ but not overlapped with compute; the cost is about 2 x the streamed bytes over P
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the memory plan (preflight) uses resolve_count torch-free
+    import torch
 
 
 def resolve_count(value: float, total: int) -> int:
@@ -61,6 +62,8 @@ class BlockStreamer:
     moves to the device (so the full-size blocks never get there), ``remove`` to put the weights back in place."""
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
+        import torch
+
         self.blocks, self.device = blocks, torch.device(device)
         self.pin = self.device.type == "cuda"
         self.params: list[list[torch.nn.Parameter]] = []
@@ -75,6 +78,8 @@ class BlockStreamer:
         return sum(t.numel() * t.element_size() for t in self.host.values())
 
     def install(self) -> "BlockStreamer":
+        import torch
+
         for i, block in enumerate(self.blocks):
             frozen = [p for p in block.parameters() if not p.requires_grad]
             self.params.append(frozen)
@@ -97,6 +102,8 @@ class BlockStreamer:
         self.loads += 1
 
     def _drop(self, i: int) -> None:
+        import torch
+
         for p in self.params[i]:
             # dtype from the live data: layerwise casting may have cast it (it casts back after each forward)
             p.data = torch.empty(0, dtype=p.data.dtype, device=self.device)
@@ -142,6 +149,8 @@ class BlockStreamer:
 def _tensors(output) -> list[torch.Tensor]:
     """Every tensor in a block's output: a tensor, nested tuples (UNet blocks return their skip tensors in one),
     dicts, or diffusers' output dataclasses."""
+    import torch
+
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, dict):

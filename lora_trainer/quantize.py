@@ -112,14 +112,6 @@ def config_problems(cfg: Any) -> list[tuple[str, str, str]]:
         problem = backend_problem(fmt)
         if problem:
             out.append((key, *problem))
-        cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
-        if key == "text_encoder_quantization" and fmt == "int8" and cached:
-            # The text cache's identity samples the encoders' weights as plain tensors (cache_identity.py), and
-            # torchao's Int8Tensor implements no view(): the run would stop while caching. fp8 and NF4 weights
-            # are plain tensors and fingerprint fine.
-            out.append((key, f"{key} int8 cannot be combined with cached text embeddings yet: the text cache "
-                             "cannot fingerprint torchao int8 weights", "use \"fp8\" or \"nf4\" for the text "
-                        "encoders, or cache_text_embeddings false"))
         lora_here = key == "base_quantization" or cfg.train_text_encoder
         if cfg.use_dora and lora_here and fmt == "fp8":
             # DoRA's weight norm reads the base weight outside the layer's forward, where layerwise casting keeps
@@ -145,7 +137,7 @@ def _targets(module, fmt: str) -> list[str]:
             if type(m) is torch.nn.Linear and quantizable(n, tuple(m.weight.shape)) and not _kept(module, n)]
 
 
-def _swap_nf4(module, names: Iterable[str]) -> None:
+def _swap_nf4(module, names: Iterable[str], dtype=None) -> None:
     import bitsandbytes as bnb
     import torch
 
@@ -153,6 +145,8 @@ def _swap_nf4(module, names: Iterable[str]) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         lin = getattr(parent, child)
+        if dtype is not None:
+            lin.to(dtype)
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=lin.weight.dtype, compress_statistics=False, quant_type="nf4",
                               device="meta")
@@ -182,24 +176,29 @@ def _trim_heap() -> None:
         pass
 
 
-def _own_remaining_tensors(module) -> None:
+def _own_remaining_tensors(module, dtype=None) -> None:
     """diffusers / transformers keep a component's weights as views of its memory-mapped safetensors file; the
     mapping (and every page of it read while converting, i.e. the whole full-precision file) stays resident while
-    any view lives. Copying the small unconverted tensors (norms, embeddings, biases) out of it releases it."""
+    any view lives. Copying the small unconverted tensors (norms, embeddings, biases) out of it releases it; with
+    ``dtype`` (a component loaded at its file's dtype, see load_dtypes) the copies are cast to the compute dtype,
+    except floating tensors the model keeps in fp32 and non-float buffers."""
     import torch
 
-    for m in module.modules():
-        for p in m._parameters.values():
-            if type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor:  # not bnb / torchao weights
-                p.data = p.data.clone()
+    for name, m in module.named_modules():
+        cast = dtype is not None and not _kept(module, name)
+        for key, p in m._parameters.items():
+            if p is not None and type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor:  # not bnb / torchao
+                p.data = p.data.to(dtype) if cast and p.is_floating_point() else p.data.clone()
         for key, b in list(m._buffers.items()):
             if b is not None and type(b) is torch.Tensor:
-                m._buffers[key] = b.clone()
+                m._buffers[key] = b.to(dtype) if cast and b.is_floating_point() else b.clone()
 
 
-def quantize_module(module, fmt: str) -> dict:
-    """Store ``module``'s block Linears as ``fmt`` (int8 / nf4: now; fp8: after LoRA, see cast_fp8).
-    Returns what was converted (for the run's event and the manifest)."""
+def quantize_module(module, fmt: str, dtype=None) -> dict:
+    """Store ``module``'s block Linears as ``fmt`` (int8 / nf4: now; fp8: after LoRA, see cast_fp8). ``dtype``: the
+    compute dtype when the module was loaded at its file's dtype (load_dtypes): each layer is cast just before it
+    is converted, so the host holds one full-precision layer beyond the converted ones, never the whole model at
+    the compute dtype. Returns what was converted (for the run's event and the manifest)."""
     names = _targets(module, fmt)
     params = sum(module.get_submodule(n).weight.numel() for n in names)
     if fmt == "int8":
@@ -207,14 +206,42 @@ def quantize_module(module, fmt: str) -> dict:
 
         config = Int8WeightOnlyConfig(set_inductor_config=False)
         for name in names:  # one layer at a time, its full-precision weight freed before the next
-            quantize_(module.get_submodule(name), config, filter_fn=lambda m, fqn: True)
+            layer = module.get_submodule(name)
+            if dtype is not None:
+                layer.to(dtype)
+            quantize_(layer, config, filter_fn=lambda m, fqn: True)
             _trim_heap()
     elif fmt == "nf4":
-        _swap_nf4(module, names)
-    if names:
-        _own_remaining_tensors(module)
+        _swap_nf4(module, names, dtype)
+    if names or dtype is not None:
+        _own_remaining_tensors(module, dtype)
         _trim_heap()
     return {"format": fmt, "layers": len(names), "params": params}
+
+
+def file_dtype(shapes_and_dtypes: dict[str, str]) -> str | None:
+    """The safetensors dtype most of a component's 2-D weights are stored in ("F32", "BF16", ...)."""
+    counts: dict[str, int] = {}
+    for dt in shapes_and_dtypes.values():
+        counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def load_dtypes(cfg: Any, spec: Any, stored: dict[str, str | None], dtype) -> dict:
+    """Component -> the dtype to load it at, for those converted at load (int8 / nf4) whose file holds another
+    float dtype than the compute one (``stored``: component -> file_dtype). Loading at the file's own dtype
+    keeps the weights as views of the memory-mapped file instead of a full cast copy (22 GiB for FLUX.1-dev in
+    bf16); quantize_module then casts layer by layer."""
+    import torch
+
+    by_name = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    out = {}
+    for comp in (*spec.denoisers, *spec.text_encoders):
+        fmt = cfg.base_quantization if comp in spec.denoisers else cfg.text_encoder_quantization
+        file = by_name.get(stored.get(comp) or "")
+        if fmt in ("int8", "nf4") and file is not None and file != dtype:
+            out[comp] = file
+    return out
 
 
 def cast_fp8(module) -> dict:
@@ -272,19 +299,21 @@ def _te_formats(cfg: Any, spec: Any, comps: Any) -> dict[str, bool]:
     return {name: cfg.train_text_encoder and name in spec.lora_text_encoders for name in comps.text_encoders}
 
 
-def quantize_at_load(cfg: Any, spec: Any, comps: Any) -> list[dict]:
+def quantize_at_load(cfg: Any, spec: Any, comps: Any, loaded_at: dict | None = None, dtype=None) -> list[dict]:
     """After the components load (loading.load_components): int8 / nf4 for the denoisers and text encoders, and fp8
-    for text encoders that will carry no LoRA. Returns one summary per converted component."""
+    for text encoders that will carry no LoRA. ``loaded_at``: the components load_dtypes loaded at their file's
+    dtype, which are cast to ``dtype`` layer by layer. Returns one summary per converted component."""
     done = []
+    loaded_at = loaded_at or {}
     fmt = cfg.base_quantization
     if fmt in ("int8", "nf4"):
         for name, denoiser in comps.denoisers.items():
-            done.append({"component": name, **quantize_module(denoiser, fmt)})
+            done.append({"component": name, **quantize_module(denoiser, fmt, dtype if name in loaded_at else None)})
     te_fmt = cfg.text_encoder_quantization
     for name, gets_lora in _te_formats(cfg, spec, comps).items():
         te = comps.text_encoders[name]
         if te_fmt in ("int8", "nf4"):
-            done.append({"component": name, **quantize_module(te, te_fmt)})
+            done.append({"component": name, **quantize_module(te, te_fmt, dtype if name in loaded_at else None)})
         elif te_fmt == "fp8" and not gets_lora:
             done.append({"component": name, **cast_fp8(te)})
     return done

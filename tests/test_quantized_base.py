@@ -131,7 +131,7 @@ def test_a_backend_failure_while_converting_is_a_config_error(monkeypatch):
     monkeypatch.setattr(quantize, "quantize_at_load", boom)
     cfg = type("C", (), {"base_quantization": "nf4", "text_encoder_quantization": "none"})()
     with pytest.raises(ConfigError) as exc:
-        loading._quantize(cfg, type("F", (), {"spec": None})(), None, None)
+        loading._quantize(cfg, type("F", (), {"spec": None})(), None, None, {}, None)
     assert exc.value.problems[0]["path"] == "base_quantization" and "no kernel" in exc.value.message
 
 
@@ -166,10 +166,28 @@ def test_refusals_name_the_key(tmp_path, tiny_models, dataset, monkeypatch):
     pre = _preflight(tmp_path, model, dataset, text_encoder_quantization="nf4")
     (err,) = _errors(pre, "text_encoder_quantization")
     assert "bitsandbytes, which is not installed" in err["message"] and 'pip install "bitsandbytes>=' in err["hint"]
-    # int8 text encoders with a text cache (its identity cannot sample torchao weights); fine without the cache
-    (err,) = _errors(_preflight(tmp_path, model, dataset, text_encoder_quantization="int8"), "text_encoder_quantization")
-    assert "cached text embeddings" in err["message"]
-    assert not _preflight(tmp_path, model, dataset, text_encoder_quantization="int8", cache_text_embeddings=False).errors
+    # int8 text encoders with a text cache are allowed (the cache's identity samples torchao's inner tensors; the
+    # int8 CLI run below trains that way)
+    assert not _errors(_preflight(tmp_path, model, dataset, text_encoder_quantization="int8"),
+                       "text_encoder_quantization")
+
+
+def test_the_text_cache_identity_samples_int8_weights():
+    """torchao's int8 weights implement no reshape or view: the identity hashes their inner tensors, and still
+    tells two encoders apart by their weights."""
+    from lora_trainer.cache_identity import _weight_fingerprint
+    from lora_trainer.quantize import quantize_module
+
+    def encoder(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Module()
+        model.layers = torch.nn.ModuleList([torch.nn.Linear(32, 32) for _ in range(2)])
+        quantize_module(model, "int8")
+        assert "Int8" in type(model.layers[0].weight).__name__
+        return model
+
+    a, b, c = _weight_fingerprint(encoder(0)), _weight_fingerprint(encoder(0)), _weight_fingerprint(encoder(1))
+    assert a == b and a["samples_sha256"] != c["samples_sha256"]
 
 
 def test_old_torchao_is_refused_by_validate_only_without_importing_it(tmp_path, tiny_models, dataset):
@@ -218,13 +236,14 @@ def runs(tiny_models, tmp_path_factory):
     out = {"tmp": tmp, "flux": flux, "block_linears": sum(  # every Linear of the double and single blocks
         type(m) is torch.nn.Linear and n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
         for n, m in blocks)}
-    te = {"fp8": "fp8", "int8": "none", "nf4": "nf4"}  # int8 encoders + a text cache are refused (see below)
+    te = {"fp8": "fp8", "int8": "int8", "nf4": "nf4"}  # each with a text cache, from encoders in that format
     for fmt in FORMATS:
         # samples at steps 0 and 4: the quantised layers run in eval mode between training steps
         out[fmt] = run_cli("--config", str(_cfg(tmp, flux, data, fmt, base_quantization=fmt, validation_steps=4,
                                                 validation_inference_steps=2, validation_prompts=["ohwx, a cat"],
                                                 text_encoder_quantization=te[fmt], max_sequence_length=32)), env=NAN)
-    split = _cfg(tmp, flux, data, "split", base_quantization="int8", max_sequence_length=32)
+    split = _cfg(tmp, flux, data, "split", base_quantization="int8", text_encoder_quantization="int8",
+                 max_sequence_length=32)
     out["stopped"] = run_cli("--config", str(split), env={**NAN, "TRAIN_LORA_TEST_SIGTERM_STEP": "2"})
     out["resumed"] = run_cli("--config", str(split), "--resume", env=NAN)
     out["sdxl"] = run_cli("--config", str(_cfg(tmp, tiny_models["sdxl"], data, "sdxl", base_quantization="nf4",
@@ -240,7 +259,7 @@ def test_every_format_trains_through_the_cli(runs, fmt):
     assert res.returncode == 0, res.stderr[-4000:]
     converted = [e["message"] for e in res.of_type("status") if f"stored as {fmt}" in e["message"]]
     # fp8 of a denoiser happens after LoRA injection (no event); the frozen text encoders are converted at load
-    want = {"fp8": {"text_encoder", "text_encoder_2"}, "int8": {"transformer"},
+    want = {"fp8": {"text_encoder", "text_encoder_2"}, "int8": {"transformer", "text_encoder", "text_encoder_2"},
             "nf4": {"transformer", "text_encoder", "text_encoder_2"}}[fmt]
     assert {m.split(":")[0] for m in converted} == want
     assert res.last("run_started")["config"]["base_quantization"] == fmt

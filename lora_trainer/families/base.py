@@ -57,16 +57,19 @@ class ModelFamily:
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
-             progress: Progress | None = None) -> Components:
+             progress: Progress | None = None, load_dtypes: Mapping[str, torch.dtype] | None = None) -> Components:
+        """``load_dtypes``: components to load at another dtype than ``dtype`` (quantize.load_dtypes: converted
+        layer by layer from their file's own dtype)."""
         if single_file:
             comps = self._load_single_file(source, dtype=dtype, config=single_file_config, progress=progress)
         else:
-            comps = self._load_folder(source, dtype=dtype, progress=progress)
+            comps = self._load_folder(source, dtype=dtype, progress=progress, load_dtypes=load_dtypes)
         self.variant = comps.variant
         return comps
 
     def _load_folder(self, source: Path, *, dtype: torch.dtype, progress: Progress | None,
-                     load_denoiser: Callable[[str], torch.nn.Module] | None = None) -> Components:
+                     load_denoiser: Callable[[str], torch.nn.Module] | None = None,
+                     load_dtypes: Mapping[str, torch.dtype] | None = None) -> Components:
         """Every component from a diffusers folder; ``load_denoiser(name)`` takes the denoiser(s) from elsewhere
         (a single-file checkpoint) while the rest still comes from ``source``."""
         import diffusers
@@ -75,6 +78,7 @@ class ModelFamily:
         names = [*self.denoiser_classes, "vae", *self.text_encoder_classes]
         tick = (lambda i, what: progress(i, len(names), what)) if progress else (lambda i, what: None)
         common = dict(use_safetensors=True, local_files_only=True)
+        at = lambda name: (load_dtypes or {}).get(name, dtype)  # noqa: E731
         denoisers = {}
         for i, name in enumerate(self.denoiser_classes):
             tick(i, name)
@@ -82,7 +86,7 @@ class ModelFamily:
                 denoisers[name] = load_denoiser(name)
                 continue
             cls = getattr(diffusers, self.denoiser_classes[name])
-            denoisers[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, **common)
+            denoisers[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
         tick(len(denoisers), "vae")
         # The VAE stays fp32: SD/SDXL VAEs overflow in fp16, and it runs once per image when latents are cached.
         vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
@@ -90,7 +94,7 @@ class ModelFamily:
         for i, name in enumerate(self.text_encoder_classes):
             tick(len(denoisers) + 1 + i, name)
             cls = getattr(transformers, self.text_encoder_classes[name])
-            encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, **common)
+            encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
             tok = _tokenizer_name(name)
             tokenizers[name] = getattr(transformers, self.tokenizer_classes[tok]).from_pretrained(
                 source, subfolder=tok, local_files_only=True)
