@@ -2,8 +2,8 @@
 quarter-width models: FLUX.1-dev reduced (every width / 4, 2 double + 4 single blocks, a 2-layer T5) and quarter
 SDXL (bench/models.py). On the CPU the "accelerator" is host memory, so the run's peak RSS should be the plan's
 total plus what the plan leaves on the host by design (the VAE after latent caching, SDXL's text encoders after
-text caching; FLUX.1 drops its encoders) plus the process's libraries, measured separately as the RSS of a process
-that only imports them. Prints a table; bench/RESULTS.md records it.
+text caching; FLUX.1 drops its encoders) plus the process's libraries: the run's RSS when it starts loading the model
+(read from /proc when it reports it) is subtracted from its peak. Prints a table; bench/RESULTS.md records it.
 
     python3 bench/bench_plan_rss.py [--work DIR] [--resolution 512] [--steps 2]
 """
@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,20 +31,59 @@ CASES = [  # (model, settings)
     ("sdxl", {"gradient_checkpointing": False}),
     ("sdxl", {"gradient_checkpointing": True}),
 ]
-IMPORTS = ("import torch, diffusers, transformers, peft, accelerate, safetensors, PIL, numpy; "
-           "import lora_trainer.trainer, lora_trainer.loading, lora_trainer.data, lora_trainer.text_cache")
 
 
-def peak_rss(cmd: list[str], env: dict) -> tuple[int, str, str]:
-    """(peak RSS in bytes of the child, stdout, stderr): the kernel's high-water mark, from wait4."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+def _vm_rss(pid: int) -> int | None:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def sample_run(cmd: list[str], env: dict) -> tuple[dict, list[dict]]:
+    """Run the CLI, sampling its RSS from /proc every 5 ms while reading its events: (figures, events).
+    Figures (bytes): ``load_start`` (RSS at its first loading_model progress: libraries imported, no weight read;
+    the child reads on meanwhile, so a few MB of it may be in), ``started`` (at run_started: weights loaded and
+    converted, caches built), ``train_peak`` (highest sample from run_started to the last step event), ``peak``
+    (the kernel's high-water mark over the whole run, from wait4)."""
+    import threading
+
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT, text=True)
+        state = {"phase": "start", "train_peak": 0, "done": False}
+
+        def sampler():
+            while not state["done"]:
+                rss = _vm_rss(proc.pid)
+                if rss and state["phase"] == "training":
+                    state["train_peak"] = max(state["train_peak"], rss)
+                time.sleep(0.005)
+
+        threading.Thread(target=sampler, daemon=True).start()
+        events, fig, steps_left = [], {}, None
+        for line in proc.stdout:
+            e = json.loads(line)
+            events.append(e)
+            if "load_start" not in fig and e["type"] == "progress" and e.get("phase") == "loading_model":
+                fig["load_start"] = _vm_rss(proc.pid)
+            elif e["type"] == "run_started":
+                fig["started"] = _vm_rss(proc.pid)
+                state["phase"], steps_left = "training", e["total_steps"] - e["start_step"]
+            elif e["type"] == "step":
+                steps_left -= 1
+                if steps_left == 0:
+                    state["phase"] = "after"
+        state["done"] = True
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cmd[-1]} exited {proc.returncode}: {err.read().decode()[-2000:]}")
-        return usage.ru_maxrss * 1024, out.read().decode(), err.read().decode()
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[-1]} exited {code}: {err.read().decode()[-2000:]}")
+        fig.update(train_peak=state["train_peak"], peak=usage.ru_maxrss * 1024)
+        return fig, events
 
 
 def models(work: Path) -> dict[str, Path]:
@@ -83,7 +123,6 @@ def main(argv=None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     paths = models(work)
     data = make_dataset(work / "data", n=2, sizes=[(args.resolution, args.resolution)], trigger="ohwx")
-    base, _, _ = peak_rss([sys.executable, "-c", IMPORTS], env)
     rows = []
     for k, (model, settings) in enumerate(CASES):
         out = work / f"run{k}"
@@ -93,25 +132,29 @@ def main(argv=None) -> int:
                "overwrite_output": True, "log_every_n_steps": 1, "enable_bucketing": False, **settings}
         cfg_path = work / f"run{k}.json"
         cfg_path.write_text(json.dumps(cfg))
-        peak, stdout, _ = peak_rss([sys.executable, "train_lora.py", "--config", str(cfg_path)], env)
-        events = [json.loads(line) for line in stdout.splitlines()]
+        fig, events = sample_run([sys.executable, "train_lora.py", "--config", str(cfg_path)], env)
         started = next(e for e in events if e["type"] == "run_started")
         plan = started["memory_plan"]
+        parts = plan["parts_gib"]
         uncached, _ = host_extras(cfg_path, env)
         released = (started.get("text_cache") or {}).get("text_encoders_released", False)
-        extra_gib = uncached["vae"] + (0 if released else uncached["text_encoders"])
-        expected = plan["total_gib"] + extra_gib
-        measured = (peak - base) / GIB
-        rows.append((model, ", ".join(f"{k}={v}" for k, v in settings.items()), f"{plan['total_gib']:.3f}",
-                     f"{plan['parts_gib']['activations']:.3f}", f"{extra_gib:.3f}", f"{expected:.3f}",
-                     f"{measured:.3f}", f"{measured / expected:.2f}"))
-        print(f"{model} {settings}: plan {plan['total_gib']:.3f} + host {extra_gib:.3f} GiB, measured "
-              f"{measured:.3f} GiB above {base / GIB:.3f} GiB of libraries", file=sys.stderr)
-    head = ("model", "settings", "plan GiB", "of it activations", "+ host-resident VAE/TE", "expected",
-            "measured (peak RSS - libraries)", "measured / expected")
+        extra = uncached["vae"] + (0 if released else uncached["text_encoders"])
+        # resident before the first step: the frozen weights and what stays on the host by design
+        resident_plan = parts["denoiser_weights"] + extra
+        resident = (fig["started"] - fig["load_start"]) / GIB
+        # added by training: LoRA gradients and optimizer state, activations (the plan's slack is on everything)
+        step_plan = parts["lora"] + parts["activations"]
+        step = (fig["train_peak"] - fig["started"]) / GIB
+        rows.append((model, ", ".join(f"{k}={v}" for k, v in settings.items()), f"{plan['total_gib']:.2f}",
+                     f"{resident_plan:.2f} / {resident:.2f}", f"{step_plan:.2f} / {step:.2f}",
+                     f"{(fig['peak'] - fig['load_start']) / GIB:.2f}"))
+        print(f"{model} {settings}: {fig}", file=sys.stderr)
+    head = ("model", "settings", "plan total GiB", "weights + host VAE/TE: plan / measured",
+            "training adds (LoRA + activations): plan / measured", "whole-run peak above load start")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    print(f"\nmemory plan vs peak RSS, CPU, fp32, {args.resolution} px, batch 1, r16, {args.steps} steps; "
-          f"libraries alone: {base / GIB:.3f} GiB")
+    print(f"\nmemory plan vs RSS, CPU, fp32, {args.resolution} px, batch 1, r16, {args.steps} steps (RSS sampled "
+          "every 5 ms; 'measured' weights = RSS at run_started - RSS at load start, training = peak during the "
+          "steps - RSS at run_started)")
     for r in [head, tuple("-" * w for w in widths), *rows]:
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     return 0
