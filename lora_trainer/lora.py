@@ -1,6 +1,8 @@
 """Attaching PEFT LoRA adapters to the denoiser(s) and text encoders, and reading their weights back."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .errors import ConfigError
@@ -100,3 +102,50 @@ def dora_row_scale(modules: dict[str, torch.nn.Module]) -> dict | None:
             ratio = adapted.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             lo, hi, layers = min(lo, float(ratio.min())), max(hi, float(ratio.max())), layers + 1
     return {"layers": layers, "min": lo, "max": hi} if layers else None
+
+
+@dataclass
+class Attached:
+    lora_modules: dict  # component name -> the module carrying LoRA (denoisers, and trained text encoders)
+    denoiser_params: list
+    te_params: list
+    streamers: dict  # offload.BlockStreamer per streamed denoiser
+
+
+def attach_adapters(cfg, family, comps, device: torch.device, events) -> Attached:
+    """The run's adapters (Trainer._attach_lora): LoRA on the denoisers (and text encoders with
+    train_text_encoder), an init_lora file's weights, fp8 storage, block streaming, then the move to ``device``.
+
+    LoRA goes in on the host, before anything moves: so that fp8 casting and block streaming happen before the
+    full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives the same
+    initial LoRA on every device. The text encoders are already where _prepare_data left them."""
+    from .offload import stream_denoisers
+    from .quantize import after_lora
+
+    spec = family.spec
+    out = Attached(dict(comps.denoisers), [], [], {})
+    for denoiser in comps.denoisers.values():
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        out.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                        targets=spec.targets(cfg.target_modules), use_dora=cfg.use_dora,
+                                        path="target_modules")
+        denoiser.train()
+    if cfg.train_text_encoder:
+        for name in spec.lora_text_encoders:
+            te = comps.text_encoders[name]
+            out.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                      targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
+                                      path="text_encoder_target_modules")
+            te.train()
+            out.lora_modules[name] = te
+    if cfg.init_lora:
+        from .init_lora import init_from_file
+
+        init_from_file(cfg, family.name, comps, out.lora_modules, events)
+    after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
+    # every LoRA tensor is checked to be trainable fp32
+    out.streamers = stream_denoisers(cfg.offload_blocks, spec.offload_blocks, comps.denoisers, device)
+    for denoiser in comps.denoisers.values():
+        denoiser.to(device)
+    return out

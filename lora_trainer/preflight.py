@@ -336,6 +336,22 @@ def _check_memory(cfg: Any, probe: ModelProbe, family: str | None, resolution: i
     return plan
 
 
+def _check_offload_host(plan: dict | None, warnings: list) -> None:
+    """Streamed blocks live in page-locked host memory, which cannot be swapped: warn when they would take most of
+    what this machine (or container) has available."""
+    from .cache_plan import available_host_bytes
+
+    offload = (plan or {}).get("offload")
+    avail = available_host_bytes()
+    if not offload or avail is None or offload["host_bytes"] <= 0.8 * avail:
+        return
+    warnings.append({"code": "offload_host_memory", "path": "offload_blocks",
+                     "message": f"offload_blocks streams {offload['blocks']} block(s) holding "
+                                f"{offload['host_bytes'] / 2**30:.1f} GiB in pinned host memory, but only "
+                                f"{avail / 2**30:.1f} GiB is available: the run may be killed by the OOM killer; "
+                                "stream fewer blocks or use an 8-bit base"})
+
+
 def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict) -> dict | None:
     from .captions import build_caption
 
@@ -385,6 +401,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     resume_info = _check_resume(cfg, errors, warnings)
     caches = _plan_caches(cfg, family, scan, dataset_info)
     memory = _check_memory(cfg, probe, family, dataset_info.get("resolution"), errors)
+    _check_offload_host(memory, warnings)
     if output_info.get("writable"):
         index.save()  # after the output checks, which report the folder as the user left it
 

@@ -30,7 +30,6 @@ from .events import EventStream
 from .guards import NonFiniteGuard, is_out_of_memory, oom_error
 from .families import Components, get_family
 from .family_spec import objective_summary
-from .offload import stream_denoisers
 from .offload import summary as offload_summary
 from .report import tracker_for
 from .signals import GracefulStop
@@ -181,40 +180,12 @@ class Trainer:
                                           world=self.world, source=source, events=self.events)
 
     def _attach_lora(self) -> None:
-        from .lora import add_lora
+        from .lora import attach_adapters
 
-        cfg, comps, spec = self.cfg, self.comps, self.family.spec
-        self.denoiser_params: list[torch.nn.Parameter] = []
-        # LoRA goes in on the host, before anything moves: so that fp8 casting and block streaming happen before
-        # the full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives
-        # the same initial LoRA on every device.
-        for denoiser in comps.denoisers.values():
-            if cfg.gradient_checkpointing:
-                denoiser.enable_gradient_checkpointing()
-            self.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                             targets=spec.targets(cfg.target_modules), use_dora=cfg.use_dora,
-                                             path="target_modules")
-            denoiser.train()
-        # The modules that carry LoRA, by component name: what checkpoints, resume and export read.
-        self.lora_modules: dict[str, torch.nn.Module] = dict(comps.denoisers)
-        self.te_params: list[torch.nn.Parameter] = []
-        if cfg.train_text_encoder:
-            for name in spec.lora_text_encoders:
-                te = comps.text_encoders[name]
-                self.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                           targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
-                                           path="text_encoder_target_modules")
-                te.train()
-                self.lora_modules[name] = te
-        if cfg.init_lora:
-            from .init_lora import init_from_file
-
-            init_from_file(cfg, self.family.name, comps, self.lora_modules, self.events)
-        from .quantize import after_lora  # fp8 storage must follow injection (PEFT copies the base dtype)
-        after_lora(cfg, comps, self.lora_modules)  # ... and every LoRA tensor must then be trainable fp32
-        self.streamers = stream_denoisers(cfg.offload_blocks, spec.offload_blocks, comps.denoisers, self.device)
-        for denoiser in comps.denoisers.values():
-            denoiser.to(self.device)
+        a = attach_adapters(self.cfg, self.family, self.comps, self.device, self.events)
+        # lora_modules: the modules that carry LoRA, by component name: what checkpoints, resume and export read.
+        self.lora_modules, self.streamers = a.lora_modules, a.streamers
+        self.denoiser_params, self.te_params = a.denoiser_params, a.te_params
 
     def _build_optimizer(self) -> None:
         from .optim import build_lr_scheduler, build_optimizer

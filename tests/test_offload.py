@@ -172,3 +172,16 @@ def test_validate_only_plans_the_streamed_blocks(cli_runs):
     assert memory["assumes"]["offload_blocks"] == 0.5
     assert memory["offload"]["blocks"] == 2 and memory["offload"]["of"] == 4
     assert memory["offload"]["host_bytes"] > memory["offload"]["device_bytes"] > 0
+
+
+def test_validate_only_warns_when_the_streamed_blocks_outgrow_host_memory(cli_runs, monkeypatch):
+    """Pinned memory cannot be swapped: the same streamed config on a machine with 256 KiB available warns (the tiny blocks hold 0.5 MiB)."""
+    from lora_trainer import cache_plan
+    from lora_trainer.config import load_config
+    from lora_trainer.preflight import run_preflight
+
+    cfg, warnings = load_config(cli_runs["tmp"] / "validate.json")
+    assert not [w for w in run_preflight(cfg, warnings).warnings if w["code"] == "offload_host_memory"]
+    monkeypatch.setattr(cache_plan, "available_host_bytes", lambda: 2 ** 18)
+    (warning,) = [w for w in run_preflight(cfg, warnings).warnings if w["code"] == "offload_host_memory"]
+    assert warning["path"] == "offload_blocks" and "pinned host memory" in warning["message"]
