@@ -16,7 +16,7 @@ weights for the backward pass, so dropping them frees nothing. With it, a block 
 
 Only frozen parameters move (requires_grad False); LoRA weights, their optimizer state and buffers stay resident.
 Plain and fp8 (layerwise-cast) weights are supported; int8 / NF4 tensors carry quantisation state in tensor
-subclasses that ``.data`` swaps do not move, so those bases are refused in preflight.
+subclasses that ``.data`` swaps do not move, so those bases are a config error (config.py).
 
 Copies are issued on the compute stream (non-blocking from pinned memory): simple and ordered by construction,
 but not overlapped with compute; the cost is about 2 x the streamed bytes over PCIe per step.
@@ -49,19 +49,12 @@ def block_lists(module: torch.nn.Module, attrs: Iterable[str]) -> list[torch.nn.
     return out
 
 
-def summary(streamers: dict[str, BlockStreamer]) -> dict | None:
-    """run_started.offload: per denoiser, how many blocks stream and how many host bytes they hold."""
-    if not streamers:
-        return None
-    return {name: {"blocks": len(s.blocks), "of": s.total, "host_bytes": s.host_bytes, "pinned": s.pin}
-            for name, s in streamers.items()}
-
-
 class BlockStreamer:
     """Streams the frozen weights of ``blocks`` between host memory and ``device``; ``install`` before the module
-    moves to the device (so the full-size blocks never get there), ``remove`` to put the weights back in place."""
+    moves to the device, so the full-size blocks never get there. ``total``: the denoiser's streamable blocks,
+    streamed or not (for run_started)."""
 
-    def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, total: int | None = None):
         import torch
 
         self.blocks, self.device = blocks, torch.device(device)
@@ -71,7 +64,7 @@ class BlockStreamer:
         self.resident: int | None = None  # index of the streamed block whose weights are on the device
         self.handles: list = []
         self.loads = 0  # host -> device block copies so far
-        self.total = len(blocks)  # the denoiser's streamable blocks, streamed or not (stream_blocks sets it)
+        self.total = len(blocks) if total is None else total
 
     @property
     def host_bytes(self) -> int:
@@ -109,11 +102,6 @@ class BlockStreamer:
             p.data = torch.empty(0, dtype=p.data.dtype, device=self.device)
         self.resident = None
 
-    def release(self) -> None:
-        """Drop the resident block (after the backward pass, before sampling moves things around)."""
-        if self.resident is not None:
-            self._drop(self.resident)
-
     def _pre_hook(self, i: int):
         def hook(module, args):
             self.load(i)
@@ -133,18 +121,6 @@ class BlockStreamer:
             self.load(i)
             return grad
         return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.resident = None
-        for ps in self.params:
-            for p in ps:
-                p.data = self.host[id(p)].to(self.device)
-        self.host.clear()
-        self.params.clear()
-
 
 def _tensors(output) -> list[torch.Tensor]:
     """Every tensor in a block's output: a tensor, nested tuples (UNet blocks return their skip tensors in one),
@@ -170,9 +146,7 @@ def stream_blocks(denoiser: torch.nn.Module, attrs: tuple[str, ...], value: floa
     count = resolve_count(value, len(blocks))
     if count == 0:
         return None
-    streamer = BlockStreamer(blocks[len(blocks) - count:], device).install()
-    streamer.total = len(blocks)
-    return streamer
+    return BlockStreamer(blocks[len(blocks) - count:], device, total=len(blocks)).install()
 
 
 def stream_denoisers(value: float, attrs: tuple[str, ...], denoisers: dict[str, torch.nn.Module],
