@@ -89,7 +89,7 @@ class EventStream:
             self.last_emit = time.monotonic()
             if self.enabled and self._out is not None:
                 try:
-                    self._out.write(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n")
+                    self._out.write(_one_line(json.dumps(event, ensure_ascii=False, separators=(",", ":"))) + "\n")
                     self._out.flush()
                 except (BrokenPipeError, ValueError):
                     # The parent went away: nobody is reading, and training may still be worth finishing.
@@ -123,3 +123,14 @@ class EventStream:
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
             self._heartbeat = None
+
+
+# json.dumps escapes every control character below U+0020 but leaves U+0085 (NEL) and U+2028 / U+2029 raw, and
+# line readers other than a plain "\n" split (Python's str.splitlines, some log shippers) break an event there.
+# They can only occur inside JSON strings, where their \u escapes mean the same.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_LINE_BREAKS)
+

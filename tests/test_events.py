@@ -54,3 +54,21 @@ EventStream(out, run_id="x").emit("status", phase="p", message="only this on std
     assert len(events) == 1 and events[0]["message"] == "only this on stdout"
     for text in ("stray print", "raw fd write", "another"):
         assert text in proc.stderr
+
+
+def test_unicode_line_separators_stay_inside_one_line(tmp_path):
+    """U+0085 / U+2028 / U+2029 in a value (a config key, a caption, a path) are escaped: a reader that splits on
+    every Unicode line break (Python's splitlines, found by the config fuzzer) still gets one event per line."""
+    import json
+
+    buf = io.StringIO()
+    EventStream(buf).emit("warning", code="x", message="a\x85b\u2028c\u2029d")
+    assert len(buf.getvalue().splitlines()) == 1
+    assert json.loads(buf.getvalue())["message"] == "a\x85b\u2028c\u2029d"
+    cfg = tmp_path / "c.json"
+    cfg.write_bytes(b'{"":["\\u0085"], "\\u2028": 1}')
+    proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--config", str(cfg), "--validate-only"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    (event,) = parse_events(proc.stdout)  # every stdout line JSON and schema-valid
+    assert event["code"] == "config_invalid"
