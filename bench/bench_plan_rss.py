@@ -97,7 +97,7 @@ def models(work: Path) -> dict[str, Path]:
     return {"flux": flux, "sdxl": sdxl}
 
 
-def host_extras(cfg_path: Path, env: dict) -> tuple[dict, dict]:
+def host_extras(cfg_path: Path, env: dict) -> dict:
     """The plan's parts with nothing cached: what the VAE and the text encoders weigh (validate-only, torch-free)."""
     cfg = json.loads(cfg_path.read_text())
     cfg.update(cache_latents=False, cache_text_embeddings=False, output_path=cfg["output_path"] + "-uncached")
@@ -106,8 +106,7 @@ def host_extras(cfg_path: Path, env: dict) -> tuple[dict, dict]:
     out = subprocess.run([sys.executable, "train_lora.py", "--config", str(path), "--validate-only"], cwd=ROOT,
                          env=env, capture_output=True, text=True)
     v = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    plan = next(e for e in v if e["type"] == "validation")["summary"]["memory"]
-    return plan["parts_gib"], plan
+    return next(e for e in v if e["type"] == "validation")["summary"]["memory"]["parts_gib"]
 
 
 def main(argv=None) -> int:
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
         started = next(e for e in events if e["type"] == "run_started")
         plan = started["memory_plan"]
         parts = plan["parts_gib"]
-        uncached, _ = host_extras(cfg_path, env)
+        uncached = host_extras(cfg_path, env)
         released = (started.get("text_cache") or {}).get("text_encoders_released", False)
         extra = uncached["vae"] + (0 if released else uncached["text_encoders"])
         # resident before the first step: the frozen weights and what stays on the host by design

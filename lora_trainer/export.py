@@ -371,13 +371,13 @@ def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return len(raw).to_bytes(8, "little") + raw + buf[8 + n:]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """A text output (manifest, model card) written like the LoRA: temp file, fsync, the umask's mode, rename;
-    ``path`` is the old file or the complete new one, and a failure leaves no temp file."""
+def _replace_atomic(path: Path, data: bytes) -> None:
+    """Temp file in ``path``'s directory (same filesystem, so ``os.replace`` is an atomic rename), fsync the data,
+    the umask's mode, rename: ``path`` is the old file or the complete new one, and a failure leaves no temp file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         ordinary_mode(tmp)
@@ -386,6 +386,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A text output (manifest, model card) written like the LoRA (UTF-8)."""
+    _replace_atomic(path, text.encode("utf-8"))
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -398,21 +403,7 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     _check_tensors(tensors, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = canonical_safetensors(tensors, metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        ordinary_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _replace_atomic(path, canonical_safetensors(tensors, metadata))
     _fsync_dir(path.parent)
 
 

@@ -223,18 +223,12 @@ def _load_dtypes(cfg, family, probe, source: Path | None, dtype) -> dict:
         return {}
     if probe.kind == "single_file" or source is None or not probe.weight_files:
         return {}
-    from .model_probe import read_safetensors_header
+    from .model_probe import weight_headers
     from .quantize import file_dtype, load_dtypes
 
-    stored = {}
-    for comp, files in probe.weight_files.items():
-        dtypes = {}
-        for rel in files:
-            if str(rel).endswith(".safetensors"):
-                header, _ = read_safetensors_header(Path(source) / rel)
-                dtypes.update({k: v["dtype"] for k, v in (header or {}).items()
-                               if k != "__metadata__" and isinstance(v, dict) and len(v.get("shape") or ()) == 2})
-        stored[comp] = file_dtype(dtypes)
+    stored = {comp: file_dtype({k: v.get("dtype") for k, v in weight_headers(Path(source), files).items()
+                                if len(v.get("shape") or ()) == 2})
+              for comp, files in probe.weight_files.items()}
     return load_dtypes(cfg, family.spec, stored, dtype)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from .family_spec import SPECS, expand_targets
 from .model_probe import weight_shapes
+from .offload import resolve_count
 from .quantize import STORAGE_BYTES, quantizable
 
 GIB = 1024 ** 3
@@ -105,8 +106,6 @@ def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str,
 
 def _offload(value: float, blocks: list[int]) -> dict | None:
     """What offload_blocks moves off the accelerator: the last blocks in forward order, one of them back at a time."""
-    from .offload import resolve_count
-
     count = resolve_count(value, len(blocks))
     if not count:
         return None

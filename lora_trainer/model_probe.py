@@ -197,16 +197,20 @@ def read_safetensors_header(path: Path) -> tuple[dict | None, dict | None]:
     return header, None
 
 
-def weight_shapes(root: Path, files) -> dict[str, list[int]]:
-    """tensor name -> shape over a component's safetensors files, from their headers only (no tensor data read)."""
-    shapes: dict[str, list[int]] = {}
+def weight_headers(root: Path, files) -> dict[str, dict]:
+    """tensor name -> its header entry (dtype, shape, offsets) over a component's safetensors files, from their
+    headers only (no tensor data read)."""
+    entries: dict[str, dict] = {}
     for rel in files or ():
         if str(rel).endswith(".safetensors"):
             header, _ = read_safetensors_header(root / rel)
-            for key, info in (header or {}).items():
-                if key != "__metadata__" and isinstance(info, dict):
-                    shapes[key] = list(info.get("shape") or ())
-    return shapes
+            entries.update({k: v for k, v in (header or {}).items() if k != "__metadata__" and isinstance(v, dict)})
+    return entries
+
+
+def weight_shapes(root: Path, files) -> dict[str, list[int]]:
+    """tensor name -> shape over a component's safetensors files, from their headers only (no tensor data read)."""
+    return {k: list(v.get("shape") or ()) for k, v in weight_headers(root, files).items()}
 
 
 # ---------------------------------------------------------------------------------- diffusers folder

@@ -62,7 +62,6 @@ class BlockStreamer:
         self.params: list[list[torch.nn.Parameter]] = []
         self.host: dict[int, torch.Tensor] = {}  # id(param) -> its host copy
         self.resident: int | None = None  # index of the streamed block whose weights are on the device
-        self.handles: list = []
         self.loads = 0  # host -> device block copies so far
         self.total = len(blocks) if total is None else total
 
@@ -80,8 +79,8 @@ class BlockStreamer:
                 host = p.data.to("cpu")
                 self.host[id(p)] = host.pin_memory() if self.pin else host
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-            self.handles.append(block.register_forward_pre_hook(self._pre_hook(i)))
-            self.handles.append(block.register_forward_hook(self._post_hook(i)))
+            block.register_forward_pre_hook(self._pre_hook(i))
+            block.register_forward_hook(self._post_hook(i))
         return self
 
     def load(self, i: int) -> None:
@@ -121,6 +120,7 @@ class BlockStreamer:
             self.load(i)
             return grad
         return hook
+
 
 def _tensors(output) -> list[torch.Tensor]:
     """Every tensor in a block's output: a tensor, nested tuples (UNet blocks return their skip tensors in one),

@@ -28,9 +28,10 @@ What that gives, measured on a 283 M-parameter FLUX-like transformer (fp32 file,
 compute dtype, diffusers keeps the weights memory-mapped, so the peak is the file's pages read while converting
 (clean page cache, which the kernel can reclaim) + the quantised copy: RSS 1.7 (NF4) / 1.8 GiB (int8), then the
 quantised size (+0.17 / +0.29 GiB over the process's baseline); without the trimming and the copy-out it stayed at
-2.1 / 2.5 GiB. When the file needs a dtype conversion, ``from_pretrained`` materialises the whole component in
-anonymous memory first: the peak is then the full-precision component. The accelerator only ever receives the
-quantised model. Converting while reading the file would remove the full-precision peak (not done).
+2.1 / 2.5 GiB. When the file holds another dtype than the compute one, ``from_pretrained`` would materialise the
+whole component cast, in anonymous memory; instead it loads at the file's own dtype (load_dtypes), still
+memory-mapped, and quantize_module casts each layer just before converting it. The accelerator only ever receives
+the quantised model.
 
 This module imports torch only inside functions: preflight and the memory plan use the torch-free part.
 """
@@ -219,10 +220,11 @@ def quantize_module(module, fmt: str, dtype=None) -> dict:
     return {"format": fmt, "layers": len(names), "params": params}
 
 
-def file_dtype(shapes_and_dtypes: dict[str, str]) -> str | None:
-    """The safetensors dtype most of a component's 2-D weights are stored in ("F32", "BF16", ...)."""
+def file_dtype(dtypes: dict[str, str]) -> str | None:
+    """The safetensors dtype most of a component's 2-D weights are stored in ("F32", "BF16", ...); ``dtypes``:
+    weight name -> its header dtype."""
     counts: dict[str, int] = {}
-    for dt in shapes_and_dtypes.values():
+    for dt in dtypes.values():
         counts[dt] = counts.get(dt, 0) + 1
     return max(counts, key=counts.get) if counts else None
 
