@@ -112,6 +112,9 @@ CASES = [
     ("sdxl", 1024, {"lora_rank": 16, "optimizer": "adamw", "gradient_checkpointing": False}, "-",
      "no published figure (activations measured 5.2 GiB at 1024 px)"),
 ]
+# shard_base over N processes (the plan per process; WORLD_SIZE = N): no published figure for a sharded LoRA run
+SHARDED = [("flux1", 1024, {"lora_rank": 16, "optimizer": "adamw", "gradient_checkpointing": True, "shard_base": True}, n)
+           for n in (1, 2, 4)]
 
 
 def main(argv=None) -> int:
@@ -129,12 +132,13 @@ def main(argv=None) -> int:
         folders = {f: make_folder(work / f, f) for f in ("flux1", "sdxl")}
         gpu = {"name": "a 24 GB card", "memory_bytes": 24 * 2 ** 30}
         rows = []
-        for family, res, settings, published, source in CASES:
+        cases = [(*c, 1) for c in CASES] + [(f, r, st, "-", f"{n} process(es)", n) for f, r, st, n in SHARDED]
+        for family, res, settings, published, source, processes in cases:
             cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(folders[family]), "trigger_words": ["ohwx"],
                                    "output_path": str(work / "out"), "resolution": res, "mixed_precision": "bf16",
                                    **settings})
             probe = probe_model(str(folders[family]), work)
-            plan = plan_memory(cfg, probe, probe.family, res, gpu=gpu)
+            plan = plan_memory(cfg, probe, probe.family, res, gpu=gpu, processes=processes)
             p = plan["parts_gib"]
             rows.append((f"{family} {res} px", ", ".join(f"{k}={v}" for k, v in settings.items()),
                          f"{plan['total_gib']:.1f}", f"{p['denoiser_weights']:.1f} / {p['lora']:.2f} / "

@@ -162,6 +162,7 @@ class TrainConfig:
     base_quantization: str = "none"  # frozen denoiser storage: none | fp8 | int8 | nf4 (quantize.py)
     text_encoder_quantization: str = "none"
     offload_blocks: float = 0  # blocks streamed from host memory: a count (>= 1) or a fraction (offload.py)
+    shard_base: bool = False  # FSDP2 shards of the frozen denoiser across processes (shard.py)
     # Keys the user wrote (flat or nested); some checks apply only to explicit values.
     explicit_keys: frozenset[str] = field(default_factory=frozenset, compare=False)
     config_path: Path | None = field(default=None, compare=False)
@@ -356,6 +357,28 @@ def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
                                  "use_dora false, or offload_blocks 0"))
 
 
+def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
+    """What shard_base cannot be combined with (shard.py says why for each)."""
+    if not cfg.shard_base:
+        return
+    clashes = [
+        (cfg.base_quantization != "none", f"base_quantization {cfg.base_quantization!r}: a quantised or fp8 base's "
+         "tensors and casting hooks cannot be sharded", "base_quantization \"none\" with shard_base"),
+        (bool(cfg.offload_blocks), "offload_blocks: streaming and sharding would move the same weights",
+         "offload_blocks 0 with shard_base"),
+        (cfg.use_dora, "use_dora: DoRA's export reads whole base weights, which no process holds",
+         "use_dora false with shard_base"),
+        (cfg.train_text_encoder, "train_text_encoder: only the denoiser is sharded; train its LoRA alone",
+         "train_text_encoder false with shard_base"),
+        (cfg.optimizer != "adamw", f"optimizer {cfg.optimizer!r} does not run on sharded tensors",
+         "optimizer \"adamw\" with shard_base"),
+    ]
+    for clash, message, allowed in clashes:
+        if clash:
+            problems.append(_problem("shard_base", True, f"shard_base cannot be combined with {message}",
+                                     f"{allowed}, or shard_base false"))
+
+
 def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -> None:
     ex = cfg.explicit_keys
     if cfg.max_train_steps is not None and cfg.num_epochs is not None:
@@ -409,6 +432,7 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
                                     "weight's norm, a small approximation); A1111's built-in loader implements only "
                                     "input-axis DoRA and misapplies it. See README 'DoRA'."})
     _offload_problems(cfg, problems)
+    _shard_problems(cfg, problems)
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(_problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                  "false, or set cache_latents to false"))

@@ -58,8 +58,9 @@ class FamilySpec:
     # Variant -> default T5 max_sequence_length (None: the family has no T5).
     max_sequence_length: Mapping[str | None, int] = field(default_factory=dict)
     single_file_config_repo: Mapping[str | None, str] = field(default_factory=dict)
-    # The denoiser's ModuleLists that offload_blocks may stream from host memory, in forward order (offload.py).
-    offload_blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
+    # The denoiser's repeated blocks (ModuleList names, in forward order): the units offload_blocks streams from host
+    # memory (offload.py) and shard_base shards (shard.py), and the memory plan counts.
+    blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
 
     @property
     def is_flow(self) -> bool:
@@ -112,7 +113,7 @@ SPECS: dict[str, FamilySpec] = {
         train_guidance={"dev": 1.0, "schnell": None}, max_sequence_length={"dev": 512, "schnell": 256, None: 512},
         single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
                                  None: "black-forest-labs/FLUX.1-dev"},
-        offload_blocks=("transformer_blocks", "single_transformer_blocks")),
+        blocks=("transformer_blocks", "single_transformer_blocks")),
     # SD3/3.5: VAE 8x, patch 2 -> 16 px. Logit-normal sigmas with the static shift 3.0 of its scheduler and x0
     # preconditioning: what diffusers' and kohya's SD3 scripts do by default.
     "sd3": FamilySpec(
@@ -127,7 +128,7 @@ SPECS: dict[str, FamilySpec] = {
                                  "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                                  "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
                                  None: "stabilityai/stable-diffusion-3.5-large"},
-        offload_blocks=("transformer_blocks",)),
+        blocks=("transformer_blocks",)),
 }
 FAMILY_NAMES = tuple(SPECS)
 FLOW_KEYS = ("flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",

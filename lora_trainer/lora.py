@@ -67,14 +67,33 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float
 
 
 def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's LoRA tensors, whole, by PEFT's names. For a sharded module (shard_base) this all-gathers them:
+    every process must call it."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+    if is_sharded(module):
+        from .shard import full_tensors
+
+        return full_tensors(state)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole LoRA tensors into the module (into this process's shards of them when it is sharded)."""
     from peft.utils import set_peft_model_state_dict
 
+    if is_sharded(module):
+        from .shard import load_lora_sharded
+
+        load_lora_sharded(module, state)
+        return
     result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
@@ -110,20 +129,22 @@ class Attached:
     denoiser_params: list
     te_params: list
     streamers: dict  # offload.BlockStreamer per streamed denoiser
+    shards: dict  # shard.shard_denoisers' summary per sharded denoiser
 
 
-def attach_adapters(cfg, family, comps, device: torch.device, events) -> Attached:
+def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: int = 1) -> Attached:
     """The run's adapters (Trainer._attach_lora): LoRA on the denoisers (and text encoders with
-    train_text_encoder), an init_lora file's weights, fp8 storage, block streaming, then the move to ``device``.
+    train_text_encoder), an init_lora file's weights, fp8 storage, block streaming or sharding across the ``world``
+    processes, then the move to ``device``.
 
-    LoRA goes in on the host, before anything moves: so that fp8 casting and block streaming happen before the
-    full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives the same
-    initial LoRA on every device. The text encoders are already where _prepare_data left them."""
+    LoRA goes in on the host, before anything moves: so that fp8 casting, block streaming and sharding happen before
+    the full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives the same
+    initial LoRA on every device and process. The text encoders are already where _prepare_data left them."""
     from .offload import stream_denoisers
     from .quantize import after_lora
 
     spec = family.spec
-    out = Attached(dict(comps.denoisers), [], [], {})
+    out = Attached(dict(comps.denoisers), [], [], {}, {})
     for denoiser in comps.denoisers.values():
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -145,7 +166,13 @@ def attach_adapters(cfg, family, comps, device: torch.device, events) -> Attache
         init_from_file(cfg, family.name, comps, out.lora_modules, events)
     after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
     # every LoRA tensor is checked to be trainable fp32
-    out.streamers = stream_denoisers(cfg.offload_blocks, spec.offload_blocks, comps.denoisers, device)
+    out.streamers = stream_denoisers(cfg.offload_blocks, spec.blocks, comps.denoisers, device)
+    if cfg.shard_base and world > 1:
+        from .shard import shard_denoisers
+
+        out.shards = shard_denoisers(comps.denoisers, spec.blocks, device, world)
+        # fully_shard replaced every parameter by its shard (a new Parameter): the optimizer must get those.
+        out.denoiser_params = [p for d in comps.denoisers.values() for n, p in d.named_parameters() if p.requires_grad]
     for denoiser in comps.denoisers.values():
-        denoiser.to(device)
+        denoiser.to(device)  # sharded ones are there already (a no-op for them)
     return out

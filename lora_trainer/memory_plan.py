@@ -14,6 +14,10 @@ resident). Activations (B = 1, per image):
   attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B;
   checkpointing keeps about a quarter.
 
+With shard_base over N processes each one holds 1/N of every block's frozen weights (and of the LoRA and its optimizer
+state) plus two whole blocks (the one running and the next, gathered meanwhile); the rest of the denoiser stays whole.
+The process count is WORLD_SIZE, which accelerate launch (torch.distributed.run) sets for every process.
+
 Fixed: the CUDA context (~0.5 GiB, invisible to torch's counters) plus 10% allocator slack on the rest. These are
 estimates: the first steps' measured peak is reported beside them and a drift over 15% is a warning.
 """
@@ -95,7 +99,7 @@ def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
 
 
 def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str, b: int) -> list[int]:
-    """Frozen bytes of each streamable block (spec.offload_blocks ModuleLists), in forward order."""
+    """Frozen bytes of each streamable block (spec.blocks ModuleLists), in forward order."""
     blocks: dict[tuple[int, int], dict] = {}
     for key, shape in shapes.items():
         parts = key.split(".")
@@ -111,6 +115,17 @@ def _offload(value: float, blocks: list[int]) -> dict | None:
         return None
     streamed = blocks[len(blocks) - count:]
     return {"blocks": count, "of": len(blocks), "host_bytes": sum(streamed), "device_bytes": max(streamed)}
+
+
+def _shard(blocks: list[int], processes: int) -> dict | None:
+    """What shard_base keeps on each of ``processes``: 1/N of every block, plus whole blocks while they run (FSDP2
+    gathers the next block during the current one, so two at a time); the rest of the denoiser (embeddings, the
+    output layer: the root unit) is whole while the denoiser runs."""
+    if processes < 2 or not blocks:
+        return None
+    gathered = sum(sorted(blocks)[-2:])
+    return {"processes": processes, "units": len(blocks) + 1, "block_bytes": sum(blocks),
+            "device_bytes": -(-sum(blocks) // processes) + gathered}
 
 
 def _activations(family: str, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
@@ -130,16 +145,17 @@ def _activations(family: str, cfg_json: dict, denoiser_params: int, resolution: 
 
 
 def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gpu: dict | None,
-                overrides: dict | None = None) -> dict | None:
-    """Bytes per part for this config (``overrides``: settings to try instead, for the hints). None when the model's
-    files cannot be read here (a hub id not downloaded yet, a single file)."""
+                overrides: dict | None = None, processes: int = 1) -> dict | None:
+    """Bytes per process for this config (``overrides``: settings to try instead, for the hints; ``processes``: how
+    many train together, which only shard_base changes). None when the model's files cannot be read here (a hub id
+    not downloaded yet, a single file)."""
     spec = SPECS.get(family or "")
     if spec is None or probe is None or probe.kind not in ("diffusers_dir", "hub") or not probe.path \
             or not probe.weight_files:
         return None
     o = {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optimizer,
          "resolution": resolution, "base_quantization": cfg.base_quantization,
-         "offload_blocks": cfg.offload_blocks, **(overrides or {})}
+         "offload_blocks": cfg.offload_blocks, "shard_base": cfg.shard_base, **(overrides or {})}
     root = Path(probe.path)
     on_gpu = gpu is not None and cfg.device != "cpu"
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
@@ -148,17 +164,20 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     denoiser_params, denoiser_bytes, lora = 0, 0, 0
     targets = spec.targets(cfg.target_modules)
     cfg_json: dict = {}
-    offload: dict | None = None
+    offload = shard = None
     for comp in spec.denoisers:
         shapes = weight_shapes(root, probe.weight_files.get(comp))
         denoiser_params += sum(_numel(s) for s in shapes.values())
         denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b)
         lora += _lora_params(shapes, targets, cfg.lora_rank)
         cfg_json = cfg_json or _config(root, comp)
-        offload = offload or _offload(o["offload_blocks"], _block_bytes(shapes, spec.offload_blocks,
-                                                                        o["base_quantization"], b))
+        blocks = _block_bytes(shapes, spec.blocks, o["base_quantization"], b)
+        offload = offload or _offload(o["offload_blocks"], blocks)
+        shard = shard or (_shard(blocks, processes) if o["shard_base"] else None)
     if offload:
         denoiser_bytes -= offload["host_bytes"] - offload["device_bytes"]
+    if shard:
+        denoiser_bytes -= shard["block_bytes"] - shard["device_bytes"]
     parts["denoiser_weights"] = denoiser_bytes
     text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
     te_bytes = 0
@@ -171,7 +190,14 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     parts["text_encoders"] = 0 if text_cached else te_bytes
     vae = sum(_numel(s) for s in weight_shapes(root, probe.weight_files.get("vae")).values())
     parts["vae"] = 0 if cfg.cache_latents else vae * b
-    parts["lora"] = lora * (4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8))
+    per_param = 4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8)
+    if shard:
+        # LoRA weights and optimizer state are sharded with their blocks; gradients too, except while they
+        # accumulate over micro-batches (no reduction until the last one): then they are whole.
+        grads = 4 if cfg.gradient_accumulation_steps > 1 else 4 / processes
+        parts["lora"] = int(lora * ((per_param - 4) / processes + grads))
+    else:
+        parts["lora"] = lora * per_param
     attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)
     parts["activations"] = _activations(family, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
                                         o["gradient_checkpointing"], attention_only)
@@ -182,14 +208,19 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
             "total_bytes": total, "precision": precision, "lora_params": lora,
             "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
             "offload": None if offload is None else {**offload, "host_gib": round(offload["host_bytes"] / GIB, 2)},
+            "shard": shard, "processes": processes,
             "gpu": gpu, "fits": None if gpu is None else total <= gpu["memory_bytes"]}
 
 
-def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict) -> list[dict]:
+def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, processes: int = 1) -> list[dict]:
     """Settings that would fit ``gpu``, cheapest change first, each with its estimate."""
     tries: list[dict] = []
     if not cfg.gradient_checkpointing:
         tries.append({"gradient_checkpointing": True})
+    if processes > 1 and not cfg.shard_base and cfg.base_quantization == "none" and cfg.optimizer == "adamw" \
+            and not cfg.offload_blocks and not cfg.use_dora and not cfg.train_text_encoder:
+        # Sharding costs communication, not accuracy (shard.py lists what it cannot be combined with).
+        tries.append({"gradient_checkpointing": True, "shard_base": True})
     if cfg.optimizer != "adamw8bit":
         tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit"})
     # A quantised base halves (8-bit) or quarters (NF4) the frozen weights at some accuracy (int8 per-row: ~0.4%
@@ -202,7 +233,7 @@ def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: di
             tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "resolution": res})
     out = []
     for change in tries:
-        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change)
+        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change, processes=processes)
         if plan is not None:
             out.append({"settings": change, "total_gib": plan["total_gib"], "fits": plan["fits"]})
     streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu)
@@ -214,7 +245,7 @@ def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: di
 def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict) -> dict | None:
     """The smallest offload_blocks (with checkpointing and 8-bit AdamW, at the base's current format when it can
     be streamed) that fits; None when even streaming every block does not, or the base cannot be streamed."""
-    if cfg.base_quantization not in ("none", "fp8") or cfg.use_dora:
+    if cfg.base_quantization not in ("none", "fp8") or cfg.use_dora or cfg.shard_base:
         return None
     base = {"gradient_checkpointing": True, "optimizer": "adamw8bit"}
     full = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides={**base, "offload_blocks": 0.999})

@@ -40,7 +40,7 @@ def resolve_count(value: float, total: int) -> int:
 
 
 def block_lists(module: torch.nn.Module, attrs: Iterable[str]) -> list[torch.nn.Module]:
-    """The family's streamable blocks (spec.offload_blocks: ModuleList attribute names), in forward order."""
+    """The family's streamable blocks (spec.blocks: ModuleList attribute names), in forward order."""
     out: list[torch.nn.Module] = []
     for attr in attrs:
         blocks = getattr(module, attr, None)

@@ -97,12 +97,13 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
     """Write the LoRA files and the manifest (main process); returns the paths for the completed event. The caller
     waits for the other ranks."""
     from .export import export_lora
-    from .lora import dora_row_scale, lora_state
+    from .lora import dora_row_scale, is_sharded, lora_state
 
     cfg = record.cfg
     paths: dict[str, str] = {}
-    if is_main:
+    if is_main or any(is_sharded(m) for m in modules.values()):  # sharded: lora_state is a collective
         states = {name: lora_state(m) for name, m in modules.items()}
+    if is_main:
         check_finite(states, "final LoRA")
         try:
             res = export_lora(cfg.output_path, cfg.output_name, record.family.name, states, alpha=cfg.alpha,

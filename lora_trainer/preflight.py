@@ -320,10 +320,11 @@ def _check_memory(cfg: Any, probe: ModelProbe, family: str | None, resolution: i
     if resolution is None:
         return None
     gpu = detect_gpu() if cfg.device != "cpu" else None
-    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu)
+    processes = _processes()
+    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, processes=processes)
     if plan is None or plan["fits"] is not False or cfg.ignore_memory_plan:
         return plan
-    options = cheaper_settings(cfg, probe, family, resolution, gpu)
+    options = cheaper_settings(cfg, probe, family, resolution, gpu, processes=processes)
     plan["cheaper"] = options
     fitting = [o for o in options if o["fits"]]
     first = (fitting or options or [{"settings": {"resolution": resolution}}])[0]
@@ -334,6 +335,22 @@ def _check_memory(cfg: Any, probe: ModelProbe, family: str | None, resolution: i
                        f"{o['total_gib']} GiB{'' if o['fits'] else ' (still too much)'}" for o in options)
         + "; or set ignore_memory_plan: true to train anyway", options=options))
     return plan
+
+
+def _processes() -> int:
+    """How many processes train together: WORLD_SIZE, as accelerate launch / torch.distributed.run set it (1 when
+    run directly; ``WORLD_SIZE=N train_lora.py --validate-only`` plans for N)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _check_shard(cfg: Any, warnings: list) -> None:
+    if cfg.shard_base and _processes() == 1:
+        warnings.append({"code": "shard_base_single_process", "path": "shard_base",
+                         "message": "shard_base has no effect with one process: start several with accelerate launch "
+                                    "--num_processes N (or set WORLD_SIZE=N for --validate-only's memory plan)"})
 
 
 def _check_offload_host(plan: dict | None, warnings: list) -> None:
@@ -402,6 +419,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     caches = _plan_caches(cfg, family, scan, dataset_info)
     memory = _check_memory(cfg, probe, family, dataset_info.get("resolution"), errors)
     _check_offload_host(memory, warnings)
+    _check_shard(cfg, warnings)
     if output_info.get("writable"):
         index.save()  # after the output checks, which report the folder as the user left it
 

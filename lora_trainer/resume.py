@@ -21,7 +21,8 @@ import torch
 from .checkpoint import (TrainingProgress, find_latest_checkpoint, flatten_state, load_checkpoint,
                          save_checkpoint, unflatten_state, verify_checkpoint)
 from .errors import ConfigError
-from .lora import load_lora_state, lora_state
+from .lora import is_sharded, load_lora_state, lora_state
+from .shard import full_tensors, shard_optimizer_state
 
 MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
               "train_text_encoder", "use_dora", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
@@ -35,7 +36,7 @@ MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr
               "keep_tokens", "lora_dropout", "weight_decay", "max_grad_norm", "flip_aug", "random_crop",
               "flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
               "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
-              "train_guidance_scale")
+              "train_guidance_scale", "shard_base")
 
 
 @dataclass
@@ -79,6 +80,10 @@ class CheckpointRun:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def sharded(self) -> bool:
+        return any(is_sharded(m) for m in self.modules.values())
 
 
 def checkpoints_root(cfg) -> Path:
@@ -149,10 +154,15 @@ def save(run: CheckpointRun, reason: str) -> Path | None:
 
     st, path = run.state, None
     rank_rng = _gather_rank_rng(run)
-    if run.accelerator.is_main_process:
+    states = opt_state = None
+    if run.sharded or run.accelerator.is_main_process:
+        # Sharded (shard_base): whole tensors are all-gathered, a collective every process joins; rank 0 writes.
         states = {name: lora_state(m) for name, m in run.modules.items()}
+        opt_state = st.optimizer.state_dict()
+        opt_state = full_tensors(opt_state) if run.sharded else opt_state
+    if run.accelerator.is_main_process:
         outputs.check_finite(states, f"checkpoint at step {st.progress.global_step}")
-        opt_tensors, opt_skel = flatten_state(st.optimizer.state_dict(), "optimizer")
+        opt_tensors, opt_skel = flatten_state(opt_state, "optimizer")
         sched_tensors, sched_skel = flatten_state(st.lr_scheduler.state_dict(), "lr_scheduler")
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "noise_generator": st.noise_gen.get_state(), "loss_ema": st.loss_ema.detach().cpu()}
@@ -207,7 +217,8 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
         load_lora_state(module, {k: v.to(device) for k, v in tensors[f"lora_{name}"].items()})
     skel = js["state"]
     opt_t = tensors["optimizer"]
-    st.optimizer.load_state_dict(unflatten_state(skel["optimizer"], opt_t))
+    opt_state = unflatten_state(skel["optimizer"], opt_t)
+    st.optimizer.load_state_dict(shard_optimizer_state(opt_state, st.optimizer) if run.sharded else opt_state)
     st.lr_scheduler.load_state_dict(unflatten_state(skel["lr_scheduler"], opt_t))
     rng = unflatten_state(skel["rng"], opt_t)
     random.setstate(rng["python"])

@@ -62,15 +62,19 @@ def prompts_for(cfg) -> list[str]:
 
 
 def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
-                     cached: Any = None) -> list[str]:
+                     cached: Any = None, every_rank: bool = False) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
-    the device, autocast and the dashboards); returns their paths. Main process only. ``cached(prompts)``: the
-    text cache's lookup, when the text encoders were released (the prompts' conditioning is in it)."""
-    if not accelerator.is_main_process:
+    the device, autocast and the dashboards); returns their paths. Main process only, unless ``every_rank``: a
+    sharded denoiser (shard_base) gathers each block from every process, so they all generate the same images, and
+    only the main process saves them. ``cached(prompts)``: the text cache's lookup, when the text encoders were
+    released (the prompts' conditioning is in it)."""
+    main = accelerator.is_main_process
+    if not main and not every_rank:
         return []
     device = accelerator.device
     out_dir = cfg.output_path / "samples" / f"step-{step:06d}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     denoisers = dict(comps.denoisers)  # the plain modules, LoRA attached: no DDP wrapper in a pipeline
     moved = []
     for module in (comps.vae, *comps.text_encoders.values()):
@@ -97,11 +101,13 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
                         image = pipe(**text, num_inference_steps=cfg.validation_inference_steps,
                                      height=resolution, width=resolution, generator=generator, **extra).images[0]
                     path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
+                    if not main:
+                        continue
                     _save_png(image, path)
                     images.append(image)
                     paths.append(str(path))
                     events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k)
-            if images:
+            if images and main:
                 grid = _grid(images, cols=cfg.num_validation_images)
                 _save_png(grid, out_dir / "grid.png")
                 _log_to_dashboard(cfg, accelerator, grid, step)

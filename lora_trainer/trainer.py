@@ -31,6 +31,8 @@ from .guards import NonFiniteGuard, is_out_of_memory, oom_error
 from .families import Components, get_family
 from .family_spec import objective_summary
 from .offload import summary as offload_summary
+from .shard import local_value, no_sync
+from .shard import summary as shard_summary
 from .report import tracker_for
 from .signals import GracefulStop
 
@@ -117,7 +119,7 @@ class Trainer:
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
                 variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
-                offload=offload_summary(self.streamers),
+                offload=offload_summary(self.streamers), shard=shard_summary(self.shards),
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -182,9 +184,9 @@ class Trainer:
     def _attach_lora(self) -> None:
         from .lora import attach_adapters
 
-        a = attach_adapters(self.cfg, self.family, self.comps, self.device, self.events)
+        a = attach_adapters(self.cfg, self.family, self.comps, self.device, self.events, world=self.world)
         # lora_modules: the modules that carry LoRA, by component name: what checkpoints, resume and export read.
-        self.lora_modules, self.streamers = a.lora_modules, a.streamers
+        self.lora_modules, self.streamers, self.shards = a.lora_modules, a.streamers, a.shards
         self.denoiser_params, self.te_params = a.denoiser_params, a.te_params
 
     def _build_optimizer(self) -> None:
@@ -198,10 +200,12 @@ class Trainer:
                                          device=self.device)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
                                                total_steps=self.total_steps)
-        names = list(self.lora_modules)
-        prepared = self.accelerator.prepare(*self.lora_modules.values(), self.optimizer)
+        # Sharded denoisers (shard_base) reduce their own gradients: DDP must not wrap them too.
+        names = [n for n in self.lora_modules if n not in self.shards]
+        prepared = self.accelerator.prepare(*(self.lora_modules[n] for n in names), self.optimizer)
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)  # prepare(x) returns x itself
         self.optimizer = prepared[-1]
-        wrapped = dict(zip(names, prepared[:-1]))
+        wrapped = {**dict(zip(names, prepared[:-1])), **{n: self.lora_modules[n] for n in self.shards}}
         # Denoisers and trained text encoders run through their prepared (DDP) wrappers so their LoRA gradients
         # are averaged across ranks; the plain modules stay in comps (and lora_modules) for sampling and saving.
         self.denoisers = {n: wrapped[n] for n in self.comps.denoisers}
@@ -289,7 +293,7 @@ class Trainer:
         from .sampling import generate_samples
 
         generate_samples(self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
-                         resolution=self.resolution, step=step,
+                         resolution=self.resolution, step=step, every_rank=bool(self.shards),
                          cached=self.text_cache.batch if self.text_cache is not None and not self.comps.text_encoders
                          else None)
         self.accelerator.wait_for_everyone()
@@ -302,7 +306,7 @@ class Trainer:
             with contextlib.ExitStack() as ctx:
                 if not last:  # gradients are all-reduced once, on the group's last micro-batch
                     for denoiser in self.denoisers.values():
-                        ctx.enter_context(self.accelerator.no_sync(denoiser))
+                        ctx.enter_context(no_sync(denoiser, self.accelerator))
                 with self.accelerator.autocast():
                     loss = self._loss(batch, epoch, first_batch + j)
                     if self.progress.global_step + 1 in _FAULT_NAN_STEPS:
@@ -317,9 +321,9 @@ class Trainer:
             loss_sum += scaled.detach()
         params = self.denoiser_params + self.te_params
         if self.cfg.max_grad_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            grad_norm = local_value(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            grad_norm = local_value(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         # One host sync per step: the price of never letting a NaN/inf reach the weights (it would then be
         # in every later checkpoint). The scalar is tiny; the wait is for the step's own kernels.
         if self.world > 1:

@@ -60,7 +60,7 @@ def _train(tiny_models, family: str, *, offload: float, checkpointing: bool, fp8
         cfg = type("C", (), {"base_quantization": "fp8", "text_encoder_quantization": "none"})()
         after_lora(cfg, type("K", (), {"denoisers": {sub: model}})(), {sub: model})
     model.train()
-    streamer = stream_blocks(model, spec.offload_blocks, offload, torch.device("cpu")) if offload else None
+    streamer = stream_blocks(model, spec.blocks, offload, torch.device("cpu")) if offload else None
     most = [0]
     if streamer:
         def count(*_):  # how many streamed blocks hold real weights while any block runs

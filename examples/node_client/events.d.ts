@@ -134,7 +134,7 @@ export interface RunStartedEvent {
     [k: string]: unknown | undefined;
   };
   /**
-   * the memory plan (as validation's summary.memory): parts_gib (denoiser_weights, text_encoders, vae, lora, activations, fixed), total_gib, precision, lora_params, denoiser_params, assumes, gpu (name, memory_bytes; null without a detected GPU), fits; null when the model's files could not be read before loading
+   * the memory plan (as validation's summary.memory): parts_gib (denoiser_weights, text_encoders, vae, lora, activations, fixed), total_gib, precision, lora_params, denoiser_params, assumes, offload, shard (shard_base over several processes: processes, units, block_bytes (the blocks' frozen weights, whole), device_bytes (what each process keeps of them: its shards plus the two blocks gathered at a time)), processes (WORLD_SIZE), gpu (name, memory_bytes; null without a detected GPU), fits; null when the model's files could not be read before loading
    */
   memory_plan?: {
     [k: string]: unknown | undefined;
@@ -143,6 +143,12 @@ export interface RunStartedEvent {
    * block streaming (offload_blocks; null when off): per denoiser, blocks (streamed), of (its streamable blocks), host_bytes (their frozen weights in host memory), pinned (page-locked, on CUDA)
    */
   offload?: {
+    [k: string]: unknown | undefined;
+  } | null;
+  /**
+   * sharding of the frozen denoiser across processes (shard_base; null when off or with one process): processes, units (FSDP units: the blocks plus the denoiser itself), frozen_bytes (the denoiser's frozen weights, whole), local_bytes (rank 0's shards of them)
+   */
+  shard?: {
     [k: string]: unknown | undefined;
   } | null;
 }
@@ -265,7 +271,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, offload_host_memory
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, offload_host_memory, shard_base_single_process
    */
   code: string;
   message: string;
