@@ -75,8 +75,8 @@ def test_each_process_holds_half_and_trains_the_data_parallel_lora(runs):
     assert sorted(held) == [0, 1] and held[0][1] == held[1][1] == shard["frozen_bytes"] > 0
     assert held[0][0] + held[1][0] == shard["frozen_bytes"] and held[0][0] == shard["local_bytes"]
     assert held[0][0] <= 0.55 * shard["frozen_bytes"], "each process holds about half the frozen weights"
-    # The same training as plain data parallelism: gradients reduce-scattered instead of all-reduced and the
-    # clipping norm summed over shards, so equal up to float reassociation.
+    # The same training as plain data parallelism, up to float rounding: gradients are reduce-scattered instead of
+    # all-reduced and computed with gathered weights (bitwise equal here; ~1e-6 for the UNet, bench/RESULTS.md).
     ref = load_file(tmp / "ddp" / "checkpoints" / "step-000006" / "lora_transformer.safetensors")
     got = load_file(tmp / "sharded" / "checkpoints" / "step-000006" / "lora_transformer.safetensors")
     assert ref.keys() == got.keys() and all(v.dtype == torch.float32 for v in got.values())
