@@ -357,10 +357,9 @@ def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
                                  "use_dora false, or offload_blocks 0"))
 
 
-def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
-    """What shard_base cannot be combined with (shard.py says why for each)."""
-    if not cfg.shard_base:
-        return
+def shard_clashes(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """The settings shard_base cannot be combined with, as (message, allowed); shard.py says why for each. One list
+    for the config error and for the memory plan's hints (which offer shard_base only where it would work)."""
     clashes = [
         (cfg.base_quantization != "none", f"base_quantization {cfg.base_quantization!r}: a quantised or fp8 base's "
          "tensors and casting hooks cannot be sharded", "base_quantization \"none\" with shard_base"),
@@ -373,10 +372,15 @@ def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
         (cfg.optimizer != "adamw", f"optimizer {cfg.optimizer!r} does not run on sharded tensors",
          "optimizer \"adamw\" with shard_base"),
     ]
-    for clash, message, allowed in clashes:
-        if clash:
-            problems.append(_problem("shard_base", True, f"shard_base cannot be combined with {message}",
-                                     f"{allowed}, or shard_base false"))
+    return [(message, allowed) for clash, message, allowed in clashes if clash]
+
+
+def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
+    if not cfg.shard_base:
+        return
+    for message, allowed in shard_clashes(cfg):
+        problems.append(_problem("shard_base", True, f"shard_base cannot be combined with {message}",
+                                 f"{allowed}, or shard_base false"))
 
 
 def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -> None:

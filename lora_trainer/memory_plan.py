@@ -29,6 +29,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .config import shard_clashes
 from .family_spec import SPECS, expand_targets
 from .model_probe import weight_shapes
 from .offload import resolve_count
@@ -217,9 +218,8 @@ def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: di
     tries: list[dict] = []
     if not cfg.gradient_checkpointing:
         tries.append({"gradient_checkpointing": True})
-    if processes > 1 and not cfg.shard_base and cfg.base_quantization == "none" and cfg.optimizer == "adamw" \
-            and not cfg.offload_blocks and not cfg.use_dora and not cfg.train_text_encoder:
-        # Sharding costs communication, not accuracy (shard.py lists what it cannot be combined with).
+    if processes > 1 and not cfg.shard_base and not shard_clashes(cfg):
+        # Sharding costs communication, not accuracy.
         tries.append({"gradient_checkpointing": True, "shard_base": True})
     if cfg.optimizer != "adamw8bit":
         tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit"})
