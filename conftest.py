@@ -90,7 +90,7 @@ def write_config(path: Path, **fields) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Lazily built tiny pipelines: tiny_models['sdxl'] etc."""
-    from lora_trainer.tiny import make_tiny_pipeline
+    from lora_trainer.testing.tiny import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("models")
 
@@ -105,6 +105,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def dataset(tmp_path) -> Path:
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     return Path(make_dataset(tmp_path / "data", n=4, trigger="ohwx"))

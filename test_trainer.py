@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 from conftest import run_cli, write_config  # noqa: E402
 
-from lora_trainer.errors import EXIT_CODES  # noqa: E402
+from lora_trainer.contract.errors import EXIT_CODES  # noqa: E402
 
 
 def _base(tmp_path: Path, dataset: Path, model: str = "missing/model", **extra) -> dict:

@@ -11,7 +11,7 @@ Models (``--model``, random weights, bench/models.py):
   family's default targets (preset attention_mlp); naive = bench/naive_flux.py (diffusers'
   train_dreambooth_lora_flux.py step: VAE + CLIP + T5 every step); target train_lora <= 0.5x naive.
 Both at 256 px, batch 1, fp32. Data: 8 generated 256x256 images with captions
-(lora_trainer.tiny.make_dataset). Both trainers run as subprocesses, alternating A, B, A, B, ... (``--rounds``
+(lora_trainer.testing.tiny.make_dataset). Both trainers run as subprocesses, alternating A, B, A, B, ... (``--rounds``
 pairs), so machine noise (other processes on the box) hits both; nothing else of ours runs meanwhile.
 Both children get OMP_NUM_THREADS=1 by default (``--threads``): on a shared 2-core machine, a process with two
 OpenMP threads stalls at every parallel region whenever anything else is runnable (measured 3-35x slower
@@ -71,7 +71,7 @@ def model_dir_name(kind: str, tiny: bool, t5_layers: int | None) -> str:
 
 def prepare(work: Path, *, tiny: bool, n_images: int, resolution: int, kind: str = "sdxl",
             t5_layers: int | None = None) -> tuple[Path, Path]:
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     sys.path.insert(0, str(BENCH))
     from models import make_flux_model, make_model
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                     help="sdxl: quarter-width SDXL (target 0.8x); flux: reduced FLUX.1-dev (target 0.5x)")
     ap.add_argument("--t5-layers", type=int, help="flux: T5 depth of the reduced model (default 24, the real depth)")
     ap.add_argument("--tiny", action="store_true",
-                    help="lora_trainer.tiny's sdxl / tiny_dit's flux1-dev at 64 px: a quick check")
+                    help="lora_trainer.testing.tiny's sdxl / tiny_dit's flux1-dev at 64 px: a quick check")
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for both children (default 1; 0 = torch's own choice, all cores). On a "
                          "shared 2-core box, two OpenMP threads per process slow down 3-35x whenever another "
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
         if args.model == "flux":
             from models import flux_description
 
-            model_desc = "tiny FLUX.1-dev (lora_trainer.tiny_dit)" if args.tiny else \
+            model_desc = "tiny FLUX.1-dev (lora_trainer.testing.tiny_dit)" if args.tiny else \
                 flux_description("reduced", t5_layers=args.t5_layers) + " (transformer 82.3M)"
         else:
             model_desc = "tiny SDXL" if args.tiny else "quarter-width SDXL (UNet 160.8M)"

@@ -21,7 +21,7 @@ What it measures, in one process:
    1024x1024 images with captions;
 3. for batch 1 and 4, without and with gradient checkpointing (in that order of importance; a time budget
    skips the rest and says so):
-   - train_lora: ``lora_trainer.trainer.Trainer`` driven in-process from a config (cache_latents, default text
+   - train_lora: ``lora_trainer.training.trainer.Trainer`` driven in-process from a config (cache_latents, default text
      cache, mixed_precision bf16, LoRA rank 16 on to_q/to_k/to_v/to_out.0), timing ``Trainer._optimizer_step``
      -- the trainer's own step -- on its own epoch plan, with a CUDA sync only before and after the timed steps;
    - naive: bench/naive_loop.py's NaiveLoop in its GPU form (frozen UNet and text encoders bf16, VAE fp32,
@@ -179,14 +179,14 @@ class TrainLoraRunner:
     name = "train_lora"
 
     def __init__(self, config: Path):
-        from lora_trainer.config import load_config
-        from lora_trainer.events import EventStream
-        from lora_trainer.trainer import Trainer
+        from lora_trainer.config.config import load_config
+        from lora_trainer.contract.events import EventStream
+        from lora_trainer.training.trainer import Trainer
 
         cfg, _ = load_config(config)
         self.trainer = Trainer(cfg, EventStream(None))
         self.trainer.setup()
-        from lora_trainer.data import plan_epoch
+        from lora_trainer.data.images import plan_epoch
 
         self.plan, self.epoch, self.i = plan_epoch, 0, 0
         self.batches = plan_epoch(self.trainer.images, cfg.batch_size, cfg.seed, 0)
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", choices=("sdxl", "flux"), default="sdxl")
-    ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl / tiny_dit's flux1-dev at 64 px "
+    ap.add_argument("--tiny", action="store_true", help="lora_trainer.testing.tiny's sdxl / tiny_dit's flux1-dev at 64 px "
                                                         "(checks on the CPU)")
     ap.add_argument("--size", choices=("full", "quarter", "reduced"), default="full",
                     help="bench/models.py size when not --tiny (sdxl quarter / flux reduced: to check the "
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     notes: list[str] = []
     try:
-        from lora_trainer.tiny import make_dataset
+        from lora_trainer.testing.tiny import make_dataset
         from models import build_components, flux_description, make_flux_model, make_model, save_pipeline
 
         model = Path(args.model_dir) if args.model_dir else work / "model"
@@ -401,10 +401,10 @@ def main(argv=None) -> int:
         if not data.is_dir():
             make_dataset(data, 8, sizes=[(args.resolution, args.resolution)])
         log(f"model + data ready in {time.monotonic() - t:.1f} s")
-        model_desc = ("tiny FLUX.1-dev (lora_trainer.tiny_dit)" if flux and args.tiny else
+        model_desc = ("tiny FLUX.1-dev (lora_trainer.testing.tiny_dit)" if flux and args.tiny else
                       flux_description("full" if args.size == "full" else "reduced",
                                        t5=args.t5 if args.size == "full" else "full") + ", random" if flux else
-                      "tiny SDXL (lora_trainer.tiny)" if args.tiny else
+                      "tiny SDXL (lora_trainer.testing.tiny)" if args.tiny else
                       "full SDXL architecture (UNet 2567.5M, random)" if args.size == "full" else
                       "quarter-width SDXL (UNet 160.8M, random)")
 

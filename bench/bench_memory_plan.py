@@ -1,4 +1,4 @@
-"""The memory plan (lora_trainer/memory_plan.py) for the real FLUX.1-dev and SDXL architectures, beside published
+"""The memory plan (lora_trainer/preflight/memory_plan.py) for the real FLUX.1-dev and SDXL architectures, beside published
 figures. Needs no weights: the models are built on the meta device from their published configs (bench/models.py)
 and written as header-only safetensors files (sparse: the header of the real tensors, the data a hole), which is
 all the plan reads.
@@ -84,10 +84,10 @@ def make_folder(root: Path, family: str) -> Path:
             (d / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon", "shift": 3.0}))
         elif comp.startswith("tokenizer"):  # the tiny builders' tokenizers: the plan never reads them
             if "T5" in comps[comp][1]:
-                from lora_trainer.tiny_dit import make_tiny_t5_tokenizer
+                from lora_trainer.testing.tiny_dit import make_tiny_t5_tokenizer
                 make_tiny_t5_tokenizer().save_pretrained(d)
             else:
-                from lora_trainer.tiny import _write_vocab_files, make_tiny_tokenizer
+                from lora_trainer.testing.tiny import _write_vocab_files, make_tiny_tokenizer
                 make_tiny_tokenizer().save_pretrained(d)
                 _write_vocab_files(d)
         elif comp == den:
@@ -121,10 +121,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", metavar="DIR")
     args = ap.parse_args(argv)
-    from lora_trainer.config import parse_config
-    from lora_trainer.memory_plan import plan_memory
-    from lora_trainer.model_probe import probe_model
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.memory_plan import plan_memory
+    from lora_trainer.preflight.probe.core import probe_model
+    from lora_trainer.testing.tiny import make_dataset
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_memplan_"))
     try:

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args(argv)
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_plan_rss_"))
     work.mkdir(parents=True, exist_ok=True)

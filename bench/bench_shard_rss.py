@@ -1,5 +1,5 @@
 """Host memory of shard_base at load: each of two CPU processes (gloo) loads a FLUX.1-shaped transformer, adds LoRA
-and shards it (lora_trainer.shard), reporting its anonymous (private) and file-backed (page cache, shared) resident
+and shards it (lora_trainer.distributed.shard), reporting its anonymous (private) and file-backed (page cache, shared) resident
 memory after each phase. Prints a table.
 
     python bench/bench_shard_rss.py [--layers 4 --single-layers 8 --heads 8]
@@ -36,9 +36,9 @@ def worker(folder: str, dtype_name: str) -> None:
     import torch.distributed as dist
     from diffusers import FluxTransformer2DModel
 
-    from lora_trainer.family_spec import SPECS
-    from lora_trainer.lora import add_lora
-    from lora_trainer.shard import shard_denoisers
+    from lora_trainer.families import SPECS
+    from lora_trainer.adapters.lora import add_lora
+    from lora_trainer.distributed.shard import shard_denoisers
 
     dist.init_process_group("gloo")
     phases = {"start": _mib()}

@@ -3,7 +3,7 @@ by default before SIGKILL. A benchmark, not a test: the figure depends on the ma
 
     python3 bench/bench_stop.py [--family sd15] [--rounds 5] [--after-step 3]
 
-Builds a tiny random pipeline (lora_trainer.tiny), trains it through the real CLI, sends SIGTERM once the
+Builds a tiny random pipeline (lora_trainer.testing.tiny), trains it through the real CLI, sends SIGTERM once the
 `step` event of --after-step arrives, and times signal -> exit. Prints the table last.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--after-step", type=int, default=3)
     args = ap.parse_args(argv)
-    from lora_trainer.tiny import make_dataset, make_tiny_pipeline
+    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
 
     work = Path(tempfile.mkdtemp(prefix="bench_stop_"))
     model = make_tiny_pipeline(work / "model", args.family)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         took.append(time.monotonic() - sent)
     rows = [("machine", f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, torch threads "
                         f"{os.environ.get('OMP_NUM_THREADS', 'auto')}"),
-            ("model", f"tiny {args.family} (lora_trainer.tiny), rank 4, 64 px"),
+            ("model", f"tiny {args.family} (lora_trainer.testing.tiny), rank 4, 64 px"),
             ("rounds", str(args.rounds)), ("exit codes", ", ".join(map(str, sorted(codes)))),
             ("SIGTERM -> exit median", f"{statistics.median(took):.3f} s"),
             ("min / max", f"{min(took):.3f} s / {max(took):.3f} s"),

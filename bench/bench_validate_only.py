@@ -137,8 +137,8 @@ def main(argv=None) -> int:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         cli = [sys.executable, str(ROOT / "train_lora.py"), "--config", str(work / "c.json"), "--validate-only"]
         if not (ROOT / "train_lora.py").exists():  # fallback while the CLI did not exist yet
-            cli = [sys.executable, "-c", "import sys; from lora_trainer.config import load_config; "
-                   "from lora_trainer.preflight import run_preflight; c, w = load_config(sys.argv[1]); "
+            cli = [sys.executable, "-c", "import sys; from lora_trainer.config.config import load_config; "
+                   "from lora_trainer.preflight.run import run_preflight; c, w = load_config(sys.argv[1]); "
                    "sys.exit(0 if run_preflight(c, w).ok else 2)", str(work / "c.json")]
 
         times, rcs, inner = [], set(), []

@@ -5,7 +5,7 @@
 
 CI runs only on the CPU, so nothing there exercises CUDA (autocast, the fp16 grad scaler, CUDA RNG state in
 checkpoints, SIGTERM timing on a card, DoRA on a GPU, "auto" precision). This runs `train_lora.py --config ...` on
-lora_trainer.tiny's random models as a parent process would (every stdout line a schema-valid JSON event, seq without
+lora_trainer.testing.tiny's random models as a parent process would (every stdout line a schema-valid JSON event, seq without
 gaps) and checks exit codes, events and outputs; each check_* function says what it checks. Checks run in order of
 value; those that would overrun --budget-s are reported as skipped. Progress goes to stderr, the markdown table to
 stdout; --out gets JSON (rewritten after every check, so a killed call leaves partial results) and a .md beside it.
@@ -19,7 +19,7 @@ speed). Then the real CLI trains a short run at 512 px and, when time is left, o
 default FLUX targets, bf16, no gradient checkpointing): s/step from the step events (the trainer syncs every
 step), peak GPU memory (``memory.gpu_peak_gb`` = torch.cuda.max_memory_allocated over training), model load and
 cache times, LoRA files. An out-of-memory exit at 1024 px is recorded as a result, not a failure.
-``--tiny`` swaps in lora_trainer.tiny_dit's flux1-dev at 64 / 128 px (the CPU dry run).
+``--tiny`` swaps in lora_trainer.testing.tiny_dit's flux1-dev at 64 / 128 px (the CPU dry run).
 ``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 """
 from __future__ import annotations
@@ -279,7 +279,7 @@ def check_env(ctx: Ctx, c: Check) -> None:
         n.update(cpu=f"{platform.machine()} ({os.cpu_count()} cores)", gpu_visible=torch.cuda.is_available())
     n["host_ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     n["tmp_free_gib"] = round(shutil.disk_usage(ctx.tmp).free / 2**30, 1)
-    from lora_trainer.tiny import make_dataset, make_tiny_pipeline
+    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
 
     t = time.monotonic()
     for fam in ["sd15"] + ([] if ctx.args.no_sdxl else ["sdxl"]):
@@ -323,7 +323,7 @@ def check_flux(ctx: Ctx, c: Check) -> None:
     """FLUX.1-dev through the real CLI: build (full size on the card, bf16), then short runs at 512 and 1024 px
     (tiny: 64 and 128): exit 0, family/variant, s/step, peak GPU memory, load and cache times, LoRA files."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
     from models import flux_description, make_flux_model
 
     size = ctx.flux_size
@@ -576,7 +576,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="training steps per full run (default 30 cuda, 12 cpu)")
     ap.add_argument("--no-sdxl", action="store_true", help="skip the SDXL runs (saves time on the CPU)")
     ap.add_argument("--tiny", action="store_true",
-                    help="FLUX check on lora_trainer.tiny_dit's flux1-dev at 64/128 px instead of full size (dry run)")
+                    help="FLUX check on lora_trainer.testing.tiny_dit's flux1-dev at 64/128 px instead of full size (dry run)")
     ap.add_argument("--flux-size", choices=("tiny", "reduced", "full"),
                     help="FLUX model: full (default on a card), tiny (= --tiny), reduced (bench/models.py's CPU "
                          "stand-in with a 2-layer T5, built in bf16, 128/256 px: the full-size code path on the CPU)")

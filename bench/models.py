@@ -3,7 +3,7 @@
     python3 bench/models.py --size quarter --out DIR   # ~160M-parameter UNet, every width / 4 (CPU benchmark)
     python3 bench/models.py --size full --out DIR      # the real SDXL architecture (GPU benchmark; ~7 GB)
     python3 bench/models.py --size full --count        # parameter counts only (meta device, no memory)
-    python3 bench/models.py --tiny --out DIR           # lora_trainer.tiny's sdxl, for quick checks
+    python3 bench/models.py --tiny --out DIR           # lora_trainer.testing.tiny's sdxl, for quick checks
 
 Sizes:
 - ``full``: stabilityai/stable-diffusion-xl-base-1.0's unet/vae/text_encoder/text_encoder_2 config.json values
@@ -16,7 +16,7 @@ Sizes:
   of 64. GroupNorm keeps SDXL's channels per group (UNet 10, VAE 4), i.e. 8 groups instead of 32: 80 channels do
   not split into 32 groups.
 
-Both use lora_trainer.tiny's byte-level CLIP tokenizer (vocabulary of 1,000), so the saved text encoders get
+Both use lora_trainer.testing.tiny's byte-level CLIP tokenizer (vocabulary of 1,000), so the saved text encoders get
 ``vocab_size`` 1000 instead of 49408 (only the embedding table shrinks; a lookup costs no FLOPs). ``--count``
 reports the real 49408 vocabulary.
 
@@ -44,7 +44,7 @@ FLUX.1 (``--model flux``; the builder is ``build_flux_components`` / ``make_flux
   6 blocks and the encoders kept at full depth, the encoders weigh ~10x more against the transformer than in the
   real model (``--flops`` prints both; bench/RESULTS.md discusses what that does to the naive/train_lora ratio).
 
-FLUX models use lora_trainer.tiny's byte-level CLIP tokenizer (vocabulary 1,000) and lora_trainer.tiny_dit's T5
+FLUX models use lora_trainer.testing.tiny's byte-level CLIP tokenizer (vocabulary 1,000) and lora_trainer.testing.tiny_dit's T5
 tokenizer (vocabulary 512, model_max_length 512), so the saved encoders get those vocabulary sizes; ``--count``
 reports the real 49408 / 32128.
 """
@@ -121,7 +121,7 @@ def _text_config(kw: dict, *, vocab_size: int, pad_id: int):
 
     if vocab_size == REAL_VOCAB:
         bos, eos = 49406, 49407
-    else:  # lora_trainer.tiny's tokenizer puts BOS / EOS last
+    else:  # lora_trainer.testing.tiny's tokenizer puts BOS / EOS last
         bos, eos = vocab_size - 2, vocab_size - 1
     return CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, layer_norm_eps=1e-5,
                           bos_token_id=bos, eos_token_id=eos, pad_token_id=pad_id, **kw)
@@ -133,7 +133,7 @@ def build_components(size: str = "full", *, vocab_size: int | None = None, seed:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_trainer.tiny import VOCAB_SIZE
+    from lora_trainer.testing.tiny import VOCAB_SIZE
 
     vocab = vocab_size or VOCAB_SIZE
     cfg = configs(size)
@@ -164,7 +164,7 @@ def save_pipeline(comps: dict, out: Path, *, unet_dtype=None, te_dtype=None) -> 
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from lora_trainer.tiny import _write_vocab_files, make_tiny_tokenizer
+    from lora_trainer.testing.tiny import _write_vocab_files, make_tiny_tokenizer
 
     if unet_dtype is not None:
         comps["unet"].to(unet_dtype)
@@ -184,12 +184,12 @@ def save_pipeline(comps: dict, out: Path, *, unet_dtype=None, te_dtype=None) -> 
 
 
 def make_model(out: Path, size: str, *, seed: int = 0, dtype=None, device=None, quiet: bool = False) -> Path:
-    """Build and save: size in 'tiny' (lora_trainer.tiny's sdxl), 'quarter', 'full'."""
+    """Build and save: size in 'tiny' (lora_trainer.testing.tiny's sdxl), 'quarter', 'full'."""
     import torch
 
     out = Path(out)
     if size == "tiny":
-        from lora_trainer.tiny import make_tiny_pipeline
+        from lora_trainer.testing.tiny import make_tiny_pipeline
 
         return make_tiny_pipeline(out, "sdxl", seed=seed)
     t = time.perf_counter()
@@ -276,8 +276,8 @@ def build_flux_components(size: str = "full", *, t5: str = "full", t5_layers: in
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    from lora_trainer.tiny import VOCAB_SIZE
-    from lora_trainer.tiny_dit import T5_VOCAB_SIZE
+    from lora_trainer.testing.tiny import VOCAB_SIZE
+    from lora_trainer.testing.tiny_dit import T5_VOCAB_SIZE
 
     cfg = flux_configs(size, t5=t5, t5_layers=t5_layers)
     cv = clip_vocab or VOCAB_SIZE
@@ -311,8 +311,8 @@ def save_flux_pipeline(comps: dict, out: Path) -> Path:
     """Write a diffusers FluxPipeline folder (safetensors, 10 GB shards) that train_lora.py loads."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from lora_trainer.tiny import _write_vocab_files, make_tiny_tokenizer
-    from lora_trainer.tiny_dit import make_tiny_t5_tokenizer
+    from lora_trainer.testing.tiny import _write_vocab_files, make_tiny_tokenizer
+    from lora_trainer.testing.tiny_dit import make_tiny_t5_tokenizer
 
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=comps["vae"],
                         text_encoder=comps["text_encoder"], tokenizer=make_tiny_tokenizer(),
@@ -326,7 +326,7 @@ def save_flux_pipeline(comps: dict, out: Path) -> Path:
 
 def make_flux_model(out: Path, size: str, *, t5: str = "full", t5_layers: int | None = None, seed: int = 0,
                     dtype=None, device=None, quiet: bool = False) -> Path:
-    """Build and save: size in 'tiny' (lora_trainer.tiny_dit's flux1-dev), 'reduced', 'full'.
+    """Build and save: size in 'tiny' (lora_trainer.testing.tiny_dit's flux1-dev), 'reduced', 'full'.
 
     device: where to initialise (a GPU is seconds for the 12B transformer, the host minutes); the weights are
     saved from there (safetensors copies each tensor to the host as it writes it).
@@ -335,7 +335,7 @@ def make_flux_model(out: Path, size: str, *, t5: str = "full", t5_layers: int | 
 
     out = Path(out)
     if size == "tiny":
-        from lora_trainer.tiny_dit import make_tiny_pipeline
+        from lora_trainer.testing.tiny_dit import make_tiny_pipeline
 
         return make_tiny_pipeline(out, "flux1-dev", seed=seed)
     t = time.perf_counter()
@@ -358,7 +358,9 @@ def flux_flops(size: str, *, resolution: int = 256, t5: str = "full", t5_layers:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_trainer.family_spec import SPECS, peft_targets
+    from lora_trainer.families import SPECS
+
+    from lora_trainer.families.spec import peft_targets
 
     with torch.device("meta"):
         comps = build_flux_components(size, t5=t5, t5_layers=t5_layers, clip_vocab=REAL_VOCAB, t5_vocab=REAL_T5_VOCAB)
@@ -382,7 +384,7 @@ def flux_flops(size: str, *, resolution: int = 256, t5: str = "full", t5_layers:
         out["vae_encode"] = count(lambda: comps["vae"].encode(torch.randn(1, 3, resolution, resolution)))
         out["clip"] = count(lambda: comps["text_encoder"](torch.zeros(1, 77, dtype=torch.long)))
         out["t5"] = count(lambda: comps["text_encoder_2"](torch.zeros(1, max_sequence_length, dtype=torch.long)))
-        from lora_trainer.families.flux1 import image_ids
+        from lora_trainer.families.flux1.adapter import image_ids
 
         def step():
             x = torch.randn(1, (h // 2) ** 2, 64)
@@ -407,7 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--t5-layers", type=int, help="flux: override the T5 depth")
     ap.add_argument("--flops", action="store_true", help="flux: FLOPs of the naive step's parts, full vs reduced")
     ap.add_argument("--resolution", type=int, default=256, help="for --flops")
-    ap.add_argument("--tiny", action="store_true", help="lora_trainer.tiny's sdxl instead (quick checks)")
+    ap.add_argument("--tiny", action="store_true", help="lora_trainer.testing.tiny's sdxl instead (quick checks)")
     ap.add_argument("--out", help="folder to write the diffusers pipeline to")
     ap.add_argument("--count", action="store_true", help="print parameter counts only (no weights allocated)")
     ap.add_argument("--bf16", action="store_true", help="store UNet and text encoders in bf16 (VAE stays fp32)")

@@ -2,7 +2,7 @@
 
     python3 bench/profile_step.py --config c.json [--steps 4] [--pairs 4] [--quick] [--only NAME,...]
 
-Drives ``lora_trainer.trainer.Trainer`` exactly as the CLI does (load_config -> Trainer.setup(), events
+Drives ``lora_trainer.training.trainer.Trainer`` exactly as the CLI does (load_config -> Trainer.setup(), events
 discarded), then calls ``Trainer._optimizer_step`` -- the trainer's own step -- on the trainer's own epoch plan.
 
 1. Split of the step (forward = ``Trainer._loss``, backward, clip, optimizer, zero_grad) with timers.
@@ -39,9 +39,9 @@ def log(msg: str) -> None:
 
 
 def make_trainer(config: Path):
-    from lora_trainer.config import load_config
-    from lora_trainer.events import EventStream
-    from lora_trainer.trainer import Trainer
+    from lora_trainer.config.config import load_config
+    from lora_trainer.contract.events import EventStream
+    from lora_trainer.training.trainer import Trainer
 
     cfg, _ = load_config(config)
     trainer = Trainer(cfg, EventStream(None))
@@ -53,7 +53,7 @@ class Batches:
     """The trainer's own epoch plan, endless."""
 
     def __init__(self, trainer):
-        from lora_trainer.data import plan_epoch
+        from lora_trainer.data.images import plan_epoch
 
         self.t, self.plan, self.epoch, self.i = trainer, plan_epoch, 0, 0
         self.batches = plan_epoch(trainer.images, trainer.cfg.batch_size, trainer.cfg.seed, 0)

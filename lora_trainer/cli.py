@@ -15,8 +15,8 @@ import traceback
 import warnings
 
 from . import __version__
-from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, ConfigError, Interrupted, TrainerError
-from .events import EventStream, claim_stdout
+from .contract.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, ConfigError, Interrupted, TrainerError
+from .contract.events import EventStream, claim_stdout
 
 log = logging.getLogger("train_lora")
 
@@ -94,7 +94,7 @@ def _report(events: EventStream, exc: TrainerError) -> None:
 
 
 def _validate_only(cfg, config_warnings, events: EventStream, started: float) -> int:
-    from .preflight import run_preflight
+    from .preflight.run import run_preflight
 
     result = run_preflight(cfg, list(config_warnings))
     events.emit("validation", ok=result.ok, errors=result.errors, warnings=result.warnings,
@@ -109,14 +109,14 @@ def _validate_only(cfg, config_warnings, events: EventStream, started: float) ->
 
 
 def _train(cfg, config_warnings, events: EventStream, args) -> int:
-    from .run_lock import OutputLock
+    from .runtime.run_lock import OutputLock
 
     lock = OutputLock(cfg.output_path)
     if os.environ.get("RANK", "0") in ("", "0"):  # the other ranks write nothing without rank 0
         lock.acquire(events.run_id)  # before anything is read or written (or torch imported): a second run
         # touches nothing and is refused at once
-    from .signals import GracefulStop
-    from .trainer import Trainer
+    from .runtime.signals import GracefulStop
+    from .training.trainer import Trainer
 
     stop = GracefulStop()
     stop.install()
@@ -138,11 +138,11 @@ def _out_of_memory(exc: BaseException, phase: str):
     if not isinstance(exc, MemoryError):
         if "torch" not in sys.modules:  # nothing allocated big before torch; and never import it here
             return None
-        from .guards import is_out_of_memory
+        from .training.guards import is_out_of_memory
 
         if not is_out_of_memory(exc):
             return None
-    from .errors import OutOfMemoryError
+    from .contract.errors import OutOfMemoryError
 
     where = "GPU" if "cuda" in str(exc).lower() else "host"
     first = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     # Under `accelerate launch`, every rank shares the launcher's stdout: only rank 0 may write events.
     main_rank = os.environ.get("RANK", "0") in ("", "0")
     if human:
-        from .human import HumanProgress
+        from .contract.human import HumanProgress
 
         events = EventStream(None, on_event=HumanProgress(out) if main_rank else None)
     else:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_id:
         events.run_id = args.run_id
     try:
-        from .config import load_config
+        from .config.config import load_config
 
         cfg, config_warnings = load_config(args.config)
         if args.resume:

@@ -51,7 +51,7 @@ def _patch_torch():
 
 
 def _patch_trainer(mod):
-    import lora_trainer.captions as captions
+    import lora_trainer.data.captions as captions
 
     real_caption = captions.build_caption
 
@@ -94,7 +94,7 @@ def _patch_trainer(mod):
         return real_train(self)
 
     mod.Trainer._loss, mod.Trainer.train = _loss, train
-    import lora_trainer.data as data
+    import lora_trainer.data.images as data
 
     real_build = data.LatentCache.build
 
@@ -116,10 +116,10 @@ def _patch_trainer(mod):
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Patch lora_trainer.trainer once it has been imported, without importing it earlier than the CLI does."""
+    """Patch lora_trainer.training.trainer once it has been imported, without importing it earlier than the CLI does."""
 
     def find_spec(self, name, path, target=None):
-        if name != "lora_trainer.trainer":
+        if name != "lora_trainer.training.trainer":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         real_exec = spec.loader.exec_module
@@ -160,7 +160,7 @@ def assert_report(out_dir: Path, *, status: str, step: int, total_steps: int, ke
 
     from PIL import Image
 
-    from lora_trainer import plots
+    from lora_trainer.outputs import plots
 
     text = (out_dir / "report.html").read_text()
     assert re.search(rf"Status: <b>{status}</b>,\s+step {step} of {total_steps},", text), text[:3000]

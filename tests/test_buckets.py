@@ -1,4 +1,4 @@
-"""Bucket shapes, bucket choice and crop geometry (lora_trainer.buckets)."""
+"""Bucket shapes, bucket choice and crop geometry (lora_trainer.data.buckets)."""
 import math
 import random
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lora_trainer.buckets import bucket_plan, make_buckets, nearest_bucket, resize_and_crop, square_plan, upscale_factor
+from lora_trainer.data.buckets import bucket_plan, make_buckets, nearest_bucket, resize_and_crop, square_plan, upscale_factor
 
 # kohya sd-scripts' list for resolution 512, min 256, max 1024 (make_bucket_resolutions), worked out by hand.
 KOHYA_512 = sorted({

@@ -29,10 +29,10 @@ def test_caches_over_the_budget_are_read_from_disk_and_train_the_same_lora(tmp_p
 def test_validate_only_plans_both_caches(tmp_path):
     import dataclasses
 
-    from lora_trainer.preflight import run_preflight
+    from lora_trainer.preflight.run import run_preflight
     from tests.test_dataset_scan import cfg_for
     from tests.test_preflight import standin_model
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     data = make_dataset(tmp_path / "data", n=5, sizes=[(96, 64), (64, 96)])
     model = standin_model(tmp_path / "model", family="sdxl")

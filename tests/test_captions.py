@@ -1,9 +1,9 @@
-"""Caption reading (encodings) and the per-step caption rules (lora_trainer.captions)."""
+"""Caption reading (encodings) and the per-step caption rules (lora_trainer.data.captions)."""
 import random
 
 import pytest
 
-from lora_trainer.captions import build_caption, contains_word, missing_triggers, read_caption, split_tags, tag_frequency
+from lora_trainer.data.captions import build_caption, contains_word, missing_triggers, read_caption, split_tags, tag_frequency
 
 T = ["ohwx"]
 

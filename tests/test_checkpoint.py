@@ -1,4 +1,4 @@
-"""Tests for lora_trainer.checkpoint: pickle-free state round trips, atomic saves under SIGKILL,
+"""Tests for lora_trainer.training.checkpoint: pickle-free state round trips, atomic saves under SIGKILL,
 write-error handling, pruning safety and corruption detection, all against real files."""
 
 import errno
@@ -23,12 +23,12 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_trainer import checkpoint as ckpt
-from lora_trainer.checkpoint import (
+from lora_trainer.training import checkpoint as ckpt
+from lora_trainer.training.checkpoint import (
     TrainingProgress, find_latest_checkpoint, flatten_state, load_checkpoint, save_checkpoint,
     unflatten_state, verify_checkpoint,
 )
-from lora_trainer.errors import EXIT_IO, OutputError
+from lora_trainer.contract.errors import EXIT_IO, OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -337,7 +337,7 @@ def test_training_progress_round_trip_and_validation():
 CHILD = r"""
 import sys, torch
 from pathlib import Path
-from lora_trainer.checkpoint import save_checkpoint, find_latest_checkpoint, load_checkpoint, TrainingProgress
+from lora_trainer.training.checkpoint import save_checkpoint, find_latest_checkpoint, load_checkpoint, TrainingProgress
 root = Path(sys.argv[1])
 def payload(step):
     return ({"model": {"w": torch.full((256, 1024), float(step)), "i": torch.arange(1000) + step}},

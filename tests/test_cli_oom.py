@@ -5,7 +5,7 @@ import io
 import json
 
 from lora_trainer import cli
-from lora_trainer.errors import EXIT_OUT_OF_MEMORY
+from lora_trainer.contract.errors import EXIT_OUT_OF_MEMORY
 
 
 def test_memory_error_while_loading_is_exit_6(tmp_path, monkeypatch, capsys):

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from lora_trainer.config import REQUIRED, TrainConfig, load_config, load_schema, optional_fields, parse_config
-from lora_trainer.errors import ConfigError
+from lora_trainer.config.config import REQUIRED, TrainConfig, load_config, load_schema, optional_fields, parse_config
+from lora_trainer.contract.errors import ConfigError
 
 BASE = {"dataset_path": "data", "base_model": "org/model", "output_path": "out", "trigger_words": ["ohwx"]}
 
@@ -90,7 +90,7 @@ def test_secrets_redacted_in_to_dict(tmp_path):
     ("keep_tokens", False), ("max_sequence_length", False), ("tokenizer", False), ("secretary", False),
     ("token_count", False), ("trigger_words", False)])
 def test_secret_key_names(name, secret):
-    from lora_trainer.config import is_secret_key, redact
+    from lora_trainer.config.config import is_secret_key, redact
 
     assert is_secret_key(name) is secret
     assert (redact(name, 5) == "<redacted>") is secret
@@ -99,8 +99,8 @@ def test_secret_key_names(name, secret):
 def test_load_config_importing_no_torch(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps(BASE))
-    code = ("import sys; from lora_trainer.config import load_config; load_config(sys.argv[1]); "
-            "import lora_trainer.preflight; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys; from lora_trainer.config.config import load_config; load_config(sys.argv[1]); "
+            "import lora_trainer.preflight.run; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code, str(p)], check=True, cwd=ROOT)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_trainer.data import TrainImage, load_pixels, plan_epoch, to_rgb
+from lora_trainer.data.images import TrainImage, load_pixels, plan_epoch, to_rgb
 
 
 def _img(path: Path, size=(64, 64), bucket=(64, 64), repeats=1, index=0) -> TrainImage:
@@ -82,7 +82,7 @@ def test_plan_epoch_buckets_repeats_and_determinism(tmp_path):
 def test_latent_cache_placement_and_batches():
     import torch
 
-    from lora_trainer.data import LatentCache
+    from lora_trainer.data.images import LatentCache
 
     cache = LatentCache(None, "m")
     for i in range(3):

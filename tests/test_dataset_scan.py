@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from lora_trainer import dataset_scan as ds
-from lora_trainer.config import TrainConfig, parse_config
-from lora_trainer.dataset_scan import IMAGE_EXTENSIONS, scan_dataset
+from lora_trainer.preflight import dataset_scan as ds
+from lora_trainer.config.config import TrainConfig, parse_config
+from lora_trainer.preflight.dataset_scan import IMAGE_EXTENSIONS, scan_dataset
 
 
 def cfg_for(tmp_path: Path, data: Path, **kw) -> TrainConfig:
@@ -50,7 +50,7 @@ def by_name(scan):
 
 
 def test_ordinary_dataset(tmp_path):
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     data = make_dataset(tmp_path / "data", n=6, sizes=[(96, 64), (64, 96)])
     (data / "img_0001.txt").unlink()

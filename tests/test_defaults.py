@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from lora_trainer.buckets import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, bucket_range, make_buckets
-from lora_trainer.config import parse_config
-from lora_trainer.errors import ConfigError
-from lora_trainer.preflight import run_preflight
-from lora_trainer.tiny import make_dataset
+from lora_trainer.data.buckets import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, bucket_range, make_buckets
+from lora_trainer.config.config import parse_config
+from lora_trainer.contract.errors import ConfigError
+from lora_trainer.preflight.run import run_preflight
+from lora_trainer.testing.tiny import make_dataset
 from tests.test_preflight import standin_model
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-PROBE = "import json, sys; from lora_trainer.device import choose_cpu_threads; " \
+PROBE = "import json, sys; from lora_trainer.runtime.device import choose_cpu_threads; " \
         "a = json.loads(sys.argv[1]); print(json.dumps(choose_cpu_threads(a[0], saved=a[1])))"
 
 

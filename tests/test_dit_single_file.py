@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_trainer import dit_single_file as dsf
-from lora_trainer import tiny_dit
-from lora_trainer.model_probe import probe_single_file
-from lora_trainer.tiny_dit_single import (
+from lora_trainer.runtime import single_file as dsf
+from lora_trainer.testing import tiny_dit
+from lora_trainer.preflight.probe.core import probe_single_file
+from lora_trainer.testing.tiny_dit_single import (
     DIT_PREFIX,
     flux_to_bfl,
     sd3_to_sai,
@@ -349,7 +349,7 @@ def test_import_is_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys, lora_trainer.dit_single_file as d; d.config_source_patterns('sd3'); "
+    code = ("import sys, lora_trainer.runtime.single_file as d; d.config_source_patterns('sd3'); "
             "assert not {'torch', 'diffusers', 'transformers'} & set(sys.modules), 'heavy import'")
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, check=False)

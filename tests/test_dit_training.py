@@ -168,9 +168,9 @@ def test_flux_lora_learns_the_image(tmp_path, tiny_models):
     and output projection are trained too: on a random tiny model they carry most of what one image needs."""
     from diffusers import DiffusionPipeline
 
-    from lora_trainer.data import TrainImage, encode_latents, load_pixels
-    from lora_trainer.families.flux1 import image_ids, pack, unpack
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.data.images import TrainImage, encode_latents, load_pixels
+    from lora_trainer.families.flux1.adapter import image_ids, pack, unpack
+    from lora_trainer.testing.tiny import make_dataset
 
     model = tiny_models["flux1-schnell"]
     data = make_dataset(tmp_path / "one", n=1, trigger="ohwx")
@@ -251,7 +251,7 @@ def test_single_file_transformer_trains_like_the_folder(tmp_path, tiny_models, d
     """A BFL / SAI single-file transformer (ComfyUI's model.diffusion_model. prefix) with base_model_config for
     the rest: --validate-only names the family and variant, and training gives the LoRA the diffusers
     folder gives (to the last bits, see below). Without base_model_config, offline and with nothing cached, preflight stops before loading."""
-    from lora_trainer.tiny_dit_single import write_single_file
+    from lora_trainer.testing.tiny_dit_single import write_single_file
 
     family, variant, _ = FAMILIES[fixture]
     folder = tiny_models[fixture]

@@ -208,7 +208,7 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def scenario(docker, image, tmp_path_factory, tiny_models):
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     root = tmp_path_factory.mktemp("docker")
     host = root / "data"

@@ -29,7 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E40
 from conftest import run_cli, write_config  # noqa: E402
 from loader_rules import (check_comfy_unet, comfy_clip_key_map, comfy_lora_weight, comfy_maps,  # noqa: E402
                           comfy_not_loaded)
-from lora_trainer import export as ex  # noqa: E402
+from lora_trainer.outputs import export as ex  # noqa: E402
 from test_export import (ALPHA, RANK, TE_TARGETS, UNET_TARGETS, clip_config, sd15_unet_config,  # noqa: E402
                          sdxl_unet_config, tiny_vae)
 

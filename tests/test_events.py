@@ -7,7 +7,7 @@ import sys
 import time
 
 from conftest import ROOT, parse_events
-from lora_trainer.events import EventStream
+from lora_trainer.contract.events import EventStream
 
 
 def test_envelope_seq_and_non_finite_numbers():
@@ -42,7 +42,7 @@ def test_heartbeat_only_when_silent():
 def test_claim_stdout_diverts_stray_output_to_stderr():
     code = """
 import os, sys
-from lora_trainer.events import EventStream, claim_stdout
+from lora_trainer.contract.events import EventStream, claim_stdout
 out = claim_stdout()
 print("stray print from a library")
 os.write(1, b"raw fd write from C code\\n")

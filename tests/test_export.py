@@ -1,4 +1,4 @@
-"""Tests for lora_trainer.export: the kohya and PEFT/diffusers LoRA files.
+"""Tests for lora_trainer.outputs.export: the kohya and PEFT/diffusers LoRA files.
 
 Tiny UNets with the real SD1.5 / SDXL block layouts and tiny CLIP text encoders are wrapped with PEFT LoRA (alpha 8,
 rank 4, so the scale alpha/r = 2 must survive), exported, and then
@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from loader_rules import (a1111_layer_mapping, a1111_lookup, assert_landed_on_trained, check_comfy_unet,  # noqa: E402
                           comfy_clip_key_map, comfy_not_loaded)
-from lora_trainer import export as ex  # noqa: E402
+from lora_trainer.outputs import export as ex  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",

@@ -1,4 +1,4 @@
-"""The kohya/SAI SD3 LoRA file (lora_trainer/export_sd3_kohya.py) against ComfyUI's and Forge's key maps
+"""The kohya/SAI SD3 LoRA file (lora_trainer/families/sd3/export.py) against ComfyUI's and Forge's key maps
 (tests/comfy_dit_rules.py), and numerically: the patches ComfyUI would add to its fused SAI weights must equal the
 PEFT model's per-module deltas, mapped into those weights by ComfyUI's own diffusers map (mmdit_to_diffusers).
 Tiny random SD3.5-medium-like pipeline: block 0 has attn2, block 1 (the last) is context_pre_only."""
@@ -17,9 +17,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from lora_trainer.export_sd3_kohya import sd3_kohya_state_dict, sd3_sai_module_map
-from lora_trainer.kohya_names import te_path
-from lora_trainer.tiny_dit import make_tiny_pipeline
+from lora_trainer.families.sd3.export import sd3_kohya_state_dict, sd3_sai_module_map
+from lora_trainer.families._unet.kohya_names import te_path
+from lora_trainer.testing.tiny_dit import make_tiny_pipeline
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a loader (or exporter) that drops alpha is off by 2x
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write_config
-from lora_trainer.config import parse_config
-from lora_trainer.family_spec import SPECS, expand_targets, flow_options, peft_targets
-from lora_trainer.preflight import run_preflight
+from lora_trainer.config.config import parse_config
+from lora_trainer.families import SPECS
+from lora_trainer.families.spec import expand_targets, flow_options, peft_targets
+from lora_trainer.preflight.run import run_preflight
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,
@@ -97,7 +98,7 @@ def test_validate_only_checks_transformer_targets(tmp_path, tiny_models, dataset
 
 @pytest.mark.parametrize("name", ["flux1_dev.json", "sd35_large.json"])
 def test_example_family_configs_validate(name):
-    from lora_trainer.config import load_config
+    from lora_trainer.config.config import load_config
 
     cfg, warnings = load_config(Path(__file__).resolve().parent.parent / "examples" / "configs" / name)
     assert cfg.model_type in ("flux1", "sd3") and not warnings

@@ -23,7 +23,7 @@ from fake_hub import FakeHub, Request
 from safetensors.torch import load_file
 
 from conftest import CliResult, run_cli, write_config
-from lora_trainer.errors import EXIT_MODEL_LOAD
+from lora_trainer.contract.errors import EXIT_MODEL_LOAD
 
 REPO = "fake-org/tiny-sd15"
 TOKEN = "hf_fake_secret_123"
@@ -101,7 +101,7 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, tiny_models):
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     root = tmp_path_factory.mktemp("hub_download")
     model = Path(tiny_models["sd15"])
@@ -250,7 +250,7 @@ FLOW_DECOYS = {
 def test_flow_family_repo_downloads_only_the_pipeline(tmp_path, cls, repo, variant):
     from test_model_probe import write_flow_pipeline
 
-    from lora_trainer.model_probe import probe_model
+    from lora_trainer.preflight.probe.core import probe_model
 
     tcfg = {"guidance_embeds": True} if cls == "FluxPipeline" else {"qk_norm": "rms_norm", "dual_attention_layers": [0]}
     model = write_flow_pipeline(tmp_path / "model", cls, tcfg)
@@ -268,7 +268,7 @@ def test_flow_family_repo_downloads_only_the_pipeline(tmp_path, cls, repo, varia
     hf_home = tmp_path / "hf_home"
     hub = FakeHub()
     hub.add_repo(repo, model, FLOW_DECOYS)
-    code = ("import sys; from lora_trainer.loading import download_from_hub; "
+    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
             "print(download_from_hub(sys.argv[1], lambda *a: None))")
     with hub:
         proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},

@@ -35,7 +35,7 @@ def _deltas(sd: dict) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_models):
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     tmp = tmp_path_factory.mktemp("init_lora")
     data = make_dataset(tmp / "data", n=4, trigger="ohwx")

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from conftest import ROOT, run_cli, write_config
-from lora_trainer import memory_plan
-from lora_trainer.config import parse_config
-from lora_trainer.model_probe import probe_model
+from lora_trainer.preflight import memory_plan
+from lora_trainer.config.config import parse_config
+from lora_trainer.preflight.probe.core import probe_model
 
 sys.path.insert(0, str(ROOT))
 from bench.bench_memory_plan import make_folder  # noqa: E402
@@ -20,7 +20,7 @@ from bench.bench_memory_plan import make_folder  # noqa: E402
 
 @pytest.fixture(scope="module")
 def full_size(tmp_path_factory):
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     root = tmp_path_factory.mktemp("full")
     return {"flux1": make_folder(root / "flux1", "flux1"), "sdxl": make_folder(root / "sdxl", "sdxl"),
@@ -80,8 +80,8 @@ def test_quantised_base_in_the_plan_and_the_hints(full_size):
     assert memory_plan._weight_bytes(t5, "int8", 2) == 4096 * 4096 + 2 * rest
     assert memory_plan._weight_bytes(t5, "nf4", 2) == int(4096 * 4096 * 0.5625) + 2 * rest
     # the hints offer only formats smaller than the configured one
-    from lora_trainer.config import parse_config
-    from lora_trainer.model_probe import probe_model
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.probe.core import probe_model
 
     probe = probe_model(str(full_size["flux1"]), full_size["root"])
     for current, offered in (("none", ["int8", "nf4"]), ("fp8", ["nf4"]), ("nf4", [])):

@@ -1,4 +1,4 @@
-"""Base-model inspection from files only (lora_trainer.model_probe)."""
+"""Base-model inspection from files only (lora_trainer.preflight.probe.core)."""
 import json
 import shutil
 import struct
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer import model_probe
-from lora_trainer.model_probe import (
+from lora_trainer.preflight.probe import core as model_probe
+from lora_trainer.preflight.probe.core import (
     FLUX1_COMPONENTS,
     SD3_COMPONENTS,
     SUPPORTED,
@@ -510,7 +510,7 @@ def test_flow_model_type_mismatch(tmp_path):
 
 def test_probe_imports_no_torch(tmp_path):
     f = write_safetensors(tmp_path / "flux.safetensors", bfl_flux_keys())
-    code = ("import sys; from lora_trainer.model_probe import probe_model; "
+    code = ("import sys; from lora_trainer.preflight.probe.core import probe_model; "
             f"p = probe_model({str(f)!r}); assert p.family == 'flux1', p; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=Path(__file__).resolve().parents[1],

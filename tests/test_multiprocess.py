@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from _helpers import probe_env, probe_records
 from conftest import ROOT, parse_events, write_config
-from lora_trainer.checkpoint import verify_checkpoint
+from lora_trainer.training.checkpoint import verify_checkpoint
 
 ACCELERATE = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, write_config
-from lora_trainer.config import ConfigError, parse_config
+from lora_trainer.config.config import ConfigError, parse_config
 
 STEPS = 2
 
@@ -42,10 +42,10 @@ def _train(tiny_models, family: str, *, offload: float, checkpointing: bool, fp8
     """Two SGD steps of LoRA on every block Linear; (LoRA tensors, streamer, most streamed blocks resident at once)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-    from lora_trainer.family_spec import SPECS
-    from lora_trainer.lora import add_lora
-    from lora_trainer.offload import stream_blocks
-    from lora_trainer.quantize import after_lora
+    from lora_trainer.families import SPECS
+    from lora_trainer.adapters.lora import add_lora
+    from lora_trainer.runtime.offload import stream_blocks
+    from lora_trainer.runtime.quantize import after_lora
 
     cls, sub, spec = {"flux1-dev": (FluxTransformer2DModel, "transformer", SPECS["flux1"]),
                       "sd3": (SD3Transformer2DModel, "transformer", SPECS["sd3"]),
@@ -96,7 +96,7 @@ def test_streaming_trains_the_same_lora_one_block_at_a_time(tiny_models, family,
 def test_a_weight_used_while_offloaded_fails_loudly(tiny_models, monkeypatch):
     """What gives the test above its teeth: without the gradient hooks the backward pass reaches a block whose
     weights are gone, and the empty placeholder makes that an error instead of a silent host computation."""
-    from lora_trainer.offload import BlockStreamer
+    from lora_trainer.runtime.offload import BlockStreamer
 
     monkeypatch.setattr(BlockStreamer, "_post_hook", lambda self, i: (lambda module, args, output: None))
     with pytest.raises(RuntimeError) as err:
@@ -105,7 +105,7 @@ def test_a_weight_used_while_offloaded_fails_loudly(tiny_models, monkeypatch):
 
 
 def test_block_counts_and_refusals(tmp_path, dataset):
-    from lora_trainer.offload import resolve_count
+    from lora_trainer.runtime.offload import resolve_count
 
     assert [resolve_count(v, 57) for v in (0, 0.5, 0.01, 0.999, 1, 20, 57, 99)] == [0, 29, 1, 57, 1, 20, 57, 57]
     base = {"dataset_path": str(dataset), "base_model": str(tmp_path), "output_path": str(tmp_path / "out"),
@@ -128,7 +128,7 @@ def test_block_counts_and_refusals(tmp_path, dataset):
 def cli_runs(tiny_models, tmp_path_factory):
     """FLUX.1-dev through the CLI: 4 plain steps, and 4 streamed steps (half the blocks) stopped by SIGTERM after
     step 2 and resumed; both sample at step 4, so streaming also serves the no-grad sampling pass."""
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     tmp = tmp_path_factory.mktemp("offload")
     data = Path(make_dataset(tmp / "data", n=4, trigger="ohwx"))
@@ -165,8 +165,8 @@ def test_streamed_cli_run_resumes_to_the_plain_runs_lora(cli_runs):
 
 
 def test_validate_only_plans_the_streamed_blocks(cli_runs):
-    from lora_trainer.config import load_config
-    from lora_trainer.preflight import run_preflight
+    from lora_trainer.config.config import load_config
+    from lora_trainer.preflight.run import run_preflight
 
     report = run_preflight(*load_config(cli_runs["validate"]))
     assert report.ok, report.errors
@@ -178,9 +178,9 @@ def test_validate_only_plans_the_streamed_blocks(cli_runs):
 
 def test_validate_only_warns_when_the_streamed_blocks_outgrow_host_memory(cli_runs, monkeypatch):
     """Pinned memory cannot be swapped: the same streamed config on a machine with 256 KiB available warns (the tiny blocks hold 0.5 MiB)."""
-    from lora_trainer import cache_plan
-    from lora_trainer.config import load_config
-    from lora_trainer.preflight import run_preflight
+    from lora_trainer.preflight import cache_plan
+    from lora_trainer.config.config import load_config
+    from lora_trainer.preflight.run import run_preflight
 
     cfg, warnings = load_config(cli_runs["validate"])
     assert not [w for w in run_preflight(cfg, warnings).warnings if w["code"] == "offload_host_memory"]

@@ -57,7 +57,7 @@ def test_pyproject_mirrors_requirements_and_declares_extras_and_script():
 
 
 def test_package_schema_copies_are_the_top_level_files():
-    from lora_trainer import config
+    from lora_trainer.config import config
 
     pkg = ROOT / "lora_trainer"
     for name in SCHEMAS:
@@ -72,7 +72,7 @@ def test_schema_falls_back_to_the_repository_root(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__", "*.json"))
     shutil.copy2(ROOT / "config_schema.json", tmp_path / "config_schema.json")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", "import lora_trainer.config as c; c.load_schema(); print(c.SCHEMA_PATH)"],
+    proc = subprocess.run([sys.executable, "-c", "import lora_trainer.config.config as c; c.load_schema(); print(c.SCHEMA_PATH)"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip()) == tmp_path / "config_schema.json"
@@ -110,7 +110,7 @@ def test_wheel_carries_schemas_and_console_script_and_runs_outside_the_checkout(
         names = zf.namelist()
         for name in SCHEMAS:  # real files with the schema's content, not links
             assert zf.read(f"lora_trainer/{name}") == (ROOT / name).read_bytes(), name
-        assert "lora_trainer/cli.py" in names and "lora_trainer/families/sdxl.py" in names
+        assert "lora_trainer/cli.py" in names and "lora_trainer/families/sdxl/adapter.py" in names
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
         metadata = zf.read(f"{dist_info}/METADATA").decode()
@@ -138,7 +138,7 @@ def test_wheel_carries_schemas_and_console_script_and_runs_outside_the_checkout(
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
-    where = subprocess.run([str(vpy), "-c", "import lora_trainer, lora_trainer.config as c; "
+    where = subprocess.run([str(vpy), "-c", "import lora_trainer, lora_trainer.config.config as c; "
                             "print(lora_trainer.__file__); print(c.SCHEMA_PATH)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr

@@ -1,4 +1,4 @@
-"""End-to-end preflight on generated datasets and stand-in models (lora_trainer.preflight)."""
+"""End-to-end preflight on generated datasets and stand-in models (lora_trainer.preflight.run)."""
 import json
 import os
 import subprocess
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer import preflight as pf
-from lora_trainer.config import parse_config
-from lora_trainer.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
-from lora_trainer.preflight import run_preflight
-from lora_trainer.tiny import make_dataset
+from lora_trainer.preflight import run as pf
+from lora_trainer.config.config import parse_config
+from lora_trainer.contract.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
+from lora_trainer.preflight.run import run_preflight
+from lora_trainer.testing.tiny import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +178,7 @@ def test_sd2_single_file_prediction_type_and_config_source(env, tiny_models, mon
     """An SD2 single file does not record its prediction type: a warning, silenced by an explicit prediction_type,
     which also sets the default resolution (epsilon = the 512 base). Its configs come from diffusers' default repo:
     offline and uncached that is an error naming base_model_config; online, a download warning."""
-    from lora_trainer.tiny import make_single_file_checkpoint
+    from lora_trainer.testing.tiny import make_single_file_checkpoint
 
     tmp_path, data, _ = env
     ckpt = make_single_file_checkpoint(tiny_models["sd2-v"], tmp_path / "sd2.safetensors")
@@ -214,8 +214,8 @@ def test_target_modules_checked_from_weight_headers(env, tiny_models):
 
     from transformers import CLIPTextModel
 
-    from lora_trainer.errors import ConfigError
-    from lora_trainer.lora import add_lora
+    from lora_trainer.contract.errors import ConfigError
+    from lora_trainer.adapters.lora import add_lora
 
     te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
     with pytest.raises(ConfigError, match="token_embedding .Embedding. are not Linear or Conv2d"):
@@ -303,8 +303,8 @@ def test_no_heavy_imports(env):
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     code = (
         "import json, sys\n"
-        "from lora_trainer.config import load_config\n"
-        "from lora_trainer.preflight import run_preflight\n"
+        "from lora_trainer.config.config import load_config\n"
+        "from lora_trainer.preflight.run import run_preflight\n"
         "cfg, w = load_config(sys.argv[1])\n"
         "r = run_preflight(cfg, w)\n"
         "heavy = ['torch', 'diffusers', 'transformers', 'safetensors', 'accelerate']\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import io
 import json
 
-from lora_trainer import events as events_mod
-from lora_trainer.events import EventStream
+from lora_trainer.contract import events as events_mod
+from lora_trainer.contract.events import EventStream
 
 
 def test_progress_eta_from_the_phase_average_rate(monkeypatch):

@@ -56,9 +56,9 @@ def test_each_format_converts_block_linears_and_trains(tiny_models, family):
     the input/output layers untouched."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    from lora_trainer.family_spec import SPECS
-    from lora_trainer.lora import add_lora
-    from lora_trainer.quantize import after_lora, quantize_module
+    from lora_trainer.families import SPECS
+    from lora_trainer.adapters.lora import add_lora
+    from lora_trainer.runtime.quantize import after_lora, quantize_module
 
     cls, sub, spec = ((FluxTransformer2DModel, "transformer", SPECS["flux1"]) if family == "flux1-dev"
                       else (UNet2DConditionModel, "unet", SPECS["sdxl"]))
@@ -109,8 +109,8 @@ def test_each_format_converts_block_linears_and_trains(tiny_models, family):
 def test_lora_fp32_check_fails_loudly():
     from peft import LoraConfig, inject_adapter_in_model
 
-    from lora_trainer.errors import TrainingError
-    from lora_trainer.quantize import check_lora_fp32
+    from lora_trainer.contract.errors import TrainingError
+    from lora_trainer.runtime.quantize import check_lora_fp32
 
     model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(16, 16)))
     for n, p in model.named_parameters():
@@ -122,8 +122,9 @@ def test_lora_fp32_check_fails_loudly():
 
 
 def test_a_backend_failure_while_converting_is_a_config_error(monkeypatch):
-    from lora_trainer import loading, quantize
-    from lora_trainer.errors import ConfigError
+    from lora_trainer.runtime import loading
+    from lora_trainer.runtime import quantize
+    from lora_trainer.contract.errors import ConfigError
 
     def boom(*a, **k):
         raise RuntimeError("no kernel for this layer")
@@ -137,8 +138,8 @@ def test_a_backend_failure_while_converting_is_a_config_error(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ refusals
 def _preflight(tmp_path, model, data, **params):
-    from lora_trainer.config import parse_config
-    from lora_trainer.preflight import run_preflight
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.run import run_preflight
 
     cfg, warnings = parse_config(json.loads(_cfg(tmp_path, model, data, "v", **params).read_text()))
     return run_preflight(cfg, warnings)
@@ -175,8 +176,8 @@ def test_refusals_name_the_key(tmp_path, tiny_models, dataset, monkeypatch):
 def test_the_text_cache_identity_samples_int8_weights():
     """torchao's int8 weights implement no reshape or view: the identity hashes their inner tensors, and still
     tells two encoders apart by their weights."""
-    from lora_trainer.cache_identity import _weight_fingerprint
-    from lora_trainer.quantize import quantize_module
+    from lora_trainer.data.cache_identity import _weight_fingerprint
+    from lora_trainer.runtime.quantize import quantize_module
 
     def encoder(seed):
         torch.manual_seed(seed)
@@ -212,7 +213,7 @@ def test_old_torchao_is_refused_by_validate_only_without_importing_it(tmp_path, 
 def test_preflight_stays_torch_free(tmp_path, tiny_models, dataset):
     cfg = _cfg(tmp_path, tiny_models["flux1-dev"], dataset, "tf", base_quantization="int8",
                text_encoder_quantization="nf4")
-    code = ("import sys, json; from lora_trainer.config import load_config; from lora_trainer.preflight import "
+    code = ("import sys, json; from lora_trainer.config.config import load_config; from lora_trainer.preflight.run import "
             f"run_preflight; c, w = load_config({str(cfg)!r}); p = run_preflight(c, w); assert p.ok, p.errors; "
             "print(json.dumps(sorted(m for m in ('torch', 'torchao', 'bitsandbytes') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -225,7 +226,7 @@ def test_preflight_stays_torch_free(tmp_path, tiny_models, dataset):
 def runs(tiny_models, tmp_path_factory):
     """One 4-step FLUX.1-dev run per format (NaN injected at step 3), an int8 run stopped by SIGTERM at step 2 and
     resumed, and an SDXL run with NF4 UNet + trained fp8 text encoders; shared by the tests below."""
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     tmp = tmp_path_factory.mktemp("quant")
     data = Path(make_dataset(tmp / "data", n=4, trigger="ohwx"))

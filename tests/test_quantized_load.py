@@ -17,7 +17,7 @@ LOAD = r"""
 import hashlib, json, sys, threading, time
 import torch
 from diffusers import FluxTransformer2DModel
-from lora_trainer.quantize import quantize_module
+from lora_trainer.runtime.quantize import quantize_module
 
 path, mode = sys.argv[1], sys.argv[2]
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, write_config
-from lora_trainer import plots
+from lora_trainer.outputs import plots
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 # No network at all: every host name fails to resolve, so a reference to anything remote could not load.
@@ -21,7 +21,7 @@ OFFLINE = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_models):
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     tmp = tmp_path_factory.mktemp("report")
     data = make_dataset(tmp / "data", n=4, trigger="ohwx")

@@ -49,7 +49,7 @@ def _steps(events):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_models):
     """The uninterrupted run, once for every interruption pattern (the dataset generator is deterministic)."""
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     tmp = tmp_path_factory.mktemp("reference")
     data = make_dataset(tmp / "data", n=4, trigger="ohwx")
@@ -145,7 +145,7 @@ _OTHER = {"base_model": "org/other-model", "lora_rank": 8, "lora_alpha": 3.0, "t
 
 
 def _identity(cfg, **run):
-    from lora_trainer.resume import run_identity
+    from lora_trainer.training.resume import run_identity
 
     base = dict(family="sd15", prediction_type="epsilon", dataset_fingerprint="fp", resolution=64, bucketing=False,
                 world_size=1, mixed_precision="no")
@@ -156,8 +156,8 @@ def test_every_must_match_setting_is_refused_alone(tmp_path):
     """Each MUST_MATCH key, changed alone, is the one refusal; run_identity really takes it from its source."""
     import dataclasses
 
-    from lora_trainer.config import parse_config
-    from lora_trainer.resume import MUST_MATCH, compare_identity
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.training.resume import MUST_MATCH, compare_identity
 
     assert set(_OTHER) == set(MUST_MATCH)
     cfg, _ = parse_config({"dataset_path": "d", "base_model": "org/model", "output_path": "o",
@@ -177,8 +177,8 @@ def test_recipe_changes_on_resume_are_listed_not_refused(tmp_path):
     holds: allowed, like the learning rate, and listed in `resumed.changed` (they used to change silently)."""
     import dataclasses
 
-    from lora_trainer.config import parse_config
-    from lora_trainer.resume import compare_identity
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.training.resume import compare_identity
 
     cfg, _ = parse_config({"dataset_path": "d", "base_model": "org/model", "output_path": "o",
                            "trigger_words": ["ohwx"]}, base_dir=tmp_path)

@@ -120,7 +120,7 @@ def test_uncached_hub_model_offline_is_a_model_load_error(tmp_path, dataset):
 
 
 def test_single_file_checkpoint_trains(tmp_path, tiny_models, dataset):
-    from lora_trainer.tiny import make_single_file_checkpoint
+    from lora_trainer.testing.tiny import make_single_file_checkpoint
 
     ckpt = make_single_file_checkpoint(tiny_models["sd15"], tmp_path / "tiny_sd15.safetensors")
     res = run_cli("--config", str(_cfg(tmp_path, ckpt, dataset, max_train_steps=2,
@@ -136,8 +136,8 @@ def test_single_file_without_base_model_config_uses_the_cached_default_repo(tmp_
     are in the HF cache (what `hf download ... --include '*.json' '*.txt'` leaves), the same config trains."""
     import shutil
 
-    from lora_trainer.family_spec import SPECS
-    from lora_trainer.tiny import make_single_file_checkpoint
+    from lora_trainer.families import SPECS
+    from lora_trainer.testing.tiny import make_single_file_checkpoint
 
     ckpt = make_single_file_checkpoint(tiny_models["sd15"], tmp_path / "tiny_sd15.safetensors")
     cfg = _cfg(tmp_path, ckpt, dataset, max_train_steps=2)
@@ -220,7 +220,7 @@ def test_adafactor_is_the_optimizer_used(tmp_path, tiny_models, dataset):
     assert [o["class"] for o in rec["optimizers"]] == ["transformers.optimization.Adafactor"]
     assert rec["optimizers"][0]["lrs"] == [1e-3]  # the configured lr, not Adafactor's relative step
     # Its state, as the checkpoint keeps it, is Adafactor's factored second moment, not AdamW's exp_avg.
-    from lora_trainer.checkpoint import load_checkpoint
+    from lora_trainer.training.checkpoint import load_checkpoint
 
     _, js = load_checkpoint(tmp_path / "out_ada" / "checkpoints" / "step-000002")
     state_keys = json.dumps(js["state"]["optimizer"])
@@ -251,7 +251,7 @@ def test_out_of_memory_is_classified_and_keeps_the_last_checkpoint(tmp_path, tin
     for word in ("batch_size", "gradient_checkpointing", "adamw8bit", "resolution"):
         assert word in err["hint"]
     assert "Traceback" not in res.stderr
-    from lora_trainer.checkpoint import find_latest_checkpoint, verify_checkpoint
+    from lora_trainer.training.checkpoint import find_latest_checkpoint, verify_checkpoint
 
     latest = find_latest_checkpoint(tmp_path / "out_c" / "checkpoints")
     assert latest is not None and latest.name == "step-000002" and verify_checkpoint(latest)[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from conftest import ROOT, parse_events, run_cli, write_config
-from lora_trainer.run_lock import LINEAGE_KEY, LOCK_NAME
+from lora_trainer.runtime.run_lock import LINEAGE_KEY, LOCK_NAME
 
 
 def _cfg(tmp_path: Path, model, dataset, name="c.json", out="out", **extra) -> Path:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from _helpers import assert_report
 from conftest import ROOT, parse_events, run_cli, write_config
-from lora_trainer.checkpoint import find_latest_checkpoint, verify_checkpoint
+from lora_trainer.training.checkpoint import find_latest_checkpoint, verify_checkpoint
 
 SECRET = "hf_SECRETtoken1234567890"
 

@@ -6,10 +6,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from lora_trainer import dataset_scan as ds
-from lora_trainer.dataset_scan import scan_dataset
-from lora_trainer.preflight import run_preflight
-from lora_trainer.scan_index import ScanIndex
+from lora_trainer.preflight import dataset_scan as ds
+from lora_trainer.preflight.dataset_scan import scan_dataset
+from lora_trainer.preflight.run import run_preflight
+from lora_trainer.preflight.scan_index import ScanIndex
 from tests.test_dataset_scan import cfg_for, encoded, write
 from tests.test_preflight import standin_model
 
@@ -84,8 +84,8 @@ def test_validate_only_keeps_the_index_in_the_output_cache(tmp_path):
 
 
 def test_the_validation_summary_stays_bounded(tmp_path):
-    from lora_trainer.preflight import MAX_FOLDERS
-    from lora_trainer.preflight_model import MAX_FILES
+    from lora_trainer.preflight.run import MAX_FOLDERS
+    from lora_trainer.preflight.model_checks import MAX_FILES
 
     data = tmp_path / "data"
     png = encoded("PNG", 64, 64)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, parse_events, write_config
-from lora_trainer.config import ConfigError, parse_config
+from lora_trainer.config.config import ConfigError, parse_config
 
 sys.path.insert(0, str(ROOT))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -34,7 +34,7 @@ def _two_processes(cfg: str, **env) -> tuple[int, list[dict], str]:
 def runs(tiny_models, tmp_path_factory):
     """FLUX.1-dev, 6 steps of 2 accumulated micro-batches per process, samples at steps 3 and 6: plain data
     parallel, sharded, and sharded stopped by SIGTERM after step 3 then resumed."""
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     tmp = tmp_path_factory.mktemp("shard")
     data = Path(make_dataset(tmp / "data", n=4, trigger="ohwx"))
@@ -138,10 +138,10 @@ def test_the_plan_divides_the_blocks_by_the_process_count(tmp_path_factory, monk
     largest whole (the running block and the prefetched one); bf16 FLUX.1-dev without quantisation then fits two
     24 GB cards, and a 24 GB card's hint names shard_base when several processes train."""
     from bench.bench_memory_plan import make_folder
-    from lora_trainer import memory_plan
-    from lora_trainer.model_probe import probe_model
-    from lora_trainer.preflight import run_preflight
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.preflight import memory_plan
+    from lora_trainer.preflight.probe.core import probe_model
+    from lora_trainer.preflight.run import run_preflight
+    from lora_trainer.testing.tiny import make_dataset
 
     root = tmp_path_factory.mktemp("shard_plan")
     folder, data = make_folder(root / "flux1", "flux1"), make_dataset(root / "data", n=2, trigger="ohwx")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_trainer import text_cache as tc
-from lora_trainer.text_cache import (
+from lora_trainer.data import text_cache as tc
+from lora_trainer.data.text_cache import (
     TextCache,
     TextCacheError,
     choose_placement,
@@ -370,7 +370,7 @@ def test_key_depends_on_caption_identity_and_device_type():
 def _tiny_comps():
     from transformers import CLIPTextModel
 
-    from lora_trainer.tiny import _text_config, make_tiny_tokenizer
+    from lora_trainer.testing.tiny import _text_config, make_tiny_tokenizer
 
     torch.manual_seed(0)
     return SimpleNamespace(text_encoders={"text_encoder": CLIPTextModel(_text_config(32, "quick_gelu", 0))},
@@ -434,8 +434,8 @@ def test_weight_files_identity(tmp_path):
 def _tiny_flux_comps():
     from transformers import CLIPTextModel
 
-    from lora_trainer import tiny
-    from lora_trainer.tiny_dit import FLUX_CLIP_HIDDEN, _t5_encoder, make_tiny_t5_tokenizer
+    from lora_trainer.testing import tiny
+    from lora_trainer.testing.tiny_dit import FLUX_CLIP_HIDDEN, _t5_encoder, make_tiny_t5_tokenizer
 
     torch.manual_seed(0)
     clip = CLIPTextModel(tiny._text_config(FLUX_CLIP_HIDDEN, "quick_gelu", tiny.VOCAB_SIZE - 1)).eval()

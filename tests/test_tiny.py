@@ -1,4 +1,4 @@
-"""Tests for lora_trainer.tiny: offline tiny pipelines, tokenizer, datasets, single-file export."""
+"""Tests for lora_trainer.testing.tiny: offline tiny pipelines, tokenizer, datasets, single-file export."""
 
 import os
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_trainer import tiny
+from lora_trainer.testing import tiny
 
 FAMILIES = ["sd15", "sd2", "sd2-v", "sdxl"]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}

@@ -1,4 +1,4 @@
-"""Tests for lora_trainer.tiny_dit: offline tiny FLUX.1-dev/-schnell and SD3 pipelines and the T5 tokenizer."""
+"""Tests for lora_trainer.testing.tiny_dit: offline tiny FLUX.1-dev/-schnell and SD3 pipelines and the T5 tokenizer."""
 
 import os
 
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lora_trainer import tiny, tiny_dit
+from lora_trainer.testing import tiny
+
+from lora_trainer.testing import tiny_dit
 
 FAMILIES = ["flux1-dev", "flux1-schnell", "sd3"]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}

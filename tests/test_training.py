@@ -84,8 +84,8 @@ def test_lora_learns_the_image(tmp_path, tiny_models):
     """Overfit one image: the trained LoRA predicts that image's noise clearly better than the base model."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from lora_trainer.data import TrainImage, encode_latents, load_pixels
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.data.images import TrainImage, encode_latents, load_pixels
+    from lora_trainer.testing.tiny import make_dataset
 
     data = make_dataset(tmp_path / "one", n=1, trigger="ohwx")
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -203,7 +203,7 @@ def test_uncached_multi_bucket_run_with_augmentations_and_a_schedule(tmp_path, t
     cosine schedule. The probe (tests/_helpers.py) records what each step really got."""
     import math
 
-    from lora_trainer.tiny import make_dataset
+    from lora_trainer.testing.tiny import make_dataset
 
     # 2 images each: exactly a 128x128, 192x64 or 64x192 bucket, or 160x128 (bucket 128x128, 32 px to crop).
     data = Path(make_dataset(tmp_path / "data", n=8, sizes=[(128, 128), (192, 64), (64, 192), (160, 128)]))

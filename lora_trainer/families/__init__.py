@@ -1,22 +1,46 @@
-"""Model families behind one interface (see base.ModelFamily); their torch-free facts are in family_spec."""
+"""The model-family registry. A family is one folder ``families/<name>/`` (how to add one: README.md here):
+
+* ``spec.py``      ``SPEC``, its torch-free facts (families/spec.py ``FamilySpec``);
+* ``adapter.py``   ``ADAPTER``, the torch side behind the interface in families/adapter.py.
+
+This module imports no torch: ``SPECS`` / ``get_spec`` serve preflight; ``get_family`` imports the adapter when
+training needs it. ``FAMILIES`` is the one list of what the trainer trains (the schema's ``model_type`` enum is
+tested against it).
+"""
 from __future__ import annotations
 
-from typing import Any
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from .base import Components, ModelFamily
+from .spec import FamilySpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import ModelFamily
+
+FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl", "flux1", "sd3")
+
+
+def _part(name: str, part: str):
+    return import_module(f"{__name__}.{name}.{part}")
+
+
+SPECS: dict[str, FamilySpec] = {name: _part(name, "spec").SPEC for name in FAMILIES}
+
+
+def _known(name: str) -> None:
+    if name not in SPECS:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+
+
+def get_spec(name: str) -> FamilySpec:
+    _known(name)
+    return SPECS[name]
 
 
 def get_family(name: str, cfg: Any = None) -> ModelFamily:
-    from .flux1 import Flux1
-    from .sd2 import SD2
-    from .sd3 import SD3
-    from .sd15 import SD15
-    from .sdxl import SDXL
-
-    families = {"sd15": SD15, "sd2": SD2, "sdxl": SDXL, "flux1": Flux1, "sd3": SD3}
-    if name not in families:
-        raise KeyError(f"unknown model family {name!r}; known: {', '.join(families)}")
-    return families[name](cfg)
+    """The family's adapter for a run (``cfg``: its TrainConfig; None in unit tests that only need names)."""
+    _known(name)
+    return _part(name, "adapter").ADAPTER(cfg)
 
 
-__all__ = ["Components", "ModelFamily", "get_family"]
+__all__ = ["FAMILIES", "SPECS", "FamilySpec", "get_family", "get_spec"]

@@ -1,0 +1,194 @@
+"""Starting a run from an existing LoRA file (`init_lora`): continue training a LoRA that this trainer, sd-scripts
+or diffusers wrote, instead of starting from zero.
+
+Both layouts our export writes are read: kohya (``lora_unet_*`` / ``lora_te*_`` with ``lora_down`` / ``lora_up`` /
+``alpha`` / ``dora_scale``; SGM or diffusers block names for SDXL) and PEFT/diffusers (``unet.<path>.lora_A.weight``
+...). Each file module is matched to a module of the model by computing the kohya name of every adapted module
+(kohya_names.py), so the mapping is the export's own, inverted. The delta is kept exactly: when the file's
+alpha / rank differs from the config's, lora_up is rescaled by the ratio.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..contract.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported lazily: preflight (header_problems) runs without it
+    import torch
+
+_KOHYA = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
+_PEFT = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
+                   r"lora_magnitude_vector(?:\.weight)?|dora_scale)$")
+
+
+def _problem(message: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"init_lora: {message}", [{"path": "init_lora", "value": value, "message": message,
+                                                  "allowed": allowed}])
+
+
+def _part(key: str) -> tuple[str, str] | None:
+    if m := _KOHYA.match(key):
+        return m.group(1), m.group(2)
+    if m := _PEFT.match(key):
+        return f"{m.group(1)}.{m.group(2)}", m.group(3)
+    return None
+
+
+def header_problems(path: Path, *, rank: int, use_dora: bool) -> list[dict]:
+    """What preflight can tell from the header alone (no torch, no tensor data): readable, a LoRA layout, the
+    configured rank, DoRA or not as configured. Same wording as apply_init_lora's errors."""
+    from ..preflight.probe.core import read_safetensors_header
+
+    if not path.is_file():
+        return [{"path": "init_lora", "value": str(path), "message": f"{path} does not exist",
+                 "allowed": "a .safetensors LoRA file"}]
+    header, problem = read_safetensors_header(path)
+    if header is None:
+        return [{"path": "init_lora", "value": str(path), "message": problem["message"],
+                 "allowed": "a .safetensors LoRA file"}]
+    keys = [k for k in header if k != "__metadata__"]
+    parts = [_part(k) for k in keys]
+    if not keys or None in parts:
+        bad = next((k for k, p in zip(keys, parts) if p is None), None)
+        return [{"path": "init_lora", "value": bad, "message": f"{path.name} is not a LoRA in kohya or PEFT layout",
+                 "allowed": "a LoRA written by this trainer, sd-scripts or diffusers"}]
+    ranks = sorted({int(header[k]["shape"][0]) for k, p in zip(keys, parts) if p[1] in ("lora_down.weight",
+                                                                                        "lora_A.weight")})
+    problems = []
+    if ranks != [rank]:
+        problems.append({"path": "lora_rank", "value": rank, "message": f"{path.name} has rank {ranks}",
+                         "allowed": f"{ranks[0]} to continue that LoRA" if len(ranks) == 1 else "one rank"})
+    has_dora = any(p[1].startswith(("dora_scale", "lora_magnitude_vector")) for p in parts)
+    if has_dora != use_dora:
+        problems.append({"path": "use_dora", "value": use_dora, "message": f"{path.name} "
+                         f"{'has' if has_dora else 'has no'} DoRA magnitudes", "allowed": str(has_dora).lower()})
+    return problems
+
+
+def read_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{file module name: {"down", "up", "alpha"?, "magnitude"?}} from a kohya or PEFT file; names are kohya
+    names ("lora_unet_...") or "<component>.<path>" for PEFT files."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a missing, truncated or non-safetensors file
+        raise _problem(f"cannot read {path}: {exc}", str(path), "a .safetensors LoRA file") from None
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    rename = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude",
+              "lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "magnitude",
+              "lora_magnitude_vector.weight": "magnitude"}
+    for key, tensor in sd.items():
+        found = _part(key)
+        if found is None:
+            unknown.append(key)
+            continue
+        modules.setdefault(found[0], {})[rename[found[1]]] = tensor
+    if unknown or not modules:
+        raise _problem(f"{path.name} is not a LoRA in kohya or PEFT layout"
+                       + (f" (e.g. key {unknown[0]!r})" if unknown else " (no LoRA keys)"),
+                       unknown[:5], "a LoRA written by this trainer, sd-scripts or diffusers")
+    # PEFT files carry alpha per component in diffusers' lora_adapter_metadata (without it diffusers assumes
+    # alpha == rank, i.e. scale 1, and so do we).
+    with safe_open(str(path), "pt") as fh:
+        meta = (fh.metadata() or {}).get("lora_adapter_metadata")
+    try:
+        adapter = json.loads(meta) if meta else {}
+    except ValueError:
+        adapter = {}
+    for name, parts in modules.items():
+        component = name.split(".", 1)[0]
+        if "alpha" not in parts and adapter.get(f"{component}.lora_alpha") is not None:
+            parts["alpha"] = torch.tensor(float(adapter[f"{component}.lora_alpha"]))
+    broken = [n for n, parts in modules.items() if not {"down", "up"} <= set(parts)]
+    if broken:
+        raise _problem(f"module {broken[0]} lacks lora_down or lora_up", broken[:5], "complete LoRA modules")
+    return modules
+
+
+def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Module], events) -> None:
+    """The recipe's step: load cfg.init_lora (relative to the config file) into the fresh adapters of ``modules``
+    (component -> adapted module), and say so."""
+    path = cfg.resolve(cfg.init_lora)
+    unet = comps.denoisers.get("unet")
+    info = apply_init_lora(path, family_name, dict(modules), rank=cfg.lora_rank, alpha=cfg.alpha,
+                           use_dora=cfg.use_dora, unet_config=unet.config if unet is not None else None)
+    events.emit("status", phase="init_lora", message=f"starting from {path.name}: {info['modules']} module(s)"
+                + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else ""))
+    if info["not_in_file"]:
+        events.emit("warning", code="init_lora_partial", path="init_lora",
+                    message=f"{len(info['not_in_file'])} adapted module(s) are not in {path.name} and start from "
+                            f"zero (e.g. {info['not_in_file'][0]})")
+
+
+def _names_for(family: str, component: str, path: str, unet_config: Any) -> list[str]:
+    """Every name a file may use for this module: kohya (SGM for SDXL, and the diffusers-named variant some
+    trainers write), and PEFT with or without the text_model level."""
+    from ..families._unet.kohya_names import FAMILIES, kohya_module_name, te_path
+
+    if component == "transformer":  # our ComfyUI file and the PEFT file name transformer modules alike
+        return [f"transformer.{path}"]
+    names = [kohya_module_name(family, component, path, unet_config)] if family in FAMILIES else []
+    if component == "unet":
+        names.append("lora_unet_" + path.replace(".", "_"))
+        names.append(f"unet.{path}")
+    else:
+        names += [f"{component}.{te_path(path)}", f"{component}.{path.removeprefix('text_model.')}"]
+    return names
+
+
+def apply_init_lora(path: Path, family: str, models: dict[str, torch.nn.Module], *, rank: int, alpha: float,
+                    use_dora: bool, unet_config: Any) -> dict:
+    """Load the file into the PEFT adapters of ``models`` (component -> adapted module). Raises ConfigError when
+    the file does not fit the config; returns {"modules", "rescaled", "not_in_file"} for the event stream."""
+    from ..outputs.export import MAGNITUDE
+    from .lora import load_lora_state, lora_state
+
+    problems = header_problems(path, rank=rank, use_dora=use_dora)
+    if problems:
+        raise ConfigError(f"init_lora does not fit this run: {problems[0]['message']}", problems)
+    file_modules = read_modules(path)
+    used: set[str] = set()
+    not_in_file: list[str] = []
+    rescaled = 0
+    for component, model in models.items():
+        state = lora_state(model)
+        paths = sorted({k.rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k})
+        new_state = dict(state)
+        for p in paths:
+            name = next((n for n in _names_for(family, component, p, unet_config) if n in file_modules), None)
+            if name is None:
+                not_in_file.append(f"{component}.{p}")
+                continue
+            used.add(name)
+            parts = file_modules[name]
+            a, b = state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"]
+            down, up = parts["down"].to(a.dtype), parts["up"].to(b.dtype)
+            if down.shape != a.shape or up.shape != b.shape:
+                raise _problem(f"{name}: shapes {tuple(down.shape)}/{tuple(up.shape)} do not fit the model's "
+                               f"{tuple(a.shape)}/{tuple(b.shape)}", name, "a LoRA trained on this model family")
+            # Same delta: the file's scale (its alpha / rank; no alpha means 1, as the loaders read it) over ours.
+            file_scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+            ratio = file_scale / (alpha / rank)
+            if ratio != 1.0:
+                up = up * ratio
+                rescaled += 1
+            new_state[f"{p}.lora_A.weight"], new_state[f"{p}.lora_B.weight"] = down, up
+            if "magnitude" in parts:
+                mag = state[f"{p}.{MAGNITUDE}"]
+                new_state[f"{p}.{MAGNITUDE}"] = parts["magnitude"].to(mag.dtype).reshape(mag.shape)
+        load_lora_state(model, {k: v.to(state[k].device) for k, v in new_state.items()})
+    extra = sorted(set(file_modules) - used)
+    if extra:
+        raise ConfigError(f"init_lora has {len(extra)} module(s) this run does not train (e.g. {extra[0]})",
+                          [{"path": "target_modules", "value": extra[:5], "message": "modules in init_lora that "
+                            "target_modules / train_text_encoder do not adapt", "allowed": "the targets the LoRA "
+                            "was trained with (and train_text_encoder if it has lora_te keys)"}])
+    return {"modules": len(used), "rescaled": rescaled, "not_in_file": not_in_file}

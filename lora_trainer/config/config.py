@@ -1,0 +1,514 @@
+"""Config loading: JSON file -> schema validation -> cross-field checks -> one frozen, typed TrainConfig.
+
+config_schema.json is the single source of truth for names, types, ranges and defaults; this module adds
+what a schema cannot say (flat vs nested duplicates, did-you-mean, cross-field rules) and reports every
+problem at once, each with the JSON path, the bad value and what is allowed. It must stay free of torch and
+diffusers imports: ``--validate-only`` promises an answer in about a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.buckets import bucket_range
+from ..contract.errors import ConfigError
+
+
+def _find_schema(name: str) -> Path:
+    """The package's copy (installed wheels; a symlink to the top-level file in a checkout), else the repo root."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / name, here.parent.parent / name):
+        if candidate.is_file():
+            return candidate
+    return here.parent / name
+
+
+SCHEMA_PATH = _find_schema("config_schema.json")
+REQUIRED = ("dataset_path", "base_model", "output_path", "trigger_words")
+NESTED_KEY = "training_params"
+DEFAULT_MAX_TRAIN_STEPS = 1000
+# Secrets are named exactly (hf_token, wandb_api_key, password, ...) or end in a secret suffix: a substring match
+# ("token" in the name) also hid counts such as keep_tokens in run_started, the manifest and the report.
+SECRET_KEYS = frozenset({"token", "hf_token", "hub_token", "api_key", "apikey", "wandb_api_key", "password",
+                         "secret", "access_token", "auth_token"})
+SECRET_SUFFIXES = ("_token", "_api_key", "_apikey", "_password", "_secret")
+# Values that are credentials whatever key holds them: Hugging Face tokens (hf_...), OpenAI-style keys (sk-...),
+# W&B keys (40 hex digits), and URLs with a password in them (https://user:pass@host).
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|[0-9a-f]{40})$")
+_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def is_secret_key(name: str) -> bool:
+    key = name.lower()
+    return key in SECRET_KEYS or key.endswith(SECRET_SUFFIXES)
+
+
+def redact(name: str, value: Any) -> Any:
+    """value, or REDACTED where the key names a secret or the value (or a list item) looks like a credential."""
+    if is_secret_key(name):
+        return REDACTED
+    if isinstance(value, str):
+        return REDACTED if SECRET_VALUE.match(value.strip()) or _URL_CREDENTIALS.match(value.strip()) else value
+    if isinstance(value, list):
+        return [redact("", v) for v in value]
+    return value
+
+
+_schema_cache: dict | None = None
+
+
+def load_schema() -> dict:
+    global _schema_cache
+    if _schema_cache is None:
+        with open(SCHEMA_PATH, encoding="utf-8") as fh:
+            _schema_cache = json.load(fh)
+    return _schema_cache
+
+
+def optional_fields() -> dict[str, dict]:
+    return load_schema()["definitions"][NESTED_KEY]["properties"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run, resolved and immutable. Field names equal the config keys."""
+
+    dataset_path: Path
+    base_model: str
+    output_path: Path
+    trigger_words: tuple[str, ...]
+    model_type: str = "auto"
+    prediction_type: str = "auto"
+    base_model_config: str | None = None
+    resolution: int | None = None
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int | None = None
+    num_epochs: int | None = None
+    learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = "auto"  # "auto", a preset name, or module names (family_spec)
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    use_dora: bool = False
+    init_lora: str | None = None
+    train_text_encoder: bool = False
+    mixed_precision: str = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    checkpointing_steps: int | None = 500
+    checkpoints_total_limit: int = 3
+    resume: bool | str = False
+    caption_extension: str = ".txt"
+    prepend_trigger_words: bool = True
+    caption_dropout_rate: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    repeats: int = 1
+    recursive: bool = True
+    enable_bucketing: bool | None = None
+    min_bucket_resolution: int | None = None  # None: buckets.bucket_range's default, which follows resolution
+    max_bucket_resolution: int | None = None
+    random_crop: bool = False
+    flip_aug: bool = False
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    cache_text_embeddings: bool = True
+    cache_text_embeddings_to_disk: bool = False
+    cache_host_budget_gb: float | None = None  # None: text_cache.default_host_budget()
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    # Flow-matching options: None takes the family's default (family_spec.FlowDefaults).
+    flow_sigma_sampling: str | None = None
+    flow_logit_mean: float | None = None
+    flow_logit_std: float | None = None
+    flow_mode_scale: float | None = None
+    flow_sigmoid_scale: float | None = None
+    flow_shift: str | None = None
+    flow_shift_value: float | None = None
+    flow_loss_weighting: str | None = None
+    flow_precondition_outputs: bool | None = None
+    train_guidance_scale: float | None = None
+    max_sequence_length: int | None = None
+    validation_prompts: tuple[str, ...] = ()
+    validation_steps: int | None = None
+    num_validation_images: int = 1
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float | None = None
+    output_name: str = "lora"
+    save_precision: str = "fp16"
+    overwrite_output: bool = False
+    log_every_n_steps: int = 10
+    report_to: str = "none"
+    heartbeat_seconds: float = 30.0
+    dataloader_workers: int = 0
+    cpu_threads: int | None = None  # None: device.choose_cpu_threads decides
+    ignore_memory_plan: bool = False
+    base_quantization: str = "none"  # frozen denoiser storage: none | fp8 | int8 | nf4 (quantize.py)
+    text_encoder_quantization: str = "none"
+    offload_blocks: float = 0  # blocks streamed from host memory: a count (>= 1) or a fraction (offload.py)
+    shard_base: bool = False  # FSDP2 shards of the frozen denoiser across processes (shard.py)
+    # Keys the user wrote (flat or nested); some checks apply only to explicit values.
+    explicit_keys: frozenset[str] = field(default_factory=frozenset, compare=False)
+    config_path: Path | None = field(default=None, compare=False)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the config are relative to: the config file's (else the working one)."""
+        return self.config_path.parent if self.config_path is not None else Path.cwd()
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config (base_model_config, init_lora, resume ...), ~ expanded, relative to base_dir."""
+        return _resolve_path(value, self.base_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (for events and the manifest); secrets are redacted (see redact)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("explicit_keys", "config_path"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = redact(f.name, value)
+        return out
+
+
+def _problem(path: str, value: Any, message: str, allowed: str | None = None) -> dict:
+    try:
+        if len(json.dumps(value, default=str)) > 300:  # echo a huge value back, but not all of it
+            value = json.dumps(value, default=str)[:300] + "..."
+    except (ValueError, RecursionError):
+        value = repr(value)[:300]
+    return {"path": path or "(root)", "value": value, "message": message, "allowed": allowed}
+
+
+def _describe_allowed(node: dict) -> str | None:
+    """Human summary of what a schema node accepts, for the 'allowed' field of a problem."""
+    if "enum" in node:
+        return "one of " + ", ".join(json.dumps(v) for v in node["enum"])
+    parts: list[str] = []
+    t = node.get("type")
+    if t:
+        parts.append(" or ".join(t) if isinstance(t, list) else t)
+    if "minimum" in node:
+        parts.append(f">= {node['minimum']}")
+    if "exclusiveMinimum" in node:
+        parts.append(f"> {node['exclusiveMinimum']}")
+    if "maximum" in node:
+        parts.append(f"<= {node['maximum']}")
+    if "pattern" in node:
+        parts.append(f"matching /{node['pattern']}/")
+    if "minItems" in node:
+        parts.append(f"at least {node['minItems']} item(s)")
+    if "const" in node:
+        return json.dumps(node["const"])
+    if "oneOf" in node:
+        return " | ".join(filter(None, (_describe_allowed(b) for b in node["oneOf"])))
+    if node.get("type") == "string" and node.get("minLength"):
+        parts.append("non-empty")
+    if node.get("type") == "array" and isinstance(node.get("items"), dict):
+        parts[0] = f"array of {_describe_allowed(node['items'])}"
+    return ", ".join(parts) or node.get("description")
+
+
+def _resolve_node(schema: dict, path: list) -> dict:
+    """Follow a JSON path through the schema (resolving local $refs) to the node describing it."""
+    node = schema
+    for part in path:
+        while "$ref" in node:
+            node = _follow_ref(schema, node["$ref"])
+        if isinstance(part, int):
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(part, {})
+    while "$ref" in node:
+        node = _follow_ref(schema, node["$ref"])
+    return node
+
+
+def _follow_ref(schema: dict, ref: str) -> dict:
+    node: Any = schema
+    for part in ref.lstrip("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _json_path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_keys(raw: dict, problems: list[dict]) -> dict[str, Any]:
+    """Unknown keys and flat/nested conflicts; returns the merged optional parameters."""
+    opt = optional_fields()
+    top_known = list(REQUIRED) + ["$schema", NESTED_KEY] + list(opt)
+    for key in raw:
+        if key not in top_known:
+            problems.append(_problem(key, raw[key], f"unknown key '{key}'{_did_you_mean(key, top_known)}",
+                                     "a key defined in config_schema.json"))
+    merged = {k: v for k, v in raw.items() if k in opt}
+    nested = raw.get(NESTED_KEY, {})
+    if not isinstance(nested, dict):
+        return merged  # the schema reports the wrong type
+    for key, value in nested.items():
+        path = f"{NESTED_KEY}.{key}"
+        if key in REQUIRED:
+            problems.append(_problem(path, value, f"'{key}' must be at the top level, not under {NESTED_KEY}",
+                                     "move it to the top level"))
+        elif key not in opt:
+            problems.append(_problem(path, value, f"unknown key '{key}'{_did_you_mean(key, list(opt))}",
+                                     "a key defined in config_schema.json"))
+        elif key in raw and raw[key] != value:
+            problems.append(_problem(path, value, f"'{key}' is given both at the top level ({json.dumps(raw[key])}) "
+                                     f"and under {NESTED_KEY} ({json.dumps(value)}) with different values",
+                                     "give it once, or the same value in both places"))
+        else:
+            merged[key] = value
+    return merged
+
+
+def _schema_problems(raw: dict) -> list[dict]:
+    import jsonschema  # imported lazily: ~50 ms that --help does not need
+
+    schema = load_schema()
+    validator = jsonschema.Draft7Validator(schema)
+    problems = []
+    for err in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path))):
+        if err.validator == "additionalProperties":
+            continue  # reported by _check_keys, with a did-you-mean suggestion
+        path = list(err.absolute_path)
+        node = _resolve_node(schema, path)
+        message = err.message
+        if err.validator == "required":
+            missing = err.message.split("'")[1] if "'" in err.message else ""
+            path = path + [missing]
+            problems.append(_problem(_json_path(path), None, f"'{missing}' is required",
+                                     _describe_allowed(_resolve_node(schema, path))))
+            continue
+        elif err.validator == "oneOf":
+            message = f"{json.dumps(err.instance)[:200]} is not valid here"
+        problems.append(_problem(_json_path(path), err.instance if path else None, message,
+                                 _describe_allowed(node) if path else None))
+    return problems
+
+
+def _resolve_path(value: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
+    value = cfg.offload_blocks
+    if not value:
+        return
+    if value >= 1 and value != int(value):
+        problems.append(_problem("offload_blocks", value, "offload_blocks of 1 or more is a block count and must be "
+                                 "a whole number", f"{int(value)}, or a fraction between 0 and 1"))
+    if not cfg.gradient_checkpointing:
+        # Without checkpointing autograd holds views of every block's weights until the backward pass, so
+        # streaming would free nothing (offload.py).
+        problems.append(_problem("offload_blocks", value, "offload_blocks needs gradient_checkpointing: without it "
+                                 "the backward pass keeps every block's weights on the accelerator anyway",
+                                 "set gradient_checkpointing true, or offload_blocks 0"))
+    if cfg.base_quantization in ("int8", "nf4"):
+        problems.append(_problem("offload_blocks", value, f"offload_blocks cannot stream a {cfg.base_quantization} "
+                                 "base: its weights carry quantisation state that streaming does not move",
+                                 "base_quantization \"none\" or \"fp8\" with offload_blocks, or offload_blocks 0"))
+    if cfg.use_dora:
+        problems.append(_problem("offload_blocks", value, "offload_blocks cannot be combined with use_dora: DoRA's "
+                                 "export reads the base weights, which streaming keeps in host memory",
+                                 "use_dora false, or offload_blocks 0"))
+
+
+def shard_clashes(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """The settings shard_base cannot be combined with, as (message, allowed); shard.py says why for each. One list
+    for the config error and for the memory plan's hints (which offer shard_base only where it would work)."""
+    clashes = [
+        (cfg.base_quantization != "none", f"base_quantization {cfg.base_quantization!r}: a quantised or fp8 base's "
+         "tensors and casting hooks cannot be sharded", "base_quantization \"none\" with shard_base"),
+        (bool(cfg.offload_blocks), "offload_blocks: streaming and sharding would move the same weights",
+         "offload_blocks 0 with shard_base"),
+        (cfg.use_dora, "use_dora: DoRA's export reads whole base weights, which no process holds",
+         "use_dora false with shard_base"),
+        (cfg.train_text_encoder, "train_text_encoder: only the denoiser is sharded; train its LoRA alone",
+         "train_text_encoder false with shard_base"),
+        (cfg.optimizer != "adamw", f"optimizer {cfg.optimizer!r} does not run on sharded tensors",
+         "optimizer \"adamw\" with shard_base"),
+    ]
+    return [(message, allowed) for clash, message, allowed in clashes if clash]
+
+
+def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
+    if not cfg.shard_base:
+        return
+    for message, allowed in shard_clashes(cfg):
+        problems.append(_problem("shard_base", True, f"shard_base cannot be combined with {message}",
+                                 f"{allowed}, or shard_base false"))
+
+
+def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -> None:
+    ex = cfg.explicit_keys
+    if cfg.max_train_steps is not None and cfg.num_epochs is not None:
+        problems.append(_problem("num_epochs", cfg.num_epochs, "set max_train_steps or num_epochs, not both",
+                                 "remove one of them"))
+    steps = cfg.max_train_steps
+    if steps is not None:
+        if "checkpointing_steps" in ex and cfg.checkpointing_steps and cfg.checkpointing_steps > steps:
+            problems.append(_problem("checkpointing_steps", cfg.checkpointing_steps,
+                                     f"checkpoint interval is beyond the total of {steps} steps: no checkpoint would be written before the end",
+                                     f"an integer between 1 and {steps}, or null"))
+        if cfg.lr_warmup_steps > steps:
+            problems.append(_problem("lr_warmup_steps", cfg.lr_warmup_steps,
+                                     f"warm-up is longer than the whole run ({steps} steps)", f"0 to {steps}"))
+        if cfg.validation_steps and cfg.validation_steps > steps:
+            warnings.append({"code": "validation_never_runs", "path": "validation_steps",
+                             "message": f"validation_steps {cfg.validation_steps} > max_train_steps {steps}: samples only at the end"})
+    if cfg.resolution is not None:
+        sdxl_or_buckets = cfg.model_type == "sdxl" or cfg.enable_bucketing is True
+        multiple = 64 if sdxl_or_buckets else 8
+        if cfg.resolution % multiple:
+            why = "bucketing uses a 64 px step" if cfg.enable_bucketing else (
+                "SDXL's UNet needs latents divisible by 8" if cfg.model_type == "sdxl" else "the VAE downsamples 8x")
+            problems.append(_problem("resolution", cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
+                                     f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
+        bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and cfg.model_type == "sdxl")
+        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, cfg.resolution)
+        if bucketing and not (lo <= cfg.resolution <= hi):  # only an explicit bound can exclude it
+            problems.append(_problem("resolution", cfg.resolution, "resolution lies outside the bucket range",
+                                     f"{lo} to {hi} (min_bucket_resolution / max_bucket_resolution)"))
+    if None not in (cfg.min_bucket_resolution, cfg.max_bucket_resolution) and \
+            cfg.min_bucket_resolution > cfg.max_bucket_resolution:
+        problems.append(_problem("min_bucket_resolution", cfg.min_bucket_resolution,
+                                 "min_bucket_resolution is larger than max_bucket_resolution",
+                                 f"<= {cfg.max_bucket_resolution}"))
+    if cfg.dataset_path == cfg.output_path or _is_within(cfg.output_path, cfg.dataset_path):
+        problems.append(_problem("output_path", str(cfg.output_path),
+                                 "output_path is the dataset folder or inside it: checkpoints and samples would be read as training images",
+                                 "a folder outside dataset_path"))
+    elif _is_within(cfg.dataset_path, cfg.output_path):
+        problems.append(_problem("output_path", str(cfg.output_path),
+                                 "output_path contains dataset_path: pruning or overwriting outputs could touch the dataset",
+                                 "a folder that does not contain dataset_path"))
+    if cfg.optimizer == "adamw8bit" and cfg.device == "cpu":
+        problems.append(_problem("optimizer", cfg.optimizer, "the 8-bit AdamW of bitsandbytes needs a CUDA GPU, but device is 'cpu'",
+                                 "adamw, prodigy or adafactor on the CPU"))
+    if cfg.use_dora:
+        warnings.append({"code": "dora_loaders", "path": "use_dora",
+                         "message": "DoRA: diffusers loads pytorch_lora_weights.safetensors exactly; ComfyUI and Forge "
+                                    "load the kohya file (their current output-axis DoRA normalises by the base "
+                                    "weight's norm, a small approximation); A1111's built-in loader implements only "
+                                    "input-axis DoRA and misapplies it. See README 'DoRA'."})
+    _offload_problems(cfg, problems)
+    _shard_problems(cfg, problems)
+    if cfg.flip_aug and cfg.cache_latents:
+        problems.append(_problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
+                                 "false, or set cache_latents to false"))
+    if cfg.mixed_precision == "fp16" and cfg.device == "cpu":
+        problems.append(_problem("mixed_precision", "fp16", "fp16 mixed precision needs a GPU (the gradient scaler is CUDA-only)",
+                                 "\"no\", \"bf16\" or \"auto\" on the CPU"))
+    if not cfg.train_text_encoder:
+        for key in ("text_encoder_lr", "text_encoder_target_modules"):
+            if key in ex:
+                warnings.append({"code": "unused_setting", "path": key,
+                                 "message": f"{key} has no effect because train_text_encoder is false"})
+    if cfg.validation_prompts and cfg.validation_steps is None:
+        warnings.append({"code": "unused_setting", "path": "validation_prompts",
+                         "message": "validation_prompts are set but validation_steps is null: no samples during training"})
+
+
+def parse_config(raw: Any, *, base_dir: Path | None = None, config_path: Path | None = None) -> tuple[TrainConfig, list[dict]]:
+    """Validate a decoded JSON document; returns the config and non-fatal warnings, or raises ConfigError."""
+    base_dir = base_dir or Path.cwd()
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a JSON object", [_problem("(root)", raw if not isinstance(raw, (dict, list)) else type(raw).__name__,
+                                                                         f"expected an object, got {type(raw).__name__}", "a JSON object with dataset_path, base_model, output_path, trigger_words")])
+    problems: list[dict] = []
+    warnings: list[dict] = []
+    merged = _check_keys(raw, problems)
+    problems.extend(_schema_problems(raw))
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the config", problems)
+
+    opt = optional_fields()
+    values: dict[str, Any] = {k: spec.get("default") for k, spec in opt.items()}
+    values.update(merged)
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    triggers = raw["trigger_words"]
+    triggers = (triggers,) if isinstance(triggers, str) else tuple(triggers)
+    cfg = TrainConfig(
+        dataset_path=_resolve_path(raw["dataset_path"], base_dir),
+        base_model=raw["base_model"],
+        output_path=_resolve_path(raw["output_path"], base_dir),
+        trigger_words=tuple(t.strip() for t in triggers),
+        explicit_keys=frozenset(merged),
+        config_path=config_path,
+        **values,
+    )
+    if cfg.max_train_steps is None and cfg.num_epochs is None:
+        cfg = dataclasses.replace(cfg, max_train_steps=DEFAULT_MAX_TRAIN_STEPS)
+    _cross_field(cfg, problems, warnings)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the config", problems)
+    return cfg, warnings
+
+
+def load_config(path: str | os.PathLike) -> tuple[TrainConfig, list[dict]]:
+    """Read and validate a config file. Relative paths inside it are relative to the file's folder."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}", [_problem("--config", str(p), "file not found", "path to a JSON config file")]) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}", [_problem("--config", str(p), str(exc), "a readable file")]) from None
+    try:
+        text = data.decode("utf-8-sig")  # editors on Windows add a BOM
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8", [_problem("--config", str(p), f"byte {exc.start} is not UTF-8", "UTF-8 JSON")]) from None
+    try:
+        raw = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"config file {p} nests too deeply", [_problem("--config", str(p), "JSON nested too deeply", "a flat JSON object")]) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                          [_problem("--config", str(p), f"{exc.msg} at line {exc.lineno} column {exc.colno}", "valid JSON")]) from None
+    return parse_config(raw, base_dir=p.resolve().parent, config_path=p.resolve())

@@ -1,0 +1,7 @@
+"""What the flow-matching MMDiT families (FLUX.1, SD3/3.5) share as plain data: target patterns."""
+from __future__ import annotations
+
+# Joint attention: the image stream (to_*) and the text stream (add_*, to_add_out); FLUX's single blocks and
+# SD3.5-medium's attn2 have to_q/k/v too, so the suffixes reach them.
+MMDIT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+MMDIT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")

@@ -1,0 +1,210 @@
+"""The model-family interface. The training loop, data, caches, checkpoints and export talk only to this.
+
+A family provides: its components (trainable denoiser(s), VAE, text encoders, tokenizers, scheduler config),
+the conditioning bundle for a batch of captions, the denoiser call (latent packing, positional ids, guidance,
+the timestep value the denoiser takes), the objective strategy and its settings, the sampling pipeline, and the
+file the ComfyUI/Forge/A1111 loaders read. Facts that preflight needs without torch (defaults, presets, objective
+kind) live in ``family_spec.py``; a family object carries its spec.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .spec import FamilySpec
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Components:
+    denoisers: dict[str, torch.nn.Module]  # trainable denoiser(s) by pipeline attribute: {"unet": ...}, {"transformer": ...}
+    vae: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # ordered as the pipeline names them: text_encoder, text_encoder_2, ...
+    tokenizers: dict[str, Any]  # same keys as text_encoders
+    scheduler_config: dict
+    prediction_type: str  # "epsilon" | "v_prediction" (DDPM families) | "flow"
+    variant: str | None = None  # e.g. FLUX.1 "dev" / "schnell"
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [*self.denoisers.values(), self.vae, *self.text_encoders.values()]
+
+
+def _tokenizer_name(encoder: str) -> str:
+    return encoder.replace("text_encoder", "tokenizer")
+
+
+class ModelFamily:
+    """Base class. Subclasses set the class attributes and implement encode_text / predict."""
+
+    spec: FamilySpec
+    pipeline_class: str = ""
+    denoiser_classes: Mapping[str, str] = {}  # attribute -> diffusers class
+    text_encoder_classes: Mapping[str, str] = {}  # attribute -> transformers class
+    tokenizer_classes: Mapping[str, str] = {}  # tokenizer attribute -> transformers class
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg  # the run's TrainConfig (None in unit tests that only need names)
+        self.variant: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
+             progress: Progress | None = None, load_dtypes: Mapping[str, torch.dtype] | None = None) -> Components:
+        """``load_dtypes``: components to load at another dtype than ``dtype`` (quantize.load_dtypes: converted
+        layer by layer from their file's own dtype)."""
+        if single_file:
+            comps = self._load_single_file(source, dtype=dtype, config=single_file_config, progress=progress)
+        else:
+            comps = self._load_folder(source, dtype=dtype, progress=progress, load_dtypes=load_dtypes)
+        self.variant = comps.variant
+        return comps
+
+    def _load_folder(self, source: Path, *, dtype: torch.dtype, progress: Progress | None,
+                     load_denoiser: Callable[[str], torch.nn.Module] | None = None,
+                     load_dtypes: Mapping[str, torch.dtype] | None = None) -> Components:
+        """Every component from a diffusers folder; ``load_denoiser(name)`` takes the denoiser(s) from elsewhere
+        (a single-file checkpoint) while the rest still comes from ``source``."""
+        import diffusers
+        import transformers
+
+        names = [*self.denoiser_classes, "vae", *self.text_encoder_classes]
+        tick = (lambda i, what: progress(i, len(names), what)) if progress else (lambda i, what: None)
+        common = dict(use_safetensors=True, local_files_only=True)
+        at = lambda name: (load_dtypes or {}).get(name, dtype)  # noqa: E731
+        denoisers = {}
+        for i, name in enumerate(self.denoiser_classes):
+            tick(i, name)
+            if load_denoiser is not None:
+                denoisers[name] = load_denoiser(name)
+                continue
+            cls = getattr(diffusers, self.denoiser_classes[name])
+            denoisers[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
+        tick(len(denoisers), "vae")
+        # The VAE stays fp32: SD/SDXL VAEs overflow in fp16, and it runs once per image when latents are cached.
+        vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
+        encoders, tokenizers = {}, {}
+        for i, name in enumerate(self.text_encoder_classes):
+            tick(len(denoisers) + 1 + i, name)
+            cls = getattr(transformers, self.text_encoder_classes[name])
+            encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
+            tok = _tokenizer_name(name)
+            tokenizers[name] = getattr(transformers, self.tokenizer_classes[tok]).from_pretrained(
+                source, subfolder=tok, local_files_only=True)
+        tick(len(names), "done")
+        # load_config only reads scheduler_config.json, whatever the scheduler class named in it.
+        sched_cfg = dict(diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True))
+        return self.components(denoisers, vae, encoders, tokenizers, sched_cfg)
+
+    def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None,
+                          progress: Progress | None = None) -> Components:
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        kwargs = {"config": config} if config else {}
+        # Weights come only from the .safetensors file; `config` supplies component configs and tokenizers.
+        pipe = cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
+        pipe.vae.to(torch.float32)
+        return self._from_pipe(pipe)
+
+    def _from_pipe(self, pipe) -> Components:
+        denoisers = {n: getattr(pipe, n) for n in self.denoiser_classes}
+        encoders = {n: getattr(pipe, n) for n in self.text_encoder_classes}
+        tokenizers = {n: getattr(pipe, _tokenizer_name(n)) for n in self.text_encoder_classes}
+        return self.components(denoisers, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
+
+    def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
+        return Components(denoisers=denoisers, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                          scheduler_config=sched_cfg, prediction_type=self.prediction_type_of(sched_cfg),
+                          variant=self.variant_of(denoisers))
+
+    def prediction_type_of(self, sched_cfg: dict) -> str:
+        return "flow" if self.spec.is_flow else (sched_cfg.get("prediction_type") or "epsilon")
+
+    def variant_of(self, denoisers: dict[str, torch.nn.Module]) -> str | None:
+        return None
+
+    def with_prediction_type(self, comps: Components, prediction_type: str) -> Components:
+        """The same components, trained and sampled for another prediction type (an explicit config override)."""
+        return dataclasses.replace(comps, prediction_type=prediction_type,
+                                   scheduler_config={**comps.scheduler_config, "prediction_type": prediction_type})
+
+    # -- training ------------------------------------------------------------------------------------
+    def objective(self, comps: Components):
+        """The training objective strategy: DDPM (epsilon / v) or rectified flow, with the run's settings."""
+        cfg = self.cfg
+        if self.spec.is_flow:
+            from .spec import flow_options
+            from ..training.objectives.flow import FlowMatchingObjective, FlowSettings
+
+            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec)), patch_size=2)
+        from diffusers import DDPMScheduler
+
+        from ..training.objectives.ddpm import DiffusionObjective, ObjectiveSettings
+
+        # Training always uses the DDPM forward process, whatever sampler the model ships with.
+        return DiffusionObjective(DDPMScheduler.from_config(comps.scheduler_config), ObjectiveSettings(
+            prediction_type=comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
+
+    def tokenize(self, tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+    def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The conditioning bundle for a batch of captions (what predict's ``cond`` receives); tensors only, one
+        row per caption, so the text cache can store and stack them."""
+        raise NotImplementedError
+
+    def predict(self, denoisers: Mapping[str, torch.nn.Module], noisy: torch.Tensor, t: torch.Tensor,
+                cond: Mapping[str, torch.Tensor], geometry: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents [B, C, H, W], shaped like them. ``t`` is what the
+        objective draws (DDPM timestep indices, or flow sigmas in (0, 1]); ``geometry`` [B, 6] is each image's
+        (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+        raise NotImplementedError
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def pipeline(self, comps: Components):
+        """A diffusers pipeline over the (LoRA-wrapped) components, for sample images."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        kwargs: dict[str, Any] = {**comps.denoisers, "vae": comps.vae, "scheduler": self.sampling_scheduler(comps)}
+        for name in self.text_encoder_classes:
+            kwargs[name] = comps.text_encoders.get(name)  # None once released after caching (samples_from_cache)
+            kwargs[_tokenizer_name(name)] = comps.tokenizers[name]
+        return cls(**kwargs, **self._pipeline_extra_kwargs())
+
+    def _pipeline_extra_kwargs(self) -> dict:
+        return {}
+
+    # Families whose pipelines take precomputed prompt embeddings set this, so that after caching the text
+    # encoders (T5-XXL: 9.5 GB in bf16) leave the GPU and host memory for good.
+    samples_from_cache = False
+    sample_negative_prompt = False  # the pipeline's CFG encodes "" as the negative prompt
+
+    def prompt_kwargs(self, cond: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor] | None) -> dict:
+        """Pipeline keyword arguments that replace a prompt by its cached conditioning (samples_from_cache)."""
+        raise NotImplementedError
+
+    def sampling_scheduler(self, comps: Components):
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_config(comps.scheduler_config)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the pipeline call (guidance, sequence length)."""
+        g = self.cfg.validation_guidance_scale if self.cfg is not None else None
+        return {"guidance_scale": self.spec.sample_guidance if g is None else g}
+
+    # -- export ----------------------------------------------------------------------------------------
+    def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], comps: Components, *, alpha: float,
+                        rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states."""
+        raise NotImplementedError

@@ -1,0 +1,118 @@
+"""What each model family is, as plain data: no torch, so preflight (``--validate-only``) can use it in a second.
+
+The torch side of a family (loading, conditioning, the denoiser call, sampling) lives in ``families/``; this
+module holds the facts both sides need: the objective it trains with and that objective's defaults, native
+resolution and bucketing, the pixel multiple its latents need, LoRA target presets, which text encoders may get
+LoRA, the sampler's defaults, and the names other tools use for it (modelspec, kohya ``ss_base_model_version``).
+
+Target presets are lists of module patterns. A pattern without ``*`` is matched as PEFT matches target names (the
+module's name or a "."-suffix of it); a pattern with ``*`` is an fnmatch pattern over full module names and selects
+only Linear layers under it (``transformer_blocks.*``: every Linear of every block), so that a preset can say
+"all Linear layers of the blocks" without naming the model's embeddings or final layer.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Mapping
+
+PRESETS = ("attention", "attention_mlp", "all_linear")
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+@dataclass(frozen=True)
+class FlowDefaults:
+    """Per-family defaults of the flow-matching options (config keys flow_*; see README "Flow matching")."""
+
+    sigma_sampling: str = "uniform"
+    shift: str = "none"
+    shift_value: float = 3.0
+    loss_weighting: str = "none"
+    precondition_outputs: bool = False
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    label: str  # for people: "FLUX.1", "SDXL"
+    objective: str  # "ddpm" | "flow"
+    denoisers: tuple[str, ...]  # pipeline attribute names of the trainable denoiser(s)
+    text_encoders: tuple[str, ...]
+    lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
+    default_resolution: int
+    bucketing_default: bool
+    pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
+    presets: Mapping[str, tuple[str, ...]]
+    default_preset: str
+    flow: FlowDefaults | None = None  # None for DDPM families
+    # Sampling defaults: guidance_scale of the diffusers pipeline (CFG, or FLUX-dev's embedded guidance).
+    sample_guidance: float = 7.0
+    # Variant -> value fed to the guidance embedder during training (None: the variant has no embedder).
+    train_guidance: Mapping[str | None, float | None] = field(default_factory=dict)
+    # Variant -> default T5 max_sequence_length (None: the family has no T5).
+    max_sequence_length: Mapping[str | None, int] = field(default_factory=dict)
+    single_file_config_repo: Mapping[str | None, str] = field(default_factory=dict)
+    # The denoiser's repeated blocks (ModuleList names, in forward order): the units offload_blocks streams from host
+    # memory (offload.py) and shard_base shards (shard.py), and the memory plan counts.
+    blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
+
+    @property
+    def is_flow(self) -> bool:
+        return self.objective == "flow"
+
+    def has_guidance_embedder(self, variant: str | None) -> bool:
+        return self.train_guidance.get(variant) is not None
+
+    def targets(self, value) -> tuple[str, ...]:
+        """target_modules as configured ("auto", a preset name, or explicit names) -> module patterns."""
+        if value in (None, "auto"):
+            return self.presets[self.default_preset]
+        if isinstance(value, str):
+            return self.presets[value]
+        return tuple(value)
+
+
+FLOW_KEYS = ("flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
+             "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs")
+DDPM_KEYS = ("min_snr_gamma", "noise_offset", "prediction_type")
+
+
+def expand_targets(patterns: tuple[str, ...], modules: Mapping[str, int]) -> dict[str, list[str]]:
+    """Which modules each pattern selects. ``modules`` maps module name -> rank of its weight (2 Linear, 4 conv;
+    what a safetensors header or ``named_modules`` says). Suffix patterns select any layer (the caller checks
+    the kind); ``*`` patterns only rank-2 weights not named like an embedding table."""
+    out: dict[str, list[str]] = {}
+    for pat in patterns:
+        if "*" in pat:
+            out[pat] = sorted(n for n, d in modules.items()
+                              if fnmatch.fnmatchcase(n, pat) and d == 2 and not n.rsplit(".", 1)[-1].endswith("embedding"))
+        else:
+            out[pat] = sorted(n for n in modules if n == pat or n.endswith("." + pat))
+    return out
+
+
+def peft_targets(patterns: tuple[str, ...], modules: Mapping[str, int]) -> list[str]:
+    """The target_modules list for PEFT: suffix patterns as they are, ``*`` patterns expanded to full names."""
+    expanded = expand_targets(tuple(p for p in patterns if "*" in p), modules)
+    names = {n for hits in expanded.values() for n in hits}
+    return sorted({p for p in patterns if "*" not in p} | names)
+
+
+def flow_options(cfg, spec: FamilySpec) -> dict:
+    """FlowSettings keyword arguments: each flow_* config key, or the family's default where it is null."""
+    d = spec.flow or FlowDefaults()
+
+    def pick(key: str, default):
+        value = getattr(cfg, key, None) if cfg is not None else None
+        return default if value is None else value
+
+    return {"sigma_sampling": pick("flow_sigma_sampling", d.sigma_sampling),
+            "logit_mean": pick("flow_logit_mean", 0.0), "logit_std": pick("flow_logit_std", 1.0),
+            "mode_scale": pick("flow_mode_scale", 1.29), "sigmoid_scale": pick("flow_sigmoid_scale", 1.0),
+            "shift": pick("flow_shift", d.shift), "shift_value": pick("flow_shift_value", d.shift_value),
+            "loss_weighting": pick("flow_loss_weighting", d.loss_weighting),
+            "precondition_outputs": bool(pick("flow_precondition_outputs", d.precondition_outputs))}
+
+
+def objective_summary(cfg, spec: FamilySpec) -> dict:
+    """What the run trains with, every default resolved (validation summary and run_started)."""
+    return {"kind": "flow", **flow_options(cfg, spec)} if spec.is_flow else {"kind": "ddpm"}

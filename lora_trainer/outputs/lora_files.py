@@ -1,0 +1,47 @@
+"""The ComfyUI / Forge LoRA file of the transformer families (FLUX.1, SD3/3.5).
+
+ComfyUI maps diffusers module names under ``transformer.`` for FLUX.1 and SD3 (comfy/lora.py
+``model_lora_keys_unet`` via comfy/utils.py ``flux_to_diffusers`` / ``mmdit_to_diffusers``), turning separate
+q/k/v LoRAs into offset patches of its fused qkv weights, so no fusing is needed here. It ignores the JSON
+metadata and, without a ``.alpha`` tensor, applies scale 1; diffusers' SD3 loader refuses ``.alpha`` tensors
+("all LoRA param names contain 'lora'") and, without metadata, assumes alpha == rank, i.e. scale 1 too. So the
+file carries no alpha: the scale alpha / rank is folded into lora_B (as ai-toolkit writes alpha = rank), and every
+one of these loaders applies exactly the trained delta.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .export import MAGNITUDE, _iter_modules, _magnitude
+from ..families._unet.kohya_names import te_path
+
+# The CLIP encoders under their diffusers names with the ``text_model.`` level: ComfyUI's and Forge's
+# model_lora_keys_clip map ``text_encoder.text_model.encoder.layers...`` (CLIP-L; SD3's ``text_encoder_2`` is CLIP-G)
+# and diffusers accepts it; transformers 5's CLIPTextModel lacks that level, so it is added (kohya_names.te_path).
+# kohya ``lora_te1_`` names in this lora_A/lora_B form would be dropped by diffusers without a word.
+LORA_TEXT_ENCODERS = {"flux1": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
+
+
+def comfy_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
+                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """PEFT states -> ``transformer.<module>.lora_A/lora_B.weight`` (+ CLIP ``text_encoder*.text_model...``), alpha
+    folded into lora_B; DoRA magnitudes as fp32 ``dora_scale`` [out, 1] (ComfyUI's output-axis layout, export.py)."""
+    out: dict[str, torch.Tensor] = {}
+    for component, path, parts in _iter_modules(states):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        if a.shape[0] != rank:
+            raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
+        if component == "transformer":
+            name = f"transformer.{path}"
+        elif component in LORA_TEXT_ENCODERS.get(family, ()):
+            name = f"{component}.{te_path(path)}"
+        else:
+            raise ValueError(f"component {component!r} has no ComfyUI name in a {family} LoRA")
+        out[f"{name}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous().clone()
+        # Folded in fp32 before the cast to the save precision, so the only rounding is the save's own.
+        out[f"{name}.lora_B.weight"] = (b.detach().to("cpu", torch.float32) * (alpha / rank)).to(dtype).contiguous()
+        if MAGNITUDE in parts:
+            out[f"{name}.dora_scale"] = _magnitude(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
+    return out

@@ -1,0 +1,92 @@
+"""The model card: README.md beside the LoRA, in the form the Hugging Face Hub and diffusers' training scripts use
+(YAML front matter read by the Hub: base model, tags, trigger words, sample widget; then how to use it).
+
+Built with huggingface_hub's ModelCard/ModelCardData, so the front matter is what the Hub parses. The license is a
+placeholder ("other") the author must set: a LoRA inherits its base model's terms (FLUX.1-dev's are
+non-commercial), which a trainer cannot decide.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "README.md"
+FAMILY_TAGS = {"sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
+               "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
+               "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+               "flux1": ["flux", "flux-diffusers"], "sd3": ["sd3", "sd3-diffusers"]}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux1": "FLUX.1",
+                "sd3": "Stable Diffusion 3 / 3.5"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _latest_samples(out_dir: Path, limit: int = 4) -> list[tuple[str, str]]:
+    """(relative path, prompt index) of the newest validation round's first image per prompt."""
+    rounds = sorted((out_dir / "samples").glob("step-*")) if (out_dir / "samples").is_dir() else []
+    if not rounds:
+        return []
+    files = sorted(rounds[-1].glob("p*_00_seed*.png"))[:limit]
+    return [(f.relative_to(out_dir).as_posix(), f.name[1:3]) for f in files]
+
+
+def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool) -> Path:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from ..training.sampling import prompts_for
+
+    out_dir = Path(cfg.output_path)
+    lora_name = f"{cfg.output_name}.safetensors"
+    triggers = ", ".join(cfg.trigger_words)
+    prompts = prompts_for(cfg)
+    widget = [{"text": prompts[int(i)] if int(i) < len(prompts) else triggers, "output": {"url": rel}}
+              for rel, i in _latest_samples(out_dir)]
+    base = str(cfg.base_model)
+    data = ModelCardData(
+        base_model=base if base_is_hub and _HUB_ID.match(base) else None, library_name="diffusers",
+        license="other", instance_prompt=triggers or None, widget=widget or None,
+        tags=["text-to-image", "diffusers", "lora", "template:sd-lora", "train_lora", *FAMILY_TAGS.get(family, [])])
+    fam = FAMILY_NAMES.get(family, family)
+    base_line = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{Path(base).name or base}` (a local model)"
+    samples_md = "\n".join(f"![{prompts[int(i)] if int(i) < len(prompts) else triggers}]({rel})"
+                           for rel, i in _latest_samples(out_dir)) or "_No samples were generated (validation_steps)._"
+    body = f"""
+# {cfg.output_name}
+
+A {fam} LoRA trained with train_lora on {base_line}: {steps} steps, rank {cfg.lora_rank},
+alpha {cfg.alpha:g}{", DoRA" if cfg.use_dora else ""}, learning rate {cfg.learning_rate:g}.
+
+## Trigger words
+
+Use `{triggers}` in the prompt.
+
+## Samples
+
+{samples_md}
+
+## Use it
+
+**diffusers** (`pytorch_lora_weights.safetensors`, the exact PEFT weights):
+
+```python
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("{triggers}, ...").images[0]
+```
+
+**ComfyUI**: copy `{lora_name}` to `models/loras/` and add a *LoraLoader* node.
+
+**A1111 / Forge**: copy `{lora_name}` to `models/Lora/` and prompt with `<lora:{cfg.output_name}:1> {triggers}`.
+
+## License
+
+Set the license in the front matter above (it says `other` until you do). A LoRA is used with its base model,
+whose license applies to it too.
+
+`training_manifest.json` beside this file holds every setting, the dataset fingerprint and the library versions.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = out_dir / CARD_NAME
+    from .export import write_text_atomic
+
+    write_text_atomic(path, str(card))
+    return path

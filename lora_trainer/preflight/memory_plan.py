@@ -1,0 +1,281 @@
+"""How much accelerator memory a run will need, from the weight files' headers alone (no torch, no weights read),
+part by part, and which cheaper settings would fit a card that is too small.
+
+M = frozen weights at their storage format (base_quantization / text_encoder_quantization: the block Linears at
+1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision; quantize.py) + LoRA (fp32
+weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders / VAE while they stay
+resident). Activations (B = 1, per image):
+
+* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / 16)^2 image + text tokens, and in the
+  hidden size d. Measured on a full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block
+  keeps ~23 x L x d x 2 bytes for backward (bf16, LoRA on every Linear), ~13x with attention-only LoRA; with gradient
+  checkpointing each block keeps its input (~1.1 x L x d x 2) and one block is recomputed at a time.
+* UNet families: the SDXL UNet measured 1.32 GiB at 512 px and 5.2 GiB at 1024 px without checkpointing (bf16,
+  attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B;
+  checkpointing keeps about a quarter.
+
+With shard_base over N processes each one holds 1/N of every block's frozen weights (and of the LoRA and its optimizer
+state) plus two whole blocks (the one running and the next, gathered meanwhile); the rest of the denoiser stays whole.
+The process count is WORLD_SIZE, which accelerate launch (torch.distributed.run) sets for every process.
+
+Fixed: the CUDA context (~0.5 GiB, invisible to torch's counters) plus 10% allocator slack on the rest. These are
+estimates: the first steps' measured peak is reported beside them and a drift over 15% is a warning.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..config.config import shard_clashes
+from ..families import SPECS
+from ..families.spec import expand_targets
+from .probe.core import weight_shapes
+from ..runtime.offload import resolve_count
+from ..runtime.quantize import STORAGE_BYTES, quantizable
+
+GIB = 1024 ** 3
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  # state bytes per fp32 LoRA param
+CONTEXT_BYTES = int(0.5 * GIB)
+SLACK = 0.10
+DRIFT = 0.15  # the step event's warning threshold (trainer)
+_SDXL_UNET_PARAMS = 2.567e9
+_UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def detect_gpu() -> dict | None:
+    """The first NVIDIA GPU's name and total memory from nvidia-smi (torch-free, ~0.1 s); None without one."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        name, mib = (x.strip() for x in out[0].rsplit(",", 1))
+        return {"name": name, "memory_bytes": int(float(mib) * 2 ** 20)}
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _config(root: Path, comp: str) -> dict:
+    try:
+        return json.loads((root / comp / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _weight_bytes(shapes: dict[str, list[int]], fmt: str, b: int) -> int:
+    """Frozen weight bytes: the block Linears quantize.py stores in ``fmt`` at its bytes per element, everything
+    else (norms, embeddings, input/output layers, biases, Conv2d) at the compute precision's ``b``."""
+    store = STORAGE_BYTES.get(fmt)
+    total = 0.0
+    for key, shape in shapes.items():
+        n = _numel(shape)
+        small = store is not None and key.endswith(".weight") and quantizable(key[: -len(".weight")], shape)
+        total += n * (store if small else b)
+    return int(total)
+
+
+def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
+    """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out))."""
+    weights = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
+    chosen = set()
+    for names in expand_targets(tuple(targets), {k: len(s) for k, s in weights.items()}).values():
+        chosen.update(n for n in names if n in weights)
+    total = 0
+    for name in chosen:
+        s = weights[name]
+        total += rank * (s[1] * (s[2] * s[3] if len(s) == 4 else 1) + s[0])
+    return total
+
+
+def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str, b: int) -> list[int]:
+    """Frozen bytes of each streamable block (spec.blocks ModuleLists), in forward order."""
+    blocks: dict[tuple[int, int], dict] = {}
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] in attrs and parts[1].isdigit():
+            blocks.setdefault((attrs.index(parts[0]), int(parts[1])), {})[key] = shape
+    return [_weight_bytes(blocks[k], fmt, b) for k in sorted(blocks)]
+
+
+def _offload(value: float, blocks: list[int]) -> dict | None:
+    """What offload_blocks moves off the accelerator: the last blocks in forward order, one of them back at a time."""
+    count = resolve_count(value, len(blocks))
+    if not count:
+        return None
+    streamed = blocks[len(blocks) - count:]
+    return {"blocks": count, "of": len(blocks), "host_bytes": sum(streamed), "device_bytes": max(streamed)}
+
+
+def _shard(blocks: list[int], processes: int) -> dict | None:
+    """What shard_base keeps on each of ``processes``: 1/N of every block, plus whole blocks while they run (FSDP2
+    gathers the next block during the current one, so two at a time); the rest of the denoiser (embeddings, the
+    output layer: the root unit) is whole while the denoiser runs."""
+    if processes < 2 or not blocks:
+        return None
+    gathered = sum(sorted(blocks)[-2:])
+    return {"processes": processes, "units": len(blocks) + 1, "block_bytes": sum(blocks),
+            "device_bytes": -(-sum(blocks) // processes) + gathered}
+
+
+def _activations(family: str, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
+                 checkpointing: bool, attention_only: bool) -> int:
+    if SPECS[family].is_flow:
+        d = int(cfg_json.get("num_attention_heads", 24)) * int(cfg_json.get("attention_head_dim", 128))
+        blocks = int(cfg_json.get("num_layers", 19)) + int(cfg_json.get("num_single_layers", 0))
+        text = 77 + 256 if family == "sd3" else 512
+        tokens = (resolution // 16) ** 2 + text
+        per_block = (13 if attention_only else 23) * tokens * d * b
+        if checkpointing:
+            return batch * (blocks * int(1.1 * tokens * d * b) + per_block)
+        return batch * blocks * per_block
+    scale = denoiser_params / _SDXL_UNET_PARAMS if denoiser_params else 1.0
+    full = _UNET_BYTES_PER_PIXEL * resolution ** 2 * scale * b / 2
+    return int(batch * (full / 4 if checkpointing else full))
+
+
+def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gpu: dict | None,
+                overrides: dict | None = None, processes: int = 1) -> dict | None:
+    """Bytes per process for this config (``overrides``: settings to try instead, for the hints; ``processes``: how
+    many train together, which only shard_base changes). None when the model's files cannot be read here (a hub id
+    not downloaded yet, a single file)."""
+    spec = SPECS.get(family or "")
+    if spec is None or probe is None or probe.kind not in ("diffusers_dir", "hub") or not probe.path \
+            or not probe.weight_files:
+        return None
+    o = {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optimizer,
+         "resolution": resolution, "base_quantization": cfg.base_quantization,
+         "offload_blocks": cfg.offload_blocks, "shard_base": cfg.shard_base, **(overrides or {})}
+    root = Path(probe.path)
+    on_gpu = gpu is not None and cfg.device != "cpu"
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
+    b = 2 if precision in ("bf16", "fp16") else 4
+    parts: dict[str, int] = {}
+    denoiser_params, denoiser_bytes, lora = 0, 0, 0
+    targets = spec.targets(cfg.target_modules)
+    cfg_json: dict = {}
+    offload = shard = None
+    for comp in spec.denoisers:
+        shapes = weight_shapes(root, probe.weight_files.get(comp))
+        denoiser_params += sum(_numel(s) for s in shapes.values())
+        denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b)
+        lora += _lora_params(shapes, targets, cfg.lora_rank)
+        cfg_json = cfg_json or _config(root, comp)
+        blocks = _block_bytes(shapes, spec.blocks, o["base_quantization"], b)
+        offload = offload or _offload(o["offload_blocks"], blocks)
+        shard = shard or (_shard(blocks, processes) if o["shard_base"] else None)
+    if offload:
+        denoiser_bytes -= offload["host_bytes"] - offload["device_bytes"]
+    if shard:
+        denoiser_bytes -= shard["block_bytes"] - shard["device_bytes"]
+    parts["denoiser_weights"] = denoiser_bytes
+    text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
+    te_bytes = 0
+    for comp in spec.text_encoders:
+        shapes = weight_shapes(root, probe.weight_files.get(comp))
+        te_bytes += _weight_bytes(shapes, cfg.text_encoder_quantization, b)
+        if cfg.train_text_encoder and comp in spec.lora_text_encoders:
+            lora += _lora_params(shapes, cfg.text_encoder_target_modules, cfg.lora_rank)
+    # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
+    parts["text_encoders"] = 0 if text_cached else te_bytes
+    vae = sum(_numel(s) for s in weight_shapes(root, probe.weight_files.get("vae")).values())
+    parts["vae"] = 0 if cfg.cache_latents else vae * b
+    per_param = 4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8)
+    if shard:
+        # LoRA weights and optimizer state are sharded with their blocks; gradients too, except while they
+        # accumulate over micro-batches (no reduction until the last one): then they are whole.
+        grads = 4 if cfg.gradient_accumulation_steps > 1 else 4 / processes
+        parts["lora"] = int(lora * ((per_param - 4) / processes + grads))
+    else:
+        parts["lora"] = lora * per_param
+    attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)
+    parts["activations"] = _activations(family, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
+                                        o["gradient_checkpointing"], attention_only)
+    variable = sum(parts.values())
+    parts["fixed"] = (CONTEXT_BYTES if on_gpu else 0) + int(SLACK * variable)
+    total = sum(parts.values())
+    return {"parts_gib": {k: round(v / GIB, 2) for k, v in parts.items()}, "total_gib": round(total / GIB, 2),
+            "total_bytes": total, "precision": precision, "lora_params": lora,
+            "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
+            "offload": None if offload is None else {**offload, "host_gib": round(offload["host_bytes"] / GIB, 2)},
+            "shard": shard, "processes": processes,
+            "gpu": gpu, "fits": None if gpu is None else total <= gpu["memory_bytes"]}
+
+
+def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, processes: int = 1) -> list[dict]:
+    """Settings that would fit ``gpu``, cheapest change first, each with its estimate."""
+    tries: list[dict] = []
+    if not cfg.gradient_checkpointing:
+        tries.append({"gradient_checkpointing": True})
+    if processes > 1 and not cfg.shard_base and not shard_clashes(cfg):
+        # Sharding costs communication, not accuracy.
+        tries.append({"gradient_checkpointing": True, "shard_base": True})
+    if cfg.optimizer != "adamw8bit":
+        tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit"})
+    # A quantised base halves (8-bit) or quarters (NF4) the frozen weights at some accuracy (int8 per-row: ~0.4%
+    # output error on random weights, NF4 ~9%), so it comes before a lower resolution, which changes the training.
+    smaller = [f for f in ("int8", "nf4") if STORAGE_BYTES[f] < STORAGE_BYTES.get(cfg.base_quantization, 2.0)]
+    for fmt in smaller:
+        tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "base_quantization": fmt})
+    for res in (768, 512):
+        if res < resolution:
+            tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "resolution": res})
+    out = []
+    for change in tries:
+        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change, processes=processes)
+        if plan is not None:
+            out.append({"settings": change, "total_gib": plan["total_gib"], "fits": plan["fits"]})
+    streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu)
+    if streamed is not None:
+        out.insert(next((i for i, o in enumerate(out) if "resolution" in o["settings"]), len(out)), streamed)
+    return out
+
+
+def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict) -> dict | None:
+    """The smallest offload_blocks (with checkpointing and 8-bit AdamW, at the base's current format when it can
+    be streamed) that fits; None when even streaming every block does not, or the base cannot be streamed."""
+    if cfg.base_quantization not in ("none", "fp8") or cfg.use_dora or cfg.shard_base:
+        return None
+    base = {"gradient_checkpointing": True, "optimizer": "adamw8bit"}
+    full = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides={**base, "offload_blocks": 0.999})
+    if full is None or not full["fits"] or not full["offload"]:
+        return None
+    # Each streamed block frees its bytes and costs at most the growth of the largest streamed one, so the total
+    # falls as the count grows: bisect (each plan reads every header; a linear scan over 57 FLUX blocks is slow).
+    lo, hi, best = 1, full["offload"]["of"], None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        change = {**base, "offload_blocks": mid}
+        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change)
+        if plan["fits"]:
+            best, hi = {"settings": change, "total_gib": plan["total_gib"], "fits": True}, mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def drift_warning(plan: dict | None, memory: dict) -> str | None:
+    """A message when the measured peak (CUDA: reserved by torch's allocator plus the context it cannot see)
+    differs from the plan by more than DRIFT; None on the CPU, where RSS also counts the libraries and the host
+    copies of what went to the device."""
+    peak = memory.get("gpu_reserved_peak_gb")
+    if not plan or peak is None:
+        return None
+    measured = peak + CONTEXT_BYTES / GIB
+    planned = plan["total_gib"]
+    if planned <= 0 or abs(measured - planned) / planned <= DRIFT:
+        return None
+    return (f"memory: measured {measured:.2f} GiB (peak reserved + CUDA context) against a plan of {planned:.2f} GiB "
+            f"({(measured - planned) / planned:+.0%}); the plan's parts: {plan['parts_gib']}")

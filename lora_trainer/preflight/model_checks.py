@@ -1,0 +1,220 @@
+"""Preflight's model checks (no torch): where a single file's other components come from, that target_modules
+name layers of this model, and the config rules that need the model's family. Issues have preflight's shape."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..families import SPECS
+
+from ..families.spec import DDPM_KEYS, FLOW_KEYS, expand_targets, objective_summary
+from .probe.core import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, weight_shapes
+
+
+MAX_FILES = 20  # files listed per issue; ``count`` has the total
+
+
+def _issue(code: str, path: str, message: str, *, hint: str | None = None, files: Iterable[str] | None = None,
+           **extra: Any) -> dict:
+    d: dict[str, Any] = {"code": code, "path": path, "message": message}
+    if hint:
+        d["hint"] = hint
+    if files is not None:
+        files = list(files)
+        d["files"] = files[:MAX_FILES]
+        d["count"] = len(files)
+    d.update(extra)
+    return d
+
+
+def _check_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warnings: list) -> dict | None:
+    """A single-file checkpoint holds weights only: its component configs and tokenizers come from
+    base_model_config (a diffusers folder or hub id) or else diffusers' default repo for the family. Checked here
+    so that an offline machine learns it before training, not after loading gigabytes."""
+    if probe.kind != "single_file" or probe.problems or probe.family is None:
+        return None
+    if SPECS[probe.family].is_flow:
+        return _check_dit_single_file_config(cfg, probe, errors, warnings)
+    src = (cfg.base_model_config or "").strip()
+    if src:
+        local = cfg.resolve(src)
+        if local.is_dir():
+            if not (local / "model_index.json").is_file():
+                errors.append(_issue("model_config_missing", "base_model_config",
+                                     f"{local} has no model_index.json: not a diffusers pipeline folder",
+                                     hint="point it at a diffusers folder of the same family (configs and tokenizers "
+                                          "are enough, no weights needed)"))
+            return {"source": str(local), "kind": "folder"}
+        if not HUB_ID.match(src):
+            errors.append(_issue("model_config_missing", "base_model_config", f"{local} does not exist and "
+                                 f"'{src}' is not a hub id", hint="a diffusers folder or a hub id (org/name)"))
+            return {"source": src, "kind": "invalid"}
+        repo, why = src, "base_model_config"
+    else:
+        # Where diffusers' from_single_file takes component configs and tokenizers when no `config` is given
+        # (diffusers 0.42 loaders/single_file_utils.py DIFFUSERS_DEFAULT_PIPELINE_PATHS).
+        repos = SPECS[probe.family].single_file_config_repo
+        repo = repos.get(getattr(probe, "variant", None), repos[None])
+        why = f"diffusers' default for {probe.family} single files"
+    if find_cached_snapshot(repo) is not None:
+        return {"source": repo, "kind": "hub", "in_cache": True}
+    fetch = f"hf download {repo} --include '*.json' '*.txt'"
+    if hub_offline():
+        errors.append(_issue("model_config_missing", "base_model_config",
+                             f"the single-file checkpoint takes its component configs and tokenizers from {repo} ({why}), "
+                             f"which is not in the local Hugging Face cache ({hf_hub_cache_dir()}), and HF_HUB_OFFLINE is set",
+                             hint="set base_model_config to a diffusers folder of the same family (configs and tokenizers "
+                                  f"are enough, no weights), or fetch them where there is network: {fetch}"))
+    else:
+        warnings.append(_issue("single_file_config_download", "base_model_config",
+                               f"component configs and tokenizers for the single-file checkpoint will be fetched from "
+                               f"{repo} ({why}) at the start of training: a few MB, no weights",
+                               hint=f"to avoid the download, set base_model_config to a local diffusers folder or run {fetch}"))
+    return {"source": repo, "kind": "hub", "in_cache": False}
+
+
+def _check_dit_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warnings: list) -> dict:
+    """A FLUX.1 / SD3 single file holds the transformer only (or more, which is not used): the VAE and text
+    encoders, with their weights, come from base_model_config or the family's default repo."""
+    from ..runtime.single_file import default_config_repo, download_command, single_file_problems
+
+    src = (cfg.base_model_config or "").strip()
+    local = cfg.resolve(src) if src else None
+    if local is not None and local.is_dir():
+        for e in single_file_problems(probe.family, probe.path, local):
+            errors.append(_issue("model_config_missing", "base_model_config", e.message, hint=e.hint))
+        return {"source": str(local), "kind": "folder"}
+    if src and not HUB_ID.match(src):
+        errors.append(_issue("model_config_missing", "base_model_config", f"{local} does not exist and '{src}' is "
+                             "not a hub id", hint="a diffusers folder or a hub id (org/name)"))
+        return {"source": src, "kind": "invalid"}
+    repo = src or default_config_repo(probe.family, probe.variant)
+    why = "base_model_config" if src else f"the default for {probe.family} {probe.variant or ''} single files"
+    snap = find_cached_snapshot(repo)
+    problems = single_file_problems(probe.family, probe.path, snap) if snap else None
+    for e in [p for p in problems or [] if p.kind != "incomplete"]:  # another model: a download will not help
+        errors.append(_issue("model_config_missing", "base_model_config", e.message, hint=e.hint))
+    if problems == []:
+        return {"source": repo, "kind": "hub", "in_cache": True}
+    fetch = download_command(repo, probe.family)
+    if hub_offline():
+        errors.append(_issue("model_config_missing", "base_model_config",
+                             f"the single-file checkpoint holds the transformer; its VAE and text encoders (weights), "
+                             f"tokenizers and configs come from {repo} ({why}), which is not (fully) in the local "
+                             "Hugging Face cache, and HF_HUB_OFFLINE is set",
+                             hint="set base_model_config to a local diffusers folder of the same model (VAE and text "
+                                  f"encoder weights included), or fetch them where there is network: {fetch}"))
+    else:
+        warnings.append(_issue("single_file_config_download", "base_model_config",
+                               f"the VAE and text encoders (weights, about 10 GB, mostly T5-XXL; not the transformer), "
+                               f"tokenizers and configs for the single-file checkpoint will be downloaded from {repo} "
+                               f"({why}) at the start of training",
+                               hint=f"to avoid it, set base_model_config to a local diffusers folder of the same "
+                                    f"model, or run {fetch}; FLUX.1-dev and the SD3/3.5 repos are gated: accept the "
+                                    "licence and set HF_TOKEN"))
+    return {"source": repo, "kind": "hub", "in_cache": snap is not None}
+
+
+def _weight_ndims(root: Path, files: Iterable[str]) -> dict[str, int]:
+    """module path -> rank of its weight, from safetensors headers only (no tensor data is read)."""
+    return {k[: -len(".weight")]: len(shape) for k, shape in weight_shapes(root, files).items()
+            if k.endswith(".weight")}
+
+
+def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
+    """target_modules must name layers of this model, and Linear or Conv2d ones (weights of rank 2 or 4: what PEFT
+    wraps), matched as PEFT matches them (the name or a "."-suffix of it). Read from the weight files' headers, so
+    a typo fails here instead of after loading gigabytes. Diffusers folders only: single files use other names."""
+    if probe.kind not in ("diffusers_dir", "hub") or probe.path is None or not probe.weight_files:
+        return
+    spec = SPECS.get(probe.family or "")
+    if spec is None:
+        return
+    checks = [("target_modules", spec.targets(cfg.target_modules), spec.denoisers)]
+    if cfg.train_text_encoder:
+        checks.append(("text_encoder_target_modules", cfg.text_encoder_target_modules, spec.lora_text_encoders))
+    for key, targets, comps in checks:
+        dims: dict[str, int] = {}
+        for comp in comps:
+            dims.update(_weight_ndims(Path(probe.path), probe.weight_files.get(comp, ())))
+        if not dims:
+            continue
+        unknown, not_layers = [], []
+        for t, names in expand_targets(tuple(targets), dims).items():
+            matched = {name: dims[name] for name in names}
+            if not matched:
+                unknown.append(t)
+            # rank 1: norms; a rank-2 "*embedding" is an nn.Embedding (token/position tables), not a Linear
+            elif any(d not in (2, 4) or name.rsplit(".", 1)[-1].endswith("embedding") for name, d in matched.items()):
+                not_layers.append(t)
+        examples = ("to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2"
+                    if key == "target_modules" else "q_proj, k_proj, v_proj, out_proj, fc1, fc2")
+        if unknown:
+            errors.append(_issue("target_modules_unknown", key, f"{key} names modules this model does not have: "
+                                 f"{', '.join(unknown)}", value=unknown, allowed=f"module names such as {examples}"))
+        if not_layers:
+            errors.append(_issue("target_modules_unsupported", key, f"{key}: {', '.join(not_layers)} are not Linear "
+                                 "or Conv2d layers (norms, embeddings): LoRA wraps only those", value=not_layers,
+                                 allowed=f"module names such as {examples}"))
+
+
+def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors: list) -> dict | None:
+    """Options of one objective on a family of the other, and family-specific keys on a family without the
+    feature, are config errors naming the key (the schema cannot know the family). Returns the objective summary."""
+    _check_quantization(cfg, errors)  # needs no family: checked even before a hub model is downloaded
+    spec = SPECS.get(family or "")
+    if spec is None:
+        return None
+    ex = cfg.explicit_keys
+
+    def refuse(key: str, why: str, allowed: str) -> None:
+        errors.append(_issue("config_invalid", key, f"{key}: {why}", value=getattr(cfg, key), allowed=allowed))
+
+    if spec.is_flow:
+        for key in DDPM_KEYS:
+            if key in ex and getattr(cfg, key) not in (None, 0, 0.0, "auto"):
+                refuse(key, f"{spec.label} trains with flow matching; {key} is a DDPM (SD1.x/SD2.x/SDXL) option",
+                       "remove it (see the flow_* options)")
+    else:
+        for key in FLOW_KEYS:
+            if key in ex and getattr(cfg, key) is not None:
+                refuse(key, f"{spec.label} trains with the DDPM objective; {key} is a flow-matching option",
+                       "remove it, or use a FLUX.1 / SD3 base model")
+    # An unknown variant (a hub model not downloaded yet) may have the embedder: checked again after the download.
+    maybe = variant is None and any(v is not None for v in spec.train_guidance.values())
+    if "train_guidance_scale" in ex and cfg.train_guidance_scale is not None and not maybe \
+            and not spec.has_guidance_embedder(variant):
+        refuse("train_guidance_scale", f"this {spec.label} model has no guidance embedder "
+               "(only guidance-distilled models such as FLUX.1-dev have one)", "null")
+    if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
+        refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
+    if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:
+        m = spec.pixel_multiple
+        errors.append(_issue("config_invalid", "resolution", f"{spec.label} needs image sides that are multiples of "
+                             f"{m} px (VAE downsampling x the denoiser's patch size)", value=cfg.resolution,
+                             allowed=f"a multiple of {m}, e.g. {max(m, cfg.resolution // m * m)}"))
+    return objective_summary(cfg, spec)
+
+
+def _check_quantization(cfg: Any, errors: list) -> None:
+    """base_quantization / text_encoder_quantization that cannot work (backend missing or too old, DoRA on a
+    quantised layer) are config errors naming the key, found here without importing torch or the backend."""
+    from ..runtime.quantize import config_problems
+
+    for key, message, hint in config_problems(cfg):
+        errors.append(_issue("config_invalid", key, message, hint=hint, value=getattr(cfg, key),
+                             allowed="\"none\", or a format whose backend is installed"))
+
+
+def _model_summary(probe: ModelProbe) -> dict:
+    return {"kind": probe.kind, "source": probe.source, "path": str(probe.path) if probe.path else None,
+            "family": probe.family, "variant": getattr(probe, "variant", None),
+            "family_evidence": probe.family_evidence,
+            "prediction_type": probe.prediction_type, "pipeline_class": probe.pipeline_class,
+            "in_cache": probe.in_cache, "components_found": list(probe.components_found),
+            "components_missing": list(probe.components_missing), "notes": list(probe.notes)}
+
+
+def _model_issue(p: dict) -> dict:
+    path = "model_type" if p["code"] == "model_type_mismatch" else "base_model"
+    return _issue(p["code"], path, p["message"], hint=p.get("hint"), files=p.get("files"))

@@ -1,0 +1,452 @@
+"""Everything that can be checked before torch is imported: dataset, base model, output folder, resume.
+
+``--validate-only`` prints this and exits; training runs it first so that a run that cannot succeed
+fails in a second instead of after minutes of model loading. Every problem is collected (not just the
+first), as a dict {code, path, message, hint?, files?, count?} where ``path`` names the config key to
+fix and ``files`` lists at most MAX_FILES affected files (``count`` has the total).
+
+Errors make training impossible; warnings do not (a bad image is skipped, a missing caption falls back
+to the trigger words). Checks run in the order dataset, model, output, resume, so the first error is
+the most basic one; ``PreflightResult.exit_code`` is derived from it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
+from .cache_plan import plan_caches
+from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
+from ..contract.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
+from .probe.core import ModelProbe, probe_model
+from .scan_index import ScanIndex
+from ..runtime.run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
+from .model_checks import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
+                              _issue, _model_issue, _model_summary)
+
+LOW_DISK_BYTES = 2 * 1024 ** 3
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_MANIFEST = "manifest.json"
+MAX_FOLDERS = 100  # folders listed in the summary (a 100,000-image dataset may have thousands); folder_count has all
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+_EXIT_BY_CODE = {
+    "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
+    "model_not_found": EXIT_MODEL_LOAD, "model_pickle_refused": EXIT_MODEL_LOAD, "model_incomplete": EXIT_MODEL_LOAD,
+    "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD, "model_config_missing": EXIT_MODEL_LOAD,
+    "model_unreadable": EXIT_MODEL_LOAD,
+    "output_not_writable": EXIT_IO,
+}
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    ok: bool
+    errors: list[dict]
+    warnings: list[dict]
+    summary: dict
+    # The trainer reuses these instead of scanning twice; not part of the JSON output.
+    scan: DatasetScan | None = field(default=None, compare=False, repr=False)
+    probe: ModelProbe | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.errors:
+            return EXIT_OK
+        return _EXIT_BY_CODE.get(self.errors[0]["code"], EXIT_CONFIG)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "summary": self.summary}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def _manifest_ok(folder: Path) -> bool:
+    # Cheap completeness test only (the manifest is written last); checkpoint.verify_checkpoint hashes
+    # every file at resume time, but it needs torch and would cost seconds here.
+    try:
+        with open(folder / CHECKPOINT_MANIFEST, "rb") as fh:
+            manifest = json.loads(fh.read(16 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "step" in manifest
+
+
+def list_checkpoints(output_path: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) for every real <output>/checkpoints/step-NNNNNN folder, oldest first;
+    complete means it has a parseable manifest.json (symlinked folders are ignored, as the trainer does)."""
+    root = Path(output_path) / CHECKPOINT_DIR
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        m = _STEP_DIR.match(e.name)
+        if m and e.is_dir(follow_symlinks=False):
+            out.append((int(m.group(1)), Path(e.path), _manifest_ok(Path(e.path))))
+    return sorted(out)
+
+
+def _check_resume(cfg: Any, errors: list, warnings: list) -> dict:
+    if cfg.resume is False or cfg.resume is None:
+        return {"mode": "off"}
+    if cfg.resume == "auto":
+        cps = list_checkpoints(cfg.output_path)
+        complete = [c for c in cps if c[2]]
+        latest = complete[-1] if complete else None
+        return {"mode": "auto", "found": latest is not None, "checkpoint": str(latest[1]) if latest else None,
+                "step": latest[0] if latest else None, "incomplete": len(cps) - len(complete),
+                "action": "resume" if latest else "fresh start"}
+    p = cfg.resolve(str(cfg.resume))
+    info = {"mode": "path", "checkpoint": str(p), "found": False, "step": None}
+    if not p.is_dir():
+        errors.append(_issue("resume_not_found", "resume", f"checkpoint folder {p} does not exist",
+                             hint="use \"auto\" to pick the newest checkpoint, or false to start fresh"))
+    elif not _manifest_ok(p):
+        errors.append(_issue("resume_not_found", "resume", f"{p} has no valid {CHECKPOINT_MANIFEST}: not a complete checkpoint "
+                             "(interrupted while saving?)", hint="point resume at an earlier step-NNNNNN folder, or use \"auto\""))
+    else:
+        m = _STEP_DIR.match(p.name)
+        info.update(found=True, step=int(m.group(1)) if m else None)
+    return info
+
+
+# ---------------------------------------------------------------------------------- output
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def probe_writable(folder: Path) -> tuple[bool, str | None]:
+    """Create and delete a temp file: os.access says nothing about read-only mounts, ACLs or quotas."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lora_trainer_write_test_", dir=folder)
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+    try:
+        os.close(fd)
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return True, None
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return None
+
+
+def _check_output(cfg: Any, errors: list, warnings: list) -> dict:
+    out = Path(cfg.output_path)
+    final = out / f"{cfg.output_name}.safetensors"
+    info: dict[str, Any] = {"path": str(out), "exists": out.exists(), "writable": False,
+                            "free_bytes": None, "final_lora": str(final), "final_lora_exists": final.exists()}
+    if out.exists() and not out.is_dir():
+        errors.append(_issue("output_not_writable", "output_path", f"{out} exists and is not a folder"))
+        return info
+    anchor = _nearest_existing(out)
+    if not anchor.is_dir():
+        errors.append(_issue("output_not_writable", "output_path", f"{anchor} is a file, so {out} cannot be created"))
+        return info
+    writable, why = probe_writable(anchor)
+    info["writable"] = writable
+    info["tested_in"] = str(anchor)
+    if not writable:
+        what = "the output folder" if anchor == out else f"{anchor} (where {out} would be created)"
+        owner = _owner(anchor)
+        errors.append(_issue("output_not_writable", "output_path", f"cannot write to {what}: {why}",
+                             hint="choose a folder you can write to, or fix its permissions"
+                                  + (f"; it belongs to uid {owner} and this process runs as uid {os.getuid()} (in "
+                                     f"Docker: docker run --user {owner}:...)" if owner is not None
+                                     and hasattr(os, "getuid") and owner != os.getuid() else "")))
+    try:
+        free = shutil.disk_usage(anchor).free
+        info["free_bytes"] = free
+        info["free_gib"] = round(free / 1024 ** 3, 2)
+        if free < LOW_DISK_BYTES:
+            warnings.append(_issue("low_disk_space", "output_path",
+                                   f"only {free / 1024 ** 3:.2f} GiB free at {anchor}; checkpoints and latent caches may not fit",
+                                   hint="free space, lower checkpoints_total_limit, or choose another output_path"))
+    except OSError:
+        pass
+    holder = active_holder(out)
+    if holder is not None and holder.get("pid") != os.getpid():
+        info["in_use_by"] = holder
+        warnings.append(_issue("output_in_use", "output_path",
+                               f"{out} is in use by {describe(holder)}: training now would exit 8 (output_in_use)",
+                               hint="wait for that run to finish, or choose another output_path"))
+    if info["final_lora_exists"] and not cfg.overwrite_output:
+        own = _own_checkpoint(cfg, final)
+        if own is not None:
+            info["final_lora_rewrite"] = {"checkpoint": str(own), "reason": "the LoRA is this run's (its lineage "
+                                          "matches the checkpoint's): the retry finishes the run and rewrites it"}
+        else:
+            errors.append(_issue("output_exists", "overwrite_output", f"{final} already exists (from another run)",
+                                 hint="set overwrite_output to true, or choose another output_name"))
+    return info
+
+
+def _own_checkpoint(cfg: Any, final: Path) -> Path | None:
+    """The checkpoint a resume would load, when the existing final LoRA was written by the same run (lineage):
+    a retry of a run killed while exporting, or one extended with more steps. None otherwise."""
+    if cfg.resume is False or cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        complete = [p for _, p, ok in list_checkpoints(cfg.output_path) if ok]
+        folder = complete[-1] if complete else None
+    else:
+        folder = cfg.resolve(str(cfg.resume))
+    lineage = lora_lineage(final)
+    return folder if folder is not None and lineage and checkpoint_lineage(folder) == lineage else None
+
+
+# ---------------------------------------------------------------------------------- dataset
+
+def _files(records: Iterable[ImageRecord], detail: bool = False) -> list[str]:
+    if detail:
+        return [f"{r.rel_path}: {r.problem['message']}" for r in records]
+    return [r.rel_path for r in records]
+
+
+def _steps(cfg: Any, scan: DatasetScan, buckets: list | None) -> dict:
+    samples = scan.samples_per_epoch
+    plan = bucket_plan(scan.usable, buckets, cfg.batch_size) if buckets is not None else None
+    batches = plan["total_batches"] if plan else math.ceil(samples / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+    if cfg.num_epochs is not None:
+        epochs, total = cfg.num_epochs, cfg.num_epochs * steps_per_epoch
+    else:
+        total = cfg.max_train_steps
+        epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else None
+    return {"batches_per_epoch": batches, "steps_per_epoch": steps_per_epoch, "num_epochs": epochs,
+            "total_steps": total, "bucket_plan": plan}
+
+
+def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
+                   verify: bool, deep: bool, index: ScanIndex | None = None) -> tuple[dict, DatasetScan | None]:
+    resolution, bucketing = resolve_training_shape(cfg, family, prediction)
+    info: dict[str, Any] = {"path": str(cfg.dataset_path), "resolution": resolution, "bucketing": bucketing,
+                            "resolution_source": "config" if cfg.resolution is not None else
+                            (f"{family} default" if family else "assumed (model family unknown)")}
+    try:
+        scan = scan_dataset(cfg, verify=verify, deep=deep, resolution=resolution, bucketing=bucketing, index=index)
+    except FileNotFoundError:
+        errors.append(_issue("dataset_missing", "dataset_path", f"dataset folder {cfg.dataset_path} does not exist"))
+        return info, None
+    except NotADirectoryError:
+        errors.append(_issue("dataset_missing", "dataset_path", f"{cfg.dataset_path} is a file, not a folder"))
+        return info, None
+    info.update(images=len(scan.records), usable=len(scan.usable), bad=len(scan.bad),
+                without_caption=len(scan.without_caption), missing_trigger=len(scan.missing_trigger),
+                too_small=len(scan.too_small), samples_per_epoch=scan.samples_per_epoch,
+                folders=dict(list(scan.folders.items())[:MAX_FOLDERS]), folder_count=len(scan.folders),
+                ignored_files=scan.ignored_files, fingerprint=scan.fingerprint,
+                index={"path": str(index.path) if index and index.path else None,
+                       "reused": index.hits if index else 0,
+                       "inspected": len(scan.records) - (index.hits if index else 0)})
+    if not scan.records:
+        hint = "images must be .png, .jpg, .jpeg, .webp or .bmp"
+        if not cfg.recursive and any(p.is_dir() for p in Path(cfg.dataset_path).iterdir()):
+            hint += "; recursive is false and there are sub-folders"
+        errors.append(_issue("dataset_empty", "dataset_path", f"no images in {cfg.dataset_path}"
+                             + (f" ({_plural(scan.ignored_files, 'other file')})" if scan.ignored_files else ""), hint=hint))
+        return info, scan
+    if scan.bad:
+        codes = sorted({r.problem["code"] for r in scan.bad})
+        issue = _issue("image_unreadable", "dataset_path",
+                       f"{_plural(len(scan.bad), 'image')} cannot be used and will be skipped ({', '.join(codes)})",
+                       files=_files(scan.bad, detail=True))
+        warnings.append(issue)  # alone never fatal: no_usable_images below is the error
+    if not scan.usable:
+        errors.append(_issue("no_usable_images", "dataset_path", f"none of the {len(scan.records)} images can be read"))
+        return info, scan
+    if scan.without_caption:
+        warnings.append(_issue("caption_missing", "caption_extension",
+                               f"{_plural(len(scan.without_caption), 'image')} have no (or an empty) {cfg.caption_extension} caption; "
+                               f"they train on the trigger words alone", files=_files(scan.without_caption)))
+    if scan.missing_trigger and not cfg.prepend_trigger_words:
+        warnings.append(_issue("trigger_missing", "prepend_trigger_words",
+                               f"{_plural(len(scan.missing_trigger), 'caption')} lack a trigger word and prepend_trigger_words is false",
+                               hint="add the trigger words to the captions or set prepend_trigger_words to true",
+                               files=[f"{r.rel_path}: missing {', '.join(r.missing_triggers)}" for r in scan.missing_trigger]))
+    if scan.caption_warnings:
+        warnings.append(_issue("caption_encoding", "caption_extension",
+                               f"{_plural(len(scan.caption_warnings), 'caption file')} are not clean UTF-8 (decoded best-effort)",
+                               files=[f"{p}: {w}" for p, w in scan.caption_warnings]))
+    if scan.too_small:
+        rule = ("do not cover their bucket" if bucketing else f"have a shorter side below {resolution} px")
+        warnings.append(_issue("image_too_small", "resolution",
+                               f"{_plural(len(scan.too_small), 'image')} {rule} and will be upscaled (blurrier training data)",
+                               files=[f"{r.rel_path}: {r.width}x{r.height}" for r in scan.too_small]))
+    buckets = None
+    if bucketing:
+        try:
+            buckets = make_buckets(resolution, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution,
+                                                               resolution))
+        except ValueError as exc:
+            errors.append(_issue("config_invalid", "resolution", f"no aspect-ratio buckets possible: {exc}"))
+    info.update(_steps(cfg, scan, buckets))
+    return info, scan
+
+
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+def _check_memory(cfg: Any, probe: ModelProbe, family: str | None, resolution: int | None, errors: list) -> dict | None:
+    """The memory plan; on a detected GPU too small for it, an error whose hint lists settings that would fit."""
+    from .memory_plan import cheaper_settings, detect_gpu, plan_memory
+
+    if resolution is None:
+        return None
+    gpu = detect_gpu() if cfg.device != "cpu" else None
+    processes = _processes()
+    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, processes=processes)
+    if plan is None or plan["fits"] is not False or cfg.ignore_memory_plan:
+        return plan
+    options = cheaper_settings(cfg, probe, family, resolution, gpu, processes=processes)
+    plan["cheaper"] = options
+    fitting = [o for o in options if o["fits"]]
+    first = (fitting or options or [{"settings": {"resolution": resolution}}])[0]
+    errors.append(_issue(
+        "memory_plan_exceeds", next(iter(first["settings"])),
+        f"the run needs about {plan['total_gib']} GiB but {gpu['name']} has {gpu['memory_bytes'] / 2**30:.1f} GiB",
+        hint="; ".join(f"{', '.join(f'{k}: {json.dumps(v)}' for k, v in o['settings'].items())} -> about "
+                       f"{o['total_gib']} GiB{'' if o['fits'] else ' (still too much)'}" for o in options)
+        + "; or set ignore_memory_plan: true to train anyway", options=options))
+    return plan
+
+
+def _processes() -> int:
+    """How many processes train together: WORLD_SIZE, as accelerate launch / torch.distributed.run set it (1 when
+    run directly; ``WORLD_SIZE=N train_lora.py --validate-only`` plans for N)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _check_shard(cfg: Any, warnings: list) -> None:
+    if cfg.shard_base and _processes() == 1:
+        warnings.append({"code": "shard_base_single_process", "path": "shard_base",
+                         "message": "shard_base has no effect with one process: start several with accelerate launch "
+                                    "--num_processes N (or set WORLD_SIZE=N for --validate-only's memory plan)"})
+
+
+def _check_offload_host(plan: dict | None, warnings: list) -> None:
+    """Streamed blocks live in page-locked host memory, which cannot be swapped: warn when they would take most of
+    what this machine (or container) has available."""
+    from .cache_plan import available_host_bytes
+
+    offload = (plan or {}).get("offload")
+    avail = available_host_bytes()
+    if not offload or avail is None or offload["host_bytes"] <= 0.8 * avail:
+        return
+    warnings.append({"code": "offload_host_memory", "path": "offload_blocks",
+                     "message": f"offload_blocks streams {offload['blocks']} block(s) holding "
+                                f"{offload['host_bytes'] / 2**30:.1f} GiB in pinned host memory, but only "
+                                f"{avail / 2**30:.1f} GiB is available: the run may be killed by the OOM killer; "
+                                "stream fewer blocks or use an 8-bit base"})
+
+
+def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict) -> dict | None:
+    from ..data.captions import build_caption
+
+    if scan is None or not scan.usable:
+        return None
+    res = info["resolution"]
+    buckets = make_buckets(res, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)) \
+        if info["bucketing"] else None
+    shapes = [nearest_bucket(r.width, r.height, buckets) if buckets else (res, res) for r in scan.usable]
+    built: dict = {}  # datasets repeat captions: build each distinct one once
+    captions = [built[r.caption] if r.caption in built else built.setdefault(
+        r.caption, build_caption(r.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words)) for r in scan.usable]
+    return plan_caches(cfg, family, shapes, captions)
+
+
+def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: bool = True,
+                  deep: bool = False) -> PreflightResult:
+    """Run every check; never raises for a problem with the inputs (they are reported instead)."""
+    t0 = time.perf_counter()
+    errors: list[dict] = []
+    warnings: list[dict] = [dict(w) for w in config_warnings]
+
+    # The model is probed first (its family decides resolution and bucketing) but reported after the
+    # dataset, so that the first error is the most basic one.
+    probe = probe_model(cfg.base_model, cfg.base_dir, model_type=cfg.model_type)
+    family = probe.family or (cfg.model_type if cfg.model_type != "auto" else None)
+    prediction = probe.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+    if prediction is None and probe.kind == "single_file" and family == "sd2" and not cfg.base_model_config:
+        warnings.append(_issue("prediction_type_unknown", "prediction_type",
+                               "SD2 single-file checkpoints do not record their prediction type; diffusers assumes "
+                               "v_prediction (stable-diffusion-2-1, 768 px)",
+                               hint="set prediction_type to \"epsilon\" for a 512-base SD2 checkpoint, or to "
+                                    "\"v_prediction\" to silence this"))
+    index = ScanIndex.for_output(cfg.output_path, {"verify": verify, "deep": deep})
+    dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index)
+    errors.extend(_model_issue(p) for p in probe.problems)
+    warnings.extend(_model_issue(p) for p in probe.warnings)
+    config_info = _check_single_file_config(cfg, probe, errors, warnings)
+    objective_info = _check_family_keys(cfg, family, getattr(probe, "variant", None), errors)
+    _check_targets(cfg, probe, errors)
+    if getattr(cfg, "init_lora", None):
+        from ..adapters.init_from_file import header_problems
+
+        errors.extend(dict(p, code="init_lora_mismatch") for p in header_problems(
+            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
+    output_info = _check_output(cfg, errors, warnings)
+    resume_info = _check_resume(cfg, errors, warnings)
+    caches = _plan_caches(cfg, family, scan, dataset_info)
+    memory = _check_memory(cfg, probe, family, dataset_info.get("resolution"), errors)
+    _check_offload_host(memory, warnings)
+    _check_shard(cfg, warnings)
+    if output_info.get("writable"):
+        index.save()  # after the output checks, which report the folder as the user left it
+
+    summary = {
+        "dataset": dataset_info,
+        "model": {**_model_summary(probe), **({"config": config_info} if config_info else {}),
+                  **({"objective": objective_info} if objective_info else {})},
+        "output": output_info,
+        "resume": resume_info,
+        "caches": caches,
+        "memory": memory,
+        "duration_s": round(time.perf_counter() - t0, 3),
+    }
+    return PreflightResult(ok=not errors, errors=errors, warnings=warnings, summary=summary, scan=scan, probe=probe)
+
+
+def raise_for_preflight(pre: "PreflightResult") -> None:
+    """Map the first preflight error to the documented error class (and so the exit code)."""
+    from ..contract.errors import ConfigError, DatasetError, ModelLoadError, OutputError
+
+    first = pre.errors[0]
+    details = {"problems": pre.errors}
+    if pre.exit_code == EXIT_DATASET:
+        raise DatasetError(first["message"], hint=first.get("hint"), details=details)
+    if pre.exit_code == EXIT_MODEL_LOAD:
+        raise ModelLoadError(first["message"], hint=first.get("hint"), details=details)
+    if pre.exit_code == EXIT_IO:
+        raise OutputError(first["message"], hint=first.get("hint"), details=details)
+    raise ConfigError(f"{len(pre.errors)} problem(s) found before training: {first['message']}", pre.errors,
+                      hint="run with --validate-only for the full report")
