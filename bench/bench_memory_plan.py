@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from lora_trainer.config.config import parse_config
     from lora_trainer.preflight.memory_plan import plan_memory
-    from lora_trainer.preflight.probe.core import probe_model
+    from lora_trainer.preflight.probe import probe_model
     from lora_trainer.testing.tiny import make_dataset
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_memplan_"))

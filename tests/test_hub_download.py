@@ -250,7 +250,7 @@ FLOW_DECOYS = {
 def test_flow_family_repo_downloads_only_the_pipeline(tmp_path, cls, repo, variant):
     from test_model_probe import write_flow_pipeline
 
-    from lora_trainer.preflight.probe.core import probe_model
+    from lora_trainer.preflight.probe import probe_model
 
     tcfg = {"guidance_embeds": True} if cls == "FluxPipeline" else {"qk_norm": "rms_norm", "dual_attention_layers": [0]}
     model = write_flow_pipeline(tmp_path / "model", cls, tcfg)

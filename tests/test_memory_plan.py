@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, run_cli, write_config
 from lora_trainer.preflight import memory_plan
 from lora_trainer.config.config import parse_config
-from lora_trainer.preflight.probe.core import probe_model
+from lora_trainer.preflight.probe import probe_model
 
 sys.path.insert(0, str(ROOT))
 from bench.bench_memory_plan import make_folder  # noqa: E402
@@ -81,7 +81,7 @@ def test_quantised_base_in_the_plan_and_the_hints(full_size):
     assert memory_plan._weight_bytes(t5, "nf4", 2) == int(4096 * 4096 * 0.5625) + 2 * rest
     # the hints offer only formats smaller than the configured one
     from lora_trainer.config.config import parse_config
-    from lora_trainer.preflight.probe.core import probe_model
+    from lora_trainer.preflight.probe import probe_model
 
     probe = probe_model(str(full_size["flux1"]), full_size["root"])
     for current, offered in (("none", ["int8", "nf4"]), ("fp8", ["nf4"]), ("nf4", [])):

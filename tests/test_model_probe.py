@@ -510,7 +510,7 @@ def test_flow_model_type_mismatch(tmp_path):
 
 def test_probe_imports_no_torch(tmp_path):
     f = write_safetensors(tmp_path / "flux.safetensors", bfl_flux_keys())
-    code = ("import sys; from lora_trainer.preflight.probe.core import probe_model; "
+    code = ("import sys; from lora_trainer.preflight.probe import probe_model; "
             f"p = probe_model({str(f)!r}); assert p.family == 'flux1', p; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=Path(__file__).resolve().parents[1],

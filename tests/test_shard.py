@@ -139,7 +139,7 @@ def test_the_plan_divides_the_blocks_by_the_process_count(tmp_path_factory, monk
     24 GB cards, and a 24 GB card's hint names shard_base when several processes train."""
     from bench.bench_memory_plan import make_folder
     from lora_trainer.preflight import memory_plan
-    from lora_trainer.preflight.probe.core import probe_model
+    from lora_trainer.preflight.probe import probe_model
     from lora_trainer.preflight.run import run_preflight
     from lora_trainer.testing.tiny import make_dataset
 

@@ -39,7 +39,7 @@ def _part(key: str) -> tuple[str, str] | None:
 def header_problems(path: Path, *, rank: int, use_dora: bool) -> list[dict]:
     """What preflight can tell from the header alone (no torch, no tensor data): readable, a LoRA layout, the
     configured rank, DoRA or not as configured. Same wording as apply_init_lora's errors."""
-    from ..preflight.probe.core import read_safetensors_header
+    from ..preflight.probe import read_safetensors_header
 
     if not path.is_file():
         return [{"path": "init_lora", "value": str(path), "message": f"{path} does not exist",

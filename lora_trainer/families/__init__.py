@@ -1,9 +1,10 @@
 """The model-family registry. A family is one folder ``families/<name>/`` (how to add one: README.md here):
 
 * ``spec.py``      ``SPEC``, its torch-free facts (families/spec.py ``FamilySpec``);
+* ``signature.py`` ``SIGNATURE``, how its files are recognised (families/signature.py ``Signature``);
 * ``adapter.py``   ``ADAPTER``, the torch side behind the interface in families/adapter.py.
 
-This module imports no torch: ``SPECS`` / ``get_spec`` serve preflight; ``get_family`` imports the adapter when
+This module imports no torch: ``SPECS`` / ``get_spec`` / ``get_signature`` serve preflight; ``get_family`` imports the adapter when
 training needs it. ``FAMILIES`` is the one list of what the trainer trains (the schema's ``model_type`` enum is
 tested against it).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from .signature import Signature
 from .spec import FamilySpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,10 +39,15 @@ def get_spec(name: str) -> FamilySpec:
     return SPECS[name]
 
 
+def get_signature(name: str) -> Signature:
+    _known(name)
+    return _part(name, "signature").SIGNATURE
+
+
 def get_family(name: str, cfg: Any = None) -> ModelFamily:
     """The family's adapter for a run (``cfg``: its TrainConfig; None in unit tests that only need names)."""
     _known(name)
     return _part(name, "adapter").ADAPTER(cfg)
 
 
-__all__ = ["FAMILIES", "SPECS", "FamilySpec", "get_family", "get_spec"]
+__all__ = ["FAMILIES", "SPECS", "FamilySpec", "get_family", "get_signature", "get_spec"]

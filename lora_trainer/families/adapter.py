@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .spec import FamilySpec
+from .spec import FamilySpec, tokenizer_of
 
 Progress = Callable[[int, int, str], None]
 
@@ -34,18 +34,10 @@ class Components:
         return [*self.denoisers.values(), self.vae, *self.text_encoders.values()]
 
 
-def _tokenizer_name(encoder: str) -> str:
-    return encoder.replace("text_encoder", "tokenizer")
-
-
 class ModelFamily:
     """Base class. Subclasses set the class attributes and implement encode_text / predict."""
 
     spec: FamilySpec
-    pipeline_class: str = ""
-    denoiser_classes: Mapping[str, str] = {}  # attribute -> diffusers class
-    text_encoder_classes: Mapping[str, str] = {}  # attribute -> transformers class
-    tokenizer_classes: Mapping[str, str] = {}  # tokenizer attribute -> transformers class
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg  # the run's TrainConfig (None in unit tests that only need names)
@@ -54,6 +46,23 @@ class ModelFamily:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    # The component classes come from the spec (one home, torch-free), in the pipeline's attribute order.
+    @property
+    def pipeline_class(self) -> str:
+        return self.spec.pipeline_class
+
+    @property
+    def denoiser_classes(self) -> dict[str, str]:
+        return {n: self.spec.component_classes[n] for n in self.spec.denoisers}
+
+    @property
+    def text_encoder_classes(self) -> dict[str, str]:
+        return {n: self.spec.component_classes[n] for n in self.spec.text_encoders}
+
+    @property
+    def tokenizer_classes(self) -> dict[str, str]:
+        return {tokenizer_of(n): self.spec.tokenizer_class(n) for n in self.spec.text_encoders}
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
@@ -95,7 +104,7 @@ class ModelFamily:
             tick(len(denoisers) + 1 + i, name)
             cls = getattr(transformers, self.text_encoder_classes[name])
             encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
-            tok = _tokenizer_name(name)
+            tok = tokenizer_of(name)
             tokenizers[name] = getattr(transformers, self.tokenizer_classes[tok]).from_pretrained(
                 source, subfolder=tok, local_files_only=True)
         tick(len(names), "done")
@@ -117,7 +126,7 @@ class ModelFamily:
     def _from_pipe(self, pipe) -> Components:
         denoisers = {n: getattr(pipe, n) for n in self.denoiser_classes}
         encoders = {n: getattr(pipe, n) for n in self.text_encoder_classes}
-        tokenizers = {n: getattr(pipe, _tokenizer_name(n)) for n in self.text_encoder_classes}
+        tokenizers = {n: getattr(pipe, tokenizer_of(n)) for n in self.text_encoder_classes}
         return self.components(denoisers, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
 
     def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
@@ -129,7 +138,10 @@ class ModelFamily:
         return "flow" if self.spec.is_flow else (sched_cfg.get("prediction_type") or "epsilon")
 
     def variant_of(self, denoisers: dict[str, torch.nn.Module]) -> str | None:
-        return None
+        """The variant by the rule the probe applies to config.json (the family's signature)."""
+        from . import get_signature
+
+        return get_signature(self.name).variant(dict(denoisers[self.spec.denoisers[0]].config))[0]
 
     def with_prediction_type(self, comps: Components, prediction_type: str) -> Components:
         """The same components, trained and sampled for another prediction type (an explicit config override)."""
@@ -178,7 +190,7 @@ class ModelFamily:
         kwargs: dict[str, Any] = {**comps.denoisers, "vae": comps.vae, "scheduler": self.sampling_scheduler(comps)}
         for name in self.text_encoder_classes:
             kwargs[name] = comps.text_encoders.get(name)  # None once released after caching (samples_from_cache)
-            kwargs[_tokenizer_name(name)] = comps.tokenizers[name]
+            kwargs[tokenizer_of(name)] = comps.tokenizers[name]
         return cls(**kwargs, **self._pipeline_extra_kwargs())
 
     def _pipeline_extra_kwargs(self) -> dict:

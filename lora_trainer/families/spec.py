@@ -1,9 +1,12 @@
-"""What each model family is, as plain data: no torch, so preflight (``--validate-only``) can use it in a second.
+"""What a model family is, as plain data: no torch, so preflight (``--validate-only``) can use it in a second.
 
-The torch side of a family (loading, conditioning, the denoiser call, sampling) lives in ``families/``; this
-module holds the facts both sides need: the objective it trains with and that objective's defaults, native
-resolution and bucketing, the pixel multiple its latents need, LoRA target presets, which text encoders may get
-LoRA, the sampler's defaults, and the names other tools use for it (modelspec, kohya ``ss_base_model_version``).
+Each family folder's ``spec.py`` holds one ``FamilySpec`` (``SPEC``); the torch side (loading, conditioning, the
+denoiser call, sampling) is its ``adapter.py``. The spec holds the facts both sides and the shared modules need:
+its components and their classes, the objective it trains with and that objective's defaults, native resolution
+and bucketing, the pixel multiple its latents need, LoRA target presets, which text encoders may get LoRA, the
+sampler's defaults, its latents and text-cache entries, the figures the memory plan scales, and the names other
+tools use for it (modelspec, kohya ``ss_base_model_version``, hub tags). Every field is required: a new family
+that forgets one fails at import, instead of silently getting another family's figure.
 
 Target presets are lists of module patterns. A pattern without ``*`` is matched as PEFT matches target names (the
 module's name or a "."-suffix of it); a pattern with ``*`` is an fnmatch pattern over full module names and selects
@@ -13,8 +16,13 @@ only Linear layers under it (``transformer_blocks.*``: every Linear of every blo
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
+
+def tokenizer_of(encoder: str) -> str:
+    """The pipeline attribute of a text encoder's tokenizer: text_encoder_2 -> tokenizer_2."""
+    return encoder.replace("text_encoder", "tokenizer")
+
 
 PRESETS = ("attention", "attention_mlp", "all_linear")
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -31,29 +39,97 @@ class FlowDefaults:
 
 
 @dataclass(frozen=True)
+class ToolNames:
+    """How other tools name a LoRA of this family (sd-scripts library/sai_model_spec.py writes these): A1111 and
+    Forge decide compatibility by ``ss_base_model_version`` (network.py detect_version) and by the modelspec
+    architecture / implementation (Forge sd_forge_lora/network.py); Civitai files LoRAs by them."""
+
+    base_model_version: str  # ss_base_model_version
+    architecture: str  # modelspec.architecture, without the "/lora" suffix
+    implementation: str  # modelspec.implementation
+
+
+@dataclass(frozen=True)
+class TextEntry:
+    """One caption's text-cache entry for the real model, as shapes: ``tokens`` fixed tokens (CLIP's 77), plus
+    max_sequence_length more when ``sequence`` (T5), each ``width`` wide, plus a ``pooled`` vector."""
+
+    tokens: int
+    sequence: bool
+    width: int
+    pooled: int
+
+    def elements(self, max_sequence_length: int) -> int:
+        return (self.tokens + (max_sequence_length if self.sequence else 0)) * self.width + self.pooled
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What the memory plan scales activations by (memory_plan.py says how each kind was measured).
+
+    ``"unet"``: bytes per pixel measured on SDXL, scaled by the UNet's weight count. ``"transformer"``: per block,
+    linear in tokens (image tokens (resolution / pixel_multiple)^2 plus ``text_tokens``) and in the hidden size,
+    read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed (missing keys: 0)."""
+
+    kind: str  # "unet" | "transformer"
+    text_tokens: int = 0
+    width_keys: tuple[str, ...] = ()
+    depth_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class FamilySpec:
-    name: str
-    label: str  # for people: "FLUX.1", "SDXL"
+    name: str  # the model_type value
+    label: str  # short, for people: "FLUX.1", "SDXL"
+    display_name: str  # long, for the model card and report: "Stable Diffusion 1.x"
     objective: str  # "ddpm" | "flow"
+    pipeline_class: str  # the diffusers text-to-image pipeline (samples, single-file loading)
     denoisers: tuple[str, ...]  # pipeline attribute names of the trainable denoiser(s)
-    text_encoders: tuple[str, ...]
+    text_encoders: tuple[str, ...]  # pipeline attribute names; tokenizer of text_encoder_N is tokenizer_N
+    # component (denoisers, text encoders, their tokenizers) -> diffusers / transformers class name
+    component_classes: Mapping[str, str]
+    components: tuple[str, ...]  # what its diffusers folder must hold, in the order the probe reports them
     lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
     default_resolution: int
     bucketing_default: bool
     pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
+    latent_channels: int  # of the VAE's latents (8x downsampled)
     presets: Mapping[str, tuple[str, ...]]
     default_preset: str
-    flow: FlowDefaults | None = None  # None for DDPM families
+    flow: FlowDefaults | None  # None for DDPM families
     # Sampling defaults: guidance_scale of the diffusers pipeline (CFG, or FLUX-dev's embedded guidance).
-    sample_guidance: float = 7.0
+    sample_guidance: float
     # Variant -> value fed to the guidance embedder during training (None: the variant has no embedder).
-    train_guidance: Mapping[str | None, float | None] = field(default_factory=dict)
-    # Variant -> default T5 max_sequence_length (None: the family has no T5).
-    max_sequence_length: Mapping[str | None, int] = field(default_factory=dict)
-    single_file_config_repo: Mapping[str | None, str] = field(default_factory=dict)
+    train_guidance: Mapping[str | None, float | None]
+    # Variant -> default T5 max_sequence_length (empty: the family has no T5).
+    max_sequence_length: Mapping[str | None, int]
+    # Variant -> the hub repo diffusers takes a single file's configs from (None: the default).
+    single_file_config_repo: Mapping[str | None, str]
     # The denoiser's repeated blocks (ModuleList names, in forward order): the units offload_blocks streams from host
     # memory (offload.py) and shard_base shards (shard.py), and the memory plan counts.
-    blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
+    blocks: tuple[str, ...]
+    text_entry: TextEntry
+    activations: Activations
+    # Variant, or "v" for a v-prediction model of a family without variants, -> tool names (None: the default).
+    tool_names: Mapping[str | None, ToolNames]
+    kohya_v2: bool  # ss_v2: A1111 classifies a LoRA whose ss_base_model_version is not SDXL's as SD2 by it
+    extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
+    hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
+
+    def tool_names_for(self, variant: str | None, prediction_type: str | None = None) -> ToolNames:
+        if variant is not None and variant in self.tool_names:
+            return self.tool_names[variant]
+        if prediction_type in ("v", "v_prediction") and "v" in self.tool_names:
+            return self.tool_names["v"]
+        return self.tool_names[None]
+
+    def tokenizer_class(self, encoder: str) -> str:
+        return self.component_classes[tokenizer_of(encoder)]
+
+    @property
+    def t5_tokenizers(self) -> tuple[str, ...]:
+        """Tokenizer attributes that are T5's (their folders need tokenizer.json or spiece.model)."""
+        return tuple(n for n, c in self.component_classes.items() if c.startswith("T5Tokenizer"))
 
     @property
     def is_flow(self) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 from ..config.config import shard_clashes
 from ..families import SPECS
 from ..families.spec import expand_targets
-from .probe.core import weight_shapes
+from .probe import weight_shapes
 from ..runtime.offload import resolve_count
 from ..runtime.quantize import STORAGE_BYTES, quantizable
 

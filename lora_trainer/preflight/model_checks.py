@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from ..families import SPECS
 
 from ..families.spec import DDPM_KEYS, FLOW_KEYS, expand_targets, objective_summary
-from .probe.core import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, weight_shapes
+from .probe import HUB_ID, ModelProbe, find_cached_snapshot, hf_hub_cache_dir, hub_offline, weight_shapes
 
 
 MAX_FILES = 20  # files listed per issue; ``count`` has the total

@@ -26,7 +26,7 @@ from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_buck
 from .cache_plan import plan_caches
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from ..contract.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
-from .probe.core import ModelProbe, probe_model
+from .probe import ModelProbe, probe_model
 from .scan_index import ScanIndex
 from ..runtime.run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
 from .model_checks import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..contract.errors import ModelLoadError
-from ..preflight.probe.core import hub_offline
+from ..preflight.probe import hub_offline
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Exactly what families/base.py loads from a pipeline folder (from_pretrained(..., use_safetensors=True), no
@@ -223,7 +223,7 @@ def _load_dtypes(cfg, family, probe, source: Path | None, dtype) -> dict:
         return {}
     if probe.kind == "single_file" or source is None or not probe.weight_files:
         return {}
-    from ..preflight.probe.core import weight_headers
+    from ..preflight.probe import weight_headers
     from .quantize import file_dtype, load_dtypes
 
     stored = {comp: file_dtype({k: v.get("dtype") for k, v in weight_headers(Path(source), files).items()

@@ -119,7 +119,7 @@ def active_holder(output_path: Path) -> dict | None:
 
 def lora_lineage(path: Path) -> str | None:
     """The lineage id in a LoRA file's safetensors metadata (None for a file from another trainer or version)."""
-    from ..preflight.probe.core import read_safetensors_header
+    from ..preflight.probe import read_safetensors_header
 
     header, _ = read_safetensors_header(Path(path))
     value = ((header or {}).get("__metadata__") or {}).get(LINEAGE_KEY)

@@ -29,7 +29,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..preflight.probe import core as mp
+from ..families import SPECS, get_signature
+from ..preflight import probe as mp
 from ..families._mmdit.convert import flux_bfl_to_diffusers, sd3_sai_to_diffusers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +48,6 @@ LABELS = {"flux1": "FLUX.1", "sd3": "SD3/3.5"}
 WEIGHT_COMPONENTS = {"flux1": ("vae", "text_encoder", "text_encoder_2"),
                      "sd3": ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
 TOKENIZERS = {"flux1": ("tokenizer", "tokenizer_2"), "sd3": ("tokenizer", "tokenizer_2", "tokenizer_3")}
-_PIPELINES = {"flux1": mp.FLUX1_PIPELINES, "sd3": mp.SD3_PIPELINES}
 _SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
 
 
@@ -117,12 +117,12 @@ def _config_source_issues(folder: Path, family_name: str) -> list[tuple[str, str
     if not folder.is_dir():
         return [("incomplete", f"{folder} is not a folder")]
     problems: list[tuple[str, str]] = []
-    index, err = mp._read_json(folder / "model_index.json")
+    index, err = mp.read_json(folder / "model_index.json")
     if index is None:
         return [("incomplete", f"model_index.json is {err}: not a diffusers pipeline folder")]
     cls = str(index.get("_class_name", ""))
-    if cls not in _PIPELINES[family_name]:
-        known = ", ".join(sorted(_PIPELINES[family_name])[:2])
+    if cls not in get_signature(family_name).pipelines:
+        known = ", ".join(sorted(get_signature(family_name).pipelines)[:2])
         problems.append(("invalid", (f"model_index.json names {cls or 'no pipeline class'}, not a "
                                     f"{LABELS[family_name]} pipeline ({known} ...)")))
     for rel in ("scheduler/scheduler_config.json", "transformer/config.json"):
@@ -132,7 +132,7 @@ def _config_source_issues(folder: Path, family_name: str) -> list[tuple[str, str
         sub = folder / comp
         if not (sub / "config.json").is_file():
             problems.append(("incomplete", f"{comp}/config.json is missing"))
-        safe, pickles, probs = mp._component_weights(sub)
+        safe, pickles, probs = mp.component_weights(sub)
         names = _weight_names(comp)
         usable = [n for n in safe if any(fnmatch.fnmatchcase(n, p) for p in names)]
         indexed = sub.is_dir() and (sub / names[2]).is_file()
@@ -141,12 +141,12 @@ def _config_source_issues(folder: Path, family_name: str) -> list[tuple[str, str
             problems.append(("incomplete", (f"{comp}/ has no safetensors weights ({names[0]}, or {names[2]} and its "
                                            f"shards){found}")))
         problems.extend(("incomplete", p["message"]) for p in probs)
-    t5 = mp.T5_TOKENIZERS[family_name]
+    t5 = SPECS[family_name].t5_tokenizers
     for tok in TOKENIZERS[family_name]:
         if not (folder / tok).is_dir():
             problems.append(("incomplete", f"{tok}/ is missing"))
             continue
-        prob, _ = mp._tokenizer_problem(folder / tok, tok, t5=tok == t5)
+        prob, _ = mp.tokenizer_problem(folder / tok, tok, t5=tok in t5)
         if prob:
             problems.append(("incomplete", prob["message"]))
     return problems
@@ -242,9 +242,7 @@ def _refuse_quantized(path: Path, header: Mapping[str, Any]) -> None:
 
 
 def _config_variant(family_name: str, config: Mapping) -> str | None:
-    if family_name == "flux1":
-        return mp._flux1_variant(dict(config))[0]
-    return mp._sd3_variant(dict(config))[0]
+    return get_signature(family_name).variant(dict(config))[0]
 
 
 def _blocks(keys, prefix: str) -> int:
@@ -373,7 +371,7 @@ def _inspect(family_name: str, path: Path, config_source: Path) -> tuple[dict, d
     _family(family_name)
     _check_path(path)
     cfg_file = config_source / "transformer" / "config.json"
-    config, err = mp._read_json(cfg_file)
+    config, err = mp.read_json(cfg_file)
     if config is None:
         raise DiTSingleFileError(f"the config source {config_source}: transformer/config.json is {err}",
                                  hint="base_model_config must be a diffusers pipeline folder of the same model",

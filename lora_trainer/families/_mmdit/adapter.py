@@ -10,7 +10,6 @@ from ..adapter import Components, ModelFamily
 
 
 class MMDiTFamily(ModelFamily):
-    denoiser_classes = {"transformer": ""}  # set by subclasses
 
     @property
     def max_sequence_length(self) -> int:

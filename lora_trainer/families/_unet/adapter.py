@@ -9,9 +9,6 @@ from ..adapter import Components, ModelFamily
 
 
 class UNetFamily(ModelFamily):
-    denoiser_classes = {"unet": "UNet2DConditionModel"}
-    text_encoder_classes = {"text_encoder": "CLIPTextModel"}
-    tokenizer_classes = {"tokenizer": "CLIPTokenizer"}
 
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         ids = self.tokenize(comps.tokenizers["text_encoder"], captions).to(device)

@@ -1,8 +1,12 @@
-"""What the Stable Diffusion UNet families (SD1.x, SD2.x, SDXL) share as plain data: target presets, blocks."""
+"""What the Stable Diffusion UNet families (SD1.x, SD2.x, SDXL) share as plain data."""
 from __future__ import annotations
 
 SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+# The ModuleLists offload_blocks streams and shard_base shards (the mid block is a single module).
+UNET_REPEATED_BLOCKS = ("down_blocks", "up_blocks")
+UNET_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
+UNET_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def sd_presets(blocks: tuple[str, ...] = UNET_BLOCKS) -> dict[str, tuple[str, ...]]:

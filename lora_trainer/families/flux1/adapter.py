@@ -33,13 +33,6 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 class Flux1(MMDiTFamily):
     spec = SPEC
-    pipeline_class = "FluxPipeline"
-    denoiser_classes = {"transformer": "FluxTransformer2DModel"}
-    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
-    tokenizer_classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast"}
-
-    def variant_of(self, denoisers) -> str:
-        return "dev" if denoisers["transformer"].config.guidance_embeds else "schnell"
 
     @property
     def train_guidance(self) -> float | None:

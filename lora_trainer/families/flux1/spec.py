@@ -1,22 +1,37 @@
 """FLUX.1 (dev, schnell) as plain data (torch-free)."""
 from __future__ import annotations
 
-from .._mmdit.spec import MMDIT_ATTENTION, MMDIT_MLP
-from ..spec import FamilySpec, FlowDefaults
+from .._mmdit.spec import MMDIT_ACTIVATION_KEYS, MMDIT_ATTENTION, MMDIT_MLP
+from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
 
+_BFL = "https://github.com/black-forest-labs/flux"
 # VAE 8x, then 2x2 latent packing -> 16 px. Training draws sigmas from a sigmoid(N(0,1)) (ai-toolkit, SimpleTuner,
 # kohya's recommendation) and, for dev, shifts them by FLUX's resolution-dependent mu, the same shift its sampler
 # applies, so training spends its steps where sampling does; schnell samples unshifted.
 # Guidance: FLUX.1-dev's guidance embedder is fed 1.0 in training (BFL's advice, black-forest-labs/flux #79;
 # ai-toolkit and SimpleTuner default): LoRAs trained at 3.5 come out weaker when sampled at 3.5.
 SPEC = FamilySpec(
-    "flux1", "FLUX.1", "flow", ("transformer",), ("text_encoder", "text_encoder_2"), ("text_encoder",), 1024,
-    True, 16,
-    {"attention": MMDIT_ATTENTION,
-     "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP + ("proj_mlp", "single_transformer_blocks.*.proj_out"),
-     "all_linear": ("transformer_blocks.*", "single_transformer_blocks.*")},
-    "attention_mlp", flow=FlowDefaults(sigma_sampling="sigmoid", shift="resolution"), sample_guidance=3.5,
-    train_guidance={"dev": 1.0, "schnell": None}, max_sequence_length={"dev": 512, "schnell": 256, None: 512},
+    name="flux1", label="FLUX.1", display_name="FLUX.1", objective="flow", pipeline_class="FluxPipeline",
+    denoisers=("transformer",), text_encoders=("text_encoder", "text_encoder_2"),
+    component_classes={"transformer": "FluxTransformer2DModel", "text_encoder": "CLIPTextModel",
+                       "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
+                       "tokenizer_2": "T5TokenizerFast"},
+    components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    lora_text_encoders=("text_encoder",), default_resolution=1024, bucketing_default=True, pixel_multiple=16,
+    latent_channels=16,
+    presets={"attention": MMDIT_ATTENTION,
+             "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP + ("proj_mlp", "single_transformer_blocks.*.proj_out"),
+             "all_linear": ("transformer_blocks.*", "single_transformer_blocks.*")},
+    default_preset="attention_mlp", flow=FlowDefaults(sigma_sampling="sigmoid", shift="resolution"),
+    sample_guidance=3.5, train_guidance={"dev": 1.0, "schnell": None},
+    max_sequence_length={"dev": 512, "schnell": 256, None: 512},
     single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
                              None: "black-forest-labs/FLUX.1-dev"},
-    blocks=("transformer_blocks", "single_transformer_blocks"))
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    # T5-XXL's sequence (4096 wide) and CLIP-L's pooled vector.
+    text_entry=TextEntry(tokens=0, sequence=True, width=4096, pooled=768),
+    activations=Activations(kind="transformer", text_tokens=512, **MMDIT_ACTIVATION_KEYS),
+    # sd-scripts flux_train_network.py; Forge calls a LoRA FLUX by BFL's URL or flux-1-dev/lora.
+    tool_names={"dev": ToolNames("flux1", "flux-1-dev", _BFL), "schnell": ToolNames("flux1", "flux-1-schnell", _BFL),
+                None: ToolNames("flux1", "flux-1-dev", _BFL)},
+    kohya_v2=False, extra_metadata={"ss_model_type": "flux"}, hub_tags=("flux", "flux-diffusers"))

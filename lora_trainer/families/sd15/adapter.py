@@ -7,7 +7,6 @@ from .._unet.adapter import UNetFamily
 
 class SD15(UNetFamily):
     spec = SPEC
-    pipeline_class = "StableDiffusionPipeline"
 
     def _pipeline_extra_kwargs(self) -> dict:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

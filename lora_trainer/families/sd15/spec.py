@@ -1,9 +1,17 @@
 """SD1.x as plain data (torch-free)."""
 from __future__ import annotations
 
-from .._unet.spec import sd_presets
-from ..spec import FamilySpec
+from .._unet.spec import UNET_REPEATED_BLOCKS, UNET_CLASSES, UNET_COMPONENTS, sd_presets
+from ..spec import Activations, FamilySpec, TextEntry, ToolNames
 
-SPEC = FamilySpec("sd15", "SD1.x", "ddpm", ("unet",), ("text_encoder",), ("text_encoder",), 512, False, 8,
-                  sd_presets(), "attention", sample_guidance=7.0,
-                  single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"})
+SPEC = FamilySpec(
+    name="sd15", label="SD1.x", display_name="Stable Diffusion 1.x", objective="ddpm",
+    pipeline_class="StableDiffusionPipeline", denoisers=("unet",), text_encoders=("text_encoder",),
+    component_classes=UNET_CLASSES, components=UNET_COMPONENTS, lora_text_encoders=("text_encoder",),
+    default_resolution=512, bucketing_default=False, pixel_multiple=8, latent_channels=4,
+    presets=sd_presets(), default_preset="attention", flow=None, sample_guidance=7.0, train_guidance={},
+    max_sequence_length={}, single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+    blocks=UNET_REPEATED_BLOCKS, text_entry=TextEntry(tokens=77, sequence=False, width=768, pooled=0),
+    activations=Activations(kind="unet"),
+    tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")}, kohya_v2=False, extra_metadata={},
+    hub_tags=("stable-diffusion", "stable-diffusion-diffusers"))

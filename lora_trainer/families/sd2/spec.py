@@ -1,9 +1,16 @@
-"""SD2.x as plain data (torch-free)."""
+"""SD2.x as plain data (torch-free): 768 px v-prediction (2.0-v / 2.1) or 512 px epsilon (2.x-base)."""
 from __future__ import annotations
 
-from .._unet.spec import sd_presets
-from ..spec import FamilySpec
+from dataclasses import replace
 
-SPEC = FamilySpec("sd2", "SD2.x", "ddpm", ("unet",), ("text_encoder",), ("text_encoder",), 768, False, 8,
-                  sd_presets(), "attention", sample_guidance=7.0,
-                  single_file_config_repo={None: "stabilityai/stable-diffusion-2-1"})
+from .._unet.spec import UNET_CLASSES
+from ..sd15.spec import SPEC as SD15
+from ..spec import TextEntry, ToolNames
+
+# OpenCLIP ViT-H (diffusers format already drops its last layer); the same conditioning as SD1.x.
+SPEC = replace(
+    SD15, name="sd2", label="SD2.x", display_name="Stable Diffusion 2.x", component_classes=UNET_CLASSES,
+    kohya_v2=True, default_resolution=768, single_file_config_repo={None: "stabilityai/stable-diffusion-2-1"},
+    text_entry=TextEntry(tokens=77, sequence=False, width=1024, pooled=0),
+    tool_names={None: ToolNames("sd_v2", "stable-diffusion-v2-512", "diffusers"),
+                "v": ToolNames("sd_v2", "stable-diffusion-v2-768-v", "diffusers")})

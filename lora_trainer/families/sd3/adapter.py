@@ -11,19 +11,6 @@ from .._mmdit.adapter import MMDiTFamily
 
 class SD3(MMDiTFamily):
     spec = SPEC
-    pipeline_class = "StableDiffusion3Pipeline"
-    denoiser_classes = {"transformer": "SD3Transformer2DModel"}
-    text_encoder_classes = {"text_encoder": "CLIPTextModelWithProjection",
-                            "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel"}
-    tokenizer_classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"}
-
-    def variant_of(self, denoisers) -> str:
-        # Structural, so tiny test models classify like the real ones: 3.5-medium adds attn2 (dual attention)
-        # to its first blocks; 3.5-large has RMS q/k norms and no attn2; SD3-medium has neither.
-        cfg = denoisers["transformer"].config
-        if cfg.get("dual_attention_layers"):
-            return "sd3.5-medium"
-        return "sd3.5-large" if cfg.get("qk_norm") else "sd3-medium"
 
     samples_from_cache = True
     sample_negative_prompt = True

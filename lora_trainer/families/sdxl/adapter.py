@@ -13,9 +13,6 @@ from .._unet.adapter import UNetFamily
 
 class SDXL(UNetFamily):
     spec = SPEC
-    pipeline_class = "StableDiffusionXLPipeline"
-    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
-    tokenizer_classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer"}
 
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None

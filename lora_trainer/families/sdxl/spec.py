@@ -1,9 +1,21 @@
 """SDXL as plain data (torch-free)."""
 from __future__ import annotations
 
-from .._unet.spec import sd_presets
-from ..spec import FamilySpec
+from .._unet.spec import UNET_REPEATED_BLOCKS, UNET_CLASSES, sd_presets
+from ..spec import Activations, FamilySpec, TextEntry, ToolNames
 
-SPEC = FamilySpec("sdxl", "SDXL", "ddpm", ("unet",), ("text_encoder", "text_encoder_2"),
-                  ("text_encoder", "text_encoder_2"), 1024, True, 64, sd_presets(), "attention",
-                  sample_guidance=7.0, single_file_config_repo={None: "stabilityai/stable-diffusion-xl-base-1.0"})
+SPEC = FamilySpec(
+    name="sdxl", label="SDXL", display_name="SDXL", objective="ddpm", pipeline_class="StableDiffusionXLPipeline",
+    denoisers=("unet",), text_encoders=("text_encoder", "text_encoder_2"),
+    component_classes={**UNET_CLASSES, "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"},
+    components=("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"),
+    lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024, bucketing_default=True,
+    pixel_multiple=64, latent_channels=4, presets=sd_presets(), default_preset="attention", flow=None,
+    sample_guidance=7.0, train_guidance={}, max_sequence_length={},
+    single_file_config_repo={None: "stabilityai/stable-diffusion-xl-base-1.0"}, blocks=UNET_REPEATED_BLOCKS,
+    # CLIP-L and OpenCLIP-G penultimate states concatenated (768 + 1280), and G's pooled projection.
+    text_entry=TextEntry(tokens=77, sequence=False, width=2048, pooled=1280), activations=Activations(kind="unet"),
+    # sai_model_spec: a LoRA of SDXL -> Stability AI's implementation
+    tool_names={None: ToolNames("sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
+                                "https://github.com/Stability-AI/generative-models")},
+    kohya_v2=False, extra_metadata={}, hub_tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"))

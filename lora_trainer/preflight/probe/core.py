@@ -69,6 +69,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...families import get_signature
+
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 PICKLE_MESSAGE = "pickle checkpoints can run code when loaded; convert to .safetensors"
 BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -87,12 +89,8 @@ _DIT_PREFIX = "model.diffusion_model."
 
 # Pipeline classes trained as flux1 / sd3: the same components and the same text-to-image transformer (the
 # trainer loads components, not the pipeline class; a ControlNet pipeline's controlnet is not used).
-FLUX1_PIPELINES = frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
-                             "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"})
-SD3_PIPELINES = frozenset({"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
-                           "StableDiffusion3InpaintPipeline", "StableDiffusion3PAGPipeline",
-                           "StableDiffusion3PAGImg2ImgPipeline", "StableDiffusion3ControlNetPipeline",
-                           "StableDiffusion3ControlNetInpaintingPipeline"})
+FLUX1_PIPELINES = get_signature("flux1").pipelines
+SD3_PIPELINES = get_signature("sd3").pipelines
 # (class name prefix, family) of pipelines we cannot train; first match wins, so longer prefixes come first.
 _UNSUPPORTED_PIPELINES = (
     ("Flux2Klein", "FLUX.2 klein"), ("Flux2", "FLUX.2"), ("Flux3", "FLUX.3"),
@@ -288,31 +286,10 @@ def _unsupported_pipeline_family(cls: str) -> str | None:
     return next((name for prefix, name in _UNSUPPORTED_PIPELINES if cls.startswith(prefix)), None)
 
 
-def _flux1_variant(tcfg: dict) -> tuple[str | None, str, dict | None]:
-    """(variant, evidence, unsupported-problem) from transformer/config.json (empty if unreadable)."""
-    if not tcfg:
-        return None, "", None
-    ic, oc = tcfg.get("in_channels"), tcfg.get("out_channels")
-    if ic is not None and oc is not None and ic != oc:
-        return None, "", _unsupported(f"a FLUX.1 transformer with in_channels {ic} != out_channels {oc}",
-                                      "an image-conditioned model such as FLUX.1 Fill or Canny/Depth",
-                                      "use FLUX.1-dev or FLUX.1-schnell (text-to-image)")
-    if tcfg.get("guidance_embeds"):
-        return "dev", "; transformer guidance_embeds true (dev)", None
-    return "schnell", "; transformer guidance_embeds false (schnell)", None
-
-
-def _sd3_variant(tcfg: dict) -> tuple[str | None, str]:
-    """Structural: MMDiT-X dual attention -> 3.5 medium; SD3.5's RMS q/k norm (or the real 38 layers) -> 3.5 large."""
-    if not tcfg:
-        return None, ""
-    if tcfg.get("dual_attention_layers"):
-        return "sd3.5-medium", "; transformer dual_attention_layers (MMDiT-X, SD3.5 medium)"
-    if tcfg.get("qk_norm"):
-        return "sd3.5-large", f"; transformer qk_norm {tcfg['qk_norm']} without dual attention (SD3.5 large)"
-    if (tcfg.get("num_layers") or 0) >= 38:
-        return "sd3.5-large", "; transformer num_layers >= 38 (SD3.5 large)"
-    return "sd3-medium", "; transformer without qk_norm or dual attention (SD3 medium)"
+def _variant(family: str, tcfg: dict) -> tuple[str | None, str, dict | None]:
+    """(variant, evidence, unsupported-problem) by the family's one variant rule (its signature)."""
+    variant, more, bad = get_signature(family).variant(tcfg)
+    return variant, more, (_unsupported(*bad) if bad else None)
 
 
 def _have_sentencepiece() -> bool:
@@ -364,14 +341,14 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
     elif cls in FLUX1_PIPELINES or cls in SD3_PIPELINES:
         tcfg = _read_json(path / "transformer" / "config.json")[0] or {}
         if cls in FLUX1_PIPELINES:
-            variant, more, bad = _flux1_variant(tcfg)
+            variant, more, bad = _variant("flux1", tcfg)
             if bad:
                 problems.append(bad)
             else:
                 family = "flux1"
         else:
             family = "sd3"
-            variant, more = _sd3_variant(tcfg)
+            variant, more, _ = _variant("sd3", tcfg)
         evidence = f"model_index _class_name {cls}{more}"
         base_cls = "FluxPipeline" if cls in FLUX1_PIPELINES else "StableDiffusion3Pipeline"
         if family and cls != base_cls:
