@@ -44,10 +44,21 @@ def get_signature(name: str) -> Signature:
     return _part(name, "signature").SIGNATURE
 
 
+def get_part(name: str, part: str):
+    """A family folder's optional module (``convert``: single-file converters; ``tiny``: the test builder;
+    ``export``: its own tool-file naming), or None when the family has none. Imports it: torch may come with it."""
+    _known(name)
+    from importlib.util import find_spec
+
+    if find_spec(f"{__name__}.{name}.{part}") is None:
+        return None
+    return _part(name, part)
+
+
 def get_family(name: str, cfg: Any = None) -> ModelFamily:
     """The family's adapter for a run (``cfg``: its TrainConfig; None in unit tests that only need names)."""
     _known(name)
     return _part(name, "adapter").ADAPTER(cfg)
 
 
-__all__ = ["FAMILIES", "SPECS", "FamilySpec", "get_family", "get_signature", "get_spec"]
+__all__ = ["FAMILIES", "SPECS", "FamilySpec", "get_family", "get_part", "get_signature", "get_spec"]
