@@ -1,4 +1,4 @@
-"""Tests for lora_trainer.training.objectives.flow against diffusers' own flow-matching code.
+"""Tests for lora_trainer.objectives.flow against diffusers' own flow-matching code.
 
 Schedules are checked against FlowMatchEulerDiscreteScheduler and FLUX's
 calculate_shift, weights against compute_loss_weighting_for_sd3, and
@@ -23,8 +23,8 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-import lora_trainer.training.objectives.flow as flow_module
-from lora_trainer.training.objectives.flow import (
+import lora_trainer.objectives.flow as flow_module
+from lora_trainer.objectives.flow import (
     FLOW_SHIFTS,
     FLOW_SIGMA_SAMPLING,
     FLOW_WEIGHTINGS,

@@ -1,4 +1,4 @@
-"""Tests for lora_trainer.training.objectives.ddpm against a real diffusers DDPMScheduler.
+"""Tests for lora_trainer.objectives.ddpm against a real diffusers DDPMScheduler.
 
 Reference quantities (alphas_cumprod, SNR, targets) are recomputed here from
 the SD beta schedule in float64, independently of the scheduler and module.
@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-import lora_trainer.training.objectives.ddpm as objective_module
-from lora_trainer.training.objectives.ddpm import DiffusionObjective, ObjectiveSettings
+import lora_trainer.objectives.ddpm as objective_module
+from lora_trainer.objectives.ddpm import DiffusionObjective, ObjectiveSettings
 
 T = 1000
 BETA_START, BETA_END = 0.00085, 0.012

@@ -154,12 +154,12 @@ class ModelFamily:
         cfg = self.cfg
         if self.spec.is_flow:
             from .spec import flow_options
-            from ..training.objectives.flow import FlowMatchingObjective, FlowSettings
+            from ..objectives.flow import FlowMatchingObjective, FlowSettings
 
             return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec)), patch_size=2)
         from diffusers import DDPMScheduler
 
-        from ..training.objectives.ddpm import DiffusionObjective, ObjectiveSettings
+        from ..objectives.ddpm import DiffusionObjective, ObjectiveSettings
 
         # Training always uses the DDPM forward process, whatever sampler the model ships with.
         return DiffusionObjective(DDPMScheduler.from_config(comps.scheduler_config), ObjectiveSettings(

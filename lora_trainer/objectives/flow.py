@@ -15,7 +15,7 @@ is clamped into ``[SIGMA_MIN, 1]``. The model callable gets that per-sample
 sigma (float32, shape [B], in (0, 1]); the model family converts it to
 whatever its denoiser takes (FLUX: sigma itself, SD3: ``1000 * sigma``).
 Conditioning is bound into the callable by the caller, as for the DDPM
-objective in ``lora_trainer.training.objectives.ddpm``.
+objective in ``lora_trainer.objectives.ddpm``.
 
 API::
 
