@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                     help="sdxl: quarter-width SDXL (target 0.8x); flux: reduced FLUX.1-dev (target 0.5x)")
     ap.add_argument("--t5-layers", type=int, help="flux: T5 depth of the reduced model (default 24, the real depth)")
     ap.add_argument("--tiny", action="store_true",
-                    help="lora_trainer.testing.tiny's sdxl / tiny_dit's flux1-dev at 64 px: a quick check")
+                    help="lora_trainer.testing.tiny's sdxl / flux1-dev at 64 px: a quick check")
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for both children (default 1; 0 = torch's own choice, all cores). On a "
                          "shared 2-core box, two OpenMP threads per process slow down 3-35x whenever another "
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
         if args.model == "flux":
             from models import flux_description
 
-            model_desc = "tiny FLUX.1-dev (lora_trainer.testing.tiny_dit)" if args.tiny else \
+            model_desc = "tiny FLUX.1-dev (lora_trainer.testing.tiny)" if args.tiny else \
                 flux_description("reduced", t5_layers=args.t5_layers) + " (transformer 82.3M)"
         else:
             model_desc = "tiny SDXL" if args.tiny else "quarter-width SDXL (UNet 160.8M)"

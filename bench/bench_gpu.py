@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", choices=("sdxl", "flux"), default="sdxl")
-    ap.add_argument("--tiny", action="store_true", help="lora_trainer.testing.tiny's sdxl / tiny_dit's flux1-dev at 64 px "
+    ap.add_argument("--tiny", action="store_true", help="lora_trainer.testing.tiny's sdxl / flux1-dev at 64 px "
                                                         "(checks on the CPU)")
     ap.add_argument("--size", choices=("full", "quarter", "reduced"), default="full",
                     help="bench/models.py size when not --tiny (sdxl quarter / flux reduced: to check the "
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
         if not data.is_dir():
             make_dataset(data, 8, sizes=[(args.resolution, args.resolution)])
         log(f"model + data ready in {time.monotonic() - t:.1f} s")
-        model_desc = ("tiny FLUX.1-dev (lora_trainer.testing.tiny_dit)" if flux and args.tiny else
+        model_desc = ("tiny FLUX.1-dev (lora_trainer.testing.tiny)" if flux and args.tiny else
                       flux_description("full" if args.size == "full" else "reduced",
                                        t5=args.t5 if args.size == "full" else "full") + ", random" if flux else
                       "tiny SDXL (lora_trainer.testing.tiny)" if args.tiny else

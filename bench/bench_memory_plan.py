@@ -84,7 +84,7 @@ def make_folder(root: Path, family: str) -> Path:
             (d / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon", "shift": 3.0}))
         elif comp.startswith("tokenizer"):  # the tiny builders' tokenizers: the plan never reads them
             if "T5" in comps[comp][1]:
-                from lora_trainer.testing.tiny_dit import make_tiny_t5_tokenizer
+                from lora_trainer.testing.t5 import make_tiny_t5_tokenizer
                 make_tiny_t5_tokenizer().save_pretrained(d)
             else:
                 from lora_trainer.testing.tiny import _write_vocab_files, make_tiny_tokenizer

@@ -19,7 +19,7 @@ speed). Then the real CLI trains a short run at 512 px and, when time is left, o
 default FLUX targets, bf16, no gradient checkpointing): s/step from the step events (the trainer syncs every
 step), peak GPU memory (``memory.gpu_peak_gb`` = torch.cuda.max_memory_allocated over training), model load and
 cache times, LoRA files. An out-of-memory exit at 1024 px is recorded as a result, not a failure.
-``--tiny`` swaps in lora_trainer.testing.tiny_dit's flux1-dev at 64 / 128 px (the CPU dry run).
+``--tiny`` swaps in lora_trainer.testing.tiny's flux1-dev at 64 / 128 px (the CPU dry run).
 ``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 """
 from __future__ import annotations
@@ -342,7 +342,7 @@ def check_flux(ctx: Ctx, c: Check) -> None:
         if ctx.cuda:
             torch.cuda.empty_cache()
     size_gb = sum(f.stat().st_size for f in ctx.flux_dir.rglob("*") if f.is_file()) / 1e9
-    c.numbers.update(model="tiny_dit flux1-dev" if tiny else flux_description(size, t5="standin", t5_layers=t5_layers),
+    c.numbers.update(model="tiny flux1-dev" if tiny else flux_description(size, t5="standin", t5_layers=t5_layers),
                      build_and_save_s=round(time.monotonic() - t, 1), model_gb=round(size_gb, 1))
     data = make_dataset(ctx.tmp / "data-flux", n=8, sizes=[(resolutions[1], resolutions[1])], trigger="ohwx")
     per_run = None
@@ -576,7 +576,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="training steps per full run (default 30 cuda, 12 cpu)")
     ap.add_argument("--no-sdxl", action="store_true", help="skip the SDXL runs (saves time on the CPU)")
     ap.add_argument("--tiny", action="store_true",
-                    help="FLUX check on lora_trainer.testing.tiny_dit's flux1-dev at 64/128 px instead of full size (dry run)")
+                    help="FLUX check on lora_trainer.testing.tiny's flux1-dev at 64/128 px instead of full size (dry run)")
     ap.add_argument("--flux-size", choices=("tiny", "reduced", "full"),
                     help="FLUX model: full (default on a card), tiny (= --tiny), reduced (bench/models.py's CPU "
                          "stand-in with a 2-layer T5, built in bf16, 128/256 px: the full-size code path on the CPU)")

@@ -44,7 +44,7 @@ FLUX.1 (``--model flux``; the builder is ``build_flux_components`` / ``make_flux
   6 blocks and the encoders kept at full depth, the encoders weigh ~10x more against the transformer than in the
   real model (``--flops`` prints both; bench/RESULTS.md discusses what that does to the naive/train_lora ratio).
 
-FLUX models use lora_trainer.testing.tiny's byte-level CLIP tokenizer (vocabulary 1,000) and lora_trainer.testing.tiny_dit's T5
+FLUX models use lora_trainer.testing.tiny's byte-level CLIP tokenizer (vocabulary 1,000) and lora_trainer.testing.t5's T5
 tokenizer (vocabulary 512, model_max_length 512), so the saved encoders get those vocabulary sizes; ``--count``
 reports the real 49408 / 32128.
 """
@@ -277,7 +277,7 @@ def build_flux_components(size: str = "full", *, t5: str = "full", t5_layers: in
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     from lora_trainer.testing.tiny import VOCAB_SIZE
-    from lora_trainer.testing.tiny_dit import T5_VOCAB_SIZE
+    from lora_trainer.testing.t5 import T5_VOCAB_SIZE
 
     cfg = flux_configs(size, t5=t5, t5_layers=t5_layers)
     cv = clip_vocab or VOCAB_SIZE
@@ -312,7 +312,7 @@ def save_flux_pipeline(comps: dict, out: Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from lora_trainer.testing.tiny import _write_vocab_files, make_tiny_tokenizer
-    from lora_trainer.testing.tiny_dit import make_tiny_t5_tokenizer
+    from lora_trainer.testing.t5 import make_tiny_t5_tokenizer
 
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=comps["vae"],
                         text_encoder=comps["text_encoder"], tokenizer=make_tiny_tokenizer(),
@@ -326,7 +326,7 @@ def save_flux_pipeline(comps: dict, out: Path) -> Path:
 
 def make_flux_model(out: Path, size: str, *, t5: str = "full", t5_layers: int | None = None, seed: int = 0,
                     dtype=None, device=None, quiet: bool = False) -> Path:
-    """Build and save: size in 'tiny' (lora_trainer.testing.tiny_dit's flux1-dev), 'reduced', 'full'.
+    """Build and save: size in 'tiny' (lora_trainer.testing.tiny's flux1-dev), 'reduced', 'full'.
 
     device: where to initialise (a GPU is seconds for the 12B transformer, the host minutes); the weights are
     saved from there (safetensors copies each tensor to the host as it writes it).
@@ -335,7 +335,7 @@ def make_flux_model(out: Path, size: str, *, t5: str = "full", t5_layers: int | 
 
     out = Path(out)
     if size == "tiny":
-        from lora_trainer.testing.tiny_dit import make_tiny_pipeline
+        from lora_trainer.testing.tiny import make_tiny_pipeline
 
         return make_tiny_pipeline(out, "flux1-dev", seed=seed)
     t = time.perf_counter()

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.runtime import single_file as dsf
-from lora_trainer.testing import tiny_dit
+from lora_trainer.testing import tiny
 from lora_trainer.preflight.probe.core import probe_single_file
 from lora_trainer.testing.tiny_dit_single import (
     DIT_PREFIX,
@@ -43,7 +43,7 @@ def _distinct_weights(folder: Path, seed: int) -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit_single")
-    out = {name: tiny_dit.make_tiny_pipeline(root / name, name) for name in TINY}
+    out = {name: tiny.make_tiny_pipeline(root / name, name) for name in TINY}
     for seed, folder in enumerate(out.values()):
         _distinct_weights(folder, seed)
     return out

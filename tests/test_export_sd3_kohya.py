@@ -19,7 +19,7 @@ from peft.utils import get_peft_model_state_dict
 
 from lora_trainer.families.sd3.export import sd3_kohya_state_dict, sd3_sai_module_map
 from lora_trainer.families._unet.kohya_names import te_path
-from lora_trainer.testing.tiny_dit import make_tiny_pipeline
+from lora_trainer.testing.tiny import make_tiny_pipeline
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a loader (or exporter) that drops alpha is off by 2x
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

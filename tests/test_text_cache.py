@@ -435,7 +435,9 @@ def _tiny_flux_comps():
     from transformers import CLIPTextModel
 
     from lora_trainer.testing import tiny
-    from lora_trainer.testing.tiny_dit import FLUX_CLIP_HIDDEN, _t5_encoder, make_tiny_t5_tokenizer
+    from lora_trainer.families.flux1.tiny import FLUX_CLIP_HIDDEN
+    from lora_trainer.testing.t5 import make_tiny_t5_tokenizer
+    from lora_trainer.testing.t5 import t5_encoder as _t5_encoder
 
     torch.manual_seed(0)
     clip = CLIPTextModel(tiny._text_config(FLUX_CLIP_HIDDEN, "quick_gelu", tiny.VOCAB_SIZE - 1)).eval()

@@ -97,6 +97,20 @@ def test_pipeline_is_deterministic_and_keeps_global_rng(tmp_path):
         tiny.make_tiny_pipeline(tmp_path / "c", "flux2")
 
 
+def test_tiny_names_come_from_the_family_folders():
+    from lora_trainer import families
+
+    names = []
+    for family in families.FAMILIES:
+        module = families.get_part(family, "tiny")
+        assert module is not None, family
+        assert module.DEFAULT in module.VARIANTS, family
+        assert all(tiny.family_of(name) == family for name in module.VARIANTS)
+        names += module.VARIANTS
+    assert tuple(names) == tiny.FAMILIES
+    assert set(tiny.DIT_FAMILIES) < set(tiny.FAMILIES)
+
+
 @pytest.mark.parametrize("sub", ["tokenizer", "tokenizer_2"])
 def test_tokenizer_roundtrip_unicode(pipelines, sub, tmp_path):
     from transformers import CLIPTokenizer

@@ -1,4 +1,5 @@
-"""Tests for lora_trainer.testing.tiny_dit: offline tiny FLUX.1-dev/-schnell and SD3 pipelines and the T5 tokenizer."""
+"""Tests for the tiny FLUX.1-dev/-schnell and SD3 pipelines (families/flux1/tiny.py, families/sd3/tiny.py) and
+lora_trainer.testing.t5's offline T5 tokenizer."""
 
 import os
 
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from lora_trainer.testing import tiny
-
-from lora_trainer.testing import tiny_dit
+from lora_trainer.families.flux1 import tiny as flux1_tiny
+from lora_trainer.families.sd3 import tiny as sd3_tiny
+from lora_trainer.testing import parts, t5, tiny
 
 FAMILIES = ["flux1-dev", "flux1-schnell", "sd3"]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -25,7 +26,7 @@ CAPTION = "ohwx, a red circle, blue background"
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_dit")
-    return {fam: tiny_dit.make_tiny_pipeline(root / fam, fam) for fam in FAMILIES}
+    return {fam: tiny.make_tiny_pipeline(root / fam, fam) for fam in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,10 @@ def _files(path: Path) -> dict[str, bytes]:
 
 
 def test_family_lists_agree():
-    assert tiny_dit.FAMILIES == tuple(FAMILIES) == tiny.DIT_FAMILIES
+    assert (*flux1_tiny.VARIANTS, *sd3_tiny.VARIANTS) == tuple(FAMILIES) == tiny.DIT_FAMILIES
     assert set(FAMILIES) <= set(tiny.FAMILIES)
     with pytest.raises(ValueError):
-        tiny_dit.make_tiny_pipeline("unused", "flux2")
+        tiny.make_tiny_pipeline("unused", "flux2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,12 +95,12 @@ def test_components_load_individually(pipelines, family):
 def test_vae_16_channels_8x(loaded, family):
     pipe = loaded[family]
     cfg = pipe.vae.config
-    assert cfg.latent_channels == tiny_dit.LATENT_CHANNELS == 16
+    assert cfg.latent_channels == parts.LATENT_CHANNELS == 16
     assert not cfg.use_quant_conv and not cfg.use_post_quant_conv
-    scale, shift = ((tiny_dit.SD3_VAE_SCALING, tiny_dit.SD3_VAE_SHIFT) if family == "sd3"
-                    else (tiny_dit.FLUX_VAE_SCALING, tiny_dit.FLUX_VAE_SHIFT))
+    scale, shift = ((sd3_tiny.SD3_VAE_SCALING, sd3_tiny.SD3_VAE_SHIFT) if family == "sd3"
+                    else (flux1_tiny.FLUX_VAE_SCALING, flux1_tiny.FLUX_VAE_SHIFT))
     assert (cfg.scaling_factor, cfg.shift_factor) == (scale, shift)
-    assert pipe.vae_scale_factor == tiny_dit.VAE_SCALE_FACTOR == 8
+    assert pipe.vae_scale_factor == parts.VAE_SCALE_FACTOR == 8
     with torch.no_grad():
         latent = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
     assert latent.shape == (1, 16, 8, 8)
@@ -113,14 +114,14 @@ def test_flux_configs(loaded, family):
     assert type(pipe).__name__ == "FluxPipeline"
     assert t.guidance_embeds is dev
     assert (hasattr(pipe.transformer.time_text_embed, "guidance_embedder")) is dev
-    assert t.patch_size == 1 and t.in_channels == 64 == tiny_dit.FLUX_IN_CHANNELS
+    assert t.patch_size == 1 and t.in_channels == 64 == flux1_tiny.FLUX_IN_CHANNELS
     assert (t.num_layers, t.num_single_layers) == (2, 2)
     assert sum(t.axes_dims_rope) == t.attention_head_dim
-    assert t.joint_attention_dim == pipe.text_encoder_2.config.d_model == tiny_dit.T5_D_MODEL
-    assert t.pooled_projection_dim == pipe.text_encoder.config.hidden_size == tiny_dit.FLUX_CLIP_HIDDEN
+    assert t.joint_attention_dim == pipe.text_encoder_2.config.d_model == t5.T5_D_MODEL
+    assert t.pooled_projection_dim == pipe.text_encoder.config.hidden_size == flux1_tiny.FLUX_CLIP_HIDDEN
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == tiny.VOCAB_SIZE
-    assert pipe.text_encoder_2.config.vocab_size == len(pipe.tokenizer_2) == tiny_dit.T5_VOCAB_SIZE
+    assert pipe.text_encoder_2.config.vocab_size == len(pipe.tokenizer_2) == t5.T5_VOCAB_SIZE
     # Module names LoRA targets / ComfyUI mapping rely on.
     keys = set(pipe.transformer.state_dict())
     for k in ("transformer_blocks.1.attn.add_q_proj.weight", "transformer_blocks.1.attn.to_add_out.weight",
@@ -131,7 +132,7 @@ def test_flux_configs(loaded, family):
 
     s = pipe.scheduler.config
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    expected = tiny_dit.FLUX_DEV_SCHEDULER if dev else tiny_dit.FLUX_SCHNELL_SCHEDULER
+    expected = flux1_tiny.FLUX_DEV_SCHEDULER if dev else flux1_tiny.FLUX_SCHNELL_SCHEDULER
     assert {k: s[k] for k in expected} == expected
     assert s.use_dynamic_shifting is dev and s.shift == (3.0 if dev else 1.0)
 
@@ -154,7 +155,7 @@ def test_sd3_configs(loaded):
     assert te.config.hidden_size + te2.config.hidden_size < t.joint_attention_dim == pipe.text_encoder_3.config.d_model
     assert t.caption_projection_dim == t.num_attention_heads * t.attention_head_dim
     assert pipe.tokenizer.pad_token == tiny.EOS and pipe.tokenizer_2.pad_token == "!"
-    assert pipe.text_encoder_3.config.vocab_size == len(pipe.tokenizer_3) == tiny_dit.T5_VOCAB_SIZE
+    assert pipe.text_encoder_3.config.vocab_size == len(pipe.tokenizer_3) == t5.T5_VOCAB_SIZE
     s = pipe.scheduler.config
     assert s.shift == 3.0 and not s.use_dynamic_shifting
     keys = set(pipe.transformer.state_dict())
@@ -169,7 +170,7 @@ def test_t5_tokenizer_roundtrip_without_sentencepiece(pipelines, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # any `import sentencepiece` now fails
     folder = pipelines["flux1-dev"] / "tokenizer_2"
     for tok in (T5TokenizerFast.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)):
-        assert len(tok) == tiny_dit.T5_VOCAB_SIZE
+        assert len(tok) == t5.T5_VOCAB_SIZE
         assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
         ids = tok(CAPTION).input_ids
         assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
@@ -185,23 +186,23 @@ def test_t5_tokenizer_roundtrip_without_sentencepiece(pipelines, monkeypatch):
         long = tok(" ".join(["red"] * 100), max_length=32, truncation=True).input_ids
         assert len(long) == 32 and long[-1] == tok.eos_token_id
         odd = tok("Naïve Café 🐱 日本語 XYZ-42").input_ids
-        assert all(0 <= i < tiny_dit.T5_VOCAB_SIZE for i in odd) and tok.unk_token_id in odd
-    assert tok.model_max_length == tiny_dit.T5_MAX_LENGTH
-    assert [p for p, _ in tiny_dit.t5_vocab()][:3] == ["<pad>", "</s>", "<unk>"]
+        assert all(0 <= i < t5.T5_VOCAB_SIZE for i in odd) and tok.unk_token_id in odd
+    assert tok.model_max_length == t5.T5_MAX_LENGTH
+    assert [p for p, _ in t5.t5_vocab()][:3] == ["<pad>", "</s>", "<unk>"]
 
 
 @pytest.mark.parametrize("length", [32, 77, 256, 512])
 def test_encode_prompt_shapes(loaded, length):
     flux = loaded["flux1-dev"]
     emb, pooled, text_ids = flux.encode_prompt(CAPTION, prompt_2=None, max_sequence_length=length)
-    assert emb.shape == (1, length, tiny_dit.T5_D_MODEL) and pooled.shape == (1, tiny_dit.FLUX_CLIP_HIDDEN)
+    assert emb.shape == (1, length, t5.T5_D_MODEL) and pooled.shape == (1, flux1_tiny.FLUX_CLIP_HIDDEN)
     assert text_ids.shape == (length, 3)
 
     sd3 = loaded["sd3"]
     emb, neg, pooled, neg_pooled = sd3.encode_prompt(CAPTION, None, None, max_sequence_length=length)
-    clip_width = tiny_dit.SD3_CLIP_L_HIDDEN + tiny_dit.SD3_CLIP_G_HIDDEN
-    assert emb.shape == (1, tiny.MAX_LENGTH + length, tiny_dit.T5_D_MODEL)
-    assert pooled.shape == neg_pooled.shape == (1, tiny_dit.SD3_POOLED_DIM) and neg.shape == emb.shape
+    clip_width = sd3_tiny.SD3_CLIP_L_HIDDEN + sd3_tiny.SD3_CLIP_G_HIDDEN
+    assert emb.shape == (1, tiny.MAX_LENGTH + length, t5.T5_D_MODEL)
+    assert pooled.shape == neg_pooled.shape == (1, sd3_tiny.SD3_POOLED_DIM) and neg.shape == emb.shape
     # CLIP-L + bigG states are zero-padded up to the T5 width; the T5 part is not.
     assert torch.count_nonzero(emb[:, :tiny.MAX_LENGTH, clip_width:]) == 0
     assert torch.count_nonzero(emb[:, :tiny.MAX_LENGTH, :clip_width]) > 0
@@ -210,18 +211,18 @@ def test_encode_prompt_shapes(loaded, length):
 
 def test_deterministic_and_keeps_global_rng(tmp_path):
     state = torch.get_rng_state()
-    a = _files(tiny_dit.make_tiny_pipeline(tmp_path / "a", "flux1-dev", seed=3))
+    a = _files(tiny.make_tiny_pipeline(tmp_path / "a", "flux1-dev", seed=3))
     assert torch.equal(state, torch.get_rng_state())
-    b = _files(tiny_dit.make_tiny_pipeline(tmp_path / "b", "flux1-dev", seed=3))
+    b = _files(tiny.make_tiny_pipeline(tmp_path / "b", "flux1-dev", seed=3))
     assert a == b  # every file, weights and configs, byte for byte
-    c = _files(tiny_dit.make_tiny_pipeline(tmp_path / "c", "flux1-dev", seed=4))
+    c = _files(tiny.make_tiny_pipeline(tmp_path / "c", "flux1-dev", seed=4))
     weights = [k for k in a if k.endswith(".safetensors")]
     assert len(weights) == 4 and all(a[k] != c[k] for k in weights)
 
 
 def test_sd3_deterministic(tmp_path, pipelines):
     # The module fixture used seed 0; a fresh build with seed 0 must match it exactly.
-    fresh = _files(tiny_dit.make_tiny_pipeline(tmp_path / "sd3", "sd3", seed=0))
+    fresh = _files(tiny.make_tiny_pipeline(tmp_path / "sd3", "sd3", seed=0))
     assert fresh == _files(pipelines["sd3"])
 
 
