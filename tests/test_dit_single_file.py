@@ -1,5 +1,6 @@
-"""Single-file FLUX.1 / SD3 checkpoints: tiny_dit_single writes them (the inverse of diffusers' converters),
-dit_single_file loads them (transformer from the file, everything else from a diffusers config folder)."""
+"""Single-file FLUX.1 / SD3 checkpoints: testing/single_file.py writes them (through the families' from_diffusers,
+the inverse of diffusers' converters), runtime/single_file.py loads them (transformer from the file, everything
+else from a diffusers config folder)."""
 
 import os
 
@@ -19,12 +20,10 @@ from safetensors.torch import load_file, save_file
 from lora_trainer.runtime import single_file as dsf
 from lora_trainer.testing import tiny
 from lora_trainer.preflight.probe.core import probe_single_file
-from lora_trainer.testing.tiny_dit_single import (
-    DIT_PREFIX,
-    flux_to_bfl,
-    sd3_to_sai,
-    write_single_file,
-)
+from lora_trainer.testing.single_file import DIT_PREFIX, write_single_file
+from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
+from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers
+from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
 TINY = ["flux1-dev", "flux1-schnell", "sd3"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3"}
@@ -102,6 +101,34 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
     _assert_same(model.state_dict(), _transformer_sd(folders[name]))
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_family_converters_are_inverses(folders, name):
+    """Each family's convert module: to_diffusers undoes from_diffusers bit for bit and uses every tensor."""
+    from lora_trainer.families import get_part
+
+    conv = get_part(FAMILY[name], "convert")
+    config = json.loads((folders[name] / "transformer" / "config.json").read_text())
+    ref = _transformer_sd(folders[name])
+    original = conv.from_diffusers(ref, config)
+    left = dict(original)
+    _assert_same(conv.to_diffusers(left, config), ref)
+    assert not left
+    refusal, figures = conv.config_checks({k: list(v.shape) for k, v in original.items()}, config, "config.json")
+    assert refusal is None and figures and all(a == b for _, a, b in figures), figures
+
+
+def test_single_file_families_have_every_hook():
+    """A family loads single-file transformers iff its convert module has to_diffusers; then it has every hook."""
+    from lora_trainer.families import FAMILIES, get_part
+
+    found = [n for n in FAMILIES if hasattr(get_part(n, "convert"), "to_diffusers")]
+    assert found == sorted(set(FAMILY.values()), key=FAMILIES.index)
+    for name in found:
+        conv = get_part(name, "convert")
+        assert callable(conv.from_diffusers) and callable(conv.config_checks)
+        assert conv.COMPONENT_PREFIXES and conv.ALL_IN_ONE_VAE and conv.ALL_IN_ONE_TEXT_ENCODERS
+
+
 def test_sd3_file_reads_back_through_diffusers_from_single_file(folders, tmp_path):
     """diffusers' own loader (its converter, unchanged) reads the SAI file written from the folder bit for bit."""
     from diffusers import SD3Transformer2DModel
@@ -142,7 +169,7 @@ def test_flux_converters_match_diffusers_at_flux_widths():
     bfl = flux_to_bfl(ref, config)
     assert bfl["single_blocks.1.linear1.weight"].shape[0] == 3 * 3072 + 12288
     _assert_same(convert_flux_transformer_checkpoint_to_diffusers(dict(bfl)), ref)
-    _assert_same(dsf.flux_bfl_to_diffusers(dict(bfl), config), ref)
+    _assert_same(flux_bfl_to_diffusers(dict(bfl), config), ref)
 
 
 def test_sd3_inverse_matches_diffusers_at_sd35_large_widths():

@@ -251,7 +251,7 @@ def test_single_file_transformer_trains_like_the_folder(tmp_path, tiny_models, d
     """A BFL / SAI single-file transformer (ComfyUI's model.diffusion_model. prefix) with base_model_config for
     the rest: --validate-only names the family and variant, and training gives the LoRA the diffusers
     folder gives (to the last bits, see below). Without base_model_config, offline and with nothing cached, preflight stops before loading."""
-    from lora_trainer.testing.tiny_dit_single import write_single_file
+    from lora_trainer.testing.single_file import write_single_file
 
     family, variant, _ = FAMILIES[fixture]
     folder = tiny_models[fixture]

@@ -1,54 +1,91 @@
-"""FLUX.1 and SD3/3.5 base models from single .safetensors files (what most users have).
+"""Base models whose transformer comes from a single .safetensors file (what most users have), for the families
+with single-file converters (``families/<name>/convert.py``: today FLUX.1 and SD3/3.5).
 
-The file supplies the transformer only, in its original layout: Black Forest Labs' for FLUX.1
-(``flux1-dev.safetensors``: ``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``, ``img_in`` ...) or
-Stability's MMDiT layout for SD3/3.5 (``sd3.5_large.safetensors``: ``joint_blocks.N.x_block.attn.qkv`` ...), bare
-or under ``model.diffusion_model.``. Any other component such a file carries (ComfyUI "all-in-one" checkpoints add
-``text_encoders.clip_l/clip_g/t5xxl.*`` and ``vae.*`` / ``first_stage_model.*``) is not read: only the transformer's
-tensors are loaded into memory, so a 17-23 GB all-in-one file costs the transformer's size. Everything else -- the
-transformer's config, the VAE, the CLIP and T5 text encoders (weights), the tokenizers and the scheduler config --
-comes from ``config_source``, a local diffusers pipeline folder of the same model (a hub id is downloaded to a local
-snapshot by the caller first, with ``config_source_patterns``: everything but the transformer's weights).
+The file supplies the transformer only, in its original layout (Black Forest Labs' for FLUX.1, Stability's MMDiT
+layout for SD3/3.5), bare or under ``model.diffusion_model.``. Any other component such a file carries (ComfyUI
+"all-in-one" checkpoints add text encoders and a VAE, under the prefixes the converters list) is not read: only the
+transformer's tensors are loaded into memory, so a 17-23 GB all-in-one file costs the transformer's size.
+Everything else -- the transformer's config, the VAE, the text encoders (weights), the tokenizers and the scheduler
+config -- comes from ``config_source``, a local diffusers pipeline folder of the same model (a hub id is downloaded
+to a local snapshot by the caller first, with ``config_source_patterns``: everything but the transformer's weights).
 
-Conversion: SD3 through diffusers' own ``convert_sd3_transformer_checkpoint_to_diffusers`` (its widths come from
-the checkpoint). FLUX.1 through ``flux_bfl_to_diffusers``, diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``
-statement by statement except for the one width diffusers 0.42 hard-codes (``inner_dim = 3072``, the split of
-``single_blocks.N.linear1``), taken here from the config; tests check that both give the same tensors at FLUX's
-real widths. The converted state dict must then match the config's model exactly (every tensor, every shape); it is
-put into an empty model as diffusers' ``from_single_file`` does (``init_empty_weights``). Every failure is a
-``DiTSingleFileError`` that says what is wrong and what to do; nothing here unpickles.
+A family's convert module provides the hooks: ``to_diffusers(checkpoint, config)`` (the state-dict conversion,
+widths from the config), ``config_checks(shapes, config, where)`` (what a header's shapes must agree on with the
+config, before any tensor is read) and ``COMPONENT_PREFIXES``; the facts (transformer class, label, which
+components and tokenizers config_source must hold) come from its spec. The converted state dict must then match
+the config's model exactly (every tensor, every shape); it is put into an empty model as diffusers'
+``from_single_file`` does (``init_empty_weights``). Every failure is a ``DiTSingleFileError`` that says what is
+wrong and what to do; nothing here unpickles.
 
-Import is torch-free: preflight may use ``single_file_problems`` (headers and JSON only), ``config_source_patterns``
-and ``download_command``; the model probe ``quantized_marker``.
+Import is torch-free (so are the convert modules at import): preflight may use ``single_file_problems`` (headers
+and JSON only), ``config_source_patterns`` and ``download_command``; the model probe ``quantized_marker``.
 """
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..families import SPECS, get_signature
+from ..families import FAMILIES, SPECS, get_part, get_signature
+from ..families.spec import tokenizer_of
 from ..preflight import probe as mp
-from ..families._mmdit.convert import flux_bfl_to_diffusers, sd3_sai_to_diffusers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..families.adapter import Components, ModelFamily
-
-DIT_FAMILIES = ("flux1", "sd3")
 DIT_PREFIX = "model.diffusion_model."
-# Other components of all-in-one checkpoints (ComfyUI, SAI): never part of an unprefixed transformer.
-OTHER_COMPONENT_PREFIXES = ("text_encoders.", "vae.", "first_stage_model.", "cond_stage_model.", "conditioner.")
-TRANSFORMER_CLASSES = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
-LABELS = {"flux1": "FLUX.1", "sd3": "SD3/3.5"}
-# The components whose weights config_source must hold (the file gives the transformer only) and the tokenizers.
-WEIGHT_COMPONENTS = {"flux1": ("vae", "text_encoder", "text_encoder_2"),
-                     "sd3": ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
-TOKENIZERS = {"flux1": ("tokenizer", "tokenizer_2"), "sd3": ("tokenizer", "tokenizer_2", "tokenizer_3")}
 _SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
+
+
+class _Family(Protocol):
+    """What load_components_single_file needs of a family adapter: its name and its folder loader."""
+
+    name: str
+
+    def _load_folder(self, source: Path, *, dtype, progress, load_denoiser) -> Any: ...
+
+
+def _converter(name: str) -> ModuleType | None:
+    """The family's convert module if it loads single-file transformers (it has ``to_diffusers``), else None."""
+    conv = get_part(name, "convert") if name in SPECS else None
+    return conv if hasattr(conv, "to_diffusers") else None
+
+
+@functools.cache  # the registry is fixed; quantized_marker asks once per header key
+def _single_file_families() -> tuple[str, ...]:
+    return tuple(n for n in FAMILIES if _converter(n) is not None)
+
+
+def _label(name: str | None) -> str:
+    return SPECS[name].label if name in _single_file_families() else str(name)
+
+
+def _transformer_class(name: str) -> str:
+    (denoiser,) = SPECS[name].denoisers
+    return SPECS[name].component_classes[denoiser]
+
+
+def _weight_components(name: str) -> tuple[str, ...]:
+    """The components whose weights config_source must hold (the file gives the transformer only)."""
+    return ("vae", *SPECS[name].text_encoders)
+
+
+def _tokenizers(name: str) -> tuple[str, ...]:
+    return tuple(tokenizer_of(te) for te in SPECS[name].text_encoders)
+
+
+@functools.cache
+def _component_prefixes() -> tuple[str, ...]:
+    """Other components of all-in-one checkpoints, as every single-file family's converter names them: never part
+    of an unprefixed transformer."""
+    out: dict[str, None] = {}
+    for name in _single_file_families():
+        out.update(dict.fromkeys(_converter(name).COMPONENT_PREFIXES))
+    return tuple(out)
 
 
 def _weight_names(comp: str) -> tuple[str, ...]:
@@ -59,7 +96,8 @@ def _weight_names(comp: str) -> tuple[str, ...]:
 
 
 # Quantised single files (their tensors are not weights as stored): ComfyUI scaled fp8 / mixed precision,
-# bitsandbytes NF4/int8 (e.g. flux1-dev-bnb-nf4), torchao. Markers without the model.diffusion_model. prefix.
+# bitsandbytes NF4/int8 (e.g. FLUX.1-dev's bnb-nf4 release), torchao. Markers without the model.diffusion_model.
+# prefix.
 _QUANT_KEYS = ("scaled_fp8",)
 _QUANT_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant", ".absmax",
                    ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
@@ -70,7 +108,7 @@ Progress = Callable[[int, int, str], None]
 
 
 class DiTSingleFileError(ValueError):
-    """A single-file FLUX.1 / SD3 checkpoint, or its config source, cannot be loaded; ``hint`` says what to do."""
+    """A single-file transformer checkpoint, or its config source, cannot be loaded; ``hint`` says what to do."""
 
     def __init__(self, message: str, hint: str | None = None, kind: str = "invalid"):
         super().__init__(message)
@@ -88,8 +126,6 @@ class DiTSingleFileError(ValueError):
 
 def default_config_repo(family_name: str, variant: str | None) -> str:
     """The hub repo diffusers would take configs from for this family/variant (DIFFUSERS_DEFAULT_PIPELINE_PATHS)."""
-    from ..families import SPECS
-
     repos = SPECS[family_name].single_file_config_repo
     return repos.get(variant, repos[None])
 
@@ -100,8 +136,8 @@ def config_source_patterns(family_name: str) -> list[str]:
     config.json and safetensors weights (single file or index + shards, no fp16/bf16 variants), the tokenizers."""
     _family(family_name)
     return ["model_index.json", "scheduler/*.json", "transformer/config.json",
-            *(f"{comp}/{name}" for comp in WEIGHT_COMPONENTS[family_name] for name in ("config.json", *_weight_names(comp))),
-            *(f"{tok}/*" for tok in TOKENIZERS[family_name])]
+            *(f"{comp}/{name}" for comp in _weight_components(family_name) for name in ("config.json", *_weight_names(comp))),
+            *(f"{tok}/*" for tok in _tokenizers(family_name))]
 
 
 def config_source_files_needed(family_name: str, files: list[str]) -> list[str]:
@@ -124,11 +160,11 @@ def _config_source_issues(folder: Path, family_name: str) -> list[tuple[str, str
     if cls not in get_signature(family_name).pipelines:
         known = ", ".join(sorted(get_signature(family_name).pipelines)[:2])
         problems.append(("invalid", (f"model_index.json names {cls or 'no pipeline class'}, not a "
-                                    f"{LABELS[family_name]} pipeline ({known} ...)")))
+                                    f"{_label(family_name)} pipeline ({known} ...)")))
     for rel in ("scheduler/scheduler_config.json", "transformer/config.json"):
         if not (folder / rel).is_file():
             problems.append(("incomplete", f"{rel} is missing"))
-    for comp in WEIGHT_COMPONENTS[family_name]:
+    for comp in _weight_components(family_name):
         sub = folder / comp
         if not (sub / "config.json").is_file():
             problems.append(("incomplete", f"{comp}/config.json is missing"))
@@ -142,7 +178,7 @@ def _config_source_issues(folder: Path, family_name: str) -> list[tuple[str, str
                                            f"shards){found}")))
         problems.extend(("incomplete", p["message"]) for p in probs)
     t5 = SPECS[family_name].t5_tokenizers
-    for tok in TOKENIZERS[family_name]:
+    for tok in _tokenizers(family_name):
         if not (folder / tok).is_dir():
             problems.append(("incomplete", f"{tok}/ is missing"))
             continue
@@ -165,7 +201,7 @@ def download_command(repo: str, family_name: str) -> str:
 
 
 def _config_source_hint(family_name: str, variant: str | None = None) -> str:
-    return (f"a single-file {LABELS[family_name]} checkpoint holds the transformer only: base_model_config must be "
+    return (f"a single-file {_label(family_name)} checkpoint holds the transformer only: base_model_config must be "
             "the model's diffusers folder with the VAE and text encoder weights (not just configs), e.g. "
             + download_command(default_config_repo(family_name, variant), family_name))
 
@@ -194,9 +230,9 @@ def resolve_config_source(config: str | os.PathLike | None, *, family_name: str,
 # ---------------------------------------------------------------------------------- the checkpoint file
 
 def _family(name: str) -> None:
-    if name not in DIT_FAMILIES:
+    if name not in _single_file_families():
         raise DiTSingleFileError(f"{name!r} is not a DiT family with single-file support; expected one of "
-                                 f"{', '.join(DIT_FAMILIES)}")
+                                 f"{', '.join(_single_file_families())}")
 
 
 def _check_path(path: Path) -> None:
@@ -216,7 +252,7 @@ def _transformer_keys(header: Mapping[str, Any]) -> tuple[dict[str, str], bool]:
     keys = [k for k in header if k != "__metadata__"]
     if any(k.startswith(DIT_PREFIX) for k in keys):
         return {k: k[len(DIT_PREFIX):] for k in keys if k.startswith(DIT_PREFIX)}, True
-    return {k: k for k in keys if not k.startswith(OTHER_COMPONENT_PREFIXES)}, False
+    return {k: k for k in keys if not k.startswith(_component_prefixes())}, False
 
 
 def quantized_marker(header: Mapping[str, Any]) -> str | None:
@@ -228,7 +264,7 @@ def quantized_marker(header: Mapping[str, Any]) -> str | None:
         if bare in _QUANT_KEYS or bare.endswith(_QUANT_SUFFIXES) or any(p in bare for p in _QUANT_PARTS):
             return k
     return next((k for k in keys if k.endswith(".weight") and isinstance(header[k], dict)
-                 and str(header[k].get("dtype")) in _INT_DTYPES and not k.startswith(OTHER_COMPONENT_PREFIXES)), None)
+                 and str(header[k].get("dtype")) in _INT_DTYPES and not k.startswith(_component_prefixes())), None)
 
 
 def _refuse_quantized(path: Path, header: Mapping[str, Any]) -> None:
@@ -245,81 +281,42 @@ def _config_variant(family_name: str, config: Mapping) -> str | None:
     return get_signature(family_name).variant(dict(config))[0]
 
 
-def _blocks(keys, prefix: str) -> int:
-    ids = {int(k.split(".", 2)[1]) for k in keys if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
-
-
-def _rows_cols(shapes: Mapping[str, list], key: str, n: int = 2) -> list:
-    return [*(shapes.get(key) or []), *([None] * n)][:n]
-
-
 def _check_against_config(family_name: str, shapes: Mapping[str, list], config: Mapping, *, file_variant: str | None,
                           path: Path, config_source: Path) -> None:
-    """The checks that name the likely mistake (a dev file with a schnell config, SD3.5 large with medium's),
-    before any tensor is read; the exact key/shape comparison after conversion catches everything else."""
+    """The checks that name the likely mistake (another variant's config, then the family's config_checks: depth,
+    widths), before any tensor is read; the exact key/shape comparison after conversion catches everything else."""
     where = f"{config_source}/transformer/config.json"
-    label = LABELS[family_name]
+    label = _label(family_name)
     cfg_variant = _config_variant(family_name, config)
     hint = (f"set base_model_config to a diffusers folder or hub repo of the same model as the file "
             f"(for {file_variant}: {default_config_repo(family_name, file_variant)})")
     if file_variant and cfg_variant and file_variant != cfg_variant:
         raise DiTSingleFileError(f"{path.name} is {label} {file_variant} but the config source {config_source} is "
                                  f"{label} {cfg_variant} ({where})", hint=hint)
-    diffs: list[str] = []
-
-    def want(what: str, in_file, in_config) -> None:
-        if in_file is not None and in_config is not None and in_file != in_config:
-            diffs.append(f"{what}: {in_file} in the file, {in_config} in the config")
-
-    inner = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
-    if family_name == "flux1":
-        if any(k.startswith("guidance_in.") for k in shapes) != bool(config.get("guidance_embeds")):
-            raise DiTSingleFileError(f"{path.name} {'has' if 'guidance_in.in_layer.weight' in shapes else 'lacks'} "
-                                     f"FLUX.1-dev's guidance embedder (guidance_in.*) but {where} says guidance_embeds "
-                                     f"{bool(config.get('guidance_embeds'))}", hint=hint)
-        want("double blocks", _blocks(shapes, "double_blocks."), config.get("num_layers"))
-        want("single blocks", _blocks(shapes, "single_blocks."), config.get("num_single_layers"))
-        img_in, txt_in, vec = (_rows_cols(shapes, k) for k in ("img_in.weight", "txt_in.weight", "vector_in.in_layer.weight"))
-        want("inner width (img_in rows)", img_in[0], inner)
-        want("in_channels (img_in columns)", img_in[1], config.get("in_channels"))
-        want("joint_attention_dim (txt_in columns)", txt_in[1], config.get("joint_attention_dim"))
-        want("pooled_projection_dim (vector_in columns)", vec[1], config.get("pooled_projection_dim"))
-    else:
-        attn2 = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks.") and ".attn2." in k})
-        want("joint blocks", _blocks(shapes, "joint_blocks."), config.get("num_layers"))
-        want("dual attention (attn2) blocks", attn2, sorted(config.get("dual_attention_layers") or []))
-        want("q/k norm (attn.ln_q)", any(".attn.ln_q." in k for k in shapes), bool(config.get("qk_norm")))
-        x_emb, ctx = (_rows_cols(shapes, k) for k in ("x_embedder.proj.weight", "context_embedder.weight"))
-        want("inner width (x_embedder rows)", x_emb[0], inner)
-        want("in_channels (x_embedder)", x_emb[1], config.get("in_channels"))
-        want("caption_projection_dim (context_embedder rows)", ctx[0], config.get("caption_projection_dim"))
-        want("joint_attention_dim (context_embedder columns)", ctx[1], config.get("joint_attention_dim"))
-        pos = _rows_cols(shapes, "pos_embed", 3)
-        if pos[1] is not None and config.get("pos_embed_max_size"):
-            want("pos_embed positions", pos[1], config["pos_embed_max_size"] ** 2)
+    refusal, figures = _converter(family_name).config_checks(shapes, config, where)
+    if refusal:
+        raise DiTSingleFileError(f"{path.name} {refusal}", hint=hint)
+    diffs = [f"{what}: {in_file} in the file, {in_config} in the config" for what, in_file, in_config in figures
+             if in_file is not None and in_config is not None and in_file != in_config]
     if diffs:
         raise DiTSingleFileError(f"{path.name} is not the model {where} describes: " + "; ".join(diffs), hint=hint)
 
 
 # ---------------------------------------------------------------------------------- conversion
-# The state-dict converters are in dit_convert.py.
+# The state-dict converters are the family's: families/<name>/convert.py to_diffusers.
 
 def _convert(family_name: str, checkpoint: dict, config: Mapping, path: Path) -> dict:
     try:
-        if family_name == "flux1":
-            converted = flux_bfl_to_diffusers(checkpoint, config)
-        else:
-            converted = sd3_sai_to_diffusers(checkpoint, config)
+        converted = _converter(family_name).to_diffusers(checkpoint, config)
     except KeyError as exc:
-        raise DiTSingleFileError(f"{path.name} lacks the tensor {exc.args[0]} of a {LABELS[family_name]} transformer "
+        raise DiTSingleFileError(f"{path.name} lacks the tensor {exc.args[0]} of a {_label(family_name)} transformer "
                                  "(a pruned, partial or differently laid out checkpoint)",
                                  hint="use the model's original single-file release or its diffusers folder") from None
     except RuntimeError as exc:  # torch.split/chunk on a tensor of another width
         raise DiTSingleFileError(f"{path.name}: a fused tensor does not have the widths of the config ({exc})") from None
     if checkpoint:
         left = sorted(checkpoint)
-        raise DiTSingleFileError(f"{path.name} has {len(left)} tensor(s) a {LABELS[family_name]} transformer does not "
+        raise DiTSingleFileError(f"{path.name} has {len(left)} tensor(s) a {_label(family_name)} transformer does not "
                                  f"have, e.g. {', '.join(left[:5])}",
                                  hint="this is another model, or a variant this trainer does not know")
     return converted
@@ -385,14 +382,14 @@ def _inspect(family_name: str, path: Path, config_source: Path) -> tuple[dict, d
         raise DiTSingleFileError(f"{path.name}: " + "; ".join(p["message"] for p in probe.problems), hint=first.get("hint"))
     if probe.family != family_name:
         raise DiTSingleFileError(
-            f"{path.name} is a {LABELS.get(probe.family, probe.family)} checkpoint ({probe.family_evidence}), "
-            f"not {LABELS[family_name]}",
-            hint=f"set model_type to {probe.family!r} (or 'auto'), or use a {LABELS[family_name]} checkpoint")
+            f"{path.name} is a {_label(probe.family)} checkpoint ({probe.family_evidence}), "
+            f"not {_label(family_name)}",
+            hint=f"set model_type to {probe.family!r} (or 'auto'), or use a {_label(family_name)} checkpoint")
     keys, _ = _transformer_keys(header)
     _refuse_quantized(path, header)
-    if config.get("_class_name") not in (None, TRANSFORMER_CLASSES[family_name]):
-        raise DiTSingleFileError(f"{cfg_file} is for {config['_class_name']}, not {TRANSFORMER_CLASSES[family_name]}",
-                                 hint=f"base_model_config must be a {LABELS[family_name]} pipeline folder")
+    if config.get("_class_name") not in (None, _transformer_class(family_name)):
+        raise DiTSingleFileError(f"{cfg_file} is for {config['_class_name']}, not {_transformer_class(family_name)}",
+                                 hint=f"base_model_config must be a {_label(family_name)} pipeline folder")
     shapes = {short: header[k].get("shape") for k, short in keys.items()}
     _check_against_config(family_name, shapes, config, file_variant=probe.variant, path=path, config_source=config_source)
     return keys, config
@@ -419,7 +416,7 @@ def single_file_problems(family_name: str, path: Path, config_source: Path) -> l
 
 
 def load_transformer_single_file(family_name: str, path: Path, *, config_source: Path, dtype) -> torch.nn.Module:
-    """The FLUX.1 / SD3 transformer of a single .safetensors file (BFL / SAI layout, with or without
+    """The transformer of a single .safetensors file (the family's original layout, with or without
     ``model.diffusion_model.``, transformer-only or all-in-one), configured by ``config_source/transformer``,
     in ``dtype``, in eval mode. No network, no pickle; a DiTSingleFileError says what does not fit."""
     import diffusers
@@ -428,12 +425,12 @@ def load_transformer_single_file(family_name: str, path: Path, *, config_source:
     path, config_source = Path(path), Path(config_source)
     dtype = torch.float32 if dtype is None else dtype
     keys, config = _inspect(family_name, path, config_source)
-    cls = getattr(diffusers, TRANSFORMER_CLASSES[family_name])
+    cls = getattr(diffusers, _transformer_class(family_name))
     converted = _convert(family_name, _read_transformer(path, keys, dtype), config, path)
     model = _empty_model_matching(cls, config, converted, path, config_source)
     # What from_single_file does once converted (init_empty_weights, then the tensors put in place), without its
-    # model.to(dtype): the tensors are already in dtype, and diffusers 0.42 warns on every such cast. Neither class
-    # has _keep_in_fp32_modules.
+    # model.to(dtype): the tensors are already in dtype, and diffusers 0.42 warns on every such cast. The
+    # transformer classes loaded this way (FLUX.1's, SD3's) have no _keep_in_fp32_modules.
     model.load_state_dict(converted, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # pragma: no cover - the state dict matched the model's exactly
@@ -441,8 +438,8 @@ def load_transformer_single_file(family_name: str, path: Path, *, config_source:
     return model.eval()
 
 
-def load_components_single_file(family: ModelFamily, path: Path, *, config_source: Path, dtype,
-                                progress: Progress | None = None) -> Components:
+def load_components_single_file(family: _Family, path: Path, *, config_source: Path, dtype,
+                                progress: Progress | None = None) -> Any:
     """The family's Components: the transformer from the single file, everything else (VAE, text encoders,
     tokenizers, scheduler config) loaded by the family's own folder loader from the diffusers folder
     ``config_source``."""
