@@ -16,7 +16,7 @@ only Linear layers under it (``transformer_blocks.*``: every Linear of every blo
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 def tokenizer_of(encoder: str) -> str:
@@ -69,12 +69,13 @@ class Activations:
 
     ``"unet"``: bytes per pixel measured on SDXL, scaled by the UNet's weight count. ``"transformer"``: per block,
     linear in tokens (image tokens (resolution / pixel_multiple)^2 plus ``text_tokens``) and in the hidden size,
-    read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed (missing keys: 0)."""
+    read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed, each key mapped to the
+    figure taken where config.json lacks it."""
 
     kind: str  # "unet" | "transformer"
     text_tokens: int = 0
-    width_keys: tuple[str, ...] = ()
-    depth_keys: tuple[str, ...] = ()
+    width_keys: Mapping[str, int] = field(default_factory=dict)
+    depth_keys: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
