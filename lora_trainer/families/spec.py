@@ -92,6 +92,8 @@ class FamilySpec:
     components: tuple[str, ...]  # what its diffusers folder must hold, in the order the probe reports them
     lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
     default_resolution: int
+    # Prediction type -> native resolution where it differs from default_resolution (SD2's 512 px epsilon base).
+    prediction_resolution: Mapping[str, int]
     bucketing_default: bool
     pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
     latent_channels: int  # of the VAE's latents (8x downsampled)

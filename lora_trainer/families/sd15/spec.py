@@ -8,7 +8,7 @@ SPEC = FamilySpec(
     name="sd15", label="SD1.x", display_name="Stable Diffusion 1.x", objective="ddpm",
     pipeline_class="StableDiffusionPipeline", denoisers=("unet",), text_encoders=("text_encoder",),
     component_classes=UNET_CLASSES, components=UNET_COMPONENTS, lora_text_encoders=("text_encoder",),
-    default_resolution=512, bucketing_default=False, pixel_multiple=8, latent_channels=4,
+    default_resolution=512, prediction_resolution={}, bucketing_default=False, pixel_multiple=8, latent_channels=4,
     presets=sd_presets(), default_preset="attention", flow=None, sample_guidance=7.0, train_guidance={},
     max_sequence_length={}, single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"},
     blocks=UNET_REPEATED_BLOCKS, text_entry=TextEntry(tokens=77, sequence=False, width=768, pooled=0),
