@@ -108,6 +108,8 @@ class FamilySpec:
     max_sequence_length: Mapping[str | None, int]
     # Variant -> the hub repo diffusers takes a single file's configs from (None: the default).
     single_file_config_repo: Mapping[str | None, str]
+    # Those of its single_file_config_repo repos that are gated on the Hub (accept the licence, set HF_TOKEN).
+    gated_repos: tuple[str, ...]
     # The denoiser's repeated blocks (ModuleList names, in forward order): the units offload_blocks streams from host
     # memory (offload.py) and shard_base shards (shard.py), and the memory plan counts.
     blocks: tuple[str, ...]

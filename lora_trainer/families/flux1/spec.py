@@ -28,6 +28,7 @@ SPEC = FamilySpec(
     max_sequence_length={"dev": 512, "schnell": 256, None: 512},
     single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
                              None: "black-forest-labs/FLUX.1-dev"},
+    gated_repos=("black-forest-labs/FLUX.1-dev",),  # schnell (Apache-2.0) is not gated
     blocks=("transformer_blocks", "single_transformer_blocks"),
     # T5-XXL's sequence (4096 wide) and CLIP-L's pooled vector.
     text_entry=TextEntry(tokens=0, sequence=True, width=4096, pooled=768),

@@ -11,6 +11,7 @@ SPEC = FamilySpec(
     default_resolution=512, prediction_resolution={}, bucketing_default=False, pixel_multiple=8, latent_channels=4,
     presets=sd_presets(), default_preset="attention", flow=None, sample_guidance=7.0, train_guidance={},
     max_sequence_length={}, single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+    gated_repos=(),
     blocks=UNET_REPEATED_BLOCKS, text_entry=TextEntry(tokens=77, sequence=False, width=768, pooled=0),
     activations=Activations(kind="unet"),
     tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")}, kohya_v2=False, extra_metadata={},

@@ -27,6 +27,8 @@ SPEC = FamilySpec(
                              "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                              "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
                              None: "stabilityai/stable-diffusion-3.5-large"},
+    gated_repos=("stabilityai/stable-diffusion-3-medium-diffusers", "stabilityai/stable-diffusion-3.5-medium",
+                 "stabilityai/stable-diffusion-3.5-large"),
     blocks=("transformer_blocks",),
     # CLIP-L + CLIP-G states zero-padded to T5's 4096 and joined with T5's sequence; both pooled vectors.
     text_entry=TextEntry(tokens=77, sequence=True, width=4096, pooled=2048),
