@@ -42,7 +42,7 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  #
 CONTEXT_BYTES = int(0.5 * GIB)
 SLACK = 0.10
 DRIFT = 0.15  # the step event's warning threshold (trainer)
-_SDXL_UNET_PARAMS = 2.567e9
+_REFERENCE_UNET_PARAMS = 2.567e9  # SDXL's UNet, which the per-pixel figure was measured on
 _UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
@@ -144,7 +144,7 @@ def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolut
         if checkpointing:
             return batch * (blocks * int(1.1 * tokens * d * b) + per_block)
         return batch * blocks * per_block
-    scale = denoiser_params / _SDXL_UNET_PARAMS if denoiser_params else 1.0
+    scale = denoiser_params / _REFERENCE_UNET_PARAMS if denoiser_params else 1.0
     full = _UNET_BYTES_PER_PIXEL * resolution ** 2 * scale * b / 2
     return int(batch * (full / 4 if checkpointing else full))
 
