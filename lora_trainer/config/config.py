@@ -28,7 +28,6 @@ from .schema import (NESTED_KEY, REDACTED, REQUIRED, SCHEMA_PATH, SECRET_KEYS, S
 DEFAULT_MAX_TRAIN_STEPS = 1000
 VAE_SCALE = 8  # every family's VAE downsamples 8x: the least multiple of an image side
 BUCKET_STEP = 64  # buckets.make_buckets' step
-_DENOISER_WORDS = {"unet": "UNet"}  # pipeline attribute -> how messages name it
 
 
 @dataclass(frozen=True)
@@ -230,20 +229,23 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
             warnings.append({"code": "validation_never_runs", "path": "validation_steps",
                              "message": f"validation_steps {cfg.validation_steps} > max_train_steps {steps}: samples only at the end"})
     if cfg.resolution is not None:
-        spec = SPECS.get(cfg.model_type)  # None for "auto": preflight checks the probed family's multiple
-        family_multiple = spec.pixel_multiple if spec else VAE_SCALE
+        # A UNet family's resolution rules are checked here: its pixel multiple (the VAE's 8x times the UNet's
+        # downsampling) and its bucketing default. A transformer family's (VAE x patch size) are checked by
+        # preflight with its other family rules (model_checks), where a probed family gets them too.
+        spec = SPECS.get(cfg.model_type)  # None for "auto"
+        unet = spec if spec is not None and "unet" in spec.denoisers else None
+        family_multiple = unet.pixel_multiple if unet else VAE_SCALE
         multiple = math.lcm(family_multiple, BUCKET_STEP if cfg.enable_bucketing is True else 1)
         if cfg.resolution % multiple:
             if cfg.enable_bucketing:
                 why = f"bucketing uses a {BUCKET_STEP} px step"
             elif family_multiple > VAE_SCALE:
-                denoiser = _DENOISER_WORDS.get(spec.denoisers[0], spec.denoisers[0])
-                why = f"{spec.label}'s {denoiser} needs latents divisible by {family_multiple // VAE_SCALE}"
+                why = f"{unet.label}'s UNet needs latents divisible by {family_multiple // VAE_SCALE}"
             else:
                 why = f"the VAE downsamples {VAE_SCALE}x"
             problems.append(problem("resolution", cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
                                     f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
-        bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and spec is not None and spec.bucketing_default)
+        bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and unet is not None and unet.bucketing_default)
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, cfg.resolution)
         if bucketing and not (lo <= cfg.resolution <= hi):  # only an explicit bound can exclude it
             problems.append(problem("resolution", cfg.resolution, "resolution lies outside the bucket range",
