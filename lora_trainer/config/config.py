@@ -1,79 +1,33 @@
 """Config loading: JSON file -> schema validation -> cross-field checks -> one frozen, typed TrainConfig.
 
-config_schema.json is the single source of truth for names, types, ranges and defaults; this module adds
-what a schema cannot say (flat vs nested duplicates, did-you-mean, cross-field rules) and reports every
-problem at once, each with the JSON path, the bad value and what is allowed. It must stay free of torch and
-diffusers imports: ``--validate-only`` promises an answer in about a second.
+config_schema.json is the single source of truth for names, types, ranges and defaults; schema.py checks a
+document against it (with flat vs nested duplicates and did-you-mean), this module adds the cross-field rules a
+schema cannot say (and the family's, where model_type names one) and reports every problem at once, each with the
+JSON path, the bad value and what is allowed. It must stay free of torch and diffusers imports: ``--validate-only``
+promises an answer in about a second.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..data.buckets import bucket_range
 from ..contract.errors import ConfigError
+from ..families import SPECS
+from .schema import check_keys, optional_fields, problem, redact, schema_problems
+# Names modules and tests have always imported from here.
+from .schema import (NESTED_KEY, REDACTED, REQUIRED, SCHEMA_PATH, SECRET_KEYS, SECRET_SUFFIXES,  # noqa: F401
+                     SECRET_VALUE, is_secret_key, load_schema)
 
 
-def _find_schema(name: str) -> Path:
-    """The package's copy (installed wheels; a symlink to the top-level file in a checkout), else the repo root."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / name, here.parent.parent / name):
-        if candidate.is_file():
-            return candidate
-    return here.parent / name
-
-
-SCHEMA_PATH = _find_schema("config_schema.json")
-REQUIRED = ("dataset_path", "base_model", "output_path", "trigger_words")
-NESTED_KEY = "training_params"
 DEFAULT_MAX_TRAIN_STEPS = 1000
-# Secrets are named exactly (hf_token, wandb_api_key, password, ...) or end in a secret suffix: a substring match
-# ("token" in the name) also hid counts such as keep_tokens in run_started, the manifest and the report.
-SECRET_KEYS = frozenset({"token", "hf_token", "hub_token", "api_key", "apikey", "wandb_api_key", "password",
-                         "secret", "access_token", "auth_token"})
-SECRET_SUFFIXES = ("_token", "_api_key", "_apikey", "_password", "_secret")
-# Values that are credentials whatever key holds them: Hugging Face tokens (hf_...), OpenAI-style keys (sk-...),
-# W&B keys (40 hex digits), and URLs with a password in them (https://user:pass@host).
-SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|[0-9a-f]{40})$")
-_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
-REDACTED = "<redacted>"
-
-
-def is_secret_key(name: str) -> bool:
-    key = name.lower()
-    return key in SECRET_KEYS or key.endswith(SECRET_SUFFIXES)
-
-
-def redact(name: str, value: Any) -> Any:
-    """value, or REDACTED where the key names a secret or the value (or a list item) looks like a credential."""
-    if is_secret_key(name):
-        return REDACTED
-    if isinstance(value, str):
-        return REDACTED if SECRET_VALUE.match(value.strip()) or _URL_CREDENTIALS.match(value.strip()) else value
-    if isinstance(value, list):
-        return [redact("", v) for v in value]
-    return value
-
-
-_schema_cache: dict | None = None
-
-
-def load_schema() -> dict:
-    global _schema_cache
-    if _schema_cache is None:
-        with open(SCHEMA_PATH, encoding="utf-8") as fh:
-            _schema_cache = json.load(fh)
-    return _schema_cache
-
-
-def optional_fields() -> dict[str, dict]:
-    return load_schema()["definitions"][NESTED_KEY]["properties"]
+VAE_SCALE = 8  # every family's VAE downsamples 8x: the least multiple of an image side
+BUCKET_STEP = 64  # buckets.make_buckets' step
 
 
 @dataclass(frozen=True)
@@ -195,132 +149,6 @@ class TrainConfig:
         return out
 
 
-def _problem(path: str, value: Any, message: str, allowed: str | None = None) -> dict:
-    try:
-        if len(json.dumps(value, default=str)) > 300:  # echo a huge value back, but not all of it
-            value = json.dumps(value, default=str)[:300] + "..."
-    except (ValueError, RecursionError):
-        value = repr(value)[:300]
-    return {"path": path or "(root)", "value": value, "message": message, "allowed": allowed}
-
-
-def _describe_allowed(node: dict) -> str | None:
-    """Human summary of what a schema node accepts, for the 'allowed' field of a problem."""
-    if "enum" in node:
-        return "one of " + ", ".join(json.dumps(v) for v in node["enum"])
-    parts: list[str] = []
-    t = node.get("type")
-    if t:
-        parts.append(" or ".join(t) if isinstance(t, list) else t)
-    if "minimum" in node:
-        parts.append(f">= {node['minimum']}")
-    if "exclusiveMinimum" in node:
-        parts.append(f"> {node['exclusiveMinimum']}")
-    if "maximum" in node:
-        parts.append(f"<= {node['maximum']}")
-    if "pattern" in node:
-        parts.append(f"matching /{node['pattern']}/")
-    if "minItems" in node:
-        parts.append(f"at least {node['minItems']} item(s)")
-    if "const" in node:
-        return json.dumps(node["const"])
-    if "oneOf" in node:
-        return " | ".join(filter(None, (_describe_allowed(b) for b in node["oneOf"])))
-    if node.get("type") == "string" and node.get("minLength"):
-        parts.append("non-empty")
-    if node.get("type") == "array" and isinstance(node.get("items"), dict):
-        parts[0] = f"array of {_describe_allowed(node['items'])}"
-    return ", ".join(parts) or node.get("description")
-
-
-def _resolve_node(schema: dict, path: list) -> dict:
-    """Follow a JSON path through the schema (resolving local $refs) to the node describing it."""
-    node = schema
-    for part in path:
-        while "$ref" in node:
-            node = _follow_ref(schema, node["$ref"])
-        if isinstance(part, int):
-            node = node.get("items", {})
-        else:
-            node = node.get("properties", {}).get(part, {})
-    while "$ref" in node:
-        node = _follow_ref(schema, node["$ref"])
-    return node
-
-
-def _follow_ref(schema: dict, ref: str) -> dict:
-    node: Any = schema
-    for part in ref.lstrip("#/").split("/"):
-        node = node[part]
-    return node
-
-
-def _json_path(parts: Any) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _did_you_mean(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _check_keys(raw: dict, problems: list[dict]) -> dict[str, Any]:
-    """Unknown keys and flat/nested conflicts; returns the merged optional parameters."""
-    opt = optional_fields()
-    top_known = list(REQUIRED) + ["$schema", NESTED_KEY] + list(opt)
-    for key in raw:
-        if key not in top_known:
-            problems.append(_problem(key, raw[key], f"unknown key '{key}'{_did_you_mean(key, top_known)}",
-                                     "a key defined in config_schema.json"))
-    merged = {k: v for k, v in raw.items() if k in opt}
-    nested = raw.get(NESTED_KEY, {})
-    if not isinstance(nested, dict):
-        return merged  # the schema reports the wrong type
-    for key, value in nested.items():
-        path = f"{NESTED_KEY}.{key}"
-        if key in REQUIRED:
-            problems.append(_problem(path, value, f"'{key}' must be at the top level, not under {NESTED_KEY}",
-                                     "move it to the top level"))
-        elif key not in opt:
-            problems.append(_problem(path, value, f"unknown key '{key}'{_did_you_mean(key, list(opt))}",
-                                     "a key defined in config_schema.json"))
-        elif key in raw and raw[key] != value:
-            problems.append(_problem(path, value, f"'{key}' is given both at the top level ({json.dumps(raw[key])}) "
-                                     f"and under {NESTED_KEY} ({json.dumps(value)}) with different values",
-                                     "give it once, or the same value in both places"))
-        else:
-            merged[key] = value
-    return merged
-
-
-def _schema_problems(raw: dict) -> list[dict]:
-    import jsonschema  # imported lazily: ~50 ms that --help does not need
-
-    schema = load_schema()
-    validator = jsonschema.Draft7Validator(schema)
-    problems = []
-    for err in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path))):
-        if err.validator == "additionalProperties":
-            continue  # reported by _check_keys, with a did-you-mean suggestion
-        path = list(err.absolute_path)
-        node = _resolve_node(schema, path)
-        message = err.message
-        if err.validator == "required":
-            missing = err.message.split("'")[1] if "'" in err.message else ""
-            path = path + [missing]
-            problems.append(_problem(_json_path(path), None, f"'{missing}' is required",
-                                     _describe_allowed(_resolve_node(schema, path))))
-            continue
-        elif err.validator == "oneOf":
-            message = f"{json.dumps(err.instance)[:200]} is not valid here"
-        problems.append(_problem(_json_path(path), err.instance if path else None, message,
-                                 _describe_allowed(node) if path else None))
-    return problems
-
-
 def _resolve_path(value: str, base: Path) -> Path:
     p = Path(os.path.expanduser(value))
     return p if p.is_absolute() else (base / p)
@@ -339,22 +167,22 @@ def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
     if not value:
         return
     if value >= 1 and value != int(value):
-        problems.append(_problem("offload_blocks", value, "offload_blocks of 1 or more is a block count and must be "
-                                 "a whole number", f"{int(value)}, or a fraction between 0 and 1"))
+        problems.append(problem("offload_blocks", value, "offload_blocks of 1 or more is a block count and must be "
+                                "a whole number", f"{int(value)}, or a fraction between 0 and 1"))
     if not cfg.gradient_checkpointing:
         # Without checkpointing autograd holds views of every block's weights until the backward pass, so
         # streaming would free nothing (offload.py).
-        problems.append(_problem("offload_blocks", value, "offload_blocks needs gradient_checkpointing: without it "
-                                 "the backward pass keeps every block's weights on the accelerator anyway",
-                                 "set gradient_checkpointing true, or offload_blocks 0"))
+        problems.append(problem("offload_blocks", value, "offload_blocks needs gradient_checkpointing: without it "
+                                "the backward pass keeps every block's weights on the accelerator anyway",
+                                "set gradient_checkpointing true, or offload_blocks 0"))
     if cfg.base_quantization in ("int8", "nf4"):
-        problems.append(_problem("offload_blocks", value, f"offload_blocks cannot stream a {cfg.base_quantization} "
-                                 "base: its weights carry quantisation state that streaming does not move",
-                                 "base_quantization \"none\" or \"fp8\" with offload_blocks, or offload_blocks 0"))
+        problems.append(problem("offload_blocks", value, f"offload_blocks cannot stream a {cfg.base_quantization} "
+                                "base: its weights carry quantisation state that streaming does not move",
+                                "base_quantization \"none\" or \"fp8\" with offload_blocks, or offload_blocks 0"))
     if cfg.use_dora:
-        problems.append(_problem("offload_blocks", value, "offload_blocks cannot be combined with use_dora: DoRA's "
-                                 "export reads the base weights, which streaming keeps in host memory",
-                                 "use_dora false, or offload_blocks 0"))
+        problems.append(problem("offload_blocks", value, "offload_blocks cannot be combined with use_dora: DoRA's "
+                                "export reads the base weights, which streaming keeps in host memory",
+                                "use_dora false, or offload_blocks 0"))
 
 
 def shard_clashes(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -379,56 +207,65 @@ def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
     if not cfg.shard_base:
         return
     for message, allowed in shard_clashes(cfg):
-        problems.append(_problem("shard_base", True, f"shard_base cannot be combined with {message}",
-                                 f"{allowed}, or shard_base false"))
+        problems.append(problem("shard_base", True, f"shard_base cannot be combined with {message}",
+                                f"{allowed}, or shard_base false"))
 
 
 def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -> None:
     ex = cfg.explicit_keys
     if cfg.max_train_steps is not None and cfg.num_epochs is not None:
-        problems.append(_problem("num_epochs", cfg.num_epochs, "set max_train_steps or num_epochs, not both",
-                                 "remove one of them"))
+        problems.append(problem("num_epochs", cfg.num_epochs, "set max_train_steps or num_epochs, not both",
+                                "remove one of them"))
     steps = cfg.max_train_steps
     if steps is not None:
         if "checkpointing_steps" in ex and cfg.checkpointing_steps and cfg.checkpointing_steps > steps:
-            problems.append(_problem("checkpointing_steps", cfg.checkpointing_steps,
-                                     f"checkpoint interval is beyond the total of {steps} steps: no checkpoint would be written before the end",
-                                     f"an integer between 1 and {steps}, or null"))
+            problems.append(problem("checkpointing_steps", cfg.checkpointing_steps,
+                                    f"checkpoint interval is beyond the total of {steps} steps: no checkpoint would be written before the end",
+                                    f"an integer between 1 and {steps}, or null"))
         if cfg.lr_warmup_steps > steps:
-            problems.append(_problem("lr_warmup_steps", cfg.lr_warmup_steps,
-                                     f"warm-up is longer than the whole run ({steps} steps)", f"0 to {steps}"))
+            problems.append(problem("lr_warmup_steps", cfg.lr_warmup_steps,
+                                    f"warm-up is longer than the whole run ({steps} steps)", f"0 to {steps}"))
         if cfg.validation_steps and cfg.validation_steps > steps:
             warnings.append({"code": "validation_never_runs", "path": "validation_steps",
                              "message": f"validation_steps {cfg.validation_steps} > max_train_steps {steps}: samples only at the end"})
     if cfg.resolution is not None:
-        sdxl_or_buckets = cfg.model_type == "sdxl" or cfg.enable_bucketing is True
-        multiple = 64 if sdxl_or_buckets else 8
+        # A UNet family's resolution rules are checked here: its pixel multiple (the VAE's 8x times the UNet's
+        # downsampling) and its bucketing default. A transformer family's (VAE x patch size) are checked by
+        # preflight with its other family rules (model_checks), where a probed family gets them too.
+        spec = SPECS.get(cfg.model_type)  # None for "auto"
+        unet = spec if spec is not None and "unet" in spec.denoisers else None
+        family_multiple = unet.pixel_multiple if unet else VAE_SCALE
+        multiple = math.lcm(family_multiple, BUCKET_STEP if cfg.enable_bucketing is True else 1)
         if cfg.resolution % multiple:
-            why = "bucketing uses a 64 px step" if cfg.enable_bucketing else (
-                "SDXL's UNet needs latents divisible by 8" if cfg.model_type == "sdxl" else "the VAE downsamples 8x")
-            problems.append(_problem("resolution", cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
-                                     f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
-        bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and cfg.model_type == "sdxl")
+            if cfg.enable_bucketing:
+                why = f"bucketing uses a {BUCKET_STEP} px step"
+            elif family_multiple > VAE_SCALE:
+                why = f"{unet.label}'s UNet needs latents divisible by {family_multiple // VAE_SCALE}"
+            else:
+                why = f"the VAE downsamples {VAE_SCALE}x"
+            problems.append(problem("resolution", cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
+                                    f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
+        bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and unet is not None and unet.bucketing_default)
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, cfg.resolution)
         if bucketing and not (lo <= cfg.resolution <= hi):  # only an explicit bound can exclude it
-            problems.append(_problem("resolution", cfg.resolution, "resolution lies outside the bucket range",
-                                     f"{lo} to {hi} (min_bucket_resolution / max_bucket_resolution)"))
+            problems.append(problem("resolution", cfg.resolution, "resolution lies outside the bucket range",
+                                    f"{lo} to {hi} (min_bucket_resolution / max_bucket_resolution)"))
     if None not in (cfg.min_bucket_resolution, cfg.max_bucket_resolution) and \
             cfg.min_bucket_resolution > cfg.max_bucket_resolution:
-        problems.append(_problem("min_bucket_resolution", cfg.min_bucket_resolution,
-                                 "min_bucket_resolution is larger than max_bucket_resolution",
-                                 f"<= {cfg.max_bucket_resolution}"))
+        problems.append(problem("min_bucket_resolution", cfg.min_bucket_resolution,
+                                "min_bucket_resolution is larger than max_bucket_resolution",
+                                f"<= {cfg.max_bucket_resolution}"))
     if cfg.dataset_path == cfg.output_path or _is_within(cfg.output_path, cfg.dataset_path):
-        problems.append(_problem("output_path", str(cfg.output_path),
-                                 "output_path is the dataset folder or inside it: checkpoints and samples would be read as training images",
-                                 "a folder outside dataset_path"))
+        problems.append(problem("output_path", str(cfg.output_path),
+                                "output_path is the dataset folder or inside it: checkpoints and samples would be read as training images",
+                                "a folder outside dataset_path"))
     elif _is_within(cfg.dataset_path, cfg.output_path):
-        problems.append(_problem("output_path", str(cfg.output_path),
-                                 "output_path contains dataset_path: pruning or overwriting outputs could touch the dataset",
-                                 "a folder that does not contain dataset_path"))
+        problems.append(problem("output_path", str(cfg.output_path),
+                                "output_path contains dataset_path: pruning or overwriting outputs could touch the dataset",
+                                "a folder that does not contain dataset_path"))
     if cfg.optimizer == "adamw8bit" and cfg.device == "cpu":
-        problems.append(_problem("optimizer", cfg.optimizer, "the 8-bit AdamW of bitsandbytes needs a CUDA GPU, but device is 'cpu'",
-                                 "adamw, prodigy or adafactor on the CPU"))
+        problems.append(problem("optimizer", cfg.optimizer, "the 8-bit AdamW of bitsandbytes needs a CUDA GPU, but device is 'cpu'",
+                                "adamw, prodigy or adafactor on the CPU"))
     if cfg.use_dora:
         warnings.append({"code": "dora_loaders", "path": "use_dora",
                          "message": "DoRA: diffusers loads pytorch_lora_weights.safetensors exactly; ComfyUI and Forge "
@@ -438,11 +275,11 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
     _offload_problems(cfg, problems)
     _shard_problems(cfg, problems)
     if cfg.flip_aug and cfg.cache_latents:
-        problems.append(_problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
-                                 "false, or set cache_latents to false"))
+        problems.append(problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
+                                "false, or set cache_latents to false"))
     if cfg.mixed_precision == "fp16" and cfg.device == "cpu":
-        problems.append(_problem("mixed_precision", "fp16", "fp16 mixed precision needs a GPU (the gradient scaler is CUDA-only)",
-                                 "\"no\", \"bf16\" or \"auto\" on the CPU"))
+        problems.append(problem("mixed_precision", "fp16", "fp16 mixed precision needs a GPU (the gradient scaler is CUDA-only)",
+                                "\"no\", \"bf16\" or \"auto\" on the CPU"))
     if not cfg.train_text_encoder:
         for key in ("text_encoder_lr", "text_encoder_target_modules"):
             if key in ex:
@@ -457,12 +294,12 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, config_path: Path | 
     """Validate a decoded JSON document; returns the config and non-fatal warnings, or raises ConfigError."""
     base_dir = base_dir or Path.cwd()
     if not isinstance(raw, dict):
-        raise ConfigError("the config must be a JSON object", [_problem("(root)", raw if not isinstance(raw, (dict, list)) else type(raw).__name__,
-                                                                         f"expected an object, got {type(raw).__name__}", "a JSON object with dataset_path, base_model, output_path, trigger_words")])
+        raise ConfigError("the config must be a JSON object", [problem("(root)", raw if not isinstance(raw, (dict, list)) else type(raw).__name__,
+                                                                        f"expected an object, got {type(raw).__name__}", "a JSON object with dataset_path, base_model, output_path, trigger_words")])
     problems: list[dict] = []
     warnings: list[dict] = []
-    merged = _check_keys(raw, problems)
-    problems.extend(_schema_problems(raw))
+    merged = check_keys(raw, problems)
+    problems.extend(schema_problems(raw))
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the config", problems)
 
@@ -497,18 +334,18 @@ def load_config(path: str | os.PathLike) -> tuple[TrainConfig, list[dict]]:
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}", [_problem("--config", str(p), "file not found", "path to a JSON config file")]) from None
+        raise ConfigError(f"config file not found: {p}", [problem("--config", str(p), "file not found", "path to a JSON config file")]) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}", [_problem("--config", str(p), str(exc), "a readable file")]) from None
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}", [problem("--config", str(p), str(exc), "a readable file")]) from None
     try:
         text = data.decode("utf-8-sig")  # editors on Windows add a BOM
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {p} is not UTF-8", [_problem("--config", str(p), f"byte {exc.start} is not UTF-8", "UTF-8 JSON")]) from None
+        raise ConfigError(f"config file {p} is not UTF-8", [problem("--config", str(p), f"byte {exc.start} is not UTF-8", "UTF-8 JSON")]) from None
     try:
         raw = json.loads(text)
     except RecursionError:
-        raise ConfigError(f"config file {p} nests too deeply", [_problem("--config", str(p), "JSON nested too deeply", "a flat JSON object")]) from None
+        raise ConfigError(f"config file {p} nests too deeply", [problem("--config", str(p), "JSON nested too deeply", "a flat JSON object")]) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                          [_problem("--config", str(p), f"{exc.msg} at line {exc.lineno} column {exc.colno}", "valid JSON")]) from None
+                          [problem("--config", str(p), f"{exc.msg} at line {exc.lineno} column {exc.colno}", "valid JSON")]) from None
     return parse_config(raw, base_dir=p.resolve().parent, config_path=p.resolve())

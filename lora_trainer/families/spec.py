@@ -16,7 +16,7 @@ only Linear layers under it (``transformer_blocks.*``: every Linear of every blo
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 def tokenizer_of(encoder: str) -> str:
@@ -69,12 +69,13 @@ class Activations:
 
     ``"unet"``: bytes per pixel measured on SDXL, scaled by the UNet's weight count. ``"transformer"``: per block,
     linear in tokens (image tokens (resolution / pixel_multiple)^2 plus ``text_tokens``) and in the hidden size,
-    read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed (missing keys: 0)."""
+    read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed, each key mapped to the
+    figure taken where config.json lacks it."""
 
     kind: str  # "unet" | "transformer"
     text_tokens: int = 0
-    width_keys: tuple[str, ...] = ()
-    depth_keys: tuple[str, ...] = ()
+    width_keys: Mapping[str, int] = field(default_factory=dict)
+    depth_keys: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class FamilySpec:
     components: tuple[str, ...]  # what its diffusers folder must hold, in the order the probe reports them
     lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
     default_resolution: int
+    # Prediction type -> native resolution where it differs from default_resolution (SD2's 512 px epsilon base).
+    prediction_resolution: Mapping[str, int]
     bucketing_default: bool
     pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
     latent_channels: int  # of the VAE's latents (8x downsampled)
@@ -105,6 +108,8 @@ class FamilySpec:
     max_sequence_length: Mapping[str | None, int]
     # Variant -> the hub repo diffusers takes a single file's configs from (None: the default).
     single_file_config_repo: Mapping[str | None, str]
+    # Those of its single_file_config_repo repos that are gated on the Hub (accept the licence, set HF_TOKEN).
+    gated_repos: tuple[str, ...]
     # The denoiser's repeated blocks (ModuleList names, in forward order): the units offload_blocks streams from host
     # memory (offload.py) and shard_base shards (shard.py), and the memory plan counts.
     blocks: tuple[str, ...]

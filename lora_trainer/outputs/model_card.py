@@ -11,14 +11,21 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..families import SPECS
+
 CARD_NAME = "README.md"
-FAMILY_TAGS = {"sd15": ["stable-diffusion", "stable-diffusion-diffusers"],
-               "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
-               "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
-               "flux1": ["flux", "flux-diffusers"], "sd3": ["sd3", "sd3-diffusers"]}
-FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux1": "FLUX.1",
-                "sd3": "Stable Diffusion 3 / 3.5"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def family_name(family: str) -> str:
+    """How the card and the report name the family ("Stable Diffusion 1.x"); an unknown one by its model_type."""
+    spec = SPECS.get(family)
+    return spec.display_name if spec else family
+
+
+def family_tags(family: str) -> list[str]:
+    spec = SPECS.get(family)
+    return list(spec.hub_tags) if spec else []
 
 
 def _latest_samples(out_dir: Path, limit: int = 4) -> list[tuple[str, str]]:
@@ -45,8 +52,8 @@ def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool) ->
     data = ModelCardData(
         base_model=base if base_is_hub and _HUB_ID.match(base) else None, library_name="diffusers",
         license="other", instance_prompt=triggers or None, widget=widget or None,
-        tags=["text-to-image", "diffusers", "lora", "template:sd-lora", "train_lora", *FAMILY_TAGS.get(family, [])])
-    fam = FAMILY_NAMES.get(family, family)
+        tags=["text-to-image", "diffusers", "lora", "template:sd-lora", "train_lora", *family_tags(family)])
+    fam = family_name(family)
     base_line = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{Path(base).name or base}` (a local model)"
     samples_md = "\n".join(f"![{prompts[int(i)] if int(i) < len(prompts) else triggers}]({rel})"
                            for rel, i in _latest_samples(out_dir)) or "_No samples were generated (validation_steps)._"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .model_card import FAMILY_NAMES
+from .model_card import family_name
 
 REPORT_HTML = "report.html"
 LOSS_PNG = plots.LOSS_PNG
@@ -120,7 +120,7 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{e(cfg.output_name)}: {e(family)} LoRA ({e(status)})</title><style>{_CSS}</style></head><body>
 <h1>{e(cfg.output_name)} <span class="badge {e(status)}">{e(status)}</span></h1>
-<p class="sub">A {e(FAMILY_NAMES.get(family, family))} LoRA trained by train_lora. Status: <b>{e(status)}</b>,
+<p class="sub">A {e(family_name(family))} LoRA trained by train_lora. Status: <b>{e(status)}</b>,
 step {step} of {total_steps}, run {e(run_id)}.</p>
 <div class="card facts">{facts_html}</div>
 <h2>Loss</h2><div class="card">{_img_tag(png)}</div>

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..families import SPECS
+
 GIB = 1024 ** 3
 DEFAULT_DEVICE_FRACTION = 0.1
 DEFAULT_HOST_FRACTION = 0.25
@@ -59,22 +61,13 @@ def default_host_budget(fraction: float = DEFAULT_HOST_FRACTION, cap: int = DEFA
 
 
 def estimate_bytes_per_entry(family: str, *, max_sequence_length: int | None = None, dtype_bytes: int = 2) -> int:
-    """An entry's size for the real models, from shapes alone (for preflight, before anything is loaded):
-    SD1.x [77, 768]; SD2.x [77, 1024]; SDXL [77, 2048] + pooled 1280; FLUX.1 [L, 4096] + pooled 768 (L 512 dev,
-    256 schnell); SD3 [77 + L, 4096] + pooled 2048 (L 256)."""
-    if family == "sd15":
-        n = 77 * 768
-    elif family == "sd2":
-        n = 77 * 1024
-    elif family == "sdxl":
-        n = 77 * 2048 + 1280
-    elif family == "flux1":
-        n = (max_sequence_length or 512) * 4096 + 768
-    elif family == "sd3":
-        n = (77 + (max_sequence_length or 256)) * 4096 + 2048
-    else:
+    """An entry's size for the real models, from the family's text-cache shapes alone (for preflight, before
+    anything is loaded); a T5 sequence takes the family's default length (spec.max_sequence_length) unless given."""
+    spec = SPECS.get(family)
+    if spec is None:
         raise ValueError(f"unknown family {family!r}")
-    return n * dtype_bytes
+    length = max_sequence_length or spec.max_sequence_length.get(None, 0)
+    return spec.text_entry.elements(length) * dtype_bytes
 
 
 def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_budget_bytes: int,
@@ -94,7 +87,7 @@ def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_
     return "disk", f"{mib:.1f} MiB exceeds the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
 
 
-LATENT_CHANNELS = {"sd15": 4, "sd2": 4, "sdxl": 4, "flux1": 16, "sd3": 16}  # the families' VAEs; 8x downsampling
+VAE_SCALE = 8  # every family's VAE downsamples 8x
 
 
 def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions: list[str]) -> dict | None:
@@ -102,12 +95,13 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions
     are the training sizes (buckets) of the usable images, ``captions`` the built captions. Entries are counted as
     the trainer counts them (distinct captions, plus "" with caption dropout) at bf16 (fp32 on the CPU doubles the
     text figure); on a GPU a cache that fits a tenth of its free memory moves there."""
-    if family not in LATENT_CHANNELS:
+    spec = SPECS.get(family or "")
+    if spec is None:
         return None
     budget = int(cfg.cache_host_budget_gb * GIB) if cfg.cache_host_budget_gb is not None else default_host_budget()
     out: dict = {"host_budget_bytes": budget}
     if cfg.cache_latents:
-        total = sum(LATENT_CHANNELS[family] * (w // 8) * (h // 8) * 4 for w, h in shapes)
+        total = sum(spec.latent_channels * (w // VAE_SCALE) * (h // VAE_SCALE) * 4 for w, h in shapes)
         out["latents"] = {"total_bytes": total, "placement": "host" if total <= budget else "disk"}
     if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags:
         entries = len(set(captions) | ({""} if cfg.caption_dropout_rate > 0 else set()))

@@ -255,19 +255,20 @@ def _too_small(rec: ImageRecord, resolution: int, buckets: list | None) -> bool:
 
 
 def resolve_training_shape(cfg: Any, family: str | None = None, prediction_type: str | None = None) -> tuple[int, bool]:
-    """(resolution, bucketing) after the null defaults: the family's native size, bucketing on for SDXL.
+    """(resolution, bucketing) after the null defaults: the family's native size (for its prediction type where
+    that decides it, e.g. SD2's 512 px epsilon base) and its bucketing default.
 
-    An SD2 model of unknown prediction type is assumed to be the 768-v kind (SD 2.x's flagship).
+    A model of unknown prediction type gets the family's default_resolution (for SD2 the 768-v kind, SD 2.x's
+    flagship). An unknown family is taken for the registered one with the smallest native size (SD1.x), so that no
+    image is called too small for a model that may not need it.
     """
     from ..families import SPECS
 
     fam = family or (cfg.model_type if cfg.model_type != "auto" else None)
-    spec = SPECS.get(fam or "sd15", SPECS["sd15"])
+    spec = SPECS.get(fam or "") or min(SPECS.values(), key=lambda s: s.default_resolution)
     res = cfg.resolution
     if res is None:
-        res = spec.default_resolution
-        if fam == "sd2" and prediction_type == "epsilon":
-            res = 512
+        res = spec.prediction_resolution.get(prediction_type or "", spec.default_resolution)
     bucketing = cfg.enable_bucketing if cfg.enable_bucketing is not None else spec.bucketing_default
     return res, bool(bucketing)
 

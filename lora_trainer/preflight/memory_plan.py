@@ -6,10 +6,11 @@ M = frozen weights at their storage format (base_quantization / text_encoder_qua
 weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders / VAE while they stay
 resident). Activations (B = 1, per image):
 
-* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / 16)^2 image + text tokens, and in the
-  hidden size d. Measured on a full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block
-  keeps ~23 x L x d x 2 bytes for backward (bf16, LoRA on every Linear), ~13x with attention-only LoRA; with gradient
-  checkpointing each block keeps its input (~1.1 x L x d x 2) and one block is recomputed at a time.
+* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / pixel multiple)^2 image + text tokens,
+  and in the hidden size d (the spec's Activations say which config.json keys give d and the depth). Measured on a
+  full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block keeps ~23 x L x d x 2 bytes for
+  backward (bf16, LoRA on every Linear), ~13x with attention-only LoRA; with gradient checkpointing each block keeps
+  its input (~1.1 x L x d x 2) and one block is recomputed at a time.
 * UNet families: the SDXL UNet measured 1.32 GiB at 512 px and 5.2 GiB at 1024 px without checkpointing (bf16,
   attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B;
   checkpointing keeps about a quarter.
@@ -31,7 +32,7 @@ from typing import Any
 
 from ..config.config import shard_clashes
 from ..families import SPECS
-from ..families.spec import expand_targets
+from ..families.spec import FamilySpec, expand_targets
 from .probe import weight_shapes
 from ..runtime.offload import resolve_count
 from ..runtime.quantize import STORAGE_BYTES, quantizable
@@ -41,7 +42,7 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  #
 CONTEXT_BYTES = int(0.5 * GIB)
 SLACK = 0.10
 DRIFT = 0.15  # the step event's warning threshold (trainer)
-_SDXL_UNET_PARAMS = 2.567e9
+_REFERENCE_UNET_PARAMS = 2.567e9  # SDXL's UNet, which the per-pixel figure was measured on
 _UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
@@ -130,18 +131,20 @@ def _shard(blocks: list[int], processes: int) -> dict | None:
             "device_bytes": -(-sum(blocks) // processes) + gathered}
 
 
-def _activations(family: str, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
+def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
                  checkpointing: bool, attention_only: bool) -> int:
-    if SPECS[family].is_flow:
-        d = int(cfg_json.get("num_attention_heads", 24)) * int(cfg_json.get("attention_head_dim", 128))
-        blocks = int(cfg_json.get("num_layers", 19)) + int(cfg_json.get("num_single_layers", 0))
-        text = 77 + 256 if family == "sd3" else 512
-        tokens = (resolution // 16) ** 2 + text
+    act = spec.activations
+    if act.kind == "transformer":
+        d = 1
+        for key, default in act.width_keys.items():
+            d *= int(cfg_json.get(key, default))
+        blocks = sum(int(cfg_json.get(key, default)) for key, default in act.depth_keys.items())
+        tokens = (resolution // spec.pixel_multiple) ** 2 + act.text_tokens
         per_block = (13 if attention_only else 23) * tokens * d * b
         if checkpointing:
             return batch * (blocks * int(1.1 * tokens * d * b) + per_block)
         return batch * blocks * per_block
-    scale = denoiser_params / _SDXL_UNET_PARAMS if denoiser_params else 1.0
+    scale = denoiser_params / _REFERENCE_UNET_PARAMS if denoiser_params else 1.0
     full = _UNET_BYTES_PER_PIXEL * resolution ** 2 * scale * b / 2
     return int(batch * (full / 4 if checkpointing else full))
 
@@ -201,7 +204,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     else:
         parts["lora"] = lora * per_param
     attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)
-    parts["activations"] = _activations(family, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
+    parts["activations"] = _activations(spec, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
                                         o["gradient_checkpointing"], attention_only)
     variable = sum(parts.values())
     parts["fixed"] = (CONTEXT_BYTES if on_gpu else 0) + int(SLACK * variable)

@@ -73,10 +73,35 @@ def _check_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warning
     return {"source": repo, "kind": "hub", "in_cache": False}
 
 
+def _and(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def _gated_models() -> str:
+    """The gated default config repos, for people: "FLUX.1-dev" where only some of a family's variants' repos are
+    gated, "the SD3/3.5 repos" where all are."""
+    names = []
+    for spec in SPECS.values():
+        repos = spec.single_file_config_repo
+        if not spec.gated_repos:
+            continue
+        if all(r in spec.gated_repos for r in repos.values()):
+            names.append(f"the {spec.label} repos")
+        else:
+            names.extend(f"{spec.label}-{v}" for v, r in repos.items() if v is not None and r in spec.gated_repos)
+    return _and(names)
+
+
 def _check_dit_single_file_config(cfg: Any, probe: ModelProbe, errors: list, warnings: list) -> dict:
     """A FLUX.1 / SD3 single file holds the transformer only (or more, which is not used): the VAE and text
     encoders, with their weights, come from base_model_config or the family's default repo."""
     from ..runtime.single_file import default_config_repo, download_command, single_file_problems
+
+    spec = SPECS[probe.family]
+    denoiser = _and(list(spec.denoisers))
+    # T5-XXL (4.7 B parameters) is most of the download wherever a family has it.
+    size = "about 10 GB, mostly T5-XXL; " if spec.t5_tokenizers else ""
+    gated = _gated_models()
 
     src = (cfg.base_model_config or "").strip()
     local = cfg.resolve(src) if src else None
@@ -99,19 +124,19 @@ def _check_dit_single_file_config(cfg: Any, probe: ModelProbe, errors: list, war
     fetch = download_command(repo, probe.family)
     if hub_offline():
         errors.append(_issue("model_config_missing", "base_model_config",
-                             f"the single-file checkpoint holds the transformer; its VAE and text encoders (weights), "
+                             f"the single-file checkpoint holds the {denoiser}; its VAE and text encoders (weights), "
                              f"tokenizers and configs come from {repo} ({why}), which is not (fully) in the local "
                              "Hugging Face cache, and HF_HUB_OFFLINE is set",
                              hint="set base_model_config to a local diffusers folder of the same model (VAE and text "
                                   f"encoder weights included), or fetch them where there is network: {fetch}"))
     else:
         warnings.append(_issue("single_file_config_download", "base_model_config",
-                               f"the VAE and text encoders (weights, about 10 GB, mostly T5-XXL; not the transformer), "
+                               f"the VAE and text encoders (weights, {size}not the {denoiser}), "
                                f"tokenizers and configs for the single-file checkpoint will be downloaded from {repo} "
                                f"({why}) at the start of training",
                                hint=f"to avoid it, set base_model_config to a local diffusers folder of the same "
-                                    f"model, or run {fetch}; FLUX.1-dev and the SD3/3.5 repos are gated: accept the "
-                                    "licence and set HF_TOKEN"))
+                                    f"model, or run {fetch}"
+                                    + (f"; {gated} are gated: accept the licence and set HF_TOKEN" if gated else "")))
     return {"source": repo, "kind": "hub", "in_cache": snap is not None}
 
 
@@ -171,9 +196,10 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
         errors.append(_issue("config_invalid", key, f"{key}: {why}", value=getattr(cfg, key), allowed=allowed))
 
     if spec.is_flow:
+        ddpm = "/".join(s.label for s in SPECS.values() if not s.is_flow)
         for key in DDPM_KEYS:
             if key in ex and getattr(cfg, key) not in (None, 0, 0.0, "auto"):
-                refuse(key, f"{spec.label} trains with flow matching; {key} is a DDPM (SD1.x/SD2.x/SDXL) option",
+                refuse(key, f"{spec.label} trains with flow matching; {key} is a DDPM ({ddpm}) option",
                        "remove it (see the flow_* options)")
     else:
         for key in FLOW_KEYS:

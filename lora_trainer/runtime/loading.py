@@ -11,29 +11,42 @@ from pathlib import Path
 from typing import Callable
 
 from ..contract.errors import ModelLoadError
+from ..families import SPECS
+from ..families.spec import tokenizer_of
 from ..preflight.probe import hub_offline
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-# Exactly what families/base.py loads from a pipeline folder (from_pretrained(..., use_safetensors=True), no
-# variant): model_index.json, the scheduler config, each model component's config and its non-variant
-# safetensors weights (single file or shards + index), and the tokenizers. Components: SD/SDXL unet, vae,
-# text_encoder(_2); FLUX.1 / SD3 transformer, vae, text_encoder (CLIP-L), text_encoder_2 (T5 for FLUX.1, CLIP-G
-# for SD3), text_encoder_3 (SD3's T5); the T5 tokenizer folder (tokenizer_2 / tokenizer_3) holds spiece.model
-# and tokenizer.json. Real repos also hold root-level single-file checkpoints (v1-5-pruned.safetensors,
-# sd_xl_base_1.0.safetensors, flux1-dev.safetensors + ae.safetensors, sd3.5_large.safetensors and
-# text_encoders/*.safetensors: 4-24 GB each), fp16/bf16/non_ema variants (model.fp16-00001-of-00002.safetensors)
-# and a safety_checker: a bare "*.safetensors" would download all of them for nothing. Shard names are
-# matched digit by digit (save_pretrained writes -00001-of-00002), so a variant's shards never match.
-_MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+# Exactly what the family adapters load from a pipeline folder (from_pretrained(..., use_safetensors=True), no
+# variant), for every registered family: model_index.json, the scheduler config, each model component's config and
+# its non-variant safetensors weights (single file or shards + index), and the tokenizer folders (a T5 tokenizer's
+# holds spiece.model and tokenizer.json). Real repos also hold root-level single-file checkpoints
+# (v1-5-pruned.safetensors, sd_xl_base_1.0.safetensors, flux1-dev.safetensors + ae.safetensors,
+# sd3.5_large.safetensors and text_encoders/*.safetensors: 4-24 GB each), fp16/bf16/non_ema variants
+# (model.fp16-00001-of-00002.safetensors) and a safety_checker: a bare "*.safetensors" would download all of them for
+# nothing. Shard names are matched digit by digit (save_pretrained writes -00001-of-00002), so a variant's shards
+# never match. One list for all families: the family of a hub id is known only once model_index.json is here.
 _SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
-HUB_PATTERNS = ["model_index.json", "scheduler/*.json",
-                *(f"{comp}/{name}" for comp in _MODEL_COMPONENTS for name in (
-                    "config.json",
-                    "diffusion_pytorch_model.safetensors", f"diffusion_pytorch_model{_SHARD}",
-                    "diffusion_pytorch_model.safetensors.index.json",
-                    "model.safetensors", f"model{_SHARD}", "model.safetensors.index.json")),
-                *(f"{tok}/*" for tok in _TOKENIZERS)]
+
+
+def _hub_patterns() -> list[str]:
+    """The patterns above from the registered specs' components: denoisers, then the other models (the VAE), then
+    text encoders, then their tokenizers; each group in registry order, so the list is stable."""
+    specs = SPECS.values()
+    encoders = [e for s in specs for e in s.text_encoders]
+    tokenizers = [tokenizer_of(e) for e in encoders]
+    others = [c for s in specs for c in s.components
+              if c != "scheduler" and c not in s.denoisers and c not in encoders and c not in tokenizers]
+    models = list(dict.fromkeys([d for s in specs for d in s.denoisers] + others + encoders))
+    return ["model_index.json", "scheduler/*.json",
+            *(f"{comp}/{name}" for comp in models for name in (
+                "config.json",
+                "diffusion_pytorch_model.safetensors", f"diffusion_pytorch_model{_SHARD}",
+                "diffusion_pytorch_model.safetensors.index.json",
+                "model.safetensors", f"model{_SHARD}", "model.safetensors.index.json")),
+            *(f"{tok}/*" for tok in dict.fromkeys(tokenizers))]
+
+
+HUB_PATTERNS = _hub_patterns()
 HUB_IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # never fetched, whatever the folder
 
 

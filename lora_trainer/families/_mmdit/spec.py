@@ -5,6 +5,7 @@ from __future__ import annotations
 # SD3.5-medium's attn2 have to_q/k/v too, so the suffixes reach them.
 MMDIT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 MMDIT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-# Hidden size = heads x head dim, depth = joint (+ single) blocks, as their transformers' config.json name them.
-MMDIT_ACTIVATION_KEYS = {"width_keys": ("num_attention_heads", "attention_head_dim"),
-                         "depth_keys": ("num_layers", "num_single_layers")}
+# Hidden size = heads x head dim, depth = joint (+ single) blocks, as their transformers' config.json name them;
+# a config.json without them is taken for FLUX.1's joint blocks (24 x 128 wide, 19 deep).
+MMDIT_ACTIVATION_KEYS = {"width_keys": {"num_attention_heads": 24, "attention_head_dim": 128},
+                         "depth_keys": {"num_layers": 19, "num_single_layers": 0}}

@@ -17,7 +17,8 @@ SPEC = FamilySpec(
                        "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
                        "tokenizer_2": "T5TokenizerFast"},
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
-    lora_text_encoders=("text_encoder",), default_resolution=1024, bucketing_default=True, pixel_multiple=16,
+    lora_text_encoders=("text_encoder",), default_resolution=1024,
+    prediction_resolution={}, bucketing_default=True, pixel_multiple=16,
     latent_channels=16,
     presets={"attention": MMDIT_ATTENTION,
              "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP + ("proj_mlp", "single_transformer_blocks.*.proj_out"),
@@ -27,6 +28,7 @@ SPEC = FamilySpec(
     max_sequence_length={"dev": 512, "schnell": 256, None: 512},
     single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
                              None: "black-forest-labs/FLUX.1-dev"},
+    gated_repos=("black-forest-labs/FLUX.1-dev",),  # schnell (Apache-2.0) is not gated
     blocks=("transformer_blocks", "single_transformer_blocks"),
     # T5-XXL's sequence (4096 wide) and CLIP-L's pooled vector.
     text_entry=TextEntry(tokens=0, sequence=True, width=4096, pooled=768),

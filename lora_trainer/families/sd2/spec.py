@@ -10,7 +10,8 @@ from ..spec import TextEntry, ToolNames
 # OpenCLIP ViT-H (diffusers format already drops its last layer); the same conditioning as SD1.x.
 SPEC = replace(
     SD15, name="sd2", label="SD2.x", display_name="Stable Diffusion 2.x", component_classes=UNET_CLASSES,
-    kohya_v2=True, default_resolution=768, single_file_config_repo={None: "stabilityai/stable-diffusion-2-1"},
+    kohya_v2=True, default_resolution=768, prediction_resolution={"epsilon": 512},
+    single_file_config_repo={None: "stabilityai/stable-diffusion-2-1"}, gated_repos=(),
     text_entry=TextEntry(tokens=77, sequence=False, width=1024, pooled=0),
     tool_names={None: ToolNames("sd_v2", "stable-diffusion-v2-512", "diffusers"),
                 "v": ToolNames("sd_v2", "stable-diffusion-v2-768-v", "diffusers")})

@@ -15,7 +15,8 @@ SPEC = FamilySpec(
                        "tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"},
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                 "text_encoder_3", "tokenizer_3", "scheduler"),
-    lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024, bucketing_default=True,
+    lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024,
+    prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16, latent_channels=16,
     presets={"attention": MMDIT_ATTENTION, "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP,
              "all_linear": ("transformer_blocks.*",)},
@@ -26,6 +27,8 @@ SPEC = FamilySpec(
                              "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                              "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
                              None: "stabilityai/stable-diffusion-3.5-large"},
+    gated_repos=("stabilityai/stable-diffusion-3-medium-diffusers", "stabilityai/stable-diffusion-3.5-medium",
+                 "stabilityai/stable-diffusion-3.5-large"),
     blocks=("transformer_blocks",),
     # CLIP-L + CLIP-G states zero-padded to T5's 4096 and joined with T5's sequence; both pooled vectors.
     text_entry=TextEntry(tokens=77, sequence=True, width=4096, pooled=2048),

@@ -9,10 +9,12 @@ SPEC = FamilySpec(
     denoisers=("unet",), text_encoders=("text_encoder", "text_encoder_2"),
     component_classes={**UNET_CLASSES, "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"},
     components=("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"),
-    lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024, bucketing_default=True,
+    lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024,
+    prediction_resolution={}, bucketing_default=True,
     pixel_multiple=64, latent_channels=4, presets=sd_presets(), default_preset="attention", flow=None,
     sample_guidance=7.0, train_guidance={}, max_sequence_length={},
-    single_file_config_repo={None: "stabilityai/stable-diffusion-xl-base-1.0"}, blocks=UNET_REPEATED_BLOCKS,
+    single_file_config_repo={None: "stabilityai/stable-diffusion-xl-base-1.0"}, gated_repos=(),
+    blocks=UNET_REPEATED_BLOCKS,
     # CLIP-L and OpenCLIP-G penultimate states concatenated (768 + 1280), and G's pooled projection.
     text_entry=TextEntry(tokens=77, sequence=False, width=2048, pooled=1280), activations=Activations(kind="unet"),
     # sai_model_spec: a LoRA of SDXL -> Stability AI's implementation
