@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.runtime import single_file as dsf
 from lora_trainer.testing import tiny_dit
-from lora_trainer.preflight.probe.core import probe_single_file
+from lora_trainer.preflight.probe import probe_single_file
 from lora_trainer.testing.tiny_dit_single import (
     DIT_PREFIX,
     flux_to_bfl,
