@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.runtime import single_file as dsf
 from lora_trainer.testing import tiny
-from lora_trainer.preflight.probe.core import probe_single_file
+from lora_trainer.preflight.probe import probe_single_file
 from lora_trainer.testing.single_file import DIT_PREFIX, write_single_file
 from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
 from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers

@@ -1,4 +1,4 @@
-"""Base-model inspection from files only (lora_trainer.preflight.probe.core)."""
+"""Base-model inspection from files only (lora_trainer.preflight.probe)."""
 import json
 import shutil
 import struct
@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer.preflight.probe import core as model_probe
-from lora_trainer.preflight.probe.core import (
-    FLUX1_COMPONENTS,
-    SD3_COMPONENTS,
-    SUPPORTED,
-    probe_model,
-    read_safetensors_header,
-)
+from lora_trainer.families import SPECS
+from lora_trainer.preflight.probe import folder as model_probe
+from lora_trainer.preflight.probe import probe_model, read_safetensors_header
+from lora_trainer.preflight.probe.result import SUPPORTED
+
+FLUX1_COMPONENTS, SD3_COMPONENTS = SPECS["flux1"].components, SPECS["sd3"].components
 
 SD15_KEYS = {
     "model.diffusion_model.input_blocks.0.0.weight": [4, 4],

@@ -1,10 +1,27 @@
 """How a family is recognised from its files (torch-free): each family folder's ``signature.py`` holds one
 ``Signature`` (``SIGNATURE``). The probe (preflight/probe) reads JSON and safetensors headers and asks the
-signatures; the adapter asks the same ``variant`` rule of the loaded model's config, so the two cannot disagree."""
+signatures; the adapter asks the same ``variant`` rule of the loaded model's config, so the two cannot disagree.
+
+The probe asks them in this order, first match wins (FAMILIES order within a step, so the rules of one step must
+not overlap; families that share an architecture decide between themselves in one shared rule, as
+``_unet/signature.py`` and ``_mmdit/signature.py`` do):
+
+diffusers folder: ``pipelines`` (the model_index ``_class_name``), then the probe's table of pipelines it cannot
+train, then ``match_folder``; the family's ``variant`` rule reads its denoiser's config.json; the folder must hold
+``spec.components``.
+
+single .safetensors file (header only): the probe's LoRA refusal (naming the first ``lora_layout`` its keys have,
+the DiT families' first), then ``match_file`` of the families whose files are whole checkpoints (``file_layout``
+"checkpoint"), then the probe's table of DiT models it cannot train (FLUX.2 has FLUX.1's double blocks), then
+``match_file`` of the DiT families (``file_layout`` "dit"). The components a file holds: ``file_components``; its
+prediction type: ``file_prediction``.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 # (variant, evidence appended to the family's, refusal) from the denoiser's config (config.json as a dict, or the
 # loaded model's .config): a refusal is (what, which model it is, hint) for a model of the family's pipeline that
@@ -12,12 +29,97 @@ from dataclasses import dataclass
 Unsupported = tuple[str, str, str]
 VariantRule = Callable[[Mapping], tuple["str | None", str, "Unsupported | None"]]
 
+# Whole checkpoints (ldm / sgm layout, ComfyUI) keep the denoiser under this prefix; DiT releases have it or not.
+DENOISER_PREFIX = "model.diffusion_model."
+CHECKPOINT = "checkpoint"  # a whole pipeline in one file (ldm / sgm key layout): every file component required
+DIT = "dit"  # the denoiser, maybe with its VAE and text encoders: what it lacks comes from a config repo
+
 
 def no_variant(config: Mapping) -> tuple[None, str, None]:
     return None, "", None
 
 
 @dataclass(frozen=True)
+class FolderFacts:
+    """What ``match_folder`` may read of a diffusers folder."""
+
+    pipeline_class: str  # model_index.json _class_name ("" if none)
+    components: frozenset[str]  # what model_index.json declares with a class
+    config: Callable[[str], Mapping]  # a component's config.json ({} if missing or unreadable)
+
+
+@dataclass(frozen=True)
+class FileKeys:
+    """What ``match_file`` may read of a .safetensors header: tensor names and their entries, never data."""
+
+    keys: frozenset[str]  # tensor names as stored
+    header: Mapping[str, Any]  # name -> {dtype, shape, data_offsets}
+
+    @cached_property
+    def dit(self) -> frozenset[str]:
+        """The names without DENOISER_PREFIX: DiT rules match both spellings."""
+        return frozenset(k.removeprefix(DENOISER_PREFIX) for k in self.keys)
+
+    @cached_property
+    def prefixed(self) -> bool:
+        return any(k.startswith(DENOISER_PREFIX) for k in self.keys)
+
+    @property
+    def where(self) -> str:
+        """For evidence: where the DiT keys were found."""
+        return f" under {DENOISER_PREFIX}" if self.prefixed else ""
+
+    def has(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.keys)
+
+    def dit_has(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.dit)
+
+    def dit_entry(self, name: str) -> Any:
+        """The header entry of a DiT tensor, spelled as this file spells its keys (None if absent)."""
+        return self.header.get((DENOISER_PREFIX if self.prefixed else "") + name)
+
+
+@dataclass(frozen=True)
+class Match:
+    evidence: str  # the rule that decided, for people
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A file of the family's layout that cannot be trained. The probe says "this is a {model} checkpoint
+    ({evidence}); {model} is not supported; supported: ..." with ``hint`` (None: its usual one), or, when
+    ``message`` is set, that message alone."""
+
+    model: str
+    evidence: str
+    hint: str | None = None
+    message: str | None = None
+
+
+FolderRule = Callable[[FolderFacts], "str | None"]  # -> evidence, or None: not this family
+FileRule = Callable[[FileKeys], "Match | Refusal | None"]
+
+
+def no_folder_rule(facts: FolderFacts) -> None:
+    return None  # known by its pipeline classes alone
+
+
+@dataclass(frozen=True)
 class Signature:
     pipelines: frozenset[str]  # model_index.json _class_name values trained as this family
     variant: VariantRule
+    match_folder: FolderRule  # for a folder whose pipeline class is in no family's ``pipelines``
+    file_layout: str  # CHECKPOINT | DIT: when ``match_file`` is asked and what a file must hold
+    match_file: FileRule
+    # component -> key prefixes, in the order the probe reports them. CHECKPOINT: every one must be there; DIT:
+    # the denoiser is what match_file found, these may be there (ComfyUI full checkpoints).
+    file_components: tuple[tuple[str, tuple[str, ...]], ...]
+    # What its single files are trained as when neither a v_pred key nor modelspec metadata says; None: unknown,
+    # with file_prediction_note saying why.
+    file_prediction: str | None
+    file_prediction_note: str | None
+    # (layout name, key substrings) by which a LoRA file of this family is named in the refusal of a LoRA given
+    # as base model; None: none of its own.
+    lora_layout: tuple[str, tuple[str, ...]] | None

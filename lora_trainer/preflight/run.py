@@ -396,7 +396,10 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     probe = probe_model(cfg.base_model, cfg.base_dir, model_type=cfg.model_type)
     family = probe.family or (cfg.model_type if cfg.model_type != "auto" else None)
     prediction = probe.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
-    if prediction is None and probe.kind == "single_file" and family == "sd2" and not cfg.base_model_config:
+    from ..families import FAMILIES, get_signature
+
+    if prediction is None and probe.kind == "single_file" and family in FAMILIES \
+            and get_signature(family).file_prediction is None and not cfg.base_model_config:
         warnings.append(_issue("prediction_type_unknown", "prediction_type",
                                "SD2 single-file checkpoints do not record their prediction type; diffusers assumes "
                                "v_prediction (stable-diffusion-2-1, 768 px)",

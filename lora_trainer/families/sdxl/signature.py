@@ -1,6 +1,7 @@
-"""How this Stable Diffusion family is recognised from its files (torch-free; the rules in preflight/probe)."""
+"""How SDXL is recognised from its files (torch-free; the rule it shares with SD1.x and SD2.x: _unet/signature.py).
+Its single files are epsilon models unless they say otherwise."""
 from __future__ import annotations
 
-from ..signature import Signature, no_variant
+from .._unet.signature import SDXL_TEXT, unet_signature
 
-SIGNATURE = Signature(pipelines=frozenset(), variant=no_variant)
+SIGNATURE = unet_signature("sdxl", text_prefix=SDXL_TEXT, prediction="epsilon")

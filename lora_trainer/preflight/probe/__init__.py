@@ -1,15 +1,70 @@
 """What the base model is, from its files alone: no weights loaded, no torch, no network.
 
+``probe_model`` tells a diffusers folder (folder.py), a single .safetensors file (single_file.py) and a hub id
+(hub.py) apart; which family a model is, its variant, and what it must hold are the families' facts
+(families/*/signature.py, families/*/spec.py), asked in the order families/signature.py describes. The tables of
+models this trainer does not train (named in the refusal) stay here, as data.
+
 The public API other modules use (the layout inside this package is free to change): ``probe_model`` and
 ``ModelProbe``; ``probe_single_file``; the header readers; JSON and component helpers the single-file loader
 shares; the hub cache lookup."""
-from .core import (HUB_ID, PICKLE_MESSAGE, PICKLE_SUFFIXES, ModelProbe, find_cached_snapshot, hf_hub_cache_dir,
-                   hub_offline, probe_diffusers_dir, probe_hub, probe_model, read_safetensors_header, weight_headers,
-                   weight_shapes)
-from .core import _component_weights as component_weights
-from .core import _read_json as read_json
-from .core import _tokenizer_problem as tokenizer_problem
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .folder import component_weights, probe_diffusers_dir, tokenizer_problem
+from .headers import (PICKLE_MESSAGE, PICKLE_SUFFIXES, read_json, read_safetensors_header, weight_headers,
+                      weight_shapes)
+from .hub import HUB_ID, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_hub
+from .result import ModelProbe, problem
 from .single_file import probe_single_file
+
+
+def _probe(base_model: str, base_dir: Path) -> ModelProbe:
+    raw = base_model.strip()
+    p = Path(os.path.expanduser(raw))
+    if not p.is_absolute():
+        p = Path(base_dir) / p
+    suffix = p.suffix.lower()
+    if p.is_dir():
+        return probe_diffusers_dir(p, base_model)
+    if p.exists():
+        if suffix in PICKLE_SUFFIXES:
+            return ModelProbe("invalid", base_model, p, None, None, problems=(
+                problem("model_pickle_refused", f"{p.name}: {PICKLE_MESSAGE}",
+                        "convert it, e.g. with diffusers' scripts or safetensors.torch.save_file"),))
+        if suffix == ".safetensors":
+            return probe_single_file(p, base_model)
+        return ModelProbe("invalid", base_model, p, None, None, problems=(
+            problem("model_unsupported", f"{p.name}: not a .safetensors file or a diffusers folder"),))
+    if suffix in PICKLE_SUFFIXES:  # missing, but refused anyway: say both
+        return ModelProbe("invalid", base_model, p, None, None, problems=(
+            problem("model_not_found", f"{p} does not exist"), problem("model_pickle_refused", PICKLE_MESSAGE)))
+    if suffix != ".safetensors" and HUB_ID.match(raw) and ".." not in raw:
+        probe = probe_hub(raw)
+        if p.parent.is_dir() and not probe.in_cache:
+            # "models/base" may be a mistyped local folder rather than a hub id: say both readings.
+            probe = dataclasses.replace(probe, notes=probe.notes + (f"there is no local folder {p} either",),
+                                        warnings=tuple(dict(w, message=w["message"] + f"; there is no local folder {p} either")
+                                                       for w in probe.warnings))
+        return probe
+    return ModelProbe("invalid", base_model, p, None, None, problems=(
+        problem("model_not_found", f"{p} does not exist and '{raw}' is not a hub id (org/name)",
+                "a diffusers folder, a .safetensors file or a Hugging Face id like stabilityai/stable-diffusion-xl-base-1.0"),))
+
+
+def probe_model(base_model: str, base_dir: Path | str = ".", *, model_type: str = "auto") -> ModelProbe:
+    """Inspect base_model; with an explicit model_type a different detected family is a problem."""
+    probe = _probe(base_model, Path(base_dir))
+    if model_type != "auto" and probe.family is not None and probe.family != model_type:
+        mismatch = problem("model_type_mismatch",
+                           f"model_type is '{model_type}' but the base model is {probe.family} ({probe.family_evidence})",
+                           f"set model_type to '{probe.family}' or 'auto'")
+        probe = dataclasses.replace(probe, problems=probe.problems + (mismatch,))
+    return probe
+
 
 __all__ = ["HUB_ID", "PICKLE_MESSAGE", "PICKLE_SUFFIXES", "ModelProbe", "component_weights", "find_cached_snapshot",
            "hf_hub_cache_dir", "hub_offline", "probe_diffusers_dir", "probe_hub", "probe_model", "probe_single_file",
