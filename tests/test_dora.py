@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E40
 from conftest import run_cli, write_config  # noqa: E402
 from loader_rules import (check_comfy_unet, comfy_clip_key_map, comfy_lora_weight, comfy_maps,  # noqa: E402
                           comfy_not_loaded)
+from lora_trainer.families._unet import export as kx  # noqa: E402
 from lora_trainer.outputs import export as ex  # noqa: E402
 from test_export import (ALPHA, RANK, TE_TARGETS, UNET_TARGETS, clip_config, sd15_unet_config,  # noqa: E402
                          sdxl_unet_config, tiny_vae)
@@ -138,7 +139,7 @@ def test_peft_file_reproduces_every_dora_layer_in_diffusers(dora, family, tmp_pa
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_kohya_file_is_output_axis_dora_that_comfyui_applies(dora, family):
     t = dora[family]
-    sd = ex.kohya_state_dict(family, t.states, alpha=ALPHA, rank=RANK, unet_config=t.cfg)
+    sd = kx.kohya_state_dict(family, t.states, alpha=ALPHA, rank=RANK, unet_config=t.cfg)
     names = {k.split(".", 1)[0] for k in sd}
     assert all(f"{n}.dora_scale" in sd for n in names)
     for n in names:

@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from loader_rules import (a1111_layer_mapping, a1111_lookup, assert_landed_on_trained, check_comfy_unet,  # noqa: E402
                           comfy_clip_key_map, comfy_not_loaded)
+from lora_trainer.families._unet import export as kx  # noqa: E402
 from lora_trainer.outputs import export as ex  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
@@ -218,7 +219,7 @@ def test_sgm_mapping_other_layouts(tmp_path, layers_per_block, blocks, diffusers
     cfg = sdxl_unet_config(layers_per_block, blocks, (1,) + (2,) * (blocks - 1))
     unet = lora_unet(cfg, 3)
     states = {"unet": get_peft_model_state_dict(unet)}
-    sd = ex.kohya_state_dict("sdxl", states, alpha=ALPHA, rank=RANK, unet_config=unet.config)
+    sd = kx.kohya_state_dict("sdxl", states, alpha=ALPHA, rank=RANK, unet_config=unet.config)
     check_comfy_unet(unet, sd, states["unet"])
     if diffusers_can_load:
         path = tmp_path / "k.safetensors"
@@ -233,7 +234,7 @@ def test_sgm_mapping_other_layouts(tmp_path, layers_per_block, blocks, diffusers
 @pytest.mark.parametrize("family", ["sdxl", "sd15", "sd2"])
 def test_comfyui_loads_every_key(trained, family):
     t = trained["sd15" if family == "sd2" else family]  # SD2 uses SD1.5's UNet layout and naming rules
-    sd = ex.kohya_state_dict(family, t.states, alpha=ALPHA, rank=RANK, unet_config=t.unet.config)
+    sd = kx.kohya_state_dict(family, t.states, alpha=ALPHA, rank=RANK, unet_config=t.unet.config)
     check_comfy_unet(t.unet, sd, t.states["unet"])
     te_sd = {k: v for k, v in sd.items() if not k.startswith("lora_unet_")}
     key_map = comfy_clip_key_map(family, t.tes)
@@ -251,7 +252,7 @@ def test_sgm_names_on_sd15_layout(trained):
     """The SGM mapping is layout-generic: on SD1.5's layout (up_blocks.0 is a plain UpBlock2D whose upsampler sits
     at output_blocks.2.1, not .2.2) ComfyUI must still land every module."""
     t = trained["sd15"]
-    sd = ex.kohya_state_dict("sdxl", {"unet": t.states["unet"]}, alpha=ALPHA, rank=RANK, unet_config=t.unet.config)
+    sd = kx.kohya_state_dict("sdxl", {"unet": t.states["unet"]}, alpha=ALPHA, rank=RANK, unet_config=t.unet.config)
     assert "lora_unet_output_blocks_2_1_conv.lora_up.weight" in sd
     check_comfy_unet(t.unet, sd, t.states["unet"])
 
@@ -261,14 +262,14 @@ def test_comfyui_ignores_names_without_text_model_level(trained):
     assert "encoder.layers.0.self_attn.q_proj.lora_A.weight" in trained["sd15"].states["text_encoder"]
     key_map = comfy_clip_key_map("sd15", trained["sd15"].tes)
     assert "lora_te_encoder_layers_0_self_attn_q_proj" not in key_map
-    assert ex.kohya_module_name("sd15", "text_encoder", "encoder.layers.0.self_attn.q_proj") in key_map
+    assert kx.kohya_module_name("sd15", "text_encoder", "encoder.layers.0.self_attn.q_proj") in key_map
 
 
 # ------------------------------------------------------------- (b) A1111 key rules (extensions-builtin/Lora)
 @pytest.mark.parametrize("family", ["sdxl", "sd15", "sd2"])
 def test_a1111_matches_every_key(trained, family):
     t = trained["sd15" if family == "sd2" else family]
-    sd = ex.kohya_state_dict(family, t.states, alpha=ALPHA, rank=RANK, unet_config=t.unet.config)
+    sd = kx.kohya_state_dict(family, t.states, alpha=ALPHA, rank=RANK, unet_config=t.unet.config)
     mapping = a1111_layer_mapping(family, t.unet, t.tes)
     failed, landed = [], {}
     for name in {k.split(".", 1)[0] for k in sd}:  # load_network splits each key at its first "."
@@ -418,12 +419,12 @@ def test_atomic_writer(tmp_path, monkeypatch):
 def test_refusals(trained):
     st = trained["sd15"].states
     with pytest.raises(ValueError, match="rank"):
-        ex.kohya_state_dict("sd15", st, alpha=ALPHA, rank=8)
+        kx.kohya_state_dict("sd15", st, alpha=ALPHA, rank=8)
     with pytest.raises(ValueError, match="unsupported PEFT key"):
-        ex.kohya_state_dict("sd15", {"unet": {"a.to_q.lora_B.bias": torch.ones(1)}}, alpha=1, rank=1)
+        kx.kohya_state_dict("sd15", {"unet": {"a.to_q.lora_B.bias": torch.ones(1)}}, alpha=1, rank=1)
     with pytest.raises(ValueError, match="needs both lora_A and lora_B"):
-        ex.kohya_state_dict("sd15", {"unet": {"a.to_q.lora_magnitude_vector": torch.ones(1)}}, alpha=1, rank=1)
+        kx.kohya_state_dict("sd15", {"unet": {"a.to_q.lora_magnitude_vector": torch.ones(1)}}, alpha=1, rank=1)
     with pytest.raises(ValueError, match="not part of a sd15"):
-        ex.kohya_state_dict("sd15", {"text_encoder_2": st["text_encoder"]}, alpha=ALPHA, rank=RANK)
+        kx.kohya_state_dict("sd15", {"text_encoder_2": st["text_encoder"]}, alpha=ALPHA, rank=RANK)
     with pytest.raises(ValueError, match="no SGM"):
-        ex.kohya_module_name("sdxl", "unet", "down_blocks.9.attentions.0.proj_in", sdxl_unet_config())
+        kx.kohya_module_name("sdxl", "unet", "down_blocks.9.attentions.0.proj_in", sdxl_unet_config())

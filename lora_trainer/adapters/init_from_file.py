@@ -5,7 +5,8 @@ Both layouts our export writes are read: kohya (``lora_unet_*`` / ``lora_te*_`` 
 ``alpha`` / ``dora_scale``; SGM or diffusers block names for SDXL) and PEFT/diffusers (``unet.<path>.lora_A.weight``
 ...). Each file module is matched to a module of the model by computing the kohya name of every adapted module
 (kohya_names.py), so the mapping is the export's own, inverted. The delta is kept exactly: when the file's
-alpha / rank differs from the config's, lora_up is rescaled by the ratio.
+alpha / rank differs from the config's, lora_up is rescaled by the ratio. The file is loaded right after injection,
+before anything is sharded (training/attach.py), so the modules are whole.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..contract.errors import ConfigError
+from ..families import get_spec
+from ..families._unet.kohya_names import KohyaNames, te_path
 
 if TYPE_CHECKING:  # torch is imported lazily: preflight (header_problems) runs without it
     import torch
@@ -128,14 +131,13 @@ def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Mod
                             f"zero (e.g. {info['not_in_file'][0]})")
 
 
-def _names_for(family: str, component: str, path: str, unet_config: Any) -> list[str]:
-    """Every name a file may use for this module: kohya (SGM for SDXL, and the diffusers-named variant some
-    trainers write), and PEFT with or without the text_model level."""
-    from ..families._unet.kohya_names import FAMILIES, kohya_module_name, te_path
-
+def _names_for(kohya: KohyaNames | None, component: str, path: str) -> list[str]:
+    """Every name a file may use for this module: kohya (``kohya``: the family's kohya SD names, None for a family
+    without; SGM for SDXL, and the diffusers-named variant some trainers write), and PEFT with or without the
+    text_model level."""
     if component == "transformer":  # our ComfyUI file and the PEFT file name transformer modules alike
         return [f"transformer.{path}"]
-    names = [kohya_module_name(family, component, path, unet_config)] if family in FAMILIES else []
+    names = [kohya(component, path)] if kohya is not None else []
     if component == "unet":
         names.append("lora_unet_" + path.replace(".", "_"))
         names.append(f"unet.{path}")
@@ -148,22 +150,23 @@ def apply_init_lora(path: Path, family: str, models: dict[str, torch.nn.Module],
                     use_dora: bool, unet_config: Any) -> dict:
     """Load the file into the PEFT adapters of ``models`` (component -> adapted module). Raises ConfigError when
     the file does not fit the config; returns {"modules", "rescaled", "not_in_file"} for the event stream."""
-    from ..outputs.export import MAGNITUDE
-    from .lora import load_lora_state, lora_state
+    from .lora import MAGNITUDE, load_plain_lora_state, plain_lora_state
 
     problems = header_problems(path, rank=rank, use_dora=use_dora)
     if problems:
         raise ConfigError(f"init_lora does not fit this run: {problems[0]['message']}", problems)
     file_modules = read_modules(path)
+    spec = get_spec(family)
+    kohya = KohyaNames(spec, unet_config) if "unet" in spec.denoisers else None
     used: set[str] = set()
     not_in_file: list[str] = []
     rescaled = 0
     for component, model in models.items():
-        state = lora_state(model)
+        state = plain_lora_state(model)
         paths = sorted({k.rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k})
         new_state = dict(state)
         for p in paths:
-            name = next((n for n in _names_for(family, component, p, unet_config) if n in file_modules), None)
+            name = next((n for n in _names_for(kohya, component, p) if n in file_modules), None)
             if name is None:
                 not_in_file.append(f"{component}.{p}")
                 continue
@@ -184,7 +187,7 @@ def apply_init_lora(path: Path, family: str, models: dict[str, torch.nn.Module],
             if "magnitude" in parts:
                 mag = state[f"{p}.{MAGNITUDE}"]
                 new_state[f"{p}.{MAGNITUDE}"] = parts["magnitude"].to(mag.dtype).reshape(mag.shape)
-        load_lora_state(model, {k: v.to(state[k].device) for k, v in new_state.items()})
+        load_plain_lora_state(model, {k: v.to(state[k].device) for k, v in new_state.items()})
     extra = sorted(set(file_modules) - used)
     if extra:
         raise ConfigError(f"init_lora has {len(extra)} module(s) this run does not train (e.g. {extra[0]})",

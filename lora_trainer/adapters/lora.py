@@ -1,13 +1,16 @@
-"""Attaching PEFT LoRA adapters to the denoiser(s) and text encoders, and reading their weights back."""
-from __future__ import annotations
+"""PEFT LoRA (and DoRA) on one module: injecting it, and reading and writing its weights while the module is whole.
 
-from dataclasses import dataclass
+The run's order of injection, init_lora, quantisation, streaming and sharding is training/attach.py's; the LoRA state
+of a module that may be sharded is distributed/shard.py's (lora_state, load_lora_state)."""
+from __future__ import annotations
 
 import torch
 
 from ..contract.errors import ConfigError
+from ..families.spec import expand_targets, peft_targets
 
 ADAPTER = "default"
+MAGNITUDE = "lora_magnitude_vector"  # get_peft_model_state_dict's name for a DoRA layer's magnitude
 
 
 _ALLOWED = ("a preset (attention, attention_mlp, all_linear), or module names such as to_q, to_k, to_v, to_out.0, "
@@ -19,8 +22,6 @@ def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) 
     """Each target pattern (see family_spec: a PEFT-style name/suffix, or a ``*`` pattern over Linear layers) must
     select Linear or Conv2d layers only: PEFT would also wrap an Embedding, which no kohya loader reads, and fail on
     containers and norms. Returns PEFT's target_modules list (``*`` patterns expanded to module names)."""
-    from ..families.spec import expand_targets, peft_targets
-
     layers = {n: (2 if isinstance(m, torch.nn.Linear) else 4 if isinstance(m, torch.nn.Conv2d) else 0)
               for n, m in module.named_modules() if n}
     hits = expand_targets(tuple(targets), layers)
@@ -66,34 +67,22 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float
     return params
 
 
-def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's LoRA tensors, whole, by PEFT's names. For a sharded module (shard_base) this all-gathers them:
-    every process must call it."""
+def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's LoRA tensors by PEFT's names, as views of its parameters (a sharded module's: of its shards)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-    if is_sharded(module):
-        from ..distributed.shard import full_tensors
-
-        return full_tensors(state)
-    return {k: v.detach().clone() for k, v in state.items()}
+    return get_peft_model_state_dict(module, adapter_name=ADAPTER)
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+def plain_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of an unsharded module's LoRA tensors (distributed.shard.lora_state takes any module)."""
+    return {k: v.detach().clone() for k, v in peft_state(module).items()}
 
-    return isinstance(module, FSDPModule)
 
-
-def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Whole LoRA tensors into the module (into this process's shards of them when it is sharded)."""
+def load_plain_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole LoRA tensors into an unsharded module (distributed.shard.load_lora_state takes any module)."""
     from peft.utils import set_peft_model_state_dict
 
-    if is_sharded(module):
-        from ..distributed.shard import load_lora_sharded
-
-        load_lora_sharded(module, state)
-        return
     result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
@@ -121,58 +110,3 @@ def dora_row_scale(modules: dict[str, torch.nn.Module]) -> dict | None:
             ratio = adapted.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             lo, hi, layers = min(lo, float(ratio.min())), max(hi, float(ratio.max())), layers + 1
     return {"layers": layers, "min": lo, "max": hi} if layers else None
-
-
-@dataclass
-class Attached:
-    lora_modules: dict  # component name -> the module carrying LoRA (denoisers, and trained text encoders)
-    denoiser_params: list
-    te_params: list
-    streamers: dict  # offload.BlockStreamer per streamed denoiser
-    shards: dict  # shard.shard_denoisers' summary per sharded denoiser
-
-
-def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: int = 1) -> Attached:
-    """The run's adapters (Trainer._attach_lora): LoRA on the denoisers (and text encoders with
-    train_text_encoder), an init_lora file's weights, fp8 storage, block streaming or sharding across the ``world``
-    processes, then the move to ``device``.
-
-    LoRA goes in on the host, before anything moves: so that fp8 casting, block streaming and sharding happen before
-    the full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives the same
-    initial LoRA on every device and process. The text encoders are already where _prepare_data left them."""
-    from ..runtime.offload import stream_denoisers
-    from ..runtime.quantize import after_lora
-
-    spec = family.spec
-    out = Attached(dict(comps.denoisers), [], [], {}, {})
-    for denoiser in comps.denoisers.values():
-        if cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        out.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                        targets=spec.targets(cfg.target_modules), use_dora=cfg.use_dora,
-                                        path="target_modules")
-        denoiser.train()
-    if cfg.train_text_encoder:
-        for name in spec.lora_text_encoders:
-            te = comps.text_encoders[name]
-            out.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                      targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
-                                      path="text_encoder_target_modules")
-            te.train()
-            out.lora_modules[name] = te
-    if cfg.init_lora:
-        from .init_from_file import init_from_file
-
-        init_from_file(cfg, family.name, comps, out.lora_modules, events)
-    after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
-    # every LoRA tensor is checked to be trainable fp32
-    out.streamers = stream_denoisers(cfg.offload_blocks, spec.blocks, comps.denoisers, device)
-    if cfg.shard_base and world > 1:
-        from ..distributed.shard import shard_denoisers
-
-        out.shards = shard_denoisers(comps.denoisers, spec.blocks, device, world)
-        # fully_shard replaced every parameter by its shard (a new Parameter): the optimizer must get those.
-        out.denoiser_params = [p for d in comps.denoisers.values() for n, p in d.named_parameters() if p.requires_grad]
-    for denoiser in comps.denoisers.values():
-        denoiser.to(device)  # sharded ones are there already (a no-op for them)
-    return out

@@ -14,8 +14,9 @@ still starts the processes, owns the process group, autocast, the reductions and
 
 Checkpoints and the exported LoRA hold whole tensors, exactly as without sharding (the same files, the same
 resume): ``full_tensors`` all-gathers the LoRA and optimizer state (a collective, so every process calls it; only
-rank 0 writes), and ``load_sharded`` cuts a loaded whole tensor back into this process's shard, with no
-communication, since every process reads the checkpoint itself.
+rank 0 writes), and ``load_lora_sharded`` cuts a loaded whole tensor back into this process's shard, with no
+communication, since every process reads the checkpoint itself. ``lora_state`` / ``load_lora_state`` read and write
+the LoRA of any module, sharded or not: checkpoints, resume and the export go through them.
 
 Refused with a config error naming ``shard_base`` (config.py): a quantised or fp8 base (its tensor subclasses and
 casting hooks are not FSDP-aware), offload_blocks (both move the same weights), DoRA (its export reads whole base
@@ -30,9 +31,32 @@ from typing import Any, Iterator
 
 import torch
 
+from ..adapters.lora import load_plain_lora_state, peft_state, plain_lora_state
 from ..runtime.offload import block_lists
 
 log = logging.getLogger("train_lora")
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's LoRA tensors, whole, by PEFT's names. For a sharded module this all-gathers them: every process
+    must call it."""
+    if is_sharded(module):
+        return full_tensors(peft_state(module))
+    return plain_lora_state(module)
+
+
+def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole LoRA tensors into the module (into this process's shards of them when it is sharded)."""
+    if is_sharded(module):
+        load_lora_sharded(module, state)
+        return
+    load_plain_lora_state(module, state)
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -80,8 +104,6 @@ def summary(shards: dict[str, dict]) -> dict | None:
 def no_sync(module: torch.nn.Module, accelerator: Any) -> Iterator[None]:
     """No gradient reduction for this micro-batch: FSDP2's switch for a sharded module, DDP's (via accelerate)
     for the others. The LoRA gradients then accumulate unsharded, which is cheap: they are the only ones."""
-    from ..adapters.lora import is_sharded
-
     if not is_sharded(module):
         with accelerator.no_sync(module):
             yield
@@ -120,12 +142,8 @@ def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def load_lora_sharded(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a whole LoRA state (PEFT's names, as lora.lora_state gives) into a sharded module's shards."""
-    from peft.utils import get_peft_model_state_dict
-
-    from ..adapters.lora import ADAPTER
-
-    current = get_peft_model_state_dict(module, adapter_name=ADAPTER)  # views of the parameters' shards
+    """Copy a whole LoRA state (PEFT's names, as lora_state gives) into a sharded module's shards."""
+    current = peft_state(module)  # views of the parameters' shards
     unexpected = sorted(set(state) - set(current))
     if unexpected:
         raise RuntimeError(f"checkpoint has LoRA keys the model does not: {unexpected[:5]}")

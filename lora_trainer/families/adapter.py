@@ -216,7 +216,8 @@ class ModelFamily:
         return {"guidance_scale": self.spec.sample_guidance if g is None else g}
 
     # -- export ----------------------------------------------------------------------------------------
-    def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], comps: Components, *, alpha: float,
-                        rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states."""
+    def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any], *,
+                        alpha: float, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states; ``configs``:
+        each denoiser's config by component (its architecture fixes some names)."""
         raise NotImplementedError

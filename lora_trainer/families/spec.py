@@ -118,6 +118,9 @@ class FamilySpec:
     # Variant, or "v" for a v-prediction model of a family without variants, -> tool names (None: the default).
     tool_names: Mapping[str | None, ToolNames]
     kohya_v2: bool  # ss_v2: A1111 classifies a LoRA whose ss_base_model_version is not SDXL's as SD2 by it
+    # The kohya file names the UNet's modules in SGM layout (sd-scripts trains SDXL on its own SGM UNet), not by their
+    # diffusers paths (families/_unet/kohya_names.py); False for a family without a UNet.
+    kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
 

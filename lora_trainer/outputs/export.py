@@ -1,38 +1,37 @@
-"""Turn trained PEFT LoRA weights into the files that diffusers, ComfyUI, A1111 and Forge load.
+"""The shared LoRA writers: the diffusers/PEFT file, the kohya/modelspec metadata, sd-scripts' hashes, atomic saves.
 
-Two files are written per export:
+Two files are written per export (``export_lora``):
 
-* ``<output_name>.safetensors`` -- the kohya (sd-scripts ``networks/lora.py``) layout, the one form every popular
-  loader accepts: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (scalar, the true alpha;
-  loaders scale by alpha / rank) plus ``ss_*``, ``modelspec.*`` and ``sshs_*`` header metadata.
+* ``<output_name>.safetensors`` -- the file ComfyUI, Forge and A1111 load, in the layout its family's adapter builds
+  (``ModelFamily.tool_state_dict``: the kohya SD layout of families/_unet/export.py, SD3's kohya/SAI names, the
+  diffusers-named file of lora_files.py), plus ``ss_*``, ``modelspec.*`` and ``sshs_*`` header metadata.
 * ``pytorch_lora_weights.safetensors`` -- the diffusers/PEFT layout (``unet.<module>.lora_A.weight`` ...) with the
   LoraConfig per component in the ``lora_adapter_metadata`` header entry, which newer diffusers (0.42 here) reads
   so that alpha != rank keeps its scale (without it diffusers assumes alpha == rank).
 
 DoRA (PEFT ``use_dora``) adds one magnitude vector per module: W' = m * (W + s*B@A) / ||W + s*B@A||, the norm taken
 per output channel. The PEFT file keeps PEFT's ``lora_magnitude_vector`` (shape [out], or [1, out, 1, 1] for convs),
-which diffusers loads exactly. The kohya file stores it as ``.dora_scale`` shaped [out, 1] / [out, 1, 1, 1]: the
-LyCORIS ``wd_on_out`` layout, which ComfyUI and Forge recognise as output-axis decomposition by its first
-dimension (a flat [out] vector would broadcast to [out, out] there). diffusers drops ``dora_scale`` from kohya
-files, so its users load the PEFT file.
+which diffusers loads exactly. The tool files store it as ``.dora_scale`` shaped [out, 1] / [out, 1, 1, 1]
+(``magnitude_fp32``, reshaped): the LyCORIS ``wd_on_out`` layout, which ComfyUI and Forge recognise as output-axis
+decomposition by its first dimension (a flat [out] vector would broadcast to [out, out] there). diffusers drops
+``dora_scale`` from kohya files, so its users load the PEFT file.
 
 Public API::
 
-    kohya_state_dict(family, states, *, alpha, rank, unet_config, dtype=torch.float16) -> dict[str, Tensor]
-    kohya_module_name(family, component, peft_module_path, unet_config=None) -> str
+    iter_modules(states) -> (component, module path, {"lora_A.weight": A, "lora_B.weight": B[, MAGNITUDE: m]}), ...
     peft_state_dict(states, dtype=None) -> dict[str, Tensor]
     adapter_metadata(states, *, alpha, rank, lora_configs=None) -> dict[str, str]
     build_metadata(*, family, rank, alpha, output_name, trigger_words, tag_frequency, resolution, training,
                    title=None, prediction_type="epsilon", network_args=None, started_at=None,
-                   dora=False) -> dict[str, str]
+                   dora=False, variant=None, ...) -> dict[str, str]
     add_hashes(state_dict, metadata) -> dict[str, str]
     save_safetensors_atomic(tensors, path, metadata=None) -> None
     export_lora(out_dir, output_name, family, states, *, alpha, rank, unet_config, metadata,
-                lora_configs=None, dtype=torch.float16) -> dict
+                lora_configs=None, dtype=torch.float16, kohya=None) -> dict
 
-``states`` maps component name ("unet", "text_encoder", "text_encoder_2") to ``peft.get_peft_model_state_dict(...)``
-of that component; ``family`` is "sd15", "sd2" or "sdxl"; ``unet_config`` is the diffusers UNet config (dict or
-FrozenDict), used for SDXL only. Module naming rules live in kohya_names.py.
+``states`` maps component name ("unet", "transformer", "text_encoder", "text_encoder_2") to
+``peft.get_peft_model_state_dict(...)`` of that component; ``family`` is a registered family name
+(families.FAMILIES): its spec gives the metadata's names, its adapter the tool file's layout.
 """
 from __future__ import annotations
 
@@ -50,27 +49,27 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..families import FAMILIES as FAMILY_NAMES
-from ..families._unet.kohya_names import FAMILIES, check_family, diffusers_to_sgm, kohya_module_name, sgm_block_map, te_path
+from ..adapters.lora import MAGNITUDE
+from ..families import FAMILIES, get_family, get_spec
+from ..families._unet.kohya_names import te_path
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 PEFT_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py
 
-# PEFT suffix -> kohya suffix. Anything else (lora_B bias, embedding LoRA) has no kohya form that every loader
-# reads, so it is refused rather than silently dropped.
-_PEFT_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-MAGNITUDE = "lora_magnitude_vector"  # get_peft_model_state_dict's name for a DoRA layer's magnitude
+# The PEFT tensors a LoRA file carries. Anything else (lora_B bias, embedding LoRA) has no form in the tool files
+# that every loader reads, so it is refused rather than silently dropped.
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight")
 
 
 # --------------------------------------------------------------------------------------------------- PEFT parsing
-def _peft_modules(state: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, torch.Tensor]]:
+def peft_modules(state: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, torch.Tensor]]:
     """Group one component's PEFT state dict into {module path: {"lora_A.weight": A, "lora_B.weight": B
     [, "lora_magnitude_vector": m]}}."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         k = key.removeprefix("base_model.model.")  # a PeftModel wrapper adds this level
-        for suffix in (*_PEFT_SUFFIX, MAGNITUDE):
+        for suffix in (*LORA_SUFFIXES, MAGNITUDE):
             if k.endswith("." + suffix):
                 modules.setdefault(k[: -len(suffix) - 1], {})[suffix] = tensor
                 break
@@ -99,43 +98,20 @@ def is_dora(states: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- state dicts
-def _iter_modules(states: Mapping[str, Mapping[str, torch.Tensor]]):
+def iter_modules(states: Mapping[str, Mapping[str, torch.Tensor]]):
+    """(component, module path, its tensors as peft_modules groups them) for every LoRA module of every component:
+    what each tool file's layout is built from."""
     for component, state in states.items():
         if component not in COMPONENTS:
             raise ValueError(f"unknown component {component!r}: expected one of {COMPONENTS}")
-        for path, parts in _peft_modules(state, component).items():
+        for path, parts in peft_modules(state, component).items():
             yield component, path, parts
 
 
-def _magnitude(t: torch.Tensor) -> torch.Tensor:
+def magnitude_fp32(t: torch.Tensor) -> torch.Tensor:
     # Always fp32: the magnitude rescales every output of the layer, not just the low-rank delta, so fp16/bf16
     # rounding here would move the whole layer by up to 5e-4 / 4e-3 relative; it costs 4 bytes per channel.
     return t.detach().to("cpu", torch.float32).contiguous().clone()
-
-
-def kohya_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
-                     unet_config: Any = None, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """PEFT states -> kohya state dict (weights in ``dtype``; alpha as a float32 scalar so that a non-integer
-    alpha is not rounded to fp16: every loader reads it with ``.item()``; DoRA magnitudes as fp32 ``dora_scale``)."""
-    check_family(family)
-    block_map = sgm_block_map(unet_config) if family == "sdxl" and "unet" in states else None
-    out: dict[str, torch.Tensor] = {}
-    for component, path, parts in _iter_modules(states):
-        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-        if a.shape[0] != rank:
-            # One global alpha only reproduces PEFT's scaling (lora_alpha / r) if every module has rank `rank`.
-            raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
-        name = kohya_module_name(family, component, path, unet_config, _block_map=block_map)
-        if f"{name}.lora_down.weight" in out:
-            raise ValueError(f"two modules map to the same kohya name {name!r}")
-        # kohya lora_down/lora_up have exactly PEFT's lora_A/lora_B shapes, convs included
-        # (down: Conv2d(in, r, k), up: Conv2d(r, out, 1x1)), so tensors are copied unchanged.
-        for peft_suffix, kohya_suffix in _PEFT_SUFFIX.items():
-            out[f"{name}.{kohya_suffix}"] = parts[peft_suffix].detach().to("cpu", dtype).contiguous().clone()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-        if MAGNITUDE in parts:  # [out, 1(, 1, 1)]: the weight's rank, output channels first (see module doc)
-            out[f"{name}.dora_scale"] = _magnitude(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
-    return out
 
 
 def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
@@ -148,7 +124,7 @@ def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
     lacks it, older diffusers/transformers need it, and ComfyUI maps ``text_encoder.text_model.encoder...`` only.
     """
     out: dict[str, torch.Tensor] = {}
-    for component, path, parts in _iter_modules(states):
+    for component, path, parts in iter_modules(states):
         if _is_text_encoder(component):
             path = te_path(path)
         for suffix, tensor in parts.items():
@@ -157,7 +133,7 @@ def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
                 # through transformers' adapter loader (5.x), which matches parameter names and silently leaves
                 # a magnitude without ".weight" at its initial value (PEFT accepts that form too).
                 key = f"{component}.{path}.{suffix}" + (".weight" if _is_text_encoder(component) else "")
-                out[key] = _magnitude(tensor)
+                out[key] = magnitude_fp32(tensor)
                 continue
             t = tensor.detach().to("cpu")
             out[f"{component}.{path}.{suffix}"] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
@@ -186,7 +162,7 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
             if _is_text_encoder(component) and isinstance(targets, (list, set, tuple)):
                 fields["target_modules"] = sorted(str(t).removeprefix("text_model.") for t in targets)
         else:
-            modules = _peft_modules(state, component)
+            modules = peft_modules(state, component)
             paths = sorted(modules)
             if _is_text_encoder(component):
                 paths = [p.removeprefix("text_model.") for p in paths]
@@ -203,20 +179,6 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
 
 
 # --------------------------------------------------------------------------------------------------- metadata
-# (ss_base_model_version, modelspec architecture, modelspec implementation) exactly as sd-scripts writes them for its
-# FLUX.1 and SD3 LoRAs (library/sai_model_spec.py, flux_train_network.py, sd3_train_network.py). Forge calls a LoRA
-# FLUX if the implementation is BFL's URL or the architecture is flux-1-dev/lora (sd_forge_lora/network.py).
-_BFL = "https://github.com/black-forest-labs/flux"
-DIT_MODELSPEC = {
-    "flux1": {"dev": ("flux1", "flux-1-dev", _BFL), "schnell": ("flux1", "flux-1-schnell", _BFL),
-              None: ("flux1", "flux-1-dev", _BFL)},
-    "sd3": {"sd3-medium": ("medium", "stable-diffusion-3-medium", "diffusers"),
-            "sd3.5-medium": ("5-medium", "stable-diffusion-3-5-medium", "diffusers"),
-            "sd3.5-large": ("5-large", "stable-diffusion-3-5-large", "diffusers"),
-            None: ("5-large", "stable-diffusion-3-5-large", "diffusers")},
-}
-
-
 _TRAINING_ALIASES = {  # friendly training-dict names -> sd-scripts train_network.py metadata keys
     "steps": "ss_steps", "epoch": "ss_epoch", "epochs": "ss_num_epochs", "lr": "ss_learning_rate",
     "learning_rate": "ss_learning_rate", "unet_lr": "ss_unet_lr", "text_encoder_lr": "ss_text_encoder_lr",
@@ -245,9 +207,13 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
     """kohya ``ss_*`` keys (what A1111 reads to classify and alias the LoRA, and Civitai for tags) and modelspec keys
     (as sd-scripts ``library/sai_model_spec.py`` writes them). All values are strings, as safetensors requires.
     ``started_at``/``finished_at``/``session_id`` default to now and a random id; a caller that passes them gets the
-    same metadata (and so the same file) every time it exports the same weights."""
-    if family not in FAMILY_NAMES:
-        raise ValueError(f"unknown family {family!r}: expected one of {FAMILY_NAMES}")
+    same metadata (and so the same file) every time it exports the same weights.
+
+    The family's names come from its spec: ``tool_names`` (ss_base_model_version and the modelspec architecture and
+    implementation, per variant or v-prediction), ``kohya_v2`` and ``extra_metadata``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+    spec = get_spec(family)
     pred = {"v_prediction": "v", "v": "v", "epsilon": "epsilon", "flow": "flow"}.get(prediction_type)
     if pred is None:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
@@ -259,16 +225,7 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
         # continue training or classify the file (Civitai, sd-scripts --network_weights) read it as such.
         args.update(algo="lora", dora_wd="True", wd_on_out="True")
     width, height = (int(resolution[0]), int(resolution[1]))
-    if family in DIT_MODELSPEC:
-        base_version, arch, impl = DIT_MODELSPEC[family][variant if variant in DIT_MODELSPEC[family] else None]
-    elif family == "sdxl":
-        base_version, arch, impl = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", \
-            "https://github.com/Stability-AI/generative-models"  # sai_model_spec: lora and sdxl -> Stability AI
-    elif family == "sd2":
-        base_version, impl = "sd_v2", "diffusers"
-        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
-    else:
-        base_version, arch, impl = "sd_v1", "stable-diffusion-v1", "diffusers"
+    names = spec.tool_names_for(variant, pred)
 
     md: dict[str, str] = {
         "ss_session_id": str(random.randint(0, 2**32 - 1) if session_id is None else int(session_id)),
@@ -279,7 +236,7 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
         "ss_network_alpha": str(float(alpha)), "ss_network_args": json.dumps(args),
         # A1111 network.py detect_version: ss_base_model_version "sdxl_*" -> SDXL, else ss_v2 == "True" -> SD2,
         # else SD1; a LoRA judged incompatible with the loaded checkpoint is hidden.
-        "ss_base_model_version": base_version, "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": names.base_model_version, "ss_v2": str(spec.kohya_v2),
         "ss_v_parameterization": str(v_pred),
         "ss_resolution": str((width, height)),  # sd-scripts writes str(tuple): "(1024, 1024)"
         "ss_tag_frequency": json.dumps({d: dict(t) for d, t in tag_frequency.items()}, ensure_ascii=False),
@@ -288,15 +245,14 @@ def build_metadata(*, family: str, rank: int, alpha: float, output_name: str, tr
         if value is not None:
             md[key if key.startswith("ss_") else _TRAINING_ALIASES.get(key, f"ss_{key}")] = _meta_str(value)
     md.update({
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": impl, "modelspec.title": title or output_name,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{names.architecture}/lora",
+        "modelspec.implementation": names.implementation, "modelspec.title": title or output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(started)).isoformat(),  # training start, as sd-scripts
     })
     if pred != "flow":  # sd-scripts writes none for FLUX.1 (and "epsilon" for SD3, which would mislead)
         md["modelspec.prediction_type"] = pred
-    if family == "flux1":
-        md["ss_model_type"] = "flux"  # flux_train_network.py
+    md.update(spec.extra_metadata)
     words = [w.strip() for w in trigger_words if w and w.strip()]
     if words:
         md["modelspec.trigger_phrase"] = ", ".join(words)
@@ -411,12 +367,12 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
                 states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int, unet_config: Any,
                 metadata: Mapping[str, str], lora_configs: Mapping[str, Any] | None = None,
                 dtype: torch.dtype = torch.float16, kohya: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Write ``<out_dir>/<output_name>.safetensors`` (kohya, with ``metadata`` + sshs hashes) and
+    """Write ``<out_dir>/<output_name>.safetensors`` (the tool file, with ``metadata`` + sshs hashes) and
     ``<out_dir>/pytorch_lora_weights.safetensors`` (PEFT/diffusers, with ``lora_adapter_metadata``).
 
-    ``kohya``: the tool file's state dict when the family builds it (transformer families' layout); by default the
-    kohya SD layout is built here. Both state dicts are built and checked before either file is written, so a bad
-    tensor leaves no half export.
+    ``kohya``: the tool file's state dict (the trainer's, outputs.final.tool_file); by default the family's adapter
+    builds it, ``unet_config`` being its denoiser's config. Both state dicts are built and checked before either
+    file is written, so a bad tensor leaves no half export.
     Returns ``{"kohya_path", "peft_path", "kohya_keys", "peft_keys", "modules"}``.
     """
     if not output_name or "/" in output_name or "\\" in output_name or output_name.startswith("."):
@@ -426,7 +382,8 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     if kohya_path == peft_path:
         raise ValueError(f"output_name {output_name!r} collides with {PEFT_WEIGHTS_NAME}")
     if kohya is None:
-        kohya = kohya_state_dict(family, states, alpha=alpha, rank=rank, unet_config=unet_config, dtype=dtype)
+        configs = dict.fromkeys(get_spec(family).denoisers, unet_config)
+        kohya = get_family(family).tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype)
     peft = peft_state_dict(states, dtype=dtype)
     _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now
     _check_tensors(peft, None)
@@ -439,7 +396,7 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
 
 
 __all__ = [
-    "FAMILIES", "COMPONENTS", "PEFT_WEIGHTS_NAME", "LORA_ADAPTER_METADATA_KEY", "kohya_state_dict",
-    "kohya_module_name", "diffusers_to_sgm", "peft_state_dict", "is_dora", "MAGNITUDE", "adapter_metadata", "build_metadata",
+    "COMPONENTS", "PEFT_WEIGHTS_NAME", "LORA_ADAPTER_METADATA_KEY", "LORA_SUFFIXES", "iter_modules", "peft_modules",
+    "magnitude_fp32", "peft_state_dict", "is_dora", "MAGNITUDE", "adapter_metadata", "build_metadata",
     "add_hashes", "save_safetensors_atomic", "export_lora",
 ]

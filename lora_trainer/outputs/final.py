@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 
+from ..adapters.lora import dora_row_scale
 from ..contract.errors import OutputError, TrainingError
+from ..distributed.shard import is_sharded, lora_state
 from ..runtime.run_lock import LINEAGE_KEY
+from .export import build_metadata, export_lora, write_text_atomic
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MANIFEST_NAME = "training_manifest.json"
@@ -50,13 +53,13 @@ class RunRecord:
 def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The ComfyUI / Forge / A1111 file's tensors (the family's layout) from PEFT states."""
     cfg = record.cfg
-    return record.family.tool_state_dict(states, record.comps, alpha=cfg.alpha, rank=cfg.lora_rank,
+    configs = {name: denoiser.config for name, denoiser in record.comps.denoisers.items()}
+    return record.family.tool_state_dict(states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
                                          dtype=SAVE_DTYPES[cfg.save_precision])
 
 
 def _metadata(record: RunRecord, progress) -> dict[str, str]:
     from ..data.captions import tag_frequency
-    from .export import build_metadata
 
     cfg = record.cfg
     by_folder: dict[str, list] = {}
@@ -87,8 +90,6 @@ def _metadata(record: RunRecord, progress) -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    from .export import write_text_atomic
-
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
@@ -96,9 +97,6 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
                  is_main: bool) -> dict[str, str]:
     """Write the LoRA files and the manifest (main process); returns the paths for the completed event. The caller
     waits for the other ranks."""
-    from .export import export_lora
-    from ..adapters.lora import dora_row_scale, is_sharded, lora_state
-
     cfg = record.cfg
     paths: dict[str, str] = {}
     if is_main or any(is_sharded(m) for m in modules.values()):  # sharded: lora_state is a collective

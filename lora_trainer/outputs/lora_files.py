@@ -14,28 +14,30 @@ from collections.abc import Mapping
 
 import torch
 
-from .export import MAGNITUDE, _iter_modules, _magnitude
+from .export import MAGNITUDE, iter_modules, magnitude_fp32
+from ..families import get_spec
 from ..families._unet.kohya_names import te_path
-
-# The CLIP encoders under their diffusers names with the ``text_model.`` level: ComfyUI's and Forge's
-# model_lora_keys_clip map ``text_encoder.text_model.encoder.layers...`` (CLIP-L; SD3's ``text_encoder_2`` is CLIP-G)
-# and diffusers accepts it; transformers 5's CLIPTextModel lacks that level, so it is added (kohya_names.te_path).
-# kohya ``lora_te1_`` names in this lora_A/lora_B form would be dropped by diffusers without a word.
-LORA_TEXT_ENCODERS = {"flux1": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
 
 
 def comfy_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """PEFT states -> ``transformer.<module>.lora_A/lora_B.weight`` (+ CLIP ``text_encoder*.text_model...``), alpha
-    folded into lora_B; DoRA magnitudes as fp32 ``dora_scale`` [out, 1] (ComfyUI's output-axis layout, export.py)."""
+    folded into lora_B; DoRA magnitudes as fp32 ``dora_scale`` [out, 1] (ComfyUI's output-axis layout, export.py).
+
+    The family's LoRA'd CLIP encoders (``spec.lora_text_encoders``) keep their diffusers names with the
+    ``text_model.`` level: ComfyUI's and Forge's model_lora_keys_clip map ``text_encoder.text_model.encoder.layers...``
+    (CLIP-L; SD3's ``text_encoder_2`` is CLIP-G) and diffusers accepts it; transformers 5's CLIPTextModel lacks that
+    level, so it is added (kohya_names.te_path). kohya ``lora_te1_`` names in this lora_A/lora_B form would be
+    dropped by diffusers without a word."""
+    text_encoders = get_spec(family).lora_text_encoders
     out: dict[str, torch.Tensor] = {}
-    for component, path, parts in _iter_modules(states):
+    for component, path, parts in iter_modules(states):
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.shape[0] != rank:
             raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
         if component == "transformer":
             name = f"transformer.{path}"
-        elif component in LORA_TEXT_ENCODERS.get(family, ()):
+        elif component in text_encoders:
             name = f"{component}.{te_path(path)}"
         else:
             raise ValueError(f"component {component!r} has no ComfyUI name in a {family} LoRA")
@@ -43,5 +45,5 @@ def comfy_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor
         # Folded in fp32 before the cast to the save precision, so the only rounding is the save's own.
         out[f"{name}.lora_B.weight"] = (b.detach().to("cpu", torch.float32) * (alpha / rank)).to(dtype).contiguous()
         if MAGNITUDE in parts:
-            out[f"{name}.dora_scale"] = _magnitude(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
+            out[f"{name}.dora_scale"] = magnitude_fp32(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
     return out

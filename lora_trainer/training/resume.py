@@ -21,8 +21,7 @@ import torch
 from .checkpoint import (TrainingProgress, find_latest_checkpoint, flatten_state, load_checkpoint,
                          save_checkpoint, unflatten_state, verify_checkpoint)
 from ..contract.errors import ConfigError
-from ..adapters.lora import is_sharded, load_lora_state, lora_state
-from ..distributed.shard import full_tensors, shard_optimizer_state
+from ..distributed.shard import full_tensors, is_sharded, load_lora_state, lora_state, shard_optimizer_state
 
 MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
               "train_text_encoder", "use_dora", "dataset_fingerprint", "resolution", "bucketing", "batch_size",

@@ -184,7 +184,7 @@ class Trainer:
                                           world=self.world, source=source, events=self.events)
 
     def _attach_lora(self) -> None:
-        from ..adapters.lora import attach_adapters
+        from .attach import attach_adapters
 
         a = attach_adapters(self.cfg, self.family, self.comps, self.device, self.events, world=self.world)
         # lora_modules: the modules that carry LoRA, by component name: what checkpoints, resume and export read.

@@ -40,7 +40,7 @@ class MMDiTFamily(ModelFamily):
     def sample_kwargs(self) -> dict[str, Any]:
         return {**super().sample_kwargs(), "max_sequence_length": self.max_sequence_length}
 
-    def tool_state_dict(self, states, comps, *, alpha, rank, dtype):
+    def tool_state_dict(self, states, configs, *, alpha, rank, dtype):
         from ...outputs.lora_files import comfy_state_dict
 
         return comfy_state_dict(self.name, states, alpha=alpha, rank=rank, dtype=dtype)

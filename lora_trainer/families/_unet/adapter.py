@@ -20,8 +20,7 @@ class UNetFamily(ModelFamily):
     def predict(self, denoisers, noisy, t, cond, geometry):
         return denoisers["unet"](noisy, t, **self.unet_kwargs(cond, geometry), return_dict=False)[0]
 
-    def tool_state_dict(self, states, comps, *, alpha, rank, dtype):
-        from ...outputs.export import kohya_state_dict
+    def tool_state_dict(self, states, configs, *, alpha, rank, dtype):
+        from .export import kohya_state_dict
 
-        return kohya_state_dict(self.name, states, alpha=alpha, rank=rank,
-                                unet_config=comps.denoisers["unet"].config, dtype=dtype)
+        return kohya_state_dict(self.name, states, alpha=alpha, rank=rank, unet_config=configs["unet"], dtype=dtype)

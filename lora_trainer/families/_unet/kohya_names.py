@@ -11,20 +11,19 @@ Naming rules (sd-scripts, confirmed against ComfyUI ``comfy/lora.py`` + ``comfy/
   ``output_blocks.N.{0 resnet | 1 transformer | 1-or-2 upsampler}``; resnet children are renamed (conv1 ->
   in_layers.2, time_emb_proj -> emb_layers.1, conv2 -> out_layers.3, conv_shortcut -> skip_connection). The block
   numbering is derived from the config (layers_per_block, block types), never hard-coded for the full-size model.
-* Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + ``text_model_encoder_layers_...``.
+  Which layout a family's UNet gets is its spec's ``kohya_sgm_unet``.
+* Text encoders: ``lora_te_`` when the family has one LoRA'd text encoder (SD1/2), ``lora_te1_`` / ``lora_te2_``
+  when it has several (SDXL), + ``text_model_encoder_layers_...``.
   transformers 5.x ``CLIPTextModel`` has no ``text_model.`` level, but ComfyUI only maps names WITH it and silently
   ignores the rest, so the level is always written.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+from ..spec import FamilySpec
 
-# Kohya text-encoder prefixes: sd-scripts LoRANetwork.LORA_PREFIX_TEXT_ENCODER{,1,2}.
-_TE_PREFIX = {("sd15", "text_encoder"): "lora_te", ("sd2", "text_encoder"): "lora_te",
-              ("sdxl", "text_encoder"): "lora_te1", ("sdxl", "text_encoder_2"): "lora_te2"}
 # diffusers ResnetBlock2D child -> SGM ResBlock child (ComfyUI UNET_MAP_RESNET, A1111 suffix_conversion).
 _RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
                   "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
@@ -37,13 +36,16 @@ _TOP_TO_SGM = {
 }
 
 
-def check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
-
-
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:  # dict, FrozenDict or config object
     return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+
+
+def te_prefixes(text_encoders: Sequence[str]) -> dict[str, str]:
+    """Kohya text-encoder prefixes (sd-scripts LoRANetwork.LORA_PREFIX_TEXT_ENCODER{,1,2}): ``lora_te`` for a model's
+    one LoRA'd text encoder, ``lora_te1``, ``lora_te2`` ... in the pipeline's order when it has several."""
+    if len(text_encoders) == 1:
+        return {text_encoders[0]: "lora_te"}
+    return {name: f"lora_te{i}" for i, name in enumerate(text_encoders, 1)}
 
 
 def te_path(path: str) -> str:
@@ -124,16 +126,29 @@ def diffusers_to_sgm(path: str, block_map: Mapping[str, tuple[str, str]]) -> str
     raise ValueError(f"unet module {path!r} has no SGM (input/middle/output_blocks) equivalent for this config")
 
 
-def kohya_module_name(family: str, component: str, path: str, unet_config: Any = None,
-                      _block_map: Mapping[str, tuple[str, str]] | None = None) -> str:
-    """Kohya LoRA module name (without ``.lora_down.weight``) for one PEFT module path of one component."""
-    check_family(family)
-    if component == "unet":
-        if family == "sdxl":
-            block_map = _block_map if _block_map is not None else sgm_block_map(unet_config)
-            path = diffusers_to_sgm(path, block_map)
-        return "lora_unet_" + path.replace(".", "_")
-    prefix = _TE_PREFIX.get((family, component))
-    if prefix is None:
-        raise ValueError(f"component {component!r} is not part of a {family} model")
-    return f"{prefix}_" + te_path(path).replace(".", "_")
+class KohyaNames:
+    """The kohya module name of every LoRA'd module of one UNet family's model: ``spec.lora_text_encoders`` give the
+    text-encoder prefixes, ``spec.kohya_sgm_unet`` whether the UNet is named in SGM layout (then ``unet_config``, the
+    diffusers UNet config, gives its block numbering)."""
+
+    def __init__(self, spec: FamilySpec, unet_config: Any = None):
+        if "unet" not in spec.denoisers:
+            raise ValueError(f"{spec.name} has no UNet: its LoRA has no kohya SD names")
+        self.family = spec.name
+        self.sgm = spec.kohya_sgm_unet
+        self.te_prefix = te_prefixes(spec.lora_text_encoders)
+        self.unet_config = unet_config
+        self._block_map: Mapping[str, tuple[str, str]] | None = None
+
+    def __call__(self, component: str, path: str) -> str:
+        """Kohya LoRA module name (without ``.lora_down.weight``) for one PEFT module path of one component."""
+        if component == "unet":
+            if self.sgm:
+                if self._block_map is None:
+                    self._block_map = sgm_block_map(self.unet_config)
+                path = diffusers_to_sgm(path, self._block_map)
+            return "lora_unet_" + path.replace(".", "_")
+        prefix = self.te_prefix.get(component)
+        if prefix is None:
+            raise ValueError(f"component {component!r} is not part of a {self.family} model")
+        return f"{prefix}_" + te_path(path).replace(".", "_")

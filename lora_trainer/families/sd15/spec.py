@@ -14,5 +14,6 @@ SPEC = FamilySpec(
     gated_repos=(),
     blocks=UNET_REPEATED_BLOCKS, text_entry=TextEntry(tokens=77, sequence=False, width=768, pooled=0),
     activations=Activations(kind="unet"),
-    tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")}, kohya_v2=False, extra_metadata={},
+    tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")}, kohya_v2=False, kohya_sgm_unet=False,
+    extra_metadata={},
     hub_tags=("stable-diffusion", "stable-diffusion-diffusers"))

@@ -37,7 +37,7 @@ class SD3(MMDiTFamily):
                                         encoder_hidden_states=cond["prompt_embeds"],
                                         pooled_projections=cond["pooled"], return_dict=False)[0]
 
-    def tool_state_dict(self, states, comps, *, alpha, rank, dtype):
+    def tool_state_dict(self, states, configs, *, alpha, rank, dtype):
         # The kohya/SAI layout (q/k/v fused exactly): the one file Forge maps, and ComfyUI too. diffusers loads
         # none of it, so its users take pytorch_lora_weights.safetensors. Fused q/k/v cannot carry DoRA's
         # per-part magnitudes, so a DoRA LoRA gets the diffusers-named file (ComfyUI and diffusers).
@@ -45,8 +45,8 @@ class SD3(MMDiTFamily):
         from .export import sd3_kohya_state_dict
 
         if is_dora(states):
-            return super().tool_state_dict(states, comps, alpha=alpha, rank=rank, dtype=dtype)
-        return sd3_kohya_state_dict(states, comps.denoisers["transformer"].config, alpha=alpha, rank=rank, dtype=dtype)
+            return super().tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype)
+        return sd3_kohya_state_dict(states, configs["transformer"], alpha=alpha, rank=rank, dtype=dtype)
 
 
 

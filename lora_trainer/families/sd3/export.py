@@ -1,7 +1,7 @@
 """The kohya / SAI-named SD3 (SD3, SD3.5) LoRA file: the one Forge loads (and ComfyUI too).
 
 For SD3 no single file suits every tool (see /work/notes/dit_loaders.md): diffusers needs ``transformer.<diffusers
-module>`` keys (export_dit.py, written as ``pytorch_lora_weights.safetensors``), while Forge's SD3.5 engine maps only
+module>`` keys (outputs/export.py's ``pytorch_lora_weights.safetensors``), while Forge's SD3.5 engine maps only
 the generic ``lora_unet_<SAI MMDiT module>`` names (its diffusers-name SD3 map is commented out; more than 12 unmatched
 keys and it drops the whole file). This module writes that second layout, as sd-scripts ``networks/lora_sd3.py``
 does: ``lora_unet_joint_blocks_N_x_block_attn_qkv.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, text
@@ -63,10 +63,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ...outputs.export import _iter_modules, is_dora
-from .._unet.kohya_names import te_path
+from ...outputs.export import is_dora, iter_modules
+from .._unet.kohya_names import te_path, te_prefixes
+from .spec import SPEC
 
-TE_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}  # sd-scripts lora_sd3.py: CLIP-L, CLIP-G
+TE_PREFIX = te_prefixes(SPEC.lora_text_encoders)  # sd-scripts lora_sd3.py: lora_te1 CLIP-L, lora_te2 CLIP-G
 COMPONENTS = ("transformer", *TE_PREFIX)
 UNET_PREFIX = "lora_unet"
 
@@ -194,7 +195,7 @@ def sd3_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], trans
     sai = sd3_sai_module_map(transformer_config) if "transformer" in states else {}
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[int, tuple[str, torch.Tensor, torch.Tensor]]] = {}  # SAI qkv -> {part: (path, A, B)}
-    for component, path, parts in _iter_modules(states):
+    for component, path, parts in iter_modules(states):
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.shape[0] != rank:
             raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")

@@ -1,0 +1,62 @@
+"""Putting the run's adapters on its models, in the one order that works (injection, init_lora, fp8 storage, block
+streaming or sharding, the move to the device)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters.init_from_file import init_from_file
+from ..adapters.lora import add_lora
+from ..distributed.shard import shard_denoisers
+from ..runtime.offload import stream_denoisers
+from ..runtime.quantize import after_lora
+
+
+@dataclass
+class Attached:
+    lora_modules: dict  # component name -> the module carrying LoRA (denoisers, and trained text encoders)
+    denoiser_params: list
+    te_params: list
+    streamers: dict  # offload.BlockStreamer per streamed denoiser
+    shards: dict  # shard.shard_denoisers' summary per sharded denoiser
+
+
+def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: int = 1) -> Attached:
+    """The run's adapters (Trainer._attach_lora): LoRA on the denoisers (and text encoders with
+    train_text_encoder), an init_lora file's weights, fp8 storage, block streaming or sharding across the ``world``
+    processes, then the move to ``device``.
+
+    LoRA goes in on the host, before anything moves: so that fp8 casting, block streaming and sharding happen before
+    the full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives the same
+    initial LoRA on every device and process. The text encoders are already where _prepare_data left them.
+    init_lora is loaded before sharding, into whole modules."""
+    spec = family.spec
+    out = Attached(dict(comps.denoisers), [], [], {}, {})
+    for denoiser in comps.denoisers.values():
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        out.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                        targets=spec.targets(cfg.target_modules), use_dora=cfg.use_dora,
+                                        path="target_modules")
+        denoiser.train()
+    if cfg.train_text_encoder:
+        for name in spec.lora_text_encoders:
+            te = comps.text_encoders[name]
+            out.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                      targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
+                                      path="text_encoder_target_modules")
+            te.train()
+            out.lora_modules[name] = te
+    if cfg.init_lora:
+        init_from_file(cfg, family.name, comps, out.lora_modules, events)
+    after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
+    # every LoRA tensor is checked to be trainable fp32
+    out.streamers = stream_denoisers(cfg.offload_blocks, spec.blocks, comps.denoisers, device)
+    if cfg.shard_base and world > 1:
+        out.shards = shard_denoisers(comps.denoisers, spec.blocks, device, world)
+        # fully_shard replaced every parameter by its shard (a new Parameter): the optimizer must get those.
+        out.denoiser_params = [p for d in comps.denoisers.values() for n, p in d.named_parameters() if p.requires_grad]
+    for denoiser in comps.denoisers.values():
+        denoiser.to(device)  # sharded ones are there already (a no-op for them)
+    return out
