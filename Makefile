@@ -18,8 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
+# Two workers: most tests (and the trainers they start) use one thread each, so two cores run two at a time.
+JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS)
 
 FAMILY ?= sdxl
 demo: setup

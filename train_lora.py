@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""train_lora: LoRA training for Stable Diffusion 1.x / 2.x / SDXL that other programs can drive.
+"""train_lora: LoRA training for diffusion models (SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5) that other programs can drive.
 
 Usage: python3 train_lora.py --config config.json [--validate-only] [--resume] [--debug]
 Everything lives in the lora_trainer package; this file only hands over to its CLI.

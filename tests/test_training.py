@@ -1,7 +1,6 @@
 """End-to-end training through the real CLI on tiny random pipelines (CPU)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _helpers import assert_report, probe_env, probe_records
-from conftest import lora_deltas, run_cli, write_config
+from conftest import run_cli, write_config
 
 
 def _train(tmp_path: Path, model: Path, dataset: Path, **params):
@@ -31,53 +30,6 @@ def _trained_deltas(ckpt_dir: Path, alpha: float, rank: int) -> dict[str, torch.
             b = state[f"{path}.lora_B.weight"]
             out[path] = (alpha / rank) * (b.float() @ a.float())
     return out
-
-
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_train_export_and_load_in_diffusers(tmp_path, tiny_models, dataset, family):
-    from diffusers import DiffusionPipeline
-
-    res, out = _train(tmp_path, tiny_models[family], dataset)
-    started = res.last("run_started")
-    assert started["family"] == family and started["total_steps"] == 4
-    assert [e["step"] for e in res.of_type("step")] == [1, 2, 3, 4]
-    done = res.last("completed")
-    assert done["steps"] == 4
-    lora, peft_file = Path(done["outputs"]["lora"]), Path(done["outputs"]["peft_lora"])
-    assert lora == out / "lora.safetensors" and lora.is_file() and peft_file.is_file()
-    manifest = json.loads((out / "training_manifest.json").read_text())
-    assert manifest["steps"] == 4 and manifest["family"] == family and manifest["versions"]["torch"]
-    assert manifest["config"]["keep_tokens"] == 1 and started["config"]["keep_tokens"] == 1  # not "<redacted>"
-    assert Path(done["outputs"]["report"]) == out / "report.html"
-    assert Path(done["outputs"]["loss_curve"]) == out / "loss_curve.png"
-    assert_report(out, status="completed", step=4, total_steps=4)
-
-    with safe_open(str(lora), "pt") as f:
-        meta = f.metadata()
-        keys = list(f.keys())
-    assert all(k.startswith("lora_unet_") for k in keys)
-    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] in ("8", "8.0")
-    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
-    assert meta["modelspec.trigger_phrase"] == "ohwx"
-    if family == "sdxl":
-        assert any("input_blocks_" in k for k in keys), "SDXL UNet names must be SGM block names"
-
-    final_ckpt = out / "checkpoints" / "step-000004"
-    trained = _trained_deltas(final_ckpt, alpha=8, rank=4)
-    assert trained and any(d.abs().max() > 0 for d in trained.values())
-
-    for path in (lora, peft_file):
-        pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
-        gen = lambda: pipe("ohwx, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
-                           generator=torch.Generator().manual_seed(0)).images[0]
-        before = gen()
-        pipe.load_lora_weights(str(path))
-        loaded = lora_deltas(pipe.unet)
-        assert set(loaded) == set(trained), f"{path.name}: module sets differ"
-        for name, delta in trained.items():
-            torch.testing.assert_close(loaded[name], delta, rtol=2e-2, atol=2e-4, msg=f"{path.name} {name}")
-        after = gen()
-        assert abs(after - before).max() > 0, "loading the LoRA must change the image"
 
 
 def test_lora_learns_the_image(tmp_path, tiny_models):

@@ -131,3 +131,8 @@ def tag_frequency(captions_by_folder: Mapping[str, Iterable[str | None]]) -> dic
             counts.update(split_tags(caption))
         out[folder] = dict(counts)
     return out
+
+
+def prompts_for(cfg) -> list[str]:
+    """The sample prompts of a run: validation_prompts, else the trigger words (the text cache encodes them too)."""
+    return list(cfg.validation_prompts) or [", ".join(cfg.trigger_words)]

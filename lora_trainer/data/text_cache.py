@@ -425,7 +425,7 @@ def build_run_cache(cfg, family, comps, images, *, device: torch.device, world: 
     import gc
 
     from .captions import build_caption
-    from ..training.sampling import prompts_for
+    from .captions import prompts_for
 
     captions = [build_caption(i.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words) for i in images]
     if cfg.caption_dropout_rate > 0:

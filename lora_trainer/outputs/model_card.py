@@ -40,7 +40,7 @@ def _latest_samples(out_dir: Path, limit: int = 4) -> list[tuple[str, str]]:
 def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool) -> Path:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..training.sampling import prompts_for
+    from ..data.captions import prompts_for
 
     out_dir = Path(cfg.output_path)
     lora_name = f"{cfg.output_name}.safetensors"

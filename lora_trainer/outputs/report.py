@@ -91,7 +91,7 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
                  loss_history: list[tuple], duration_s: float | None = None,
                  final_loss: float | None = None) -> dict[str, str]:
     """Write the figures and report.html into cfg.output_path; returns their paths. Main process only."""
-    from ..training.sampling import prompts_for
+    from ..data.captions import prompts_for
 
     out_dir = cfg.output_path
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,18 @@ def make_single_file_checkpoint(pipeline_dir, out_path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ckpt.items()}, str(out_path), metadata={"format": "pt"})
     return out_path
+
+
+def write_tiny_single_file(folder, out_file) -> Path:
+    """The single file users of the folder's family have: the transformer alone, as released, for a family with
+    its own converters (convert.py ``to_diffusers``), else a whole LDM checkpoint (what diffusers'
+    ``from_single_file`` reads for the UNet families). The contract suite probes and trains what this writes."""
+    from ..preflight.probe import probe_model
+
+    folder = Path(folder)
+    family = probe_model(str(folder)).family
+    if family is None:
+        raise ValueError(f"{folder}: not a pipeline folder of a registered family")
+    if hasattr(get_part(family, "convert"), "to_diffusers"):
+        return write_single_file(folder, out_file)
+    return make_single_file_checkpoint(folder, out_file)

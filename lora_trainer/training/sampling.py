@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..data.captions import prompts_for
+
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
@@ -55,10 +57,6 @@ def _log_to_dashboard(cfg, accelerator, grid, step: int) -> None:
         import wandb
 
         accelerator.get_tracker("wandb", unwrap=True).log({"samples": [wandb.Image(grid)]}, step=step)
-
-
-def prompts_for(cfg) -> list[str]:
-    return list(cfg.validation_prompts) or [", ".join(cfg.trigger_words)]
 
 
 def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,

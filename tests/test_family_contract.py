@@ -1,0 +1,199 @@
+"""The contract every registered family keeps, run over the registry (``lora_trainer.families.FAMILIES``) on each
+family's tiny random pipelines through the real CLI: a family added as a folder is covered here without an edit.
+
+Per tiny model (every variant the family's tiny builder offers): the probe recognises its folder and its single
+file, and ``--validate-only`` passes. Per family (its default tiny model): a short training with schema-valid
+events (the NaN guard and a sample included), SIGTERM -> checkpoint -> resume ending bitwise equal to the
+uninterrupted run, and the exported files: diffusers loads the PEFT file with the trained deltas and the image
+changes; ComfyUI, Forge and A1111 (re-implemented in tests/tool_rules.py) load the tool file onto the trained
+modules. Family quirks keep their own tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from _helpers import assert_report
+from conftest import lora_deltas, run_cli, write_config
+from tool_rules import DIFFUSERS_LOADS_TOOL_FILE, NO_GRADIENT, RULES
+from lora_trainer.families import FAMILIES, SPECS, get_part
+from lora_trainer.testing.single_file import write_tiny_single_file
+
+RANK, ALPHA = 4, 8
+
+
+def tiny_names(family: str) -> list[str]:
+    return list(get_part(family, "tiny").VARIANTS)
+
+
+def default_tiny_name(family: str) -> str:
+    return get_part(family, "tiny").DEFAULT
+
+
+EVERY_TINY = [(family, name) for family in FAMILIES for name in tiny_names(family)]
+
+
+def _id(pair) -> str:
+    return pair[1]
+
+
+def _expected(family: str, name: str, model: Path) -> tuple[str | None, str]:
+    """(variant, prediction type) of a tiny model, from its own files: the signature's rule on the denoiser's
+    config and the scheduler config, as the trainer reads them."""
+    from lora_trainer.families import get_signature
+
+    spec = SPECS[family]
+    config = json.loads((model / spec.denoisers[0] / "config.json").read_text())
+    variant = get_signature(family).variant(config)[0]
+    if spec.is_flow:
+        return variant, "flow"
+    sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    return variant, sched.get("prediction_type", "epsilon")
+
+
+@pytest.mark.parametrize("pair", EVERY_TINY, ids=_id)
+def test_probe_knows_the_tiny_folder_and_its_single_file(tmp_path, tiny_models, pair):
+    from lora_trainer.preflight.probe import probe_model
+
+    family, name = pair
+    model = tiny_models[name]
+    variant, prediction = _expected(family, name, model)
+    probe = probe_model(str(model))
+    assert probe.ok, probe.problems
+    assert (probe.family, probe.variant, probe.prediction_type) == (family, variant, prediction)
+    assert probe.components_found == SPECS[family].components and probe.components_missing == ()
+
+    single = write_tiny_single_file(model, tmp_path / f"{name}.safetensors")
+    probe = probe_model(str(single))
+    assert probe.problems == () or all(p["code"] != "model_unsupported" for p in probe.problems), probe.problems
+    assert (probe.family, probe.variant) == (family, variant), probe.family_evidence
+
+
+@pytest.mark.parametrize("pair", EVERY_TINY, ids=_id)
+def test_validate_only_passes_on_the_tiny_model(tmp_path, tiny_models, dataset, pair):
+    family, name = pair
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models[name]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64)
+    res = run_cli("--config", str(cfg), "--validate-only")
+    assert res.returncode == 0, res.stderr[-3000:]
+    validation = res.last("validation")
+    assert validation["ok"] is True and validation["errors"] == []
+    assert validation["summary"]["model"]["family"] == family
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def _config(tmp_path: Path, model: Path, dataset: Path, name: str, family: str, **params) -> Path:
+    spec = SPECS[family]
+    te = {"train_text_encoder": True, "text_encoder_lr": 1e-3} if spec.lora_text_encoders else {}
+    seq = {"max_sequence_length": 32} if spec.max_sequence_length else {}
+    cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / name),
+           "trigger_words": ["ohwx"], "resolution": 64, "min_bucket_resolution": 64, "max_train_steps": 4,
+           "checkpointing_steps": 2, "log_every_n_steps": 1, "lora_rank": RANK, "lora_alpha": ALPHA,
+           "learning_rate": 2e-3, **te, **seq, **params}
+    return write_config(tmp_path / f"{name}.json", **cfg)
+
+
+def _deltas(checkpoint: Path, component: str) -> dict[str, torch.Tensor]:
+    state = load_file(checkpoint / f"lora_{component}.safetensors")
+    return {k[: -len(".lora_A.weight")]: (ALPHA / RANK) * (state[k.replace("lora_A", "lora_B")].float() @ a.float())
+            for k, a in state.items() if k.endswith("lora_A.weight")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_stop_resume_and_export(tmp_path, tiny_models, dataset, family):
+    from diffusers import DiffusionPipeline
+
+    assert family in RULES, f"tests/tool_rules.py has no ComfyUI/Forge/A1111 rules for {family}"
+    name = default_tiny_name(family)
+    model = tiny_models[name]
+    variant, prediction = _expected(family, name, model)
+    spec = SPECS[family]
+    nan = {"TRAIN_LORA_TEST_NAN_STEPS": "3"}  # both runs skip step 3's update: the NaN guard, still comparable
+
+    full = run_cli("--config", str(_config(tmp_path, model, dataset, "full", family, validation_steps=4,
+                                           validation_inference_steps=2)), env=nan)
+    assert full.returncode == 0, full.stderr[-4000:]
+    started = full.last("run_started")
+    assert (started["family"], started["variant"], started["prediction_type"]) == (family, variant, prediction)
+    assert started["objective"]["kind"] == spec.objective
+    assert [e["step"] for e in full.of_type("step")] == [1, 2, 3, 4]
+    assert [e["details"]["step"] for e in full.of_type("warning") if e["code"] == "nonfinite_step_skipped"] == [3]
+    assert 4 in {e["step"] for e in full.of_type("sample")}
+    out = tmp_path / "full"
+    done = full.last("completed")
+    lora, peft_file = Path(done["outputs"]["lora"]), Path(done["outputs"]["peft_lora"])
+    assert lora == out / "lora.safetensors" and peft_file == out / "pytorch_lora_weights.safetensors"
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    assert (manifest["family"], manifest["prediction_type"], manifest["steps"]) == (family, prediction, 4)
+    assert manifest["versions"]["torch"] and manifest["config"]["keep_tokens"] == 1  # a count, not "<redacted>"
+    assert_report(out, status="completed", step=4, total_steps=4)
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+    names = spec.tool_names_for(variant, prediction)
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.implementation"]) == \
+        (names.base_model_version, f"{names.architecture}/lora", names.implementation)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["modelspec.trigger_phrase"]) == \
+        (str(RANK), str(float(ALPHA)), "ohwx")
+
+    # SIGTERM during step 2 -> exit 143 with a checkpoint at 2; --resume finishes the same run, bitwise.
+    cfg = _config(tmp_path, model, dataset, "split", family)
+    stopped = run_cli("--config", str(cfg), env={**nan, "TRAIN_LORA_TEST_SIGTERM_STEP": "2"})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.last("interrupted")["step"] == 2
+    resumed = run_cli("--config", str(cfg), "--resume", env=nan)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.last("resumed")["step"] == 2
+    final = out / "checkpoints" / "step-000004"
+    components = sorted(p.stem.removeprefix("lora_") for p in final.glob("lora_*.safetensors"))
+    assert components == sorted((*spec.denoisers, *spec.lora_text_encoders))
+    for component in components:
+        a = load_file(final / f"lora_{component}.safetensors")
+        b = load_file(tmp_path / "split" / "checkpoints" / "step-000004" / f"lora_{component}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{component}: resume not exact"
+    assert [e["loss"] for e in resumed.of_type("step")] == [e["loss"] for e in full.of_type("step")][2:]
+
+    # The denoiser's modules learned: those whose output nothing reads (the family's NO_GRADIENT) cannot, nor can a
+    # self-attention's q/k over a single token (a tiny UNet's 1x1 mid block at 64 px); everything else must.
+    (denoiser,) = spec.denoisers
+    trained = _deltas(final, denoiser)
+    zero = {n for n, d in trained.items() if not d.abs().max() > 0}
+    assert NO_GRADIENT.get(family, lambda m: set())(model) <= zero
+    assert trained and len(zero) <= len(trained) // 10, sorted(zero)
+
+    # diffusers loads the PEFT file (and the tool file, where it reads that layout): every trained delta lands,
+    # and the image changes.
+    def image(p):
+        kwargs = {"max_sequence_length": 32} if spec.max_sequence_length else {}
+        return p("ohwx, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+
+    before = image(DiffusionPipeline.from_pretrained(model))
+    for path in (lora, peft_file) if family in DIFFUSERS_LOADS_TOOL_FILE else (peft_file,):
+        pipe = DiffusionPipeline.from_pretrained(model)
+        pipe.load_lora_weights(str(path))
+        for component in components:
+            want, loaded = _deltas(final, component), lora_deltas(getattr(pipe, component))
+            assert want and set(loaded) == set(want), f"{path.name} {component}: module sets differ"
+            for module, delta in want.items():
+                torch.testing.assert_close(loaded[module], delta, rtol=2e-2, atol=2e-4, msg=f"{path.name} {module}")
+        assert abs(image(pipe) - before).max() > 0, f"loading {path.name} must change the image"
+
+    # The tool file (ComfyUI, Forge, A1111) lands on the trained modules (``pipe`` holds the PEFT file's layers).
+    RULES[family](pipe, lora, final)
+
+
+@pytest.mark.parametrize("pair", [p for p in EVERY_TINY if p[1] != default_tiny_name(p[0])], ids=_id)
+def test_every_other_variant_trains(tmp_path, tiny_models, dataset, pair):
+    """The variants beside each family's default (FLUX.1-schnell, SD2 768-v ...): a short run, as detected."""
+    family, name = pair
+    model = tiny_models[name]
+    res = run_cli("--config", str(_config(tmp_path, model, dataset, "run", family, max_train_steps=2)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    started = res.last("run_started")
+    assert (started["family"], started["variant"], started["prediction_type"]) == (family, *_expected(family, name, model))
+    assert res.last("completed")["steps"] == 2

@@ -1,0 +1,75 @@
+"""For each registered family: do ComfyUI, Forge and A1111 load the final LoRA file of a run onto the modules it was
+trained on? Dispatches to the re-implemented loaders (tests/loader_rules.py for the kohya SD layout,
+tests/comfy_dit_rules.py for the transformer families). A family added to the registry needs its entry here (the
+contract suite fails until it has one): how the UIs map its keys is the one thing the trainer cannot tell itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+
+def _unet_rules(family: str) -> Callable:
+    def check(pipe, lora: Path, checkpoint: Path) -> None:
+        """``pipe`` has the run's PEFT file loaded (its modules wrapped, base weights kept as base_layer)."""
+        from loader_rules import (a1111_layer_mapping, a1111_lookup, assert_landed_on_trained, check_comfy_unet,
+                                  comfy_clip_key_map, comfy_not_loaded)
+
+        sd = load_file(lora)
+        states = {p.stem.removeprefix("lora_"): load_file(p) for p in checkpoint.glob("lora_*.safetensors")}
+        check_comfy_unet(pipe.unet, sd, states["unet"])
+        tes = {c: getattr(pipe, c) for c in states if c != "unet"}
+        te_sd = {k: v for k, v in sd.items() if not k.startswith("lora_unet_")}
+        if tes:
+            key_map = comfy_clip_key_map(family, tes)
+            assert te_sd and comfy_not_loaded(te_sd, key_map) == []
+            for name in {k.split(".", 1)[0] for k in te_sd}:
+                component, path = key_map[name]
+                assert_landed_on_trained(te_sd, name, states[component], path)
+        mapping = a1111_layer_mapping(family, pipe.unet, tes)
+        unmatched = [n for n in {k.split(".", 1)[0] for k in sd} if a1111_lookup(n, mapping, family == "sd2") is None]
+        assert unmatched == [], f"A1111 finds no module for {unmatched[:5]}"
+
+    return check
+
+
+def _dit_rules(comfy_family: str, clip_slots: tuple[str, ...]) -> Callable:
+    def check(pipe, lora: Path, checkpoint: Path) -> None:
+        from comfy_dit_rules import forge_unmatched_keys, missing_targets, unloaded_keys
+
+        keys = list(load_file(lora))
+        encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)]
+        clips = {slot: te.config for slot, te in zip(clip_slots, encoders)}
+        cfg = dict(pipe.transformer.config)
+        assert unloaded_keys(keys, comfy_family, cfg, clips) == [], "ComfyUI leaves keys unloaded"
+        assert missing_targets(keys, comfy_family, cfg, clips) == [], "ComfyUI maps keys onto missing weights"
+        assert forge_unmatched_keys(keys, comfy_family, cfg, clips) == [], "Forge matches no module for some keys"
+        renamed = [k.replace("transformer.", "diffusion_model.", 1).replace("lora_unet_", "lora_dit_", 1) for k in keys]
+        assert unloaded_keys(renamed, comfy_family, cfg, clips), "negative control: renamed keys must not load"
+
+    return check
+
+
+RULES: dict[str, Callable] = {
+    "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
+    "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
+}
+
+
+# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names);
+# SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1"}
+
+
+def _sd3_last_block_text_queries(model: Path) -> set[str]:
+    """SD3's last block is context_pre_only: the text stream's queries there feed no output, so no gradient."""
+    import json
+
+    n = json.loads((Path(model) / "transformer" / "config.json").read_text())["num_layers"]
+    return {f"transformer_blocks.{n - 1}.attn.add_q_proj"}
+
+
+# Denoiser modules a family's LoRA cannot train (their output is never read), by the tiny model's folder.
+NO_GRADIENT: dict[str, Callable[[Path], set[str]]] = {"sd3": _sd3_last_block_text_queries}
