@@ -19,7 +19,7 @@ _ALLOWED = ("a preset (attention, attention_mlp, all_linear), or module names su
 
 
 def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) -> list[str]:
-    """Each target pattern (see family_spec: a PEFT-style name/suffix, or a ``*`` pattern over Linear layers) must
+    """Each target pattern (see families/spec.py: a PEFT-style name/suffix, or a ``*`` pattern over Linear layers) must
     select Linear or Conv2d layers only: PEFT would also wrap an Embedding, which no kohya loader reads, and fail on
     containers and norms. Returns PEFT's target_modules list (``*`` patterns expanded to module names)."""
     layers = {n: (2 if isinstance(m, torch.nn.Linear) else 4 if isinstance(m, torch.nn.Conv2d) else 0)

@@ -56,7 +56,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = "auto"  # "auto", a preset name, or module names (family_spec)
+    target_modules: tuple[str, ...] | str = "auto"  # "auto", a preset name, or module names (families/spec.py)
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     use_dora: bool = False
     init_lora: str | None = None
@@ -87,7 +87,7 @@ class TrainConfig:
     cache_host_budget_gb: float | None = None  # None: text_cache.default_host_budget()
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
-    # Flow-matching options: None takes the family's default (family_spec.FlowDefaults).
+    # Flow-matching options: None takes the family's default (families/spec.py FlowDefaults).
     flow_sigma_sampling: str | None = None
     flow_logit_mean: float | None = None
     flow_logit_std: float | None = None

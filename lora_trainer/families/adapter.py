@@ -3,8 +3,8 @@
 A family provides: its components (trainable denoiser(s), VAE, text encoders, tokenizers, scheduler config),
 the conditioning bundle for a batch of captions, the denoiser call (latent packing, positional ids, guidance,
 the timestep value the denoiser takes), the objective strategy and its settings, the sampling pipeline, and the
-file the ComfyUI/Forge/A1111 loaders read. Facts that preflight needs without torch (defaults, presets, objective
-kind) live in ``family_spec.py``; a family object carries its spec.
+file the ComfyUI/Forge/A1111 loaders read. The facts (components and their classes, defaults, presets, objective
+kind) live in the family's torch-free ``spec.py``; a family object carries its spec.
 """
 from __future__ import annotations
 
