@@ -1,0 +1,1 @@
+"""The flux1 family folder: see families/README.md."""

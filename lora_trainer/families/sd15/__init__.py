@@ -1,0 +1,1 @@
+"""The sd15 family folder: see families/README.md."""

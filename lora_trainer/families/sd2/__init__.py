@@ -1,0 +1,1 @@
+"""The sd2 family folder: see families/README.md."""

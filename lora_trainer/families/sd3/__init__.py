@@ -1,0 +1,1 @@
+"""The sd3 family folder: see families/README.md."""

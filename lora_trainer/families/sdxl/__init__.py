@@ -1,0 +1,1 @@
+"""The sdxl family folder: see families/README.md."""
