@@ -1,8 +1,10 @@
-"""Family facts without torch: target presets, flow defaults, and the config rules that need the family
-(flow options on a DDPM model and the reverse), through preflight and the real --validate-only."""
+"""Family facts without torch: target presets, flow defaults (per variant, as README states them), and the config
+rules that need the family (flow options on a DDPM model and the reverse), through preflight, the real
+--validate-only and run_started."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,19 @@ import pytest
 from conftest import run_cli, write_config
 from lora_trainer.config.config import parse_config
 from lora_trainer.families import SPECS
-from lora_trainer.families.spec import expand_targets, flow_options, peft_targets
+from lora_trainer.families.spec import expand_targets, flow_options, objective_summary, peft_targets
 from lora_trainer.preflight.run import run_preflight
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+# README's family table, objective column, word for word; FLOW_DEFAULTS restates it as values, so that the code is
+# checked against what users read and not against itself.
+README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, schnell none",
+                    "sd3": "flow: `logit_normal` sigmas, `static` shift 3.0, x0 preconditioning"}
+_FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
+_SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
+        "precondition_outputs": True}
+FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "schnell"): {**_FLUX, "shift": "none"},
+                 ("sd3", "sd3-medium"): _SD3, ("sd3", "sd3.5-medium"): _SD3, ("sd3", "sd3.5-large"): _SD3}
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,
@@ -20,6 +33,15 @@ FLUX_MODULES = {
     "single_transformer_blocks.0.proj_out": 2, "single_transformer_blocks.0.norm.linear": 2,
     "single_transformer_blocks.0.attn.norm_q": 1, "proj_out": 2, "x_embedder": 2, "pos_embed.embedding": 2,
 }
+
+
+def _readme_families() -> dict[str, dict[str, str]]:
+    """README's "Families" table (the first table after the heading): model_type -> {column header: cell}."""
+    lines = README.read_text().split("\n## Families\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    header, _, *body = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[start:end]]
+    return {row[1].strip("`"): dict(zip(header, row)) for row in body}
 
 
 def _cfg(tmp_path: Path, **extra):
@@ -42,13 +64,34 @@ def test_presets_select_the_documented_layers():
     assert SPECS["sd15"].targets("auto") == ("to_q", "to_k", "to_v", "to_out.0"), "SD default unchanged"
 
 
-def test_flow_options_take_family_defaults_and_explicit_values(tmp_path):
-    assert flow_options(_cfg(tmp_path), SPECS["flux1"])["sigma_sampling"] == "sigmoid"
-    sd3 = flow_options(_cfg(tmp_path), SPECS["sd3"])
-    assert (sd3["sigma_sampling"], sd3["shift"], sd3["shift_value"], sd3["precondition_outputs"]) == \
-        ("logit_normal", "static", 3.0, True)
-    mine = flow_options(_cfg(tmp_path, flow_shift="none", flow_precondition_outputs=False), SPECS["sd3"])
+def test_readme_states_the_flow_defaults_of_every_variant():
+    table = _readme_families()
+    for family, text in README_OBJECTIVE.items():
+        assert table[family]["objective (defaults)"] == text
+        listed = set(re.findall(r"`([^`]+)`", table[family]["variants (detected)"]))
+        assert listed == {v for f, v in FLOW_DEFAULTS if f == family}, "FLOW_DEFAULTS covers README's variants"
+    assert {f for f, s in SPECS.items() if s.is_flow} == set(README_OBJECTIVE)
+
+
+@pytest.mark.parametrize("family,variant", list(FLOW_DEFAULTS))
+def test_flow_defaults_are_readmes_per_variant(tmp_path, family, variant):
+    want = FLOW_DEFAULTS[family, variant]
+    got = flow_options(_cfg(tmp_path), SPECS[family], variant)
+    assert {k: got[k] for k in want} == want
+    assert objective_summary(_cfg(tmp_path), SPECS[family], variant) == {"kind": "flow", **got}
+    assert None not in got.values(), "every default resolved"
+
+
+def test_flow_options_unknown_variant_and_explicit_values(tmp_path):
+    # A variant not known yet (a hub model not downloaded): the family's default variant, dev for FLUX.1.
+    assert flow_options(_cfg(tmp_path), SPECS["flux1"], None) == flow_options(_cfg(tmp_path), SPECS["flux1"], "dev")
+    assert flow_options(_cfg(tmp_path), SPECS["sd3"], None)["shift"] == "static"
+    mine = flow_options(_cfg(tmp_path, flow_shift="none", flow_precondition_outputs=False), SPECS["sd3"], "sd3-medium")
     assert (mine["shift"], mine["precondition_outputs"]) == ("none", False)
+    forced = flow_options(_cfg(tmp_path, flow_shift="resolution"), SPECS["flux1"], "schnell")
+    assert forced["shift"] == "resolution", "an explicit flow_shift wins over schnell's default"
+    assert objective_summary(_cfg(tmp_path), SPECS["sdxl"], None) == {"kind": "ddpm"}
+    assert all((None in s.flow) if s.is_flow else s.flow is None for s in SPECS.values()), "every flow family: None"
 
 
 @pytest.mark.parametrize("family,key,value", [
@@ -71,7 +114,9 @@ def test_validate_only_reports_the_objective_and_refuses_cross_options(tmp_path,
     assert ok.returncode == 0, ok.stdout[-3000:]
     model = ok.last("validation")["summary"]["model"]
     assert (model["family"], model["variant"]) == ("flux1", "schnell")
-    assert model["objective"] == {"kind": "flow", **flow_options(parse_config(base)[0], SPECS["flux1"])}
+    objective = model["objective"]
+    assert objective["kind"] == "flow" and {k: objective[k] for k in FLOW_DEFAULTS["flux1", "schnell"]} == \
+        FLOW_DEFAULTS["flux1", "schnell"], objective
     bad = run_cli("--config", str(write_config(tmp_path / "bad.json", **base, min_snr_gamma=5,
                                                train_guidance_scale=1.0)), "--validate-only")
     assert bad.returncode == 2
@@ -104,3 +149,16 @@ def test_example_family_configs_validate(name):
     assert cfg.model_type in ("flux1", "sd3") and not warnings
     pre = run_preflight(cfg)
     assert not [e for e in pre.errors if e["code"] == "config_invalid"], "no family rule may refuse the example"
+
+
+def test_run_started_reports_schnells_unshifted_objective(tmp_path, tiny_models, dataset):
+    """The objective the trainer resolves from the loaded model's variant, as run_started reports it."""
+    base = {"dataset_path": str(dataset), "base_model": str(tiny_models["flux1-schnell"]),
+            "output_path": str(tmp_path / "out"), "trigger_words": ["ohwx"], "resolution": 64,
+            "min_bucket_resolution": 64, "max_train_steps": 1, "max_sequence_length": 32}
+    res = run_cli("--config", str(write_config(tmp_path / "run.json", **base)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    started = res.last("run_started")
+    objective = started["objective"]
+    assert started["variant"] == "schnell" and objective["kind"] == "flow"
+    assert {k: objective[k] for k in FLOW_DEFAULTS["flux1", "schnell"]} == FLOW_DEFAULTS["flux1", "schnell"], objective

@@ -229,6 +229,32 @@ def test_larger_images_get_noisier_sigmas():
     assert (large > small).all()
 
 
+# FLUX.1's sampler shifts by mu from the scheduler config (dev: base_shift 0.5 at 256 tokens, max_shift 1.15 at
+# 4096, diffusers' defaults); schnell's scheduler is unshifted; SD3's shifts statically by 3.0.
+_MU_1024 = flux_calculate_shift(4096)
+
+
+@pytest.mark.parametrize("family,variant,median", [
+    ("flux1", "schnell", 0.5), ("flux1", "dev", math.exp(_MU_1024) / (math.exp(_MU_1024) + 1)),
+    ("sd3", "sd3.5-large", 3.0 * 0.5 / (1 + 2.0 * 0.5)),
+])
+def test_family_defaults_train_at_the_samplers_median_sigma_at_1024px(family, variant, median):
+    """The objective a run builds from the family's defaults for the loaded variant (sigmoid(N(0, 1)) and
+    logit-normal u both have median 0.5; the shifts are monotone, so sigma's median is the shifted 0.5)."""
+    from types import SimpleNamespace
+
+    from lora_trainer.families import get_family
+
+    objective = get_family(family).objective(SimpleNamespace(variant=variant))
+    seq_len = objective.image_seq_len(torch.zeros(1, 16, 1024 // 8, 1024 // 8))
+    assert seq_len == 4096
+    sigmas = objective.sample_sigmas(N_DRAWS, seq_len, "cpu", gen(41))
+    below = (sigmas < median).double().mean().item()
+    # The fraction below the true median is binomial(n, 1/2): standard error 0.5 / sqrt(n).
+    assert abs(below - 0.5) < Z * 0.5 / math.sqrt(N_DRAWS), \
+        f"{family} {variant}: median sigma {sigmas.median().item():.3f}, expected {median:.3f}"
+
+
 @pytest.mark.parametrize(
     "shape,patch,expected",
     [((2, 16, 64, 96), 2, 32 * 48), ((1, 16, 5, 64, 96), 2, 32 * 48),

@@ -105,7 +105,7 @@ export interface RunStartedEvent {
    */
   variant?: string | null;
   /**
-   * the training objective: {"kind": "ddpm"} or {"kind": "flow", sigma_sampling, shift, shift_value, loss_weighting, precondition_outputs, ...} with every family default resolved
+   * the training objective: {"kind": "ddpm"} or {"kind": "flow", sigma_sampling, shift, shift_value, loss_weighting, precondition_outputs, ...} with every default resolved for the model's variant (FLUX.1-schnell: shift none, dev: resolution)
    */
   objective?: {
     kind: "ddpm" | "flow";

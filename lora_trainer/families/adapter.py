@@ -150,13 +150,14 @@ class ModelFamily:
 
     # -- training ------------------------------------------------------------------------------------
     def objective(self, comps: Components):
-        """The training objective strategy: DDPM (epsilon / v) or rectified flow, with the run's settings."""
+        """The training objective strategy: DDPM (epsilon / v) or rectified flow, with the run's settings (flow
+        defaults are the loaded variant's: FLUX.1-schnell trains unshifted, dev with the resolution shift)."""
         cfg = self.cfg
         if self.spec.is_flow:
             from .spec import flow_options
             from ..objectives.flow import FlowMatchingObjective, FlowSettings
 
-            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec)), patch_size=2)
+            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec, comps.variant)), patch_size=2)
         from diffusers import DDPMScheduler
 
         from ..objectives.ddpm import DiffusionObjective, ObjectiveSettings

@@ -29,7 +29,7 @@ CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass(frozen=True)
 class FlowDefaults:
-    """Per-family defaults of the flow-matching options (config keys flow_*; see README "Flow matching")."""
+    """One variant's defaults of the flow-matching options (config keys flow_*; see README "Flow matching")."""
 
     sigma_sampling: str = "uniform"
     shift: str = "none"
@@ -99,7 +99,10 @@ class FamilySpec:
     latent_channels: int  # of the VAE's latents (8x downsampled)
     presets: Mapping[str, tuple[str, ...]]
     default_preset: str
-    flow: FlowDefaults | None  # None for DDPM families
+    # Variant -> its flow-matching defaults; key None: the default variant's, for a variant not known yet (a hub
+    # model not downloaded) or not listed. Per variant because variants of one family sample differently (FLUX.1-dev
+    # shifts by resolution, schnell not) and training should match. None for DDPM families.
+    flow: Mapping[str | None, FlowDefaults] | None
     # Sampling defaults: guidance_scale of the diffusers pipeline (CFG, or FLUX-dev's embedded guidance).
     sample_guidance: float
     # Variant -> value fed to the guidance embedder during training (None: the variant has no embedder).
@@ -143,6 +146,12 @@ class FamilySpec:
     def is_flow(self) -> bool:
         return self.objective == "flow"
 
+    def flow_defaults(self, variant: str | None) -> FlowDefaults:
+        """The flow defaults of a variant (the default variant's where it is None or not listed)."""
+        if not self.flow:
+            return FlowDefaults()
+        return self.flow.get(variant, self.flow[None])
+
     def has_guidance_embedder(self, variant: str | None) -> bool:
         return self.train_guidance.get(variant) is not None
 
@@ -181,9 +190,9 @@ def peft_targets(patterns: tuple[str, ...], modules: Mapping[str, int]) -> list[
     return sorted({p for p in patterns if "*" not in p} | names)
 
 
-def flow_options(cfg, spec: FamilySpec) -> dict:
-    """FlowSettings keyword arguments: each flow_* config key, or the family's default where it is null."""
-    d = spec.flow or FlowDefaults()
+def flow_options(cfg, spec: FamilySpec, variant: str | None) -> dict:
+    """FlowSettings keyword arguments: each flow_* config key, or the variant's default where it is null."""
+    d = spec.flow_defaults(variant)
 
     def pick(key: str, default):
         value = getattr(cfg, key, None) if cfg is not None else None
@@ -197,6 +206,6 @@ def flow_options(cfg, spec: FamilySpec) -> dict:
             "precondition_outputs": bool(pick("flow_precondition_outputs", d.precondition_outputs))}
 
 
-def objective_summary(cfg, spec: FamilySpec) -> dict:
-    """What the run trains with, every default resolved (validation summary and run_started)."""
-    return {"kind": "flow", **flow_options(cfg, spec)} if spec.is_flow else {"kind": "ddpm"}
+def objective_summary(cfg, spec: FamilySpec, variant: str | None) -> dict:
+    """What the run trains with, every default resolved for the variant (validation summary and run_started)."""
+    return {"kind": "flow", **flow_options(cfg, spec, variant)} if spec.is_flow else {"kind": "ddpm"}

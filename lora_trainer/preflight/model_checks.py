@@ -219,7 +219,7 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
         errors.append(_issue("config_invalid", "resolution", f"{spec.label} needs image sides that are multiples of "
                              f"{m} px (VAE downsampling x the denoiser's patch size)", value=cfg.resolution,
                              allowed=f"a multiple of {m}, e.g. {max(m, cfg.resolution // m * m)}"))
-    return objective_summary(cfg, spec)
+    return objective_summary(cfg, spec, variant)
 
 
 def _check_quantization(cfg: Any, errors: list) -> None:

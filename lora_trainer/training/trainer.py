@@ -119,7 +119,8 @@ class Trainer:
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
-                variant=self.comps.variant, objective=objective_summary(self.cfg, self.family.spec),
+                variant=self.comps.variant,
+                objective=objective_summary(self.cfg, self.family.spec, self.comps.variant),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
                 offload=offload_summary(self.streamers), shard=shard_summary(self.shards),
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}

@@ -6,10 +6,12 @@ from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
 
 _BFL = "https://github.com/black-forest-labs/flux"
 # VAE 8x, then 2x2 latent packing -> 16 px. Training draws sigmas from a sigmoid(N(0,1)) (ai-toolkit, SimpleTuner,
-# kohya's recommendation) and, for dev, shifts them by FLUX's resolution-dependent mu, the same shift its sampler
-# applies, so training spends its steps where sampling does; schnell samples unshifted.
+# kohya's recommendation) and shifts them as the variant's sampler does, so training spends its steps where sampling
+# does: dev by FLUX's resolution-dependent mu (its scheduler's use_dynamic_shifting), schnell not at all (its
+# scheduler has shift 1.0; resolution-shifted, its median training sigma at 1024 px would be 0.76, not 0.5).
 # Guidance: FLUX.1-dev's guidance embedder is fed 1.0 in training (BFL's advice, black-forest-labs/flux #79;
 # ai-toolkit and SimpleTuner default): LoRAs trained at 3.5 come out weaker when sampled at 3.5.
+_DEV_FLOW = FlowDefaults(sigma_sampling="sigmoid", shift="resolution")
 SPEC = FamilySpec(
     name="flux1", label="FLUX.1", display_name="FLUX.1", objective="flow", pipeline_class="FluxPipeline",
     denoisers=("transformer",), text_encoders=("text_encoder", "text_encoder_2"),
@@ -23,7 +25,8 @@ SPEC = FamilySpec(
     presets={"attention": MMDIT_ATTENTION,
              "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP + ("proj_mlp", "single_transformer_blocks.*.proj_out"),
              "all_linear": ("transformer_blocks.*", "single_transformer_blocks.*")},
-    default_preset="attention_mlp", flow=FlowDefaults(sigma_sampling="sigmoid", shift="resolution"),
+    default_preset="attention_mlp",
+    flow={"dev": _DEV_FLOW, "schnell": FlowDefaults(sigma_sampling="sigmoid", shift="none"), None: _DEV_FLOW},
     sample_guidance=3.5, train_guidance={"dev": 1.0, "schnell": None},
     max_sequence_length={"dev": 512, "schnell": 256, None: 512},
     single_file_config_repo={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",

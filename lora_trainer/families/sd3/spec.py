@@ -5,7 +5,9 @@ from .._mmdit.spec import MMDIT_ACTIVATION_KEYS, MMDIT_ATTENTION, MMDIT_MLP
 from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
 
 # VAE 8x, patch 2 -> 16 px. Logit-normal sigmas with the static shift 3.0 of its scheduler and x0 preconditioning:
-# what diffusers' and kohya's SD3 scripts do by default.
+# what diffusers' and kohya's SD3 scripts do by default. The same for every variant (None only): SD3-medium's,
+# SD3.5-medium's and SD3.5-large's schedulers all have shift 3.0 (diffusers' SD3.5 release: Large keeps SD3
+# Medium's scheduler).
 SPEC = FamilySpec(
     name="sd3", label="SD3/3.5", display_name="Stable Diffusion 3 / 3.5", objective="flow",
     pipeline_class="StableDiffusion3Pipeline", denoisers=("transformer",),
@@ -20,8 +22,8 @@ SPEC = FamilySpec(
     pixel_multiple=16, latent_channels=16,
     presets={"attention": MMDIT_ATTENTION, "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP,
              "all_linear": ("transformer_blocks.*",)},
-    default_preset="attention", flow=FlowDefaults(sigma_sampling="logit_normal", shift="static", shift_value=3.0,
-                                                  precondition_outputs=True),
+    default_preset="attention", flow={None: FlowDefaults(sigma_sampling="logit_normal", shift="static",
+                                                         shift_value=3.0, precondition_outputs=True)},
     sample_guidance=7.0, train_guidance={}, max_sequence_length={None: 256},
     single_file_config_repo={"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
                              "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
