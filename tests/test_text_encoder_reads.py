@@ -95,6 +95,20 @@ def test_the_trainer_adapts_every_read_layer_and_no_other(tmp_path, tiny_models,
                            for n, p in comps.text_encoders[name].named_parameters() if "lora_" in n)
 
 
+def test_targets_only_on_unread_layers_are_a_config_error(tmp_path, tiny_models):
+    """A name that selects only CLIP-L's last layer would train nothing there: refused, naming the key."""
+    from lora_trainer.contract.errors import ConfigError
+    from lora_trainer.training.attach import attach_adapters
+
+    fam, comps = _load(tiny_models, "sdxl")
+    last = comps.text_encoders["text_encoder"].config.num_hidden_layers - 1
+    cfg = _cfg(tmp_path, tiny_models["sdxl"], text_encoder_target_modules=[f"layers.{last}.mlp.fc1"])
+    with pytest.raises(ConfigError) as err:
+        attach_adapters(cfg, fam, comps, torch.device("cpu"), None)
+    assert [p["path"] for p in err.value.problems] == ["text_encoder_target_modules"]
+    assert "never reads" in str(err.value)
+
+
 def test_the_memory_plan_counts_the_text_encoder_lora_the_trainer_makes(tmp_path, tiny_models):
     from lora_trainer.preflight.memory_plan import plan_memory
     from lora_trainer.preflight.probe import probe_model
