@@ -141,3 +141,25 @@ def test_two_process_resume_is_bitwise_identical(tmp_path, tiny_models, dataset)
     assert single.returncode == 2, single.stderr[-3000:]
     err = [e for e in parse_events(single.stdout) if e["type"] == "error"][-1]
     assert [p["path"] for p in err["details"]["problems"]] == ["world_size"], err
+
+
+def test_two_processes_sdxl_with_text_encoder(tmp_path, tiny_models, dataset):
+    """SDXL conditions on CLIP-L's second-to-last hidden state, so a LoRA on CLIP-L's last layer would get no
+    gradient, and DDP (find_unused_parameters off) stops the run at step 2 when a parameter got none. The run
+    completes, and CLIP-G's last layer (its pooled output is read) still trains."""
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models["sdxl"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64, log_every_n_steps=1,
+                       lora_rank=4, max_train_steps=3, checkpointing_steps=None, train_text_encoder=True,
+                       text_encoder_lr=1e-3)
+    proc = subprocess.run([*ACCELERATE, str(ROOT / "train_lora.py"), "--config", str(cfg)], capture_output=True,
+                          text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    events = parse_events(proc.stdout)
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
+    keys = load_file(tmp_path / "out" / "lora.safetensors").keys()
+    layers = {te: {int(k.split("_layers_")[1].split("_")[0]) for k in keys if k.startswith(f"lora_{te}_")}
+              for te in ("te1", "te2")}
+    last = {te: json.loads((tiny_models["sdxl"] / enc / "config.json").read_text())["num_hidden_layers"] - 1
+            for te, enc in (("te1", "text_encoder"), ("te2", "text_encoder_2"))}
+    assert layers["te1"] == set(range(last["te1"])), layers  # every layer but CLIP-L's last
+    assert layers["te2"] == set(range(last["te2"] + 1)), layers  # all of CLIP-G's

@@ -124,7 +124,9 @@ def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Mod
     info = apply_init_lora(path, family_name, dict(modules), rank=cfg.lora_rank, alpha=cfg.alpha,
                            use_dora=cfg.use_dora, unet_config=unet.config if unet is not None else None)
     events.emit("status", phase="init_lora", message=f"starting from {path.name}: {info['modules']} module(s)"
-                + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else ""))
+                + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else "")
+                + (f"; {len(info['unread'])} module(s) on text-encoder layers whose output {get_spec(family_name).label}"
+                   f" never reads left out (e.g. {info['unread'][0]})" if info["unread"] else ""))
     if info["not_in_file"]:
         events.emit("warning", code="init_lora_partial", path="init_lora",
                     message=f"{len(info['not_in_file'])} adapted module(s) are not in {path.name} and start from "
@@ -161,6 +163,7 @@ def apply_init_lora(path: Path, family: str, models: dict[str, torch.nn.Module],
     used: set[str] = set()
     not_in_file: list[str] = []
     rescaled = 0
+    unread = _unread_names(spec, kohya, models)
     for component, model in models.items():
         state = plain_lora_state(model)
         paths = sorted({k.rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k})
@@ -188,10 +191,30 @@ def apply_init_lora(path: Path, family: str, models: dict[str, torch.nn.Module],
                 mag = state[f"{p}.{MAGNITUDE}"]
                 new_state[f"{p}.{MAGNITUDE}"] = parts["magnitude"].to(mag.dtype).reshape(mag.shape)
         load_plain_lora_state(model, {k: v.to(state[k].device) for k, v in new_state.items()})
-    extra = sorted(set(file_modules) - used)
+    # A file from a trainer that adapts every layer (sd-scripts, or this one before text_encoder_reads) has modules
+    # on layers whose output the conditioning never reads: they cannot change an image, so they are left out.
+    ignored = sorted(set(file_modules) & unread - used)
+    extra = sorted(set(file_modules) - used - unread)
     if extra:
         raise ConfigError(f"init_lora has {len(extra)} module(s) this run does not train (e.g. {extra[0]})",
                           [{"path": "target_modules", "value": extra[:5], "message": "modules in init_lora that "
                             "target_modules / train_text_encoder do not adapt", "allowed": "the targets the LoRA "
                             "was trained with (and train_text_encoder if it has lora_te keys)"}])
-    return {"modules": len(used), "rescaled": rescaled, "not_in_file": not_in_file}
+    return {"modules": len(used), "rescaled": rescaled, "not_in_file": not_in_file, "unread": ignored}
+
+
+def _unread_names(spec, kohya: KohyaNames | None, models: dict[str, torch.nn.Module]) -> set[str]:
+    """Every name a file may use for a Linear layer of a LoRA'd text encoder that the family's conditioning never
+    reads (spec.text_encoder_reads; such layers get no LoRA)."""
+    import torch
+
+    names: set[str] = set()
+    for component, model in models.items():
+        if component not in spec.text_encoder_reads:
+            continue
+        modules = dict(model.named_modules())
+        skip = spec.text_encoder_layers_unread(component, modules)
+        for path, layer in modules.items():
+            if isinstance(layer, torch.nn.Linear) and any(path.startswith(p + ".") for p in skip):
+                names.update(_names_for(kohya, component, path))
+    return names

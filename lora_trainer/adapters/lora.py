@@ -18,10 +18,11 @@ _ALLOWED = ("a preset (attention, attention_mlp, all_linear), or module names su
             "out_proj, fc1, fc2 (text encoders)")
 
 
-def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) -> list[str]:
+def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str, skip: tuple[str, ...] = ()) -> list[str]:
     """Each target pattern (see families/spec.py: a PEFT-style name/suffix, or a ``*`` pattern over Linear layers) must
     select Linear or Conv2d layers only: PEFT would also wrap an Embedding, which no kohya loader reads, and fail on
-    containers and norms. Returns PEFT's target_modules list (``*`` patterns expanded to module names)."""
+    containers and norms. Returns PEFT's target_modules list (``*`` patterns expanded to module names; every pattern
+    expanded to the module names outside ``skip`` where it is given)."""
     layers = {n: (2 if isinstance(m, torch.nn.Linear) else 4 if isinstance(m, torch.nn.Conv2d) else 0)
               for n, m in module.named_modules() if n}
     hits = expand_targets(tuple(targets), layers)
@@ -38,15 +39,29 @@ def _target_check(module: torch.nn.Module, targets: tuple[str, ...], path: str) 
     if wrong:
         raise ConfigError(f"{path}: {', '.join(wrong)} are not Linear or Conv2d layers; LoRA wraps only those",
                           [{"path": path, "value": wrong, "message": "not a Linear or Conv2d layer", "allowed": _ALLOWED}])
-    return peft_targets(tuple(targets), layers)
+    if not skip:
+        return peft_targets(tuple(targets), layers)
+    kept = {t: [n for n in names if not _under(n, skip)] for t, names in hits.items()}
+    unread = [t for t, names in kept.items() if not names]
+    if unread:
+        raise ConfigError(f"{path}: {', '.join(unread)} select only layers whose output this model's conditioning "
+                          "never reads; LoRA there could not learn",
+                          [{"path": path, "value": unread, "message": f"only in {', '.join(skip)}, whose output the "
+                            "conditioning never reads", "allowed": _ALLOWED}])
+    return sorted({n for names in kept.values() for n in names})
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
-             use_dora: bool, path: str) -> list[torch.nn.Parameter]:
-    """Wrap the target layers with LoRA (fp32 weights), freeze everything else; returns the trainable params."""
+             use_dora: bool, path: str, skip: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+    """Wrap the target layers with LoRA (fp32 weights), freeze everything else; returns the trainable params.
+    Layers under a ``skip`` prefix get none (a text encoder's layers whose output the conditioning never reads)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    target_names = _target_check(module, targets, path)
+    target_names = _target_check(module, targets, path, skip)
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_names,
                         init_lora_weights=True, use_dora=use_dora)

@@ -16,6 +16,7 @@ only Linear layers under it (``transformer_blocks.*``: every Linear of every blo
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -26,6 +27,28 @@ def tokenizer_of(encoder: str) -> str:
 
 PRESETS = ("attention", "attention_mlp", "all_linear")
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# CLIP text encoders' layers, a "."-suffix of the path: transformers 5 names a CLIPTextModel's modules encoder.*, 4.x
+# text_model.encoder.*, and weight files hold either.
+CLIP_LAYERS = "encoder.layers"
+
+
+@dataclass(frozen=True)
+class EncoderReads:
+    """How deep a family's conditioning reads one of its LoRA'd text encoders.
+
+    ``layers`` is the encoder's ModuleList of layers, the path or a "."-suffix of it (transformers'
+    ``hidden_states[i + 1]`` is layer i's output);
+    ``deepest`` the deepest hidden state any conditioning input comes from, indexed like ``hidden_states``: -1 the
+    last layer's output (``last_hidden_state``, ``pooler_output`` and ``text_embeds`` all come from it), -2 the
+    penultimate (SDXL's CLIP-L: the last layer's output is computed and never read)."""
+
+    layers: str
+    deepest: int
+
+    @property
+    def unread(self) -> int:
+        """How many final layers the conditioning never reads."""
+        return -1 - self.deepest
 
 @dataclass(frozen=True)
 class FlowDefaults:
@@ -91,6 +114,10 @@ class FamilySpec:
     component_classes: Mapping[str, str]
     components: tuple[str, ...]  # what its diffusers folder must hold, in the order the probe reports them
     lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
+    # Each of lora_text_encoders -> how deep the conditioning (the adapter's encode_text) reads it. Layers past that
+    # get no LoRA (text_encoder_layers_unread): it could not learn, is dead weight in every exported file, and DDP
+    # refuses a parameter that gets no gradient.
+    text_encoder_reads: Mapping[str, EncoderReads]
     default_resolution: int
     # Prediction type -> native resolution where it differs from default_resolution (SD2's 512 px epsilon base).
     prediction_resolution: Mapping[str, int]
@@ -126,6 +153,26 @@ class FamilySpec:
     kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
+
+    def __post_init__(self):
+        if set(self.text_encoder_reads) != set(self.lora_text_encoders):
+            raise ValueError(f"{self.name}: text_encoder_reads must name exactly the lora_text_encoders "
+                             f"{self.lora_text_encoders}, not {tuple(self.text_encoder_reads)}")
+
+    def text_encoder_layers_unread(self, encoder: str, names) -> tuple[str, ...]:
+        """The module-name prefixes of ``encoder``'s layers whose output the conditioning never reads, given its
+        module names (``named_modules``) or weight names (a safetensors header): the last ``unread`` of the
+        ``layers`` list. Empty where the names hold no such list (the caller decides whether that is wrong)."""
+        reads = self.text_encoder_reads[encoder]
+        if not reads.unread:
+            return ()
+        pattern = re.compile(r"((?:.+\.)?" + re.escape(reads.layers) + r")\.(\d+)(?:\.|$)")
+        counts: dict[str, int] = {}
+        for name in names:
+            if m := pattern.match(name):
+                counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
+        return tuple(f"{path}.{i}" for path, count in sorted(counts.items())
+                     for i in range(max(count - reads.unread, 0), count))
 
     def tool_names_for(self, variant: str | None, prediction_type: str | None = None) -> ToolNames:
         if variant is not None and variant in self.tool_names:

@@ -190,7 +190,10 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         shapes = weight_shapes(root, probe.weight_files.get(comp))
         te_bytes += _weight_bytes(shapes, cfg.text_encoder_quantization, b)
         if cfg.train_text_encoder and comp in spec.lora_text_encoders:
-            lora += _lora_params(shapes, cfg.text_encoder_target_modules, cfg.lora_rank)
+            # layers whose output the conditioning never reads get no LoRA (training/attach.py unread_layers)
+            unread = spec.text_encoder_layers_unread(comp, shapes)
+            lora += _lora_params({k: s for k, s in shapes.items() if not k.startswith(tuple(p + "." for p in unread))},
+                                 cfg.text_encoder_target_modules, cfg.lora_rank)
     # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
     parts["text_encoders"] = 0 if text_cached else te_bytes
     vae = sum(_numel(s) for s in weight_shapes(root, probe.weight_files.get("vae")).values())

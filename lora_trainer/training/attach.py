@@ -45,7 +45,7 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
             te = comps.text_encoders[name]
             out.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                                       targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
-                                      path="text_encoder_target_modules")
+                                      path="text_encoder_target_modules", skip=unread_layers(spec, name, te))
             te.train()
             out.lora_modules[name] = te
     if cfg.init_lora:
@@ -60,3 +60,13 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
     for denoiser in comps.denoisers.values():
         denoiser.to(device)  # sharded ones are there already (a no-op for them)
     return out
+
+
+def unread_layers(spec, encoder: str, module: torch.nn.Module) -> tuple[str, ...]:
+    """The layers of a LoRA'd text encoder whose output the family's conditioning never reads (spec
+    text_encoder_reads): LoRA there gets no gradient, which DDP refuses, and would be dead weight in every file."""
+    skip = spec.text_encoder_layers_unread(encoder, [n for n, _ in module.named_modules()])
+    if spec.text_encoder_reads[encoder].unread and not skip:
+        raise RuntimeError(f"{encoder} ({type(module).__name__}) has no {spec.text_encoder_reads[encoder].layers} "
+                           "list: its unread layers cannot be left out")
+    return skip

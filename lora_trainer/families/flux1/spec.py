@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .._mmdit.spec import MMDIT_ACTIVATION_KEYS, MMDIT_ATTENTION, MMDIT_MLP
-from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
+from ..spec import CLIP_LAYERS, Activations, EncoderReads, FamilySpec, FlowDefaults, TextEntry, ToolNames
 
 _BFL = "https://github.com/black-forest-labs/flux"
 # VAE 8x, then 2x2 latent packing -> 16 px. Training draws sigmas from a sigmoid(N(0,1)) (ai-toolkit, SimpleTuner,
@@ -20,6 +20,7 @@ SPEC = FamilySpec(
                        "tokenizer_2": "T5TokenizerFast"},
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
     lora_text_encoders=("text_encoder",), default_resolution=1024,
+    text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)},  # CLIP-L's pooler_output: its last layer
     prediction_resolution={}, bucketing_default=True, pixel_multiple=16,
     latent_channels=16,
     presets={"attention": MMDIT_ATTENTION,

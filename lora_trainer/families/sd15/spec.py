@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from .._unet.spec import UNET_REPEATED_BLOCKS, UNET_CLASSES, UNET_COMPONENTS, sd_presets
-from ..spec import Activations, FamilySpec, TextEntry, ToolNames
+from ..spec import CLIP_LAYERS, Activations, EncoderReads, FamilySpec, TextEntry, ToolNames
 
 SPEC = FamilySpec(
     name="sd15", label="SD1.x", display_name="Stable Diffusion 1.x", objective="ddpm",
     pipeline_class="StableDiffusionPipeline", denoisers=("unet",), text_encoders=("text_encoder",),
     component_classes=UNET_CLASSES, components=UNET_COMPONENTS, lora_text_encoders=("text_encoder",),
+    # the pipeline conditions on last_hidden_state (clip_skip None)
+    text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)},
     default_resolution=512, prediction_resolution={}, bucketing_default=False, pixel_multiple=8, latent_channels=4,
     presets=sd_presets(), default_preset="attention", flow=None, sample_guidance=7.0, train_guidance={},
     max_sequence_length={}, single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .._mmdit.spec import MMDIT_ACTIVATION_KEYS, MMDIT_ATTENTION, MMDIT_MLP
-from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
+from ..spec import CLIP_LAYERS, Activations, EncoderReads, FamilySpec, FlowDefaults, TextEntry, ToolNames
 
 # VAE 8x, patch 2 -> 16 px. Logit-normal sigmas with the static shift 3.0 of its scheduler and x0 preconditioning:
 # what diffusers' and kohya's SD3 scripts do by default. The same for every variant (None only): SD3-medium's,
@@ -18,6 +18,8 @@ SPEC = FamilySpec(
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                 "text_encoder_3", "tokenizer_3", "scheduler"),
     lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024,
+    # hidden_states[-2] of both CLIP encoders, and both pooled text_embeds: from their last layers
+    text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1), "text_encoder_2": EncoderReads(CLIP_LAYERS, -1)},
     prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16, latent_channels=16,
     presets={"attention": MMDIT_ATTENTION, "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP,

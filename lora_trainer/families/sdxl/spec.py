@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .._unet.spec import UNET_REPEATED_BLOCKS, UNET_CLASSES, sd_presets
-from ..spec import Activations, FamilySpec, TextEntry, ToolNames
+from ..spec import CLIP_LAYERS, Activations, EncoderReads, FamilySpec, TextEntry, ToolNames
 
 SPEC = FamilySpec(
     name="sdxl", label="SDXL", display_name="SDXL", objective="ddpm", pipeline_class="StableDiffusionXLPipeline",
@@ -10,6 +10,9 @@ SPEC = FamilySpec(
     component_classes={**UNET_CLASSES, "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"},
     components=("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"),
     lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024,
+    # hidden_states[-2] of both (the pipeline's clip_skip None); CLIP-G's pooled text_embeds comes from its last layer,
+    # CLIP-L's last layer feeds nothing
+    text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -2), "text_encoder_2": EncoderReads(CLIP_LAYERS, -1)},
     prediction_resolution={}, bucketing_default=True,
     pixel_multiple=64, latent_channels=4, presets=sd_presets(), default_preset="attention", flow=None,
     sample_guidance=7.0, train_guidance={}, max_sequence_length={},
