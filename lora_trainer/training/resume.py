@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import (TrainingProgress, find_latest_checkpoint, flatten_state, load_checkpoint,
                          save_checkpoint, unflatten_state, verify_checkpoint)
+from ..adapters.lora import peft_state
 from ..contract.errors import ConfigError
 from ..distributed.shard import full_tensors, is_sharded, load_lora_state, lora_state, shard_optimizer_state
 
@@ -198,6 +199,24 @@ def _pick(cfg) -> Path | None:
     return path
 
 
+def check_lora_modules(path: Path, tensors: dict, modules: dict[str, torch.nn.Module]) -> None:
+    """A checkpoint whose LoRA covers modules this run does not train cannot be continued exactly (its optimizer
+    state is sized for them too): a config error naming them, not a failure inside PEFT. Checkpoints written before
+    LoRA left out the text-encoder layers whose output is never read (FamilySpec.text_encoder_reads) are such."""
+    extra = {name: sorted(set(tensors.get(f"lora_{name}", {})) - set(peft_state(module)))
+             for name, module in modules.items()}
+    extra = {name: keys for name, keys in extra.items() if keys}
+    if extra:
+        listed = "; ".join(f"{name}: {len(keys)} tensor(s), e.g. {keys[0]}" for name, keys in extra.items())
+        reason = f"it holds LoRA on modules this run does not train ({listed})"
+        raise ConfigError(f"cannot resume from {path}: {reason}",
+                          [{"path": "resume", "value": str(path), "message": reason,
+                            "allowed": "resume: false to start over, or init_lora set to the run's exported LoRA "
+                                       "(the modules this run does not train are left out)"}],
+                          hint="such a checkpoint was written with other targets, or by a version that also put "
+                               "LoRA on text-encoder layers whose output the model never reads")
+
+
 def maybe_resume(run: CheckpointRun) -> Path | None:
     """Restore the newest (or the configured) checkpoint into run.modules and run.state; None when starting fresh."""
     path = _pick(run.cfg)
@@ -212,6 +231,7 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
                           [{"path": k, "value": now.get(k), "message": f"checkpoint has {saved[k]!r}",
                             "allowed": f"{saved[k]!r} to resume, or resume: false to start over"} for k in mismatched],
                           hint="these settings must match to continue a run exactly")
+    check_lora_modules(path, tensors, run.modules)
     for name, module in run.modules.items():
         load_lora_state(module, {k: v.to(device) for k, v in tensors[f"lora_{name}"].items()})
     skel = js["state"]
