@@ -44,7 +44,7 @@ def check_memory(cfg: Any, probe: Any, family: str | None, resolution: int | Non
         if o["fits"]:
             return ""
         if o["total_bytes"] <= gpu["memory_bytes"]:
-            return f" (too close: a hint leaves {HINT_HEADROOM:.0%} of it free for the estimate's error)"
+            return f" (fits, but without the {HINT_HEADROOM:.0%} to spare a hint keeps for the estimate's error)"
         return " (still too much)"
 
     errors.append(_issue(
