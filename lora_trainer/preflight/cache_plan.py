@@ -52,6 +52,19 @@ def available_host_bytes() -> int | None:
     return avail
 
 
+def local_processes() -> int:
+    """This run's processes on this machine: LOCAL_WORLD_SIZE (accelerate launch / torchrun set it), else WORLD_SIZE
+    (one machine), else 1. Each holds its own caches and pins its own copy of the streamed blocks."""
+    for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            n = int(os.environ.get(key, ""))
+        except ValueError:
+            continue
+        if n >= 1:
+            return n
+    return 1
+
+
 def default_host_budget(fraction: float = DEFAULT_HOST_FRACTION, cap: int = DEFAULT_HOST_CAP, share: int = 1) -> int:
     """``fraction`` of the available RAM, at most ``cap``, divided by ``share`` (the processes on this machine:
     each rank holds its own cache). 2 GiB / share when the available memory is unknown."""
@@ -90,24 +103,55 @@ def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_
 VAE_SCALE = 8  # every family's VAE downsamples 8x
 
 
-def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions: list[str]) -> dict | None:
+def _latent_placement(total: int, host_budget: int, device_budget: int | None) -> str:
+    """The trainer's rule (data/images.py): over the host budget the latents stay on disk and are read per step;
+    otherwise they move to the accelerator when they fit its budget, else stay in host memory."""
+    if total > host_budget:
+        return "disk"
+    return "device" if device_budget is not None and total <= device_budget else "host"
+
+
+def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions: list[str], *,
+                device_free_bytes: int | None = None) -> dict | None:
     """What ``--validate-only`` expects the two caches to hold and where, before any model is loaded: ``shapes``
     are the training sizes (buckets) of the usable images, ``captions`` the built captions. Entries are counted as
     the trainer counts them (distinct captions, plus "" with caption dropout) at bf16 (fp32 on the CPU doubles the
-    text figure); on a GPU a cache that fits a tenth of its free memory moves there."""
+    text figure). The host budget is this process's share (local_processes). With ``device_free_bytes`` (the GPU's
+    free memory) a cache that fits a tenth of it goes to the GPU, as the trainer decides with the free memory it
+    measures before the denoiser arrives (less than this, so the plan never misses a cache that lands there)."""
     spec = SPECS.get(family or "")
     if spec is None:
         return None
-    budget = int(cfg.cache_host_budget_gb * GIB) if cfg.cache_host_budget_gb is not None else default_host_budget()
-    out: dict = {"host_budget_bytes": budget}
+    budget = int(cfg.cache_host_budget_gb * GIB) if cfg.cache_host_budget_gb is not None \
+        else default_host_budget(share=local_processes())
+    device_budget = None if device_free_bytes is None else int(device_free_bytes * DEFAULT_DEVICE_FRACTION)
+    out: dict = {"host_budget_bytes": budget, "device_budget_bytes": device_budget}
     if cfg.cache_latents:
         total = sum(spec.latent_channels * (w // VAE_SCALE) * (h // VAE_SCALE) * 4 for w, h in shapes)
-        out["latents"] = {"total_bytes": total, "placement": "host" if total <= budget else "disk"}
+        out["latents"] = {"total_bytes": total, "placement": _latent_placement(total, budget, device_budget)}
     if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags:
         entries = len(set(captions) | ({""} if cfg.caption_dropout_rate > 0 else set()))
         per = estimate_bytes_per_entry(family, max_sequence_length=cfg.max_sequence_length)
-        placement, why = choose_placement(entries * per, device_budget_bytes=None, host_budget_bytes=budget,
+        placement, why = choose_placement(entries * per, device_budget_bytes=device_budget, host_budget_bytes=budget,
                                           to_disk=False)
         out["text"] = {"entries": entries, "bytes_per_entry": per, "total_bytes": entries * per,
                        "placement": placement, "reason": why}
+    return out
+
+
+def device_cache_bytes(caches: dict | None, latent_scale: float = 1.0) -> dict:
+    """Bytes of each cache that stay on the accelerator for the whole run, from plan_caches' figures;
+    ``latent_scale``: the latents at another resolution (the area ratio: buckets scale with it), for the memory
+    plan's hints, which may move a cache onto the card by shrinking it."""
+    out = {"latents": 0, "text": 0}
+    if not caches or caches.get("device_budget_bytes") is None:
+        return out
+    device, host = caches["device_budget_bytes"], caches["host_budget_bytes"]
+    if caches.get("latents"):
+        total = int(caches["latents"]["total_bytes"] * latent_scale)
+        out["latents"] = total if _latent_placement(total, host, device) == "device" else 0
+    if caches.get("text"):
+        total = caches["text"]["total_bytes"]
+        out["text"] = total if choose_placement(total, device_budget_bytes=device, host_budget_bytes=host)[0] == \
+            "device" else 0
     return out

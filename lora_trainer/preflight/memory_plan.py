@@ -19,47 +19,40 @@ With shard_base over N processes each one holds 1/N of every block's frozen weig
 state) plus two whole blocks (the one running and the next, gathered meanwhile); the rest of the denoiser stays whole.
 The process count is WORLD_SIZE, which accelerate launch (torch.distributed.run) sets for every process.
 
+Caches: the latent and text caches that go to the accelerator (each when it fits a tenth of the free memory, measured
+by the trainer before the denoiser arrives: cache_plan.py) stay there for the whole run, so their bytes are a part.
+
 Fixed: the CUDA context (~0.5 GiB, invisible to torch's counters) plus 10% allocator slack on the rest. These are
 estimates: the first steps' measured peak is reported beside them and a drift over 15% is a warning.
+
+The plan is judged against the free memory of the GPU this process will use (gpu.py). A hint (cheaper_settings) is
+offered as fitting only with HINT_HEADROOM to spare: the plan is trusted to within DRIFT, the point where the trainer
+warns that it was wrong, so a hint must still fit a run that needs that much more than planned. Every hint is a
+config the config's own rules accept (model_checks.settings_problems): the others are left out.
 """
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..config.config import shard_clashes
 from ..families import SPECS
 from ..families.spec import FamilySpec, expand_targets
 from .probe import weight_shapes
 from ..runtime.offload import resolve_count
 from ..runtime.quantize import STORAGE_BYTES, quantizable
+from .cache_plan import device_cache_bytes
 
 GIB = 1024 ** 3
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  # state bytes per fp32 LoRA param
 CONTEXT_BYTES = int(0.5 * GIB)
 SLACK = 0.10
 DRIFT = 0.15  # the step event's warning threshold (trainer)
+HINT_HEADROOM = DRIFT  # what a fitting hint leaves free, as a fraction of its plan (see the module's docstring)
 _REFERENCE_UNET_PARAMS = 2.567e9  # SDXL's UNet, which the per-pixel figure was measured on
 _UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def detect_gpu() -> dict | None:
-    """The first NVIDIA GPU's name and total memory from nvidia-smi (torch-free, ~0.1 s); None without one."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
-        name, mib = (x.strip() for x in out[0].rsplit(",", 1))
-        return {"name": name, "memory_bytes": int(float(mib) * 2 ** 20)}
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None
 
 
 def _numel(shape: list[int]) -> int:
@@ -150,10 +143,12 @@ def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolut
 
 
 def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gpu: dict | None,
-                overrides: dict | None = None, processes: int = 1) -> dict | None:
+                overrides: dict | None = None, processes: int = 1, caches: dict | None = None) -> dict | None:
     """Bytes per process for this config (``overrides``: settings to try instead, for the hints; ``processes``: how
-    many train together, which only shard_base changes). None when the model's files cannot be read here (a hub id
-    not downloaded yet, a single file)."""
+    many train together, which only shard_base changes; ``caches``: cache_plan.plan_caches' figures, the ones placed
+    on the GPU counted). ``gpu``: gpu.detect_gpu's dict; the plan fits when its total is at most gpu["memory_bytes"]
+    (None where that is unknown). None when the model's files cannot be read here (a hub id not downloaded yet, a
+    single file)."""
     spec = SPECS.get(family or "")
     if spec is None or probe is None or probe.kind not in ("diffusers_dir", "hub") or not probe.path \
             or not probe.weight_files:
@@ -209,6 +204,8 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)
     parts["activations"] = _activations(spec, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
                                         o["gradient_checkpointing"], attention_only)
+    on_device = device_cache_bytes(caches if on_gpu else None, (o["resolution"] / resolution) ** 2)
+    parts["caches"] = sum(on_device.values())
     variable = sum(parts.values())
     parts["fixed"] = (CONTEXT_BYTES if on_gpu else 0) + int(SLACK * variable)
     total = sum(parts.values())
@@ -216,57 +213,77 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
             "total_bytes": total, "precision": precision, "lora_params": lora,
             "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
             "offload": None if offload is None else {**offload, "host_gib": round(offload["host_bytes"] / GIB, 2)},
-            "shard": shard, "processes": processes,
-            "gpu": gpu, "fits": None if gpu is None else total <= gpu["memory_bytes"]}
+            "shard": shard, "processes": processes, "caches": {**on_device, "device_bytes": parts["caches"]},
+            "gpu": gpu, "fits": None if not gpu or gpu.get("memory_bytes") is None else total <= gpu["memory_bytes"]}
 
 
-def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, processes: int = 1) -> list[dict]:
-    """Settings that would fit ``gpu``, cheapest change first, each with its estimate."""
-    tries: list[dict] = []
-    if not cfg.gradient_checkpointing:
-        tries.append({"gradient_checkpointing": True})
-    if processes > 1 and not cfg.shard_base and not shard_clashes(cfg):
+def _hint(change: dict, plan: dict, gpu: dict) -> dict:
+    return {"settings": change, "total_gib": plan["total_gib"], "total_bytes": plan["total_bytes"],
+            "fits": plan["total_bytes"] * (1 + HINT_HEADROOM) <= gpu["memory_bytes"]}
+
+
+def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, processes: int = 1,
+                     caches: dict | None = None) -> list[dict]:
+    """Settings that would fit ``gpu`` (with HINT_HEADROOM), cheapest change first, each with its estimate; only
+    changes the config's own rules accept (a refused companion, such as 8-bit AdamW with shard_base, is left out of
+    the later hints rather than taking them with it). The defining change of each comes last in its settings."""
+    from .model_checks import settings_problems
+
+    variant = getattr(probe, "variant", None)
+
+    def accepted(change: dict) -> bool:
+        return not settings_problems(cfg, change, family, variant)
+
+    base = {"gradient_checkpointing": True} if not cfg.gradient_checkpointing else {}
+    base = base if accepted(base) else {}
+    eight = {**base, "optimizer": "adamw8bit"} if cfg.optimizer != "adamw8bit" else base
+    eight = eight if accepted(eight) else base
+    tries: list[dict] = [base, eight]
+    if processes > 1 and not cfg.shard_base:
         # Sharding costs communication, not accuracy.
-        tries.append({"gradient_checkpointing": True, "shard_base": True})
-    if cfg.optimizer != "adamw8bit":
-        tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit"})
+        tries.insert(1, {**base, "shard_base": True})
     # A quantised base halves (8-bit) or quarters (NF4) the frozen weights at some accuracy (int8 per-row: ~0.4%
     # output error on random weights, NF4 ~9%), so it comes before a lower resolution, which changes the training.
     smaller = [f for f in ("int8", "nf4") if STORAGE_BYTES[f] < STORAGE_BYTES.get(cfg.base_quantization, 2.0)]
-    for fmt in smaller:
-        tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "base_quantization": fmt})
-    for res in (768, 512):
-        if res < resolution:
-            tries.append({"gradient_checkpointing": True, "optimizer": "adamw8bit", "resolution": res})
-    out = []
+    tries += [{**eight, "base_quantization": fmt} for fmt in smaller]
+    tries += [{**eight, "resolution": res} for res in (768, 512) if res < resolution]
+    out: list[dict] = []
     for change in tries:
-        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change, processes=processes)
+        if not change or any(o["settings"] == change for o in out) or not accepted(change):
+            continue
+        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change, processes=processes,
+                           caches=caches)
         if plan is not None:
-            out.append({"settings": change, "total_gib": plan["total_gib"], "fits": plan["fits"]})
-    streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu)
+            out.append(_hint(change, plan, gpu))
+    streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu, eight, caches, accepted)
     if streamed is not None:
         out.insert(next((i for i, o in enumerate(out) if "resolution" in o["settings"]), len(out)), streamed)
     return out
 
 
-def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict) -> dict | None:
-    """The smallest offload_blocks (with checkpointing and 8-bit AdamW, at the base's current format when it can
-    be streamed) that fits; None when even streaming every block does not, or the base cannot be streamed."""
-    if cfg.base_quantization not in ("none", "fp8") or cfg.use_dora or cfg.shard_base:
+def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, base: dict,
+                            caches: dict | None, accepted) -> dict | None:
+    """The smallest offload_blocks (on top of ``base``: checkpointing and 8-bit AdamW where accepted) that fits with
+    headroom; None when even streaming every block does not, or the config's rules refuse streaming it (an int8 /
+    NF4 base, DoRA, shard_base, no checkpointing)."""
+    if not accepted({**base, "offload_blocks": 1}):
         return None
-    base = {"gradient_checkpointing": True, "optimizer": "adamw8bit"}
-    full = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides={**base, "offload_blocks": 0.999})
-    if full is None or not full["fits"] or not full["offload"]:
+
+    def plan(count: float) -> dict | None:
+        return plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides={**base, "offload_blocks": count},
+                           caches=caches)
+
+    full = plan(0.999)
+    if full is None or not full["offload"] or not _hint({}, full, gpu)["fits"]:
         return None
     # Each streamed block frees its bytes and costs at most the growth of the largest streamed one, so the total
     # falls as the count grows: bisect (each plan reads every header; a linear scan over 57 FLUX blocks is slow).
     lo, hi, best = 1, full["offload"]["of"], None
     while lo <= hi:
         mid = (lo + hi) // 2
-        change = {**base, "offload_blocks": mid}
-        plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change)
-        if plan["fits"]:
-            best, hi = {"settings": change, "total_gib": plan["total_gib"], "fits": True}, mid - 1
+        hint = _hint({**base, "offload_blocks": mid}, plan(mid), gpu)
+        if hint["fits"]:
+            best, hi = hint, mid - 1
         else:
             lo = mid + 1
     return best

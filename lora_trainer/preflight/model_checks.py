@@ -244,3 +244,41 @@ def _model_summary(probe: ModelProbe) -> dict:
 def _model_issue(p: dict) -> dict:
     path = "model_type" if p["code"] == "model_type_mismatch" else "base_model"
     return _issue(p["code"], path, p["message"], hint=p.get("hint"), files=p.get("files"))
+
+
+def _as_written(value: Any) -> Any:
+    """A TrainConfig value as a config file would hold it."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_as_written(v) for v in value]
+    return value
+
+
+def settings_problems(cfg: Any, change: dict, family: str | None, variant: str | None) -> list[dict]:
+    """The problems the config's own rules find in ``cfg`` with ``change`` written into it, beyond those ``cfg``
+    already has: the schema and cross-field rules (parse_config, on the file as the user wrote it: explicit keys and
+    every value that is not the default) and preflight's family rules (_check_family_keys). Empty when a run would
+    accept the change: the memory plan offers only such hints."""
+    from ..config.config import parse_config
+    from ..config.schema import optional_fields
+    from ..contract.errors import ConfigError
+
+    written = {"dataset_path": str(cfg.dataset_path), "base_model": cfg.base_model,
+               "output_path": str(cfg.output_path), "trigger_words": list(cfg.trigger_words)}
+    for key, node in optional_fields().items():
+        value = _as_written(getattr(cfg, key, node.get("default")))
+        if key in cfg.explicit_keys or value != node.get("default"):
+            written[key] = value
+
+    def problems(raw: dict) -> set[tuple[str, str]]:
+        try:
+            new, _ = parse_config(raw, base_dir=cfg.base_dir, config_path=cfg.config_path)
+        except ConfigError as exc:
+            return {(p.get("path"), p.get("message")) for p in exc.problems}
+        errors: list[dict] = []
+        _check_family_keys(new, family, variant, errors)
+        return {(p.get("path"), p.get("message")) for p in errors}
+
+    new = problems({**written, **change}) - problems(written)
+    return [{"path": path, "message": message} for path, message in sorted(new, key=str)]

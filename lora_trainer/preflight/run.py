@@ -29,6 +29,7 @@ from ..contract.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOA
 from .probe import ModelProbe, probe_model
 from .scan_index import ScanIndex
 from ..runtime.run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
+from .memory_checks import check_memory, check_offload_host, check_shard, detect_run_gpu
 from .model_checks import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
                               _issue, _model_issue, _model_summary)
 
@@ -313,63 +314,8 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
 
 # ---------------------------------------------------------------------------------- entry point
 
-def _check_memory(cfg: Any, probe: ModelProbe, family: str | None, resolution: int | None, errors: list) -> dict | None:
-    """The memory plan; on a detected GPU too small for it, an error whose hint lists settings that would fit."""
-    from .memory_plan import cheaper_settings, detect_gpu, plan_memory
-
-    if resolution is None:
-        return None
-    gpu = detect_gpu() if cfg.device != "cpu" else None
-    processes = _processes()
-    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, processes=processes)
-    if plan is None or plan["fits"] is not False or cfg.ignore_memory_plan:
-        return plan
-    options = cheaper_settings(cfg, probe, family, resolution, gpu, processes=processes)
-    plan["cheaper"] = options
-    fitting = [o for o in options if o["fits"]]
-    first = (fitting or options or [{"settings": {"resolution": resolution}}])[0]
-    errors.append(_issue(
-        "memory_plan_exceeds", next(iter(first["settings"])),
-        f"the run needs about {plan['total_gib']} GiB but {gpu['name']} has {gpu['memory_bytes'] / 2**30:.1f} GiB",
-        hint="; ".join(f"{', '.join(f'{k}: {json.dumps(v)}' for k, v in o['settings'].items())} -> about "
-                       f"{o['total_gib']} GiB{'' if o['fits'] else ' (still too much)'}" for o in options)
-        + "; or set ignore_memory_plan: true to train anyway", options=options))
-    return plan
-
-
-def _processes() -> int:
-    """How many processes train together: WORLD_SIZE, as accelerate launch / torch.distributed.run set it (1 when
-    run directly; ``WORLD_SIZE=N train_lora.py --validate-only`` plans for N)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def _check_shard(cfg: Any, warnings: list) -> None:
-    if cfg.shard_base and _processes() == 1:
-        warnings.append({"code": "shard_base_single_process", "path": "shard_base",
-                         "message": "shard_base has no effect with one process: start several with accelerate launch "
-                                    "--num_processes N (or set WORLD_SIZE=N for --validate-only's memory plan)"})
-
-
-def _check_offload_host(plan: dict | None, warnings: list) -> None:
-    """Streamed blocks live in page-locked host memory, which cannot be swapped: warn when they would take most of
-    what this machine (or container) has available."""
-    from .cache_plan import available_host_bytes
-
-    offload = (plan or {}).get("offload")
-    avail = available_host_bytes()
-    if not offload or avail is None or offload["host_bytes"] <= 0.8 * avail:
-        return
-    warnings.append({"code": "offload_host_memory", "path": "offload_blocks",
-                     "message": f"offload_blocks streams {offload['blocks']} block(s) holding "
-                                f"{offload['host_bytes'] / 2**30:.1f} GiB in pinned host memory, but only "
-                                f"{avail / 2**30:.1f} GiB is available: the run may be killed by the OOM killer; "
-                                "stream fewer blocks or use an 8-bit base"})
-
-
-def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict) -> dict | None:
+def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict,
+                 gpu: dict | None) -> dict | None:
     from ..data.captions import build_caption
 
     if scan is None or not scan.usable:
@@ -381,7 +327,8 @@ def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: d
     built: dict = {}  # datasets repeat captions: build each distinct one once
     captions = [built[r.caption] if r.caption in built else built.setdefault(
         r.caption, build_caption(r.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words)) for r in scan.usable]
-    return plan_caches(cfg, family, shapes, captions)
+    return plan_caches(cfg, family, shapes, captions,
+                       device_free_bytes=gpu["free_bytes"] if gpu is not None and gpu.get("known", True) else None)
 
 
 def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: bool = True,
@@ -419,10 +366,11 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
             cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
-    caches = _plan_caches(cfg, family, scan, dataset_info)
-    memory = _check_memory(cfg, probe, family, dataset_info.get("resolution"), errors)
-    _check_offload_host(memory, warnings)
-    _check_shard(cfg, warnings)
+    gpu = detect_run_gpu(cfg)
+    caches = _plan_caches(cfg, family, scan, dataset_info, gpu)
+    memory = check_memory(cfg, probe, family, dataset_info.get("resolution"), gpu, caches, errors, warnings)
+    check_offload_host(memory, warnings)
+    check_shard(cfg, warnings)
     if output_info.get("writable"):
         index.save()  # after the output checks, which report the folder as the user left it
 

@@ -54,6 +54,25 @@ def resolve_device(device: str, mixed_precision: str) -> DeviceInfo:
     return DeviceInfo("cpu", f"{name} ({os.cpu_count()} cores)", None, None, torch.__version__, None, precision)
 
 
+def gpu_memory(index: int) -> dict:
+    """CUDA device ``index`` (this process's: LOCAL_RANK) as torch sees it, for the memory plan when torch is loaded
+    (the trainer's preflight): a MIG instance is the device it is, and mem_get_info gives its free memory. That
+    measurement already lacks this process's CUDA context (created by the call if not before), which the plan counts
+    among its parts, so the room the plan may fill (memory_bytes) adds it back."""
+    from ..preflight.memory_plan import CONTEXT_BYTES
+
+    count = torch.cuda.device_count()
+    if index >= count:
+        return {"name": None, "index": index, "uuid": None, "total_bytes": None, "free_bytes": None,
+                "memory_bytes": None, "source": "torch", "known": False,
+                "reason": f"LOCAL_RANK is {index} but torch sees {count} GPU(s)"}
+    free, total = torch.cuda.mem_get_info(index)
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    return {"name": props.name, "index": index, "uuid": str(uuid) if uuid is not None else None, "total_bytes": total,
+            "free_bytes": free, "memory_bytes": min(total, free + CONTEXT_BYTES), "source": "torch", "known": True}
+
+
 def _busy_cores(cores: list[int], window_s: float = 0.1) -> float | None:
     """How many of ``cores`` other processes keep busy now: /proc/stat sampled over ``window_s`` (this process
     sleeps meanwhile, so the figure is the neighbours'). None where /proc/stat is not available."""
