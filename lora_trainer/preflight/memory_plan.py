@@ -2,18 +2,33 @@
 part by part, and which cheaper settings would fit a card that is too small.
 
 M = frozen weights at their storage format (base_quantization / text_encoder_quantization: the block Linears at
-1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision; quantize.py) + LoRA (fp32
-weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders / VAE while they stay
-resident). Activations (B = 1, per image):
+1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision, and the layers a class pins to
+fp32 (T5's wo: quantize.KEEP_IN_FP32) never quantised) + upcast copies (fp8 / int8 only, below) + LoRA (fp32
+weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders at the compute precision and
+the VAE in fp32 while they stay resident, i.e. while their outputs are not cached). Activations (B = 1, per image):
 
-* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / pixel multiple)^2 image + text tokens,
-  and in the hidden size d (the spec's Activations say which config.json keys give d and the depth). Measured on a
-  full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block keeps ~23 x L x d x 2 bytes for
-  backward (bf16, LoRA on every Linear), ~13x with attention-only LoRA; with gradient checkpointing each block keeps
-  its input (~1.1 x L x d x 2) and one block is recomputed at a time.
+* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / pixel multiple)^2 image tokens + the text
+  sequence (the run's max_sequence_length, else the variant's default: FamilySpec.text_length), and in the hidden
+  size d (the spec's Activations say which config.json keys give d and the depth). Measured on a full-width FLUX
+  block (../shared/reference/quantized-base.md, section 7): a block keeps ~23 x L x d x 2 bytes for backward (bf16,
+  LoRA on every Linear), ~13x with attention-only LoRA; with gradient checkpointing each block keeps its input
+  (~1.1 x L x d x 2) and one block is recomputed at a time.
 * UNet families: the SDXL UNet measured 1.32 GiB at 512 px and 5.2 GiB at 1024 px without checkpointing (bf16,
-  attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B;
-  checkpointing keeps about a quarter.
+  attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B, and by
+  1.2 with LoRA beyond attention; checkpointing keeps about a quarter.
+
+Which factor applies is decided from the targets as add_lora resolves them against the headers ("auto" and preset
+names through the spec, ``*`` patterns and suffixes expanded): any selected layer the "attention" preset does not
+select (feed-forward, FLUX's proj_mlp, modulation layers) means the larger one. Without a latent cache each step
+first encodes its batch: the VAE encoder's scratch (5 fp32 maps of its first width at the input size, measured)
+is freed before the denoiser runs, so the activation part is the larger of the two.
+
+Upcast copies: fp8 (layerwise casting) and int8 (torchao's weight-only linear) turn each Linear's stored weight into
+a compute-precision tensor for the matmul, and autograd keeps that tensor for the backward whenever the layer's
+input needs a gradient (every block Linear but the ones fed only by the conditioning: the spec's
+conditioning_inputs). Without checkpointing all of them live at the peak, more than a bf16 base holds; with it only
+the recomputed unit's. NF4 (bitsandbytes) saves its packed weight instead. tests/test_memory_plan.py measures this
+with saved_tensors_hooks through quantize.py and add_lora.
 
 With shard_base over N processes each one holds 1/N of every block's frozen weights (and of the LoRA and its optimizer
 state) plus two whole blocks (the one running and the next, gathered meanwhile); the rest of the denoiser stays whole.
