@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_DT = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
+_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
 
 
 def header_only(path: Path, state: dict, dtype: str = "BF16") -> None:
     """A safetensors file of ``state``'s names and shapes whose data is a sparse hole (no disk blocks)."""
-    header, offset, size = {}, 0, 2
+    header, offset, size = {}, 0, _SIZES[dtype]
     for name, t in sorted(state.items()):
         n = t.numel() * size
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
@@ -36,46 +36,46 @@ def header_only(path: Path, state: dict, dtype: str = "BF16") -> None:
     os.truncate(path, 8 + len(raw) + offset)
 
 
-def _meta_state(cls, kwargs) -> dict:
-    from accelerate import init_empty_weights
+def _saved_state(model) -> dict:
+    """What save_pretrained writes: each parameter once (T5's tied embedding table is stored as ``shared`` only),
+    plus the persistent buffers."""
+    state = model.state_dict()
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    once = {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k in once or k not in every}
 
-    with init_empty_weights():
-        model = cls(**kwargs)
-    return model.state_dict()
 
+def _meta_components(family: str) -> dict:
+    """The real architecture's components (the published configs in bench/models.py, real vocabularies) on the meta
+    device: shapes without memory."""
+    import torch
 
-def _empty(path: Path) -> None:
-    header_only(path, {})
+    from bench import models
+
+    with torch.device("meta"):
+        if family == "flux1":
+            return models.build_flux_components("full", clip_vocab=models.REAL_VOCAB, t5_vocab=models.REAL_T5_VOCAB)
+        return models.build_components("full", vocab_size=models.REAL_VOCAB)
 
 
 def make_folder(root: Path, family: str) -> Path:
-    """A diffusers folder the probe accepts, with the denoiser's real header (configs from bench/models.py)."""
-    from bench import models
-
+    """A diffusers folder the probe accepts, with every component's real header (configs from bench/models.py): the
+    denoiser and text encoders in bf16, the VAE in fp32 as both models ship it."""
     root.mkdir(parents=True, exist_ok=True)
     if family == "flux1":
-        from diffusers import FluxTransformer2DModel
-
-        cfg = models.flux_configs("full")["transformer"]
         comps = {"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
         index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1", **comps}
-        state, den = _meta_state(FluxTransformer2DModel, cfg), "transformer"
-        den_cfg = {"_class_name": "FluxTransformer2DModel", **cfg}
     else:
-        from diffusers import UNet2DConditionModel
-
-        cfg = models.configs("full")["unet"]
         comps = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "text_encoder": ["transformers", "CLIPTextModel"],
                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
                  "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
         index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", **comps}
-        state, den = _meta_state(UNet2DConditionModel, cfg), "unet"
-        den_cfg = {"_class_name": "UNet2DConditionModel", **cfg}
+    models = _meta_components(family)
     (root / "model_index.json").write_text(json.dumps(index))
     for comp in comps:
         d = root / comp
@@ -90,18 +90,21 @@ def make_folder(root: Path, family: str) -> Path:
                 from lora_trainer.testing.tiny import _write_vocab_files, make_tiny_tokenizer
                 make_tiny_tokenizer().save_pretrained(d)
                 _write_vocab_files(d)
-        elif comp == den:
-            (d / "config.json").write_text(json.dumps(den_cfg, default=list))
-            header_only(d / "diffusion_pytorch_model.safetensors", state)
         else:
-            (d / "config.json").write_text(json.dumps({"latent_channels": 16} if comp == "vae" else {}))
-            _empty(d / ("model.safetensors" if comp.startswith("text") else "diffusion_pytorch_model.safetensors"))
+            model = models[comp]
+            config = dict(model.config) if comp in ("vae",) or comps[comp][0] == "diffusers" else model.config.to_dict()
+            config["_class_name"] = comps[comp][1]
+            (d / "config.json").write_text(json.dumps(config, default=list))
+            name = "model.safetensors" if comps[comp][0] == "transformers" else "diffusion_pytorch_model.safetensors"
+            header_only(d / name, _saved_state(model), "F32" if comp == "vae" else "BF16")
     return root
 
 
 # (family, resolution, settings, published figure, source)
+_BLOG_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the blog's r4 LoRA: 4,669,440 parameters
 CASES = [
-    ("flux1", 512, {"lora_rank": 4, "optimizer": "adamw8bit", "gradient_checkpointing": True}, "26 GB (512x768)",
+    ("flux1", 512, {"lora_rank": 4, "target_modules": _BLOG_TARGETS, "optimizer": "adamw8bit",
+                    "gradient_checkpointing": True}, "26 GB (512x768)",
      "huggingface/blog flux-qlora.md, bf16 base, r4 attention, 8-bit Adam, GC, cached latents + text"),
     ("flux1", 1024, {"lora_rank": 16, "optimizer": "adamw8bit", "gradient_checkpointing": True}, "~27 GiB (formula)",
      "shared/reference quantized-base.md section 7 worked example, bf16"),
@@ -111,6 +114,14 @@ CASES = [
      "kohya sd-scripts docs/train_SDXL-en.md; reference ~8 GiB bf16 + GC + cached"),
     ("sdxl", 1024, {"lora_rank": 16, "optimizer": "adamw", "gradient_checkpointing": False}, "-",
      "no published figure (activations measured 5.2 GiB at 1024 px)"),
+    # The defaults (target_modules auto = attention_mlp, no checkpointing), then fp8 / int8 / NF4 bases without and
+    # with checkpointing: fp8 and int8 hold a bf16 copy of each Linear for the backward (weight_copies).
+    ("flux1", 1024, {}, "-", "the default config (reference: 33.5 GiB of activations without GC)"),
+    ("flux1", 1024, {"base_quantization": "fp8"}, "-", "fp8 base, no GC: more than bf16"),
+    ("flux1", 1024, {"base_quantization": "nf4"}, "-", "NF4 base, no GC"),
+    ("flux1", 1024, {"base_quantization": "fp8", "gradient_checkpointing": True}, "-", "fp8 base, GC"),
+    ("flux1", 1024, {"cache_latents": False, "cache_text_embeddings": False, "gradient_checkpointing": True}, "-",
+     "nothing cached, GC: T5-XXL + CLIP-L bf16, VAE fp32 and its encode"),
 ]
 # shard_base over N processes (the plan per process; WORLD_SIZE = N): no published figure for a sharded LoRA run
 SHARDED = [("flux1", 1024, {"lora_rank": 16, "optimizer": "adamw", "gradient_checkpointing": True, "shard_base": True}, n)
@@ -140,10 +151,12 @@ def main(argv=None) -> int:
             probe = probe_model(str(folders[family]), work)
             plan = plan_memory(cfg, probe, probe.family, res, gpu=gpu, processes=processes)
             p = plan["parts_gib"]
-            rows.append((f"{family} {res} px", ", ".join(f"{k}={v}" for k, v in settings.items()),
-                         f"{plan['total_gib']:.1f}", f"{p['denoiser_weights']:.1f} / {p['lora']:.2f} / "
-                         f"{p['activations']:.1f} / {p['fixed']:.1f}", published, source))
-        head = ("case", "settings", "plan GiB", "weights / LoRA / activations / fixed", "published", "source")
+            rows.append((f"{family} {res} px", ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults",
+                         f"{plan['total_gib']:.1f}", f"{p['denoiser_weights']:.1f} / {p['weight_copies']:.1f} / "
+                         f"{p['text_encoders']:.1f} / {p['vae']:.2f} / {p['lora']:.2f} / {p['activations']:.1f} / "
+                         f"{p['fixed']:.1f}", published, source))
+        head = ("case", "settings", "plan GiB", "weights / copies / TE / VAE / LoRA / activations / fixed", "published",
+                "source")
         widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
         print("\nmemory plan vs published figures (bf16 base, batch 1)")
         for r in [head, tuple("-" * w for w in widths), *rows]:

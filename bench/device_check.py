@@ -516,6 +516,26 @@ def check_cpu_device(ctx: Ctx, c: Check) -> None:
                   "step events report GPU memory on a CPU run")
 
 
+def check_upcast_copies(ctx: Ctx, c: Check) -> None:
+    """What autograd keeps of an fp8 / int8 / NF4 base on the device (bf16 autocast, the trainer's quantize + LoRA
+    path, tiny FLUX.1) against the memory plan's weight_copies: fp8 and int8 keep a bf16 copy per Linear, NF4 none
+    (tests/test_memory_plan.py measures the same on the CPU)."""
+    from lora_trainer.preflight.memory_plan import DRIFT
+    from lora_trainer.runtime.quantize import backend_problem
+    from lora_trainer.testing.memory import copies_against_plan
+    from lora_trainer.testing.tiny import make_tiny_pipeline
+
+    folder = make_tiny_pipeline(ctx.tmp / "model-flux1-copies", "flux1-dev") / "transformer"
+    formats = tuple(f for f in ("fp8", "int8", "nf4") if backend_problem(f) is None)
+    rows = copies_against_plan(folder, ctx.device, formats)
+    c.details["copies"] = rows
+    for r in rows:
+        key = f"{r['format']}{'_gc' if r['checkpointing'] else ''}"
+        c.numbers[key] = f"{r['measured']}/{r['planned']}"
+        c.require(abs(r["measured"] - r["planned"]) <= DRIFT * r["fp8_planned"],
+                  f"{key}: autograd keeps {r['measured']} bytes of copies, the plan says {r['planned']}")
+
+
 # ------------------------------------------------------------------------------------------------------ driver
 def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
     """(name, CLI runs it makes, function) in order of value: what is skipped when time runs out comes last.
@@ -533,6 +553,7 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
         items += [(f"train/sdxl/{p}", 1, partial(check_train, ctx, family="sdxl", precision=p)) for p in (main, other)]
     if ctx.cuda:
         items.append(("cpu_device", 1, partial(check_cpu_device, ctx)))
+    items.append(("upcast_copies", 0, partial(check_upcast_copies, ctx)))
     return items
 
 

@@ -86,17 +86,25 @@ class TextEntry:
         return (self.tokens + (max_sequence_length if self.sequence else 0)) * self.width + self.pooled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Activations:
     """What the memory plan scales activations by (memory_plan.py says how each kind was measured).
 
     ``"unet"``: bytes per pixel measured on SDXL, scaled by the UNet's weight count. ``"transformer"``: per block,
-    linear in tokens (image tokens (resolution / pixel_multiple)^2 plus ``text_tokens``) and in the hidden size,
-    read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed, each key mapped to the
-    figure taken where config.json lacks it."""
+    linear in tokens (image tokens (resolution / pixel_multiple)^2 plus the text sequence, FamilySpec.text_length)
+    and in the hidden size, read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed,
+    each key mapped to the figure taken where config.json lacks it.
+
+    ``conditioning_inputs``: module patterns (as target patterns) of the Linears fed only by the conditioning (the
+    timestep and pooled-text embedding's modulation layers, cross-attention keys and values over the text states).
+    While the text encoders are frozen their input needs no gradient, so autograd keeps nothing of them: a quantised
+    base that upcasts its weights for each matmul (fp8, int8) holds no copy of these for the backward.
+    ``checkpoint_units``: the ModuleList names whose items diffusers' gradient checkpointing recomputes one at a
+    time (the innermost such item holds a layer)."""
 
     kind: str  # "unet" | "transformer"
-    text_tokens: int = 0
+    conditioning_inputs: tuple[str, ...]
+    checkpoint_units: tuple[str, ...]
     width_keys: Mapping[str, int] = field(default_factory=dict)
     depth_keys: Mapping[str, int] = field(default_factory=dict)
 
@@ -201,6 +209,14 @@ class FamilySpec:
 
     def has_guidance_embedder(self, variant: str | None) -> bool:
         return self.train_guidance.get(variant) is not None
+
+    def text_length(self, variant: str | None, max_sequence_length: int | None = None) -> int:
+        """Tokens of the text sequence the denoiser attends to: the fixed (CLIP) tokens plus T5's sequence at the
+        run's max_sequence_length, or the variant's default when it is unset (what the adapter tokenizes to)."""
+        if not self.text_entry.sequence:
+            return self.text_entry.tokens
+        default = self.max_sequence_length.get(variant, self.max_sequence_length.get(None, 0))
+        return self.text_entry.tokens + (max_sequence_length or default)
 
     def targets(self, value) -> tuple[str, ...]:
         """target_modules as configured ("auto", a preset name, or explicit names) -> module patterns."""

@@ -2,18 +2,33 @@
 part by part, and which cheaper settings would fit a card that is too small.
 
 M = frozen weights at their storage format (base_quantization / text_encoder_quantization: the block Linears at
-1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision; quantize.py) + LoRA (fp32
-weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders / VAE while they stay
-resident). Activations (B = 1, per image):
+1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision, and the layers a class pins to
+fp32 (T5's wo: quantize.KEEP_IN_FP32) never quantised) + upcast copies (fp8 / int8 only, below) + LoRA (fp32
+weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders at the compute precision and
+the VAE in fp32 while they stay resident, i.e. while their outputs are not cached). Activations (B = 1, per image):
 
-* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / pixel multiple)^2 image + text tokens,
-  and in the hidden size d (the spec's Activations say which config.json keys give d and the depth). Measured on a
-  full-width FLUX block (../shared/reference/quantized-base.md, section 7): a block keeps ~23 x L x d x 2 bytes for
-  backward (bf16, LoRA on every Linear), ~13x with attention-only LoRA; with gradient checkpointing each block keeps
-  its input (~1.1 x L x d x 2) and one block is recomputed at a time.
+* transformer families (FLUX.1, SD3): linear in tokens L = (resolution / pixel multiple)^2 image tokens + the text
+  sequence (the run's max_sequence_length, else the variant's default: FamilySpec.text_length), and in the hidden
+  size d (the spec's Activations say which config.json keys give d and the depth). Measured on a full-width FLUX
+  block (../shared/reference/quantized-base.md, section 7): a block keeps ~23 x L x d x 2 bytes for backward (bf16,
+  LoRA on every Linear), ~13x with attention-only LoRA; with gradient checkpointing each block keeps its input
+  (~1.1 x L x d x 2) and one block is recomputed at a time.
 * UNet families: the SDXL UNet measured 1.32 GiB at 512 px and 5.2 GiB at 1024 px without checkpointing (bf16,
-  attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B;
-  checkpointing keeps about a quarter.
+  attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B, and by
+  1.2 with LoRA beyond attention; checkpointing keeps about a quarter.
+
+Which factor applies is decided from the targets as add_lora resolves them against the headers ("auto" and preset
+names through the spec, ``*`` patterns and suffixes expanded): any selected layer the "attention" preset does not
+select (feed-forward, FLUX's proj_mlp, modulation layers) means the larger one. Without a latent cache each step
+first encodes its batch: the VAE encoder's scratch (5 fp32 maps of its first width at the input size, measured)
+is freed before the denoiser runs, so the activation part is the larger of the two.
+
+Upcast copies: fp8 (layerwise casting) and int8 (torchao's weight-only linear) turn each Linear's stored weight into
+a compute-precision tensor for the matmul, and autograd keeps that tensor for the backward whenever the layer's
+input needs a gradient (every block Linear but the ones fed only by the conditioning: the spec's
+conditioning_inputs). Without checkpointing all of them live at the peak, more than a bf16 base holds; with it only
+the recomputed unit's. NF4 (bitsandbytes) saves its packed weight instead. tests/test_memory_plan.py measures this
+with saved_tensors_hooks through quantize.py and add_lora.
 
 With shard_base over N processes each one holds 1/N of every block's frozen weights (and of the LoRA and its optimizer
 state) plus two whole blocks (the one running and the next, gathered meanwhile); the rest of the denoiser stays whole.
@@ -38,9 +53,9 @@ from typing import Any
 
 from ..families import SPECS
 from ..families.spec import FamilySpec, expand_targets
-from .probe import weight_shapes
+from .probe import weight_headers
 from ..runtime.offload import resolve_count
-from ..runtime.quantize import STORAGE_BYTES, quantizable
+from ..runtime.quantize import STORAGE_BYTES, file_dtype, kept_in_fp32, quantizable
 from .cache_plan import device_cache_bytes
 
 GIB = 1024 ** 3
@@ -53,6 +68,22 @@ _REFERENCE_UNET_PARAMS = 2.567e9  # SDXL's UNet, which the per-pixel figure was 
 _UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
+# Saved for backward per block, in units of L x d x 2 bytes (FLUX block, bf16, see the module docstring): LoRA on
+# attention only, or also on MLP / other Linears of the blocks.
+_BLOCK_FACTOR = {"attention": 13, "more": 23}
+# A UNet with LoRA beyond attention (its feed-forward, proj_in / proj_out) saves ~1.2x the attention-only figure:
+# measured with saved_tensors_hooks on a quarter-width SDXL UNet at 512 px (CPU, bf16 autocast, r16): attention
+# 414 MiB, attention_mlp 493 MiB, all_linear 502 MiB.
+_UNET_MORE_TARGETS = 1.2
+# Formats whose Linear upcasts its stored weight for each matmul as an ordinary tensor, which autograd then keeps for
+# the backward (fp8: layerwise casting's bf16 copy; int8: torchao's weight-only linear casts qdata to the
+# activation dtype). NF4 runs bitsandbytes' MatMul4Bit, which saves the packed weight and dequantises in backward.
+# Measured through quantize.py + add_lora (tests/test_memory_plan.py).
+_HOLDS_UPCAST_COPY = ("fp8", "int8")
+# The VAE encoder's peak working memory with latents not cached: 5 feature maps of its first width at the input
+# resolution (measured on the CPU: 40 / 160 MiB for FLUX.1's VAE at 128 / 256 px in fp32, no grad), taken at 4 bytes
+# (the VAE is fp32; under bf16 autocast CUDA keeps GroupNorm in fp32, so fp32 bounds it).
+_VAE_ENCODE_MAPS = 5
 
 
 def _numel(shape: list[int]) -> int:
@@ -69,29 +100,89 @@ def _config(root: Path, comp: str) -> dict:
         return {}
 
 
-def _weight_bytes(shapes: dict[str, list[int]], fmt: str, b: int) -> int:
+def _headers(root: Path, files) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """A component's tensor shapes and dtypes, from its safetensors headers."""
+    entries = weight_headers(root, files)
+    return ({k: list(v.get("shape") or ()) for k, v in entries.items()},
+            {k: str(v.get("dtype", "")) for k, v in entries.items()})
+
+
+def _weight_bytes(shapes: dict[str, list[int]], fmt: str, b: int, keep: str | None = None, keep_b: float = 4) -> int:
     """Frozen weight bytes: the block Linears quantize.py stores in ``fmt`` at its bytes per element, everything
-    else (norms, embeddings, input/output layers, biases, Conv2d) at the compute precision's ``b``."""
+    else (norms, embeddings, input/output layers, biases, Conv2d) at the compute precision's ``b``, and the layers the
+    ``keep`` class pins to fp32 (quantize.KEEP_IN_FP32: T5's wo) at ``keep_b``, never quantised."""
     store = STORAGE_BYTES.get(fmt)
     total = 0.0
     for key, shape in shapes.items():
         n = _numel(shape)
+        if kept_in_fp32(keep, key):
+            total += n * keep_b
+            continue
         small = store is not None and key.endswith(".weight") and quantizable(key[: -len(".weight")], shape)
         total += n * (store if small else b)
     return int(total)
 
 
-def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
-    """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out))."""
+def _kept_bytes(fmt: str, dtypes: dict[str, str], precision: str) -> int:
+    """Bytes per weight of the layers a class keeps in fp32: transformers upcasts them to fp32 when it loads at fp16,
+    and leaves them at the load dtype otherwise; int8 / NF4 components load at their file's dtype when it differs
+    from the compute one (quantize.load_dtypes) and keep these layers at it."""
+    compute = {"bf16": "BF16", "fp16": "F16"}.get(precision, "F32")
+    stored = file_dtype({k: v for k, v in dtypes.items() if k.endswith(".weight")})
+    load = stored if fmt in ("int8", "nf4") and stored in ("F32", "BF16", "F16") and stored != compute else compute
+    return 2 if load == "BF16" else 4
+
+
+def _selected(shapes: dict[str, list[int]], targets) -> dict[str, list[int]]:
+    """The Linear / Conv2d layers (name -> weight shape) that target patterns select, as add_lora resolves them."""
     weights = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
-    chosen = set()
+    chosen: set[str] = set()
     for names in expand_targets(tuple(targets), {k: len(s) for k, s in weights.items()}).values():
         chosen.update(n for n in names if n in weights)
+    return {n: weights[n] for n in chosen}
+
+
+def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
+    """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out))."""
     total = 0
-    for name in chosen:
-        s = weights[name]
+    for s in _selected(shapes, targets).values():
         total += rank * (s[1] * (s[2] * s[3] if len(s) == 4 else 1) + s[0])
     return total
+
+
+def _unit(name: str, lists: tuple[str, ...]) -> str:
+    """The gradient-checkpointing unit a layer runs in: its innermost item of a ``lists`` ModuleList (FLUX's
+    transformer_blocks.3, a UNet's ...attentions.0.transformer_blocks.1 or ...resnets.0); "" outside every unit."""
+    parts = name.split(".")
+    inner = [i for i in range(1, len(parts)) if parts[i].isdigit() and parts[i - 1] in lists]
+    return ".".join(parts[: inner[-1] + 1]) if inner else ""
+
+
+def _weight_copies(shapes: dict[str, list[int]], fmt: str, b: int, *, keep: str | None, conditioning: tuple[str, ...],
+                   units: tuple[str, ...] | None) -> int:
+    """Compute-precision copies of quantised weights that autograd keeps for the backward (``_HOLDS_UPCAST_COPY``):
+    one per quantised Linear whose input needs a gradient, i.e. all but the ``conditioning`` ones. Without
+    checkpointing (``units`` None) they all live until the backward reaches them; with it the layers inside the
+    checkpointed ``units`` lists keep theirs only while their unit is recomputed (the largest unit counts), the
+    rest as without."""
+    if fmt not in _HOLDS_UPCAST_COPY:
+        return 0
+    linears = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+    frozen_input = {n for names in expand_targets(conditioning, {n: 2 for n in linears}).values() for n in names}
+    held: dict[str, int] = {}
+    for name, shape in linears.items():
+        if quantizable(name, shape) and not kept_in_fp32(keep, name) and name not in frozen_input:
+            unit = _unit(name, units) if units is not None else ""
+            held[unit] = held.get(unit, 0) + _numel(shape) * b
+    outside = held.pop("", 0)
+    return outside + max(held.values(), default=0)
+
+
+def _vae_encode_bytes(vae_cfg: dict, resolution: int, batch: int) -> int:
+    """The VAE encoder's peak working memory for one batch (``_VAE_ENCODE_MAPS``): what an uncached step needs
+    before the denoiser runs."""
+    width = int((vae_cfg.get("block_out_channels") or [128])[0])
+    return batch * _VAE_ENCODE_MAPS * width * resolution ** 2 * 4
 
 
 def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str, b: int) -> list[int]:
@@ -125,20 +216,20 @@ def _shard(blocks: list[int], processes: int) -> dict | None:
 
 
 def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
-                 checkpointing: bool, attention_only: bool) -> int:
+                 checkpointing: bool, attention_only: bool, text_tokens: int) -> int:
     act = spec.activations
     if act.kind == "transformer":
         d = 1
         for key, default in act.width_keys.items():
             d *= int(cfg_json.get(key, default))
         blocks = sum(int(cfg_json.get(key, default)) for key, default in act.depth_keys.items())
-        tokens = (resolution // spec.pixel_multiple) ** 2 + act.text_tokens
-        per_block = (13 if attention_only else 23) * tokens * d * b
+        tokens = (resolution // spec.pixel_multiple) ** 2 + text_tokens
+        per_block = _BLOCK_FACTOR["attention" if attention_only else "more"] * tokens * d * b
         if checkpointing:
             return batch * (blocks * int(1.1 * tokens * d * b) + per_block)
         return batch * blocks * per_block
     scale = denoiser_params / _REFERENCE_UNET_PARAMS if denoiser_params else 1.0
-    full = _UNET_BYTES_PER_PIXEL * resolution ** 2 * scale * b / 2
+    full = _UNET_BYTES_PER_PIXEL * resolution ** 2 * scale * b / 2 * (1 if attention_only else _UNET_MORE_TARGETS)
     return int(batch * (full / 4 if checkpointing else full))
 
 
@@ -161,15 +252,26 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     b = 2 if precision in ("bf16", "fp16") else 4
     parts: dict[str, int] = {}
-    denoiser_params, denoiser_bytes, lora = 0, 0, 0
+    denoiser_params, denoiser_bytes, lora, copies = 0, 0, 0, 0
     targets = spec.targets(cfg.target_modules)
     cfg_json: dict = {}
     offload = shard = None
+    attention_only = True
+    # Trained text encoders feed gradients into the conditioning, and their LoRA'd layers run under autograd.
+    conditioning = () if cfg.train_text_encoder else spec.activations.conditioning_inputs
     for comp in spec.denoisers:
-        shapes = weight_shapes(root, probe.weight_files.get(comp))
+        shapes, dtypes = _headers(root, probe.weight_files.get(comp))
         denoiser_params += sum(_numel(s) for s in shapes.values())
-        denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b)
+        keep = spec.component_classes.get(comp)
+        keep_b = _kept_bytes(o["base_quantization"], dtypes, precision)
+        denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b, keep, keep_b)
         lora += _lora_params(shapes, targets, cfg.lora_rank)
+        # The activation figure depends on which layers carry LoRA as resolved ("auto", presets, explicit names):
+        # anything beyond the attention preset's layers saves the larger set.
+        beyond = set(_selected(shapes, targets)) - set(_selected(shapes, spec.presets["attention"]))
+        attention_only = attention_only and not beyond
+        copies += _weight_copies(shapes, o["base_quantization"], b, keep=keep, conditioning=conditioning,
+                                 units=spec.activations.checkpoint_units if o["gradient_checkpointing"] else None)
         cfg_json = cfg_json or _config(root, comp)
         blocks = _block_bytes(shapes, spec.blocks, o["base_quantization"], b)
         offload = offload or _offload(o["offload_blocks"], blocks)
@@ -181,18 +283,22 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     parts["denoiser_weights"] = denoiser_bytes
     text_cached = cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags
     te_bytes = 0
+    te_fmt = cfg.text_encoder_quantization
     for comp in spec.text_encoders:
-        shapes = weight_shapes(root, probe.weight_files.get(comp))
-        te_bytes += _weight_bytes(shapes, cfg.text_encoder_quantization, b)
+        shapes, dtypes = _headers(root, probe.weight_files.get(comp))
+        keep = spec.component_classes.get(comp)
+        te_bytes += _weight_bytes(shapes, te_fmt, b, keep, _kept_bytes(te_fmt, dtypes, precision))
         if cfg.train_text_encoder and comp in spec.lora_text_encoders:
             # layers whose output the conditioning never reads get no LoRA (training/attach.py unread_layers)
             unread = spec.text_encoder_layers_unread(comp, shapes)
             lora += _lora_params({k: s for k, s in shapes.items() if not k.startswith(tuple(p + "." for p in unread))},
                                  cfg.text_encoder_target_modules, cfg.lora_rank)
+            copies += _weight_copies(shapes, te_fmt, b, keep=keep, conditioning=(), units=None)
     # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
     parts["text_encoders"] = 0 if text_cached else te_bytes
-    vae = sum(_numel(s) for s in weight_shapes(root, probe.weight_files.get("vae")).values())
-    parts["vae"] = 0 if cfg.cache_latents else vae * b
+    # The VAE is loaded in fp32 whatever the compute precision (families/adapter.py: SD VAEs overflow in fp16).
+    vae = sum(_numel(s) for s in _headers(root, probe.weight_files.get("vae"))[0].values())
+    parts["vae"] = 0 if cfg.cache_latents else vae * 4
     per_param = 4 + 4 + OPTIMIZER_BYTES.get(o["optimizer"], 8)
     if shard:
         # LoRA weights and optimizer state are sharded with their blocks; gradients too, except while they
@@ -201,9 +307,15 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         parts["lora"] = int(lora * ((per_param - 4) / processes + grads))
     else:
         parts["lora"] = lora * per_param
-    attention_only = "mlp" not in str(cfg.target_modules) and "all" not in str(cfg.target_modules)
-    parts["activations"] = _activations(spec, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
-                                        o["gradient_checkpointing"], attention_only)
+    parts["weight_copies"] = copies
+    text_tokens = spec.text_length(probe.variant, cfg.max_sequence_length)
+    activations = _activations(spec, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
+                               o["gradient_checkpointing"], attention_only, text_tokens)
+    if not cfg.cache_latents:
+        # Each step encodes its batch before the denoiser runs, and the encoder's scratch is freed before the
+        # denoiser's activations are made: the larger of the two is the peak.
+        activations = max(activations, _vae_encode_bytes(_config(root, "vae"), o["resolution"], cfg.batch_size))
+    parts["activations"] = activations
     on_device = device_cache_bytes(caches if on_gpu else None, (o["resolution"] / resolution) ** 2)
     parts["caches"] = sum(on_device.values())
     variable = sum(parts.values())

@@ -103,6 +103,17 @@ def quantizable(name: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and min(int(s) for s in shape) >= MIN_FEATURES and any(p.isdigit() for p in name.split("."))
 
 
+# Layers a model class pins to fp32 itself (its ``_keep_in_fp32_modules``; tests/test_memory_plan.py holds this table to
+# the installed classes), which quantisation therefore leaves at full precision (_kept below): torch-free, for the
+# memory plan. T5's ``wo`` is 1.0 B of T5-XXL's 4.7 B weights.
+KEEP_IN_FP32: dict[str, tuple[str, ...]] = {"T5EncoderModel": ("wo",)}
+
+
+def kept_in_fp32(class_name: str | None, name: str) -> bool:
+    """Whether the module ``name`` of a ``class_name`` model is one its class keeps in fp32 (never quantised)."""
+    return any(k in name.split(".") for k in KEEP_IN_FP32.get(class_name or "", ()))
+
+
 def config_problems(cfg: Any) -> list[tuple[str, str, str]]:
     """(config key, message, hint) for every format setting that cannot work; torch-free (preflight)."""
     out = []

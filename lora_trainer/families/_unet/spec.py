@@ -7,6 +7,11 @@ UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 UNET_REPEATED_BLOCKS = ("down_blocks", "up_blocks")
 UNET_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
 UNET_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The memory plan's facts (families/spec.py Activations): the Linears that read only the conditioning (each resnet's
+# timestep projection, cross-attention keys / values), and what gradient checkpointing recomputes on its own (each
+# resnet, each transformer block of the attentions).
+UNET_ACTIVATION_KEYS = {"conditioning_inputs": ("time_emb_proj", "attn2.to_k", "attn2.to_v"),
+                        "checkpoint_units": ("resnets", "transformer_blocks")}
 
 
 def sd_presets(blocks: tuple[str, ...] = UNET_BLOCKS) -> dict[str, tuple[str, ...]]:

@@ -36,7 +36,7 @@ SPEC = FamilySpec(
     blocks=("transformer_blocks", "single_transformer_blocks"),
     # T5-XXL's sequence (4096 wide) and CLIP-L's pooled vector.
     text_entry=TextEntry(tokens=0, sequence=True, width=4096, pooled=768),
-    activations=Activations(kind="transformer", text_tokens=512, **MMDIT_ACTIVATION_KEYS),
+    activations=Activations(kind="transformer", **MMDIT_ACTIVATION_KEYS),
     # sd-scripts flux_train_network.py; Forge calls a LoRA FLUX by BFL's URL or flux-1-dev/lora.
     tool_names={"dev": ToolNames("flux1", "flux-1-dev", _BFL), "schnell": ToolNames("flux1", "flux-1-schnell", _BFL),
                 None: ToolNames("flux1", "flux-1-dev", _BFL)},

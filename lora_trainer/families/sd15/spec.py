@@ -1,7 +1,7 @@
 """SD1.x as plain data (torch-free)."""
 from __future__ import annotations
 
-from .._unet.spec import UNET_REPEATED_BLOCKS, UNET_CLASSES, UNET_COMPONENTS, sd_presets
+from .._unet.spec import UNET_ACTIVATION_KEYS, UNET_CLASSES, UNET_COMPONENTS, UNET_REPEATED_BLOCKS, sd_presets
 from ..spec import CLIP_LAYERS, Activations, EncoderReads, FamilySpec, TextEntry, ToolNames
 
 SPEC = FamilySpec(
@@ -15,7 +15,7 @@ SPEC = FamilySpec(
     max_sequence_length={}, single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"},
     gated_repos=(),
     blocks=UNET_REPEATED_BLOCKS, text_entry=TextEntry(tokens=77, sequence=False, width=768, pooled=0),
-    activations=Activations(kind="unet"),
+    activations=Activations(kind="unet", **UNET_ACTIVATION_KEYS),
     tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")}, kohya_v2=False, kohya_sgm_unet=False,
     extra_metadata={},
     hub_tags=("stable-diffusion", "stable-diffusion-diffusers"))

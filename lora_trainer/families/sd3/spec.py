@@ -36,7 +36,7 @@ SPEC = FamilySpec(
     blocks=("transformer_blocks",),
     # CLIP-L + CLIP-G states zero-padded to T5's 4096 and joined with T5's sequence; both pooled vectors.
     text_entry=TextEntry(tokens=77, sequence=True, width=4096, pooled=2048),
-    activations=Activations(kind="transformer", text_tokens=77 + 256, **MMDIT_ACTIVATION_KEYS),
+    activations=Activations(kind="transformer", **MMDIT_ACTIVATION_KEYS),
     # sd-scripts sd3_train_network.py / sai_model_spec.py
     tool_names={"sd3-medium": ToolNames("medium", "stable-diffusion-3-medium", "diffusers"),
                 "sd3.5-medium": ToolNames("5-medium", "stable-diffusion-3-5-medium", "diffusers"),

@@ -1,7 +1,7 @@
 """SDXL as plain data (torch-free)."""
 from __future__ import annotations
 
-from .._unet.spec import UNET_REPEATED_BLOCKS, UNET_CLASSES, sd_presets
+from .._unet.spec import UNET_ACTIVATION_KEYS, UNET_CLASSES, UNET_REPEATED_BLOCKS, sd_presets
 from ..spec import CLIP_LAYERS, Activations, EncoderReads, FamilySpec, TextEntry, ToolNames
 
 SPEC = FamilySpec(
@@ -19,7 +19,8 @@ SPEC = FamilySpec(
     single_file_config_repo={None: "stabilityai/stable-diffusion-xl-base-1.0"}, gated_repos=(),
     blocks=UNET_REPEATED_BLOCKS,
     # CLIP-L and OpenCLIP-G penultimate states concatenated (768 + 1280), and G's pooled projection.
-    text_entry=TextEntry(tokens=77, sequence=False, width=2048, pooled=1280), activations=Activations(kind="unet"),
+    text_entry=TextEntry(tokens=77, sequence=False, width=2048, pooled=1280),
+    activations=Activations(kind="unet", **UNET_ACTIVATION_KEYS),
     # sai_model_spec: a LoRA of SDXL -> Stability AI's implementation
     tool_names={None: ToolNames("sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                                 "https://github.com/Stability-AI/generative-models")},
