@@ -115,6 +115,9 @@ def _train(cfg, config_warnings, events: EventStream, args) -> int:
     if os.environ.get("RANK", "0") in ("", "0"):  # the other ranks write nothing without rank 0
         lock.acquire(events.run_id)  # before anything is read or written (or torch imported): a second run
         # touches nothing and is refused at once
+    from .runtime.cpu_load import prepare_openmp
+
+    prepare_openmp()  # before torch is imported: OpenMP reads its wait policy once, when it loads
     from .runtime.signals import GracefulStop
     from .training.trainer import Trainer
 

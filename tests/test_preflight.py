@@ -265,7 +265,9 @@ def make_checkpoint(out: Path, step: int, complete: bool) -> Path:
     d = out / "checkpoints" / f"step-{step:06d}"
     d.mkdir(parents=True)
     if complete:
-        (d / "manifest.json").write_text(json.dumps({"step": step, "files": {}}))
+        # What the trainer's manifest says (preflight and the trainer read it with one function).
+        (d / "manifest.json").write_text(json.dumps({"format": "lora_trainer.training.checkpoint", "format_version": 1,
+                                                     "creator": "train_lora", "step": step, "files": {}}))
     return d
 
 

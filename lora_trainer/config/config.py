@@ -19,7 +19,8 @@ from typing import Any
 from ..data.buckets import bucket_range
 from ..contract.errors import ConfigError
 from ..families import SPECS
-from .schema import check_keys, optional_fields, problem, redact, schema_problems
+from .schema import (check_keys, json_number, mark_non_finite, non_finite_problems, optional_fields, problem,
+                     redact, schema_problems)
 # Names modules and tests have always imported from here.
 from .schema import (NESTED_KEY, REDACTED, REQUIRED, SCHEMA_PATH, SECRET_KEYS, SECRET_SUFFIXES,  # noqa: F401
                      SECRET_VALUE, is_secret_key, load_schema)
@@ -296,10 +297,13 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, config_path: Path | 
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a JSON object", [problem("(root)", raw if not isinstance(raw, (dict, list)) else type(raw).__name__,
                                                                         f"expected an object, got {type(raw).__name__}", "a JSON object with dataset_path, base_model, output_path, trigger_words")])
-    problems: list[dict] = []
+    raw = mark_non_finite(raw)  # NaN would pass every range check (and then fail a step after loading)
+    problems: list[dict] = non_finite_problems(raw)
     warnings: list[dict] = []
     merged = check_keys(raw, problems)
-    problems.extend(schema_problems(raw))
+    non_finite = {p["path"] for p in problems}
+    # The schema would add "'NaN' is not of type 'number'" for a key already named above.
+    problems.extend(p for p in schema_problems(raw) if p["path"] not in non_finite)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the config", problems)
 
@@ -342,7 +346,7 @@ def load_config(path: str | os.PathLike) -> tuple[TrainConfig, list[dict]]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {p} is not UTF-8", [problem("--config", str(p), f"byte {exc.start} is not UTF-8", "UTF-8 JSON")]) from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_float=json_number, parse_constant=json_number)
     except RecursionError:
         raise ConfigError(f"config file {p} nests too deeply", [problem("--config", str(p), "JSON nested too deeply", "a flat JSON object")]) from None
     except json.JSONDecodeError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,38 @@ def _json_path(parts: Any) -> str:
 def _did_you_mean(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+class NonFinite(str):
+    """A number JSON cannot hold, kept as the literal the file spells it with (NaN, Infinity, -Infinity, or a
+    literal such as 1e999 that overflows to infinity). Python's json module accepts them; JSON and every other
+    reader of the config do not, and no schema range rejects them (NaN compares false with every bound)."""
+
+
+def json_number(text: str) -> float | NonFinite:
+    """json.loads' parse_float (and, for the named constants, parse_constant): a finite float, else NonFinite."""
+    value = float(text)
+    return value if math.isfinite(value) else NonFinite(text)
+
+
+def mark_non_finite(value: Any) -> Any:
+    """value with every non-finite float (a Python caller's float('nan')) replaced by its NonFinite literal."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NonFinite("NaN" if value != value else ("Infinity" if value > 0 else "-Infinity"))
+    if isinstance(value, dict):
+        return {k: mark_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mark_non_finite(v) for v in value]
+    return value
+
+
+def non_finite_problems(raw: Any, path: tuple = ()) -> list[dict]:
+    """One problem per NonFinite in a marked document, named by its JSON path."""
+    if isinstance(raw, NonFinite):
+        return [problem(_json_path(path), str(raw), f"{raw} is not a finite number (JSON has no NaN or Infinity)",
+                        _describe_allowed(_resolve_node(load_schema(), list(path))) or "a finite number")]
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    return [p for key, value in items for p in non_finite_problems(value, path + (key,))]
 
 
 def check_keys(raw: dict, problems: list[dict]) -> dict[str, Any]:

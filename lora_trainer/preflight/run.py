@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any, Iterable
 
 from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
 from .cache_plan import plan_caches
+from .checkpoints import pick_resume, quick_check, read_manifest, rejection_message
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from ..contract.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .probe import ModelProbe, probe_model
@@ -35,9 +35,7 @@ from .model_checks import (MAX_FILES, _check_family_keys, _check_single_file_con
 
 LOW_DISK_BYTES = 2 * 1024 ** 3
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_MANIFEST = "manifest.json"
 MAX_FOLDERS = 100  # folders listed in the summary (a 100,000-image dataset may have thousands); folder_count has all
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 _EXIT_BY_CODE = {
     "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
@@ -74,54 +72,32 @@ def _plural(n: int, word: str) -> str:
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def _manifest_ok(folder: Path) -> bool:
-    # Cheap completeness test only (the manifest is written last); checkpoint.verify_checkpoint hashes
-    # every file at resume time, but it needs torch and would cost seconds here.
-    try:
-        with open(folder / CHECKPOINT_MANIFEST, "rb") as fh:
-            manifest = json.loads(fh.read(16 << 20))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and "step" in manifest
-
-
-def list_checkpoints(output_path: Path) -> list[tuple[int, Path, bool]]:
-    """(step, folder, complete) for every real <output>/checkpoints/step-NNNNNN folder, oldest first;
-    complete means it has a parseable manifest.json (symlinked folders are ignored, as the trainer does)."""
-    root = Path(output_path) / CHECKPOINT_DIR
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return []
-    out = []
-    for e in entries:
-        m = _STEP_DIR.match(e.name)
-        if m and e.is_dir(follow_symlinks=False):
-            out.append((int(m.group(1)), Path(e.path), _manifest_ok(Path(e.path))))
-    return sorted(out)
-
-
 def _check_resume(cfg: Any, errors: list, warnings: list) -> dict:
     if cfg.resume is False or cfg.resume is None:
         return {"mode": "off"}
     if cfg.resume == "auto":
-        cps = list_checkpoints(cfg.output_path)
-        complete = [c for c in cps if c[2]]
-        latest = complete[-1] if complete else None
-        return {"mode": "auto", "found": latest is not None, "checkpoint": str(latest[1]) if latest else None,
-                "step": latest[0] if latest else None, "incomplete": len(cps) - len(complete),
+        pick = pick_resume(Path(cfg.output_path) / CHECKPOINT_DIR)
+        latest = pick["checkpoint"]
+        for bad in pick["rejected"]:
+            warnings.append(_issue("checkpoint_rejected", "resume",
+                                   rejection_message(Path(bad["checkpoint"]), bad["reason"], latest),
+                                   files=[bad["checkpoint"]],
+                                   hint="delete or repair it; resume: \"auto\" skips it either way"))
+        return {"mode": "auto", "found": latest is not None, "checkpoint": str(latest) if latest else None,
+                "step": pick["step"], "incomplete": pick["incomplete"], "rejected": pick["rejected"],
                 "action": "resume" if latest else "fresh start"}
     p = cfg.resolve(str(cfg.resume))
     info = {"mode": "path", "checkpoint": str(p), "found": False, "step": None}
     if not p.is_dir():
         errors.append(_issue("resume_not_found", "resume", f"checkpoint folder {p} does not exist",
                              hint="use \"auto\" to pick the newest checkpoint, or false to start fresh"))
-    elif not _manifest_ok(p):
-        errors.append(_issue("resume_not_found", "resume", f"{p} has no valid {CHECKPOINT_MANIFEST}: not a complete checkpoint "
-                             "(interrupted while saving?)", hint="point resume at an earlier step-NNNNNN folder, or use \"auto\""))
+        return info
+    ok, reason = quick_check(p)
+    if not ok:
+        errors.append(_issue("resume_not_found", "resume", f"{p} is not a usable checkpoint: {reason}",
+                             hint="point resume at an earlier step-NNNNNN folder, or use \"auto\""))
     else:
-        m = _STEP_DIR.match(p.name)
-        info.update(found=True, step=int(m.group(1)) if m else None)
+        info.update(found=True, step=read_manifest(p)[0]["step"])
     return info
 
 
@@ -213,8 +189,7 @@ def _own_checkpoint(cfg: Any, final: Path) -> Path | None:
     if cfg.resume is False or cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        complete = [p for _, p, ok in list_checkpoints(cfg.output_path) if ok]
-        folder = complete[-1] if complete else None
+        folder = pick_resume(Path(cfg.output_path) / CHECKPOINT_DIR)["checkpoint"]
     else:
         folder = cfg.resolve(str(cfg.resume))
     lineage = lora_lineage(final)

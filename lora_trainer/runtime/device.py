@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import platform
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from ..contract.errors import ConfigError
+from .cpu_load import busy_cores_now, usable_cores
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,15 @@ class DeviceInfo:
     torch: str
     cuda: str | None
     mixed_precision: str  # resolved: "no" | "fp16" | "bf16"
+    # torch's intra-op threads (choose_cpu_threads): CPU kernels split their sums by it, so on the CPU it is part
+    # of what produced a LoRA, and the manifest records it with the device.
+    cpu_threads: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_threads(self, chosen: dict) -> "DeviceInfo":
+        return replace(self, cpu_threads=chosen["threads"])
 
 
 def resolve_device(device: str, mixed_precision: str) -> DeviceInfo:
@@ -73,40 +79,14 @@ def gpu_memory(index: int) -> dict:
             "free_bytes": free, "memory_bytes": min(total, free + CONTEXT_BYTES), "source": "torch", "known": True}
 
 
-def _busy_cores(cores: list[int], window_s: float = 0.1) -> float | None:
-    """How many of ``cores`` other processes keep busy now: /proc/stat sampled over ``window_s`` (this process
-    sleeps meanwhile, so the figure is the neighbours'). None where /proc/stat is not available."""
-    def sample() -> dict[int, tuple[int, int]]:
-        out = {}
-        with open("/proc/stat", encoding="ascii") as fh:
-            for line in fh:
-                name, *vals = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
-                    ticks = [int(v) for v in vals]
-                    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-                    out[int(name[3:])] = (sum(ticks), idle)
-        return out
-
-    try:
-        first = sample()
-        time.sleep(window_s)
-        second = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    busy = 0.0
-    for c, (total, idle) in second.items():
-        d_total, d_idle = total - first[c][0], idle - first[c][1]
-        busy += (1 - d_idle / d_total) if d_total > 0 else 0.0
-    return busy
-
-
 def choose_cpu_threads(requested: int | None, *, saved: int | None = None) -> dict:
-    """Set torch's intra-op thread count and say why. torch takes one thread per core; on cores shared with
-    another busy process its spinning threads wait on each other and a step gets up to 15x slower
-    (bench/RESULTS.md), so "auto" leaves the cores that others keep busy. Order: the config's cpu_threads, then
-    OMP_NUM_THREADS, then the count a resumed checkpoint was trained with (CPU kernels may reduce in another order
-    with another count, and a resume must end bitwise equal), then the idle cores."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    """Set torch's intra-op thread count and say why. Order: the config's cpu_threads, then OMP_NUM_THREADS, then the
+    count a resumed checkpoint was trained with, then one thread per usable core. CPU kernels split their sums by
+    the thread count, so the count is part of what a run computes (with 1 or 2 threads the tiny SD1.5 LoRA differs
+    in half its tensors): it must never follow the neighbours' load, or two runs of one config give two LoRAs. The
+    load decides only how idle OpenMP threads wait (cpu_load.prepare_openmp, before torch was imported), which
+    changes no result; busy cores are reported (cpu_cores_busy) because cpu_threads can trade the match for speed."""
+    cores = usable_cores()
     busy = None
     if requested:
         threads, source = requested, "config"
@@ -115,11 +95,11 @@ def choose_cpu_threads(requested: int | None, *, saved: int | None = None) -> di
     elif saved:
         threads, source = int(saved), "checkpoint"
     else:
-        busy = _busy_cores(cores)
-        threads, source = max(1, len(cores) - round(busy or 0.0)), "auto"
+        threads, source = cores, "auto"
+        busy = busy_cores_now()
     torch.set_num_threads(threads)
-    return {"threads": torch.get_num_threads(), "cores": len(cores), "busy_cores": None if busy is None else
-            round(busy, 2), "source": source}
+    return {"threads": torch.get_num_threads(), "cores": cores, "busy_cores": None if busy is None else
+            round(busy, 2), "source": source, "wait_policy": os.environ.get("OMP_WAIT_POLICY") or None}
 
 
 def weight_dtype(precision: str) -> torch.dtype:
@@ -143,12 +123,25 @@ def memory_stats(device: torch.device) -> dict:
     return stats
 
 
-def cpu_warnings(device_type: str, precision: str) -> list[dict]:
-    """The warnings a CPU run starts with."""
+def cpu_warnings(device_type: str, precision: str, threads: dict | None = None) -> list[dict]:
+    """The warnings a CPU run starts with; ``threads``: choose_cpu_threads' answer."""
     warnings: list[dict] = []
     if device_type != "cpu":
         return warnings
     warnings.append({"code": "no_gpu", "message": "no CUDA GPU in use: training runs on the CPU, which is slow"})
+    busy = round((threads or {}).get("busy_cores") or 0)
+    if busy and threads["source"] == "auto":
+        idle = max(1, threads["cores"] - busy)
+        warnings.append({"code": "cpu_cores_busy", "path": "cpu_threads",
+                         "message": f"other processes keep {threads['busy_cores']} of the {threads['cores']} usable "
+                                    f"cores busy; training still uses {threads['threads']} threads, one per core, so "
+                                    "that its LoRA does not depend on their load (with OMP_WAIT_POLICY="
+                                    f"{threads.get('wait_policy') or 'default'}: idle threads "
+                                    f"{'sleep' if threads.get('wait_policy') == 'PASSIVE' else 'spin'}), and its "
+                                    "steps wait for the busy cores: measured 1.1-1.3x slower than fewer threads "
+                                    "with sleeping threads, up to 16x with spinning ones (bench/RESULTS.md). "
+                                    f"Set cpu_threads to {idle} to use only the idle cores (the LoRA is then the "
+                                    "same for every run with that count)"})
     if precision == "bf16":  # measured: bench/RESULTS.md, "Profile of train_lora's step"
         warnings.append({"code": "cpu_bf16_slow", "path": "mixed_precision",
                          "message": "bf16 on the CPU: measured 1.1-1.3x slower than fp32 for SDXL but 2.3-2.9x faster "

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import struct
 import time
 from dataclasses import asdict, dataclass, fields
@@ -28,20 +27,16 @@ import safetensors.torch
 import torch
 
 from ..contract.errors import OutputError
+# What a checkpoint is (manifest, names) is read torch-free, so preflight judges checkpoints as the trainer does.
+from ..preflight.checkpoints import (DEFAULT_CREATOR, FORMAT, FORMAT_VERSION, MANIFEST,  # noqa: F401
+                                     NAME_RE as _NAME_RE, checkpoint_dirs, open_regular as _open_regular,
+                                     read_manifest as _read_manifest)
 
 log = logging.getLogger("train_lora.checkpoint")
 
-DEFAULT_CREATOR = "train_lora"
-FORMAT = "lora_trainer.training.checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-_STEP_DIR_RE = re.compile(r"step-\d{6,}")
 # Scratch directories of our saves; the pid tells whether the process that made one may still be using it.
 _SCRATCH_RE = re.compile(r"\.(tmp|trash)-(step-\d{6,})-(\d+)-[0-9a-f]+")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _WRITE_CHUNK = 1 << 24  # os.write may write less than asked, and huge single writes fail on some systems
-_MAX_MANIFEST_BYTES = 16 << 20  # a manifest is small; this stops a garbage file from being read whole
 
 
 @dataclass
@@ -228,41 +223,8 @@ def _fsync_dir(path: Path) -> None:  # makes directory entries (new files, a ren
         os.close(fd)
 
 
-def _open_regular(path: Path) -> int:
-    # O_NOFOLLOW: a manifest vouches for the directory's own files, not for whatever a symlink points at.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return fd
-
-
 def _is_real_dir(entry: os.DirEntry) -> bool:
     return not entry.is_symlink() and entry.is_dir(follow_symlinks=False)
-
-
-def _read_manifest(path: Path, creator: str) -> tuple[dict | None, str]:
-    try:
-        with os.fdopen(_open_regular(path / MANIFEST), "rb") as f:
-            manifest = json.loads(f.read(_MAX_MANIFEST_BYTES + 1).decode("utf-8"))
-    except FileNotFoundError:
-        return None, "no manifest.json (incomplete, or not a checkpoint)"
-    except (OSError, ValueError, RecursionError) as exc:
-        return None, f"manifest.json unreadable: {exc}"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return None, "manifest.json is not a lora_trainer checkpoint manifest"
-    if manifest.get("format_version") != FORMAT_VERSION:
-        return None, f"unsupported checkpoint format_version {manifest.get('format_version')!r}"
-    if manifest.get("creator") != creator:
-        return None, f"checkpoint was created by {manifest.get('creator')!r}, not {creator!r}"
-    step, files = manifest.get("step"), manifest.get("files")
-    if type(step) is not int or step < 0 or not isinstance(files, dict):
-        return None, "manifest.json is malformed (step/files)"
-    for name, entry in files.items():  # names are checked so a manifest cannot point outside its directory
-        if (not _NAME_RE.fullmatch(name) or name == MANIFEST or not isinstance(entry, dict)
-                or type(entry.get("size")) is not int or not isinstance(entry.get("sha256"), str)):
-            return None, f"manifest.json has a malformed entry for {name!r}"
-    return manifest, "ok"
 
 
 def _check_file(path: Path, entry: dict, *, keep: bool) -> tuple[bytes | None, str]:
@@ -298,25 +260,19 @@ def verify_checkpoint(path: Path, *, creator: str = DEFAULT_CREATOR) -> tuple[bo
 
 def _our_checkpoints(root: Path, creator: str) -> list[tuple[int, Path]]:
     """(manifest step, path) of real ``step-*`` directories whose manifest names us, newest first; unverified."""
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return []
-    found = []
-    for entry in entries:
-        if _STEP_DIR_RE.fullmatch(entry.name) and _is_real_dir(entry):
-            manifest, _ = _read_manifest(Path(entry.path), creator)
-            if manifest is not None:
-                found.append((manifest["step"], Path(entry.path)))
-    # By manifest step, never by name: as text, step-1000000 sorts before step-999999.
-    return sorted(found, key=lambda sp: (sp[0], sp[1].name), reverse=True)
+    return checkpoint_dirs(root, creator)[0]
 
 
-def find_latest_checkpoint(root: Path, *, creator: str = DEFAULT_CREATOR) -> Path | None:
-    """Newest checkpoint that verifies, by manifest step; partial, corrupt, temporary and symlinked ones are skipped."""
+def find_latest_checkpoint(root: Path, *, creator: str = DEFAULT_CREATOR,
+                           rejected: list[tuple[Path, str]] | None = None) -> Path | None:
+    """Newest checkpoint that verifies, by manifest step; partial, corrupt, temporary and symlinked ones are skipped,
+    and those with our manifest that fail verification are added to ``rejected`` as (path, reason)."""
     for _, path in _our_checkpoints(Path(root), creator):
-        if verify_checkpoint(path, creator=creator)[0]:
+        ok, reason = verify_checkpoint(path, creator=creator)
+        if ok:
             return path
+        if rejected is not None:
+            rejected.append((path, reason))
     return None
 
 

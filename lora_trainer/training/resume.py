@@ -22,6 +22,7 @@ from .checkpoint import (TrainingProgress, find_latest_checkpoint, flatten_state
                          save_checkpoint, unflatten_state, verify_checkpoint)
 from ..adapters.lora import peft_state
 from ..contract.errors import ConfigError
+from ..preflight.checkpoints import quick_check, rejection_message
 from ..distributed.shard import full_tensors, is_sharded, load_lora_state, lora_state, shard_optimizer_state
 
 MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
@@ -185,11 +186,19 @@ def save(run: CheckpointRun, reason: str) -> Path | None:
     return path
 
 
-def _pick(cfg) -> Path | None:
+def _pick(cfg, events) -> Path | None:
     if cfg.resume is False:
         return None
     if cfg.resume == "auto":
-        return find_latest_checkpoint(checkpoints_root(cfg))
+        rejected: list[tuple[Path, str]] = []
+        path = find_latest_checkpoint(checkpoints_root(cfg), rejected=rejected)
+        for bad, reason in rejected:
+            # Damage the sizes and headers show was reported by preflight (the same warning, in this run's
+            # events); what only the hashes show (a flipped bit in tensor data) is reported here.
+            if quick_check(bad)[0]:
+                events.emit("warning", code="checkpoint_rejected", message=rejection_message(bad, reason, path),
+                            path="resume", files=[str(bad)])
+        return path
     path = cfg.resolve(str(cfg.resume))  # the folder preflight checked
     ok, reason = verify_checkpoint(path) if path.exists() else (False, "no such directory")
     if not ok:
@@ -219,7 +228,7 @@ def check_lora_modules(path: Path, tensors: dict, modules: dict[str, torch.nn.Mo
 
 def maybe_resume(run: CheckpointRun) -> Path | None:
     """Restore the newest (or the configured) checkpoint into run.modules and run.state; None when starting fresh."""
-    path = _pick(run.cfg)
+    path = _pick(run.cfg, run.events)
     if path is None:
         return None
     st, device = run.state, run.accelerator.device

@@ -83,6 +83,7 @@ class Trainer:
         self.device_info = resolve_device(cfg.device, cfg.mixed_precision)
         self.cpu_threads = choose_cpu_threads(
             cfg.cpu_threads, saved=resume_mod.saved_identity(pre.summary.get("resume")).get("cpu_threads"))
+        self.device_info = self.device_info.with_threads(self.cpu_threads)
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -92,7 +93,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.events.enabled = self.events.enabled and self.is_main
-        for warning in cpu_warnings(self.device.type, self.device_info.mixed_precision):
+        for warning in cpu_warnings(self.device.type, self.device_info.mixed_precision, self.cpu_threads):
             ev.emit("warning", **warning)
         set_seed(cfg.seed)
 
