@@ -87,6 +87,10 @@ export interface RunStartedEvent {
      * the resolved compute precision (also run_started.mixed_precision)
      */
     mixed_precision?: "no" | "fp16" | "bf16";
+    /**
+     * torch's CPU thread count (run_started.cpu_threads says why); CPU kernels split their sums by it, so training_manifest.json's device records it too
+     */
+    cpu_threads?: number | null;
     [k: string]: unknown | undefined;
   };
   mixed_precision: string;
@@ -124,17 +128,21 @@ export interface RunStartedEvent {
     [k: string]: unknown | undefined;
   } | null;
   /**
-   * torch's CPU thread count and why: threads, cores (this process may use), busy_cores (kept busy by other processes when sampled; null unless source is auto), source (config | OMP_NUM_THREADS | checkpoint | auto)
+   * torch's CPU thread count and why: threads, cores (this process may use: its affinity, capped by a cgroup CPU quota), busy_cores (kept busy by other processes when sampled; null unless source is auto, and under a quota), source (config | OMP_NUM_THREADS | checkpoint | auto: one thread per usable core, whatever the load, so that the LoRA does not depend on it)
    */
   cpu_threads?: {
     threads: number;
     cores: number;
     busy_cores?: number | null;
     source: "config" | "OMP_NUM_THREADS" | "checkpoint" | "auto";
+    /**
+     * OMP_WAIT_POLICY in effect (null: OpenMP's default, idle threads spin): the trainer sets PASSIVE when other processes keep cores busy at start, unless the environment sets it; it changes speed, never a result
+     */
+    wait_policy?: string | null;
     [k: string]: unknown | undefined;
   };
   /**
-   * the memory plan (as validation's summary.memory): parts_gib (denoiser_weights, text_encoders, vae, lora, activations, fixed), total_gib, precision, lora_params, denoiser_params, assumes, offload, shard (shard_base over several processes: processes, units, block_bytes (the blocks' frozen weights, whole), device_bytes (what each process keeps of them: its shards plus the two blocks gathered at a time)), processes (WORLD_SIZE), gpu (name, memory_bytes; null without a detected GPU), fits; null when the model's files could not be read before loading
+   * the memory plan (as validation's summary.memory): parts_gib (denoiser_weights, text_encoders, vae, lora, weight_copies (the compute-precision copies of fp8 / int8 weights autograd keeps for the backward), activations, caches, fixed), total_gib, total_bytes, precision, lora_params, denoiser_params, assumes, offload, shard (shard_base over several processes: processes, units, block_bytes (the blocks' frozen weights, whole), device_bytes (what each process keeps of them: its shards plus the two blocks gathered at a time)), processes (WORLD_SIZE), caches (latents, text, device_bytes: the cache bytes that stay on the GPU, each cache that fits a tenth of its free memory), gpu (the GPU this process uses, CUDA_VISIBLE_DEVICES and LOCAL_RANK applied: name, index, uuid, total_bytes, free_bytes, memory_bytes (what the plan must fit: the free memory), source (nvidia-smi, or torch in the trainer), known (false with reason where the card or its free memory cannot be told: MIG, different cards without CUDA_DEVICE_ORDER=PCI_BUS_ID, nvidia-smi failing; memory_bytes is then null and the plan is not judged); null without a GPU), fits (null when not judged); in validation's summary, when it does not fit, cheaper: the hints (settings, total_gib, total_bytes, fits: with 15% of the plan to spare), each a config the config's rules accept; null when the model's files could not be read before loading
    */
   memory_plan?: {
     [k: string]: unknown | undefined;
@@ -271,7 +279,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, offload_host_memory, shard_base_single_process
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead)
    */
   code: string;
   message: string;
