@@ -1,10 +1,12 @@
 """Caches over the host-memory budget stay on disk and are read per step, and train the same LoRA.
 
-The reads are observed from outside the trainer with inotify: every cache file opened (IN_OPEN, queued by the open
-call itself, so before the step that read it is reported) in the cache folders, counted as each step event arrives.
-Caching writes under a temporary name (a leading dot) and renames, so in a fresh run every open of an entry's own
-name is a read. inotify does not watch subfolders:
-the text cache's 256 (text_cache.path_for: the key's first two hex digits) are made and watched beforehand."""
+The reads are observed from outside the trainer with inotify on the cache folders, counted as each step event
+arrives (an open queues its event before the step that made it is reported). A read is a run of IN_OPEN events on
+an entry ended by its IN_CLOSE_NOWRITE: safetensors opens a file twice per load, and inotify merges an event with
+an identical one still unread, so opens alone count neither once per load nor reliably. Caching writes under a
+temporary name (a leading dot) and renames, so in a fresh run every open of an entry's own name is a read. inotify
+does not watch subfolders: the text cache's 256 (text_cache.path_for: the key's first two hex digits) are made and
+watched beforehand."""
 from __future__ import annotations
 
 import ctypes
@@ -21,12 +23,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, parse_events, write_config
 
-IN_OPEN = 0x20
+IN_OPEN, IN_CLOSE_NOWRITE = 0x20, 0x10
 STEPS = 6  # more steps than the 4 images: a cache that kept what it read would read fewer files than steps
 
 
 class Reads:
-    """The entries opened in some folders (not temporary files: a leading dot), by a name for each (inotify)."""
+    """The entries read in some folders (not temporary files: a leading dot), by a name for each (inotify)."""
 
     def __init__(self, folders: dict[Path, str]):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -36,13 +38,14 @@ class Reads:
         self.names = {}
         for folder, name in folders.items():
             folder.mkdir(parents=True, exist_ok=True)
-            wd = libc.inotify_add_watch(self.fd, str(folder).encode(), IN_OPEN)
+            wd = libc.inotify_add_watch(self.fd, str(folder).encode(), IN_OPEN | IN_CLOSE_NOWRITE)
             assert wd >= 0, f"inotify_add_watch {folder}: errno {ctypes.get_errno()}"
             self.names[wd] = name
         self.files: dict[str, list[str]] = {name: [] for name in self.names.values()}
+        self._open: set[tuple[int, str]] = set()  # entries inside a run of opens
 
     def drain(self) -> dict[str, int]:
-        """Reads so far (cumulative), per folder."""
+        """Reads so far (cumulative), per folder name."""
         while True:
             try:
                 buf = os.read(self.fd, 1 << 16)
@@ -50,11 +53,16 @@ class Reads:
                 return {name: len(files) for name, files in self.files.items()}
             at = 0
             while at < len(buf):
-                wd, _mask, _cookie, n = struct.unpack_from("iIII", buf, at)
+                wd, mask, _cookie, n = struct.unpack_from("iIII", buf, at)
                 name = buf[at + 16:at + 16 + n].rstrip(b"\0").decode()
-                if name and not name.startswith("."):  # not the folder itself, not a temporary file
-                    self.files[self.names[wd]].append(name)
                 at += 16 + n
+                if not name or name.startswith("."):  # the folder itself, a temporary file
+                    continue
+                if mask & IN_OPEN and (wd, name) not in self._open:
+                    self._open.add((wd, name))
+                    self.files[self.names[wd]].append(name)
+                elif mask & IN_CLOSE_NOWRITE:
+                    self._open.discard((wd, name))
 
     def close(self) -> None:
         os.close(self.fd)
