@@ -48,7 +48,8 @@ def runs(tiny_models, tmp_path_factory):
             validation_inference_steps=2, **extra))
 
     stopped_cfg = cfg("stopped", shard_base=True)
-    return {"tmp": tmp, "model": tiny_models["flux1-dev"], "ddp": _two_processes(cfg("ddp")), "sharded": _two_processes(cfg("sharded", shard_base=True)),
+    return {"tmp": tmp, "model": tiny_models["flux1-dev"], "ddp": _two_processes(cfg("ddp")),
+            "sharded": _two_processes(cfg("sharded", shard_base=True)),
             "stopped": _two_processes(stopped_cfg, TRAIN_LORA_TEST_SIGTERM_STEP="3"),
             "resumed": _two_processes(_with_resume(stopped_cfg))}  # in this order: it resumes what "stopped" saved
 
