@@ -1,15 +1,22 @@
 """Block streaming (offload_blocks): the streamed blocks' frozen weights live in host memory and come to the
 accelerator one block at a time, for the forward pass and again for the backward pass. An offloaded weight is an
 empty tensor (offload.py), so a schedule that used one would fail here on the CPU too; the LoRA a streamed run
-trains is bitwise the one of a run without streaming, through the real CLI and across SIGTERM + resume."""
+trains is bitwise the one of a run without streaming, through the real CLI and across SIGTERM + resume.
+
+"One block at a time" is counted on the weight memory really alive, not on the parameters' ``.data``: weak
+references to the storage of every copy a streamed weight had (the streamer's loads, layerwise casting's upcasts),
+so a copy that autograd saved for the backward pass, or that the streamer forgot, keeps its block counted."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 
 from conftest import run_cli, write_config
 from lora_trainer.config.config import ConfigError, parse_config
@@ -38,8 +45,53 @@ def _inputs(family: str, model, seed: int):
                                    "time_ids": torch.randn(1, 6, generator=g)})
 
 
+class Resident(TorchFunctionMode):
+    """How many streamed blocks hold weight memory at once (``most``). A block counts while any storage that one of
+    its frozen weights held since it was loaded is alive: noted at every load (all blocks' current data) and at every
+    torch call that takes a streamed weight (layerwise casting's upcast lives only inside the layer's forward)."""
+
+    def __init__(self, streamer):
+        super().__init__()
+        self.streamer, self.most = streamer, 0
+        self.block_of = {id(p): i for i, params in enumerate(streamer.params) for p in params}
+        self.alive: list[dict[int, StorageWeakRef]] = [{} for _ in streamer.params]
+        load = streamer.load  # wrapped on the instance: the streamer's hooks call self.load
+
+        def counted_load(i):
+            load(i)
+            for j, params in enumerate(streamer.params):
+                for p in params:
+                    self._note(j, p)
+            self._count()
+        streamer.load = counted_load
+
+    def _note(self, i: int, t: torch.Tensor) -> None:
+        if t.numel():  # not an offloaded weight's placeholder
+            storage = t.untyped_storage()
+            ref = self.alive[i].get(storage._cdata)
+            if ref is None or ref.expired():  # an address is reused once its storage is freed
+                self.alive[i][storage._cdata] = StorageWeakRef(storage)
+
+    def _count(self) -> None:
+        for refs in self.alive:
+            for key in [k for k, ref in refs.items() if ref.expired()]:
+                del refs[key]
+        self.most = max(self.most, sum(bool(refs) for refs in self.alive))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        used = [(self.block_of[id(a)], a) for a in (*args, *kwargs.values()) if id(a) in self.block_of]
+        if used:
+            for i, a in used:
+                self._note(i, a)
+            self._count()
+        return out
+
+
 def _train(tiny_models, family: str, *, offload: float, checkpointing: bool, fp8: bool = False):
-    """Two SGD steps of LoRA on every block Linear; (LoRA tensors, streamer, most streamed blocks resident at once)."""
+    """Two SGD steps of LoRA on every block Linear; (LoRA tensors, streamer, most streamed blocks whose weight memory
+    was alive at once)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     from lora_trainer.families import SPECS
@@ -51,6 +103,8 @@ def _train(tiny_models, family: str, *, offload: float, checkpointing: bool, fp8
                       "sd3": (SD3Transformer2DModel, "transformer", SPECS["sd3"]),
                       "sdxl": (UNet2DConditionModel, "unet", SPECS["sdxl"])}[family]
     model = cls.from_pretrained(tiny_models[family], subfolder=sub)
+    for p in model.parameters():  # at the streamer's copies' alignment: CPU kernels round by address alignment
+        p.data = p.data.clone()
     if checkpointing:
         model.enable_gradient_checkpointing()
     torch.manual_seed(0)
@@ -61,31 +115,31 @@ def _train(tiny_models, family: str, *, offload: float, checkpointing: bool, fp8
         after_lora(cfg, type("K", (), {"denoisers": {sub: model}})(), {sub: model})
     model.train()
     streamer = stream_blocks(model, spec.blocks, offload, torch.device("cpu")) if offload else None
-    most = [0]
-    if streamer:
-        def count(*_):  # how many streamed blocks hold real weights while any block runs
-            most[0] = max(most[0], sum(any(p.numel() for p in ps) for ps in streamer.params))
-        for block in streamer.blocks:
-            block.register_forward_hook(count)
+    resident = Resident(streamer) if streamer else None
     for step in range(STEPS):
-        out = model(**_inputs(family, model, step)).sample
-        out.float().pow(2).mean().backward()
+        with resident or contextlib.nullcontext():
+            out = model(**_inputs(family, model, step)).sample
+            out.float().pow(2).mean().backward()
         with torch.no_grad():
             for p in params:
                 p -= 0.5 * p.grad
                 p.grad = None
-    return [p.detach().clone() for p in params], streamer, most[0]
+    return [p.detach().clone() for p in params], streamer, resident.most if resident else 0
 
 
 @pytest.mark.parametrize("family,fp8", [("flux1-dev", False), ("flux1-dev", True), ("sd3", False), ("sdxl", False)])
-def test_streaming_trains_the_same_lora_one_block_at_a_time(tiny_models, family, fp8):
+def test_streaming_trains_the_same_lora_one_block_at_a_time(tiny_models, family, fp8, monkeypatch):
+    from lora_trainer.runtime import offload
+
+    monkeypatch.setattr(offload, "_TEST_COPY", True)  # on the CPU too a load is a copy that must be freed again
     plain, _, _ = _train(tiny_models, family, offload=0, checkpointing=True, fp8=fp8)
     for checkpointing in (True, False):  # without checkpointing only the gradient hooks bring blocks back
         streamed, streamer, most = _train(tiny_models, family, offload=0.99, checkpointing=checkpointing, fp8=fp8)
         n = len(streamer.blocks)
         assert n >= 2 and streamer.total == n, "every streamable block streamed (0.99 of them, rounded up)"
         assert all(torch.equal(a, b) for a, b in zip(plain, streamed)), f"{family}: streaming changed the LoRA"
-        assert most == 1, "one streamed block on the accelerator at a time"
+        # with checkpointing or without: what autograd saves of a streamed weight does not keep it (offload.py)
+        assert most == 1, f"{family}, checkpointing {checkpointing}: {most} of {n} streamed blocks' weights alive"
         # each block comes in for each forward and at most once more for its backward: no thrashing
         assert STEPS * n <= streamer.loads <= STEPS * 2 * n
         assert all(p.numel() == 0 for ps in streamer.params[1:] for p in ps), "the blocks left are offloaded"
@@ -101,7 +155,8 @@ def test_a_weight_used_while_offloaded_fails_loudly(tiny_models, monkeypatch):
     monkeypatch.setattr(BlockStreamer, "_post_hook", lambda self, i: (lambda module, args, output: None))
     with pytest.raises(RuntimeError) as err:
         _train(tiny_models, "flux1-dev", offload=0.99, checkpointing=False)
-    assert "size of tensor" in str(err.value) or "dimension" in str(err.value) or "shape" in str(err.value)
+    # a weight itself, or a view of it that autograd saved and the backward rebuilds from the placeholder
+    assert any(words in str(err.value) for words in ("size of tensor", "dimension", "shape", "storage of size 0"))
 
 
 def test_block_counts_and_refusals(tmp_path, dataset):

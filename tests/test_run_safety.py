@@ -1,6 +1,6 @@
 """One run per output folder, retries that finish, outputs others can read: through the real CLI, with real
 processes (a second trainer started while the first runs, SIGKILL of the holder, a kill between export and
-`completed`)."""
+`completed`, and kills between the export's own writes: after the LoRA files, after the manifest)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from conftest import ROOT, parse_events, run_cli, write_config
+from lora_trainer.outputs.final import MANIFEST_NAME
+from lora_trainer.outputs.model_card import CARD_NAME
 from lora_trainer.runtime.run_lock import LINEAGE_KEY, LOCK_NAME
 
 
@@ -105,3 +108,62 @@ def test_a_run_killed_after_its_export_is_finished_by_a_retry_bitwise(tmp_path, 
     assert refused.returncode == 2
     assert [p["code"] for p in refused.last("error")["details"]["problems"]] == ["output_exists"]
     assert lora.read_bytes() == foreign
+
+
+def _killed_at(cfg: Path, point: str) -> tuple[list[dict], str]:
+    """Run the CLI until it announces the TRAIN_LORA_TEST_HOLD point (runtime/signals.py), then SIGKILL it there:
+    no handler runs, as with an OOM killer or a pulled plug. Returns (events, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TRAIN_LORA_TEST_HOLD": point}
+    with open(cfg.with_suffix(".stdout"), "w+") as out:  # a file: nobody reads stdout while we wait on stderr
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), "--config", str(cfg)],
+                                stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        stderr, held = [], False
+        for line in proc.stderr:
+            stderr.append(line)
+            if line.strip() == f"train_lora test hold: {point}":
+                held = True
+                proc.send_signal(signal.SIGKILL)
+                break
+        stderr.append(proc.communicate(timeout=120)[1])
+        assert held and proc.returncode == -signal.SIGKILL, "".join(stderr)[-3000:]
+        out.seek(0)
+        return parse_events(out.read()), "".join(stderr)
+
+
+def _whole_lora(path: Path) -> dict[str, str]:
+    """Every tensor of the file reads back (a torn file fails here); returns its metadata."""
+    with safe_open(str(path), "pt") as f:
+        assert all(f.get_tensor(k).numel() for k in f.keys())  # noqa: SIM118 - not a dict
+        return f.metadata()
+
+
+@pytest.mark.parametrize("point", ["export_lora", "export_manifest"])
+def test_a_kill_between_the_export_writes_leaves_whole_files_and_a_retry_completes(tmp_path, tiny_models, dataset,
+                                                                                   point):
+    """README, "A retry always finishes": a run killed while exporting leaves no torn file (each is written to a temp
+    name and renamed), and a retry with resume "auto" trains nothing and writes the outputs the kill cut short."""
+    cfg = _cfg(tmp_path, tiny_models["sd15"], dataset, resume="auto")
+    events, stderr = _killed_at(cfg, point)
+    assert not [e for e in events if e["type"] in ("completed", "error")] and "Traceback" not in stderr
+    out = tmp_path / "out"
+    lora, peft = out / "lora.safetensors", out / "pytorch_lora_weights.safetensors"
+    manifest, card = out / MANIFEST_NAME, out / CARD_NAME
+    lineage = _whole_lora(lora)[LINEAGE_KEY]
+    _whole_lora(peft)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "a temporary file was left"
+    if point == "export_lora":
+        assert not manifest.exists() and not card.exists()
+    else:  # the manifest is whole and this run's; the model card was not written yet
+        assert json.loads(manifest.read_text())["lineage"] == lineage and not card.exists()
+    first = lora.read_bytes(), peft.read_bytes()
+
+    retry = run_cli("--config", str(cfg))
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert retry.last("resumed")["step"] == 3 and not retry.of_type("step"), "nothing is trained again"
+    done = retry.last("completed")
+    assert manifest.is_file() and card.is_file(), "the retry wrote what the kill cut short"
+    assert done["steps"] == 3 and all(Path(p).is_file() for p in done["outputs"].values()), done["outputs"]
+    assert {k: Path(done["outputs"][k]) for k in ("lora", "peft_lora", "manifest", "model_card")} == \
+        {"lora": lora, "peft_lora": peft, "manifest": manifest, "model_card": card}
+    assert (lora.read_bytes(), peft.read_bytes()) == first, "a retry must rewrite the same LoRA files"
+    assert json.loads(manifest.read_text())["lineage"] == lineage and card.read_text().startswith("---")

@@ -43,12 +43,13 @@ def runs(tiny_models, tmp_path_factory):
         return str(write_config(
             tmp / f"{name}.json", dataset_path=str(data), base_model=str(tiny_models["flux1-dev"]),
             output_path=str(tmp / name), trigger_words=["ohwx"], resolution=64, max_train_steps=6,
-            gradient_accumulation_steps=2, checkpointing_steps=3, log_every_n_steps=1, lora_rank=4,
+            gradient_accumulation_steps=2, checkpointing_steps=3, log_every_n_steps=1, lora_rank=4, lora_alpha=8,
             learning_rate=3e-3, gradient_checkpointing=True, max_sequence_length=32, validation_steps=3,
             validation_inference_steps=2, **extra))
 
     stopped_cfg = cfg("stopped", shard_base=True)
-    return {"tmp": tmp, "ddp": _two_processes(cfg("ddp")), "sharded": _two_processes(cfg("sharded", shard_base=True)),
+    return {"tmp": tmp, "model": tiny_models["flux1-dev"], "ddp": _two_processes(cfg("ddp")),
+            "sharded": _two_processes(cfg("sharded", shard_base=True)),
             "stopped": _two_processes(stopped_cfg, TRAIN_LORA_TEST_SIGTERM_STEP="3"),
             "resumed": _two_processes(_with_resume(stopped_cfg))}  # in this order: it resumes what "stopped" saved
 
@@ -86,13 +87,38 @@ def test_each_process_holds_half_and_trains_the_data_parallel_lora(runs):
     assert any(not first[k].equal(got[k]) for k in got), "the LoRA trained between the checkpoints"
     losses = [[e["loss"] for e in _of(runs[n][1], "step")] for n in ("ddp", "sharded")]
     assert len(losses[1]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
-    # The exported LoRA (whole tensors, written by rank 0) loads like the plain run's.
-    a, b = load_file(tmp / "ddp" / "lora.safetensors"), load_file(tmp / "sharded" / "lora.safetensors")
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    # The exported LoRA (whole tensors, written by rank 0) is the plain run's, bitwise for FLUX.1 (README), in both
+    # files; and diffusers loads the sharded run's with the plain run's deltas on every module.
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(tmp / "ddp" / name), load_file(tmp / "sharded" / name)
+        assert a.keys() == b.keys(), name
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], f"{name}: tensors differ from the plain run's"
+    _loads_in_diffusers_with(runs["model"], tmp / "sharded" / "pytorch_lora_weights.safetensors",
+                             load_file(tmp / "ddp" / "pytorch_lora_weights.safetensors"), ddp_started["config"])
     # Sampling ran on both processes (a sharded block needs both) and only rank 0 wrote images and events.
     assert {e["step"] for e in _of(runs["sharded"][1], "sample")} == {0, 3, 6}
     assert sorted(p.name for p in (tmp / "sharded" / "samples").glob("step-*")) == [
         "step-000000", "step-000003", "step-000006"]
+
+
+def _loads_in_diffusers_with(model: Path, path: Path, want_file: dict, config: dict) -> None:
+    """diffusers' load_lora_weights puts ``path`` on the transformer with the deltas (scale * B @ A) of
+    ``want_file`` (a PEFT file: "transformer.<module>.lora_A.weight"), on every module and no other."""
+    from diffusers import DiffusionPipeline
+
+    from conftest import lora_deltas
+
+    scale = config["lora_alpha"] / config["lora_rank"]  # 2: a loader that ignored alpha would be caught
+    want = {k[len("transformer."):-len(".lora_A.weight")]: scale * (want_file[k.replace("lora_A", "lora_B")].float()
+                                                                   @ a.float())
+            for k, a in want_file.items() if k.endswith(".lora_A.weight")}
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(path))
+    loaded = lora_deltas(pipe.transformer)
+    assert want and set(loaded) == set(want), sorted(set(loaded) ^ set(want))[:5]
+    for name, delta in want.items():
+        torch.testing.assert_close(loaded[name], delta, msg=name)
+    assert any(d.abs().max() > 0 for d in want.values()), "the LoRA learned something"
 
 
 def test_sigterm_saves_and_the_resumed_sharded_run_is_bitwise_the_uninterrupted_one(runs):

@@ -171,10 +171,10 @@ def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
         problems.append(problem("offload_blocks", value, "offload_blocks of 1 or more is a block count and must be "
                                 "a whole number", f"{int(value)}, or a fraction between 0 and 1"))
     if not cfg.gradient_checkpointing:
-        # Without checkpointing autograd holds views of every block's weights until the backward pass, so
-        # streaming would free nothing (offload.py).
+        # Without checkpointing the backward pass holds every block's activations; the streaming plan counts a
+        # block's inputs only (offload.py).
         problems.append(problem("offload_blocks", value, "offload_blocks needs gradient_checkpointing: without it "
-                                "the backward pass keeps every block's weights on the accelerator anyway",
+                                "the backward pass keeps every block's activations on the accelerator",
                                 "set gradient_checkpointing true, or offload_blocks 0"))
     if cfg.base_quantization in ("int8", "nf4"):
         problems.append(problem("offload_blocks", value, f"offload_blocks cannot stream a {cfg.base_quantization} "

@@ -14,6 +14,7 @@ from ..adapters.lora import dora_row_scale
 from ..contract.errors import OutputError, TrainingError
 from ..distributed.shard import is_sharded, lora_state
 from ..runtime.run_lock import LINEAGE_KEY
+from ..runtime.signals import hold as test_hold
 from .export import build_metadata, export_lora, write_text_atomic
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -109,9 +110,11 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
                               dtype=SAVE_DTYPES[cfg.save_precision], kohya=tool_file(record, states))
             paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
                      "manifest": str(cfg.output_path / MANIFEST_NAME)}
+            test_hold("export_lora")  # a kill here: the LoRA files written, the manifest and model card not yet
             extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
             _write_json_atomic(cfg.output_path / MANIFEST_NAME,
                                {**manifest(record, res, progress=progress, last_loss=last_loss), **extra})
+            test_hold("export_manifest")
             from .model_card import write_model_card
 
             local = cfg.resolve(str(cfg.base_model)).exists()

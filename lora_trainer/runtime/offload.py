@@ -11,8 +11,17 @@ While offloaded, a weight's data is an empty tensor of its dtype on the accelera
 an offloaded weight then fails loudly on every device, the CPU included, instead of silently computing on the host.
 That is what makes the CPU tests of this schedule mean something.
 
-Why gradient checkpointing is required (config error otherwise): without it autograd keeps views of every block's
-weights for the backward pass, so dropping them frees nothing. With it, a block keeps only its inputs.
+What autograd saves for the backward pass would pin a dropped block's weights: a Linear saves a view of its weight
+(``weight.t()``), and layerwise casting's upcast copy is saved the same way; the storage then outlives ``.data``.
+Diffusers checkpoints FLUX.1's and SD3's blocks whole, so nothing is saved there, but a UNet block checkpoints only
+its resnets and transformer blocks: its attentions' proj_in / proj_out kept every streamed block's weights in part
+on the accelerator. So in a streamed block's forward, where no other saved-tensor hook (a checkpoint's) is active,
+a saved view of a streamed weight is kept as its parameter and geometry, and the backward pass rebuilds it from the
+reloaded weight (the gradient hooks bring it back first). The tests count the weight storage really alive (weak
+references), not the parameters' ``.data``.
+
+Why gradient checkpointing is required (config error otherwise): without it the backward pass keeps every block's
+activations, and the memory plan for streaming counts a block's inputs only.
 
 Only frozen parameters move (requires_grad False); LoRA weights, their optimizer state and buffers stay resident.
 Plain and fp8 (layerwise-cast) weights are supported; int8 / NF4 tensors carry quantisation state in tensor
@@ -23,11 +32,18 @@ but not overlapped with compute; the cost is about 2 x the streamed bytes over P
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # torch is imported where it is used: the memory plan (preflight) uses resolve_count torch-free
     import torch
+
+# Test hook: on the CPU a load returns the host copy itself (a copy would sit at another address alignment, where CPU
+# kernels round differently, and a streamed run would no longer train the unstreamed run's LoRA bitwise).
+# TRAIN_LORA_TEST_OFFLOAD_COPY=1 makes it a copy as on an accelerator, so a test can watch a block's copy being freed.
+_TEST_COPY = os.environ.get("TRAIN_LORA_TEST_OFFLOAD_COPY") == "1"
 
 
 def resolve_count(value: float, total: int) -> int:
@@ -81,6 +97,7 @@ class BlockStreamer:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             block.register_forward_pre_hook(self._pre_hook(i))
             block.register_forward_hook(self._post_hook(i))
+            block.forward = self._saving_references(i, block.forward)
         return self
 
     def load(self, i: int) -> None:
@@ -89,7 +106,7 @@ class BlockStreamer:
         if self.resident is not None:
             self._drop(self.resident)
         for p in self.params[i]:
-            p.data = self.host[id(p)].to(self.device, non_blocking=self.pin)
+            p.data = self.host[id(p)].to(self.device, non_blocking=self.pin, copy=_TEST_COPY)
         self.resident = i
         self.loads += 1
 
@@ -100,6 +117,34 @@ class BlockStreamer:
             # dtype from the live data: layerwise casting may have cast it (it casts back after each forward)
             p.data = torch.empty(0, dtype=p.data.dtype, device=self.device)
         self.resident = None
+
+    def _saving_references(self, i: int, forward):
+        """``forward`` with what autograd saves of the block's streamed weights kept by reference (module docstring)."""
+        import torch
+
+        def pack(t):
+            if t.layout == torch.strided and t.numel():
+                ptr = t.untyped_storage().data_ptr()
+                for p in self.params[i]:
+                    if p.numel() and p.untyped_storage().data_ptr() == ptr:
+                        return p, t.dtype, t.size(), t.stride(), t.storage_offset() - p.storage_offset()
+            return t
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            p, dtype, size, stride, offset = packed
+            base = p.data if p.dtype == dtype else p.data.to(dtype)  # fp8: layerwise casting's upcast, made again
+            return base.as_strided(size, stride, base.storage_offset() + offset)
+
+        @functools.wraps(forward)
+        def wrapped(*args, **kwargs):
+            # Inside a checkpoint its hooks save nothing of the block; ours would replace them and save everything.
+            if not torch.is_grad_enabled() or _saved_tensor_hooks_active():
+                return forward(*args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                return forward(*args, **kwargs)
+        return wrapped
 
     def _pre_hook(self, i: int):
         def hook(module, args):
@@ -120,6 +165,13 @@ class BlockStreamer:
             self.load(i)
             return grad
         return hook
+
+
+def _saved_tensor_hooks_active() -> bool:
+    import torch
+
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None  # a torch without it: leave saving to autograd
 
 
 def _tensors(output) -> list[torch.Tensor]:

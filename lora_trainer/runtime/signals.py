@@ -6,10 +6,11 @@ Three regimes, switched by the trainer:
   a checkpoint and exits with 128 + signal. A second signal outside a save exits at once.
 - saving: every signal is only recorded, so a checkpoint is never left half-written by our own exit.
 
-Test hook: TRAIN_LORA_TEST_HOLD=stop_requested|saving makes the process announce that point on stderr
-("train_lora test hold: <point>") and wait there for the next signal (60 s at most), so a test can deliver a
-second signal exactly inside the window it means (two back-to-back kill() calls are one signal: standard signals
-do not queue) without guessing with sleeps.
+Test hook: TRAIN_LORA_TEST_HOLD=stop_requested|saving|export_lora|export_manifest makes the process announce that
+point on stderr ("train_lora test hold: <point>") and wait there for the next signal (60 s at most), so a test can
+deliver a signal exactly inside the window it means (two back-to-back kill() calls are one signal: standard signals
+do not queue) without guessing with sleeps. export_lora and export_manifest are in the final export (outputs/final.py):
+after the LoRA files, and after the manifest (before the model card).
 """
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ from ..contract.errors import Interrupted
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 _TEST_HOLD = os.environ.get("TRAIN_LORA_TEST_HOLD", "")
 HOLD_TIMEOUT_S = 60.0
+_arrived = threading.Event()  # set by every handled signal (test hold only)
+_held: set[str] = set()
+
+
+def hold(point: str) -> None:
+    """The TRAIN_LORA_TEST_HOLD hook (see the module docstring); once per point, a no-op otherwise."""
+    if _TEST_HOLD != point or point in _held:
+        return
+    _held.add(point)
+    _arrived.clear()
+    print(f"train_lora test hold: {point}", file=sys.stderr, flush=True)
+    # The handler runs in this (main) thread during the wait; if it raises, so does the wait.
+    _arrived.wait(HOLD_TIMEOUT_S)
 
 
 class GracefulStop:
@@ -33,24 +47,12 @@ class GracefulStop:
         self._mode = "immediate"
         self._saving_depth = 0
         self._previous: dict[int, object] = {}
-        self._arrived = threading.Event()  # set by every handled signal (test hold only)
-        self._held: set[str] = set()
 
     @property
     def requested(self) -> bool:
         if self.signum is not None:
-            self._hold("stop_requested")  # deferred: the step has finished, the save has not begun
+            hold("stop_requested")  # deferred: the step has finished, the save has not begun
         return self.signum is not None
-
-    def _hold(self, point: str) -> None:
-        """The TRAIN_LORA_TEST_HOLD hook (see the module docstring); once per point, a no-op otherwise."""
-        if _TEST_HOLD != point or point in self._held:
-            return
-        self._held.add(point)
-        self._arrived.clear()
-        print(f"train_lora test hold: {point}", file=sys.stderr, flush=True)
-        # The handler runs in this (main) thread during the wait; if it raises, so does the wait.
-        self._arrived.wait(HOLD_TIMEOUT_S)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -64,7 +66,7 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signature fixed by the signal module
-        self._arrived.set()
+        _arrived.set()
         if self._saving_depth:
             self.signum = self.signum or signum
             return
@@ -81,7 +83,7 @@ class GracefulStop:
         self._saving_depth += 1
         try:
             if self._saving_depth == 1 and self.signum is not None:
-                self._hold("saving")  # the interrupt's save has begun: a signal now must not stop it
+                hold("saving")  # the interrupt's save has begun: a signal now must not stop it
             yield
         finally:
             self._saving_depth -= 1
