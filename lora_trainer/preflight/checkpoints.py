@@ -18,6 +18,8 @@ import stat
 import struct
 from pathlib import Path
 
+from .probe.headers import DTYPE_BYTES, MAX_HEADER_BYTES
+
 DEFAULT_CREATOR = "train_lora"
 FORMAT = "lora_trainer.training.checkpoint"
 FORMAT_VERSION = 1
@@ -25,10 +27,7 @@ MANIFEST = "manifest.json"
 STEP_DIR_RE = re.compile(r"step-\d{6,}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is small; this stops a garbage file from being read whole
-_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _MAX_JSON_BYTES = 256 << 20
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def open_regular(path: Path) -> int:
@@ -71,7 +70,7 @@ def _safetensors_problem(f, size: int) -> str | None:
     if len(head) < 8:
         return "too short for a safetensors header"
     (n,) = struct.unpack("<Q", head)
-    if n > min(size - 8, _MAX_HEADER_BYTES):
+    if n > min(size - 8, MAX_HEADER_BYTES):
         return f"header length {n} does not fit the file"
     try:
         header = json.loads(f.read(n).decode("utf-8"))
@@ -82,7 +81,7 @@ def _safetensors_problem(f, size: int) -> str | None:
             if key == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
-            shape, width = entry["shape"], _DTYPE_BYTES.get(entry["dtype"])
+            shape, width = entry["shape"], DTYPE_BYTES.get(entry["dtype"])
             if not all(type(v) is int and v >= 0 for v in (begin, end, *shape)) or end < begin:
                 raise ValueError(f"bad offsets or shape for {key!r}")
             if width is not None and math.prod(shape) * width != end - begin:

@@ -66,8 +66,6 @@ DRIFT = 0.15  # the step event's warning threshold (trainer)
 HINT_HEADROOM = DRIFT  # what a fitting hint leaves free, as a fraction of its plan (see the module's docstring)
 _REFERENCE_UNET_PARAMS = 2.567e9  # SDXL's UNet, which the per-pixel figure was measured on
 _UNET_BYTES_PER_PIXEL = 5.2 * GIB / 1024 ** 2  # bf16, B=1, no checkpointing (SDXL, measured)
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 # Saved for backward per block, in units of L x d x 2 bytes (FLUX block, bf16, see the module docstring): LoRA on
 # attention only, or also on MLP / other Linears of the blocks.
 _BLOCK_FACTOR = {"attention": 13, "more": 23}

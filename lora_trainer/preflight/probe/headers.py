@@ -11,6 +11,9 @@ from .result import problem
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 PICKLE_MESSAGE = "pickle checkpoints can run code when loaded; convert to .safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+# Bytes per element of each safetensors dtype (the checkpoint check tiles a file's data with it).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def read_json(path: Path) -> tuple[dict | None, str | None]:
