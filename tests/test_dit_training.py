@@ -80,7 +80,8 @@ def test_flux_lora_learns_the_image(tmp_path, tiny_models):
     and output projection are trained too: on a random tiny model they carry most of what one image needs."""
     from diffusers import DiffusionPipeline
 
-    from lora_trainer.data.images import TrainImage, encode_latents, load_pixels
+    from lora_trainer.data.images import TrainImage, load_pixels
+    from lora_trainer.families import get_family
     from lora_trainer.families.flux1.adapter import image_ids, pack, unpack
     from lora_trainer.testing.tiny import make_dataset
 
@@ -95,7 +96,7 @@ def test_flux_lora_learns_the_image(tmp_path, tiny_models):
     img_path = next(p for p in Path(data).iterdir() if p.suffix in (".png", ".jpg"))
     pixels, _ = load_pixels(TrainImage(0, img_path, img_path.name, "", None, 1, (64, 64), (64, 64)),
                             random_crop=False, rng=None)
-    x0 = encode_latents(pipe.vae, pixels[None]).expand(16, -1, -1, -1)
+    x0 = get_family("flux1").encode_latents(pipe.vae, pixels[None]).expand(16, -1, -1, -1)
     with torch.no_grad():
         embeds, pooled, _ = pipe.encode_prompt(img_path.with_suffix(".txt").read_text(), prompt_2=None,
                                                max_sequence_length=32)

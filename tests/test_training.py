@@ -36,7 +36,8 @@ def test_lora_learns_the_image(tmp_path, tiny_models):
     """Overfit one image: the trained LoRA predicts that image's noise clearly better than the base model."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from lora_trainer.data.images import TrainImage, encode_latents, load_pixels
+    from lora_trainer.data.images import TrainImage, load_pixels
+    from lora_trainer.families import get_family
     from lora_trainer.testing.tiny import make_dataset
 
     data = make_dataset(tmp_path / "one", n=1, trigger="ohwx")
@@ -48,7 +49,7 @@ def test_lora_learns_the_image(tmp_path, tiny_models):
     img_path = next(p for p in Path(data).iterdir() if p.suffix in (".png", ".jpg"))
     img = TrainImage(0, img_path, img_path.name, "", None, 1, (64, 64), (64, 64))
     pixels, _ = load_pixels(img, random_crop=False, rng=None)
-    latents = encode_latents(pipe.vae, pixels[None])
+    latents = get_family("sd15").encode_latents(pipe.vae, pixels[None])
     caption = (img_path.with_suffix(".txt")).read_text()
     ids = pipe.tokenizer(caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     cond = pipe.text_encoder(ids)[0]

@@ -114,19 +114,10 @@ def decode_failures(images: list[TrainImage]) -> list[tuple[TrainImage, str]]:
     return failed
 
 
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    # The posterior mean, not a sample: a cached latent then does not depend on batch composition or on
-    # how much of the RNG stream earlier cache misses consumed, which keeps reruns and resumes bit-exact.
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def latent_bytes(vae_config, images: list[TrainImage]) -> int:
-    """The fp32 latents of ``images`` at their buckets (the cache's size), from the VAE's config alone."""
-    channels = int(getattr(vae_config, "latent_channels", 4))
-    factor = 2 ** (len(getattr(vae_config, "block_out_channels", (0, 0, 0, 0))) - 1)
+def latent_bytes(layout: tuple[int, int], images: list[TrainImage]) -> int:
+    """The fp32 latents of ``images`` at their buckets (the cache's size); ``layout``: the family's (channels,
+    downsampling) (ModelFamily.latent_layout)."""
+    channels, factor = layout
     return sum(channels * (img.bucket[0] // factor) * (img.bucket[1] // factor) * 4 for img in images)
 
 
@@ -200,9 +191,11 @@ class LatentCache:
         payload = json.dumps([image_digest(img.path), self.model_key, img.bucket, seed if random_crop else None])
         return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
-    def build(self, vae, images: list[TrainImage], *, device: torch.device, seed: int, random_crop: bool,
-              batch_size: int, progress: Callable[[int, int], None]) -> list[tuple[TrainImage, str]]:
-        """Fill the cache; returns the images whose pixels failed to decode (they are left out)."""
+    def build(self, encode: Callable[[torch.Tensor], torch.Tensor], images: list[TrainImage], *,
+              device: torch.device, seed: int, random_crop: bool, batch_size: int,
+              progress: Callable[[int, int], None]) -> list[tuple[TrainImage, str]]:
+        """Fill the cache with ``encode(pixels)`` (the family's encode_latents over its VAE); returns the images whose
+        pixels failed to decode (they are left out)."""
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
@@ -247,7 +240,7 @@ class LatentCache:
                 done += len(items[i:i + batch_size]) - len(chunk)
                 if not chunk:
                     continue
-                lat = encode_latents(vae, torch.stack(pix)).float().cpu()
+                lat = encode(torch.stack(pix)).float().cpu()
                 for (img, key), latent, tid in zip(chunk, lat, tids):
                     final = None
                     if key and self.disk_dir is not None:
@@ -284,14 +277,14 @@ def model_key(base_model: str, vae, source: Path | str | None = None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_latent_cache(cfg, comps, images: list[TrainImage], *, device: torch.device, world: int,
+def build_latent_cache(cfg, fam, comps, images: list[TrainImage], *, device: torch.device, world: int,
                        source: Path | str | None, events) -> tuple[LatentCache, dict, list]:
     """Encode the dataset once with the VAE: (cache, plan, images that failed to decode). The plan says where the
     latents live: on the accelerator when they take at most a tenth of its free memory, in host memory within
     cache_host_budget_gb, else on disk under <output_path>/cache/latents, read per step."""
     from .text_cache import host_budget
 
-    total, budget = latent_bytes(comps.vae.config, images), host_budget(cfg, world)
+    total, budget = latent_bytes(fam.latent_layout(comps.vae.config), images), host_budget(cfg, world)
     spill = total > budget
     plan = {"placement": "disk" if spill else "host", "total_bytes": total, "host_budget_bytes": budget,
             "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if spill else 'fit'} the host budget of "
@@ -300,7 +293,8 @@ def build_latent_cache(cfg, comps, images: list[TrainImage], *, device: torch.de
     disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk or spill else None
     cache = LatentCache(disk, model_key(cfg.base_model, comps.vae, source), spill=spill)
     comps.vae.to(device)
-    failed = cache.build(comps.vae, images, device=device, seed=cfg.seed, random_crop=cfg.random_crop,
+    failed = cache.build(lambda pix: fam.encode_latents(comps.vae, pix), images, device=device, seed=cfg.seed,
+                         random_crop=cfg.random_crop,
                          batch_size=max(1, cfg.batch_size),
                          progress=lambda n, t: events.emit("progress", phase="caching_latents", current=n, total=t,
                                                            unit="images"))

@@ -98,7 +98,8 @@ class ModelFamily:
             denoisers[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
         tick(len(denoisers), "vae")
         # The VAE stays fp32: SD/SDXL VAEs overflow in fp16, and it runs once per image when latents are cached.
-        vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
+        vae_cls = getattr(diffusers, self.spec.component_classes["vae"])
+        vae = vae_cls.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
         encoders, tokenizers = {}, {}
         for i, name in enumerate(self.text_encoder_classes):
             tick(len(denoisers) + 1 + i, name)
@@ -148,6 +149,29 @@ class ModelFamily:
         return dataclasses.replace(comps, prediction_type=prediction_type,
                                    scheduler_config={**comps.scheduler_config, "prediction_type": prediction_type})
 
+    # -- latents -------------------------------------------------------------------------------------
+    # Latent pixels per transformer token side in the latents encode_latents returns: FLUX.1 packs 2x2 latent
+    # pixels into a token; a family whose latents are already patchified (FLUX.2) says 1. The resolution shift
+    # counts tokens with it.
+    latent_patch = 2
+
+    @torch.no_grad()
+    def encode_latents(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] -> the normalised latents [B, C, h, w] the denoiser is trained on (and
+        that the latent cache stores). Default: the posterior mean, shifted and scaled by the VAE's config; a family
+        with its own normalisation (per-channel statistics, a frame axis, patchified latents) overrides it.
+        The posterior mean, not a sample: a cached latent then does not depend on batch composition or on how much
+        of the RNG stream earlier cache misses consumed, which keeps reruns and resumes bit-exact."""
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def latent_layout(self, vae_config: Mapping) -> tuple[int, int]:
+        """(channels, downsampling) of encode_latents' output, from the VAE's config alone (the latent cache's
+        size is planned before anything is encoded)."""
+        channels = int(vae_config.get("latent_channels", 4))
+        return channels, 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+
     # -- training ------------------------------------------------------------------------------------
     def objective(self, comps: Components):
         """The training objective strategy: DDPM (epsilon / v) or rectified flow, with the run's settings (flow
@@ -157,7 +181,8 @@ class ModelFamily:
             from .spec import flow_options
             from ..objectives.flow import FlowMatchingObjective, FlowSettings
 
-            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec, comps.variant)), patch_size=2)
+            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec, comps.variant)),
+                                         patch_size=self.latent_patch)
         from diffusers import DDPMScheduler
 
         from ..objectives.ddpm import DiffusionObjective, ObjectiveSettings

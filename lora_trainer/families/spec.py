@@ -118,7 +118,7 @@ class FamilySpec:
     pipeline_class: str  # the diffusers text-to-image pipeline (samples, single-file loading)
     denoisers: tuple[str, ...]  # pipeline attribute names of the trainable denoiser(s)
     text_encoders: tuple[str, ...]  # pipeline attribute names; tokenizer of text_encoder_N is tokenizer_N
-    # component (denoisers, text encoders, their tokenizers) -> diffusers / transformers class name
+    # component (denoisers, "vae", text encoders, their tokenizers) -> diffusers / transformers class name
     component_classes: Mapping[str, str]
     components: tuple[str, ...]  # what its diffusers folder must hold, in the order the probe reports them
     lora_text_encoders: tuple[str, ...]  # the encoders train_text_encoder puts LoRA on (T5 never: 4.7 B frozen)
@@ -163,6 +163,8 @@ class FamilySpec:
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
 
     def __post_init__(self):
+        if "vae" not in self.component_classes:
+            raise ValueError(f"{self.name}: component_classes must name the VAE's class")
         if set(self.text_encoder_reads) != set(self.lora_text_encoders):
             raise ValueError(f"{self.name}: text_encoder_reads must name exactly the lora_text_encoders "
                              f"{self.lora_text_encoders}, not {tuple(self.text_encoder_reads)}")

@@ -23,7 +23,7 @@ from . import resume as resume_mod
 from .resume import CheckpointRun, TrainState
 from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
-from ..data.images import (build_images, decode_failures, encode_latents, load_pixels,
+from ..data.images import (build_images, decode_failures, load_pixels,
                    plan_epoch)
 from ..runtime.device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from ..contract.errors import DatasetError, Interrupted
@@ -141,7 +141,7 @@ class Trainer:
 
             ev.set_phase("caching_latents")
             self.latent_cache, self.latent_plan, failed = build_latent_cache(
-                cfg, comps, images, device=self.device, world=self.world,
+                cfg, self.family, comps, images, device=self.device, world=self.world,
                 source=self.downloaded or self.probe.path, events=ev)
         else:
             failed = decode_failures(images)
@@ -373,7 +373,7 @@ class Trainer:
                                    flip=cfg.flip_aug and rng.random() < 0.5)
                 pix.append(p)
                 tids.append(t)
-            latents = encode_latents(comps.vae, torch.stack(pix)).float()
+            latents = fam.encode_latents(comps.vae, torch.stack(pix)).float()
             geometry = torch.stack(tids).to(self.device)
         if self.text_cache is not None:
             cond = self.text_cache.batch(captions)  # on self.device already

@@ -5,7 +5,8 @@ SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 # The ModuleLists offload_blocks streams and shard_base shards (the mid block is a single module).
 UNET_REPEATED_BLOCKS = ("down_blocks", "up_blocks")
-UNET_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
+UNET_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
+                "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
 UNET_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # The memory plan's facts (families/spec.py Activations): the Linears that read only the conditioning (each resnet's
 # timestep projection, cross-attention keys / values), and what gradient checkpointing recomputes on its own (each

@@ -15,9 +15,10 @@ _DEV_FLOW = FlowDefaults(sigma_sampling="sigmoid", shift="resolution")
 SPEC = FamilySpec(
     name="flux1", label="FLUX.1", display_name="FLUX.1", objective="flow", pipeline_class="FluxPipeline",
     denoisers=("transformer",), text_encoders=("text_encoder", "text_encoder_2"),
-    component_classes={"transformer": "FluxTransformer2DModel", "text_encoder": "CLIPTextModel",
-                       "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
-                       "tokenizer_2": "T5TokenizerFast"},
+    component_classes={
+        "vae": "AutoencoderKL", "transformer": "FluxTransformer2DModel", "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "T5TokenizerFast"},
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
     lora_text_encoders=("text_encoder",), default_resolution=1024,
     text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)},  # CLIP-L's pooler_output: its last layer

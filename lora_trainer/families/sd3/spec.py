@@ -12,9 +12,10 @@ SPEC = FamilySpec(
     name="sd3", label="SD3/3.5", display_name="Stable Diffusion 3 / 3.5", objective="flow",
     pipeline_class="StableDiffusion3Pipeline", denoisers=("transformer",),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
-    component_classes={"transformer": "SD3Transformer2DModel", "text_encoder": "CLIPTextModelWithProjection",
-                       "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel",
-                       "tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"},
+    component_classes={
+        "vae": "AutoencoderKL", "transformer": "SD3Transformer2DModel", "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel",
+        "tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"},
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                 "text_encoder_3", "tokenizer_3", "scheduler"),
     lora_text_encoders=("text_encoder", "text_encoder_2"), default_resolution=1024,
