@@ -98,7 +98,34 @@ class Refusal:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class DistillFacts:
+    """What ``distilled`` may read of a recognised model: the name it was given by, and its configs."""
+
+    name: str  # base_model as written: a hub id, a folder or a file path
+    pipeline_config: Mapping  # model_index.json ({} for a single file or a hub id not downloaded yet)
+    denoiser_config: Mapping  # the denoiser's config.json (same)
+    metadata: Mapping  # a single file's safetensors __metadata__ ({} otherwise)
+
+
+@dataclass(frozen=True)
+class Distilled:
+    """A step- or guidance-distilled checkpoint of the family (Z-Image Turbo, FLUX.2 klein): a LoRA trained on it
+    directly degrades the distillation. The probe warns (``model_distilled``) naming ``base``, the checkpoint to
+    train on instead, and ``why``."""
+
+    model: str  # for people: "FLUX.2 klein 9B (distilled)"
+    evidence: str  # what told: "model_index.json is_distilled: true"
+    base: str  # "black-forest-labs/FLUX.2-klein-base-9B"
+    why: str
+
+
 FolderRule = Callable[[FolderFacts], "str | None"]  # -> evidence, or None: not this family
+DistillRule = Callable[[DistillFacts], "Distilled | None"]
+
+
+def not_distilled(facts: DistillFacts) -> None:
+    return None  # a family without distilled releases
 FileRule = Callable[[FileKeys], "Match | Refusal | None"]
 
 
@@ -123,3 +150,5 @@ class Signature:
     # (layout name, key substrings) by which a LoRA file of this family is named in the refusal of a LoRA given
     # as base model; None: none of its own.
     lora_layout: tuple[str, tuple[str, ...]] | None
+    # Whether a recognised model is a distilled release that should not be trained on directly (a warning).
+    distilled: DistillRule = not_distilled

@@ -55,9 +55,30 @@ def _probe(base_model: str, base_dir: Path) -> ModelProbe:
                 "a diffusers folder, a .safetensors file or a Hugging Face id like stabilityai/stable-diffusion-xl-base-1.0"),))
 
 
+def _distilled(probe: ModelProbe) -> ModelProbe:
+    """The family's distilled-release rule on what the probe found: a ``model_distilled`` warning."""
+    from ...families import get_signature, get_spec
+    from ...families.signature import DistillFacts
+
+    if probe.family is None:
+        return probe
+    index = config = metadata = {}
+    if probe.path is not None and probe.path.is_dir():
+        index = read_json(probe.path / "model_index.json")[0] or {}
+        config = read_json(probe.path / get_spec(probe.family).denoisers[0] / "config.json")[0] or {}
+    elif probe.path is not None and probe.path.is_file():
+        metadata = (read_safetensors_header(probe.path)[0] or {}).get("__metadata__") or {}
+    found = get_signature(probe.family).distilled(DistillFacts(probe.source, index, config, metadata))
+    if found is None:
+        return probe
+    warning = problem("model_distilled", f"{found.model} is a distilled checkpoint ({found.evidence}): a LoRA trained "
+                      f"on it directly degrades it ({found.why})", f"train on {found.base}")
+    return dataclasses.replace(probe, warnings=probe.warnings + (warning,))
+
+
 def probe_model(base_model: str, base_dir: Path | str = ".", *, model_type: str = "auto") -> ModelProbe:
     """Inspect base_model; with an explicit model_type a different detected family is a problem."""
-    probe = _probe(base_model, Path(base_dir))
+    probe = _distilled(_probe(base_model, Path(base_dir)))
     if model_type != "auto" and probe.family is not None and probe.family != model_type:
         mismatch = problem("model_type_mismatch",
                            f"model_type is '{model_type}' but the base model is {probe.family} ({probe.family_evidence})",
