@@ -8,7 +8,8 @@ from ...families import SPECS
 from ...families.signature import Refusal
 
 SUPPORTED = ", ".join(spec.label for spec in SPECS.values())
-_SUPPORTED_HINT = "use an SD1.5, SD2.x, SDXL, FLUX.1 (dev or schnell) or SD3/SD3.5 base model"
+_LABELS = [spec.label for spec in SPECS.values()]
+_SUPPORTED_HINT = f"use a base model of a supported family ({', '.join(_LABELS[:-1])} or {_LABELS[-1]})"
 
 
 @dataclass(frozen=True)
