@@ -283,3 +283,24 @@ def test_missing_root(tmp_path):
     f = write(tmp_path / "file.png", encoded("PNG"))
     with pytest.raises(NotADirectoryError):
         scan_dataset(cfg_for(tmp_path, f))
+
+
+def test_threaded_reads_give_the_serial_result_in_order(tmp_path, data, monkeypatch):
+    """The scan reads IO_THREADS files at a time (a cold page cache is latency-bound): the records, their order,
+    every problem and the fingerprint are what one file at a time gives."""
+    good = encoded("PNG")
+    for i in range(70):
+        kind = i % 7
+        name = data / f"{i // 10}_set" / f"img_{i:03d}.{'jpg' if kind == 1 else 'png'}"
+        payload = {0: good, 1: encoded("JPEG")[:-300], 2: b"", 3: b"not an image at all"}.get(kind, good)
+        write(name, payload)
+        if kind != 4:
+            write(name.with_suffix(".txt"), f"ohwx, picture {i}" if kind != 5 else "no trigger here")
+    cfg = cfg_for(tmp_path, data, recursive=True)
+
+    monkeypatch.setattr(ds, "IO_THREADS", 10**6)  # fewer jobs than 2 x threads: one at a time
+    serial = scan_dataset(cfg, workers=1)
+    monkeypatch.setattr(ds, "IO_THREADS", 4)
+    threaded = scan_dataset(cfg, workers=1)
+    assert len(serial.records) == 70 and {r.problem["code"] for r in serial.bad if r.problem} >= {"truncated", "zero_byte", "not_an_image"}
+    assert threaded.records == serial.records and threaded.fingerprint == serial.fingerprint

@@ -34,6 +34,9 @@ SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "
                              "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 _TAIL = 4096
+# Reads in flight per scanning process: enough to keep an SSD's or a network filesystem's queue busy on a cold
+# page cache (bench/bench_validate_only.py measures it), few enough that thread start-up stays negligible.
+IO_THREADS = 16
 PARALLEL_MIN_FILES = 4000  # below this, worker start-up costs more than it saves (2 cores: ~0.6 s vs 0.2 ms/file)
 _PNG_IEND = b"IEND\xaeB`\x82"
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"RIFF", "WEBP"), (b"BM", "BMP"))
@@ -310,11 +313,27 @@ def _inspect_one(job: tuple, verify: bool, deep: bool) -> tuple:
     return result, caption
 
 
+def _inspect_serial(jobs: list, verify: bool, deep: bool) -> list:
+    return [_inspect_one(j, verify, deep) for j in jobs]
+
+
 def _inspect_chunk(jobs: list, verify: bool, deep: bool) -> list:
+    """Inspect ``jobs`` in order, IO_THREADS at a time: a file's first read on a cold page cache waits on the disk
+    (a header and a 4 KiB tail: latency, not bandwidth), and reads in flight together overlap those waits. Threads
+    suffice for that (the wait releases the GIL); the parsing itself still takes turns. Each thread takes a run of
+    files, not one future per file: per-file futures cost as much as a warm header parse."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's format-guess chatter must not reach stderr
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return [_inspect_one(j, verify, deep) for j in jobs]
+        if len(jobs) < 2 * IO_THREADS:
+            return _inspect_serial(jobs, verify, deep)
+        from concurrent.futures import ThreadPoolExecutor
+
+        size = -(-len(jobs) // (IO_THREADS * 4))  # several runs per thread: one slow folder does not stall the end
+        runs = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="scan") as pool:
+            return [r for part in pool.map(_inspect_serial, runs, [verify] * len(runs), [deep] * len(runs))
+                    for r in part]
 
 
 def _inspect_all(jobs: list, *, verify: bool, deep: bool, workers: int | None) -> list:
