@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 42
     checkpointing_steps: int | None = 500
     checkpoints_total_limit: int = 3
+    background_checkpoints: str | bool = "auto"
     resume: bool | str = False
     caption_extension: str = ".txt"
     prepend_trigger_words: bool = True

@@ -87,6 +87,15 @@ def _files_table(out_dir: Path, lora_name: str) -> str:
     return "<table><tr><th>file</th><th>size</th><th>for</th></tr>" + "".join(rows) + "</table>"
 
 
+def try_write_report(cfg, events, **kwargs) -> dict[str, str]:
+    """write_report, or a ``report_failed`` warning: a report is a convenience, never a reason to fail a run."""
+    try:
+        return write_report(cfg, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        events.emit("warning", code="report_failed", message=f"could not write the report: {type(exc).__name__}: {exc}")
+        return {}
+
+
 def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, run_id: str, device_info: Any,
                  loss_history: list[tuple], duration_s: float | None = None,
                  final_loss: float | None = None) -> dict[str, str]:

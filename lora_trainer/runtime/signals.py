@@ -6,11 +6,12 @@ Three regimes, switched by the trainer:
   a checkpoint and exits with 128 + signal. A second signal outside a save exits at once.
 - saving: every signal is only recorded, so a checkpoint is never left half-written by our own exit.
 
-Test hook: TRAIN_LORA_TEST_HOLD=stop_requested|saving|export_lora|export_manifest makes the process announce that
-point on stderr ("train_lora test hold: <point>") and wait there for the next signal (60 s at most), so a test can
+Test hook: TRAIN_LORA_TEST_HOLD=stop_requested|saving|export_lora|export_manifest|checkpoint_write makes the process
+announce that point on stderr ("train_lora test hold: <point>") and wait there for the next signal (60 s at most), so a test can
 deliver a signal exactly inside the window it means (two back-to-back kill() calls are one signal: standard signals
 do not queue) without guessing with sleeps. export_lora and export_manifest are in the final export (outputs/final.py):
-after the LoRA files, and after the manifest (before the model card).
+after the LoRA files, and after the manifest (before the model card); checkpoint_write holds the background writer
+thread (training/background.py) before it writes, while training goes on.
 """
 from __future__ import annotations
 
@@ -87,3 +88,17 @@ class GracefulStop:
             yield
         finally:
             self._saving_depth -= 1
+
+
+def stop_agreed(stop: GracefulStop, accelerator, device) -> bool:
+    """Whether to stop after this step. With several processes every rank must stop at the same step (one may get
+    the signal a step later), so the flag is max-reduced: one tiny collective per step."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    import torch
+
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+    agreed = bool(accelerator.reduce(flag, reduction="max").item())
+    if agreed and stop.signum is None:
+        stop.signum = signal.SIGTERM
+    return agreed

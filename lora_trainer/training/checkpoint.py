@@ -389,6 +389,11 @@ def _output_error(exc: OSError, step: int, root: Path) -> OutputError:
                        hint=hint, details={"errno": exc.errno, "path": exc.filename, "step": step})
 
 
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives under ``root``."""
+    return Path(root) / f"step-{step:06d}"
+
+
 def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], json_files: dict[str, Any],
                     *, keep_last: int | None, creator: str = DEFAULT_CREATOR) -> Path:
     """Atomically write ``root/step-NNNNNN`` (replacing an earlier save of the same step); return its path.
@@ -402,7 +407,7 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
     root = Path(root)
     blobs = _serialise(files, json_files)  # unserialisable state fails here, before the disk is touched
-    final = root / f"step-{step:06d}"
+    final = checkpoint_dir(root, step)
     tmp: Path | None = None
     aside: Path | None = None
     try:

@@ -7,6 +7,7 @@ and is reported in the `resumed` event.
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -149,39 +150,67 @@ def _restore_rank_rng(run: CheckpointRun, table: torch.Tensor) -> None:
         torch.cuda.set_rng_state(parts[2].clone())
 
 
-def save(run: CheckpointRun, reason: str) -> Path | None:
-    """Write a checkpoint of the current step (main process only); every rank waits for it."""
+def _host_copy(obj: Any) -> Any:
+    """A state's tensors copied to host memory (nested dicts, lists): the optimizer updates its state in place at
+    the next step while a background write may still be reading this one."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
+    """The checkpoint of the current step, taken now: every rank must call it (the collectives happen here). On
+    the main process it returns the write (serialise, write atomically, emit the ``checkpoint`` event once the
+    files are durable), which reads nothing of the live run and may run on another thread; None elsewhere."""
     from ..outputs import final as outputs
 
-    st, path = run.state, None
+    st = run.state
     rank_rng = _gather_rank_rng(run)
     states = opt_state = None
     if run.sharded or run.accelerator.is_main_process:
         # Sharded (shard_base): whole tensors are all-gathered, a collective every process joins; rank 0 writes.
-        states = {name: lora_state(m) for name, m in run.modules.items()}
+        states = {name: {k: v.to("cpu") for k, v in lora_state(m).items()} for name, m in run.modules.items()}
         opt_state = st.optimizer.state_dict()
-        opt_state = full_tensors(opt_state) if run.sharded else opt_state
-    if run.accelerator.is_main_process:
-        outputs.check_finite(states, f"checkpoint at step {st.progress.global_step}")
-        opt_tensors, opt_skel = flatten_state(opt_state, "optimizer")
-        sched_tensors, sched_skel = flatten_state(st.lr_scheduler.state_dict(), "lr_scheduler")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "noise_generator": st.noise_gen.get_state(), "loss_ema": st.loss_ema.detach().cpu()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        if rank_rng is not None:
-            rng["ranks"] = rank_rng
-        rng_tensors, rng_skel = flatten_state(rng, "rng")
-        files = {f"lora_{name}": state for name, state in states.items()}
+        opt_state = _host_copy(full_tensors(opt_state) if run.sharded else opt_state)
+    if not run.accelerator.is_main_process:
+        return None
+    step = st.progress.global_step
+    outputs.check_finite(states, f"checkpoint at step {step}")
+    opt_tensors, opt_skel = flatten_state(opt_state, "optimizer")
+    sched_tensors, sched_skel = flatten_state(_host_copy(st.lr_scheduler.state_dict()), "lr_scheduler")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "noise_generator": st.noise_gen.get_state(), "loss_ema": st.loss_ema.detach().to("cpu", copy=True)}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if rank_rng is not None:
+        rng["ranks"] = rank_rng
+    rng_tensors, rng_skel = flatten_state(rng, "rng")
+    files = {f"lora_{name}": state for name, state in states.items()}
+    files["optimizer"] = {**opt_tensors, **sched_tensors, **rng_tensors}
+    json_files = copy.deepcopy({  # by value: the run goes on changing these while the write reads them
+        "progress": st.progress.to_json(), "run": run.identity, "lineage": st.lineage,
+        "history": {"loss": [list(p) for p in st.loss_history]},
+        "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel}})
+
+    def write() -> Path:
         files["lora"] = run.tool_file(states)
-        files["optimizer"] = {**opt_tensors, **sched_tensors, **rng_tensors}
-        json_files = {"progress": st.progress.to_json(), "run": run.identity, "lineage": st.lineage,
-                      "history": {"loss": [list(p) for p in st.loss_history]},
-                      "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel}}
-        path = save_checkpoint(checkpoints_root(run.cfg), st.progress.global_step, files, json_files,
+        path = save_checkpoint(checkpoints_root(run.cfg), step, files, json_files,
                                keep_last=run.cfg.checkpoints_total_limit)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        run.events.emit("checkpoint", step=st.progress.global_step, path=str(path), reason=reason, size_bytes=size)
+        run.events.emit("checkpoint", step=step, path=str(path), reason=reason, size_bytes=size)
+        return path
+
+    return write
+
+
+def save(run: CheckpointRun, reason: str) -> Path | None:
+    """Write a checkpoint of the current step now (main process only); every rank waits for it."""
+    write = snapshot(run, reason)
+    path = write() if write is not None else None
     run.accelerator.wait_for_everyone()
     return path
 

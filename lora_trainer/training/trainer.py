@@ -20,6 +20,8 @@ import torch
 from .. import __version__
 from ..outputs import final as outputs
 from . import resume as resume_mod
+from .background import BackgroundWriter
+from .checkpoint import checkpoint_dir
 from .resume import CheckpointRun, TrainState
 from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
@@ -36,7 +38,7 @@ from ..runtime.offload import summary as offload_summary
 from ..distributed.shard import local_value, no_sync
 from ..distributed.shard import summary as shard_summary
 from ..outputs.report import tracker_for
-from ..runtime.signals import GracefulStop
+from ..runtime.signals import GracefulStop, stop_agreed
 
 log = logging.getLogger("train_lora")
 # Test hook: steps whose loss is replaced by NaN, to exercise the non-finite path through the real CLI.
@@ -58,6 +60,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.resumed_from: Path | None = None
         self.last_saved: tuple[int, Path | None] | None = None  # (step, path) of the newest checkpoint written
+        self.writer = BackgroundWriter()  # interval checkpoints are written while training goes on
 
     # The training state lives in one TrainState (what a checkpoint saves); these read and write it.
     progress = property(lambda self: self.state.progress, lambda self, v: setattr(self.state, "progress", v))
@@ -92,6 +95,8 @@ class Trainer:
                                        project_dir=str(cfg.output_path / "logs"))
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        bg = cfg.background_checkpoints
+        self.background_checkpoints = self.device.type != "cpu" if bg == "auto" else bool(bg)
         self.events.enabled = self.events.enabled and self.is_main
         for warning in cpu_warnings(self.device.type, self.device_info.mixed_precision, self.cpu_threads):
             ev.emit("warning", **warning)
@@ -244,6 +249,7 @@ class Trainer:
                     group = mine[prog.batch_in_epoch:prog.batch_in_epoch + accum]
                     t0 = time.monotonic()
                     loss = self._optimizer_step(group, prog.epoch, prog.batch_in_epoch)
+                    self.writer.check()  # a failed background write (disk full) stops the run here
                     prog.batch_in_epoch += len(group)
                     prog.global_step += 1
                     prog.samples_seen += sum(len(b) for b in group) * self.world
@@ -264,8 +270,8 @@ class Trainer:
                     if cfg.validation_steps and (step % cfg.validation_steps == 0 or step == self.total_steps):
                         self._sample(step)
                     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < self.total_steps:
-                        self.save_checkpoint("interval")
-                    if self._stop_agreed():
+                        self.save_checkpoint("interval", background=self.background_checkpoints)
+                    if stop_agreed(self.stop, self.accelerator, self.device):
                         self._stop_now()
                 if prog.batch_in_epoch >= len(mine):
                     prog.epoch += 1
@@ -281,17 +287,6 @@ class Trainer:
             raise
         finally:
             self.stop.set_deferred(False)
-
-    def _stop_agreed(self) -> bool:
-        """Whether to stop after this step. With several processes every rank must stop at the same step (one
-        may get the signal a step later), so the flag is max-reduced: one tiny collective per step."""
-        if self.world == 1:
-            return self.stop.requested
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
-        agreed = bool(self.accelerator.reduce(flag, reduction="max").item())
-        if agreed and self.stop.signum is None:
-            self.stop.signum = signal.SIGTERM
-        return agreed
 
     def _sample(self, step: int) -> None:
         from .sampling import generate_samples
@@ -406,6 +401,8 @@ class Trainer:
 
     def _stop_now(self) -> None:
         signum = self.stop.signum or signal.SIGTERM
+        with self.stop.saving():
+            self.writer.wait()  # a write in flight is finished first: it may be this very step's checkpoint
         if self.last_saved is not None and self.last_saved[0] == self.progress.global_step:
             path = self.last_saved[1]  # the interval checkpoint of this very step: saving it again only costs time
         else:
@@ -419,9 +416,18 @@ class Trainer:
         raise exc
 
     # ---------------------------------------------------------------------------------------- save
-    def save_checkpoint(self, reason: str) -> Path | None:
+    def save_checkpoint(self, reason: str, *, background: bool = False) -> Path | None:
+        """The checkpoint of this step; ``background``: taken now, written while training goes on (the path is
+        where it will be; its ``checkpoint`` event comes when it is durable)."""
         with self.stop.saving():
-            path = resume_mod.save(self._checkpoint_run(), reason)
+            self.writer.wait()
+            write = resume_mod.snapshot(self._checkpoint_run(), reason)
+            if write is not None and background:
+                self.writer.submit(write)
+                path = checkpoint_dir(resume_mod.checkpoints_root(self.cfg), self.progress.global_step)
+            else:
+                path = write() if write is not None else None
+            self.accelerator.wait_for_everyone()
         self.last_saved = (self.progress.global_step, path)
         return path
 
@@ -450,6 +456,7 @@ class Trainer:
 
     def save_final(self) -> None:
         self.events.set_phase("saving")
+        self.writer.wait()
         lineage = self.state.lineage
         if not (self.last_saved and self.last_saved[0] == self.progress.global_step and lineage["finished_at"]):
             lineage["finished_at"] = time.time()
@@ -469,19 +476,19 @@ class Trainer:
     def _write_report(self, status: str) -> dict[str, str]:
         if not self.accelerator.is_main_process:
             return {}
-        from ..outputs.report import write_report
+        from ..outputs.report import try_write_report
 
-        try:
-            return write_report(self.cfg, status=status, family=self.family.name, step=self.progress.global_step,
-                                total_steps=self.total_steps, run_id=self.events.run_id, device_info=self.device_info,
+        return try_write_report(self.cfg, self.events, status=status, family=self.family.name,
+                                step=self.progress.global_step, total_steps=self.total_steps,
+                                run_id=self.events.run_id, device_info=self.device_info,
                                 loss_history=self.loss_history, duration_s=time.monotonic() - self.started,
                                 final_loss=self.last_loss)
-        except Exception as exc:  # noqa: BLE001 - a report is a convenience: never fail a finished run over it
-            self.events.emit("warning", code="report_failed",
-                             message=f"could not write the report: {type(exc).__name__}: {exc}")
-            return {}
 
     def cleanup(self) -> None:
+        try:
+            self.writer.wait()  # never exit under a write in flight; its error is secondary to the one ending the run
+        except Exception as exc:  # noqa: BLE001
+            log.error("a background checkpoint write failed: %s", exc)
         if getattr(self, "accelerator", None) is not None and self.cfg.report_to != "none":
             self.accelerator.end_training()
         self.events.stop_heartbeat()
