@@ -194,3 +194,14 @@ def test_comfy_file_through_diffusers_converter(pipe):
         want = (alpha / rank) * states["transformer"][f"{n}.lora_B.weight"] @ states["transformer"][f"{n}.lora_A.weight"]
         got = out[f"transformer.{n}.lora_B.weight"] @ out[f"transformer.{n}.lora_A.weight"]
         torch.testing.assert_close(got, want)
+
+
+def test_train_text_encoder_is_refused(tmp_path, tiny_models, dataset):
+    from conftest import run_cli, write_config
+
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models["zimage"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,
+                       train_text_encoder=True)
+    res = run_cli("--config", str(cfg), "--validate-only")
+    assert res.returncode != 0
+    assert any(e["path"] == "train_text_encoder" for e in res.last("validation")["errors"])
