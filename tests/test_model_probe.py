@@ -150,7 +150,7 @@ def test_sdxl_folder_needs_second_encoder(tmp_path):
     ("Flux2Pipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "FLUX.2"),
     ("Flux2KleinPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "FLUX.2 klein"),
     ("QwenImagePipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Qwen-Image"),
-    ("ZImagePipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Z-Image"),
+    ("ZImageControlNetPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Z-Image"),
     ("ChromaPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Chroma"),
     ("WanPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("WanImageToVideoPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
@@ -169,7 +169,7 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     assert p.family is None and codes(p) == ["model_unsupported"], p.problems  # no "missing unet" noise
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
-    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5"
+    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, Z-Image"
 
 
 def test_unknown_pipeline_class(tmp_path):
@@ -458,7 +458,7 @@ def test_single_file_sd3_medium_incl_clips(tmp_path):
       "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": [24, 4]}, "Qwen-Image"),
     ({"model.diffusion_model.head.modulation": [1, 2, 4], "model.diffusion_model.blocks.0.self_attn.q.weight": [4, 4],
       "model.diffusion_model.patch_embedding.weight": [4, 16, 1, 2, 2]}, "Wan"),
-    ({"layers.0.adaLN_modulation.0.weight": [4, 4], "cap_embedder.0.weight": [8], "noise_refiner.0.attention.to_q.weight": [4, 4]}, "Z-Image"),
+    ({"layers.0.adaLN_modulation.1.weight": [4, 4], "cap_embedder.0.weight": [8], "noise_refiner.0.attention.qkv.weight": [12, 4]}, "Lumina 2"),
     ({"txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias": [4], "double_blocks.0.img_attn.qkv.weight": [12, 4],
       "img_in.weight": [4, 4]}, "HunyuanVideo"),
     ({k: v for k, v in bfl_flux_keys().items() if not k.startswith("vector_in")}, "FLUX-like (not FLUX.1)"),

@@ -52,15 +52,41 @@ def _dit_rules(comfy_family: str, clip_slots: tuple[str, ...]) -> Callable:
     return check
 
 
+def _zimage_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI a125cd84 has no Z-Image; later ComfyUI loads it as Lumina 2's NextDiT with the original names (fused
+    attention.qkv, attention.out). The file is ai-toolkit's layout, diffusers names under ``diffusion_model.`` with
+    ``.alpha``: each key must name a trained module of the transformer, carry its alpha, and have an original-layout
+    target (q/k/v -> a third of attention.qkv, to_out.0 -> attention.out) that such a loader can patch."""
+    from lora_trainer.families.zimage.convert import from_diffusers
+
+    sd = load_file(lora)
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in sd}
+    assert all(k.startswith("diffusion_model.") for k in sd), "keys outside diffusion_model."
+    assert modules == trained, sorted(modules ^ trained)[:5]
+    assert all(f"diffusion_model.{m}.alpha" in sd for m in modules), "a module without .alpha"
+    base = {k: v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
+    native = from_diffusers(base, dict(pipe.transformer.config))
+    for m in modules:
+        orig = m.replace("attention.to_out.0", "attention.out")
+        for p in ("to_q", "to_k", "to_v"):
+            orig = orig.replace(f"attention.{p}", "attention.qkv")
+        assert f"{orig}.weight" in native, f"{m}: no {orig}.weight in the original layout"
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
+    "zimage": _zimage_rules,
 }
 
 
-# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names);
+# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
+# Z-Image's diffusion_model. + .alpha through its converter);
 # SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
-DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1"}
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "zimage"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

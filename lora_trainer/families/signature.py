@@ -19,7 +19,7 @@ prediction type: ``file_prediction``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -106,6 +106,8 @@ class DistillFacts:
     pipeline_config: Mapping  # model_index.json ({} for a single file or a hub id not downloaded yet)
     denoiser_config: Mapping  # the denoiser's config.json (same)
     metadata: Mapping  # a single file's safetensors __metadata__ ({} otherwise)
+    # scheduler/scheduler_config.json of a folder ({} otherwise): Z-Image-Turbo differs from its base only there
+    scheduler_config: Mapping = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

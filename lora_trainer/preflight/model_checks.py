@@ -212,6 +212,9 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
             and not spec.has_guidance_embedder(variant):
         refuse("train_guidance_scale", f"this {spec.label} model has no guidance embedder "
                "(only guidance-distilled models such as FLUX.1-dev have one)", "null")
+    if cfg.train_text_encoder and not spec.lora_text_encoders:
+        refuse("train_text_encoder", f"{spec.label}'s text encoder gets no LoRA (its pipeline's LoRA loader reads "
+               "transformer layers only)", "false")
     if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
         refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
     if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:

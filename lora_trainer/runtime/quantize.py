@@ -100,7 +100,13 @@ def backend_problem(fmt: str) -> tuple[str, str] | None:
 def quantizable(name: str, shape: Sequence[int]) -> bool:
     """Whether a Linear weight (``name`` = the module path, ``shape`` = (out, in)) is one we store small: inside a
     repeated block (a list index in its path) and at least MIN_FEATURES wide both ways."""
-    return len(shape) == 2 and min(int(s) for s in shape) >= MIN_FEATURES and any(p.isdigit() for p in name.split("."))
+    parts = name.split(".")
+    first = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    # A Sequential index inside an embedder or the output head is no repeated block (Z-Image's t_embedder.mlp.0,
+    # cap_embedder.1, all_final_layer.2-1.adaLN_modulation.1): those stay at compute precision like every other
+    # family's (its t_embedder casts its input to its first weight's dtype, which fp8 storage would break).
+    return (len(shape) == 2 and min(int(s) for s in shape) >= MIN_FEATURES and first is not None
+            and not any("embed" in p or "final_layer" in p for p in parts[:first]))
 
 
 # Layers a model class pins to fp32 itself (its ``_keep_in_fp32_modules``; tests/test_memory_plan.py holds this table to

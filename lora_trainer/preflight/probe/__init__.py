@@ -62,13 +62,14 @@ def _distilled(probe: ModelProbe) -> ModelProbe:
 
     if probe.family is None:
         return probe
-    index = config = metadata = {}
+    index = config = metadata = sched = {}
     if probe.path is not None and probe.path.is_dir():
         index = read_json(probe.path / "model_index.json")[0] or {}
+        sched = read_json(probe.path / "scheduler" / "scheduler_config.json")[0] or {}
         config = read_json(probe.path / get_spec(probe.family).denoisers[0] / "config.json")[0] or {}
     elif probe.path is not None and probe.path.is_file():
         metadata = (read_safetensors_header(probe.path)[0] or {}).get("__metadata__") or {}
-    found = get_signature(probe.family).distilled(DistillFacts(probe.source, index, config, metadata))
+    found = get_signature(probe.family).distilled(DistillFacts(probe.source, index, config, metadata, sched))
     if found is None:
         return probe
     warning = problem("model_distilled", f"{found.model} is a distilled checkpoint ({found.evidence}): a LoRA trained "

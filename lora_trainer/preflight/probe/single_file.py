@@ -11,7 +11,7 @@ from .result import SUPPORTED, ModelProbe, problem, refused, unsupported_file
 
 # Single files of models we cannot train: (model, marker keys without the model.diffusion_model. prefix: any of
 # them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux2, flux3, chroma, qwen-image-2.1,
-# z-image-turbo, lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
+# lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
 # krea2) and ComfyUI model_detection (Qwen-Image txt_norm, PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
 # DiT families, as diffusers checks flux2/chroma before flux (FLUX.2 has FLUX.1's double blocks).
 _UNSUPPORTED_FILE_MARKERS = (
@@ -22,8 +22,8 @@ _UNSUPPORTED_FILE_MARKERS = (
     ("HunyuanVideo", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",
                       "txt_in.individual_token_refiner.blocks.0.norm1.weight"), None),
     ("Qwen-Image", ("txt_norm.weight", "txt_in.text_norm.weight"), "transformer_blocks."),
-    ("Z-Image", ("layers.0.adaLN_modulation.0.weight",), None),
-    ("Lumina 2", ("cap_embedder.0.weight", "cap_embedder.1.weight"), None),
+    # Lumina 2's NextDiT: Z-Image shares its names but has adaLN_modulation.0 (a Linear), Lumina 2 .1 (behind a SiLU).
+    ("Lumina 2", ("layers.0.adaLN_modulation.1.weight",), "cap_embedder."),
     ("Wan", ("head.modulation",), None),
     ("AuraFlow", ("double_layers.0.attn.w1q.weight",), None),
     ("Mochi", ("blocks.0.attn.qkv_x.weight",), None),

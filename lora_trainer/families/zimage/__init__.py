@@ -1,0 +1,1 @@
+"""The zimage family folder: see families/README.md."""
