@@ -55,12 +55,15 @@ def _dit_rules(comfy_family: str, clip_slots: tuple[str, ...]) -> Callable:
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
+    # FLUX.2: ComfyUI's generic diffusion_model. / lora_unet_ maps over BFL's names (no text-encoder LoRA)
+    "flux2": _dit_rules("flux2", ()), "flux2_klein": _dit_rules("flux2", ()),
 }
 
 
-# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names);
-# SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
-DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1"}
+# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
+# FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers); SD3's kohya/SAI file with fused q/k/v it
+# does not: its users take the PEFT file.
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:
