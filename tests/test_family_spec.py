@@ -19,12 +19,17 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # README's family table, objective column, word for word; FLOW_DEFAULTS restates it as values, so that the code is
 # checked against what users read and not against itself.
 README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, schnell none",
-                    "sd3": "flow: `logit_normal` sigmas, `static` shift 3.0, x0 preconditioning"}
+                    "sd3": "flow: `logit_normal` sigmas, `static` shift 3.0, x0 preconditioning",
+                    "flux2": "flow: `sigmoid` sigmas, `resolution` shift",
+                    "flux2_klein": "flow: `sigmoid` sigmas, `resolution` shift"}
 _FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
 _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
         "precondition_outputs": True}
 FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "schnell"): {**_FLUX, "shift": "none"},
-                 ("sd3", "sd3-medium"): _SD3, ("sd3", "sd3.5-medium"): _SD3, ("sd3", "sd3.5-large"): _SD3}
+                 ("sd3", "sd3-medium"): _SD3, ("sd3", "sd3.5-medium"): _SD3, ("sd3", "sd3.5-large"): _SD3,
+                 ("flux2", "dev"): {**_FLUX, "shift": "resolution"},
+                 ("flux2_klein", "klein-4b"): {**_FLUX, "shift": "resolution"},
+                 ("flux2_klein", "klein-9b"): {**_FLUX, "shift": "resolution"}}
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,
