@@ -231,3 +231,26 @@ def test_tool_file_reads_back_through_diffusers_flux2_converter(klein):
     assert got.keys() == want.keys()
     for module, delta in want.items():
         torch.testing.assert_close(got[module], delta, rtol=1e-5, atol=1e-5, msg=module)
+
+
+def test_init_lora_from_either_exported_file(tmp_path, tiny_models, dataset):
+    """The kohya-named tool file (fused q/k/v, alpha folded) and the PEFT file both continue the LoRA exactly: the
+    tool file is read back through diffusers' FLUX.2 converter (convert.tool_file_to_peft)."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli, write_config
+
+    base = dict(dataset_path=str(dataset), base_model=str(tiny_models["flux2-klein-4b"]), trigger_words=["ohwx"],
+                resolution=64, lora_rank=4, lora_alpha=8, max_sequence_length=32)
+    src = run_cli("--config", str(write_config(tmp_path / "src.json", **base, output_path=str(tmp_path / "src"),
+                                               max_train_steps=2, learning_rate=1e-2)))
+    assert src.returncode == 0, src.stderr[-3000:]
+    want = load_file(tmp_path / "src" / "lora.safetensors")
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        out = tmp_path / f"cont-{name}"
+        res = run_cli("--config", str(write_config(
+            tmp_path / f"{name}.json", **base, output_path=str(out), max_train_steps=1, learning_rate=1e-12,
+            weight_decay=0.0, checkpointing_steps=None, init_lora=str(tmp_path / "src" / name))))
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = load_file(out / "lora.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name

@@ -11,7 +11,7 @@ from typing import Any
 from .._mmdit.convert import COMPONENT_PREFIXES, check_rows, count_blocks, inner_width, rows_cols, swap_scale_shift
 
 __all__ = ["ALL_IN_ONE_TEXT_ENCODERS", "ALL_IN_ONE_VAE", "COMPONENT_PREFIXES", "config_checks", "from_diffusers",
-           "to_diffusers"]
+           "to_diffusers", "tool_file_fused_parts", "tool_file_to_peft"]
 
 # ComfyUI ships FLUX.2's VAE and text encoder as separate files; all-in-one files are not a FLUX.2 release format.
 ALL_IN_ONE_VAE = "vae."
@@ -84,3 +84,21 @@ def config_checks(shapes: Mapping[str, list], config: Mapping,
                   ("inner width (img_in rows)", img_in[0], inner_width(config)),
                   ("in_channels (img_in columns)", img_in[1], config.get("in_channels")),
                   ("joint_attention_dim (txt_in columns)", txt_in[1], config.get("joint_attention_dim"))]
+
+
+# -- our tool file read back (init_lora: adapters/init_from_file.py) ----------------------------------------------
+
+def tool_file_fused_parts(key: str) -> int:
+    """How many PEFT modules one key of the kohya-named tool file (_flux2/export.py) may fuse: q/k/v."""
+    return 3 if "_attn_qkv." in key else 1
+
+
+def tool_file_to_peft(sd: dict) -> dict:
+    """The kohya-named FLUX.2 file (``lora_unet_*``) in PEFT names (``transformer.<path>.lora_A/B.weight``) through
+    diffusers' own _convert_kohya_flux2_lora_to_diffusers: its alpha / rank goes into the weights and a
+    block-diagonal qkv splits back into the trained q/k/v modules. Other files are returned as they are."""
+    if not any(k.startswith("lora_unet_") for k in sd):
+        return sd
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux2_lora_to_diffusers
+
+    return _convert_kohya_flux2_lora_to_diffusers(dict(sd))
