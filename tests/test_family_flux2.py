@@ -173,6 +173,8 @@ def test_distilled_klein_is_warned_with_its_base(tmp_path, klein):
     assert rule(facts("x", {"is_distilled": False}, KLEIN_9B)) is None
     assert rule(facts("black-forest-labs/FLUX.2-klein-4B", {}, {})).base == "black-forest-labs/FLUX.2-klein-base-4B"
     assert rule(facts("black-forest-labs/FLUX.2-klein-base-4B", {}, {})) is None
+    assert rule(facts("/models/flux-2-klein-9b.safetensors", {}, {})).base.endswith("base-9B")
+    assert rule(facts("/models/my-klein9b-merge.safetensors", {}, {})) is None, "only BFL's release names"
     folder = tmp_path / "klein"
     klein.save_pretrained(folder)
     assert not [w for w in probe_model(str(folder)).warnings if w["code"] == "model_distilled"]

@@ -6,7 +6,8 @@ by depth (_flux2/signature.py): "klein-4b" or "klein-9b". A guidance embedder (`
 single file (BFL FLUX.2 layout) without ``guidance_in.*``: variant by depth likewise.
 
 Distilled: ``is_distilled: true`` in model_index.json (the step-distilled FLUX.2-klein-4B / -9B releases), or, before
-a download, a hub id / file name with "klein" but not "base"; the base checkpoints are what peers train on.
+a download and for single files, BFL's release name without "base" (FLUX.2-klein-4B, flux-2-klein-9b.safetensors);
+the base checkpoints are what peers train on.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from .._flux2.signature import KLEIN_BASE, LORA_LAYOUT, is_flux2_file, klein_var
 from ..signature import DIT, Distilled, DistillFacts, FileKeys, Match, Signature, no_folder_rule
 
 PIPELINES = frozenset({"Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline"})
+# BFL's names: hub repos FLUX.2-klein-4B / FLUX.2-klein-base-4B, files flux-2-klein-4b.safetensors / -base-4b.
+_RELEASE_NAMES = ("flux.2-klein", "flux-2-klein", "flux2-klein")
 
 
 def variant(tcfg: Mapping):
@@ -41,8 +44,8 @@ def distilled(facts: DistillFacts) -> Distilled | None:
         if not facts.pipeline_config["is_distilled"]:
             return None
         evidence = "model_index.json is_distilled: true"
-    elif "klein" in name and "base" not in name:
-        evidence = f"the name {facts.name!r} has klein but not base"
+    elif any(n in name for n in _RELEASE_NAMES) and "base" not in name:
+        evidence = f"the name {facts.name!r}: BFL's name for a klein release without base"
         size = size or ("klein-9b" if "9b" in name else "klein-4b" if "4b" in name else None)
     else:
         return None
