@@ -256,3 +256,58 @@ def test_init_lora_from_either_exported_file(tmp_path, tiny_models, dataset):
         assert res.returncode == 0, res.stderr[-3000:]
         got = load_file(out / "lora.safetensors")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+
+
+# What FLUX.2 repos hold beside the pipeline: BFL's root single files, the processor's files in tokenizer/ (fetched:
+# the tokenizer folder is taken whole), sharded text encoders (Mistral Small 3.1, Qwen3), pickles.
+FLUX2_DECOYS = {
+    "flux2-dev.safetensors": b"decoy root BFL transformer" * 64,
+    "flux-2-klein-4b.safetensors": b"decoy root BFL transformer" * 64,
+    "ae.safetensors": b"decoy root BFL autoencoder" * 64,
+    "text_encoder/model.bf16-00001-of-00002.safetensors": b"decoy bf16 shard" * 64,
+    "text_encoder/pytorch_model-00001-of-00002.bin": b"\x80\x04decoy pickle shard" * 64,
+    "teaser.png": b"\x89PNGdecoy" * 64,
+}
+
+
+def test_hub_repo_downloads_the_pipeline_with_sharded_encoder_and_processor_files(tmp_path, tiny_models):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fake_hub import FakeHub
+    from test_hub_download import hub_env
+
+    from lora_trainer.preflight.probe import probe_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["flux2-klein-4b"], model)
+    from transformers import Qwen3ForCausalLM
+
+    te = model / "text_encoder"  # sharded, as the real 8 B / 24 B encoders are
+    encoder = Qwen3ForCausalLM.from_pretrained(te)
+    shutil.rmtree(te)
+    encoder.save_pretrained(te, max_shard_size="200KB")
+    assert (te / "model.safetensors.index.json").is_file() and (te / "model-00002-of-00002.safetensors").is_file()
+    for name, text in (("chat_template.jinja", "{{ messages }}"), ("processor_config.json", "{}"),
+                       ("preprocessor_config.json", "{}")):
+        (model / "tokenizer" / name).write_text(text)
+    files = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()}
+    hf_home, hub, repo = tmp_path / "hf_home", FakeHub(), "fake-org/tiny-flux2-klein"
+    hub.add_repo(repo, model, FLUX2_DECOYS)
+    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
+            "print(download_from_hub(sys.argv[1], lambda *a: None))")
+    with hub:
+        proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (snap,) = (hf_home / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir()
+    # generation_config.json is for generate(): the encoder's hidden states never read it
+    assert {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()} == \
+        files - {"text_encoder/generation_config.json"}
+    assert not hub.requested_files(repo) & set(FLUX2_DECOYS) and not hub.unexpected
+    p = probe_model(str(snap))
+    assert p.ok and (p.family, p.variant) == ("flux2_klein", "klein-4b"), p.problems
+    comps = get_family("flux2_klein").load(snap, single_file=False, dtype=torch.float32)
+    assert comps.text_encoders["text_encoder"].config.num_hidden_layers == 28
