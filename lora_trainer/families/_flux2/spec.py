@@ -29,7 +29,12 @@ FLUX2_ACTIVATIONS = Activations(
     depth_keys={"num_layers": 8, "num_single_layers": 48},
     conditioning_inputs=("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
                          "single_stream_modulation.linear", "norm_out.linear", "context_embedder"),
-    checkpoint_units=("transformer_blocks", "single_transformer_blocks"))
+    checkpoint_units=("transformer_blocks", "single_transformer_blocks"),
+    # Saved-for-backward bytes per block against FLUX.1's at equal tokens and width (CPU, bf16 autocast, 4 x 128 wide,
+    # 1280 tokens, r16, saved_tensors_hooks): attention preset double 1.2x, single 1.45x (its to_qkv_mlp_proj and
+    # to_out carry the MLP too), attention_mlp 1.14x / 1.12x; weighted by klein 9B's 8 + 24 blocks ~1.4. The CPU
+    # keeps the attention matrix, which a GPU's fused attention does not: bench/device_flux2.py measures the card.
+    block_scale=1.4)
 FLUX2_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
 # musubi-tuner (src/musubi_tuner/utils/sai_model_spec.py ARCH_FLUX_2_*, IMPL_FLUX_2; ss_base_model_version is its
