@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-FAMILIES = ("flux", "sd3", "flux2")
+FAMILIES = ("flux", "sd3")  # with diffusers-name maps; "flux2" (FLUX.2's BFL names, generic maps only) besides
 
 # --------------------------------------------------------------------------- comfy/utils.py
 
