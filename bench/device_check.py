@@ -20,6 +20,8 @@ default FLUX targets, bf16, no gradient checkpointing): s/step from the step eve
 step), peak GPU memory (``memory.gpu_peak_gb`` = torch.cuda.max_memory_allocated over training), model load and
 cache times, LoRA files. An out-of-memory exit at 1024 px is recorded as a result, not a failure.
 ``--tiny`` swaps in lora_trainer.testing.tiny's flux1-dev at 64 / 128 px (the CPU dry run).
+The FLUX.2 check (``flux2-klein-9b/full``, bench/device_flux2.py) trains FLUX.2 klein 9B's published transformer
+(9.08 B, random weights) at 1024 px, bf16 and with an int8 base + gradient checkpointing; ``--tiny``: the tiny klein.
 ``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 
 Right after the environment, three in-process checks (bench/device_paths.py, seconds each) run the paths only a
@@ -53,6 +55,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.device_flux2 import check_flux2, need_s as flux2_need_s  # noqa: E402
 from bench.device_paths import check_fsdp_bf16_lora, check_pinned_streaming, check_quantized_autocast  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the device has no network; fail fast instead of retrying the hub
 T0 = time.monotonic()
@@ -109,6 +112,7 @@ class Ctx:
         self.steps = args.steps or (30 if self.cuda else 12)
         self.flux_dir = Path(args.flux_dir) if args.flux_dir else self.tmp / "model-flux1-dev"
         self.flux_size = args.flux_size or ("tiny" if args.tiny else "full")
+        self.flux2_size = "tiny" if args.tiny or args.flux_size in ("tiny", "reduced") else "full"
         # bf16 is the H100's natural precision; on the CPU fp32 ("no") is the default and much faster.
         self.main_precision = "bf16" if self.cuda else "no"
         self.models: dict[str, Path] = {}
@@ -555,6 +559,9 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
              (f"train/sd15/{main}", 1, partial(check_train, ctx, family="sd15", precision=main))]
     if not ctx.args.no_flux:
         items.append((f"flux1-dev/{ctx.flux_size}", -1, partial(check_flux, ctx)))
+    if not ctx.args.no_flux2:  # FLUX.2 (bench/device_flux2.py): klein 9B full size by default
+        items.append((f"flux2-{ctx.args.flux2_variant}/{ctx.flux2_size}", -2,
+                      partial(check_flux2, ctx, sys.modules[__name__])))
     items += [("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
              (f"train/sd15/{other}", 1, partial(check_train, ctx, family="sd15", precision=other)),
              ("dora", 1, partial(check_dora, ctx)),
@@ -615,6 +622,9 @@ def main() -> int:
                     help="FLUX model: full (default on a card), tiny (= --tiny), reduced (bench/models.py's CPU "
                          "stand-in with a 2-layer T5, built in bf16, 128/256 px: the full-size code path on the CPU)")
     ap.add_argument("--no-flux", action="store_true", help="skip the FLUX check")
+    ap.add_argument("--no-flux2", action="store_true", help="skip the FLUX.2 check")
+    ap.add_argument("--flux2-variant", choices=("klein-9b", "klein-4b", "dev"), default="klein-9b",
+                    help="FLUX.2 check's model (dev's 32 B transformer is 64 GB in bf16: int8 only fits a card)")
     ap.add_argument("--flux-steps", type=int, default=0, help="steps per FLUX run (default 8 at 512 px, 6 at 1024)")
     ap.add_argument("--flux-dir", help="where the FLUX model is built (reused if there, and kept); default: the "
                                        "temp folder")
@@ -631,7 +641,8 @@ def main() -> int:
         if checks[0].status == "failed":
             c.problems.append("environment check failed")
             continue
-        need = (flux_need_s(ctx) if runs < 0 else runs * ctx.est_run_s() + (10 if runs else 0))  # + diffusers load
+        need = (flux_need_s(ctx) if runs == -1 else flux2_need_s(ctx) if runs == -2
+                else runs * ctx.est_run_s() + (10 if runs else 0))  # + diffusers load
         if runs and ctx.remaining() < need:
             c.details["skipped_because"] = f"{ctx.remaining():.0f} s left, ~{need:.0f} s needed"
             log(f"skip {c.name}: {c.details['skipped_because']}")

@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-FAMILIES = ("flux", "sd3")
+FAMILIES = ("flux", "sd3")  # with diffusers-name maps; "flux2" (FLUX.2's BFL names, generic maps only) besides
 
 # --------------------------------------------------------------------------- comfy/utils.py
 
@@ -295,6 +295,8 @@ def comfy_unet_config(family, transformer_config, *, literal=False) -> dict:
     if family == "flux":
         return {"depth": cfg["num_layers"], "depth_single_blocks": cfg["num_single_layers"],
                 "hidden_size": 3072 if literal else h}
+    if family == "flux2":
+        return {}  # only the generic maps (below): no diffusers-name map is known for FLUX.2
     if family == "sd3":
         if literal:
             return {"depth": h // 64}
@@ -343,10 +345,34 @@ def _convert_diffusers_map(family, diffusers_keys):
     return mmdit_to_diffusers({"depth": n, "num_blocks": n, "hidden_size": 1})
 
 
+def flux2_bfl_keys(transformer_config) -> list[str]:
+    """BFL's FLUX.2 transformer weight names (black-forest-labs/flux2 src/flux2/model.py; what ComfyUI's FLUX.2 model,
+    newer than the a125cd84 snapshot, keeps under ``diffusion_model.``), written out from that layout rather than
+    derived from the trainer's converters, so a wrong name on either side shows up."""
+    cfg = _cfg(transformer_config)
+    keys = ["img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "time_in.out_layer.weight",
+            "double_stream_modulation_img.lin.weight", "double_stream_modulation_txt.lin.weight",
+            "single_stream_modulation.lin.weight", "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight"]
+    if cfg.get("guidance_embeds"):
+        keys += ["guidance_in.in_layer.weight", "guidance_in.out_layer.weight"]
+    for i in range(int(cfg["num_layers"])):
+        for stream in ("img", "txt"):
+            keys += [f"double_blocks.{i}.{stream}_attn.qkv.weight", f"double_blocks.{i}.{stream}_attn.proj.weight",
+                     f"double_blocks.{i}.{stream}_attn.norm.query_norm.scale",
+                     f"double_blocks.{i}.{stream}_attn.norm.key_norm.scale",
+                     f"double_blocks.{i}.{stream}_mlp.0.weight", f"double_blocks.{i}.{stream}_mlp.2.weight"]
+    for i in range(int(cfg["num_single_layers"])):
+        keys += [f"single_blocks.{i}.linear1.weight", f"single_blocks.{i}.linear2.weight",
+                 f"single_blocks.{i}.norm.query_norm.scale", f"single_blocks.{i}.norm.key_norm.scale"]
+    return keys
+
+
 def comfy_model_keys(family, transformer_config) -> list[str]:
     """ComfyUI's diffusion-model state-dict keys (``diffusion_model.`` + BFL / SAI MMDiT names) for this config: the
     targets convert_diffusers_mmdit gives the diffusers checkpoint's keys (what ComfyUI itself does when it loads a
-    diffusers-format Flux/SD3 transformer)."""
+    diffusers-format Flux/SD3 transformer); FLUX.2's BFL names (flux2_bfl_keys)."""
+    if family == "flux2":
+        return ["diffusion_model." + k for k in flux2_bfl_keys(transformer_config)]
     sd_map = _convert_diffusers_map(family, diffusers_state_dict_keys(family, transformer_config))
     out = []
     for k in diffusers_state_dict_keys(family, transformer_config):

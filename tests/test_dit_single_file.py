@@ -25,8 +25,9 @@ from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
 from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
-TINY = ["flux1-dev", "flux1-schnell", "sd3"]
-FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3"}
+TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b"]
+FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
+          "flux2-klein-4b": "flux2_klein"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
@@ -90,6 +91,10 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
     if FAMILY[name] == "flux1":
         assert {"img_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"} <= bare
         assert ("guidance_in.in_layer.weight" in bare) == (name == "flux1-dev")
+    elif FAMILY[name].startswith("flux2"):
+        assert {"img_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.2.linear1.weight",
+                "single_stream_modulation.lin.weight", "final_layer.adaLN_modulation.1.weight"} <= bare
+        assert ("guidance_in.in_layer.weight" in bare) == (name == "flux2-dev") and "vector_in.in_layer.weight" not in bare
     else:
         assert {"pos_embed", "joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.1.context_block.attn.qkv.weight",
                 "x_embedder.proj.weight", "y_embedder.mlp.0.weight"} <= bare
@@ -126,7 +131,8 @@ def test_single_file_families_have_every_hook():
     for name in found:
         conv = get_part(name, "convert")
         assert callable(conv.from_diffusers) and callable(conv.config_checks)
-        assert conv.COMPONENT_PREFIXES and conv.ALL_IN_ONE_VAE and conv.ALL_IN_ONE_TEXT_ENCODERS
+        # FLUX.2 ships no all-in-one files: its text-encoder map is empty
+        assert conv.COMPONENT_PREFIXES and conv.ALL_IN_ONE_VAE and isinstance(conv.ALL_IN_ONE_TEXT_ENCODERS, dict)
 
 
 def test_sd3_file_reads_back_through_diffusers_from_single_file(folders, tmp_path):

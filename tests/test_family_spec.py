@@ -20,12 +20,17 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # checked against what users read and not against itself.
 README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, schnell none",
                     "sd3": "flow: `logit_normal` sigmas, `static` shift 3.0, x0 preconditioning",
+                    "flux2": "flow: `sigmoid` sigmas, `resolution` shift",
+                    "flux2_klein": "flow: `sigmoid` sigmas, `resolution` shift",
                     "zimage": "flow: `uniform` sigmas, `static` shift 3.0"}
 _FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
 _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
         "precondition_outputs": True}
 FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "schnell"): {**_FLUX, "shift": "none"},
                  ("sd3", "sd3-medium"): _SD3, ("sd3", "sd3.5-medium"): _SD3, ("sd3", "sd3.5-large"): _SD3,
+                 ("flux2", "dev"): {**_FLUX, "shift": "resolution"},
+                 ("flux2_klein", "klein-4b"): {**_FLUX, "shift": "resolution"},
+                 ("flux2_klein", "klein-9b"): {**_FLUX, "shift": "resolution"},
                  # one variant: README lists none
                  ("zimage", None): {"sigma_sampling": "uniform", "shift": "static", "shift_value": 3.0,
                                     "loss_weighting": "none", "precondition_outputs": False}}

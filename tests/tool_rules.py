@@ -79,14 +79,17 @@ def _zimage_rules(pipe, lora: Path, checkpoint: Path) -> None:
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
+    # FLUX.2: ComfyUI's generic diffusion_model. / lora_unet_ maps over BFL's names (no text-encoder LoRA)
+    "flux2": _dit_rules("flux2", ()), "flux2_klein": _dit_rules("flux2", ()),
     "zimage": _zimage_rules,
 }
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
-# Z-Image's diffusion_model. + .alpha through its converter);
-# SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
-DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "zimage"}
+# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
+# FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
+# through its converter); SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

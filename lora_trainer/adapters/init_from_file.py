@@ -4,7 +4,9 @@ or diffusers wrote, instead of starting from zero.
 Both layouts our export writes are read: kohya (``lora_unet_*`` / ``lora_te*_`` with ``lora_down`` / ``lora_up`` /
 ``alpha`` / ``dora_scale``; SGM or diffusers block names for SDXL) and PEFT/diffusers (``unet.<path>.lora_A.weight``
 ...). Each file module is matched to a module of the model by computing the kohya name of every adapted module
-(kohya_names.py), so the mapping is the export's own, inverted. The delta is kept exactly: when the file's
+(kohya_names.py), so the mapping is the export's own, inverted. A family whose tool file fuses modules (FLUX.2's
+q/k/v) says so in its convert module: ``tool_file_fused_parts(key)`` (how many modules a key may fuse, for the
+header's rank check) and ``tool_file_to_peft(state)`` (the file back in PEFT names, one module per PEFT module). The delta is kept exactly: when the file's
 alpha / rank differs from the config's, lora_up is rescaled by the ratio. The file is loaded right after injection,
 before anything is sharded (training/attach.py), so the modules are whole.
 """
@@ -39,9 +41,18 @@ def _part(key: str) -> tuple[str, str] | None:
     return None
 
 
-def header_problems(path: Path, *, rank: int, use_dora: bool) -> list[dict]:
+def _converter(family: str | None):
+    """The family's convert module when it reads its own tool file back (tool_file_to_peft), else None."""
+    from ..families import SPECS, get_part
+
+    conv = get_part(family, "convert") if family in SPECS else None
+    return conv if hasattr(conv, "tool_file_to_peft") else None
+
+
+def header_problems(path: Path, *, rank: int, use_dora: bool, family: str | None = None) -> list[dict]:
     """What preflight can tell from the header alone (no torch, no tensor data): readable, a LoRA layout, the
-    configured rank, DoRA or not as configured. Same wording as apply_init_lora's errors."""
+    configured rank, DoRA or not as configured. Same wording as apply_init_lora's errors. ``family``: a fused
+    module of its tool file (convert.tool_file_fused_parts) may hold up to that many times the rank."""
     from ..preflight.probe import read_safetensors_header
 
     if not path.is_file():
@@ -57,8 +68,14 @@ def header_problems(path: Path, *, rank: int, use_dora: bool) -> list[dict]:
         bad = next((k for k, p in zip(keys, parts) if p is None), None)
         return [{"path": "init_lora", "value": bad, "message": f"{path.name} is not a LoRA in kohya or PEFT layout",
                  "allowed": "a LoRA written by this trainer, sd-scripts or diffusers"}]
-    ranks = sorted({int(header[k]["shape"][0]) for k, p in zip(keys, parts) if p[1] in ("lora_down.weight",
-                                                                                        "lora_A.weight")})
+    conv = _converter(family)
+
+    def unfused(key: str, r: int) -> int:
+        n = conv.tool_file_fused_parts(key) if conv is not None else 1
+        return rank if n > 1 and r % rank == 0 and 1 <= r // rank <= n else r
+
+    ranks = sorted({unfused(k, int(header[k]["shape"][0])) for k, p in zip(keys, parts)
+                    if p[1] in ("lora_down.weight", "lora_A.weight")})
     problems = []
     if ranks != [rank]:
         problems.append({"path": "lora_rank", "value": rank, "message": f"{path.name} has rank {ranks}",
@@ -70,9 +87,10 @@ def header_problems(path: Path, *, rank: int, use_dora: bool) -> list[dict]:
     return problems
 
 
-def read_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def read_modules(path: Path, family: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{file module name: {"down", "up", "alpha"?, "magnitude"?}} from a kohya or PEFT file; names are kohya
-    names ("lora_unet_...") or "<component>.<path>" for PEFT files."""
+    names ("lora_unet_...") or "<component>.<path>" for PEFT files (a family's fused tool file is read back into
+    PEFT names first: convert.tool_file_to_peft)."""
     import json
 
     import torch
@@ -83,6 +101,9 @@ def read_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         sd = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - a missing, truncated or non-safetensors file
         raise _problem(f"cannot read {path}: {exc}", str(path), "a .safetensors LoRA file") from None
+    conv = _converter(family)
+    if conv is not None:
+        sd = conv.tool_file_to_peft(sd)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     rename = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude",
@@ -154,10 +175,10 @@ def apply_init_lora(path: Path, family: str, models: dict[str, torch.nn.Module],
     the file does not fit the config; returns {"modules", "rescaled", "not_in_file"} for the event stream."""
     from .lora import MAGNITUDE, load_plain_lora_state, plain_lora_state
 
-    problems = header_problems(path, rank=rank, use_dora=use_dora)
+    problems = header_problems(path, rank=rank, use_dora=use_dora, family=family)
     if problems:
         raise ConfigError(f"init_lora does not fit this run: {problems[0]['message']}", problems)
-    file_modules = read_modules(path)
+    file_modules = read_modules(path, family)
     spec = get_spec(family)
     kohya = KohyaNames(spec, unet_config) if "unet" in spec.denoisers else None
     used: set[str] = set()

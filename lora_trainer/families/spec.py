@@ -107,6 +107,9 @@ class Activations:
     checkpoint_units: tuple[str, ...]
     width_keys: Mapping[str, int] = field(default_factory=dict)
     depth_keys: Mapping[str, int] = field(default_factory=dict)
+    # What one of its blocks saves for backward relative to the FLUX.1 block the transformer figures were measured on
+    # (same tokens, width and LoRA preset kind): 1.0 for FLUX.1 / SD3; FLUX.2's fused single blocks save more.
+    block_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -338,7 +338,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
         from ..adapters.init_from_file import header_problems
 
         errors.extend(dict(p, code="init_lora_mismatch") for p in header_problems(
-            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora))
+            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)

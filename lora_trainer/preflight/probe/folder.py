@@ -15,7 +15,7 @@ from .result import ModelProbe, problem, unsupported
 # (class name prefix, model) of pipelines we cannot train; first match wins, so longer prefixes come first. A class
 # that a family's signature lists never gets here (the FLUX.1 and SD3 classes it does not list do).
 _UNSUPPORTED_PIPELINES = (
-    ("Flux2Klein", "FLUX.2 klein"), ("Flux2", "FLUX.2"), ("Flux3", "FLUX.3"),
+    ("Flux3", "FLUX.3"),
     ("FluxFill", "FLUX.1 Fill, an inpainting transformer"),
     ("FluxControlNet", "FLUX.1 ControlNet"),
     ("FluxControl", "FLUX.1 Canny/Depth, an image-conditioned transformer"),

@@ -10,12 +10,11 @@ from .headers import read_safetensors_header
 from .result import SUPPORTED, ModelProbe, problem, refused, unsupported_file
 
 # Single files of models we cannot train: (model, marker keys without the model.diffusion_model. prefix: any of
-# them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux2, flux3, chroma, qwen-image-2.1,
+# them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux3, chroma, qwen-image-2.1,
 # lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
 # krea2) and ComfyUI model_detection (Qwen-Image txt_norm, PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
-# DiT families, as diffusers checks flux2/chroma before flux (FLUX.2 has FLUX.1's double blocks).
+# DiT families, as diffusers checks chroma before flux (Chroma has FLUX.1's double blocks).
 _UNSUPPORTED_FILE_MARKERS = (
-    ("FLUX.2", ("single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight"), None),
     ("FLUX.3", ("early_stream_modulations.image.lin.weight",), None),
     ("Chroma", ("distilled_guidance_layer.in_proj.bias", "distilled_guidance_layer.in_proj.weight",
                 "distilled_guidance_layer.norms.0.scale", "distilled_guidance_layer.0.norms.0.scale"), None),
