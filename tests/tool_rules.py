@@ -52,15 +52,37 @@ def _dit_rules(comfy_family: str, clip_slots: tuple[str, ...]) -> Callable:
     return check
 
 
+def _qwen_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI (the only UI with a Qwen-Image model; Forge and A1111 have none) loads every key, with its alpha,
+    onto exactly the modules the run trained."""
+    from comfy_qwen_rules import comfy_load, missing_targets, patched_modules
+
+    sd = load_file(lora)
+    keys = list(sd)
+    cfg = dict(pipe.transformer.config)
+    _, unloaded = comfy_load(keys, cfg)
+    assert unloaded == [], f"ComfyUI leaves keys unloaded: {unloaded[:5]}"
+    assert missing_targets(keys, cfg) == [], "ComfyUI maps keys onto missing weights"
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    assert patched_modules(keys, cfg) == trained, "ComfyUI patches other modules than the trained ones"
+    alphas = [k for k in keys if k.endswith(".alpha")]
+    assert len(alphas) == len(trained), "every module needs its .alpha (ComfyUI ignores metadata)"
+    renamed = [k.replace("diffusion_model.", "diffusion_model.model.", 1) for k in keys]
+    assert comfy_load(renamed, cfg)[1], "negative control: renamed keys must not load"
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
+    "qwen_image": _qwen_rules,
 }
 
 
-# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names);
+# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
+# Qwen-Image's diffusion_model. names through _convert_non_diffusers_qwen_lora_to_diffusers);
 # SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
-DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1"}
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "qwen_image"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

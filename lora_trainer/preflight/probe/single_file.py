@@ -12,7 +12,7 @@ from .result import SUPPORTED, ModelProbe, problem, refused, unsupported_file
 # Single files of models we cannot train: (model, marker keys without the model.diffusion_model. prefix: any of
 # them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux2, flux3, chroma, qwen-image-2.1,
 # z-image-turbo, lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
-# krea2) and ComfyUI model_detection (Qwen-Image txt_norm, PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
+# krea2) and ComfyUI model_detection (PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
 # DiT families, as diffusers checks flux2/chroma before flux (FLUX.2 has FLUX.1's double blocks).
 _UNSUPPORTED_FILE_MARKERS = (
     ("FLUX.2", ("single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight"), None),
@@ -21,7 +21,7 @@ _UNSUPPORTED_FILE_MARKERS = (
                 "distilled_guidance_layer.norms.0.scale", "distilled_guidance_layer.0.norms.0.scale"), None),
     ("HunyuanVideo", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",
                       "txt_in.individual_token_refiner.blocks.0.norm1.weight"), None),
-    ("Qwen-Image", ("txt_norm.weight", "txt_in.text_norm.weight"), "transformer_blocks."),
+    ("Qwen-Image 2.1", ("txt_in.text_norm.weight",), None),  # Qwen-Image itself (txt_norm): the qwen_image family
     ("Z-Image", ("layers.0.adaLN_modulation.0.weight",), None),
     ("Lumina 2", ("cap_embedder.0.weight", "cap_embedder.1.weight"), None),
     ("Wan", ("head.modulation",), None),
