@@ -93,5 +93,15 @@ def _sd3_last_block_text_queries(model: Path) -> set[str]:
     return {f"transformer_blocks.{n - 1}.attn.add_q_proj"}
 
 
+def _qwen_last_block_text_stream(model: Path) -> set[str]:
+    """Qwen-Image's output is the image stream's alone: the last block's text-stream outputs (its text queries'
+    attention output and what follows) are computed and never read."""
+    import json
+
+    n = json.loads((Path(model) / "transformer" / "config.json").read_text())["num_layers"]
+    return {f"transformer_blocks.{n - 1}.attn.add_q_proj", f"transformer_blocks.{n - 1}.attn.to_add_out"}
+
+
 # Denoiser modules a family's LoRA cannot train (their output is never read), by the tiny model's folder.
-NO_GRADIENT: dict[str, Callable[[Path], set[str]]] = {"sd3": _sd3_last_block_text_queries}
+NO_GRADIENT: dict[str, Callable[[Path], set[str]]] = {"sd3": _sd3_last_block_text_queries,
+                                                      "qwen_image": _qwen_last_block_text_stream}

@@ -15,7 +15,7 @@ DEFAULT = "qwen-image"
 
 QWEN_Z_DIM = 16  # as real
 QWEN_TEXT_HIDDEN = 32  # Qwen2.5-VL-7B: 3584 (= joint_attention_dim)
-QWEN_NUM_LAYERS, QWEN_NUM_HEADS, QWEN_HEAD_DIM = 2, 2, 16  # real 60 x 24 x 128
+QWEN_NUM_LAYERS, QWEN_NUM_HEADS, QWEN_HEAD_DIM = 3, 2, 16  # real 60 x 24 x 128 (3: the last block's unread text stream is a minority)
 QWEN_AXES_DIMS_ROPE = (4, 6, 6)  # real (16, 56, 56); sums to the head dim
 # Real: 0.0 mean / 1.0 std nowhere; values of the real model's magnitude (its stds are 1.6 - 3.2).
 QWEN_LATENTS_MEAN = [round(0.1 * i - 0.8, 2) for i in range(QWEN_Z_DIM)]
