@@ -25,8 +25,8 @@ from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
 from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
-TINY = ["flux1-dev", "flux1-schnell", "sd3"]
-FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3"}
+TINY = ["flux1-dev", "flux1-schnell", "sd3", "qwen-image"]
+FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "qwen-image": "qwen_image"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
@@ -90,6 +90,9 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
     if FAMILY[name] == "flux1":
         assert {"img_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"} <= bare
         assert ("guidance_in.in_layer.weight" in bare) == (name == "flux1-dev")
+    elif FAMILY[name] == "qwen_image":  # ComfyUI's qwen_image_bf16.safetensors: diffusers' names
+        assert {"img_in.weight", "txt_norm.weight", "txt_in.weight", "transformer_blocks.2.img_mod.1.weight",
+                "transformer_blocks.0.attn.add_q_proj.weight", "norm_out.linear.weight"} <= bare
     else:
         assert {"pos_embed", "joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.1.context_block.attn.qkv.weight",
                 "x_embedder.proj.weight", "y_embedder.mlp.0.weight"} <= bare
