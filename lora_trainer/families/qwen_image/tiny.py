@@ -20,6 +20,15 @@ QWEN_AXES_DIMS_ROPE = (4, 6, 6)  # real (16, 56, 56); sums to the head dim
 # Real: 0.0 mean / 1.0 std nowhere; values of the real model's magnitude (its stds are 1.6 - 3.2).
 QWEN_LATENTS_MEAN = [round(0.1 * i - 0.8, 2) for i in range(QWEN_Z_DIM)]
 QWEN_LATENTS_STD = [round(1.5 + 0.1 * i, 2) for i in range(QWEN_Z_DIM)]
+# The words of QwenImagePipeline's prompt template, one token each as in Qwen's real vocabulary: the pipeline drops
+# the template's first 34 tokens (prompt_template_encode_start_idx), which are then exactly its system turn and the
+# user turn's opening, as with the real tokenizer (spelt byte by byte, the template would leave ~70 system tokens
+# in every embedding and push the caption past max_sequence_length).
+# (BPE applies the lowest-ranked merge first, and the extra words' merges rank in this order: "system" before
+# "texture" (t+e), "texture" before "relationships" (r+e), "relationships" before "shape" (s+h).)
+QWEN_TEMPLATE_WORDS = ("system", "texture", "relationships", "user", "assistant", "Describe", "the", "image", "by",
+                       "detailing", "color", "shape", "size", "quantity", "text", "spatial", "of", "objects", "and",
+                       "background")
 # Qwen-Image's scheduler_config.json.
 QWEN_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                       base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
@@ -49,7 +58,7 @@ def _pipeline():
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
 
-    tokenizer = make_tiny_qwen_tokenizer()
+    tokenizer = make_tiny_qwen_tokenizer(extra_words=QWEN_TEMPLATE_WORDS)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=4 * QWEN_Z_DIM, out_channels=QWEN_Z_DIM, num_layers=QWEN_NUM_LAYERS,
         attention_head_dim=QWEN_HEAD_DIM, num_attention_heads=QWEN_NUM_HEADS, joint_attention_dim=QWEN_TEXT_HIDDEN,
