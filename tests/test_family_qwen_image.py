@@ -237,3 +237,64 @@ def test_init_lora_from_either_export(tmp_path, tiny_models, dataset, file):
     assert any(e.get("phase") == "init_lora" for e in cont.of_type("status"))
     want, got = load_file(tmp_path / "src" / "lora.safetensors"), load_file(tmp_path / "cont" / "lora.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# What Qwen/Qwen-Image holds beside the pipeline's files: pickles, other precisions and root single files must not
+# come along (none of them is needed), while the sharded transformer and text encoder and every tokenizer file must.
+QWEN_DECOYS = {
+    "qwen_image_bf16.safetensors": b"decoy root single-file transformer" * 64,
+    "transformer/diffusion_pytorch_model.bf16-00001-of-00002.safetensors": b"decoy bf16 shard" * 64,
+    "text_encoder/pytorch_model-00001-of-00002.bin": b"\x80\x04decoy pickle shard" * 64,
+    "text_encoder/pytorch_model.bin.index.json": b'{"weight_map": {}}',
+    "tokenizer/pytorch_model.bin": b"\x80\x04decoy pickle in a tokenizer folder" * 8,
+}
+
+
+def _shard(folder: Path, stem: str) -> None:
+    """The component's single weights file as save_pretrained shards a big one: two shards and an index."""
+    import shutil
+
+    single = folder / f"{stem}.safetensors"
+    for i in (1, 2):
+        shutil.copy(single, folder / f"{stem}-0000{i}-of-00002.safetensors")
+    single.unlink()
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": f"{stem}-00001-of-00002.safetensors", "b": f"{stem}-00002-of-00002.safetensors"}}))
+
+
+def test_hub_repo_downloads_the_sharded_pipeline_and_tokenizer_only(tmp_path, tiny_models):
+    import shutil
+    import subprocess
+    import sys
+
+    from fake_hub import FakeHub
+    from test_hub_download import hub_env
+
+    from lora_trainer.preflight.probe import probe_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen-image"], model)
+    _shard(model / "transformer", "diffusion_pytorch_model")
+    _shard(model / "text_encoder", "model")
+    for name, text in (("vocab.json", "{}"), ("merges.txt", "#version: 0.2\n"), ("added_tokens.json", "{}"),
+                       ("special_tokens_map.json", "{}")):  # what the real tokenizer folder holds beside these
+        (model / "tokenizer" / name).write_text(text)
+    files = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()}
+    assert {"tokenizer/chat_template.jinja", "tokenizer/tokenizer_config.json",
+            "text_encoder/model.safetensors.index.json"} <= files
+    repo, hf_home, hub = "fake-org/tiny-qwen-image", tmp_path / "hf_home", FakeHub()
+    hub.add_repo(repo, model, QWEN_DECOYS)
+    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
+            "print(download_from_hub(sys.argv[1], lambda *a: None))")
+    with hub:
+        proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
+                              cwd=Path(__file__).resolve().parents[1], check=False, capture_output=True, text=True,
+                              timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (snap,) = (hf_home / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir()
+    # generation_config.json is for text generation, which the encoder never does
+    assert {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()} == \
+        files - {"text_encoder/generation_config.json"}
+    assert not hub.requested_files(repo) & set(QWEN_DECOYS) and not hub.unexpected
+    probe = probe_model(str(snap))
+    assert probe.ok and probe.family == "qwen_image", probe.problems
