@@ -298,3 +298,12 @@ def test_hub_repo_downloads_the_sharded_pipeline_and_tokenizer_only(tmp_path, ti
     assert not hub.requested_files(repo) & set(QWEN_DECOYS) and not hub.unexpected
     probe = probe_model(str(snap))
     assert probe.ok and probe.family == "qwen_image", probe.problems
+
+
+def test_train_text_encoder_is_a_config_error_naming_the_key(tmp_path, tiny_models, dataset):
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models["qwen-image"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,
+                       train_text_encoder=True)
+    res = run_cli("--config", str(cfg), "--validate-only")
+    errors = res.last("validation")["errors"]
+    assert res.returncode != 0 and [e["path"] for e in errors] == ["train_text_encoder"], errors
