@@ -194,7 +194,8 @@ class ModelFamily:
             from ..objectives.flow import FlowMatchingObjective, FlowSettings
 
             return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec, comps.variant),
-                                                      **resolution_shift_constants(comps.scheduler_config)),
+                                                      **resolution_shift_constants(
+                                                          getattr(comps, "scheduler_config", None) or {})),
                                          patch_size=self.latent_patch)
         from diffusers import DDPMScheduler
 
