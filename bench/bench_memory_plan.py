@@ -55,6 +55,10 @@ def _meta_components(family: str) -> dict:
     with torch.device("meta"):
         if family == "flux1":
             return models.build_flux_components("full", clip_vocab=models.REAL_VOCAB, t5_vocab=models.REAL_T5_VOCAB)
+        if family == "qwen_image":
+            from bench.qwen_image import meta_components
+
+            return meta_components()
         return models.build_components("full", vocab_size=models.REAL_VOCAB)
 
 
@@ -68,6 +72,11 @@ def make_folder(root: Path, family: str) -> Path:
                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
         index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1", **comps}
+    elif family == "qwen_image":
+        comps = {"transformer": ["diffusers", "QwenImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKLQwenImage"],
+                 "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                 "tokenizer": ["transformers", "Qwen2Tokenizer"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+        index = {"_class_name": "QwenImagePipeline", "_diffusers_version": "0.42.1", **comps}
     else:
         comps = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "text_encoder": ["transformers", "CLIPTextModel"],
@@ -80,10 +89,16 @@ def make_folder(root: Path, family: str) -> Path:
     for comp in comps:
         d = root / comp
         d.mkdir(exist_ok=True)
-        if comp == "scheduler":
+        if comp == "scheduler" and family == "qwen_image":
+            from lora_trainer.families.qwen_image.tiny import QWEN_SCHEDULER
+            (d / "scheduler_config.json").write_text(json.dumps(QWEN_SCHEDULER))
+        elif comp == "scheduler":
             (d / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon", "shift": 3.0}))
         elif comp.startswith("tokenizer"):  # the tiny builders' tokenizers: the plan never reads them
-            if "T5" in comps[comp][1]:
+            if "Qwen" in comps[comp][1]:
+                from lora_trainer.testing.qwen import make_tiny_qwen_tokenizer
+                make_tiny_qwen_tokenizer().save_pretrained(d)
+            elif "T5" in comps[comp][1]:
                 from lora_trainer.testing.t5 import make_tiny_t5_tokenizer
                 make_tiny_t5_tokenizer().save_pretrained(d)
             else:

@@ -431,6 +431,12 @@ def check_flux(ctx: Ctx, c: Check) -> None:
         c.problems += sub.problems
 
 
+def check_qwen(ctx: Ctx, c: Check) -> None:
+    from bench.qwen_image import check_qwen as run_check
+
+    run_check(ctx, c, run_cli=run_cli, expect_completed=expect_completed, mem_max=mem_max, steady=_steady, log=log)
+
+
 def check_sigterm_resume(ctx: Ctx, c: Check) -> None:
     """SIGTERM after step N: exit 143, `interrupted` + checkpoint, time to exit; resume "auto" vs uninterrupted."""
     if ctx.reference is None:  # the train check did not run or failed: make an uninterrupted run of our own
@@ -562,6 +568,8 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
     if not ctx.args.no_flux2:  # FLUX.2 (bench/device_flux2.py): klein 9B full size by default
         items.append((f"flux2-{ctx.args.flux2_variant}/{ctx.flux2_size}", -2,
                       partial(check_flux2, ctx, sys.modules[__name__])))
+    if not ctx.args.no_qwen:  # full size unless --tiny (bench/qwen_image.py; its time estimated as FLUX's)
+        items.append((f"qwen-image/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -1, partial(check_qwen, ctx)))
     items += [("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
              (f"train/sd15/{other}", 1, partial(check_train, ctx, family="sd15", precision=other)),
              ("dora", 1, partial(check_dora, ctx)),
@@ -625,6 +633,7 @@ def main() -> int:
     ap.add_argument("--no-flux2", action="store_true", help="skip the FLUX.2 check")
     ap.add_argument("--flux2-variant", choices=("klein-9b", "klein-4b", "dev"), default="klein-9b",
                     help="FLUX.2 check's model (dev's 32 B transformer is 64 GB in bf16: int8 only fits a card)")
+    ap.add_argument("--no-qwen", action="store_true", help="skip the Qwen-Image check (full size: 41 GB on disk)")
     ap.add_argument("--flux-steps", type=int, default=0, help="steps per FLUX run (default 8 at 512 px, 6 at 1024)")
     ap.add_argument("--flux-dir", help="where the FLUX model is built (reused if there, and kept); default: the "
                                        "temp folder")

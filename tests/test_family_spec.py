@@ -22,7 +22,9 @@ README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, sc
                     "sd3": "flow: `logit_normal` sigmas, `static` shift 3.0, x0 preconditioning",
                     "flux2": "flow: `sigmoid` sigmas, `resolution` shift",
                     "flux2_klein": "flow: `sigmoid` sigmas, `resolution` shift",
-                    "zimage": "flow: `uniform` sigmas, `static` shift 3.0"}
+                    "zimage": "flow: `uniform` sigmas, `static` shift 3.0",
+                    "qwen_image": "flow: `sigmoid` sigmas, `resolution` shift (its scheduler's 0.5 / 0.9 at 256 / "
+                                  "8192 tokens)"}
 _FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
 _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
         "precondition_outputs": True}
@@ -33,7 +35,8 @@ FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "
                  ("flux2_klein", "klein-9b"): {**_FLUX, "shift": "resolution"},
                  # one variant: README lists none
                  ("zimage", None): {"sigma_sampling": "uniform", "shift": "static", "shift_value": 3.0,
-                                    "loss_weighting": "none", "precondition_outputs": False}}
+                                    "loss_weighting": "none", "precondition_outputs": False},
+                 ("qwen_image", None): {**_FLUX, "shift": "resolution"}}
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,
@@ -78,6 +81,7 @@ def test_readme_states_the_flow_defaults_of_every_variant():
     for family, text in README_OBJECTIVE.items():
         assert table[family]["objective (defaults)"] == text
         listed = set(re.findall(r"`([^`]+)`", table[family]["variants (detected)"]))
+        # None: a family without variants (its README cell names none)
         assert listed == {v for f, v in FLOW_DEFAULTS if f == family and v is not None}, \
             "FLOW_DEFAULTS covers README's variants"
     assert {f for f, s in SPECS.items() if s.is_flow} == set(README_OBJECTIVE)

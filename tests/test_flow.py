@@ -234,9 +234,14 @@ def test_larger_images_get_noisier_sigmas():
 _MU_1024 = flux_calculate_shift(4096)
 
 
+# Qwen-Image shifts by resolution with its own scheduler's constants (0.5 at 256 tokens to 0.9 at 8192).
+_QWEN_MU_1024 = flux_calculate_shift(4096, 256, 8192, 0.5, 0.9)
+
+
 @pytest.mark.parametrize("family,variant,median", [
     ("flux1", "schnell", 0.5), ("flux1", "dev", math.exp(_MU_1024) / (math.exp(_MU_1024) + 1)),
     ("sd3", "sd3.5-large", 3.0 * 0.5 / (1 + 2.0 * 0.5)),
+    ("qwen_image", None, math.exp(_QWEN_MU_1024) / (math.exp(_QWEN_MU_1024) + 1)),
 ])
 def test_family_defaults_train_at_the_samplers_median_sigma_at_1024px(family, variant, median):
     """The objective a run builds from the family's defaults for the loaded variant (sigmoid(N(0, 1)) and
@@ -245,7 +250,10 @@ def test_family_defaults_train_at_the_samplers_median_sigma_at_1024px(family, va
 
     from lora_trainer.families import get_family
 
-    objective = get_family(family).objective(SimpleNamespace(variant=variant))
+    from lora_trainer.families.qwen_image.tiny import QWEN_SCHEDULER
+
+    sched = QWEN_SCHEDULER if family == "qwen_image" else {}  # the others' constants are FlowSettings' defaults
+    objective = get_family(family).objective(SimpleNamespace(variant=variant, scheduler_config=sched))
     seq_len = objective.image_seq_len(torch.zeros(1, 16, 1024 // 8, 1024 // 8))
     assert seq_len == 4096
     sigmas = objective.sample_sigmas(N_DRAWS, seq_len, "cpu", gen(41))

@@ -76,20 +76,41 @@ def _zimage_rules(pipe, lora: Path, checkpoint: Path) -> None:
         assert f"{orig}.weight" in native, f"{m}: no {orig}.weight in the original layout"
 
 
+def _qwen_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI (the only UI with a Qwen-Image model; Forge and A1111 have none) loads every key, with its alpha,
+    onto exactly the modules the run trained."""
+    from comfy_qwen_rules import comfy_load, missing_targets, patched_modules
+
+    sd = load_file(lora)
+    keys = list(sd)
+    cfg = dict(pipe.transformer.config)
+    _, unloaded = comfy_load(keys, cfg)
+    assert unloaded == [], f"ComfyUI leaves keys unloaded: {unloaded[:5]}"
+    assert missing_targets(keys, cfg) == [], "ComfyUI maps keys onto missing weights"
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    assert patched_modules(keys, cfg) == trained, "ComfyUI patches other modules than the trained ones"
+    alphas = [k for k in keys if k.endswith(".alpha")]
+    assert len(alphas) == len(trained), "every module needs its .alpha (ComfyUI ignores metadata)"
+    renamed = [k.replace("diffusion_model.", "diffusion_model.model.", 1) for k in keys]
+    assert comfy_load(renamed, cfg)[1], "negative control: renamed keys must not load"
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
     # FLUX.2: ComfyUI's generic diffusion_model. / lora_unet_ maps over BFL's names (no text-encoder LoRA)
     "flux2": _dit_rules("flux2", ()), "flux2_klein": _dit_rules("flux2", ()),
     "zimage": _zimage_rules,
+    "qwen_image": _qwen_rules,
 }
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
-# Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
 # FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
-# through its converter); SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
-DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage"}
+# and Qwen-Image's diffusion_model. names through their converters); SD3's kohya/SAI file with fused q/k/v it
+# does not: its users take the PEFT file.
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:
@@ -100,5 +121,15 @@ def _sd3_last_block_text_queries(model: Path) -> set[str]:
     return {f"transformer_blocks.{n - 1}.attn.add_q_proj"}
 
 
+def _qwen_last_block_text_stream(model: Path) -> set[str]:
+    """Qwen-Image's output is the image stream's alone: the last block's text-stream outputs (its text queries'
+    attention output and what follows) are computed and never read."""
+    import json
+
+    n = json.loads((Path(model) / "transformer" / "config.json").read_text())["num_layers"]
+    return {f"transformer_blocks.{n - 1}.attn.add_q_proj", f"transformer_blocks.{n - 1}.attn.to_add_out"}
+
+
 # Denoiser modules a family's LoRA cannot train (their output is never read), by the tiny model's folder.
-NO_GRADIENT: dict[str, Callable[[Path], set[str]]] = {"sd3": _sd3_last_block_text_queries}
+NO_GRADIENT: dict[str, Callable[[Path], set[str]]] = {"sd3": _sd3_last_block_text_queries,
+                                                      "qwen_image": _qwen_last_block_text_stream}

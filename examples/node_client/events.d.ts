@@ -72,7 +72,7 @@ export interface RunStartedEvent {
   time: string;
   version: string;
   pid?: number;
-  family: "sd15" | "sd2" | "sdxl" | "flux1" | "sd3";
+  family: "sd15" | "sd2" | "sdxl" | "flux1" | "sd3" | "flux2" | "flux2_klein" | "zimage" | "qwen_image";
   config?: {
     [k: string]: unknown | undefined;
   };

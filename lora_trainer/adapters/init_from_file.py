@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # torch is imported lazily: preflight (header_problems) runs 
     import torch
 
 _KOHYA = re.compile(r"^(lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
-_PEFT = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
-                   r"lora_magnitude_vector(?:\.weight)?|dora_scale)$")
+# PEFT names; "diffusion_model." is the denoiser's in the ComfyUI files of the DiT families that keep diffusers'
+# module names (Qwen-Image's, ai-toolkit's), which carry a per-module .alpha.
+_PEFT = re.compile(r"^(unet|transformer|diffusion_model|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|"
+                   r"lora_B\.weight|lora_magnitude_vector(?:\.weight)?|dora_scale|alpha)$")
 
 
 def _problem(message: str, value: Any, allowed: str) -> ConfigError:
@@ -158,8 +160,8 @@ def _names_for(kohya: KohyaNames | None, component: str, path: str) -> list[str]
     """Every name a file may use for this module: kohya (``kohya``: the family's kohya SD names, None for a family
     without; SGM for SDXL, and the diffusers-named variant some trainers write), and PEFT with or without the
     text_model level."""
-    if component == "transformer":  # our ComfyUI file and the PEFT file name transformer modules alike
-        return [f"transformer.{path}"]
+    if component == "transformer":  # the PEFT file and FLUX.1's tool file; Qwen-Image's tool file
+        return [f"transformer.{path}", f"diffusion_model.{path}"]
     names = [kohya(component, path)] if kohya is not None else []
     if component == "unet":
         names.append("lora_unet_" + path.replace(".", "_"))

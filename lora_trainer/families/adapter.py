@@ -34,6 +34,18 @@ class Components:
         return [*self.denoisers.values(), self.vae, *self.text_encoders.values()]
 
 
+# FlowSettings field <- the scheduler config key the pipelines' calculate_shift reads for it.
+_SHIFT_KEYS = {"base_shift": "base_shift", "max_shift": "max_shift", "base_seq_len": "base_image_seq_len",
+               "max_seq_len": "max_image_seq_len"}
+
+
+def resolution_shift_constants(scheduler_config: Mapping) -> dict:
+    """The "resolution" shift's constants from the model's own scheduler config, as its pipeline computes mu for
+    sampling (Qwen-Image: 0.5 at 256 tokens to 0.9 at 8192); keys it lacks keep FlowSettings' (FLUX's) defaults,
+    which FLUX.1-dev's config repeats."""
+    return {field: scheduler_config[key] for field, key in _SHIFT_KEYS.items()
+            if scheduler_config.get(key) is not None}
+
 class ModelFamily:
     """Base class. Subclasses set the class attributes and implement encode_text / predict."""
 
@@ -181,7 +193,9 @@ class ModelFamily:
             from .spec import flow_options
             from ..objectives.flow import FlowMatchingObjective, FlowSettings
 
-            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec, comps.variant)),
+            return FlowMatchingObjective(FlowSettings(**flow_options(cfg, self.spec, comps.variant),
+                                                      **resolution_shift_constants(
+                                                          getattr(comps, "scheduler_config", None) or {})),
                                          patch_size=self.latent_patch)
         from diffusers import DDPMScheduler
 

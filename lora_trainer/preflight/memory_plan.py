@@ -179,7 +179,8 @@ def _weight_copies(shapes: dict[str, list[int]], fmt: str, b: int, *, keep: str 
 def _vae_encode_bytes(vae_cfg: dict, resolution: int, batch: int) -> int:
     """The VAE encoder's peak working memory for one batch (``_VAE_ENCODE_MAPS``): what an uncached step needs
     before the denoiser runs."""
-    width = int((vae_cfg.get("block_out_channels") or [128])[0])
+    # AutoencoderKL names its first width block_out_channels[0]; Qwen-Image's (Wan's) causal VAE base_dim.
+    width = int((vae_cfg.get("block_out_channels") or [vae_cfg.get("base_dim") or 128])[0])
     return batch * _VAE_ENCODE_MAPS * width * resolution ** 2 * 4
 
 

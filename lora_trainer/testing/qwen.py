@@ -30,9 +30,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def qwen_vocab_and_merges(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE in GPT-2's space convention ("Ġ" marks a leading space): 256 byte symbols, merges for the
-    caption words with and without a leading space, then the special tokens."""
+    caption words (and ``extra_words``) with and without a leading space, then the special tokens."""
     # GPT-2's table: printable bytes map to themselves, the rest to code points from 256 up (space -> "Ġ").
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in printable]
@@ -47,7 +47,7 @@ def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
             merges.append((a, b))
 
     space = char[ord(" ")]  # "Ġ"
-    for word in _WORDS:
+    for word in (*extra_words, *_WORDS):  # extra words first: their merges rank first, so they come out whole
         add(space, word[0])
         for syms in (list(word), [space + word[0], *word[1:]]):
             cur = syms[0]
@@ -62,12 +62,14 @@ def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def make_tiny_qwen_tokenizer(max_length: int = 1024):
-    """A Qwen2Tokenizer over the tiny vocab, padding with <|endoftext|> on the right as the real one does."""
+def make_tiny_qwen_tokenizer(max_length: int = 1024, extra_words: tuple[str, ...] = ()):
+    """A Qwen2Tokenizer over the tiny vocab, padding with <|endoftext|> on the right as the real one does.
+    ``extra_words`` get whole-word tokens too: a pipeline that drops a fixed count of template tokens (Qwen-Image's
+    34) needs its template's words to be one token each, as the real vocabulary has them."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = qwen_vocab_and_merges()
+    vocab, merges = qwen_vocab_and_merges(extra_words)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", model_max_length=max_length,
                          extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",

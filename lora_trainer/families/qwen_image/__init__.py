@@ -1,0 +1,1 @@
+"""The qwen_image family folder: see families/README.md."""
