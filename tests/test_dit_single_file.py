@@ -25,9 +25,9 @@ from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
 from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
-TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "qwen-image"]
+TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
-          "flux2-klein-4b": "flux2_klein", "qwen-image": "qwen_image"}
+          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
@@ -95,6 +95,9 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
         assert {"img_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.2.linear1.weight",
                 "single_stream_modulation.lin.weight", "final_layer.adaLN_modulation.1.weight"} <= bare
         assert ("guidance_in.in_layer.weight" in bare) == (name == "flux2-dev") and "vector_in.in_layer.weight" not in bare
+    elif FAMILY[name] == "zimage":  # ComfyUI's z_image_turbo_bf16.safetensors: Lumina 2's names, fused qkv
+        assert {"cap_embedder.1.weight", "layers.0.attention.qkv.weight", "layers.0.attention.out.weight",
+                "noise_refiner.0.adaLN_modulation.0.weight", "context_refiner.0.attention.qkv.weight"} <= bare
     elif FAMILY[name] == "qwen_image":  # ComfyUI's qwen_image_bf16.safetensors: diffusers' names
         assert {"img_in.weight", "txt_norm.weight", "txt_in.weight", "transformer_blocks.2.img_mod.1.weight",
                 "transformer_blocks.0.attn.add_q_proj.weight", "norm_out.linear.weight"} <= bare
