@@ -217,8 +217,6 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
                "transformer layers only)", "false")
     if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
         refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
-    if cfg.train_text_encoder and not spec.lora_text_encoders:  # Qwen-Image: a 7 B VLM, its embeddings cached
-        refuse("train_text_encoder", f"{spec.label} trains no text-encoder LoRA", "false")
     if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:
         m = spec.pixel_multiple
         errors.append(_issue("config_invalid", "resolution", f"{spec.label} needs image sides that are multiples of "
