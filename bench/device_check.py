@@ -437,6 +437,24 @@ def check_qwen(ctx: Ctx, c: Check) -> None:
     run_check(ctx, c, run_cli=run_cli, expect_completed=expect_completed, mem_max=mem_max, steady=_steady, log=log)
 
 
+def check_zimage(ctx: Ctx, c: Check) -> None:
+    """bench/zimage_check.py in a child: the CLI on full-size Z-Image (or the tiny one), bf16, fp8 base, bf16 with
+    checkpointing; s/step and peak memory beside the plan."""
+    out = ctx.tmp / "zimage.json"
+    tiny = ["--tiny"] if ctx.flux_size == "tiny" else []
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "zimage_check.py"), "--out", str(out),
+                           "--device", str(ctx.device), *tiny], cwd=ROOT, capture_output=True, text=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    c.details["zimage"] = results
+    for name, r in results.items():
+        if isinstance(r, dict):
+            c.numbers[f"{name}_exit"] = r.get("exit")
+            for k in ("s_per_step", "gpu_peak_gb", "plan_gb"):
+                if r.get(k) is not None:
+                    c.numbers[f"{name}_{k}"] = r[k]
+    c.require(proc.returncode == 0, f"zimage_check exit {proc.returncode}: {proc.stderr[-1500:]}")
+
+
 def check_sigterm_resume(ctx: Ctx, c: Check) -> None:
     """SIGTERM after step N: exit 143, `interrupted` + checkpoint, time to exit; resume "auto" vs uninterrupted."""
     if ctx.reference is None:  # the train check did not run or failed: make an uninterrupted run of our own
@@ -570,6 +588,8 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
                       partial(check_flux2, ctx, sys.modules[__name__])))
     if not ctx.args.no_qwen:  # full size unless --tiny (bench/qwen_image.py; its time estimated as FLUX's)
         items.append((f"qwen-image/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -1, partial(check_qwen, ctx)))
+    if not ctx.args.no_zimage:  # bench/zimage_check.py: full size unless --tiny (its time estimated as FLUX's)
+        items.append((f"zimage/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -1, partial(check_zimage, ctx)))
     items += [("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
              (f"train/sd15/{other}", 1, partial(check_train, ctx, family="sd15", precision=other)),
              ("dora", 1, partial(check_dora, ctx)),
@@ -633,6 +653,7 @@ def main() -> int:
     ap.add_argument("--no-flux2", action="store_true", help="skip the FLUX.2 check")
     ap.add_argument("--flux2-variant", choices=("klein-9b", "klein-4b", "dev"), default="klein-9b",
                     help="FLUX.2 check's model (dev's 32 B transformer is 64 GB in bf16: int8 only fits a card)")
+    ap.add_argument("--no-zimage", action="store_true", help="skip the Z-Image check (full size: 12 GB built on the card)")
     ap.add_argument("--no-qwen", action="store_true", help="skip the Qwen-Image check (full size: 41 GB on disk)")
     ap.add_argument("--flux-steps", type=int, default=0, help="steps per FLUX run (default 8 at 512 px, 6 at 1024)")
     ap.add_argument("--flux-dir", help="where the FLUX model is built (reused if there, and kept); default: the "

@@ -205,3 +205,25 @@ def test_train_text_encoder_is_refused(tmp_path, tiny_models, dataset):
     res = run_cli("--config", str(cfg), "--validate-only")
     assert res.returncode != 0
     assert any(e["path"] == "train_text_encoder" for e in res.last("validation")["errors"])
+
+
+@pytest.mark.parametrize("file", ["lora.safetensors", "pytorch_lora_weights.safetensors"])
+def test_init_lora_from_either_export(tmp_path, tiny_models, dataset, file):
+    """A run continues either exported file (the ComfyUI one: diffusion_model. names with .alpha): with a vanishing
+    learning rate it writes the same LoRA back."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli, write_config
+
+    common = {"dataset_path": str(dataset), "base_model": str(tiny_models["zimage"]), "trigger_words": ["ohwx"],
+              "resolution": 64, "min_bucket_resolution": 64, "lora_rank": 4, "lora_alpha": 8}
+    src = run_cli("--config", str(write_config(tmp_path / "src.json", output_path=str(tmp_path / "src"),
+                                               learning_rate=1e-2, max_train_steps=2, **common)))
+    assert src.returncode == 0, src.stderr[-3000:]
+    cont = run_cli("--config", str(write_config(
+        tmp_path / "cont.json", output_path=str(tmp_path / "cont"), init_lora=str(tmp_path / "src" / file),
+        learning_rate=1e-12, weight_decay=0.0, max_train_steps=1, **common)))
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    assert any(e.get("phase") == "init_lora" for e in cont.of_type("status"))
+    want, got = load_file(tmp_path / "src" / "lora.safetensors"), load_file(tmp_path / "cont" / "lora.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
