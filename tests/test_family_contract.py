@@ -44,12 +44,13 @@ def _id(pair) -> str:
 
 def _expected(family: str, name: str, model: Path) -> tuple[str | None, str]:
     """(variant, prediction type) of a tiny model, from its own files: the signature's rule on the denoiser's
-    config and the scheduler config, as the trainer reads them."""
+    config (then on the name, for a release whose files are another's) and the scheduler config, as the trainer
+    reads them."""
     from lora_trainer.families import get_signature
 
     spec = SPECS[family]
     config = json.loads((model / spec.denoisers[0] / "config.json").read_text())
-    variant = get_signature(family).variant(config)[0]
+    variant = get_signature(family).named_variant(str(model), get_signature(family).variant(config)[0])
     if spec.is_flow:
         return variant, "flow"
     sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())

@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,24 @@ def test_train_text_encoder_is_a_config_error_naming_the_key(tmp_path, tiny_mode
     res = run_cli("--config", str(cfg), "--validate-only")
     errors = res.last("validation")["errors"]
     assert res.returncode != 0 and [e["path"] for e in errors] == ["train_text_encoder"], errors
+
+
+@pytest.mark.parametrize("name,want", [
+    ("Qwen/Qwen-Image-2512", "2512"), ("/models/qwen_image_2512_fp8_e4m3fn.safetensors", "2512"),
+    ("/data/Qwen-Image-2512/", "2512"), ("Qwen/Qwen-Image", None), ("/models/qwen_image_bf16.safetensors", None),
+    ("/runs/2512/Qwen-Image", None)])
+def test_2512_is_told_by_its_name(name, want):
+    """Qwen-Image-2512's files are Qwen-Image's: the variant comes from the name it is given by."""
+    from lora_trainer.families import get_signature
+
+    assert get_signature("qwen_image").named_variant(name, None) == want
+
+
+def test_the_probe_names_2512_by_its_folder(tmp_path, tiny_models):
+    from lora_trainer.preflight.probe import probe_model
+
+    folder = tmp_path / "Qwen-Image-2512"
+    shutil.copytree(tiny_models["qwen-image"], folder)
+    probe = probe_model(str(folder))
+    assert probe.ok and (probe.family, probe.variant) == ("qwen_image", "2512") and "by its name" in probe.family_evidence
+    assert probe_model(str(tiny_models["qwen-image"])).variant is None

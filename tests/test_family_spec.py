@@ -36,7 +36,8 @@ FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "
                  # one variant: README lists none
                  ("zimage", None): {"sigma_sampling": "uniform", "shift": "static", "shift_value": 3.0,
                                     "loss_weighting": "none", "precondition_outputs": False},
-                 ("qwen_image", None): {**_FLUX, "shift": "resolution"}}
+                 ("qwen_image", None): {**_FLUX, "shift": "resolution"},
+                 ("qwen_image", "2512"): {**_FLUX, "shift": "resolution"}}
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,

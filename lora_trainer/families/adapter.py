@@ -151,10 +151,13 @@ class ModelFamily:
         return "flow" if self.spec.is_flow else (sched_cfg.get("prediction_type") or "epsilon")
 
     def variant_of(self, denoisers: dict[str, torch.nn.Module]) -> str | None:
-        """The variant by the rule the probe applies to config.json (the family's signature)."""
+        """The variant by the rules the probe applies: config.json, then the name (the family's signature)."""
         from . import get_signature
 
-        return get_signature(self.name).variant(dict(denoisers[self.spec.denoisers[0]].config))[0]
+        sig = get_signature(self.name)
+        variant = sig.variant(dict(denoisers[self.spec.denoisers[0]].config))[0]
+        base_model = getattr(self.cfg, "base_model", None) if self.cfg is not None else None
+        return sig.named_variant(str(base_model), variant) if base_model else variant
 
     def with_prediction_type(self, comps: Components, prediction_type: str) -> Components:
         """The same components, trained and sampled for another prediction type (an explicit config override)."""

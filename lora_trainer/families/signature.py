@@ -128,6 +128,13 @@ DistillRule = Callable[[DistillFacts], "Distilled | None"]
 
 def not_distilled(facts: DistillFacts) -> None:
     return None  # a family without distilled releases
+
+
+NamedVariant = Callable[[str, "str | None"], "str | None"]
+
+
+def variant_as_configured(name: str, variant: str | None) -> str | None:
+    return variant  # the files tell every variant of the family apart
 FileRule = Callable[[FileKeys], "Match | Refusal | None"]
 
 
@@ -154,3 +161,6 @@ class Signature:
     lora_layout: tuple[str, tuple[str, ...]] | None
     # Whether a recognised model is a distilled release that should not be trained on directly (a warning).
     distilled: DistillRule = not_distilled
+    # (base_model as written, the variant its files tell) -> the variant: for a release whose files are another
+    # variant's (Qwen-Image-2512's are Qwen-Image's), told by its name alone. Probe and adapter both apply it.
+    named_variant: NamedVariant = variant_as_configured

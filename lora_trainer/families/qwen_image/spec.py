@@ -1,8 +1,9 @@
 """Qwen-Image (and its 2512 release) as plain data (torch-free).
 
-One variant: Qwen-Image-2512 ships the same pipeline, transformer, VAE, text encoder and scheduler config as
-Qwen-Image (families-2026 section 3: no code path in diffusers, ai-toolkit, SimpleTuner or musubi-tuner tells them
-apart), so nothing in its files says which it is and both train with the same defaults."""
+Qwen-Image-2512 ships the same pipeline, transformer, VAE, text encoder and scheduler config as Qwen-Image
+(families-2026 section 3: no code path in diffusers, ai-toolkit, SimpleTuner or musubi-tuner tells them apart): it is
+the variant "2512" by its name alone (signature.py ``named_variant``), with the same defaults and tool names, and its
+own repo for a single file's configs."""
 from __future__ import annotations
 
 from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
@@ -43,7 +44,7 @@ SPEC = FamilySpec(
     sample_guidance=4.0, train_guidance={},
     # The pipeline's __call__ default and diffusers' training script's (the encoder takes up to 1024).
     max_sequence_length={None: 512},
-    single_file_config_repo={None: "Qwen/Qwen-Image"}, gated_repos=(),
+    single_file_config_repo={None: "Qwen/Qwen-Image", "2512": "Qwen/Qwen-Image-2512"}, gated_repos=(),
     blocks=("transformer_blocks",),
     # Qwen2.5-VL-7B's last hidden state, 3584 wide, one row per token after the 34 template tokens; no pooled
     # vector (the valid-token mask beside it is 1/3584 of the entry).

@@ -9,8 +9,8 @@ from __future__ import annotations
 from ...testing.parts import seeded
 from ...testing.qwen import QWEN_VOCAB_SIZE, make_tiny_qwen_tokenizer
 
-# tiny name -> the variant its signature reports (Qwen-Image and 2512 have the same files: one variant).
-VARIANTS = {"qwen-image": None}
+# tiny name -> the variant its signature reports: 2512 has Qwen-Image's files, told by the name (the folder's) alone.
+VARIANTS = {"qwen-image": None, "qwen-image-2512": "2512"}
 DEFAULT = "qwen-image"
 
 QWEN_Z_DIM = 16  # as real

@@ -55,6 +55,19 @@ def _probe(base_model: str, base_dir: Path) -> ModelProbe:
                 "a diffusers folder, a .safetensors file or a Hugging Face id like stabilityai/stable-diffusion-xl-base-1.0"),))
 
 
+def _named_variant(probe: ModelProbe) -> ModelProbe:
+    """The family's rule for releases told apart by name only (Qwen-Image-2512)."""
+    from ...families import get_signature
+
+    if probe.family is None:
+        return probe
+    variant = get_signature(probe.family).named_variant(probe.source, probe.variant)
+    if variant == probe.variant:
+        return probe
+    return dataclasses.replace(probe, variant=variant,
+                               family_evidence=f"{probe.family_evidence}; {variant} by its name {probe.source!r}")
+
+
 def _distilled(probe: ModelProbe) -> ModelProbe:
     """The family's distilled-release rule on what the probe found: a ``model_distilled`` warning."""
     from ...families import get_signature, get_spec
@@ -79,7 +92,7 @@ def _distilled(probe: ModelProbe) -> ModelProbe:
 
 def probe_model(base_model: str, base_dir: Path | str = ".", *, model_type: str = "auto") -> ModelProbe:
     """Inspect base_model; with an explicit model_type a different detected family is a problem."""
-    probe = _distilled(_probe(base_model, Path(base_dir)))
+    probe = _distilled(_named_variant(_probe(base_model, Path(base_dir))))
     if model_type != "auto" and probe.family is not None and probe.family != model_type:
         mismatch = problem("model_type_mismatch",
                            f"model_type is '{model_type}' but the base model is {probe.family} ({probe.family_evidence})",
