@@ -142,6 +142,27 @@ def test_sigterm_saves_and_the_resumed_sharded_run_is_bitwise_the_uninterrupted_
     assert [e["loss"] for e in _of(events, "step")] == [e["loss"] for e in _of(runs["sharded"][1], "step")][3:]
 
 
+@pytest.mark.parametrize("tiny", ["zimage", "flux2-klein-4b", "qwen-image"])
+def test_the_newer_transformer_families_train_sharded(tmp_path, tiny_models, dataset, tiny):
+    """Z-Image (list inputs, refiners), FLUX.2 (patchified latents, fused single blocks) and Qwen-Image (masked text
+    stream) through shard_base on two processes: an interval checkpoint (a collective) and a sample (every process
+    takes part), with gradient checkpointing; both processes hold the blocks' shards, not whole blocks."""
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models[tiny]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,
+                       min_bucket_resolution=64, max_train_steps=3, checkpointing_steps=2, log_every_n_steps=1,
+                       lora_rank=4, shard_base=True, gradient_checkpointing=True, validation_steps=3,
+                       validation_inference_steps=2)
+    rc, events, stderr = _two_processes(str(cfg))
+    assert rc == 0, stderr[-3000:]
+    shard = _of(events, "run_started")[0]["shard"]
+    assert shard["processes"] == 2 and shard["units"] > 2, shard
+    held = {int(r): int(a) for r, a, b in re.findall(r"rank (\d) holds (\d+) of (\d+) frozen bytes", stderr)}
+    assert sorted(held) == [0, 1] and sum(held.values()) == shard["frozen_bytes"]
+    assert max(held.values()) <= 0.75 * shard["frozen_bytes"], "each process holds a share, not the whole"
+    assert [e["step"] for e in _of(events, "checkpoint")][:1] == [2] and _of(events, "sample")
+    assert _of(events, "completed")[0]["steps"] == 3
+
+
 @pytest.mark.parametrize("extra,words", [
     ({"base_quantization": "fp8"}, "base_quantization"),
     ({"offload_blocks": 2}, "offload_blocks"),
