@@ -22,6 +22,9 @@ cache times, LoRA files. An out-of-memory exit at 1024 px is recorded as a resul
 ``--tiny`` swaps in lora_trainer.testing.tiny's flux1-dev at 64 / 128 px (the CPU dry run).
 The FLUX.2 check (``flux2-klein-9b/full``, bench/device_flux2.py) trains FLUX.2 klein 9B's published transformer
 (9.08 B, random weights) at 1024 px, bf16 and with an int8 base + gradient checkpointing; ``--tiny``: the tiny klein.
+The Z-Image check (``zimage/full``, bench/zimage_check.py in a child) trains the published 6.15 B transformer at
+1024 px in bf16, with an fp8 base, and bf16 with gradient checkpointing; the Qwen-Image check (``qwen-image/full``,
+bench/qwen_image.py) the 20.4 B transformer. Each prints s/step and peak memory beside the memory plan's figure.
 ``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 
 Right after the environment, three in-process checks (bench/device_paths.py, seconds each) run the paths only a
