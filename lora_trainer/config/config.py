@@ -104,7 +104,7 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = ()
     validation_steps: int | None = None
     num_validation_images: int = 1
-    validation_inference_steps: int = 25
+    validation_inference_steps: int | None = None  # None: the model's (families/adapter.py sample_steps)
     validation_guidance_scale: float | None = None
     output_name: str = "lora"
     save_precision: str = "fp16"

@@ -253,6 +253,17 @@ class ModelFamily:
 
         return EulerDiscreteScheduler.from_config(comps.scheduler_config)
 
+    SAMPLE_STEPS = 25
+
+    def sample_steps(self) -> int:
+        """Denoising steps per sample image: validation_inference_steps, or where it is unset the loaded model's
+        (a step-distilled release samples in a few steps: FLUX.1-schnell, klein distilled, Z-Image Turbo)."""
+        explicit = getattr(self.cfg, "validation_inference_steps", None) if self.cfg is not None else None
+        return explicit or self.default_sample_steps()
+
+    def default_sample_steps(self) -> int:
+        return self.SAMPLE_STEPS
+
     def sample_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for the pipeline call (guidance, sequence length)."""
         g = self.cfg.validation_guidance_scale if self.cfg is not None else None

@@ -88,7 +88,7 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
         with preserved_rng(), torch.no_grad():
             pipe = family.pipeline(comps)
             pipe.set_progress_bar_config(disable=True)
-            extra = family.sample_kwargs()
+            extra, steps = family.sample_kwargs(), family.sample_steps()
             for pi, prompt in enumerate(prompts_for(cfg)):
                 for k in range(cfg.num_validation_images):
                     seed = cfg.seed + 1000 * pi + k  # fixed per (prompt, index): samples are comparable over time
@@ -96,7 +96,7 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
                     text = {"prompt": prompt} if cached is None else family.prompt_kwargs(
                         cached([prompt]), cached([""]) if family.sample_negative_prompt else None)
                     with accelerator.autocast():
-                        image = pipe(**text, num_inference_steps=cfg.validation_inference_steps,
+                        image = pipe(**text, num_inference_steps=steps,
                                      height=resolution, width=resolution, generator=generator, **extra).images[0]
                     path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
                     if not main:

@@ -43,6 +43,9 @@ class Flux1(MMDiTFamily):
 
     samples_from_cache = True
 
+    def default_sample_steps(self) -> int:
+        return 4 if self.variant == "schnell" else self.SAMPLE_STEPS  # schnell is timestep-distilled: 1-4 steps
+
     def prompt_kwargs(self, cond, negative):
         return {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"]}
 

@@ -37,6 +37,9 @@ class Flux2Klein(Flux2Family):
             out["negative_prompt_embeds"] = negative["prompt_embeds"]
         return out
 
+    def default_sample_steps(self) -> int:
+        return 4 if self.is_distilled else self.SAMPLE_STEPS  # the distilled releases' model cards: 4 steps
+
     def sample_kwargs(self):
         kwargs = super().sample_kwargs()
         explicit = self.cfg.validation_guidance_scale if self.cfg is not None else None

@@ -82,6 +82,9 @@ class ZImage(ModelFamily):
 
         return FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler_config)
 
+    def default_sample_steps(self) -> int:
+        return 9 if self.turbo else self.SAMPLE_STEPS  # Turbo's model card: 9 steps (8 transformer calls)
+
     def sample_kwargs(self) -> dict[str, Any]:
         g = self.cfg.validation_guidance_scale if self.cfg is not None else None
         default = 0.0 if self.turbo else self.spec.sample_guidance
