@@ -61,6 +61,8 @@ class TrainConfig:
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     use_dora: bool = False
     init_lora: str | None = None
+    merge_lora: str | None = None
+    merge_lora_scale: float = 1.0
     train_text_encoder: bool = False
     mixed_precision: str = "auto"
     device: str = "auto"

@@ -29,6 +29,7 @@ class Components:
     scheduler_config: dict
     prediction_type: str  # "epsilon" | "v_prediction" (DDPM families) | "flow"
     variant: str | None = None  # e.g. FLUX.1 "dev" / "schnell"
+    merged_lora: dict | None = None  # merge_lora fused into the denoiser (runtime/merge_lora.py): what the manifest records
 
     def modules(self) -> list[torch.nn.Module]:
         return [*self.denoisers.values(), self.vae, *self.text_encoders.values()]

@@ -157,6 +157,7 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
         "wall_seconds": round(time.monotonic() - r.started, 3),
         "final_loss": last_loss,
         "quantization": _quantization(r.cfg, r.comps),
+        "merged_lora": r.comps.merged_lora,  # fused into the base while training, not in the outputs
         "outputs": {"lora": export_result["kohya_path"], "peft_lora": export_result["peft_path"],
                     "lora_keys": export_result["kohya_keys"], "modules": export_result["modules"]},
     }

@@ -57,11 +57,14 @@ def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool) ->
     base_line = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{Path(base).name or base}` (a local model)"
     samples_md = "\n".join(f"![{prompts[int(i)] if int(i) < len(prompts) else triggers}]({rel})"
                            for rel, i in _latest_samples(out_dir)) or "_No samples were generated (validation_steps)._"
+    merged = "" if not getattr(cfg, "merge_lora", None) else (
+        f"\nTrained with `{Path(cfg.merge_lora).name}` fused into the base at scale {cfg.merge_lora_scale:g} (not part "
+        "of this LoRA): use it on the model that file de-distils, without that file.")
     body = f"""
 # {cfg.output_name}
 
 A {fam} LoRA trained with train_lora on {base_line}: {steps} steps, rank {cfg.lora_rank},
-alpha {cfg.alpha:g}{", DoRA" if cfg.use_dora else ""}, learning rate {cfg.learning_rate:g}.
+alpha {cfg.alpha:g}{", DoRA" if cfg.use_dora else ""}, learning rate {cfg.learning_rate:g}.{merged}
 
 ## Trigger words
 

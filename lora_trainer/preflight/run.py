@@ -339,6 +339,10 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
 
         errors.extend(dict(p, code="init_lora_mismatch") for p in header_problems(
             cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family))
+    if getattr(cfg, "merge_lora", None):
+        from ..runtime.merge_lora import header_problems as merge_problems
+
+        errors.extend(dict(p, code="config_invalid") for p in merge_problems(cfg.resolve(cfg.merge_lora)))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)

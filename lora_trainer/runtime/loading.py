@@ -225,6 +225,13 @@ def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
     for module in comps.modules():
         module.requires_grad_(False)
         module.eval()
+    if cfg.merge_lora:  # into the full-precision weights, before any quantisation, streaming or sharding
+        from .merge_lora import merge_into_base
+
+        path = cfg.resolve(cfg.merge_lora)
+        ev.emit("status", phase="merge_lora", message=f"fusing {path.name} into the base model at scale "
+                                                      f"{cfg.merge_lora_scale} (not part of the exported LoRA)")
+        comps.merged_lora = merge_into_base(family, comps, path, cfg.merge_lora_scale)
     if cfg.base_quantization != "none" or cfg.text_encoder_quantization != "none":
         _quantize(cfg, family, comps, ev, loaded_at, dtype)
     return comps

@@ -28,7 +28,8 @@ from ..distributed.shard import full_tensors, is_sharded, load_lora_state, lora_
 
 MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
               "train_text_encoder", "use_dora", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
-              "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents")
+              "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents", "merge_lora",
+              "merge_lora_scale")
 # The rest of the recipe may change: the checkpoint stays valid, the following steps train differently, so each
 # change is listed in `resumed.changed` (noise, caption and dropout settings included: before, they changed the
 # run silently).
