@@ -2,7 +2,7 @@
 latents (frame axis, per-channel mean / std), the denoiser call (packing, sigma as the timestep, the velocity's
 sign) against the pipeline's own sampler step, prompts through the pipeline's encode_prompt (template, the 34
 dropped tokens, masked padding), the resolution shift with the scheduler's own constants, recognition of its
-files, and the ComfyUI file through diffusers' converter and as init_lora."""
+files, and the ComfyUI file through diffusers' converter (init_lora from it: tests/test_init_lora.py)."""
 from __future__ import annotations
 
 import os
@@ -205,7 +205,7 @@ def test_diffusers_reads_the_single_file_as_written(tiny_models, tmp_path):
 def test_comfy_file_through_diffusers_converter_gives_the_deltas():
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
 
-    from lora_trainer.families.qwen_image.export import tool_state_dict
+    from lora_trainer.outputs.lora_files import alpha_state_dict
 
     g = torch.Generator().manual_seed(0)
     paths = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mlp.net.2", "transformer_blocks.0.txt_mod.1"]
@@ -213,7 +213,7 @@ def test_comfy_file_through_diffusers_converter_gives_the_deltas():
     for p in paths:
         state[f"{p}.lora_A.weight"] = torch.randn(4, 32, generator=g)
         state[f"{p}.lora_B.weight"] = torch.randn(24, 4, generator=g)
-    sd = tool_state_dict({"transformer": state}, alpha=8.0, rank=4, dtype=torch.float32)
+    sd = alpha_state_dict("Qwen-Image", {"transformer": state}, alpha=8.0, rank=4, dtype=torch.float32)
     assert {k.rsplit(".", 1)[-1] for k in sd} == {"weight", "alpha"} and all(k.startswith("diffusion_model.") for k in sd)
     converted = _convert_non_diffusers_qwen_lora_to_diffusers(dict(sd))
     assert set(converted) == {f"transformer.{k}" for k in state}
@@ -221,23 +221,6 @@ def test_comfy_file_through_diffusers_converter_gives_the_deltas():
         got = converted[f"transformer.{p}.lora_B.weight"] @ converted[f"transformer.{p}.lora_A.weight"]
         want = 2.0 * state[f"{p}.lora_B.weight"] @ state[f"{p}.lora_A.weight"]
         torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("file", ["lora.safetensors", "pytorch_lora_weights.safetensors"])
-def test_init_lora_from_either_export(tmp_path, tiny_models, dataset, file):
-    common = {"dataset_path": str(dataset), "base_model": str(tiny_models["qwen-image"]), "trigger_words": ["ohwx"],
-              "resolution": 64, "min_bucket_resolution": 64, "lora_rank": 4, "lora_alpha": 8,
-              "max_sequence_length": 32}
-    src = run_cli("--config", str(write_config(tmp_path / "src.json", output_path=str(tmp_path / "src"),
-                                               learning_rate=1e-2, max_train_steps=2, **common)))
-    assert src.returncode == 0, src.stderr[-3000:]
-    cont = run_cli("--config", str(write_config(
-        tmp_path / "cont.json", output_path=str(tmp_path / "cont"), init_lora=str(tmp_path / "src" / file),
-        learning_rate=1e-12, weight_decay=0.0, max_train_steps=1, **common)))
-    assert cont.returncode == 0, cont.stderr[-3000:]
-    assert any(e.get("phase") == "init_lora" for e in cont.of_type("status"))
-    want, got = load_file(tmp_path / "src" / "lora.safetensors"), load_file(tmp_path / "cont" / "lora.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 # What Qwen/Qwen-Image holds beside the pipeline's files: pickles, other precisions and root single files must not

@@ -174,7 +174,7 @@ def test_comfy_file_through_diffusers_converter(pipe):
     alpha / rank baked in, nothing left over."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
 
-    from lora_trainer.families.zimage.export import comfy_state_dict
+    from lora_trainer.outputs.lora_files import alpha_state_dict
 
     rank, alpha = 4, 8.0
     g = torch.Generator().manual_seed(0)
@@ -186,7 +186,7 @@ def test_comfy_file_through_diffusers_converter(pipe):
         m = mods[n]
         states["transformer"][f"{n}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g)
         states["transformer"][f"{n}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g)
-    sd = comfy_state_dict(states, alpha=alpha, rank=rank, dtype=torch.float32)
+    sd = alpha_state_dict("Z-Image", states, alpha=alpha, rank=rank, dtype=torch.float32)
     assert set(sd) == {f"diffusion_model.{n}.{p}" for n in names for p in ("lora_A.weight", "lora_B.weight", "alpha")}
     out = _convert_non_diffusers_z_image_lora_to_diffusers(dict(sd))
     assert set(out) == {f"transformer.{n}.{p}" for n in names for p in ("lora_A.weight", "lora_B.weight")}
@@ -205,25 +205,3 @@ def test_train_text_encoder_is_refused(tmp_path, tiny_models, dataset):
     res = run_cli("--config", str(cfg), "--validate-only")
     assert res.returncode != 0
     assert any(e["path"] == "train_text_encoder" for e in res.last("validation")["errors"])
-
-
-@pytest.mark.parametrize("file", ["lora.safetensors", "pytorch_lora_weights.safetensors"])
-def test_init_lora_from_either_export(tmp_path, tiny_models, dataset, file):
-    """A run continues either exported file (the ComfyUI one: diffusion_model. names with .alpha): with a vanishing
-    learning rate it writes the same LoRA back."""
-    from safetensors.torch import load_file
-
-    from conftest import run_cli, write_config
-
-    common = {"dataset_path": str(dataset), "base_model": str(tiny_models["zimage"]), "trigger_words": ["ohwx"],
-              "resolution": 64, "min_bucket_resolution": 64, "lora_rank": 4, "lora_alpha": 8}
-    src = run_cli("--config", str(write_config(tmp_path / "src.json", output_path=str(tmp_path / "src"),
-                                               learning_rate=1e-2, max_train_steps=2, **common)))
-    assert src.returncode == 0, src.stderr[-3000:]
-    cont = run_cli("--config", str(write_config(
-        tmp_path / "cont.json", output_path=str(tmp_path / "cont"), init_lora=str(tmp_path / "src" / file),
-        learning_rate=1e-12, weight_decay=0.0, max_train_steps=1, **common)))
-    assert cont.returncode == 0, cont.stderr[-3000:]
-    assert any(e.get("phase") == "init_lora" for e in cont.of_type("status"))
-    want, got = load_file(tmp_path / "src" / "lora.safetensors"), load_file(tmp_path / "cont" / "lora.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -106,3 +106,21 @@ def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
         else:
             assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image")
+                                       for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")])
+def test_continuing_a_dit_lora_from_either_export(tmp_path, tiny_models, dataset, tiny, file):
+    """The DiT families whose ComfyUI file is diffusers' names under diffusion_model. with .alpha (Z-Image,
+    Qwen-Image): a run continues either exported file and, with a vanishing learning rate, writes it back."""
+    common = {"dataset_path": str(dataset), "base_model": str(tiny_models[tiny]), "trigger_words": ["ohwx"],
+              "resolution": 64, "min_bucket_resolution": 64, "lora_rank": 4, "lora_alpha": 8}
+    src = run_cli("--config", str(write_config(tmp_path / "src.json", output_path=str(tmp_path / "src"),
+                                               learning_rate=1e-2, max_train_steps=2, **common)))
+    assert src.returncode == 0, src.stderr[-3000:]
+    cont = run_cli("--config", str(write_config(tmp_path / "cont.json", output_path=str(tmp_path / "cont"),
+                                                init_lora=str(tmp_path / "src" / file), **common, **FROZEN)))
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    assert any(e.get("phase") == "init_lora" for e in cont.of_type("status"))
+    want, got = load_file(tmp_path / "src" / "lora.safetensors"), load_file(tmp_path / "cont" / "lora.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -1,4 +1,11 @@
-"""The ComfyUI / Forge LoRA file of the transformer families (FLUX.1, SD3/3.5).
+"""The ComfyUI / Forge LoRA files of the transformer families that keep diffusers' module names.
+
+``comfy_state_dict`` (FLUX.1, SD3/3.5): ``transformer.`` names, alpha folded in (below). ``alpha_state_dict``
+(Z-Image, Qwen-Image): ``diffusion_model.`` names with ``lora_A`` / ``lora_B`` and a ``.alpha`` scalar per module,
+what ai-toolkit (and SimpleTuner's ``--lora_format comfyui``) write; ComfyUI applies alpha / rank only from
+``.alpha`` (it ignores metadata), and diffusers reads such files through the family's non-diffusers converter
+(``_convert_non_diffusers_{z_image,qwen}_lora_to_diffusers``, triggered by ``diffusion_model.`` / ``.alpha``),
+which bakes alpha / rank into the weights.
 
 ComfyUI maps diffusers module names under ``transformer.`` for FLUX.1 and SD3 (comfy/lora.py
 ``model_lora_keys_unet`` via comfy/utils.py ``flux_to_diffusers`` / ``mmdit_to_diffusers``), turning separate
@@ -45,5 +52,25 @@ def comfy_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor
         # Folded in fp32 before the cast to the save precision, so the only rounding is the save's own.
         out[f"{name}.lora_B.weight"] = (b.detach().to("cpu", torch.float32) * (alpha / rank)).to(dtype).contiguous()
         if MAGNITUDE in parts:
+            out[f"{name}.dora_scale"] = magnitude_fp32(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
+    return out
+
+
+def alpha_state_dict(label: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT states of the denoiser -> ``diffusion_model.<module>.lora_A/lora_B.weight`` + ``.alpha`` (fp32 scalar);
+    DoRA magnitudes as fp32 ``dora_scale`` [out, 1]. ``label`` names the family in errors."""
+    out: dict[str, torch.Tensor] = {}
+    for component, path, parts in iter_modules(states):
+        if component != "transformer":
+            raise ValueError(f"component {component!r} has no ComfyUI name in a {label} LoRA")
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        if a.shape[0] != rank:
+            raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
+        name = f"diffusion_model.{path}"
+        out[f"{name}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous().clone()
+        out[f"{name}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous().clone()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if MAGNITUDE in parts:  # ComfyUI's DoRA layout [out, 1, ...] (diffusers drops it with a warning)
             out[f"{name}.dora_scale"] = magnitude_fp32(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
     return out

@@ -106,9 +106,9 @@ class QwenImage(MMDiTFamily):
 
     # -- export --------------------------------------------------------------------------------------
     def tool_state_dict(self, states, configs, *, alpha, rank, dtype):
-        from .export import tool_state_dict
+        from ...outputs.lora_files import alpha_state_dict
 
-        return tool_state_dict(states, alpha=alpha, rank=rank, dtype=dtype)
+        return alpha_state_dict("Qwen-Image", states, alpha=alpha, rank=rank, dtype=dtype)
 
 
 ADAPTER = QwenImage

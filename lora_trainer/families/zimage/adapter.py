@@ -91,9 +91,9 @@ class ZImage(ModelFamily):
         return {"guidance_scale": default if g is None else g, "max_sequence_length": self.max_sequence_length}
 
     def tool_state_dict(self, states, configs, *, alpha, rank, dtype):
-        from .export import comfy_state_dict
+        from ...outputs.lora_files import alpha_state_dict
 
-        return comfy_state_dict(states, alpha=alpha, rank=rank, dtype=dtype)
+        return alpha_state_dict("Z-Image", states, alpha=alpha, rank=rank, dtype=dtype)
 
 
 ADAPTER = ZImage
