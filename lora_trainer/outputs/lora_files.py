@@ -74,3 +74,14 @@ def alpha_state_dict(label: str, states: Mapping[str, Mapping[str, torch.Tensor]
         if MAGNITUDE in parts:  # ComfyUI's DoRA layout [out, 1, ...] (diffusers drops it with a warning)
             out[f"{name}.dora_scale"] = magnitude_fp32(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
     return out
+
+
+def kohya_entry(out: dict[str, torch.Tensor], name: str, down: torch.Tensor, up32: torch.Tensor,
+                dtype: torch.dtype) -> None:
+    """One module of a kohya-named tool file whose up matrix already holds alpha / rank (a fused q/k/v LoRA's:
+    SD3's, FLUX.2's): ``.alpha`` = the (fused) rank, so every loader applies scale 1."""
+    if f"{name}.lora_down.weight" in out:
+        raise ValueError(f"two modules map to the same kohya name {name!r}")
+    out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous().clone()
+    out[f"{name}.lora_up.weight"] = up32.to(dtype).contiguous()
+    out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)  # fp32 scalar: loaders .item() it

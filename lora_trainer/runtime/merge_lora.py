@@ -38,11 +38,8 @@ def header_problems(path: Path) -> list[dict]:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def merge_into_base(family, comps, path: Path, scale: float) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ...outputs.export import is_dora, iter_modules
+from ...outputs.lora_files import kohya_entry
 
 UNET_PREFIX = "lora_unet"
 _QKV = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
@@ -79,13 +80,7 @@ def _name(module: str) -> str:
 
 
 def _entry(out: dict, module: str, down: torch.Tensor, up32: torch.Tensor, dtype: torch.dtype) -> None:
-    name = _name(module)
-    if f"{name}.lora_down.weight" in out:
-        raise ValueError(f"two modules map to the same kohya name {name!r}")
-    out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous().clone()
-    out[f"{name}.lora_up.weight"] = up32.to(dtype).contiguous()
-    # alpha / rank is already in up: alpha = rank, scale 1 in every loader (float32 scalar: loaders .item() it)
-    out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+    kohya_entry(out, _name(module), down, up32, dtype)
 
 
 def flux2_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], transformer_config: Any, *,

@@ -64,6 +64,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ...outputs.export import is_dora, iter_modules
+from ...outputs.lora_files import kohya_entry
 from .._unet.kohya_names import te_path, te_prefixes
 from .spec import SPEC
 
@@ -158,16 +159,6 @@ def _swap_halves(up: torch.Tensor, name: str) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _entry(out: dict[str, torch.Tensor], name: str, down: torch.Tensor, up32: torch.Tensor,
-           dtype: torch.dtype) -> None:
-    if f"{name}.lora_down.weight" in out:
-        raise ValueError(f"two modules map to the same kohya name {name!r}")
-    out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous().clone()
-    out[f"{name}.lora_up.weight"] = up32.to(dtype).contiguous()
-    # alpha/rank is already in up, so alpha = rank: scale 1 in every loader. float32 scalar: loaders .item() it.
-    out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
-
-
 def sd3_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], transformer_config: Any, *,
                          alpha: float, rank: int, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """PEFT states -> the kohya/SAI SD3 LoRA state dict Forge and ComfyUI load (see the module docstring).
@@ -201,7 +192,7 @@ def sd3_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], trans
             raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
         up32 = b.detach().to("cpu", torch.float32) * scale
         if component in TE_PREFIX:
-            _entry(out, f"{TE_PREFIX[component]}_" + te_path(path).replace(".", "_"), a, up32, dtype)
+            kohya_entry(out, f"{TE_PREFIX[component]}_" + te_path(path).replace(".", "_"), a, up32, dtype)
             continue
         target = sai.get(path)
         if target is None:
@@ -210,7 +201,7 @@ def sd3_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], trans
         if target.part is None:
             if target.swap:
                 up32 = _swap_halves(up32, f"transformer.{path}")
-            _entry(out, f"{UNET_PREFIX}_" + target.module.replace(".", "_"), a, up32, dtype)
+            kohya_entry(out, f"{UNET_PREFIX}_" + target.module.replace(".", "_"), a, up32, dtype)
             continue
         if a.dim() != 2 or b.shape[0] != target.width:
             raise ValueError(f"transformer.{path}: lora_B has {b.shape[0]} output rows, but its slice of "
@@ -229,7 +220,7 @@ def sd3_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], trans
             part_up = parts[p][2]
             up[p * width:(p + 1) * width, col:col + part_up.shape[1]] = part_up
             col += part_up.shape[1]
-        _entry(out, f"{UNET_PREFIX}_" + module.replace(".", "_"), down, up, dtype)
+        kohya_entry(out, f"{UNET_PREFIX}_" + module.replace(".", "_"), down, up, dtype)
     return out
 
 
