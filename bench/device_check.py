@@ -24,7 +24,9 @@ The FLUX.2 check (``flux2-klein-9b/full``, bench/device_flux2.py) trains FLUX.2 
 (9.08 B, random weights) at 1024 px, bf16 and with an int8 base + gradient checkpointing; ``--tiny``: the tiny klein.
 The Z-Image check (``zimage/full``, bench/zimage_check.py in a child) trains the published 6.15 B transformer at
 1024 px in bf16, with an fp8 base, and bf16 with gradient checkpointing; the Qwen-Image check (``qwen-image/full``,
-bench/qwen_image.py) the 20.4 B transformer. Each prints s/step and peak memory beside the memory plan's figure.
+bench/qwen_image.py) the 20.4 B transformer. Each prints s/step and peak memory beside the memory plan's figure,
+and at full size on a card an MFU estimate per run (``add_mfu``: 4 x parameters x tokens per step over the bf16
+matmul ceiling the environment check measures).
 ``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 
 Right after the environment, three in-process checks (bench/device_paths.py, seconds each) run the paths only a
@@ -271,6 +273,39 @@ def kohya_modules(sd: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ checks
+def _matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The card's dense bf16 ceiling, measured (bench_gpu.py's denominator of MFU, in brief)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return round(2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, 1)
+
+
+# Full-size transformers of the part-1 families: (parameters, image tokens at 1024 px, text tokens the runs pad to).
+FULL_SIZE = {"zimage": (6.155e9, 4096, 512), "qwen-image": (20.430e9, 4096, 512), "flux2": (9.079e9, 4096, 512)}
+
+
+def add_mfu(ctx: Ctx, c: Check, model: str) -> None:
+    """MFU of each ``<run>_s_per_step`` of a full-size check: model FLOPs 4 x parameters x tokens per step (the
+    frozen base's forward 2NT and its input gradients 2NT; no weight gradients, the LoRA's own FLOPs and attention
+    left out, so an underestimate), over the measured bf16 ceiling. Not for tiny runs or the CPU."""
+    peak = getattr(ctx, "peak_tflops", None)
+    if not peak or not ctx.cuda or "tiny" in c.name:
+        return
+    params, image_tokens, text_tokens = FULL_SIZE[model]
+    flops = 4 * params * (image_tokens + text_tokens)
+    for key, value in list(c.numbers.items()):
+        if key.endswith("_s_per_step") and isinstance(value, (int, float)) and value > 0:
+            c.numbers[key.replace("_s_per_step", "_mfu_pct")] = round(100 * flops / value / (peak * 1e12), 1)
+
+
 def check_env(ctx: Ctx, c: Check) -> None:
     """Record the machine and versions; build the tiny models and the dataset."""
     import importlib.metadata as md
@@ -289,6 +324,7 @@ def check_env(ctx: Ctx, c: Check) -> None:
         smi = shutil.which("nvidia-smi")
         n["driver"] = smi and subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
                                              capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        ctx.peak_tflops = n["bf16_matmul_tflops"] = _matmul_tflops()
     else:
         n.update(cpu=f"{platform.machine()} ({os.cpu_count()} cores)", gpu_visible=torch.cuda.is_available())
     n["host_ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -438,6 +474,13 @@ def check_qwen(ctx: Ctx, c: Check) -> None:
     from bench.qwen_image import check_qwen as run_check
 
     run_check(ctx, c, run_cli=run_cli, expect_completed=expect_completed, mem_max=mem_max, steady=_steady, log=log)
+    add_mfu(ctx, c, "qwen-image")
+
+
+def _check_flux2(ctx: Ctx, c: Check) -> None:
+    check_flux2(ctx, sys.modules[__name__], c)
+    if ctx.args.flux2_variant == "klein-9b":  # FULL_SIZE holds klein 9B's count
+        add_mfu(ctx, c, "flux2")
 
 
 def check_zimage(ctx: Ctx, c: Check) -> None:
@@ -456,6 +499,7 @@ def check_zimage(ctx: Ctx, c: Check) -> None:
                 if r.get(k) is not None:
                     c.numbers[f"{name}_{k}"] = r[k]
     c.require(proc.returncode == 0, f"zimage_check exit {proc.returncode}: {proc.stderr[-1500:]}")
+    add_mfu(ctx, c, "zimage")
 
 
 def check_sigterm_resume(ctx: Ctx, c: Check) -> None:
@@ -587,8 +631,7 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
     if not ctx.args.no_flux:
         items.append((f"flux1-dev/{ctx.flux_size}", -1, partial(check_flux, ctx)))
     if not ctx.args.no_flux2:  # FLUX.2 (bench/device_flux2.py): klein 9B full size by default
-        items.append((f"flux2-{ctx.args.flux2_variant}/{ctx.flux2_size}", -2,
-                      partial(check_flux2, ctx, sys.modules[__name__])))
+        items.append((f"flux2-{ctx.args.flux2_variant}/{ctx.flux2_size}", -2, partial(_check_flux2, ctx)))
     if not ctx.args.no_qwen:  # full size unless --tiny (bench/qwen_image.py; its time estimated as FLUX's)
         items.append((f"qwen-image/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -1, partial(check_qwen, ctx)))
     if not ctx.args.no_zimage:  # bench/zimage_check.py: full size unless --tiny (its time estimated as FLUX's)
