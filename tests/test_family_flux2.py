@@ -272,12 +272,9 @@ FLUX2_DECOYS = {
 
 def test_hub_repo_downloads_the_pipeline_with_sharded_encoder_and_processor_files(tmp_path, tiny_models):
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from fake_hub import FakeHub
-    from test_hub_download import hub_env
+    from test_hub_download import download_in_child
 
     from lora_trainer.preflight.probe import probe_model
 
@@ -296,11 +293,7 @@ def test_hub_repo_downloads_the_pipeline_with_sharded_encoder_and_processor_file
     files = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()}
     hf_home, hub, repo = tmp_path / "hf_home", FakeHub(), "fake-org/tiny-flux2-klein"
     hub.add_repo(repo, model, FLUX2_DECOYS)
-    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
-            "print(download_from_hub(sys.argv[1], lambda *a: None))")
-    with hub:
-        proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
-                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180)
+    proc = download_in_child(hub, hf_home, repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (snap,) = (hf_home / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir()
     # generation_config.json is for generate(): the encoder's hidden states never read it

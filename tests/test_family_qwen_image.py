@@ -248,11 +248,9 @@ def _shard(folder: Path, stem: str) -> None:
 
 def test_hub_repo_downloads_the_sharded_pipeline_and_tokenizer_only(tmp_path, tiny_models):
     import shutil
-    import subprocess
-    import sys
 
     from fake_hub import FakeHub
-    from test_hub_download import hub_env
+    from test_hub_download import download_in_child
 
     from lora_trainer.preflight.probe import probe_model
 
@@ -268,12 +266,7 @@ def test_hub_repo_downloads_the_sharded_pipeline_and_tokenizer_only(tmp_path, ti
             "text_encoder/model.safetensors.index.json"} <= files
     repo, hf_home, hub = "fake-org/tiny-qwen-image", tmp_path / "hf_home", FakeHub()
     hub.add_repo(repo, model, QWEN_DECOYS)
-    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
-            "print(download_from_hub(sys.argv[1], lambda *a: None))")
-    with hub:
-        proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
-                              cwd=Path(__file__).resolve().parents[1], check=False, capture_output=True, text=True,
-                              timeout=180)
+    proc = download_in_child(hub, hf_home, repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (snap,) = (hf_home / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir()
     # generation_config.json is for text generation, which the encoder never does

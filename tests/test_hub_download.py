@@ -47,6 +47,17 @@ def hub_env(hub: FakeHub, hf_home: Path, *, offline: bool = False) -> dict:
             **{var: ",".join(filter(None, [os.environ.get(var), "127.0.0.1"])) for var in ("NO_PROXY", "no_proxy")}}
 
 
+def download_in_child(hub: FakeHub, hf_home: Path, repo: str) -> subprocess.CompletedProcess:
+    """runtime.loading.download_from_hub(repo) in a child process against the fake hub (the product's download
+    filter, HF_HOME pointing into the test's folder)."""
+    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
+            "print(download_from_hub(sys.argv[1], lambda *a: None))")
+    with hub:
+        return subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
+                              cwd=Path(__file__).resolve().parents[1], check=False, capture_output=True, text=True,
+                              timeout=180)
+
+
 def seed_partial_snapshot(hub: FakeHub, hf_home: Path) -> None:
     """The configs only, as a download interrupted before the weights leaves the cache."""
     code = ("import sys; from huggingface_hub import snapshot_download; "
@@ -268,12 +279,7 @@ def test_flow_family_repo_downloads_only_the_pipeline(tmp_path, cls, repo, varia
     hf_home = tmp_path / "hf_home"
     hub = FakeHub()
     hub.add_repo(repo, model, FLOW_DECOYS)
-    code = ("import sys; from lora_trainer.runtime.loading import download_from_hub; "
-            "print(download_from_hub(sys.argv[1], lambda *a: None))")
-    with hub:
-        proc = subprocess.run([sys.executable, "-c", code, repo], env={**os.environ, **hub_env(hub, hf_home)},
-                              cwd=Path(__file__).resolve().parents[1], check=False, capture_output=True, text=True,
-                              timeout=180)
+    proc = download_in_child(hub, hf_home, repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     repo_cache = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
     snaps = list((repo_cache / "snapshots").iterdir())

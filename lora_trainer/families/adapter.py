@@ -209,6 +209,15 @@ class ModelFamily:
         return DiffusionObjective(DDPMScheduler.from_config(comps.scheduler_config), ObjectiveSettings(
             prediction_type=comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
 
+    @property
+    def train_guidance(self) -> float | None:
+        """The value a guidance-distilled variant's guidance embedder gets while training (FLUX.1-dev, FLUX.2 dev):
+        train_guidance_scale, else the spec's; None for a model without the embedder."""
+        if not self.spec.has_guidance_embedder(self.variant):
+            return None
+        explicit = getattr(self.cfg, "train_guidance_scale", None) if self.cfg is not None else None
+        return self.spec.train_guidance[self.variant] if explicit is None else float(explicit)
+
     def tokenize(self, tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids

@@ -76,6 +76,20 @@ def alpha_state_dict(label: str, states: Mapping[str, Mapping[str, torch.Tensor]
     return out
 
 
+def fuse_qkv(parts: Mapping[int, tuple[torch.Tensor, torch.Tensor]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separate q / k / v LoRAs (part index 0 / 1 / 2 -> fp32 (down, up)) as one LoRA of the fused qkv Linear, exactly:
+    the downs stacked, the ups block-diagonal (each part's rows, its own rank's columns), rank = the sum of theirs."""
+    order = sorted(parts)
+    down = torch.cat([parts[p][0] for p in order], dim=0)
+    up = torch.zeros(3 * width, down.shape[0], dtype=torch.float32)
+    col = 0
+    for p in order:
+        part_up = parts[p][1]
+        up[p * width:(p + 1) * width, col:col + part_up.shape[1]] = part_up
+        col += part_up.shape[1]
+    return down, up
+
+
 def kohya_entry(out: dict[str, torch.Tensor], name: str, down: torch.Tensor, up32: torch.Tensor,
                 dtype: torch.dtype) -> None:
     """One module of a kohya-named tool file whose up matrix already holds alpha / rank (a fused q/k/v LoRA's:

@@ -79,13 +79,6 @@ class Flux2Family(MMDiTFamily):
         return channels, 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1) * 2
 
     # -- denoiser --------------------------------------------------------------------------------------
-    @property
-    def train_guidance(self) -> float | None:
-        if not self.spec.has_guidance_embedder(self.variant):
-            return None
-        explicit = getattr(self.cfg, "train_guidance_scale", None) if self.cfg is not None else None
-        return self.spec.train_guidance[self.variant] if explicit is None else float(explicit)
-
     def predict(self, denoisers, noisy, t, cond, geometry):
         b, c, h, w = noisy.shape
         txt = cond["prompt_embeds"]

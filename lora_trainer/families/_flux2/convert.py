@@ -17,7 +17,8 @@ __all__ = ["ALL_IN_ONE_TEXT_ENCODERS", "ALL_IN_ONE_VAE", "COMPONENT_PREFIXES", "
 ALL_IN_ONE_VAE = "vae."
 ALL_IN_ONE_TEXT_ENCODERS: dict[str, str] = {}
 
-_RENAME = {"x_embedder": "img_in", "context_embedder": "txt_in",
+# diffusers -> BFL names of the model-wide modules (the LoRA export names them the same way: export.py).
+BFL_NAMES = {"x_embedder": "img_in", "context_embedder": "txt_in",
            "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
            "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
            "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
@@ -49,7 +50,7 @@ def from_diffusers(sd: dict, config: Mapping) -> dict:
     sd = dict(sd)
     out: dict = {}
     inner = inner_width(config)
-    for src, dst in _RENAME.items():
+    for src, dst in BFL_NAMES.items():
         if f"{src}.weight" in sd:
             out[f"{dst}.weight"] = sd.pop(f"{src}.weight")
     out["final_layer.adaLN_modulation.1.weight"] = swap_scale_shift(

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from ...outputs.export import is_dora, iter_modules
-from ...outputs.lora_files import kohya_entry
+from ...outputs.lora_files import fuse_qkv, kohya_entry
+from .convert import BFL_NAMES
 
 UNET_PREFIX = "lora_unet"
 _QKV = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
@@ -46,14 +47,7 @@ _DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
            "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
            "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
 _SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
-_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-           "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-           "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-           "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-           "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-           "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-           "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-           "single_stream_modulation.linear": "single_stream_modulation.lin"}
+_GLOBAL = BFL_NAMES  # the model-wide modules: the single-file converter's names
 
 
 def bfl_target(path: str) -> tuple[str, int | None] | None:
@@ -109,15 +103,7 @@ def flux2_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], tra
             raise ValueError(f"transformer.{path}: {b.shape[0]} output rows, its slice of {module} is {width}")
         fused.setdefault(module, {})[part] = (a.detach().to("cpu", torch.float32), up32)
     for module, parts in fused.items():
-        order = sorted(parts)
-        down = torch.cat([parts[p][0] for p in order], dim=0)
-        up = torch.zeros(3 * width, down.shape[0], dtype=torch.float32)
-        col = 0
-        for p in order:
-            part_up = parts[p][1]
-            up[p * width:(p + 1) * width, col:col + part_up.shape[1]] = part_up
-            col += part_up.shape[1]
-        _entry(out, module, down, up, dtype)
+        _entry(out, module, *fuse_qkv(parts, width), dtype)
     return out
 
 

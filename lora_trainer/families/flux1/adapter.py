@@ -34,13 +34,6 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 class Flux1(MMDiTFamily):
     spec = SPEC
 
-    @property
-    def train_guidance(self) -> float | None:
-        if not self.spec.has_guidance_embedder(self.variant):
-            return None
-        explicit = getattr(self.cfg, "train_guidance_scale", None) if self.cfg is not None else None
-        return self.spec.train_guidance[self.variant] if explicit is None else float(explicit)
-
     samples_from_cache = True
 
     def default_sample_steps(self) -> int:

@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ...outputs.export import is_dora, iter_modules
-from ...outputs.lora_files import kohya_entry
+from ...outputs.lora_files import fuse_qkv, kohya_entry
 from .._unet.kohya_names import te_path, te_prefixes
 from .spec import SPEC
 
@@ -213,13 +213,7 @@ def sd3_kohya_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], trans
         if len(in_features) != 1:
             raise ValueError(f"{module}: q/k/v LoRAs read inputs of different widths {sorted(in_features)}")
         width = sai[parts[order[0]][0]].width
-        down = torch.cat([parts[p][1].detach().to("cpu", torch.float32) for p in order], dim=0)
-        up = torch.zeros(3 * width, down.shape[0], dtype=torch.float32)
-        col = 0
-        for p in order:
-            part_up = parts[p][2]
-            up[p * width:(p + 1) * width, col:col + part_up.shape[1]] = part_up
-            col += part_up.shape[1]
+        down, up = fuse_qkv({p: (parts[p][1].detach().to("cpu", torch.float32), parts[p][2]) for p in order}, width)
         kohya_entry(out, f"{UNET_PREFIX}_" + module.replace(".", "_"), down, up, dtype)
     return out
 
