@@ -4,8 +4,6 @@ stand-in nvidia-smi reports the card), an override, and the drift warning's rule
 from __future__ import annotations
 
 import math
-import os
-import stat
 import sys
 
 import pytest

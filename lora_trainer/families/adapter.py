@@ -210,6 +210,12 @@ class ModelFamily:
             prediction_type=comps.prediction_type, noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma))
 
     @property
+    def max_sequence_length(self) -> int:
+        """Text tokens per caption for a family with a sequence encoder: max_sequence_length, else the variant's."""
+        explicit = getattr(self.cfg, "max_sequence_length", None) if self.cfg is not None else None
+        return explicit or self.spec.max_sequence_length.get(self.variant, self.spec.max_sequence_length[None])
+
+    @property
     def train_guidance(self) -> float | None:
         """The value a guidance-distilled variant's guidance embedder gets while training (FLUX.1-dev, FLUX.2 dev):
         train_guidance_scale, else the spec's; None for a model without the embedder."""

@@ -11,11 +11,6 @@ from ..adapter import Components, ModelFamily
 
 class MMDiTFamily(ModelFamily):
 
-    @property
-    def max_sequence_length(self) -> int:
-        explicit = getattr(self.cfg, "max_sequence_length", None) if self.cfg is not None else None
-        return explicit or self.spec.max_sequence_length.get(self.variant, self.spec.max_sequence_length[None])
-
     def t5_embeds(self, comps: Components, name: str, captions: list[str], device: torch.device) -> torch.Tensor:
         # Padded to max_length and unmasked, as the diffusers pipelines encode prompts for sampling: a LoRA
         # trained on other padding would see different text states at inference.

@@ -9,14 +9,9 @@ from typing import Any
 
 import torch
 
-from .signature import TURBO_SHIFT
+from .signature import turbo_scheduler
 from .spec import SPEC
 from ..adapter import Components, ModelFamily
-
-
-def is_turbo(scheduler_config) -> bool:
-    """Z-Image-Turbo's scheduler (static shift 3.0); the base ships 6.0 (signature.py)."""
-    return scheduler_config.get("shift") == TURBO_SHIFT and not scheduler_config.get("use_dynamic_shifting")
 
 
 def unpadded(cond) -> list[torch.Tensor]:
@@ -31,13 +26,8 @@ class ZImage(ModelFamily):
     sample_negative_prompt = True  # base samples with CFG; Turbo (guidance 0) ignores the negative
     turbo = False
 
-    @property
-    def max_sequence_length(self) -> int:
-        explicit = getattr(self.cfg, "max_sequence_length", None) if self.cfg is not None else None
-        return explicit or self.spec.max_sequence_length[None]
-
     def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
-        self.turbo = is_turbo(sched_cfg)  # Turbo samples without CFG (sample_kwargs)
+        self.turbo = turbo_scheduler(sched_cfg)  # Turbo samples without CFG (sample_kwargs)
         return super().components(denoisers, vae, encoders, tokenizers, sched_cfg)
 
     def _load_single_file(self, path, *, dtype, config, progress=None):

@@ -47,9 +47,14 @@ def match_file(k: FileKeys) -> Match | Refusal | None:
     return Match(f"Z-Image layout: layers.*.adaLN_modulation.0 + cap_embedder + noise/context_refiner{where}")
 
 
+def turbo_scheduler(scheduler_config: Mapping) -> bool:
+    """Z-Image-Turbo's scheduler (static shift 3.0); the base ships 6.0. The adapter samples by it too."""
+    return scheduler_config.get("shift") == TURBO_SHIFT and not scheduler_config.get("use_dynamic_shifting")
+
+
 def distilled(facts: DistillFacts) -> Distilled | None:
     sched = facts.scheduler_config
-    by_scheduler = (sched.get("shift") == TURBO_SHIFT and not sched.get("use_dynamic_shifting"))
+    by_scheduler = turbo_scheduler(sched)
     by_name = "turbo" in facts.name.lower()
     if not (by_scheduler or by_name):
         return None
