@@ -20,13 +20,11 @@ default FLUX targets, bf16, no gradient checkpointing): s/step from the step eve
 step), peak GPU memory (``memory.gpu_peak_gb`` = torch.cuda.max_memory_allocated over training), model load and
 cache times, LoRA files. An out-of-memory exit at 1024 px is recorded as a result, not a failure.
 ``--tiny`` swaps in lora_trainer.testing.tiny's flux1-dev at 64 / 128 px (the CPU dry run).
-The FLUX.2 check (``flux2-klein-9b/full``, bench/device_flux2.py) trains FLUX.2 klein 9B's published transformer
-(9.08 B, random weights) at 1024 px, bf16 and with an int8 base + gradient checkpointing; ``--tiny``: the tiny klein.
-The Z-Image check (``zimage/full``, bench/zimage_check.py in a child) trains the published 6.15 B transformer at
-1024 px in bf16, with an fp8 base, and bf16 with gradient checkpointing; the Qwen-Image check (``qwen-image/full``,
-bench/qwen_image.py) the 20.4 B transformer. Each prints s/step and peak memory beside the memory plan's figure,
-and at full size on a card an MFU estimate per run (``add_mfu``: 4 x parameters x tokens per step over the bf16
-matmul ceiling the environment check measures).
+The newer families (``--families``, default all; bench/device_families.py --list) each build their published
+architecture with random weights on the card in a child (FLUX.2 klein 9B, Z-Image, Qwen-Image ...) and train it at
+1024 px in bf16, with a quantised base and with gradient checkpointing: s/step and peak memory beside the memory
+plan's figure, both LoRA files, and an MFU estimate per run (``add_mfu``: 4 x parameters x tokens per step over the
+bf16 matmul ceiling the environment check measures). ``--tiny`` runs their tiny variants at 64 px instead.
 ``--flux-dir DIR`` builds the model there and keeps it (bench/bench_gpu.py --model flux --model-dir DIR reuses it).
 
 Right after the environment, three in-process checks (bench/device_paths.py, seconds each) run the paths only a
@@ -60,7 +58,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.device_flux2 import check_flux2, need_s as flux2_need_s  # noqa: E402
+from bench.device_families import FAMILY_BENCHES, check_family as run_family_check  # noqa: E402
+from bench.device_flux1 import check_flux1  # noqa: E402
 from bench.device_paths import check_fsdp_bf16_lora, check_pinned_streaming, check_quantized_autocast  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the device has no network; fail fast instead of retrying the hub
 T0 = time.monotonic()
@@ -117,7 +116,10 @@ class Ctx:
         self.steps = args.steps or (30 if self.cuda else 12)
         self.flux_dir = Path(args.flux_dir) if args.flux_dir else self.tmp / "model-flux1-dev"
         self.flux_size = args.flux_size or ("tiny" if args.tiny else "full")
-        self.flux2_size = "tiny" if args.tiny or args.flux_size in ("tiny", "reduced") else "full"
+        self.families = [f for f in args.families.split(",") if f]
+        unknown = sorted(set(self.families) - set(FAMILY_BENCHES))
+        if unknown:
+            raise SystemExit(f"unknown --families {unknown}; known: {', '.join(FAMILY_BENCHES)}")
         # bf16 is the H100's natural precision; on the CPU fp32 ("no") is the default and much faster.
         self.main_precision = "bf16" if self.cuda else "no"
         self.models: dict[str, Path] = {}
@@ -288,24 +290,6 @@ def _matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return round(2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, 1)
 
 
-# Full-size transformers of the part-1 families: (parameters, image tokens at 1024 px, text tokens the runs pad to).
-FULL_SIZE = {"zimage": (6.155e9, 4096, 512), "qwen-image": (20.430e9, 4096, 512), "flux2": (9.079e9, 4096, 512)}
-
-
-def add_mfu(ctx: Ctx, c: Check, model: str) -> None:
-    """MFU of each ``<run>_s_per_step`` of a full-size check: model FLOPs 4 x parameters x tokens per step (the
-    frozen base's forward 2NT and its input gradients 2NT; no weight gradients, the LoRA's own FLOPs and attention
-    left out, so an underestimate), over the measured bf16 ceiling. Not for tiny runs or the CPU."""
-    peak = getattr(ctx, "peak_tflops", None)
-    if not peak or not ctx.cuda or "tiny" in c.name:
-        return
-    params, image_tokens, text_tokens = FULL_SIZE[model]
-    flops = 4 * params * (image_tokens + text_tokens)
-    for key, value in list(c.numbers.items()):
-        if key.endswith("_s_per_step") and isinstance(value, (int, float)) and value > 0:
-            c.numbers[key.replace("_s_per_step", "_mfu_pct")] = round(100 * flops / value / (peak * 1e12), 1)
-
-
 def check_env(ctx: Ctx, c: Check) -> None:
     """Record the machine and versions; build the tiny models and the dataset."""
     import importlib.metadata as md
@@ -370,136 +354,11 @@ def _steady(xs: list[float], skip: int) -> float | None:
 
 
 def check_flux(ctx: Ctx, c: Check) -> None:
-    """FLUX.1-dev through the real CLI: build (full size on the card, bf16), then short runs at 512 and 1024 px
-    (tiny: 64 and 128): exit 0, family/variant, s/step, peak GPU memory, load and cache times, LoRA files."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from lora_trainer.testing.tiny import make_dataset
-    from models import flux_description, make_flux_model
-
-    size = ctx.flux_size
-    tiny = size == "tiny"
-    resolutions = {"tiny": (64, 128), "reduced": (128, 256), "full": (512, 1024)}[size]
-    steps = {resolutions[0]: ctx.args.flux_steps or (8 if size == "full" else 4),
-             resolutions[1]: ctx.args.flux_steps or (6 if size == "full" else 4)}
-    # reduced (a CPU dry run of the full-size path): built in bf16 like the full model, with a 2-layer T5.
-    t5_layers = 2 if size == "reduced" else None
-    t = time.monotonic()
-    if not (ctx.flux_dir / "model_index.json").is_file():
-        log(f"  building {size} FLUX.1-dev in {ctx.flux_dir}")
-        make_flux_model(ctx.flux_dir, size, t5="standin", t5_layers=t5_layers,
-                        dtype=None if tiny or not (ctx.cuda or size == "reduced") else torch.bfloat16,
-                        device=None if tiny else ctx.device, quiet=True)
-        if ctx.cuda:
-            torch.cuda.empty_cache()
-    size_gb = sum(f.stat().st_size for f in ctx.flux_dir.rglob("*") if f.is_file()) / 1e9
-    c.numbers.update(model="tiny flux1-dev" if tiny else flux_description(size, t5="standin", t5_layers=t5_layers),
-                     build_and_save_s=round(time.monotonic() - t, 1), model_gb=round(size_gb, 1))
-    data = make_dataset(ctx.tmp / "data-flux", n=8, sizes=[(resolutions[1], resolutions[1])], trigger="ohwx")
-    per_run = None
-    # bf16 at both sizes, then the 24 / 16 GB recipes of issue 11: an 8-bit base at the larger size and NF4 at the
-    # smaller one, with gradient checkpointing (their memory plans say 16.1 and ~9 GiB for the full model); last, the
-    # bf16 base with half its blocks streamed from host memory (offload_blocks; the plan says 7.4 GiB less).
-    cases = [(resolutions[0], "none", 0), (resolutions[1], "none", 0), (resolutions[1], "int8", 0),
-             (resolutions[0], "nf4", 0), (resolutions[1], "none", 0.5)]
-    for k, (res, quant, offload) in enumerate(cases):
-        tag = f"{res}px" + ("" if quant == "none" else f"_{quant}") + ("_offload" if offload else "")
-        if per_run is not None and ctx.remaining() < 1.3 * per_run:
-            c.numbers[f"{tag}_skipped"] = f"{ctx.remaining():.0f} s left, ~{1.3 * per_run:.0f} s needed"
-            log(f"  skip {tag}: {c.numbers[f'{tag}_skipped']}")
-            continue
-        out = ctx.tmp / f"flux-{tag}"
-        cfg = {"dataset_path": str(data), "base_model": str(ctx.flux_dir), "output_path": str(out),
-               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
-               "max_train_steps": steps[res], "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
-               "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
-               "cache_latents": True, "gradient_checkpointing": quant != "none" or bool(offload),
-               "heartbeat_seconds": 600, "base_quantization": quant, "offload_blocks": offload,
-               "ignore_memory_plan": True}
-        if k == 0:  # the sampling path on the card, cheaply: 2 denoising steps, before and after training
-            cfg.update(validation_prompts=["ohwx, a red circle, blue background"], validation_steps=steps[res],
-                       validation_inference_steps=2)
-        cfg_path = ctx.tmp / f"flux-{tag}.json"
-        cfg_path.write_text(json.dumps(cfg, indent=1))
-        run = run_cli(ctx, cfg_path, f"flux/{tag}", record=False, max_timeout=420.0)
-        per_run = run.wall_s
-        err = run.last("error")
-        if run.rc != 0 and err.get("code") == "out_of_memory" and k == 1:
-            # "1024 px if memory allows": an OOM there is the answer, not a broken trainer.
-            c.numbers[f"{tag}_result"] = "out_of_memory"
-            c.details[f"{tag}_oom"] = {"message": err.get("message"), "details": err.get("details")}
-            continue
-        sub = Check(c.name)
-        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
-            c.problems += [f"{tag}: {p}" for p in sub.problems]
-            continue
-        started = run.last("run_started")
-        sub.require(started.get("family") == "flux1" and started.get("variant") == "dev",
-                    f"{tag}: run_started family/variant {started.get('family')}/{started.get('variant')}, "
-                    f"expected flux1/dev")
-        step_events = run.of("step")
-        sub.require(len(step_events) == steps[res], f"{tag}: {len(step_events)} step events, expected {steps[res]}")
-        elapsed = [e["elapsed_s"] for e in step_events]
-        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-        if k == 0:
-            samples = run.of("sample")
-            sub.require(len(samples) >= 2 and all(Path(x["path"]).is_file() for x in samples),
-                        f"{tag}: samples {samples[:2]}")
-        outputs = run.last("completed").get("outputs") or {}
-        kohya = load_lora(sub, outputs.get("lora"), f"{tag}_comfy")
-        peft = load_lora(sub, outputs.get("peft_lora"), f"{tag}_peft")
-        loading = run.at(lambda e: e.get("type") == "status" and e.get("phase") == "loading_model")
-        caching = run.at(lambda e: e.get("type") == "status" and e.get("phase") == "caching_latents")
-        text = run.at(lambda e: e.get("type") == "progress" and e.get("phase") == "caching_text")
-        began = run.at(lambda e: e.get("type") == "run_started")
-        first = run.at(lambda e: e.get("type") == "step")
-        mem = (step_events[-1].get("memory") or {}) if step_events else {}
-        c.numbers.update({
-            f"{tag}_s_per_step": _steady(step_s, 2), f"{tag}_first_step_s": round(step_s[0], 2) if step_s else None,
-            f"{tag}_img_per_s": round(1 / _steady(step_s, 2), 2) if step_s and _steady(step_s, 2) else None,
-            f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"), f"{tag}_gpu_alloc_gb": mem.get("gpu_allocated_gb"),
-            f"{tag}_gpu_reserved_peak_gb": mem_max(run, "gpu_reserved_peak"), f"{tag}_plan_gb": mem.get("plan_gb"),
-            f"{tag}_rss_peak_gb": mem_max(run, "rss"), f"{tag}_wall_s": round(run.wall_s, 1),
-            f"{tag}_load_s": round(caching - loading, 1) if loading is not None and caching is not None else None,
-            f"{tag}_cache_s": round(began - caching, 1) if began is not None and caching is not None else None,
-            f"{tag}_spawn_to_first_step_s": round(first, 1) if first is not None else None,
-            f"{tag}_loss_last": sub.numbers.get("loss_last"),
-            f"{tag}_lora_peft_tensors": len(peft), f"{tag}_lora_comfy_tensors": len(kohya)})
-        c.details[f"{tag}_step_s"] = [round(x, 4) for x in step_s]
-        c.details[f"{tag}_text_cache_progress_at_s"] = text
-        c.details[f"{tag}_warnings"] = sub.details.get("warnings")
-        c.problems += sub.problems
+    check_flux1(ctx, sys.modules[__name__], c)
 
 
-def check_qwen(ctx: Ctx, c: Check) -> None:
-    from bench.qwen_image import check_qwen as run_check
-
-    run_check(ctx, c, run_cli=run_cli, expect_completed=expect_completed, mem_max=mem_max, steady=_steady, log=log)
-    add_mfu(ctx, c, "qwen-image")
-
-
-def _check_flux2(ctx: Ctx, c: Check) -> None:
-    check_flux2(ctx, sys.modules[__name__], c)
-    if ctx.args.flux2_variant == "klein-9b":  # FULL_SIZE holds klein 9B's count
-        add_mfu(ctx, c, "flux2")
-
-
-def check_zimage(ctx: Ctx, c: Check) -> None:
-    """bench/zimage_check.py in a child: the CLI on full-size Z-Image (or the tiny one), bf16, fp8 base, bf16 with
-    checkpointing; s/step and peak memory beside the plan."""
-    out = ctx.tmp / "zimage.json"
-    tiny = ["--tiny"] if ctx.flux_size == "tiny" else []
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "zimage_check.py"), "--out", str(out),
-                           "--device", str(ctx.device), *tiny], cwd=ROOT, capture_output=True, text=True)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    c.details["zimage"] = results
-    for name, r in results.items():
-        if isinstance(r, dict):
-            c.numbers[f"{name}_exit"] = r.get("exit")
-            for k in ("s_per_step", "gpu_peak_gb", "plan_gb"):
-                if r.get(k) is not None:
-                    c.numbers[f"{name}_{k}"] = r[k]
-    c.require(proc.returncode == 0, f"zimage_check exit {proc.returncode}: {proc.stderr[-1500:]}")
-    add_mfu(ctx, c, "zimage")
+def check_family(ctx: Ctx, bench, c: Check) -> None:
+    run_family_check(ctx, sys.modules[__name__], c, bench, tiny=ctx.flux_size == "tiny")
 
 
 def check_sigterm_resume(ctx: Ctx, c: Check) -> None:
@@ -630,12 +489,10 @@ def plan(ctx: Ctx) -> list[tuple[str, int, object]]:
              (f"train/sd15/{main}", 1, partial(check_train, ctx, family="sd15", precision=main))]
     if not ctx.args.no_flux:
         items.append((f"flux1-dev/{ctx.flux_size}", -1, partial(check_flux, ctx)))
-    if not ctx.args.no_flux2:  # FLUX.2 (bench/device_flux2.py): klein 9B full size by default
-        items.append((f"flux2-{ctx.args.flux2_variant}/{ctx.flux2_size}", -2, partial(_check_flux2, ctx)))
-    if not ctx.args.no_qwen:  # full size unless --tiny (bench/qwen_image.py; its time estimated as FLUX's)
-        items.append((f"qwen-image/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -1, partial(check_qwen, ctx)))
-    if not ctx.args.no_zimage:  # bench/zimage_check.py: full size unless --tiny (its time estimated as FLUX's)
-        items.append((f"zimage/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -1, partial(check_zimage, ctx)))
+    for label in ctx.families:  # bench/device_families.py: full size unless --tiny; time estimated per row
+        bench = FAMILY_BENCHES[label]
+        items.append((f"{label}/{'tiny' if ctx.flux_size == 'tiny' else 'full'}", -2 - len(items),
+                      partial(check_family, ctx, bench)))
     items += [("sigterm_resume", 2, partial(check_sigterm_resume, ctx)),
              (f"train/sd15/{other}", 1, partial(check_train, ctx, family="sd15", precision=other)),
              ("dora", 1, partial(check_dora, ctx)),
@@ -658,6 +515,11 @@ def flux_need_s(ctx: Ctx) -> float:
     if ctx.flux_size != "full":
         return 30.0 if ctx.flux_size == "tiny" else 90.0
     return (0.0 if (ctx.flux_dir / "model_index.json").is_file() else 90.0) + 90.0
+
+
+def family_need_s(ctx: Ctx, name: str) -> float:
+    """A family row's build and first run (its later runs are skipped inside when time is short)."""
+    return 30.0 if ctx.flux_size == "tiny" else FAMILY_BENCHES[name.split("/")[0]].need_s
 
 
 def render(ctx: Ctx, checks: list[Check]) -> str:
@@ -696,11 +558,9 @@ def main() -> int:
                     help="FLUX model: full (default on a card), tiny (= --tiny), reduced (bench/models.py's CPU "
                          "stand-in with a 2-layer T5, built in bf16, 128/256 px: the full-size code path on the CPU)")
     ap.add_argument("--no-flux", action="store_true", help="skip the FLUX check")
-    ap.add_argument("--no-flux2", action="store_true", help="skip the FLUX.2 check")
-    ap.add_argument("--flux2-variant", choices=("klein-9b", "klein-4b", "dev"), default="klein-9b",
-                    help="FLUX.2 check's model (dev's 32 B transformer is 64 GB in bf16: int8 only fits a card)")
-    ap.add_argument("--no-zimage", action="store_true", help="skip the Z-Image check (full size: 12 GB built on the card)")
-    ap.add_argument("--no-qwen", action="store_true", help="skip the Qwen-Image check (full size: 41 GB on disk)")
+    ap.add_argument("--families", default=",".join(FAMILY_BENCHES),
+                    help="comma-separated full-size family checks (bench/device_families.py --list; default all, "
+                         "in that order; '' for none)")
     ap.add_argument("--flux-steps", type=int, default=0, help="steps per FLUX run (default 8 at 512 px, 6 at 1024)")
     ap.add_argument("--flux-dir", help="where the FLUX model is built (reused if there, and kept); default: the "
                                        "temp folder")
@@ -717,7 +577,7 @@ def main() -> int:
         if checks[0].status == "failed":
             c.problems.append("environment check failed")
             continue
-        need = (flux_need_s(ctx) if runs == -1 else flux2_need_s(ctx) if runs == -2
+        need = (flux_need_s(ctx) if runs == -1 else family_need_s(ctx, c.name) if runs < -1
                 else runs * ctx.est_run_s() + (10 if runs else 0))  # + diffusers load
         if runs and ctx.remaining() < need:
             c.details["skipped_because"] = f"{ctx.remaining():.0f} s left, ~{need:.0f} s needed"

@@ -1,6 +1,6 @@
 """Qwen-Image at its published size for the benches: the real configs (Qwen/Qwen-Image: transformer 20.43 B, the
 Wan-2.1-style VAE, Qwen2.5-VL-7B), built on the meta device for the memory plan (bench_memory_plan.make_folder) or
-with random weights on a device for the GPU check (device_check.py ``qwen-image/full``, ``check_qwen`` here).
+with random weights on a device for the GPU check (device_check.py ``qwen-image/full``, bench/device_families.py).
 
 The GPU check's text encoder is a stand-in of the real output width (3584, so the text cache and the transformer's
 txt_in see real shapes) with 2 layers and the tiny tokenizer's vocabulary: the trainer caches its output once and
@@ -10,9 +10,7 @@ releases it, so its size changes set-up time, not training memory or speed (as d
 """
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,58 +79,11 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standi
     return out
 
 
-def check_qwen(ctx, c, *, run_cli, expect_completed, mem_max, steady, log) -> None:
-    """Qwen-Image through the real CLI (device_check's helpers passed in): the full-size transformer (40.9 GB in
-    bf16) built on the card, then 1024 px runs with gradient checkpointing, bf16 and an 8-bit (int8) base: s/step,
-    peak GPU memory beside the plan, LoRA files. ``--tiny``: the tiny random pipeline at 64 px (the CPU dry run)."""
+def build_bf16(out: Path, device: str) -> Path:
+    """device_families' build: the full-size pipeline in bf16 on ``device``, a 2-layer Qwen2.5-VL stand-in."""
     import torch
 
-    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
-
-    tiny = ctx.flux_size == "tiny"
-    folder = ctx.tmp / "model-qwen-image"
-    t = time.monotonic()
-    if not (folder / "model_index.json").is_file():
-        log(f"  building {'tiny' if tiny else 'full'} Qwen-Image in {folder}")
-        if tiny:
-            make_tiny_pipeline(folder, "qwen-image")
-        else:
-            make_model(folder, device=ctx.device, dtype=torch.bfloat16)
-            torch.cuda.empty_cache()
-    c.numbers.update(model="tiny qwen-image" if tiny else "full Qwen-Image transformer + 2-layer Qwen2.5-VL stand-in",
-                     build_and_save_s=round(time.monotonic() - t, 1),
-                     model_gb=round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9, 1))
-    res = 64 if tiny else 1024
-    data = make_dataset(ctx.tmp / "data-qwen", n=4, sizes=[(res, res)], trigger="ohwx")
-    steps = 4 if tiny else 6
-    for quant in ("none", "int8"):
-        tag = f"{res}px" + ("" if quant == "none" else f"_{quant}")
-        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"qwen-{tag}"),
-               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
-               "max_train_steps": steps, "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
-               "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
-               "gradient_checkpointing": True, "base_quantization": quant, "heartbeat_seconds": 600,
-               "max_sequence_length": 128, "ignore_memory_plan": True}
-        path = ctx.tmp / f"qwen-{tag}.json"
-        path.write_text(json.dumps(cfg, indent=1))
-        run = run_cli(ctx, path, f"qwen/{tag}", record=False, max_timeout=420.0)
-        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
-            c.numbers[f"{tag}_result"] = "out_of_memory"
-            continue
-        from bench.device_check import Check  # the same record type, for this run's own problems
-
-        sub = Check(c.name)
-        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
-            c.problems += [f"{tag}: {p}" for p in sub.problems]
-            continue
-        sub.require(run.last("run_started").get("family") == "qwen_image", f"{tag}: not trained as qwen_image")
-        elapsed = [e["elapsed_s"] for e in run.of("step")]
-        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
-        c.numbers.update({f"{tag}_s_per_step": steady(step_s, 2), f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"),
-                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_rss_peak_gb": mem_max(run, "rss"),
-                          f"{tag}_wall_s": round(run.wall_s, 1)})
-        c.problems += sub.problems
+    return make_model(out, device=device, dtype=torch.bfloat16)
 
 
 def main() -> int:
