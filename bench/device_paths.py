@@ -11,8 +11,8 @@ stream_blocks), with two optimizer steps against an unquantised / unsharded / un
 * ``fsdp_bf16_lora``: FSDP2 (fully_shard) with a bf16 base and fp32 LoRA in one unit, under bf16 autocast, in one
   process over NCCL (two processes need two cards; one card runs the unit's all-gather / reduce-scatter, dtypes and
   autocast, with a world of one). On the CPU it runs the same over gloo.
-* ``pinned_streaming``: offload_blocks' host copies in page-locked memory and non-blocking copies on the compute
-  stream: the LoRA of the unstreamed run, and less peak GPU memory than it.
+* ``pinned_streaming``: offload_blocks' host copies in page-locked memory, prefetched into two slots on a side
+  stream: the LoRA of the unstreamed run, less peak GPU memory than it, every load but the first prefetched.
 
 Where a path cannot run on the CPU, ``--device cpu`` runs the check's code on the CPU in fp32 as a stand-in (so the
 dry run catches a broken check) and reports the check "skipped: needs CUDA".
@@ -233,9 +233,11 @@ def check_pinned_streaming(ctx, c) -> None:
         c.require(all(math.isfinite(v) for v in losses), f"streamed={streamed}: non-finite losses {losses}")
         if streamer is not None:
             n = len(streamer.blocks)
+            unprefetched = sum(why == "copy" for why, _, _ in streamer.trace)
             c.numbers.update(blocks=n, host_mib=round(streamer.host_bytes / 2**20, 3), loads=streamer.loads,
-                             pinned=streamer.pin)
+                             pinned=streamer.pin, unprefetched_loads=unprefetched, slots=len(streamer.slots))
             c.require(STEPS * n <= streamer.loads <= 2 * STEPS * n, f"{streamer.loads} block loads for {n} blocks")
+            c.require(not ctx.cuda or unprefetched == 1, f"{unprefetched} block loads were not prefetched (1 expected)")
             if ctx.cuda:
                 c.require(streamer.pin and all(t.is_pinned() for t in streamer.host.values()),
                           "host copies are not page-locked")

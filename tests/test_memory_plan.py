@@ -151,7 +151,8 @@ def test_drift_warning_rule():
 
 
 def test_streamed_blocks_in_the_plan_and_the_hints(full_size):
-    """offload_blocks moves the last blocks' frozen weights to host memory and keeps one of them on the card: for
+    """offload_blocks moves the last blocks' frozen weights to host memory and keeps two of them on the card (the
+    streamer's slots: the block running and the next being copied in): for
     FLUX.1-dev half the blocks (29 of 57) are single blocks of 141.6 M parameters, 0.26 GiB each in bf16; on a
     12 GB card the hint names the fewest streamed blocks that fit."""
     kw = dict(resolution=1024, optimizer="adamw8bit", gradient_checkpointing=True)
@@ -162,7 +163,7 @@ def test_streamed_blocks_in_the_plan_and_the_hints(full_size):
     assert (half["offload"]["blocks"], half["offload"]["of"]) == (29, 57)
     assert half["offload"]["host_gib"] == pytest.approx(29 * single, rel=0.01)
     drop = plain["parts_gib"]["denoiser_weights"] - half["parts_gib"]["denoiser_weights"]
-    assert drop == pytest.approx(28 * single, rel=0.01)
+    assert drop == pytest.approx(27 * single, rel=0.01)
     card = {"name": "12 GB", "memory_bytes": 12 * 2 ** 30}
     cfg, _ = parse_config({"dataset_path": str(full_size["data"]), "base_model": str(full_size["flux1"]),
                            "output_path": str(full_size["root"] / "out"), "trigger_words": ["ohwx"],

@@ -54,7 +54,7 @@ from typing import Any
 from ..families import SPECS
 from ..families.spec import FamilySpec, expand_targets
 from .probe import weight_headers
-from ..runtime.offload import resolve_count
+from ..runtime.offload import SLOTS, resolve_count
 from ..runtime.quantize import STORAGE_BYTES, file_dtype, kept_in_fp32, quantizable
 from .cache_plan import device_cache_bytes
 
@@ -195,12 +195,14 @@ def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str,
 
 
 def _offload(value: float, blocks: list[int]) -> dict | None:
-    """What offload_blocks moves off the accelerator: the last blocks in forward order, one of them back at a time."""
+    """What offload_blocks moves off the accelerator: the last blocks in forward order; on the device, the streamer's
+    slots of the largest one's size (two from two blocks on: the one running and the one being copied in)."""
     count = resolve_count(value, len(blocks))
     if not count:
         return None
     streamed = blocks[len(blocks) - count:]
-    return {"blocks": count, "of": len(blocks), "host_bytes": sum(streamed), "device_bytes": max(streamed)}
+    return {"blocks": count, "of": len(blocks), "host_bytes": sum(streamed),
+            "device_bytes": min(count, SLOTS) * max(streamed)}
 
 
 def _shard(blocks: list[int], processes: int) -> dict | None:
@@ -387,8 +389,10 @@ def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, 
     full = plan(0.999)
     if full is None or not full["offload"] or not _hint({}, full, gpu)["fits"]:
         return None
-    # Each streamed block frees its bytes and costs at most the growth of the largest streamed one, so the total
-    # falls as the count grows: bisect (each plan reads every header; a linear scan over 57 FLUX blocks is slow).
+    # Each streamed block frees its bytes and costs at most twice the growth of the largest streamed one (the two
+    # slots), so the total falls as the count grows wherever blocks are of similar size: bisect (each plan reads
+    # every header; a linear scan over 57 FLUX blocks is slow). Where a much larger block joins it may not, and the
+    # count found fits but may not be the fewest.
     lo, hi, best = 1, full["offload"]["of"], None
     while lo <= hi:
         mid = (lo + hi) // 2

@@ -27,8 +27,13 @@ Only frozen parameters move (requires_grad False); LoRA weights, their optimizer
 Plain and fp8 (layerwise-cast) weights are supported; int8 / NF4 tensors carry quantisation state in tensor
 subclasses that ``.data`` swaps do not move, so those bases are a config error (config.py).
 
-Copies are issued on the compute stream (non-blocking from pinned memory): simple and ordered by construction,
-but not overlapped with compute; the cost is about 2 x the streamed bytes over PCIe per step.
+Overlap (accelerators): each streamed block's frozen weights are packed once into one page-locked host buffer, and
+two device buffers ("slots") of the largest block's size are allocated once; a block's weights are views into the
+slot it was copied to, so streaming allocates nothing per step. While block i runs, block i + 1 (forward) or
+i - 1 (backward) is copied into the other slot on a side stream; the compute stream waits on that copy's event
+before the block runs, and the side stream waits on the event recorded when the slot's previous block was released
+before overwriting it. The memory plan counts both slots. On the CPU a load is the host copy itself (no slots),
+unless the test hook below asks for the accelerator's path, whose order and buffer reuse the tests then check.
 """
 from __future__ import annotations
 
@@ -42,8 +47,10 @@ if TYPE_CHECKING:  # torch is imported where it is used: the memory plan (prefli
 
 # Test hook: on the CPU a load returns the host copy itself (a copy would sit at another address alignment, where CPU
 # kernels round differently, and a streamed run would no longer train the unstreamed run's LoRA bitwise).
-# TRAIN_LORA_TEST_OFFLOAD_COPY=1 makes it a copy as on an accelerator, so a test can watch a block's copy being freed.
+# TRAIN_LORA_TEST_OFFLOAD_COPY=1 takes the accelerator's path (packed host buffers, two slots, prefetch) on the CPU.
 _TEST_COPY = os.environ.get("TRAIN_LORA_TEST_OFFLOAD_COPY") == "1"
+SLOTS = 2  # the block running and the one being copied in
+_ALIGN = 256  # byte offset of each weight in a block's packed buffer: any dtype's view, and the kernels' alignment
 
 
 def resolve_count(value: float, total: int) -> int:
@@ -75,10 +82,19 @@ class BlockStreamer:
 
         self.blocks, self.device = blocks, torch.device(device)
         self.pin = self.device.type == "cuda"
+        self.slotted = self.pin or _TEST_COPY  # packed buffers, slots and prefetch (module docstring)
         self.params: list[list[torch.nn.Parameter]] = []
-        self.host: dict[int, torch.Tensor] = {}  # id(param) -> its host copy
+        self.host: dict[int, torch.Tensor] = {}  # id(param) -> its host copy (a view into its block's packed buffer)
+        self.packed: list[torch.Tensor] = []  # per block: its frozen weights' bytes, one buffer (slotted only)
+        self.layout: list[list[tuple[int, int, torch.dtype, torch.Size]]] = []  # per weight: offset, bytes, dtype, shape
+        self.slots: list[torch.Tensor] = []  # device byte buffers of the largest block's size, each allocated once
+        self.slot_of: dict[int, int] = {}  # block -> the slot holding (or receiving) its weights
+        self.ready: dict[int, object] = {}  # block -> the side stream's event after its copy (CUDA)
+        self.released: list[object] = [None] * SLOTS  # slot -> the compute stream's event after its last block ran
+        self.stream = None  # the side stream copies run on (CUDA)
         self.resident: int | None = None  # index of the streamed block whose weights are on the device
         self.loads = 0  # host -> device block copies so far
+        self.trace: list[tuple[str, int, int]] = []  # (copy | prefetch, block, slot), for the tests; bounded below
         self.total = len(blocks) if total is None else total
 
     @property
@@ -91,24 +107,94 @@ class BlockStreamer:
         for i, block in enumerate(self.blocks):
             frozen = [p for p in block.parameters() if not p.requires_grad]
             self.params.append(frozen)
+            if self.slotted:
+                self._pack(frozen)
+            else:
+                for p in frozen:
+                    self.host[id(p)] = p.data.to("cpu")
             for p in frozen:
-                host = p.data.to("cpu")
-                self.host[id(p)] = host.pin_memory() if self.pin else host
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             block.register_forward_pre_hook(self._pre_hook(i))
             block.register_forward_hook(self._post_hook(i))
             block.forward = self._saving_references(i, block.forward)
         return self
 
+    def _pack(self, frozen: list[torch.nn.Parameter]) -> None:
+        import torch
+
+        layout, offset = [], 0
+        for p in frozen:
+            nbytes = p.numel() * p.element_size()
+            layout.append((offset, nbytes, p.dtype, p.shape))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        buf = torch.empty(offset, dtype=torch.uint8, pin_memory=self.pin)
+        for p, (off, nbytes, dtype, shape) in zip(frozen, layout):
+            view = buf[off:off + nbytes].view(dtype).view(shape)
+            view.copy_(p.data)
+            self.host[id(p)] = view
+        self.packed.append(buf)
+        self.layout.append(layout)
+
     def load(self, i: int) -> None:
+        """Block i's weights on the device for the compute stream (waiting for its prefetch if one is in flight); the
+        block resident before is released."""
         if self.resident == i:
             return
+        if not self.slotted:
+            if self.resident is not None:
+                self._drop(self.resident)
+            for p in self.params[i]:
+                p.data = self.host[id(p)].to(self.device)
+            self.resident = i
+            self.loads += 1
+            return
+        if i not in self.slot_of:
+            self._copy_in(i, "copy")
+        if (event := self.ready.pop(i, None)) is not None:
+            import torch
+
+            torch.cuda.current_stream(self.device).wait_event(event)
+        slot = self.slots[self.slot_of[i]]
+        for p, (off, nbytes, dtype, shape) in zip(self.params[i], self.layout[i]):
+            p.data = slot[off:off + nbytes].view(dtype).view(shape)
         if self.resident is not None:
             self._drop(self.resident)
-        for p in self.params[i]:
-            p.data = self.host[id(p)].to(self.device, non_blocking=self.pin, copy=_TEST_COPY)
         self.resident = i
+
+    def prefetch(self, i: int) -> None:
+        """Start copying block i into the slot the resident block does not hold (a no-op off the block range, when i is
+        there already, or without slots)."""
+        if self.slotted and 0 <= i < len(self.blocks) and i not in self.slot_of:
+            self._copy_in(i, "prefetch")
+
+    def _copy_in(self, i: int, why: str) -> None:
+        import torch
+
+        busy = self.slot_of.get(self.resident) if self.resident is not None else None
+        slot = next(s for s in range(SLOTS) if s != busy)
+        if slot == len(self.slots):  # the second only when a second block streams: one block needs one slot
+            self.slots.append(torch.empty(max(int(b.numel()) for b in self.packed), dtype=torch.uint8,
+                                          device=self.device))
+        if self.pin and self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        for j in [j for j, s in self.slot_of.items() if s == slot]:  # a prefetch the run did not take: overwritten
+            del self.slot_of[j]
+            self.ready.pop(j, None)
+        n = int(self.packed[i].numel())
+        if self.stream is not None:
+            if self.released[slot] is not None:  # the slot's last block must have run before it is overwritten
+                self.stream.wait_event(self.released[slot])
+            with torch.cuda.stream(self.stream):
+                self.slots[slot][:n].copy_(self.packed[i], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.ready[i] = event
+        else:
+            self.slots[slot][:n].copy_(self.packed[i])
+        self.slot_of[i] = slot
         self.loads += 1
+        if len(self.trace) < 10_000:
+            self.trace.append((why, i, slot))
 
     def _drop(self, i: int) -> None:
         import torch
@@ -116,6 +202,12 @@ class BlockStreamer:
         for p in self.params[i]:
             # dtype from the live data: layerwise casting may have cast it (it casts back after each forward)
             p.data = torch.empty(0, dtype=p.data.dtype, device=self.device)
+        if self.slotted:
+            slot = self.slot_of.pop(i)
+            if self.stream is not None:  # kernels of block i queued so far still read the slot
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self.released[slot] = event
         self.resident = None
 
     def _saving_references(self, i: int, forward):
@@ -124,10 +216,11 @@ class BlockStreamer:
 
         def pack(t):
             if t.layout == torch.strided and t.numel():
-                ptr = t.untyped_storage().data_ptr()
+                ptr = t.data_ptr()  # weights of one block share a slot's storage: match the address range
                 for p in self.params[i]:
-                    if p.numel() and p.untyped_storage().data_ptr() == ptr:
-                        return p, t.dtype, t.size(), t.stride(), t.storage_offset() - p.storage_offset()
+                    start = p.data_ptr()
+                    if p.numel() and p.dtype == t.dtype and start <= ptr < start + p.numel() * p.element_size():
+                        return p, t.dtype, t.size(), t.stride(), (ptr - start) // t.element_size()
             return t
 
         def unpack(packed):
@@ -149,6 +242,8 @@ class BlockStreamer:
     def _pre_hook(self, i: int):
         def hook(module, args):
             self.load(i)
+            if not _in_backward():  # a checkpoint's recomputation runs in the backward pass: no forward prefetch
+                self.prefetch(i + 1)
         return hook
 
     def _post_hook(self, i: int):
@@ -163,8 +258,16 @@ class BlockStreamer:
     def _grad_hook(self, i: int):
         def hook(grad):
             self.load(i)
+            self.prefetch(i - 1)
             return grad
         return hook
+
+
+def _in_backward() -> bool:
+    import torch
+
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _saved_tensor_hooks_active() -> bool:
