@@ -154,6 +154,12 @@ export interface RunStartedEvent {
     [k: string]: unknown | undefined;
   } | null;
   /**
+   * regional compilation (config compile; null when off): blocks (modules whose forward is compiled), classes (their class names), graphs (compiled so far: 0 before the first step), compile_s (seconds spent compiling them)
+   */
+  compile?: {
+    [k: string]: unknown | undefined;
+  } | null;
+  /**
    * sharding of the frozen denoiser across processes (shard_base; null when off or with one process): processes, units (FSDP units: the blocks plus the denoiser itself), frozen_bytes (the denoiser's frozen weights, whole), local_bytes (rank 0's shards of them)
    */
   shard?: {
@@ -218,6 +224,12 @@ export interface StepEvent {
   eta_s?: number | null;
   elapsed_s?: number | null;
   /**
+   * with compile on only: graphs (compiled so far: each block class's first per image shape, and recompilations) and compile_s (seconds spent compiling them); a recompilation warning comes once when more graphs were compiled after the first 3 steps than during them
+   */
+  compile?: {
+    [k: string]: unknown | undefined;
+  };
+  /**
    * GiB: gpu_allocated_gb, gpu_reserved_gb (now), gpu_peak_gb (highest allocation since training began, after model loading and caching; samples included), CUDA only; gpu_reserved_peak_gb (the allocator's peak reservation); plan_gb (the memory plan's total, beside the measured figures: a drift over 15% is a memory_plan_drift warning on CUDA); rss_peak_gb (the process's peak resident memory since it started)
    */
   memory?: {
@@ -279,7 +291,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on)
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them)
    */
   code: string;
   message: string;

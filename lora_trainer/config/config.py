@@ -119,6 +119,7 @@ class TrainConfig:
     ignore_memory_plan: bool = False
     base_quantization: str = "none"  # frozen denoiser storage: none | fp8 | int8 | nf4 (quantize.py)
     text_encoder_quantization: str = "none"
+    compile: bool = False  # regional compilation of the denoiser's blocks (runtime/compile.py)
     offload_blocks: float = 0  # blocks streamed from host memory: a count (>= 1) or a fraction (offload.py)
     shard_base: bool = False  # FSDP2 shards of the frozen denoiser across processes (shard.py)
     # Keys the user wrote (flat or nested); some checks apply only to explicit values.
@@ -164,6 +165,17 @@ def _is_within(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _compile_problems(cfg: TrainConfig, problems: list[dict]) -> None:
+    # Measured on the tiny FLUX.1: torchao's int8 weights are tensor subclasses inductor refuses as graph inputs ("torch
+    # .compile is currently being used with tensor subclass inputs"); fp8 layerwise casting's hooks recast weights
+    # inside the compiled forward, and a checkpointed block's recomputation then sees fp8 where fp32 was saved.
+    if cfg.compile and cfg.base_quantization in ("int8", "fp8"):
+        problems.append(problem("compile", True, f"compile cannot compile blocks over a {cfg.base_quantization} base "
+                                "(int8: torchao's tensor subclasses are not inductor inputs; fp8: layerwise casting "
+                                "recasts the weights inside the compiled blocks)",
+                                "base_quantization \"none\" or \"nf4\" with compile, or compile false"))
 
 
 def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
@@ -277,6 +289,7 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
                                     "weight's norm, a small approximation); A1111's built-in loader implements only "
                                     "input-axis DoRA and misapplies it. See README 'DoRA'."})
     _offload_problems(cfg, problems)
+    _compile_problems(cfg, problems)
     _shard_problems(cfg, problems)
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",

@@ -9,6 +9,7 @@ import torch
 from ..adapters.init_from_file import init_from_file
 from ..adapters.lora import add_lora
 from ..distributed.shard import shard_denoisers
+from ..runtime.compile import CompileStats, compile_denoisers
 from ..runtime.offload import stream_denoisers
 from ..runtime.quantize import after_lora
 
@@ -20,12 +21,13 @@ class Attached:
     te_params: list
     streamers: dict  # offload.BlockStreamer per streamed denoiser
     shards: dict  # shard.shard_denoisers' summary per sharded denoiser
+    compiled: CompileStats | None = None  # compile: the regions compiled and the graphs so far
 
 
 def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: int = 1) -> Attached:
     """The run's adapters (Trainer._attach_lora): LoRA on the denoisers (and text encoders with
-    train_text_encoder), an init_lora file's weights, fp8 storage, block streaming or sharding across the ``world``
-    processes, then the move to ``device``.
+    train_text_encoder), an init_lora file's weights, fp8 storage, regional compilation, block streaming or sharding
+    across the ``world`` processes, then the move to ``device``.
 
     LoRA goes in on the host, before anything moves: so that fp8 casting, block streaming and sharding happen before
     the full-precision denoiser could reach the accelerator (it may not fit there), and so that a seed gives the same
@@ -52,6 +54,8 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
         init_from_file(cfg, family.name, comps, out.lora_modules, events)
     after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
     # every LoRA tensor is checked to be trainable fp32
+    if cfg.compile:  # the blocks' forwards, LoRA inside; streaming then wraps the compiled forward (compile.py)
+        out.compiled = compile_denoisers(comps.denoisers, spec.blocks)
     out.streamers = stream_denoisers(cfg.offload_blocks, spec.blocks, comps.denoisers, device)
     if cfg.shard_base and world > 1:
         out.shards = shard_denoisers(comps.denoisers, spec.blocks, device, world)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.captions import prompts_for
+from ..runtime.compile import eager
 
 
 @contextlib.contextmanager
@@ -85,7 +86,8 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
     events.emit("status", phase="sampling", message=f"generating sample images at step {step}")
     paths, images = [], []
     try:
-        with preserved_rng(), torch.no_grad():
+        # compiled blocks sample eagerly (runtime/compile.py): sampling's shapes would compile graphs used once
+        with preserved_rng(), torch.no_grad(), eager():
             pipe = family.pipeline(comps)
             pipe.set_progress_bar_config(disable=True)
             extra, steps = family.sample_kwargs(), family.sample_steps()

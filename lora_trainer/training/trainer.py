@@ -129,6 +129,7 @@ class Trainer:
                 objective=objective_summary(self.cfg, self.family.spec, self.comps.variant),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
                 offload=offload_summary(self.streamers), shard=shard_summary(self.shards),
+                compile=self.compiled.summary() if self.compiled else None,
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -195,7 +196,7 @@ class Trainer:
 
         a = attach_adapters(self.cfg, self.family, self.comps, self.device, self.events, world=self.world)
         # lora_modules: the modules that carry LoRA, by component name: what checkpoints, resume and export read.
-        self.lora_modules, self.streamers, self.shards = a.lora_modules, a.streamers, a.shards
+        self.lora_modules, self.streamers, self.shards, self.compiled = a.lora_modules, a.streamers, a.shards, a.compiled
         self.denoiser_params, self.te_params = a.denoiser_params, a.te_params
 
     def _build_optimizer(self) -> None:
@@ -397,7 +398,8 @@ class Trainer:
         self.events.emit("step", step=prog.global_step, total_steps=self.total_steps, epoch=prog.epoch,
                          loss=value, loss_avg=loss_avg, lr=lr, images_per_sec=images_per_sec,
                          eta_s=round(s_per_step * (self.total_steps - prog.global_step), 1),
-                         elapsed_s=round(prog.elapsed_s, 3), memory=self.step_memory.stats(self.device))
+                         elapsed_s=round(prog.elapsed_s, 3), memory=self.step_memory.stats(self.device),
+                         **(self.compiled.step_fields(prog.global_step, self.events) if self.compiled else {}))
 
     def _stop_now(self) -> None:
         signum = self.stop.signum or signal.SIGTERM
