@@ -450,8 +450,6 @@ def test_single_file_sd3_medium_incl_clips(tmp_path):
 @pytest.mark.parametrize("keys,name", [
     ({**{k: v for k, v in bfl_flux_keys(dev=False).items() if not k.startswith("vector_in")},
       "distilled_guidance_layer.in_proj.weight": [4, 4], "distilled_guidance_layer.in_proj.bias": [4]}, "Chroma"),
-    ({"model.diffusion_model.txt_in.text_norm.weight": [8], "model.diffusion_model.img_in.weight": [4, 64],
-      "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": [24, 4]}, "Qwen-Image 2.1"),
     ({"model.diffusion_model.head.modulation": [1, 2, 4], "model.diffusion_model.blocks.0.self_attn.q.weight": [4, 4],
       "model.diffusion_model.patch_embedding.weight": [4, 16, 1, 2, 2]}, "Wan"),
     ({"layers.0.adaLN_modulation.1.weight": [4, 4], "cap_embedder.0.weight": [8], "noise_refiner.0.attention.qkv.weight": [12, 4]}, "Lumina 2"),

@@ -164,6 +164,9 @@ class FamilySpec:
     kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
+    # Text encoder -> its tokenizer's pipeline attribute and folder where that is not tokenizer_N (Qwen-Image 2.1's
+    # Qwen3-VL tokenizes through its "processor"). The one defaulted field: every other family names tokenizer_N.
+    tokenizer_folders: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if "vae" not in self.component_classes:
@@ -194,8 +197,12 @@ class FamilySpec:
             return self.tool_names["v"]
         return self.tool_names[None]
 
+    def tokenizer_of(self, encoder: str) -> str:
+        """The pipeline attribute (and folder) of ``encoder``'s tokenizer."""
+        return self.tokenizer_folders.get(encoder, tokenizer_of(encoder))
+
     def tokenizer_class(self, encoder: str) -> str:
-        return self.component_classes[tokenizer_of(encoder)]
+        return self.component_classes[self.tokenizer_of(encoder)]
 
     @property
     def t5_tokenizers(self) -> tuple[str, ...]:
