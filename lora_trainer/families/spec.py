@@ -164,9 +164,6 @@ class FamilySpec:
     kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
-    # Text encoder -> its tokenizer's pipeline attribute and folder where that is not tokenizer_N (Qwen-Image 2.1's
-    # Qwen3-VL tokenizes through its "processor"). The one defaulted field: every other family names tokenizer_N.
-    tokenizer_folders: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if "vae" not in self.component_classes:
@@ -198,8 +195,13 @@ class FamilySpec:
         return self.tool_names[None]
 
     def tokenizer_of(self, encoder: str) -> str:
-        """The pipeline attribute (and folder) of ``encoder``'s tokenizer."""
-        return self.tokenizer_folders.get(encoder, tokenizer_of(encoder))
+        """The pipeline attribute (and folder) of ``encoder``'s tokenizer: tokenizer_N, or diffusers' name for a
+        multimodal encoder's tokenizer, ``processor`` (Qwen-Image 2.1's Qwen3VLProcessor), where the components list
+        that instead (a pipeline has one processor, so one encoder)."""
+        name = tokenizer_of(encoder)
+        if name not in self.components and "processor" in self.components and len(self.text_encoders) == 1:
+            return "processor"
+        return name
 
     def tokenizer_class(self, encoder: str) -> str:
         return self.component_classes[self.tokenizer_of(encoder)]

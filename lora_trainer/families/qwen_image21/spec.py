@@ -20,11 +20,11 @@ _FLOW = FlowDefaults(sigma_sampling="sigmoid", shift="resolution")
 SPEC = FamilySpec(
     name="qwen_image21", label="Qwen-Image 2.1", display_name="Qwen-Image 2.1", objective="flow",
     pipeline_class="QwenImage21Pipeline", denoisers=("transformer",), text_encoders=("text_encoder",),
-    # The tokenizer is the folder's processor/ (Qwen3VLProcessor); the trainer reads it text-only (processor.py).
+    # The tokenizer is the folder's processor/ (Qwen3VLProcessor; FamilySpec.tokenizer_of): read text-only
+    # (processor.py).
     component_classes={"vae": "AutoencoderKLQwenImage21", "transformer": "QwenImage21Transformer2DModel",
                        "text_encoder": "Qwen3VLForConditionalGeneration", "processor": "Qwen3VLProcessor"},
     components=("transformer", "vae", "text_encoder", "processor", "scheduler"),
-    tokenizer_folders={"text_encoder": "processor"},
     # Qwen3-VL 8B: cached and released; no text-encoder LoRA.
     lora_text_encoders=(), text_encoder_reads={},
     default_resolution=1024, prediction_resolution={}, bucketing_default=True,
