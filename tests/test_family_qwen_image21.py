@@ -96,7 +96,8 @@ def test_prompts_are_the_pipelines_encode_prompt_padded_and_masked(pipe, family)
         tok(f"<|im_start|>system\n{pipe.sys_prompt}<|im_end|>\n").input_ids)
     assert int(cond["prompt_embeds_mask"][0].sum()) == len(kept)
     # An empty prompt is encoded as " " (the pipeline's rule), not as nothing.
-    assert int(cond["prompt_embeds_mask"][2].sum()) == len(tok(pipe.prompt_template_t2i.format(" ")).input_ids) - pipe._drop_idx
+    blank = len(tok(pipe.prompt_template_t2i.format(" ")).input_ids) - pipe._drop_idx
+    assert int(cond["prompt_embeds_mask"][2].sum()) == blank
 
 
 def test_the_text_is_the_last_layer_before_the_final_norm(pipe, family):
@@ -222,8 +223,9 @@ def test_comfy_file_through_diffusers_converter_gives_the_deltas():
     from lora_trainer.outputs.lora_files import alpha_state_dict
 
     g = torch.Generator().manual_seed(0)
-    paths = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_out.0", "transformer_blocks.0.img_mlp.gate_layer",
-             "transformer_blocks.1.img_mlp.proj", "transformer_blocks.1.img_mlp.out"]
+    paths = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_out.0",
+             "transformer_blocks.0.img_mlp.gate_layer", "transformer_blocks.1.img_mlp.proj",
+             "transformer_blocks.1.img_mlp.out"]
     state = {}
     for p in paths:
         state[f"{p}.lora_A.weight"] = torch.randn(4, 32, generator=g)
@@ -270,7 +272,8 @@ def test_signature_variant_file_rules_and_qwen_image_apart():
             assert yes.match_file(fk) is not None and no.match_file(fk) is None
 
 
-@pytest.mark.parametrize("name,turbo", [("Qwen/Qwen-Image-2.1-Turbo", True), ("/models/qwen_image_2.1_turbo.safetensors", True),
+@pytest.mark.parametrize("name,turbo", [("Qwen/Qwen-Image-2.1-Turbo", True),
+                                        ("/models/qwen_image_2.1_turbo.safetensors", True),
                                         ("Qwen/Qwen-Image-2.1", False)])
 def test_turbo_is_told_and_warned(name, turbo):
     from lora_trainer.families.signature import DistillFacts

@@ -49,7 +49,7 @@ SPEC = FamilySpec(
     # timestep embedding.
     activations=Activations(kind="transformer", width_keys={"num_attention_heads": 32, "attention_head_dim": 128},
                             depth_keys={"num_layers": 32}, conditioning_inputs=("modulation.1",),
-                            checkpoint_units=("transformer_blocks",)),
+                            checkpoint_units=("transformer_blocks",), token_pixels=16),
     # No sd-scripts / musubi-tuner name exists for 2.1 (no peer trains it): musubi-tuner's Qwen-Image naming
     # (ss_base_model_version "qwen_image", architecture "Qwen-Image") with the version appended.
     tool_names={None: ToolNames("qwen_image_2_1", "Qwen-Image-2.1", _IMPL)},
