@@ -201,11 +201,14 @@ def main(argv=None) -> int:
             p = plan(root, **settings)
             print(json.dumps({"settings": settings, "total_gib": p["total_gib"], "parts_gib": p["parts_gib"]}))
         return 0
+    import jsonschema
+
     from bench.device_check import Check
 
     ctx = SimpleNamespace(flux_size="tiny" if args.tiny else "full", tmp=tmp, device=args.device,
-                          main_precision="fp32" if args.device == "cpu" else "bf16", cuda=args.device == "cuda",
-                          remaining=lambda: 600.0, run_times=[], validator=None)
+                          main_precision="no" if args.device == "cpu" else "bf16", cuda=args.device == "cuda",
+                          remaining=lambda: 600.0, run_times=[],
+                          validator=jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text())))
     c = Check("qwen-image-2.1/" + ("tiny" if args.tiny else "full"))
     check(ctx, c)
     print(json.dumps({"numbers": c.numbers, "problems": c.problems}, default=str))
