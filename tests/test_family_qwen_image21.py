@@ -334,3 +334,29 @@ def test_the_trainer_loads_the_folder_with_its_processor(tiny_models, family):
     proc = comps.tokenizers["text_encoder"]
     assert type(proc).__name__ == "Qwen3VLTextProcessor" and proc.tokenizer.chat_template
     assert family.sample_sigmas is None and comps.scheduler_config["max_shift"] == 0.9
+
+
+def test_a_real_processor_folder_loads_text_only(tmp_path, family):
+    """Qwen/Qwen-Image-2.1's processor/ is a Qwen3VLProcessor's (image and video processor configs, the chat
+    template in chat_template.json); without torchvision the trainer reads its tokenizer and template alone."""
+    from lora_trainer.families.qwen_image21.tiny import make_processor
+
+    folder = tmp_path / "processor"
+    make_processor().save_pretrained(folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Qwen3VLProcessor",
+        "image_processor": {"image_processor_type": "Qwen2VLImageProcessorFast", "patch_size": 16, "merge_size": 2},
+        "video_processor": {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16}}))
+    for name, kind in (("preprocessor_config.json", "image"), ("video_preprocessor_config.json", "video")):
+        (folder / name).write_text(json.dumps({"processor_class": "Qwen3VLProcessor",
+                                               f"{kind}_processor_type": "Qwen3VL"}))
+    proc = family.load_tokenizer(tmp_path, "text_encoder")
+    system = [{"role": "system", "content": [{"type": "text", "text": "Comprehend and analyze the provided prompt."}]}]
+    ids = proc.apply_chat_template(system, tokenize=True, return_dict=False)
+    assert ids == [proc.tokenizer("<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n")
+                   .input_ids]
+    with pytest.raises(ValueError, match="text prompts only"):
+        proc(text=["x"], images=[object()])
