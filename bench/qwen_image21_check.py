@@ -116,8 +116,13 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
 
     from lora_trainer.families.qwen_image21.tiny import make_processor
 
-    with torch.device(device):
-        comps = components("standin")
+    old = torch.get_default_dtype()
+    try:  # built in the target dtype: a 7 B transformer in fp32 first would take 28 GB of the card
+        torch.set_default_dtype(dtype or old)
+        with torch.device(device):
+            comps = components("standin")
+    finally:
+        torch.set_default_dtype(old)
     for name, module in comps.items():
         module.to(dtype=torch.float32 if name == "vae" or dtype is None else dtype)
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), processor=make_processor(),
