@@ -175,7 +175,8 @@ def test_variant_rule_and_single_file_match():
     assert sig.match_file(FileKeys(flux, {k: {} for k in flux})) is None
 
 
-def test_qwen_image_21_file_is_named_not_taken(tmp_path):
+def test_qwen_image_21_file_is_not_taken(tmp_path):
+    """A Qwen-Image 2.1 file (txt_in.text_norm, the shared modulation) is its own family's, never Qwen-Image's."""
     from safetensors.torch import save_file
 
     from lora_trainer.preflight.probe import probe_model
@@ -183,9 +184,9 @@ def test_qwen_image_21_file_is_named_not_taken(tmp_path):
     f = tmp_path / "qwen21.safetensors"
     save_file({"model.diffusion_model.txt_in.text_norm.weight": torch.zeros(2),
                "model.diffusion_model.img_in.weight": torch.zeros(2, 2),
-               "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": torch.zeros(2, 2)}, str(f))
-    probe = probe_model(str(f))
-    assert probe.family is None and "Qwen-Image 2.1" in json.dumps(probe.problems)
+               "model.diffusion_model.modulation.1.weight": torch.zeros(8, 2),
+               "model.diffusion_model.transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)}, str(f))
+    assert probe_model(str(f)).family == "qwen_image21"
 
 
 def test_diffusers_reads_the_single_file_as_written(tiny_models, tmp_path):

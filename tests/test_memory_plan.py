@@ -392,3 +392,22 @@ def test_qwen_image_plan_is_near_musubi_tuners_figures(full_size):
 
     assert SPECS["qwen_image"].text_length(None) == 512
     assert SPECS["qwen_image"].text_entry.elements(512) * 2 == 512 * 3584 * 2
+
+
+def test_qwen_image_21_plan_counts_its_16px_tokens(full_size):
+    """Qwen-Image 2.1 (no published training figure exists: no peer trains it): the real 7.115 B transformer from
+    header-only files; image sides are multiples of 32 but a token is 16 px (Activations.token_pixels), so 1024 px
+    is 4096 image tokens beside the 512 text rows, and the text cache holds Qwen3-VL's 4096-wide rows."""
+    from bench.qwen_image21_check import plan_folder
+    from lora_trainer.families import SPECS
+
+    full_size["qwen_image21"] = plan_folder(full_size["root"] / "qwen_image21")
+    kw = dict(resolution=1024, lora_rank=16, optimizer="adamw8bit", gradient_checkpointing=True)
+    plan = _plan(full_size, "qwen_image21", **kw)
+    assert plan["denoiser_params"] == pytest.approx(7.115e9, rel=0.001)
+    tokens, d = 4096 + 512, 32 * 128
+    per_block = memory_plan._BLOCK_FACTOR["attention"] * tokens * d * 2
+    assert plan["parts_gib"]["activations"] == round((32 * int(1.1 * tokens * d * 2) + per_block) / memory_plan.GIB, 2)
+    assert 14 < plan["total_gib"] < 20  # 13.25 GiB of bf16 weights + activations + fixed
+    assert _plan(full_size, "qwen_image21", **kw, base_quantization="fp8")["total_gib"] < plan["total_gib"]
+    assert SPECS["qwen_image21"].text_entry.elements(512) == 512 * 4096

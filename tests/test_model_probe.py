@@ -167,7 +167,7 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     assert p.family is None and codes(p) == ["model_unsupported"], p.problems  # no "missing unet" noise
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
-    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image"
+    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Qwen-Image 2.1"
 
 
 def test_unknown_pipeline_class(tmp_path):
@@ -450,8 +450,6 @@ def test_single_file_sd3_medium_incl_clips(tmp_path):
 @pytest.mark.parametrize("keys,name", [
     ({**{k: v for k, v in bfl_flux_keys(dev=False).items() if not k.startswith("vector_in")},
       "distilled_guidance_layer.in_proj.weight": [4, 4], "distilled_guidance_layer.in_proj.bias": [4]}, "Chroma"),
-    ({"model.diffusion_model.txt_in.text_norm.weight": [8], "model.diffusion_model.img_in.weight": [4, 64],
-      "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": [24, 4]}, "Qwen-Image 2.1"),
     ({"model.diffusion_model.head.modulation": [1, 2, 4], "model.diffusion_model.blocks.0.self_attn.q.weight": [4, 4],
       "model.diffusion_model.patch_embedding.weight": [4, 16, 1, 2, 2]}, "Wan"),
     ({"layers.0.adaLN_modulation.1.weight": [4, 4], "cap_embedder.0.weight": [8], "noise_refiner.0.attention.qkv.weight": [12, 4]}, "Lumina 2"),

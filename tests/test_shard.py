@@ -142,10 +142,10 @@ def test_sigterm_saves_and_the_resumed_sharded_run_is_bitwise_the_uninterrupted_
     assert [e["loss"] for e in _of(events, "step")] == [e["loss"] for e in _of(runs["sharded"][1], "step")][3:]
 
 
-@pytest.mark.parametrize("tiny", ["zimage", "flux2-klein-4b", "qwen-image"])
+@pytest.mark.parametrize("tiny", ["zimage", "flux2-klein-4b", "qwen-image", "qwen-image-2.1"])
 def test_the_newer_transformer_families_train_sharded(tmp_path, tiny_models, dataset, tiny):
-    """Z-Image (list inputs, refiners), FLUX.2 (patchified latents, fused single blocks) and Qwen-Image (masked text
-    stream) through shard_base on two processes: an interval checkpoint (a collective) and a sample (every process
+    """Z-Image (list inputs, refiners), FLUX.2 (patchified latents, fused single blocks), Qwen-Image (masked text
+    stream) and Qwen-Image 2.1 (one block-causal joint sequence) through shard_base on two processes: an interval checkpoint (a collective) and a sample (every process
     takes part), with gradient checkpointing; both processes hold the blocks' shards, not whole blocks."""
     cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models[tiny]),
                        output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,

@@ -96,6 +96,26 @@ def _qwen_rules(pipe, lora: Path, checkpoint: Path) -> None:
     assert comfy_load(renamed, cfg)[1], "negative control: renamed keys must not load"
 
 
+def _qwen21_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """No UI's Qwen-Image 2.1 loader was in the code we read: the file is Qwen-Image's layout (diffusion_model. +
+    diffusers names + .alpha), which diffusers' Qwen converter reads (DIFFUSERS_LOADS_TOOL_FILE). ComfyUI's generic
+    map over 2.1's native names (tests/comfy_qwen21_rules.py, inferred) lands every attention key of the file on the
+    trained modules; the shared modulation is never in it."""
+    from comfy_qwen21_rules import comfy_load, patched_modules
+
+    sd = load_file(lora)
+    keys = list(sd)
+    cfg = dict(pipe.transformer.config)
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    assert all(".img_mlp." not in m for m in trained), "the contract trains the attention preset"
+    _, unloaded = comfy_load(keys, cfg)
+    assert unloaded == [], f"ComfyUI's generic map leaves keys unloaded: {unloaded[:5]}"
+    assert patched_modules(keys, cfg) == trained, "ComfyUI patches other modules than the trained ones"
+    assert len([k for k in keys if k.endswith(".alpha")]) == len(trained), "every module needs its .alpha"
+    assert not any(k.startswith("diffusion_model.modulation.") for k in keys)
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
@@ -103,6 +123,7 @@ RULES: dict[str, Callable] = {
     "flux2": _dit_rules("flux2", ()), "flux2_klein": _dit_rules("flux2", ()),
     "zimage": _zimage_rules,
     "qwen_image": _qwen_rules,
+    "qwen_image21": _qwen21_rules,
 }
 
 
@@ -110,7 +131,8 @@ RULES: dict[str, Callable] = {
 # FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
 # and Qwen-Image's diffusion_model. names through their converters); SD3's kohya/SAI file with fused q/k/v it
 # does not: its users take the PEFT file.
-DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image"}
+DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image",
+                             "qwen_image21"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .spec import FamilySpec, tokenizer_of
+from .spec import FamilySpec
 
 Progress = Callable[[int, int, str], None]
 
@@ -75,7 +75,7 @@ class ModelFamily:
 
     @property
     def tokenizer_classes(self) -> dict[str, str]:
-        return {tokenizer_of(n): self.spec.tokenizer_class(n) for n in self.spec.text_encoders}
+        return {self.spec.tokenizer_of(n): self.spec.tokenizer_class(n) for n in self.spec.text_encoders}
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, source: Path, *, single_file: bool, dtype: torch.dtype, single_file_config: str | None = None,
@@ -118,13 +118,20 @@ class ModelFamily:
             tick(len(denoisers) + 1 + i, name)
             cls = getattr(transformers, self.text_encoder_classes[name])
             encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
-            tok = tokenizer_of(name)
-            tokenizers[name] = getattr(transformers, self.tokenizer_classes[tok]).from_pretrained(
-                source, subfolder=tok, local_files_only=True)
+            tokenizers[name] = self.load_tokenizer(source, name)
         tick(len(names), "done")
         # load_config only reads scheduler_config.json, whatever the scheduler class named in it.
         sched_cfg = dict(diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True))
         return self.components(denoisers, vae, encoders, tokenizers, sched_cfg)
+
+    def load_tokenizer(self, source: Path, encoder: str):
+        """``encoder``'s tokenizer from its folder in ``source`` (by the spec's class; a family whose pipeline
+        takes another object there, Qwen-Image 2.1's text-only processor, overrides this)."""
+        import transformers
+
+        tok = self.spec.tokenizer_of(encoder)
+        return getattr(transformers, self.tokenizer_classes[tok]).from_pretrained(source, subfolder=tok,
+                                                                                   local_files_only=True)
 
     def _load_single_file(self, path: Path, *, dtype: torch.dtype, config: str | None,
                           progress: Progress | None = None) -> Components:
@@ -140,7 +147,7 @@ class ModelFamily:
     def _from_pipe(self, pipe) -> Components:
         denoisers = {n: getattr(pipe, n) for n in self.denoiser_classes}
         encoders = {n: getattr(pipe, n) for n in self.text_encoder_classes}
-        tokenizers = {n: getattr(pipe, tokenizer_of(n)) for n in self.text_encoder_classes}
+        tokenizers = {n: getattr(pipe, self.spec.tokenizer_of(n)) for n in self.text_encoder_classes}
         return self.components(denoisers, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
 
     def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
@@ -249,7 +256,7 @@ class ModelFamily:
         kwargs: dict[str, Any] = {**comps.denoisers, "vae": comps.vae, "scheduler": self.sampling_scheduler(comps)}
         for name in self.text_encoder_classes:
             kwargs[name] = comps.text_encoders.get(name)  # None once released after caching (samples_from_cache)
-            kwargs[tokenizer_of(name)] = comps.tokenizers[name]
+            kwargs[self.spec.tokenizer_of(name)] = comps.tokenizers[name]
         return cls(**kwargs, **self._pipeline_extra_kwargs())
 
     def _pipeline_extra_kwargs(self) -> dict:

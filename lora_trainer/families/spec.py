@@ -91,9 +91,9 @@ class Activations:
     """What the memory plan scales activations by (memory_plan.py says how each kind was measured).
 
     ``"unet"``: bytes per pixel measured on SDXL, scaled by the UNet's weight count. ``"transformer"``: per block,
-    linear in tokens (image tokens (resolution / pixel_multiple)^2 plus the text sequence, FamilySpec.text_length)
-    and in the hidden size, read from the denoiser's config.json: ``width_keys`` multiplied, ``depth_keys`` summed,
-    each key mapped to the figure taken where config.json lacks it.
+    linear in tokens (image tokens (resolution / (token_pixels or pixel_multiple))^2 plus the text sequence,
+    FamilySpec.text_length) and in the hidden size, read from the denoiser's config.json: ``width_keys``
+    multiplied, ``depth_keys`` summed, each key mapped to the figure taken where config.json lacks it.
 
     ``conditioning_inputs``: module patterns (as target patterns) of the Linears fed only by the conditioning (the
     timestep and pooled-text embedding's modulation layers, cross-attention keys and values over the text states).
@@ -110,6 +110,9 @@ class Activations:
     # What one of its blocks saves for backward relative to the FLUX.1 block the transformer figures were measured on
     # (same tokens, width and LoRA preset kind): 1.0 for FLUX.1 / SD3; FLUX.2's fused single blocks save more.
     block_scale: float = 1.0
+    # Pixels per image token side where that is not pixel_multiple: Qwen-Image 2.1's sides are multiples of 32 (one
+    # image slot is 2x2 tokens) but a token is 16 px. 0: pixel_multiple.
+    token_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,8 +197,17 @@ class FamilySpec:
             return self.tool_names["v"]
         return self.tool_names[None]
 
+    def tokenizer_of(self, encoder: str) -> str:
+        """The pipeline attribute (and folder) of ``encoder``'s tokenizer: tokenizer_N, or diffusers' name for a
+        multimodal encoder's tokenizer, ``processor`` (Qwen-Image 2.1's Qwen3VLProcessor), where the components list
+        that instead (a pipeline has one processor, so one encoder)."""
+        name = tokenizer_of(encoder)
+        if name not in self.components and "processor" in self.components and len(self.text_encoders) == 1:
+            return "processor"
+        return name
+
     def tokenizer_class(self, encoder: str) -> str:
-        return self.component_classes[tokenizer_of(encoder)]
+        return self.component_classes[self.tokenizer_of(encoder)]
 
     @property
     def t5_tokenizers(self) -> tuple[str, ...]:

@@ -224,7 +224,7 @@ def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolut
         for key, default in act.width_keys.items():
             d *= int(cfg_json.get(key, default))
         blocks = sum(int(cfg_json.get(key, default)) for key, default in act.depth_keys.items())
-        tokens = (resolution // spec.pixel_multiple) ** 2 + text_tokens
+        tokens = (resolution // (act.token_pixels or spec.pixel_multiple)) ** 2 + text_tokens
         per_block = int(_BLOCK_FACTOR["attention" if attention_only else "more"] * act.block_scale * tokens * d * b)
         if checkpointing:
             return batch * (blocks * int(1.1 * tokens * d * b) + per_block)

@@ -12,7 +12,6 @@ from typing import Callable
 
 from ..contract.errors import ModelLoadError
 from ..families import SPECS
-from ..families.spec import tokenizer_of
 from ..preflight.probe import hub_offline
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -33,7 +32,7 @@ def _hub_patterns() -> list[str]:
     text encoders, then their tokenizers; each group in registry order, so the list is stable."""
     specs = SPECS.values()
     encoders = [e for s in specs for e in s.text_encoders]
-    tokenizers = [tokenizer_of(e) for e in encoders]
+    tokenizers = [s.tokenizer_of(e) for s in specs for e in s.text_encoders]
     others = [c for s in specs for c in s.components
               if c != "scheduler" and c not in s.denoisers and c not in encoders and c not in tokenizers]
     models = list(dict.fromkeys([d for s in specs for d in s.denoisers] + others + encoders))

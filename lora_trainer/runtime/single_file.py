@@ -31,7 +31,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..families import FAMILIES, SPECS, get_part, get_signature
-from ..families.spec import tokenizer_of
 from ..preflight import probe as mp
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +74,7 @@ def _weight_components(name: str) -> tuple[str, ...]:
 
 
 def _tokenizers(name: str) -> tuple[str, ...]:
-    return tuple(tokenizer_of(te) for te in SPECS[name].text_encoders)
+    return tuple(SPECS[name].tokenizer_of(te) for te in SPECS[name].text_encoders)
 
 
 @functools.cache

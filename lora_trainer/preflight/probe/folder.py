@@ -181,7 +181,7 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
                 continue
             if all(_VARIANT.search(n) for n in safe):
                 notes.append(f"{comp} has only variant weights ({', '.join(safe)})")
-        elif comp.startswith("tokenizer"):
+        elif comp.startswith("tokenizer") or comp in {spec.tokenizer_of(e) for e in spec.text_encoders}:
             prob, note = tokenizer_problem(folder, comp, comp in spec.t5_tokenizers)
             if note:
                 notes.append(note)

@@ -10,7 +10,7 @@ from .headers import read_safetensors_header
 from .result import SUPPORTED, ModelProbe, problem, refused, unsupported_file
 
 # Single files of models we cannot train: (model, marker keys without the model.diffusion_model. prefix: any of
-# them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux3, chroma, qwen-image-2.1,
+# them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux3, chroma,
 # lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
 # krea2) and ComfyUI model_detection (PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
 # DiT families, as diffusers checks chroma before flux (Chroma has FLUX.1's double blocks).
@@ -20,7 +20,6 @@ _UNSUPPORTED_FILE_MARKERS = (
                 "distilled_guidance_layer.norms.0.scale", "distilled_guidance_layer.0.norms.0.scale"), None),
     ("HunyuanVideo", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",
                       "txt_in.individual_token_refiner.blocks.0.norm1.weight"), None),
-    ("Qwen-Image 2.1", ("txt_in.text_norm.weight",), None),  # Qwen-Image itself (txt_norm): the qwen_image family
     # Lumina 2's NextDiT: Z-Image shares its names but has adaLN_modulation.0 (a Linear), Lumina 2 .1 (behind a SiLU).
     ("Lumina 2", ("layers.0.adaLN_modulation.1.weight",), "cap_embedder."),
     ("Wan", ("head.modulation",), None),

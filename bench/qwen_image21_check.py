@@ -1,0 +1,233 @@
+"""Qwen-Image 2.1 at its published size for the benches: the real transformer (QwenImage21Transformer2DModel's
+defaults = Qwen/Qwen-Image-2.1's transformer/config.json, 7.115 B), the RGBA 64-channel VAE (AutoencoderKLQwenImage21's
+defaults) and Qwen3-VL-8B, built on the meta device for the memory plan (``plan_folder``: header-only files) or with
+random weights on a device for the GPU check (``check``, for the device_check of this branch's base; on a main with
+bench/device_families.py, register ``build_bf16`` as a FamilyBench row instead: see FULL_SIZE).
+
+The GPU check's text encoder is a 2-layer stand-in of the real width (4096 = context_in_dim) over the tiny
+tokenizer's vocabulary: the trainer caches its output once and releases it, so its depth changes set-up time only.
+
+    python3 bench/qwen_image21_check.py --count                      # parameter counts (meta device)
+    python3 bench/qwen_image21_check.py --plan                       # the memory plan at 1024 px (header-only folder)
+    python3 bench/qwen_image21_check.py --tiny --device cpu          # CPU dry run of check() on the tiny model
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (parameters, image tokens at 1024 px: one per 16x16 px, text tokens: max_sequence_length) for the MFU estimate.
+FULL_SIZE = (7.115e9, 4096, 512)
+TRANSFORMER: dict = {}  # QwenImage21Transformer2DModel's defaults: 32 blocks of 32 x 128, context_in_dim 4096
+VAE: dict = {}  # AutoencoderKLQwenImage21's defaults: z_dim 64, 16x, base_dim 96, decoder_base_dim 144
+# Qwen3-VL-8B-Instruct's text_encoder config (hidden 4096 = context_in_dim; recalled from the published config, not
+# read from the repo here: only the stand-in's width matters to training).
+TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                             "mrope_interleaved": True})
+VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[8, 16, 24],
+              num_position_embeddings=2304)
+SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                 base_image_seq_len=256, max_image_seq_len=8192)  # as the tiny model's (families/qwen_image21/tiny.py)
+
+
+def text_encoder(te: str = "full"):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from lora_trainer.testing.qwen import QWEN_VOCAB_SIZE
+
+    text, vision = dict(TEXT), dict(VISION)
+    if te == "standin":
+        text.update(num_hidden_layers=2, vocab_size=QWEN_VOCAB_SIZE)
+        vision.update(depth=1, hidden_size=64, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[0])
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision))
+
+
+def components(te: str = "full") -> dict:
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+
+    return {"transformer": QwenImage21Transformer2DModel(**TRANSFORMER), "vae": AutoencoderKLQwenImage21(**VAE),
+            "text_encoder": text_encoder(te)}
+
+
+def count() -> dict:
+    import torch
+
+    with torch.device("meta"):
+        comps = components("full")
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in comps.items()}
+
+
+def plan_folder(root: Path) -> Path:
+    """A diffusers folder of the real architecture with header-only weights (what the probe and the plan read)."""
+    import torch
+
+    from bench.bench_memory_plan import _saved_state, header_only
+    from lora_trainer.families.qwen_image21.tiny import make_processor
+
+    with torch.device("meta"):
+        comps = components("full")
+    classes = {"transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+               "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+               "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+               "processor": ["transformers", "Qwen3VLProcessor"],
+               "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImage21Pipeline",
+                                                       "_diffusers_version": "0.42.1", **classes}))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    make_processor().save_pretrained(root / "processor")
+    for name, model in comps.items():
+        config = dict(model.config) if name != "text_encoder" else model.config.to_dict()
+        config["_class_name"] = classes[name][1]
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(config, default=list))
+        file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        header_only(root / name / file, _saved_state(model), "F32" if name == "vae" else "BF16")
+    return root
+
+
+def plan(root: Path, **settings) -> dict:
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight import memory_plan
+    from lora_trainer.preflight.probe import probe_model
+    from lora_trainer.testing.tiny import make_dataset
+
+    data = make_dataset(root.parent / "data", n=1, trigger="ohwx")
+    cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(root), "output_path": str(root.parent / "o"),
+                           "trigger_words": ["ohwx"], "resolution": 1024, "mixed_precision": "bf16", **settings})
+    return memory_plan.plan_memory(cfg, probe_model(str(root)), "qwen_image21", 1024, gpu=None)
+
+
+def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
+    """Random weights, built on ``device`` in ``dtype``, saved as a QwenImage21Pipeline folder."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+
+    from lora_trainer.families.qwen_image21.tiny import make_processor
+
+    old = torch.get_default_dtype()
+    try:  # built in the target dtype: a 7 B transformer in fp32 first would take 28 GB of the card
+        torch.set_default_dtype(dtype or old)
+        with torch.device(device):
+            comps = components("standin")
+    finally:
+        torch.set_default_dtype(old)
+    for name, module in comps.items():
+        module.to(dtype=torch.float32 if name == "vae" or dtype is None else dtype)
+    pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), processor=make_processor(),
+                               **comps)
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
+    return out
+
+
+def build_bf16(out: Path, device: str) -> Path:
+    """device_families' build (main's FamilyBench rows): the full-size transformer in bf16 on ``device``, the
+    2-layer Qwen3-VL stand-in."""
+    import torch
+
+    return make_model(out, device=device, dtype=torch.bfloat16)
+
+
+def check(ctx, c) -> None:
+    """The real CLI at 1024 px with gradient checkpointing: a bf16 base, an fp8 and an nf4 one (s/step, peak GPU
+    memory beside the plan's figure). ``ctx.flux_size == "tiny"``: the tiny pipeline at 64 px (the CPU dry run)."""
+    import torch
+
+    from bench.device_check import Check, _steady, expect_completed, log, mem_max, run_cli
+    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
+
+    tiny = ctx.flux_size == "tiny"
+    folder = ctx.tmp / "model-qwen-image-2.1"
+    t = time.monotonic()
+    if not (folder / "model_index.json").is_file():
+        log(f"  building {'tiny' if tiny else 'full'} Qwen-Image 2.1 in {folder}")
+        if tiny:
+            make_tiny_pipeline(folder, "qwen-image-2.1")
+        else:
+            make_model(folder, device=ctx.device, dtype=torch.bfloat16)
+            torch.cuda.empty_cache()
+    c.numbers.update(model="tiny qwen-image-2.1" if tiny else "full Qwen-Image 2.1 + 2-layer Qwen3-VL stand-in",
+                     build_and_save_s=round(time.monotonic() - t, 1))
+    res = 64 if tiny else 1024
+    data = make_dataset(ctx.tmp / "data-qwen21", n=4, sizes=[(res, res)], trigger="ohwx")
+    steps = 4 if tiny else 6
+    runs = {"bf16": {}, "fp8": {"base_quantization": "fp8"}, "nf4": {"base_quantization": "nf4"},
+            "bf16_no_checkpointing": {"gradient_checkpointing": False}}
+    if tiny:  # quantised bases need CUDA kernels; the dry run checks the plumbing
+        runs = {"bf16": {}}
+    for tag, extra in runs.items():
+        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"qwen21-{tag}"),
+               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
+               "max_train_steps": steps, "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
+               "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
+               "gradient_checkpointing": True, "heartbeat_seconds": 600, "max_sequence_length": 128,
+               "ignore_memory_plan": True, **extra}
+        path = ctx.tmp / f"qwen21-{tag}.json"
+        path.write_text(json.dumps(cfg, indent=1))
+        run = run_cli(ctx, path, f"qwen21/{tag}", record=False, max_timeout=420.0)
+        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
+            c.numbers[f"{tag}_result"] = "out_of_memory"
+            continue
+        sub = Check(c.name)
+        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
+            c.problems += [f"{tag}: {p}" for p in sub.problems]
+            continue
+        sub.require(run.last("run_started").get("family") == "qwen_image21", f"{tag}: not trained as qwen_image21")
+        elapsed = [e["elapsed_s"] for e in run.of("step")]
+        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
+        c.numbers.update({f"{tag}_s_per_step": _steady(step_s, 2), f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"),
+                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_rss_peak_gb": mem_max(run, "rss"),
+                          f"{tag}_wall_s": round(run.wall_s, 1)})
+        c.problems += sub.problems
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", action="store_true")
+    ap.add_argument("--plan", action="store_true")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    if args.count:
+        print(json.dumps({k: f"{v / 1e9:.3f} B" for k, v in count().items()}))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="qwen21-"))
+    if args.plan:
+        root = plan_folder(tmp / "model")
+        for settings in ({"gradient_checkpointing": True, "optimizer": "adamw8bit", "lora_rank": 16},
+                         {"gradient_checkpointing": True, "optimizer": "adamw8bit", "lora_rank": 16,
+                          "base_quantization": "fp8"},
+                         {"gradient_checkpointing": False, "optimizer": "adamw8bit", "lora_rank": 16}):
+            p = plan(root, **settings)
+            print(json.dumps({"settings": settings, "total_gib": p["total_gib"], "parts_gib": p["parts_gib"]}))
+        return 0
+    import jsonschema
+
+    from bench.device_check import Check
+
+    ctx = SimpleNamespace(flux_size="tiny" if args.tiny else "full", tmp=tmp, device=args.device,
+                          main_precision="no" if args.device == "cpu" else "bf16", cuda=args.device == "cuda",
+                          remaining=lambda: 600.0, run_times=[],
+                          validator=jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text())))
+    c = Check("qwen-image-2.1/" + ("tiny" if args.tiny else "full"))
+    check(ctx, c)
+    print(json.dumps({"numbers": c.numbers, "problems": c.problems}, default=str))
+    return 0 if not c.problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The qwen_image21 family folder: see families/README.md."""
