@@ -149,7 +149,8 @@ def test_sdxl_folder_needs_second_encoder(tmp_path):
 @pytest.mark.parametrize("cls,comps,name", [
     ("QwenImageEditPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"), "Qwen-Image"),
     ("ZImageControlNetPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Z-Image"),
-    ("ChromaPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Chroma"),
+    ("ChromaRadiancePipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+     "a Chroma pipeline this trainer does not know"),
     ("WanPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("WanImageToVideoPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("KandinskyV22Pipeline", ("unet", "scheduler", "movq"), "Kandinsky"),
@@ -167,7 +168,7 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     assert p.family is None and codes(p) == ["model_unsupported"], p.problems  # no "missing unet" noise
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
-    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image"
+    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Chroma"
 
 
 def test_unknown_pipeline_class(tmp_path):
@@ -448,8 +449,9 @@ def test_single_file_sd3_medium_incl_clips(tmp_path):
 
 
 @pytest.mark.parametrize("keys,name", [
-    ({**{k: v for k, v in bfl_flux_keys(dev=False).items() if not k.startswith("vector_in")},
-      "distilled_guidance_layer.in_proj.weight": [4, 4], "distilled_guidance_layer.in_proj.bias": [4]}, "Chroma"),
+    ({**{k: v for k, v in bfl_flux_keys(dev=False).items() if not k.startswith(("vector_in", "img_in"))},
+      "distilled_guidance_layer.in_proj.weight": [4, 4], "img_in_patch.weight": [4, 3, 16, 16],
+      "nerf_blocks.0.norm.scale": [4]}, "Chroma Radiance"),
     ({"model.diffusion_model.txt_in.text_norm.weight": [8], "model.diffusion_model.img_in.weight": [4, 64],
       "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": [24, 4]}, "Qwen-Image 2.1"),
     ({"model.diffusion_model.head.modulation": [1, 2, 4], "model.diffusion_model.blocks.0.self_attn.q.weight": [4, 4],
