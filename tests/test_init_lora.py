@@ -109,7 +109,8 @@ def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
 
 
 @pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image")
-                                       for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")] + [("chroma", "lora.safetensors")])
+                                       for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")]
+                         + [("chroma", "lora.safetensors")])
 def test_continuing_a_dit_lora_from_either_export(tmp_path, tiny_models, dataset, tiny, file):
     """The DiT families whose ComfyUI file is diffusers' names under diffusion_model. with .alpha (Z-Image,
     Qwen-Image) or under transformer. with alpha folded in (Chroma): a run continues either exported file and, with
