@@ -307,3 +307,39 @@ def test_hub_filter_takes_chroma1_hd_pipeline_only():
 
     assert [f for f in CHROMA1_HD_FILES if not fetched(f)] == []
     assert [f for f in CHROMA1_HD_DECOYS if fetched(f)] == []
+
+
+def test_memory_plan_is_flux1_devs_less_the_pruned_weights(tmp_path):
+    """No published Chroma LoRA memory figure was found; FLUX.1-dev's plan is calibrated against published ones
+    (tests/test_memory_plan.py) and Chroma has its blocks and token counts: at the same settings its plan is FLUX's
+    less the 3.0 B parameters Chroma prunes (bf16: 5.6 GiB), the text cache's entries are T5's alone."""
+    import sys
+
+    from conftest import ROOT
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight import memory_plan
+    from lora_trainer.preflight.probe import probe_model
+    from lora_trainer.testing.tiny import make_dataset
+
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_memory_plan import make_folder
+    from bench.chroma_check import FULL_SIZE, make_plan_folder
+
+    data = make_dataset(tmp_path / "data", n=2, trigger="ohwx")
+    folders = {"chroma": make_plan_folder(tmp_path / "chroma"), "flux1": make_folder(tmp_path / "flux1", "flux1")}
+
+    def plan(family):
+        cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(folders[family]), "lora_rank": 16,
+                               "output_path": str(tmp_path / "out"), "trigger_words": ["ohwx"],
+                               "mixed_precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": True})
+        probe = probe_model(str(folders[family]), tmp_path)
+        assert probe.family == family, probe.problems
+        return memory_plan.plan_memory(cfg, probe, family, 1024, gpu=None)
+
+    chroma, flux = plan("chroma"), plan("flux1")
+    print({k: (chroma[k], flux[k]) for k in ("denoiser_params", "total_gib", "parts_gib")})
+    assert chroma["denoiser_params"] == pytest.approx(FULL_SIZE[0], rel=0.001)
+    pruned_gib = (flux["denoiser_params"] - chroma["denoiser_params"]) * 2 / 2 ** 30
+    assert 5.0 < pruned_gib < 6.0
+    assert chroma["total_gib"] == pytest.approx(flux["total_gib"] - pruned_gib, abs=1.0), (chroma, flux)
+    assert chroma["parts_gib"]["activations"] == pytest.approx(flux["parts_gib"]["activations"], rel=0.05)
