@@ -26,8 +26,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-FAMILIES = ("flux", "sd3", "chroma")  # with diffusers-name maps; "flux2" (FLUX.2's BFL names, generic maps only)
-# besides. ComfyUI's model_base.Chroma subclasses model_base.Flux: the Flux maps apply to its (pruned) keys.
+FAMILIES = ("flux", "sd3")  # with diffusers-name maps; "flux2" (FLUX.2's BFL names, generic maps only) besides,
+# and "chroma": ComfyUI's model_base.Chroma subclasses model_base.Flux, so the Flux maps apply over its pruned keys.
 
 # --------------------------------------------------------------------------- comfy/utils.py
 
@@ -302,7 +302,7 @@ def comfy_unet_config(family, transformer_config, *, literal=False) -> dict:
         if literal:
             return {"depth": h // 64}
         return {"depth": cfg["num_layers"], "num_blocks": cfg["num_layers"], "hidden_size": h}
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}, flux2 or chroma")
 
 
 def _diffusers_cls(family):

@@ -134,24 +134,17 @@ def test_packing_and_latent_normalisation_are_the_pipelines(pipe, family_and_com
     assert fam.latent_layout(dict(pipe.vae.config)) == (16, 8)
 
 
-def test_single_file_round_trip_and_load(tmp_path, tiny_models):
+def test_single_file_has_bfl_names(tiny_models):
+    """The tiny single file's names (loading it back: tests/test_dit_single_file.py, which covers every family)."""
     from safetensors.torch import load_file
-
-    from lora_trainer.testing.single_file import write_tiny_single_file
 
     model = tiny_models["chroma"]
     config = json.loads((model / "transformer" / "config.json").read_text())
-    sd = load_file(model / "transformer" / "diffusion_pytorch_model.safetensors")
-    bfl = convert.from_diffusers(sd, config)
-    assert any(k.startswith("distilled_guidance_layer.layers.0.in_layer") for k in bfl)
-    assert not any(k.startswith(("time_in.", "vector_in.", "guidance_in.")) or ".img_mod." in k for k in bfl)
-    back = convert.to_diffusers(dict(bfl), config)
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-
-    single = write_tiny_single_file(model, tmp_path / "Chroma1-HD.safetensors")
-    comps = get_family("chroma").load(single, single_file=True, dtype=torch.float32, single_file_config=str(model))
-    loaded = comps.denoisers["transformer"].state_dict()
-    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    bfl = convert.from_diffusers(load_file(model / "transformer" / "diffusion_pytorch_model.safetensors"), config)
+    assert {"distilled_guidance_layer.layers.0.in_layer.weight", "distilled_guidance_layer.norms.0.scale",
+            "double_blocks.0.txt_attn.qkv.bias", "single_blocks.0.linear2.weight", "final_layer.linear.weight"} <= set(bfl)
+    assert not any(k.startswith(("time_in.", "vector_in.", "guidance_in.")) or "_mod." in k or "modulation" in k
+                   for k in bfl)
 
 
 def test_converter_matches_diffusers_at_chroma1_widths():
