@@ -169,9 +169,10 @@ def _dry_run(device: str) -> int:
     from bench import device_check as dc
 
     tmp = Path(tempfile.mkdtemp(prefix="chroma-check-"))
+    schema = json.loads((ROOT / "events_schema.json").read_text())
     ctx = SimpleNamespace(flux_size="tiny", tmp=tmp, device=device, cuda=device == "cuda", run_times=[],
                           main_precision="bf16" if device == "cuda" else "no", remaining=lambda: 600.0,
-                          validator=dc.jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text())))
+                          validator=dc.jsonschema.Draft7Validator(schema))
     c = dc.Check("chroma/tiny")
     check(ctx, c, run_cli=dc.run_cli, expect_completed=dc.expect_completed, mem_max=dc.mem_max, steady=dc._steady,
           log=lambda m: print(m, file=sys.stderr))

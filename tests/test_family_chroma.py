@@ -142,7 +142,8 @@ def test_single_file_has_bfl_names(tiny_models):
     config = json.loads((model / "transformer" / "config.json").read_text())
     bfl = convert.from_diffusers(load_file(model / "transformer" / "diffusion_pytorch_model.safetensors"), config)
     assert {"distilled_guidance_layer.layers.0.in_layer.weight", "distilled_guidance_layer.norms.0.scale",
-            "double_blocks.0.txt_attn.qkv.bias", "single_blocks.0.linear2.weight", "final_layer.linear.weight"} <= set(bfl)
+            "double_blocks.0.txt_attn.qkv.bias", "single_blocks.0.linear2.weight",
+            "final_layer.linear.weight"} <= set(bfl)
     assert not any(k.startswith(("time_in.", "vector_in.", "guidance_in.")) or "_mod." in k or "modulation" in k
                    for k in bfl)
 

@@ -113,7 +113,7 @@ def _chroma_rules(pipe, lora: Path, checkpoint: Path) -> None:
     assert named == trained, sorted(named ^ trained)[:5]
     assert comfy_patches(keys, "chroma", cfg), "ComfyUI patches nothing"
     renamed = [k.replace("transformer.", "diffusion_model.", 1) for k in keys]
-    assert unloaded_keys(renamed, "chroma", cfg), "negative control: diffusers names under diffusion_model. must not load"
+    assert unloaded_keys(renamed, "chroma", cfg), "negative control: diffusion_model. + diffusers names must not load"
 
 
 RULES: dict[str, Callable] = {
