@@ -14,7 +14,7 @@ import torch
 from lora_trainer.families import SPECS, get_family
 from lora_trainer.families.chroma import convert
 from lora_trainer.families.chroma.adapter import transformer_mask
-from lora_trainer.families.flux1.adapter import pack, unpack
+from lora_trainer.families.flux1.adapter import image_ids, pack, unpack
 from lora_trainer.families.signature import DistillFacts, FileKeys, Match, Refusal
 
 CAPTIONS = ["a red circle", "ohwx, a blue square on a table"]
@@ -63,9 +63,9 @@ def test_mask_keeps_the_real_tokens_and_one_pad_as_the_pipeline(pipe, family_and
 
 
 def test_predict_is_the_pipelines_transformer_call_and_euler_step(pipe, family_and_comps):
-    """One step of ChromaPipeline (no CFG): the transformer's inputs (timestep sigma, text ids, image ids, the
-    mask _prepare_attention_mask builds) and the Euler step x + (sigma_next - sigma) * v equal predict's; a flipped
-    sign, sigma given as 1 - sigma, or the mask left out are caught."""
+    """One step of ChromaPipeline (no CFG) given the cached prompt as the trainer's samples give it: the transformer's
+    inputs (timestep sigma, text and image ids, the mask _prepare_attention_mask builds) and the Euler step
+    x + (sigma_next - sigma) * v equal predict's; a flipped sign, sigma given as 1 - sigma, or no mask are caught."""
     fam, comps = family_and_comps
     cond = _encode(fam, comps, CAPTIONS[:1])
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -80,15 +80,14 @@ def test_predict_is_the_pipelines_transformer_call_and_euler_step(pipe, family_a
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
     try:
-        pipe(prompt_embeds=cond["prompt_embeds"], prompt_attention_mask=cond["attention_mask"], guidance_scale=1.0,
-             num_inference_steps=3, height=64, width=64, latents=pack(latents), output_type="latent",
-             callback_on_step_end=grab)
+        pipe(**fam.prompt_kwargs(cond, None), guidance_scale=1.0, num_inference_steps=3, height=64, width=64,
+             latents=pack(latents), output_type="latent", callback_on_step_end=grab)
     finally:
         hook.remove()
     s0, s1 = seen["sigmas"]
     assert 0 < s1 < s0 <= 1
-    torch.testing.assert_close(calls[0]["attention_mask"], transformer_mask(cond["attention_mask"], 16, torch.float32))
-    assert calls[0]["attention_mask"].shape == (1, 32 + 16)
+    mask = transformer_mask(cond["attention_mask"], 16)
+    assert mask.dtype == torch.bool and mask.shape == (1, 32 + 16) and torch.equal(calls[0]["attention_mask"], mask)
     with torch.no_grad():
         v = fam.predict(comps.denoisers, latents, s0.reshape(1), cond, None)
         wrong_t = fam.predict(comps.denoisers, latents, (1 - s0).reshape(1), cond, None)
@@ -101,8 +100,31 @@ def test_predict_is_the_pipelines_transformer_call_and_euler_step(pipe, family_a
         assert not torch.allclose(latents + (s1 - s0) * wrong, after, rtol=1e-3, atol=1e-4)
 
 
-def test_samples_from_cached_embeddings_equal_the_text_prompt(pipe, family_and_comps):
-    """CFG (the pipeline's default 5.0) against the cached "": the same image as the pipeline encoding both."""
+def test_masked_tokens_are_invisible(pipe, family_and_comps):
+    """The padding past the first pad token changes nothing predict computes; with the 0./1. float mask diffusers'
+    pipeline passes (diffusers #12116) it does: the reason the mask is boolean."""
+    fam, comps = family_and_comps
+    cond = _encode(fam, comps, CAPTIONS[:1])
+    n = int(cond["attention_mask"].sum())
+    noisy = {**cond, "prompt_embeds": cond["prompt_embeds"].clone()}
+    noisy["prompt_embeds"][:, n:] += 5.0
+    latents, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.6])
+
+    def as_floats(c):
+        return pipe.transformer(hidden_states=pack(latents), timestep=sigma, encoder_hidden_states=c["prompt_embeds"],
+                                txt_ids=torch.zeros(32, 3), img_ids=image_ids(8, 8, "cpu", torch.float32),
+                                attention_mask=transformer_mask(c["attention_mask"], 16).float(), return_dict=False)[0]
+
+    with torch.no_grad():
+        a, b = (fam.predict(comps.denoisers, latents, sigma, c, None) for c in (cond, noisy))
+        fa, fb = as_floats(cond), as_floats(noisy)
+    assert torch.equal(a, b)
+    assert not torch.allclose(fa, fb, atol=1e-4)
+
+
+def test_samples_from_cached_embeddings_equal_the_pipelines_own_encoding(pipe, family_and_comps):
+    """CFG (the pipeline's default 5.0) against the cached "": the image the pipeline gives from its own
+    encode_prompt for the prompt and "" (masks as booleans, as the trainer passes them)."""
     fam, comps = family_and_comps
     cond, negative = _encode(fam, comps, CAPTIONS[:1]), _encode(fam, comps, [""])
     assert fam.sample_negative_prompt and fam.guidance_scale == 5.0 and fam.train_guidance is None
@@ -111,10 +133,13 @@ def test_samples_from_cached_embeddings_equal_the_text_prompt(pipe, family_and_c
         return pipe(num_inference_steps=2, height=64, width=64, output_type="np", max_sequence_length=32,
                     generator=torch.Generator().manual_seed(0), **kw).images[0]
 
+    with torch.no_grad():
+        embeds, _, mask, neg, _, neg_mask = pipe.encode_prompt(CAPTIONS[:1], negative_prompt="", max_sequence_length=32)
+    own = run(prompt_embeds=embeds, prompt_attention_mask=mask.bool(), negative_prompt_embeds=neg,
+              negative_prompt_attention_mask=neg_mask.bool(), guidance_scale=fam.guidance_scale)
     cached = run(**fam.prompt_kwargs(cond, negative), guidance_scale=fam.guidance_scale)
-    text = run(prompt=CAPTIONS[0], negative_prompt="", guidance_scale=fam.guidance_scale)
-    assert abs(cached - text).max() < 1e-5
-    assert abs(run(**fam.prompt_kwargs(cond, None), guidance_scale=1.0) - text).max() > 1e-4  # CFG mattered
+    assert abs(cached - own).max() < 1e-5
+    assert abs(run(**fam.prompt_kwargs(cond, None), guidance_scale=1.0) - own).max() > 1e-4  # CFG mattered
 
 
 def test_packing_and_latent_normalisation_are_the_pipelines(pipe, family_and_comps):

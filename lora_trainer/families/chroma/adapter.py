@@ -1,8 +1,14 @@
 """Chroma: T5-XXL's sequence (run with its real mask) and FLUX.1's packed latents and positional ids, sigma as the
 timestep, no pooled vector and no guidance embedder. The quirk is the mask: the transformer attends to the
-caption's real tokens plus one pad token (and every image token), as ChromaPipeline builds it; training takes both
-the embeddings and the mask from the pipeline's own code, so it sees what sampling sees. Samples use real CFG
-against the empty prompt, from cached embeddings."""
+caption's real tokens plus one pad token (and every image token), as ChromaPipeline builds it; training takes the
+embeddings and the mask from the pipeline's own code. Samples use real CFG against the empty prompt, from cached
+embeddings.
+
+The mask reaches the transformer as booleans, so the padding is masked as Chroma was trained (kohya's
+apply_t5_attn_mask; ComfyUI masks it too): diffusers 0.42.1's pipeline hands it over as 0./1. floats, which attention
+adds to the logits instead of masking (huggingface/diffusers #12116, #13619, still open), so every pad token stays
+visible. Training and this trainer's samples both pass the boolean mask (the fix #12116 describes and tested); a
+stock ChromaPipeline given a prompt string still has the bug."""
 from __future__ import annotations
 
 import torch
@@ -19,14 +25,13 @@ def _pipeline_class():
     return ChromaPipeline
 
 
-def transformer_mask(text_mask: torch.Tensor, image_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """The transformer's attention_mask [B, L + image tokens] from a caption mask as _get_t5_prompt_embeds returns
-    it (real tokens and the first pad 1, the rest 0): ChromaPipeline._prepare_attention_mask, which appends ones
-    for the image tokens. The mask reaches the transformer in the dtype the pipeline gives it (its text encoder's
-    float dtype, here the prediction's)."""
-    # _prepare_attention_mask reads nothing of the pipeline instance.
-    return _pipeline_class()._prepare_attention_mask(None, text_mask.shape[0], image_tokens, dtype,
-                                                      attention_mask=text_mask.to(dtype))
+def transformer_mask(text_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """The transformer's boolean attention_mask [B, L + image tokens] from a caption mask as _get_t5_prompt_embeds
+    returns it (real tokens and the first pad 1, the rest 0): ChromaPipeline._prepare_attention_mask, which appends
+    the image tokens, given the mask as booleans (see the module docstring)."""
+    # _prepare_attention_mask reads nothing of the pipeline instance; its dtype argument is unused.
+    return _pipeline_class()._prepare_attention_mask(None, text_mask.shape[0], image_tokens, torch.bool,
+                                                      attention_mask=text_mask.bool())
 
 
 class Chroma(MMDiTFamily):
@@ -52,7 +57,7 @@ class Chroma(MMDiTFamily):
             encoder_hidden_states=txt,
             txt_ids=torch.zeros(txt.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
             img_ids=image_ids(h, w, noisy.device, noisy.dtype),
-            attention_mask=transformer_mask(cond["attention_mask"], latents.shape[1], noisy.dtype),
+            attention_mask=transformer_mask(cond["attention_mask"], latents.shape[1]),
             return_dict=False)[0]
         return unpack(out, c, h, w)
 
@@ -66,10 +71,11 @@ class Chroma(MMDiTFamily):
         return self.spec.sample_guidance if g is None else float(g)
 
     def prompt_kwargs(self, cond, negative):
-        kwargs = {"prompt_embeds": cond["prompt_embeds"], "prompt_attention_mask": cond["attention_mask"]}
+        # Boolean masks: the pipeline then masks as training does (module docstring).
+        kwargs = {"prompt_embeds": cond["prompt_embeds"], "prompt_attention_mask": cond["attention_mask"].bool()}
         if negative is not None and self.guidance_scale > 1:  # at <= 1 the pipeline runs no CFG
             kwargs.update(negative_prompt_embeds=negative["prompt_embeds"],
-                          negative_prompt_attention_mask=negative["attention_mask"])
+                          negative_prompt_attention_mask=negative["attention_mask"].bool())
         return kwargs
 
 
