@@ -26,7 +26,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-FAMILIES = ("flux", "sd3")  # with diffusers-name maps; "flux2" (FLUX.2's BFL names, generic maps only) besides
+FAMILIES = ("flux", "sd3")  # with diffusers-name maps; "flux2" (FLUX.2's BFL names, generic maps only) besides,
+# and "chroma": ComfyUI's model_base.Chroma subclasses model_base.Flux, so the Flux maps apply over its pruned keys.
 
 # --------------------------------------------------------------------------- comfy/utils.py
 
@@ -292,7 +293,7 @@ def comfy_unet_config(family, transformer_config, *, literal=False) -> dict:
     """
     cfg = _cfg(transformer_config)
     h = inner_dim(cfg)
-    if family == "flux":
+    if family in ("flux", "chroma"):
         return {"depth": cfg["num_layers"], "depth_single_blocks": cfg["num_single_layers"],
                 "hidden_size": 3072 if literal else h}
     if family == "flux2":
@@ -301,12 +302,12 @@ def comfy_unet_config(family, transformer_config, *, literal=False) -> dict:
         if literal:
             return {"depth": h // 64}
         return {"depth": cfg["num_layers"], "num_blocks": cfg["num_layers"], "hidden_size": h}
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}, flux2 or chroma")
 
 
 def _diffusers_cls(family):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-    return {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[family]
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+    return {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel, "chroma": ChromaTransformer2DModel}[family]
 
 
 _KEYS_CACHE: dict = {}
@@ -337,7 +338,7 @@ def _convert_diffusers_map(family, diffusers_keys):
             n += 1
         return n
 
-    if family == "flux":  # 'x_embedder.weight' in state_dict
+    if family in ("flux", "chroma"):  # 'x_embedder.weight' in state_dict
         return flux_to_diffusers({"depth": count_blocks("transformer_blocks.{}."),
                                   "depth_single_blocks": count_blocks("single_transformer_blocks.{}."),
                                   "hidden_size": 1})  # hidden_size only sets offsets; key names do not depend on it
@@ -421,7 +422,7 @@ def model_lora_keys_unet(family, transformer_config, key_map=None, *, literal=Fa
                 key_map["lora_transformer_{}".format(k[:-len(".weight")].replace(".", "_"))] = to  # OneTrainer
                 key_map["lycoris_{}".format(k[:-len(".weight")].replace(".", "_"))] = to  # simpletuner lycoris
 
-    if family == "flux":  # isinstance(model, comfy.model_base.Flux): Diffusers lora Flux
+    if family in ("flux", "chroma"):  # isinstance(model, comfy.model_base.Flux) (Chroma's too): Diffusers lora Flux
         diffusers_keys = flux_to_diffusers(unet_config, output_prefix="diffusion_model.")
         for k in diffusers_keys:
             if k.endswith(".weight"):

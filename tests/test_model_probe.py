@@ -149,7 +149,8 @@ def test_sdxl_folder_needs_second_encoder(tmp_path):
 @pytest.mark.parametrize("cls,comps,name", [
     ("QwenImageEditPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"), "Qwen-Image"),
     ("ZImageControlNetPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Z-Image"),
-    ("ChromaPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Chroma"),
+    ("ChromaRadiancePipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+     "a Chroma pipeline this trainer does not know"),
     ("WanPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("WanImageToVideoPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("KandinskyV22Pipeline", ("unet", "scheduler", "movq"), "Kandinsky"),
@@ -167,7 +168,8 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     assert p.family is None and codes(p) == ["model_unsupported"], p.problems  # no "missing unet" noise
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
-    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Qwen-Image 2.1"
+    assert SUPPORTED == ("SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Qwen-Image 2.1, "
+                         "Chroma")
 
 
 def test_unknown_pipeline_class(tmp_path):
@@ -448,8 +450,9 @@ def test_single_file_sd3_medium_incl_clips(tmp_path):
 
 
 @pytest.mark.parametrize("keys,name", [
-    ({**{k: v for k, v in bfl_flux_keys(dev=False).items() if not k.startswith("vector_in")},
-      "distilled_guidance_layer.in_proj.weight": [4, 4], "distilled_guidance_layer.in_proj.bias": [4]}, "Chroma"),
+    ({**{k: v for k, v in bfl_flux_keys(dev=False).items() if not k.startswith(("vector_in", "img_in"))},
+      "distilled_guidance_layer.in_proj.weight": [4, 4], "img_in_patch.weight": [4, 3, 16, 16],
+      "nerf_blocks.0.norm.scale": [4]}, "Chroma Radiance"),
     ({"model.diffusion_model.head.modulation": [1, 2, 4], "model.diffusion_model.blocks.0.self_attn.q.weight": [4, 4],
       "model.diffusion_model.patch_embedding.weight": [4, 16, 1, 2, 2]}, "Wan"),
     ({"layers.0.adaLN_modulation.1.weight": [4, 4], "cap_embedder.0.weight": [8], "noise_refiner.0.attention.qkv.weight": [12, 4]}, "Lumina 2"),

@@ -114,6 +114,24 @@ def _qwen21_rules(pipe, lora: Path, checkpoint: Path) -> None:
     assert patched_modules(keys, cfg) == trained, "ComfyUI patches other modules than the trained ones"
     assert len([k for k in keys if k.endswith(".alpha")]) == len(trained), "every module needs its .alpha"
     assert not any(k.startswith("diffusion_model.modulation.") for k in keys)
+def _chroma_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI a125cd84 loads Chroma as a FLUX model (model_base.Chroma subclasses model_base.Flux): its diffusers
+    map takes ``transformer.<diffusers name>`` keys, q/k/v and proj_mlp as offsets into the fused BFL tensors, over
+    Chroma's own (pruned) weights. Every key must load onto a weight Chroma has, and onto exactly the trained
+    modules. Forge's and A1111's Chroma loaders were not in the code we read: not checked."""
+    from comfy_dit_rules import comfy_patches, missing_targets, unloaded_keys
+
+    keys = list(load_file(lora))
+    cfg = dict(pipe.transformer.config)
+    assert unloaded_keys(keys, "chroma", cfg) == [], "ComfyUI leaves keys unloaded"
+    assert missing_targets(keys, "chroma", cfg) == [], "ComfyUI maps keys onto weights Chroma does not have"
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    named = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in keys}
+    assert named == trained, sorted(named ^ trained)[:5]
+    assert comfy_patches(keys, "chroma", cfg), "ComfyUI patches nothing"
+    renamed = [k.replace("transformer.", "diffusion_model.", 1) for k in keys]
+    assert unloaded_keys(renamed, "chroma", cfg), "negative control: diffusion_model. + diffusers names must not load"
 
 
 RULES: dict[str, Callable] = {
@@ -124,15 +142,17 @@ RULES: dict[str, Callable] = {
     "zimage": _zimage_rules,
     "qwen_image": _qwen_rules,
     "qwen_image21": _qwen21_rules,
+    "chroma": _chroma_rules,
 }
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
 # FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
-# and Qwen-Image's diffusion_model. names through their converters); SD3's kohya/SAI file with fused q/k/v it
+# and Qwen-Image's diffusion_model. names through their converters; Chroma's transformer. names, as FLUX.1's, through
+# FluxLoraLoaderMixin); SD3's kohya/SAI file with fused q/k/v it
 # does not: its users take the PEFT file.
 DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image",
-                             "qwen_image21"}
+                             "qwen_image21", "chroma"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

@@ -12,9 +12,9 @@ train, then ``match_folder``; the family's ``variant`` rule reads its denoiser's
 
 single .safetensors file (header only): the probe's LoRA refusal (naming the first ``lora_layout`` its keys have,
 the DiT families' first), then ``match_file`` of the families whose files are whole checkpoints (``file_layout``
-"checkpoint"), then the probe's table of DiT models it cannot train (Chroma has FLUX.1's double blocks), then
-``match_file`` of the DiT families (``file_layout`` "dit"). The components a file holds: ``file_components``; its
-prediction type: ``file_prediction``.
+"checkpoint"), then the probe's table of DiT models it cannot train, then ``match_file`` of the DiT families
+(``file_layout`` "dit"; FLUX.1, Chroma and FLUX.2 files share BFL's double blocks: _mmdit/signature.py decides).
+The components a file holds: ``file_components``; its prediction type: ``file_prediction``.
 """
 from __future__ import annotations
 

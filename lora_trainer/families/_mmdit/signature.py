@@ -4,6 +4,8 @@ ComfyUI / SAI full checkpoint adds to the transformer.
 
 A DiT file's keys are matched with or without the ``model.diffusion_model.`` prefix:
   ``joint_blocks.N.{x,context}_block.*`` (SAI MMDiT)                          -> sd3
+  else ``double_blocks.N.img_attn.*`` + ``distilled_guidance_layer.*``       -> chroma (FLUX.1 pruned: its
+                                                                             approximator makes the modulations)
   else ``double_blocks.N.img_attn.*`` + ``img_in.weight`` (BFL FLUX layout)   -> flux1,
   unless it has FLUX.2's model-wide modulations (_flux2/signature.py)
 """
@@ -28,7 +30,10 @@ def dit_family(k: FileKeys) -> str | None:
     """The MMDiT family whose layout the file has (SD3's first, should a file have both), or None."""
     if any(_SAI_JOINT.match(name) for name in k.dit):
         return "sd3"
+    double = any(_BFL_DOUBLE.match(name) for name in k.dit)
+    if double and any(name.startswith("distilled_guidance_layer.") for name in k.dit):
+        return "chroma"
     # FLUX.2 has the same double blocks and img_in, and its model-wide modulations (_flux2/signature.py): its own.
-    if any(_BFL_DOUBLE.match(name) for name in k.dit) and "img_in.weight" in k.dit and not is_flux2_file(k):
+    if double and "img_in.weight" in k.dit and not is_flux2_file(k):
         return "flux1"
     return None

@@ -20,7 +20,8 @@ _UNSUPPORTED_PIPELINES = (
     ("FluxControlNet", "FLUX.1 ControlNet"),
     ("FluxControl", "FLUX.1 Canny/Depth, an image-conditioned transformer"),
     ("FluxKontext", "FLUX.1 Kontext, an image-editing model"), ("FluxPriorRedux", "FLUX.1 Redux, an image adapter"),
-    ("QwenImage", "Qwen-Image"), ("ZImage", "Z-Image"), ("Chroma", "Chroma"), ("Wan", "Wan"),
+    ("QwenImage", "Qwen-Image"), ("ZImage", "Z-Image"), ("Wan", "Wan"),
+    ("Chroma", "a Chroma pipeline this trainer does not know"),  # ChromaPipeline & co. are the chroma family's
     ("Kandinsky", "Kandinsky"), ("PixArt", "PixArt"), ("Sana", "Sana"), ("Lumina", "Lumina"),
     ("HiDream", "HiDream"), ("AuraFlow", "AuraFlow"), ("Cosmos", "Cosmos"), ("HunyuanDiT", "Hunyuan-DiT"),
     ("Hunyuan", "Hunyuan"), ("LTX", "LTX-Video"), ("Krea", "Krea"), ("CogVideoX", "CogVideoX"),

@@ -10,14 +10,12 @@ from .headers import read_safetensors_header
 from .result import SUPPORTED, ModelProbe, problem, refused, unsupported_file
 
 # Single files of models we cannot train: (model, marker keys without the model.diffusion_model. prefix: any of
-# them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux3, chroma,
+# them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux3,
 # lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
 # krea2) and ComfyUI model_detection (PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
-# DiT families, as diffusers checks chroma before flux (Chroma has FLUX.1's double blocks).
+# DiT families (Chroma, which has FLUX.1's double blocks, is told from FLUX.1 in _mmdit/signature.py).
 _UNSUPPORTED_FILE_MARKERS = (
     ("FLUX.3", ("early_stream_modulations.image.lin.weight",), None),
-    ("Chroma", ("distilled_guidance_layer.in_proj.bias", "distilled_guidance_layer.in_proj.weight",
-                "distilled_guidance_layer.norms.0.scale", "distilled_guidance_layer.0.norms.0.scale"), None),
     ("HunyuanVideo", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",
                       "txt_in.individual_token_refiner.blocks.0.norm1.weight"), None),
     # Lumina 2's NextDiT: Z-Image shares its names but has adaLN_modulation.0 (a Linear), Lumina 2 .1 (behind a SiLU).

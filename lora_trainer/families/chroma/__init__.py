@@ -1,0 +1,1 @@
+"""The chroma family folder: see families/README.md."""
