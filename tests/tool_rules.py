@@ -114,6 +114,8 @@ def _qwen21_rules(pipe, lora: Path, checkpoint: Path) -> None:
     assert patched_modules(keys, cfg) == trained, "ComfyUI patches other modules than the trained ones"
     assert len([k for k in keys if k.endswith(".alpha")]) == len(trained), "every module needs its .alpha"
     assert not any(k.startswith("diffusion_model.modulation.") for k in keys)
+
+
 def _chroma_rules(pipe, lora: Path, checkpoint: Path) -> None:
     """ComfyUI a125cd84 loads Chroma as a FLUX model (model_base.Chroma subclasses model_base.Flux): its diffusers
     map takes ``transformer.<diffusers name>`` keys, q/k/v and proj_mlp as offsets into the fused BFL tensors, over
