@@ -27,7 +27,8 @@ from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
 TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
-          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image"}
+          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image",
+          "anima": "anima"}
 CAPTION = "ohwx, a red circle, blue background"
 
 

@@ -22,9 +22,10 @@ import torch
 
 from .cosmos_compat import install
 from .spec import SPEC
-from ..adapter import Components, ModelFamily
+from ..adapter import ClassicCall, Components, ModelFamily
 from ..qwen_image.adapter import QwenImage
 
+install()  # any process that trains or samples Anima imports this module first
 CONDITIONER = "text_conditioner"  # the conditioner and its T5 tokenizer ride in comps.text_encoders / .tokenizers
 
 
@@ -118,7 +119,7 @@ class Anima(ModelFamily):
         pipe.update_components(transformer=comps.denoisers["transformer"], vae=comps.vae,
                                scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler_config),
                                guider=ClassifierFreeGuidance(guidance_scale=self.guidance_scale))
-        return _Called(pipe)
+        return ClassicCall(pipe)
 
     @property
     def guidance_scale(self) -> float:
@@ -145,19 +146,6 @@ def _cut(cond) -> torch.Tensor:
     """One cached prompt back to the tokens the pipeline gives the transformer (its mask's length)."""
     (n,) = {int(m.sum()) for m in cond["prompt_mask"]}
     return cond["prompt_embeds"][:, :n]
-
-
-class _Called:
-    """A modular pipeline called as the sampler calls classic ones: ``pipe(**kw).images``."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def __call__(self, **kwargs):
-        return SimpleNamespace(images=self.pipe(**kwargs, output="images"))
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
 
 
 ADAPTER = Anima
