@@ -114,7 +114,7 @@ def make_meta_folder(root: Path) -> Path:
 
 def plan(resolution: int = 1024, **settings) -> dict:
     """The memory plan for the full-size folder (bf16, cached latents and text, LoRA r16 on the default preset)."""
-    from lora_trainer.config import parse_config
+    from lora_trainer.config.config import parse_config
     from lora_trainer.preflight.memory_plan import plan_memory
     from lora_trainer.preflight.probe import probe_model
     from lora_trainer.testing.tiny import make_dataset
@@ -125,7 +125,8 @@ def plan(resolution: int = 1024, **settings) -> dict:
     cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(folder), "output_path": str(tmp / "out"),
                            "trigger_words": ["ohwx"], "resolution": resolution, "lora_rank": 16,
                            "mixed_precision": "bf16", **settings})
-    return plan_memory(cfg, probe_model(str(folder)))
+    probe = probe_model(str(folder))
+    return plan_memory(cfg, probe, probe.family, resolution, gpu=None)
 
 
 def check(ctx, c, *, run_cli, expect_completed, mem_max, steady, log) -> None:
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         for name, settings in (("bf16 gc", {"gradient_checkpointing": True}), ("bf16", {}),
                                ("fp8 gc", {"gradient_checkpointing": True, "base_quantization": "fp8"})):
             p = plan(**settings)
-            print(name, json.dumps({k: p[k] for k in ("total_gb", "parts_gb") if k in p}, default=str)[:600])
+            print(name, json.dumps(p, default=str)[:700])
         return 0
     from bench.zimage_check import run_cli
     from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
