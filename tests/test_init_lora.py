@@ -108,11 +108,12 @@ def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
             assert torch.equal(got[k], want[k]), k
 
 
-@pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image")
+@pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image", "anima")
                                        for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")])
 def test_continuing_a_dit_lora_from_either_export(tmp_path, tiny_models, dataset, tiny, file):
     """The DiT families whose ComfyUI file is diffusers' names under diffusion_model. with .alpha (Z-Image,
-    Qwen-Image): a run continues either exported file and, with a vanishing learning rate, writes it back."""
+    Qwen-Image), or original names read back through the family's convert.tool_file_to_peft (Anima): a run
+    continues either exported file and, with a vanishing learning rate, writes it back."""
     common = {"dataset_path": str(dataset), "base_model": str(tiny_models[tiny]), "trigger_words": ["ohwx"],
               "resolution": 64, "min_bucket_resolution": 64, "lora_rank": 4, "lora_alpha": 8}
     src = run_cli("--config", str(write_config(tmp_path / "src.json", output_path=str(tmp_path / "src"),
