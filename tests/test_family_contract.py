@@ -108,7 +108,7 @@ def _deltas(checkpoint: Path, component: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_stop_resume_and_export(tmp_path, tiny_models, dataset, family):
-    from diffusers import DiffusionPipeline
+    from lora_trainer.testing.tiny import load_pipeline
 
     assert family in RULES, f"tests/tool_rules.py has no ComfyUI/Forge/A1111 rules for {family}"
     name = default_tiny_name(family)
@@ -177,9 +177,9 @@ def test_train_stop_resume_and_export(tmp_path, tiny_models, dataset, family):
         return p(prompt="ohwx, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0), **kwargs).images[0]
 
-    before = image(DiffusionPipeline.from_pretrained(model))
+    before = image(load_pipeline(model))
     for path in (lora, peft_file) if family in DIFFUSERS_LOADS_TOOL_FILE else (peft_file,):
-        pipe = DiffusionPipeline.from_pretrained(model)
+        pipe = load_pipeline(model)
         pipe.load_lora_weights(str(path))
         for component in components:
             want, loaded = _deltas(final, component), lora_deltas(getattr(pipe, component))

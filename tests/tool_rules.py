@@ -136,6 +136,30 @@ def _chroma_rules(pipe, lora: Path, checkpoint: Path) -> None:
     assert unloaded_keys(renamed, "chroma", cfg), "negative control: diffusion_model. + diffusers names must not load"
 
 
+def _anima_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI a125cd84 has Cosmos-Predict2 (comfy/ldm/cosmos/predict2.py, the original MiniTrainDIT names) but not
+    Anima's llm_adapter; a loader that maps ``diffusion_model.<name>`` onto ``<name>.weight`` of that model (what
+    ComfyUI's model_lora_keys_unet does for every weight of a diffusion model) must find every key's module in the
+    original layout. The file has no ``.alpha`` (diffusers' Anima loader refuses keys without "lora"; alpha / rank is
+    folded into lora_B), so such a loader's scale is 1 and diffusers' converter reads it to the trained deltas (the
+    contract test loads it, DIFFUSERS_LOADS_TOOL_FILE)."""
+    from lora_trainer.families.anima.convert import from_diffusers
+
+    sd = load_file(lora)
+    assert all(k.startswith("diffusion_model.") for k in sd), "keys outside diffusion_model."
+    assert not any(k.endswith(".alpha") for k in sd), "diffusers' Anima loader refuses .alpha keys"
+    base = {k.replace(".base_layer.", "."): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    native = from_diffusers(base, dict(pipe.transformer.config))
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in sd}
+    missing = sorted(m for m in modules if f"{m}.weight" not in native)
+    assert missing == [], f"no original-layout weight for {missing[:5]}"
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    assert len(modules) == len(trained), "one tool-file module per trained module"
+    renamed = {m.replace("self_attn", "attn1") for m in modules}
+    assert any(f"{m}.weight" not in native for m in renamed), "negative control: diffusers names must not load"
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
@@ -145,16 +169,17 @@ RULES: dict[str, Callable] = {
     "qwen_image": _qwen_rules,
     "qwen_image21": _qwen21_rules,
     "chroma": _chroma_rules,
+    "anima": _anima_rules,
 }
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
 # FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
-# and Qwen-Image's diffusion_model. names through their converters; Chroma's transformer. names, as FLUX.1's, through
-# FluxLoraLoaderMixin); SD3's kohya/SAI file with fused q/k/v it
-# does not: its users take the PEFT file.
+# and Qwen-Image's (and 2.1's) diffusion_model. names through their converters; Chroma's transformer. names, as
+# FLUX.1's, through FluxLoraLoaderMixin; Anima's Cosmos names through _convert_non_diffusers_anima_lora_to_diffusers);
+# SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
 DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image",
-                             "qwen_image21", "chroma"}
+                             "qwen_image21", "chroma", "anima"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

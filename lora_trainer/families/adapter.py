@@ -47,6 +47,23 @@ def resolution_shift_constants(scheduler_config: Mapping) -> dict:
     return {field: scheduler_config[key] for field, key in _SHIFT_KEYS.items()
             if scheduler_config.get(key) is not None}
 
+class ClassicCall:
+    """A modular diffusers pipeline (``ModularPipeline``: Anima's, FLUX.3's) called as the sampler and the tests
+    call classic ones, ``pipe(prompt=..., ...).images``; everything else (components, load_lora_weights) is the
+    wrapped pipeline's."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=self.pipe(**kwargs, output="images"))
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
 class ModelFamily:
     """Base class. Subclasses set the class attributes and implement encode_text / predict."""
 

@@ -210,6 +210,21 @@ class FamilySpec:
         return self.component_classes[self.tokenizer_of(encoder)]
 
     @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """Every tokenizer component: each text encoder's (a processor where the folder has one), then any other the
+        folder holds (Anima's T5 tokenizer, whose ids feed its text conditioner: no T5 model)."""
+        own = tuple(self.tokenizer_of(e) for e in self.text_encoders)
+        return own + tuple(c for c in self.components
+                           if c not in own and "Tokenizer" in self.component_classes.get(c, ""))
+
+    @property
+    def other_models(self) -> tuple[str, ...]:
+        """Model components beside the denoisers, the VAE and the text encoders (Anima's text conditioner): loaded
+        from the folder like the VAE, weights and config.json in their subfolder."""
+        skip = {*self.denoisers, "vae", *self.text_encoders, *self.tokenizers, "scheduler"}
+        return tuple(c for c in self.components if c not in skip)
+
+    @property
     def t5_tokenizers(self) -> tuple[str, ...]:
         """Tokenizer attributes that are T5's (their folders need tokenizer.json or spiece.model)."""
         return tuple(n for n, c in self.component_classes.items() if c.startswith("T5Tokenizer"))

@@ -13,6 +13,7 @@ from typing import Callable
 from ..contract.errors import ModelLoadError
 from ..families import SPECS
 from ..preflight.probe import hub_offline
+from ..preflight.probe.headers import PIPELINE_INDEX_FILES
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Exactly what the family adapters load from a pipeline folder (from_pretrained(..., use_safetensors=True), no
@@ -32,11 +33,11 @@ def _hub_patterns() -> list[str]:
     text encoders, then their tokenizers; each group in registry order, so the list is stable."""
     specs = SPECS.values()
     encoders = [e for s in specs for e in s.text_encoders]
-    tokenizers = [s.tokenizer_of(e) for s in specs for e in s.text_encoders]
+    tokenizers = [t for s in specs for t in s.tokenizers]
     others = [c for s in specs for c in s.components
               if c != "scheduler" and c not in s.denoisers and c not in encoders and c not in tokenizers]
     models = list(dict.fromkeys([d for s in specs for d in s.denoisers] + others + encoders))
-    return ["model_index.json", "scheduler/*.json",
+    return [*PIPELINE_INDEX_FILES, "scheduler/*.json",
             *(f"{comp}/{name}" for comp in models for name in (
                 "config.json",
                 "diffusion_pytorch_model.safetensors", f"diffusion_pytorch_model{_SHARD}",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..families import FAMILIES, SPECS, get_part, get_signature
 from ..preflight import probe as mp
+from ..preflight.probe.headers import PIPELINE_INDEX_FILES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -70,11 +71,11 @@ def _transformer_class(name: str) -> str:
 
 def _weight_components(name: str) -> tuple[str, ...]:
     """The components whose weights config_source must hold (the file gives the transformer only)."""
-    return ("vae", *SPECS[name].text_encoders)
+    return ("vae", *SPECS[name].text_encoders, *SPECS[name].other_models)
 
 
 def _tokenizers(name: str) -> tuple[str, ...]:
-    return tuple(SPECS[name].tokenizer_of(te) for te in SPECS[name].text_encoders)
+    return SPECS[name].tokenizers
 
 
 @functools.cache
@@ -134,7 +135,7 @@ def config_source_patterns(family_name: str) -> list[str]:
     transformer's config.json (not its weights: the single file has them), the VAE's and every text encoder's
     config.json and safetensors weights (single file or index + shards, no fp16/bf16 variants), the tokenizers."""
     _family(family_name)
-    return ["model_index.json", "scheduler/*.json", "transformer/config.json",
+    return [*PIPELINE_INDEX_FILES, "scheduler/*.json", "transformer/config.json",
             *(f"{comp}/{name}" for comp in _weight_components(family_name) for name in ("config.json", *_weight_names(comp))),
             *(f"{tok}/*" for tok in _tokenizers(family_name))]
 
@@ -152,13 +153,13 @@ def _config_source_issues(folder: Path, family_name: str) -> list[tuple[str, str
     if not folder.is_dir():
         return [("incomplete", f"{folder} is not a folder")]
     problems: list[tuple[str, str]] = []
-    index, err = mp.read_json(folder / "model_index.json")
+    index, err, index_name = mp.read_pipeline_index(folder)
     if index is None:
-        return [("incomplete", f"model_index.json is {err}: not a diffusers pipeline folder")]
+        return [("incomplete", f"{index_name} is {err}: not a diffusers pipeline folder")]
     cls = str(index.get("_class_name", ""))
     if cls not in get_signature(family_name).pipelines:
         known = ", ".join(sorted(get_signature(family_name).pipelines)[:2])
-        problems.append(("invalid", (f"model_index.json names {cls or 'no pipeline class'}, not a "
+        problems.append(("invalid", (f"{index_name} names {cls or 'no pipeline class'}, not a "
                                     f"{_label(family_name)} pipeline ({known} ...)")))
     for rel in ("scheduler/scheduler_config.json", "transformer/config.json"):
         if not (folder / rel).is_file():

@@ -162,8 +162,13 @@ def save_pipeline(pipe, out_dir) -> Path:
     """Save a pipeline folder (safetensors only); its CLIP tokenizers also get vocab.json + merges.txt."""
     from transformers import CLIPTokenizer
 
+    from diffusers.modular_pipelines import ModularPipeline
+
     out = Path(out_dir)
-    pipe.save_pretrained(out, safe_serialization=True)
+    # A modular pipeline (Anima) writes modular_model_index.json; its save_pretrained takes a str path only, and
+    # says explicitly that the index points at this folder.
+    modular = {"overwrite_modular_index": True} if isinstance(pipe, ModularPipeline) else {}
+    pipe.save_pretrained(str(out), safe_serialization=True, **modular)
     for name, component in pipe.components.items():
         if isinstance(component, CLIPTokenizer):
             _write_vocab_files(out / name)

@@ -50,7 +50,9 @@ def _config(folder: Path, component: str) -> dict:
 
 def _family_of(folder: Path) -> str:
     """The family whose pipeline the folder is and that has a single-file writer (a convert.from_diffusers)."""
-    cls = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    from ..preflight.probe import read_pipeline_index
+
+    cls = (read_pipeline_index(folder)[0] or {}).get("_class_name")
     writers = [n for n in FAMILIES if hasattr(get_part(n, "convert"), "from_diffusers")]
     for name in writers:
         if cls in get_signature(name).pipelines:

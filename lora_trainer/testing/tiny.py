@@ -29,7 +29,7 @@ from .t5 import T5_VOCAB_SIZE, make_tiny_t5_tokenizer
 
 # The leaves are re-exported: tests, bench/ and the demo import them from here.
 __all__ = ["BOS", "DIT_FAMILIES", "EOS", "FAMILIES", "MAX_LENGTH", "T5_VOCAB_SIZE", "VOCAB_SIZE", "_text_config",
-           "_write_vocab_files", "build_tiny_pipeline", "family_of", "main", "make_dataset",
+           "_write_vocab_files", "build_tiny_pipeline", "family_of", "load_pipeline", "main", "make_dataset",
            "make_single_file_checkpoint", "make_tiny_pipeline", "make_tiny_t5_tokenizer", "make_tiny_tokenizer",
            "tiny_vocab_and_merges"]
 
@@ -68,6 +68,29 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     _known(family)
     module = _TINY[family][1]
     return module.build(module.VARIANTS[family], seed)
+
+
+def load_pipeline(folder):
+    """A saved pipeline folder, fp32, called as a classic diffusers pipeline (``pipe(prompt=...).images``): a
+    modular pipeline's folder (modular_model_index.json, which DiffusionPipeline cannot load: Anima) through
+    ModularPipeline.from_pretrained + load_components, wrapped in ClassicCall."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from ..families.adapter import ClassicCall
+    from ..preflight.probe import probe_model
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return DiffusionPipeline.from_pretrained(folder)
+    from diffusers.modular_pipelines import ModularPipeline
+
+    family = probe_model(str(folder)).family
+    if family is not None:
+        families.get_family(family)  # its adapter module sets up what its models need to run (Anima: cosmos_compat)
+    pipe = ModularPipeline.from_pretrained(str(folder))
+    pipe.load_components(torch_dtype=torch.float32)
+    return ClassicCall(pipe)
 
 
 def make_tiny_pipeline(out_dir, family: str, seed: int = 0) -> Path:

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from .folder import component_weights, probe_diffusers_dir, tokenizer_problem
-from .headers import (PICKLE_MESSAGE, PICKLE_SUFFIXES, read_json, read_safetensors_header, weight_headers,
+from .headers import (PICKLE_MESSAGE, PICKLE_SUFFIXES, has_pipeline_index, read_json, read_pipeline_index,
+                      read_safetensors_header, weight_headers,
                       weight_shapes)
 from .hub import HUB_ID, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_hub
 from .result import ModelProbe, problem
@@ -77,7 +78,7 @@ def _distilled(probe: ModelProbe) -> ModelProbe:
         return probe
     index = config = metadata = sched = {}
     if probe.path is not None and probe.path.is_dir():
-        index = read_json(probe.path / "model_index.json")[0] or {}
+        index = read_pipeline_index(probe.path)[0] or {}
         sched = read_json(probe.path / "scheduler" / "scheduler_config.json")[0] or {}
         config = read_json(probe.path / get_spec(probe.family).denoisers[0] / "config.json")[0] or {}
     elif probe.path is not None and probe.path.is_file():
@@ -102,5 +103,5 @@ def probe_model(base_model: str, base_dir: Path | str = ".", *, model_type: str 
 
 
 __all__ = ["HUB_ID", "PICKLE_MESSAGE", "PICKLE_SUFFIXES", "ModelProbe", "component_weights", "find_cached_snapshot",
-           "hf_hub_cache_dir", "hub_offline", "probe_diffusers_dir", "probe_hub", "probe_model", "probe_single_file",
-           "read_json", "read_safetensors_header", "tokenizer_problem", "weight_headers", "weight_shapes"]
+           "has_pipeline_index", "hf_hub_cache_dir", "hub_offline", "probe_diffusers_dir", "probe_hub", "probe_model", "probe_single_file",
+           "read_json", "read_pipeline_index", "read_safetensors_header", "tokenizer_problem", "weight_headers", "weight_shapes"]

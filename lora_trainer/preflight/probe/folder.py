@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...families import FAMILIES, SPECS, get_signature
 from ...families.signature import FolderFacts
-from .headers import PICKLE_MESSAGE, PICKLE_SUFFIXES, read_json, read_safetensors_header
+from .headers import PICKLE_MESSAGE, PICKLE_SUFFIXES, read_json, read_pipeline_index, read_safetensors_header
 from .result import ModelProbe, problem, unsupported
 
 # (class name prefix, model) of pipelines we cannot train; first match wins, so longer prefixes come first. A class
@@ -130,13 +130,14 @@ def _family(facts: FolderFacts) -> tuple[str | None, str | None, str | None, lis
 
 
 def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
-    index, err = read_json(path / "model_index.json")
+    index, err, index_name = read_pipeline_index(path)
     if index is None:
         hint = None
         singles = sorted(p.name for p in path.glob("*.safetensors"))
         if singles:
             hint = f"for a single-file checkpoint set base_model to the file, e.g. {path / singles[0]}"
-        msg = "no model_index.json: not a diffusers pipeline folder" if err == "missing" else f"model_index.json is {err}"
+        msg = ("no model_index.json (or modular_model_index.json): not a diffusers pipeline folder" if err == "missing"
+               else f"{index_name} is {err}")
         return ModelProbe("diffusers_dir", source, path, None, None,
                           problems=(problem("model_incomplete" if err == "missing" else "model_corrupt", msg, hint),))
     cls = str(index.get("_class_name", ""))
@@ -154,7 +155,7 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
         return ModelProbe("diffusers_dir", source, path, None, None, pipeline_class=cls or None,
                           problems=tuple(problems), notes=tuple(notes))
     spec = SPECS[family]
-    with_weights = {*spec.denoisers, "vae", *spec.text_encoders}
+    with_weights = {*spec.denoisers, "vae", *spec.text_encoders, *spec.other_models}
     found, missing, weight_files = [], [], {}
     pickles_only: list[str] = []
     explained: set[str] = set()  # missing components that already have a specific problem
@@ -182,7 +183,7 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
                 continue
             if all(_VARIANT.search(n) for n in safe):
                 notes.append(f"{comp} has only variant weights ({', '.join(safe)})")
-        elif comp.startswith("tokenizer") or comp in {spec.tokenizer_of(e) for e in spec.text_encoders}:
+        elif comp.startswith("tokenizer") or comp in spec.tokenizers:
             prob, note = tokenizer_problem(folder, comp, comp in spec.t5_tokenizers)
             if note:
                 notes.append(note)

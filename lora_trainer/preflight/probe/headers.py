@@ -27,6 +27,29 @@ def read_json(path: Path) -> tuple[dict | None, str | None]:
     return (obj, None) if isinstance(obj, dict) else (None, "not a JSON object")
 
 
+# A diffusers pipeline folder's index: model_index.json, or modular_model_index.json for a modular pipeline (Anima,
+# FLUX.3: ModularPipeline.save_pretrained writes only that, DiffusionPipeline cannot load it).
+PIPELINE_INDEX_FILES = ("model_index.json", "modular_model_index.json")
+
+
+def read_pipeline_index(folder: Path) -> tuple[dict | None, str | None, str]:
+    """(index, problem, file name) of a pipeline folder: model_index.json, else modular_model_index.json. A modular
+    index's entries ``[library, class, loading spec]`` come back as ``[library, class]``, as model_index.json has
+    them, so readers need not know which file it was; its components are loaded from their subfolders all the same."""
+    index, err = read_json(folder / PIPELINE_INDEX_FILES[0])
+    if index is not None or err != "missing":
+        return index, err, PIPELINE_INDEX_FILES[0]
+    modular, merr = read_json(folder / PIPELINE_INDEX_FILES[1])
+    if modular is None:
+        return None, err if merr == "missing" else merr, PIPELINE_INDEX_FILES[0 if merr == "missing" else 1]
+    return ({k: (v[:2] if isinstance(v, list) and len(v) == 3 else v) for k, v in modular.items()}, None,
+            PIPELINE_INDEX_FILES[1])
+
+
+def has_pipeline_index(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in PIPELINE_INDEX_FILES)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict | None, dict | None]:
     """(header, problem). Reads 8 + N bytes; checks that the data the header describes fits in the file."""
     try:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from .folder import probe_diffusers_dir
+from .headers import has_pipeline_index
 from .result import ModelProbe, problem
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -28,17 +29,18 @@ def hub_offline() -> bool:
 
 
 def find_cached_snapshot(repo_id: str) -> Path | None:
-    """The snapshot refs/main points at if it has model_index.json, else the newest one that has it."""
+    """The snapshot refs/main points at if it has a pipeline index (model_index.json or a modular pipeline's
+    modular_model_index.json), else the newest one that has one."""
     repo = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
     snaps = repo / "snapshots"
     try:
         ref = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
-        if ref and (snaps / ref / "model_index.json").is_file():
+        if ref and has_pipeline_index(snaps / ref):
             return snaps / ref
     except OSError:
         pass
     try:
-        cands = [p for p in snaps.iterdir() if (p / "model_index.json").is_file()]
+        cands = [p for p in snaps.iterdir() if has_pipeline_index(p)]
     except OSError:
         return None
     return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
