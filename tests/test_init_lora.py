@@ -108,7 +108,7 @@ def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
             assert torch.equal(got[k], want[k]), k
 
 
-@pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image")
+@pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image", "krea2")
                                        for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")])
 def test_continuing_a_dit_lora_from_either_export(tmp_path, tiny_models, dataset, tiny, file):
     """The DiT families whose ComfyUI file is diffusers' names under diffusion_model. with .alpha (Z-Image,

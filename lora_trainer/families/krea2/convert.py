@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["COMPONENT_PREFIXES", "ALL_IN_ONE_VAE", "ALL_IN_ONE_TEXT_ENCODERS", "config_checks", "from_diffusers",
-           "native_name", "to_diffusers"]
+           "native_name", "to_diffusers", "tool_file_fused_parts", "tool_file_to_peft"]
 
 COMPONENT_PREFIXES = ("text_encoders.", "vae.")
 ALL_IN_ONE_VAE = "vae."
@@ -75,3 +75,17 @@ def config_checks(shapes: Mapping[str, list], config: Mapping,
                   ("in_channels (first columns)", first[1], config.get("in_channels")),
                   ("text_hidden_dim (txtmlp.1 columns)", txt[1], config.get("text_hidden_dim")),
                   ("num_text_layers (txtfusion.projector columns)", proj[1], config.get("num_text_layers"))]
+
+
+def tool_file_fused_parts(key: str) -> int:
+    return 1  # one module per key: Krea 2's q / k / v are separate Linears in both layouts
+
+
+def tool_file_to_peft(sd: dict) -> dict:
+    """The ComfyUI file (``diffusion_model.<original name>``, export.py) in PEFT names (``transformer.<path>``)
+    through diffusers' own Krea 2 LoRA converter (init_lora); other files are returned as they are."""
+    if not any(k.startswith("diffusion_model.") for k in sd):
+        return sd
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_krea2_lora_to_diffusers
+
+    return _convert_non_diffusers_krea2_lora_to_diffusers(dict(sd))
