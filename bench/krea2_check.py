@@ -8,6 +8,7 @@ changes set-up time only.
 
     python3 bench/krea2_check.py --count                    # parameter counts (meta device)
     python3 bench/krea2_check.py --tiny --out /tmp/k.json   # CPU dry run of check(): the tiny pipeline at 64 px
+    python3 bench/krea2_check.py --plan                     # the memory plan of the full-size model (headers only)
 """
 from __future__ import annotations
 
@@ -165,18 +166,82 @@ def _dry_ctx(device: str):
                            validator=jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text())))
 
 
+def make_meta_folder(root: Path) -> Path:
+    """A Krea-2-Raw folder with every component's real header (meta shapes, sparse data): what the probe and the
+    memory plan read (bench_memory_plan.make_folder's way, for this family)."""
+    from bench.bench_memory_plan import _saved_state, header_only
+    from lora_trainer.families.krea2.tiny import KREA2_SCHEDULER
+    from lora_trainer.testing.qwen import make_tiny_qwen_tokenizer
+
+    classes = {"transformer": ("diffusers", "Krea2Transformer2DModel"), "vae": ("diffusers", "AutoencoderKLQwenImage"),
+               "text_encoder": ("transformers", "Qwen3VLModel"), "tokenizer": ("transformers", "Qwen2Tokenizer"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "Krea2Pipeline", "_diffusers_version": "0.42.1",
+                                                       "text_encoder_select_layers": list(SELECT_LAYERS),
+                                                       "is_distilled": False, **{k: list(v) for k, v in classes.items()}}))
+    models = meta_components()
+    for comp, (lib, cls) in classes.items():
+        d = root / comp
+        d.mkdir(exist_ok=True)
+        if comp == "scheduler":
+            (d / "scheduler_config.json").write_text(json.dumps(KREA2_SCHEDULER))
+        elif comp == "tokenizer":
+            make_tiny_qwen_tokenizer().save_pretrained(d)
+        else:
+            model = models[comp]
+            config = dict(model.config) if lib == "diffusers" else model.config.to_dict()
+            config["_class_name"] = cls
+            (d / "config.json").write_text(json.dumps(config, default=list))
+            name = "model.safetensors" if lib == "transformers" else "diffusion_pytorch_model.safetensors"
+            header_only(d / name, _saved_state(model), "F32" if comp == "vae" else "BF16")
+    return root
+
+
+# (resolution, settings) of the plan table: the default preset, then what the GPU check runs.
+PLAN_CASES = [(1024, {"gradient_checkpointing": True}), (1024, {}), (1024, {"gradient_checkpointing": True,
+              "base_quantization": "fp8"}), (1024, {"gradient_checkpointing": True, "target_modules": "all_linear",
+              "lora_rank": 32}), (512, {"gradient_checkpointing": True})]
+
+
+def plan_table() -> list[dict]:
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.memory_plan import plan_memory
+    from lora_trainer.preflight.probe import probe_model
+    from lora_trainer.testing.tiny import make_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="krea2-plan-"))
+    folder = make_meta_folder(work / "krea2")
+    data = make_dataset(work / "data", n=2, trigger="ohwx")
+    probe = probe_model(str(folder), work)
+    rows = []
+    for res, settings in PLAN_CASES:
+        cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(folder), "trigger_words": ["ohwx"],
+                               "output_path": str(work / "out"), "resolution": res, "mixed_precision": "bf16",
+                               **settings})
+        plan = plan_memory(cfg, probe, probe.family, res, gpu={"name": "H100", "memory_bytes": 80 * 2 ** 30})
+        rows.append({"resolution": res, "settings": settings, "total_gib": plan["total_gib"],
+                     "parts_gib": plan["parts_gib"]})
+    return rows
+
+
 def main() -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", action="store_true", help="print parameter counts (meta device)")
     ap.add_argument("--tiny", action="store_true", help="run check() on the tiny pipeline (CPU dry run)")
+    ap.add_argument("--plan", action="store_true", help="the memory plan of the full-size model (headers only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.count:
         for name, module in meta_components().items():
             print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e9:.3f} B")
+        return 0
+    if args.plan:
+        for row in plan_table():
+            print(json.dumps(row))
         return 0
     if args.tiny:
         from bench.device_check import Check
