@@ -221,3 +221,60 @@ def test_hub_patterns_take_the_sharded_pipeline_and_tokenizer_only(tiny_models):
 
     missed = {f for f in files if not wanted(f) and not f.endswith("generation_config.json")}
     assert missed == set() and not {f for f in KREA_DECOYS if wanted(f)}
+
+
+def _turbo_folder(tmp_path, raw):
+    """Krea-2-Turbo as its files differ from Raw's: other transformer weights, is_distilled in model_index.json."""
+    model = tmp_path / "turbo"
+    shutil.copytree(raw, model)
+    build(None, seed=1).transformer.save_pretrained(model / "transformer")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    return model
+
+
+def test_validation_base_model_samples_with_turbo_and_the_current_lora(tmp_path, tiny_models, dataset):
+    """Train on Raw, sample on Turbo (validation_base_model): the sample is what diffusers' Turbo pipeline draws
+    with the run's final LoRA loaded, at Turbo's own defaults (8 steps, no CFG, mu 1.15)."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from conftest import run_cli, write_config
+
+    turbo = _turbo_folder(tmp_path, tiny_models["krea2"])
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models["krea2"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,
+                       min_bucket_resolution=64, max_train_steps=2, validation_steps=2, lora_rank=4, lora_alpha=8,
+                       learning_rate=1e-2, validation_prompts=["ohwx, a red circle"], save_precision="fp32",
+                       validation_base_model=str(turbo))
+    res = run_cli("--config", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sample,) = [e for e in res.of_type("sample") if e["step"] == 2]
+    got = np.asarray(Image.open(sample["path"])).astype(int)
+
+    def draw(folder, **kwargs):
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        pipe.load_lora_weights(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+        return np.asarray(pipe(prompt="ohwx, a red circle", height=64, width=64, output_type="pil",
+                               generator=torch.Generator().manual_seed(sample["seed"]), **kwargs).images[0]).astype(int)
+
+    want = draw(turbo, num_inference_steps=8, guidance_scale=0.0)
+    assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
+    raw = draw(tiny_models["krea2"], num_inference_steps=8, guidance_scale=0.0)
+    assert np.abs(got - raw).max() > 8, "the samples must come from the validation model"
+
+
+def test_validation_base_model_is_checked_by_validate_only(tmp_path, tiny_models, dataset):
+    from conftest import run_cli, write_config
+
+    common = dict(dataset_path=str(dataset), base_model=str(tiny_models["krea2"]), output_path=str(tmp_path / "out"),
+                  trigger_words=["ohwx"], resolution=64)
+    res = run_cli("--config", str(write_config(tmp_path / "a.json", **common,
+                                               validation_base_model=str(tmp_path / "missing"))), "--validate-only")
+    assert res.returncode != 0
+    assert [e["path"] for e in res.last("validation")["errors"]] == ["validation_base_model"]
+    turbo = _turbo_folder(tmp_path, tiny_models["krea2"])
+    ok = run_cli("--config", str(write_config(tmp_path / "b.json", **common, validation_base_model=str(turbo))),
+                 "--validate-only")
+    assert ok.returncode == 0, ok.last("validation")

@@ -60,12 +60,13 @@ def _log_to_dashboard(cfg, accelerator, grid, step: int) -> None:
 
 
 def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
-                     cached: Any = None, every_rank: bool = False) -> list[str]:
+                     cached: Any = None, every_rank: bool = False, validation_model: Any = None) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
     the device, autocast and the dashboards); returns their paths. Main process only, unless ``every_rank``: a
     sharded denoiser (shard_base) gathers each block from every process, so they all generate the same images, and
     only the main process saves them. ``cached(prompts)``: the text cache's lookup, when the text encoders were
-    released (the prompts' conditioning is in it)."""
+    released (the prompts' conditioning is in it). ``validation_model`` (validation_base_model): its denoisers, with
+    the current LoRA, draw the samples, at its own sample defaults."""
     main = accelerator.is_main_process
     if not main and not every_rank:
         return []
@@ -86,6 +87,8 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
     paths, images = [], []
     try:
         with preserved_rng(), torch.no_grad():
+            if validation_model is not None:
+                family, comps = validation_model.family, validation_model.components(comps, device)
             pipe = family.pipeline(comps)
             pipe.set_progress_bar_config(disable=True)
             extra, steps = family.sample_kwargs(), family.sample_steps()
@@ -111,6 +114,8 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
                 _log_to_dashboard(cfg, accelerator, grid, step)
             del pipe
     finally:
+        if validation_model is not None:
+            validation_model.release()
         for m, was_training in training_modes.items():
             m.train(was_training)
         for module in moved:

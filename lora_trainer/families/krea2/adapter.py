@@ -54,13 +54,20 @@ class Krea2(ModelFamily):
     def is_distilled(self) -> bool:
         return bool(self.pipeline_config.get("is_distilled", False))
 
-    def _load_folder(self, source: Path, **kwargs):
-        # Also for single files: their config source folder's model_index.json says which release it is.
+    def read_release(self, folder: Path | None, name: str) -> None:
         from ...preflight.probe.headers import read_json
+        from ..signature import DistillFacts
+        from .signature import distilled
 
-        index = read_json(Path(source) / "model_index.json")[0] or {}
+        index = (read_json(Path(folder) / "model_index.json")[0] or {}) if folder is not None else {}
         self.pipeline_config = {k: index[k] for k in ("text_encoder_select_layers", "is_distilled", "patch_size")
                                 if k in index}
+        if "is_distilled" not in index:  # a single file: Turbo by its name, as the probe tells it
+            self.pipeline_config["is_distilled"] = distilled(DistillFacts(name, {}, {}, {})) is not None
+
+    def _load_folder(self, source: Path, **kwargs):
+        # Also for single files: their config source folder's model_index.json says which release it is.
+        self.read_release(source, str(getattr(self.cfg, "base_model", "") or source))
         return super()._load_folder(source, **kwargs)
 
     def _load_single_file(self, path, *, dtype, config, progress=None):
