@@ -246,16 +246,17 @@ def test_validation_base_model_samples_with_turbo_and_the_current_lora(tmp_path,
     cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models["krea2"]),
                        output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,
                        min_bucket_resolution=64, max_train_steps=2, validation_steps=2, lora_rank=4, lora_alpha=8,
-                       learning_rate=1e-2, validation_prompts=["ohwx, a red circle"], save_precision="fp32",
+                       learning_rate=1e-1, target_modules="all_linear", validation_prompts=["ohwx, a red circle"], save_precision="fp32",
                        validation_base_model=str(turbo))
     res = run_cli("--config", str(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
     (sample,) = [e for e in res.of_type("sample") if e["step"] == 2]
     got = np.asarray(Image.open(sample["path"])).astype(int)
 
-    def draw(folder, **kwargs):
+    def draw(folder, lora=True, **kwargs):
         pipe = DiffusionPipeline.from_pretrained(folder)
-        pipe.load_lora_weights(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+        if lora:
+            pipe.load_lora_weights(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
         return np.asarray(pipe(prompt="ohwx, a red circle", height=64, width=64, output_type="pil",
                                generator=torch.Generator().manual_seed(sample["seed"]), **kwargs).images[0]).astype(int)
 
@@ -263,6 +264,8 @@ def test_validation_base_model_samples_with_turbo_and_the_current_lora(tmp_path,
     assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
     raw = draw(tiny_models["krea2"], num_inference_steps=8, guidance_scale=0.0)
     assert np.abs(got - raw).max() > 8, "the samples must come from the validation model"
+    bare = draw(turbo, lora=False, num_inference_steps=8, guidance_scale=0.0)
+    assert np.abs(got - bare).max() > 8, "the samples must carry the current LoRA"
 
 
 def test_validation_base_model_is_checked_by_validate_only(tmp_path, tiny_models, dataset):
