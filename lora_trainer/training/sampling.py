@@ -59,6 +59,18 @@ def _log_to_dashboard(cfg, accelerator, grid, step: int) -> None:
         accelerator.get_tracker("wandb", unwrap=True).log({"samples": [wandb.Image(grid)]}, step=step)
 
 
+def validation_model(trainer) -> Any:
+    """The run's ValidationModel (training/validation_model.py) when validation_base_model is set, loaded at the
+    first sample and kept on the trainer; else None."""
+    if not trainer.cfg.validation_base_model:
+        return None
+    if getattr(trainer, "_validation_model", None) is None:
+        from .validation_model import ValidationModel
+
+        trainer._validation_model = ValidationModel(trainer.cfg, trainer.family, trainer.comps, trainer.events)
+    return trainer._validation_model
+
+
 def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
                      cached: Any = None, every_rank: bool = False, validation_model: Any = None) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives

@@ -82,9 +82,3 @@ class ValidationModel:
         for model in self.denoisers.values():
             model.to("cpu")
 
-
-def validation_model(trainer) -> ValidationModel | None:
-    """The run's ValidationModel when validation_base_model is set (loaded at the first sample), else None."""
-    if not trainer.cfg.validation_base_model:
-        return None
-    return ValidationModel(trainer.cfg, trainer.family, trainer.comps, trainer.events)
