@@ -20,7 +20,7 @@ import torch
 
 from lora_trainer.families import get_family, get_signature
 from lora_trainer.families.krea2.adapter import pack, unpack
-from lora_trainer.families.krea2.tiny import KREA2_SCHEDULER, build
+from lora_trainer.families.krea2.tiny import build
 
 CAPTIONS = ["ohwx, a red circle", "ohwx, a small blue square on a green background, photo"]
 CPU = torch.device("cpu")

@@ -149,9 +149,9 @@ RULES: dict[str, Callable] = {
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
-# FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
-# and Qwen-Image's diffusion_model. names through their converters); SD3's kohya/SAI file with fused q/k/v it
-# does not: its users take the PEFT file.
+# FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha,
+# Qwen-Image's diffusion_model. names and Krea 2's diffusion_model. + original names through their converters);
+# SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
 DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image", "krea2"}
 
 
