@@ -233,21 +233,25 @@ def _turbo_folder(tmp_path, raw):
     return model
 
 
-def test_validation_base_model_samples_with_turbo_and_the_current_lora(tmp_path, tiny_models, dataset):
-    """Train on Raw, sample on Turbo (validation_base_model): the sample is what diffusers' Turbo pipeline draws
-    with the run's final LoRA loaded, at Turbo's own defaults (8 steps, no CFG, mu 1.15)."""
+@pytest.mark.parametrize("as_file", [False, True], ids=["folder", "single_file"])
+def test_validation_base_model_samples_with_turbo_and_the_current_lora(tmp_path, tiny_models, dataset, as_file):
+    """Train on Raw, sample on Turbo (validation_base_model, its folder or its single file, Turbo by its name):
+    the sample is what diffusers' Turbo pipeline draws with the run's final LoRA loaded, at Turbo's own defaults
+    (8 steps, no CFG, mu 1.15)."""
     import numpy as np
     from diffusers import DiffusionPipeline
     from PIL import Image
 
     from conftest import run_cli, write_config
+    from lora_trainer.testing.single_file import write_single_file
 
     turbo = _turbo_folder(tmp_path, tiny_models["krea2"])
+    source = write_single_file(turbo, tmp_path / "krea2_turbo_bf16.safetensors") if as_file else turbo
     cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models["krea2"]),
                        output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64,
                        min_bucket_resolution=64, max_train_steps=2, validation_steps=2, lora_rank=4, lora_alpha=8,
                        learning_rate=1e-1, target_modules="all_linear", validation_prompts=["ohwx, a red circle"], save_precision="fp32",
-                       validation_base_model=str(turbo))
+                       validation_base_model=str(source))
     res = run_cli("--config", str(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
     (sample,) = [e for e in res.of_type("sample") if e["step"] == 2]

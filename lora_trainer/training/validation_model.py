@@ -60,7 +60,11 @@ class ValidationModel:
         if single_file:
             from ..runtime.single_file import load_transformer_single_file, resolve_config_source
 
-            config = resolve_config_source(self.cfg.base_model_config, family_name=self.family.name, checkpoint=source)
+            # Its transformer config: base_model_config, else the base model's own folder (a release of the same
+            # family: Raw's and Turbo's configs are one), else the family's reference repo in the HF cache.
+            base = Path(self.cfg.resolve(self.cfg.base_model))
+            config = resolve_config_source(self.cfg.base_model_config or (base if base.is_dir() else None),
+                                           family_name=self.family.name, checkpoint=source)
             return load_transformer_single_file(self.family.name, source, config_source=config, dtype=dtype)
         cls = getattr(diffusers, self.family.denoiser_classes[name])
         model = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, use_safetensors=True,
