@@ -111,11 +111,11 @@ def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
 # The PEFT file's path is one for every family: the newer families check their tool file only (CI time).
 @pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image")
                                        for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")]
-                         + [(t, "lora.safetensors") for t in ("qwen-image-2.1", "chroma", "anima")])
+                         + [(t, "lora.safetensors") for t in ("qwen-image-2.1", "chroma", "anima", "krea2")])
 def test_continuing_a_dit_lora_from_either_export(tmp_path, tiny_models, dataset, tiny, file):
     """The DiT families whose ComfyUI file is diffusers' names under diffusion_model. with .alpha (Z-Image,
     Qwen-Image, Qwen-Image 2.1), under transformer. with alpha folded in (Chroma), or original names read back
-    through the family's convert.tool_file_to_peft (Anima): a run continues either exported file and, with a
+    through the family's convert.tool_file_to_peft (Anima, Krea 2): a run continues either exported file and, with a
     vanishing learning rate, writes it back."""
     common = {"dataset_path": str(dataset), "base_model": str(tiny_models[tiny]), "trigger_words": ["ohwx"],
               "resolution": 64, "min_bucket_resolution": 64, "lora_rank": 4, "lora_alpha": 8}

@@ -6,6 +6,7 @@ contract suite fails until it has one): how the UIs map its keys is the one thin
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -160,6 +161,46 @@ def _anima_rules(pipe, lora: Path, checkpoint: Path) -> None:
     assert any(f"{m}.weight" not in native for m in renamed), "negative control: diffusers names must not load"
 
 
+def _krea2_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI a125cd84 has no Krea 2; peers write ``diffusion_model.`` + the original names (ai-toolkit, musubi's
+    convert_lora.py) with alpha folded in. A loader that keeps Krea's own names (re-implemented here) patches
+    ``<native>.weight`` of the original layout with lora_B @ lora_A at scale 1 (no ``.alpha``): every key must name
+    an original-layout Linear, carry no alpha, and give exactly the trained delta of the module it came from."""
+    import torch
+
+    from lora_trainer.families.krea2.convert import from_diffusers, native_name
+
+    sd = load_file(lora)
+    peft = load_file(checkpoint / "lora_transformer.safetensors")
+    trained = {k[: -len(".lora_A.weight")] for k in peft if k.endswith(".lora_A.weight")}
+    assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd), \
+        "keys outside diffusion_model.<native>.lora_A/B (an .alpha would make diffusers' Krea 2 converter raise)"
+    base = {k.replace(".base_layer.", "."): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    native = from_diffusers(base, dict(pipe.transformer.config))
+    by_native = {native_name(m): m for m in trained}
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in sd}
+    assert modules == set(by_native), sorted(modules ^ set(by_native))[:5]
+    scale = float(json.loads(_meta(lora))["ss_network_alpha"]) / next(
+        v.shape[0] for k, v in peft.items() if k.endswith("lora_A.weight"))
+    for m in modules:
+        assert f"{m}.weight" in native, f"{m}: no {m}.weight in the original layout"
+        got = sd[f"diffusion_model.{m}.lora_B.weight"].float() @ sd[f"diffusion_model.{m}.lora_A.weight"].float()
+        p = by_native[m]
+        want = scale * peft[f"{p}.lora_B.weight"].float() @ peft[f"{p}.lora_A.weight"].float()
+        assert got.shape == native[f"{m}.weight"].shape
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-4, msg=m)
+    renamed = {k.replace("diffusion_model.", "diffusion_model.model.", 1) for k in sd}
+    assert not {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] + ".weight" for k in renamed} <= set(native), \
+        "negative control: renamed keys must not land"
+
+
+def _meta(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.dumps(f.metadata())
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
@@ -170,16 +211,17 @@ RULES: dict[str, Callable] = {
     "qwen_image21": _qwen21_rules,
     "chroma": _chroma_rules,
     "anima": _anima_rules,
+    "krea2": _krea2_rules,
 }
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
 # FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
 # and Qwen-Image's (and 2.1's) diffusion_model. names through their converters; Chroma's transformer. names, as
-# FLUX.1's, through FluxLoraLoaderMixin; Anima's Cosmos names through _convert_non_diffusers_anima_lora_to_diffusers);
-# SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
+# FLUX.1's, through FluxLoraLoaderMixin; Anima's Cosmos names and Krea 2's diffusion_model. + original names through
+# their converters); SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
 DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image",
-                             "qwen_image21", "chroma", "anima"}
+                             "qwen_image21", "chroma", "anima", "krea2"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

@@ -108,6 +108,7 @@ class TrainConfig:
     num_validation_images: int = 1
     validation_inference_steps: int | None = None  # None: the model's (families/adapter.py sample_steps)
     validation_guidance_scale: float | None = None
+    validation_base_model: str | None = None  # another release of the family draws the samples (training/validation_model.py)
     output_name: str = "lora"
     save_precision: str = "fp16"
     overwrite_output: bool = False

@@ -279,6 +279,11 @@ class ModelFamily:
     def _pipeline_extra_kwargs(self) -> dict:
         return {}
 
+    def read_release(self, folder: Path | None, name: str) -> None:
+        """Take a release's own sampling settings (its model_index.json in ``folder``, or ``name`` where there is no
+        folder: a single file) that its denoiser's config does not hold: validation_base_model samples with them.
+        Default: none (the sample defaults come from the loaded components)."""
+
     # Families whose pipelines take precomputed prompt embeddings set this, so that after caching the text
     # encoders (T5-XXL: 9.5 GB in bf16) leave the GPU and host memory for good.
     samples_from_cache = False

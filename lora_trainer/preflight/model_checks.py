@@ -225,6 +225,26 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
     return objective_summary(cfg, spec, variant)
 
 
+def _check_validation_model(cfg: Any, family: str | None, errors: list) -> None:
+    """validation_base_model: it exists and is a release of the run's family (its denoiser takes the trained LoRA
+    and the cached prompts); a hub id not downloaded yet is checked when the run fetches it."""
+    from .probe import probe_model
+
+    key = "validation_base_model"
+    if cfg.shard_base:
+        errors.append(_issue("config_invalid", key, "validation_base_model cannot sample a sharded run (shard_base)",
+                             hint="unset validation_base_model or shard_base"))
+        return
+    probe = probe_model(cfg.validation_base_model, cfg.base_dir)
+    if probe.problems:
+        p = probe.problems[0]
+        errors.append(_issue("config_invalid", key, f"validation_base_model: {p['message']}", hint=p.get("hint")))
+    elif probe.family is not None and family is not None and probe.family != family:
+        errors.append(_issue("config_invalid", key, f"validation_base_model is a {probe.family} model, the base model "
+                             f"a {family} one: samples need a release of the same family",
+                             hint="name a release of the base model's family, e.g. its distilled sibling"))
+
+
 def _check_quantization(cfg: Any, errors: list) -> None:
     """base_quantization / text_encoder_quantization that cannot work (backend missing or too old, DoRA on a
     quantised layer) are config errors naming the key, found here without importing torch or the backend."""

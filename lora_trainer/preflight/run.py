@@ -31,6 +31,7 @@ from .scan_index import ScanIndex
 from ..runtime.run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
 from .memory_checks import check_memory, check_offload_host, check_shard, detect_run_gpu
 from .model_checks import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
+                              _check_validation_model,
                               _issue, _model_issue, _model_summary)
 
 LOW_DISK_BYTES = 2 * 1024 ** 3
@@ -343,6 +344,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
         from ..runtime.merge_lora import header_problems as merge_problems
 
         errors.extend(dict(p, code="config_invalid") for p in merge_problems(cfg.resolve(cfg.merge_lora)))
+    if getattr(cfg, "validation_base_model", None):
+        _check_validation_model(cfg, family, errors)
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)

@@ -113,7 +113,9 @@ def quantizable(name: str, shape: Sequence[int]) -> bool:
 # the installed classes), which quantisation therefore leaves at full precision (_kept below): torch-free, for the
 # memory plan. T5's ``wo`` is 1.0 B of T5-XXL's 4.7 B weights.
 KEEP_IN_FP32: dict[str, tuple[str, ...]] = {"T5EncoderModel": ("wo",),
-                                            "CosmosTransformer3DModel": ("learnable_pos_embed",)}  # Anima: has none
+                                            "CosmosTransformer3DModel": ("learnable_pos_embed",),  # Anima: has none
+                                            # its RMSNorms (no Linear among them): a few MB
+                                            "Krea2Transformer2DModel": ("norm", "norm1", "norm2", "norm_q", "norm_k")}
 
 
 def kept_in_fp32(class_name: str | None, name: str) -> bool:

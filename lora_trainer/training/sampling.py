@@ -60,13 +60,26 @@ def _log_to_dashboard(cfg, accelerator, grid, step: int) -> None:
         accelerator.get_tracker("wandb", unwrap=True).log({"samples": [wandb.Image(grid)]}, step=step)
 
 
+def validation_model(trainer) -> Any:
+    """The run's ValidationModel (training/validation_model.py) when validation_base_model is set, loaded at the
+    first sample and kept on the trainer; else None."""
+    if not trainer.cfg.validation_base_model:
+        return None
+    if getattr(trainer, "_validation_model", None) is None:
+        from .validation_model import ValidationModel
+
+        trainer._validation_model = ValidationModel(trainer.cfg, trainer.family, trainer.comps, trainer.events)
+    return trainer._validation_model
+
+
 def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
-                     cached: Any = None, every_rank: bool = False) -> list[str]:
+                     cached: Any = None, every_rank: bool = False, validation_model: Any = None) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
     the device, autocast and the dashboards); returns their paths. Main process only, unless ``every_rank``: a
     sharded denoiser (shard_base) gathers each block from every process, so they all generate the same images, and
     only the main process saves them. ``cached(prompts)``: the text cache's lookup, when the text encoders were
-    released (the prompts' conditioning is in it)."""
+    released (the prompts' conditioning is in it). ``validation_model`` (validation_base_model): its denoisers, with
+    the current LoRA, draw the samples, at its own sample defaults."""
     main = accelerator.is_main_process
     if not main and not every_rank:
         return []
@@ -88,6 +101,8 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
     try:
         # compiled blocks sample eagerly (runtime/compile.py): sampling's shapes would compile graphs used once
         with preserved_rng(), torch.no_grad(), eager():
+            if validation_model is not None:
+                family, comps = validation_model.family, validation_model.components(comps, device)
             pipe = family.pipeline(comps)
             pipe.set_progress_bar_config(disable=True)
             extra, steps = family.sample_kwargs(), family.sample_steps()
@@ -113,6 +128,8 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
                 _log_to_dashboard(cfg, accelerator, grid, step)
             del pipe
     finally:
+        if validation_model is not None:
+            validation_model.release()
         for m, was_training in training_modes.items():
             m.train(was_training)
         for module in moved:

@@ -11,8 +11,8 @@ from .result import SUPPORTED, ModelProbe, problem, refused, unsupported_file
 
 # Single files of models we cannot train: (model, marker keys without the model.diffusion_model. prefix: any of
 # them, also required prefix or None). diffusers CHECKPOINT_KEY_NAMES (flux3,
-# lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos,
-# krea2) and ComfyUI model_detection (PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
+# lumina2, wan, hunyuan-video, auraflow, mochi, ltx-video, hidream, sana, stable_cascade, cosmos)
+# and ComfyUI model_detection (PixArt, Hunyuan-DiT, Kandinsky 5). Checked before the
 # DiT families (Chroma, which has FLUX.1's double blocks, is told from FLUX.1 in _mmdit/signature.py).
 _UNSUPPORTED_FILE_MARKERS = (
     ("FLUX.3", ("early_stream_modulations.image.lin.weight",), None),
@@ -29,7 +29,6 @@ _UNSUPPORTED_FILE_MARKERS = (
     ("Sana", ("blocks.0.cross_attn.q_linear.weight",), None),
     ("Hunyuan-DiT", ("mlp_t5.0.weight",), None),
     ("Kandinsky 5", ("visual_transformer_blocks.0.cross_attention.key_norm.weight",), None),
-    ("Krea 2", ("txtfusion.projector.weight",), None),
     ("Stable Cascade", ("clip_txt_mapper.weight", "down_blocks.1.0.channelwise.0.weight"), None),
     ("Cosmos", ("net.x_embedder.proj.1.weight",), None),
 )

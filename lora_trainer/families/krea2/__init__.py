@@ -1,0 +1,1 @@
+"""The krea2 family folder: see families/README.md."""
