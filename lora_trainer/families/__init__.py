@@ -19,7 +19,8 @@ from .spec import FamilySpec
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import ModelFamily
 
-FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl", "flux1", "sd3", "flux2", "flux2_klein", "zimage", "qwen_image")
+FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl", "flux1", "sd3", "flux2", "flux2_klein", "zimage", "qwen_image",
+                               "ideogram4")
 
 
 def _part(name: str, part: str):

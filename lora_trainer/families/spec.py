@@ -57,6 +57,7 @@ class FlowDefaults:
     sigma_sampling: str = "uniform"
     shift: str = "none"
     shift_value: float = 3.0
+    logit_std: float = 1.0  # of "logit_normal" sampling (Ideogram 4 trains with 1.5)
     loss_weighting: str = "none"
     precondition_outputs: bool = False
 
@@ -164,6 +165,10 @@ class FamilySpec:
     kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
+    # Frozen pipeline components that only sampling runs (Ideogram 4's unconditional transformer, its guidance's
+    # second model): loaded with the model and kept in host memory, moved to the accelerator only while sample
+    # images are made; never trained, never in the LoRA. The one defaulted field: no other family has one.
+    sampling_only: tuple[str, ...] = ()
 
     def __post_init__(self):
         if "vae" not in self.component_classes:
@@ -267,7 +272,7 @@ def flow_options(cfg, spec: FamilySpec, variant: str | None) -> dict:
         return default if value is None else value
 
     return {"sigma_sampling": pick("flow_sigma_sampling", d.sigma_sampling),
-            "logit_mean": pick("flow_logit_mean", 0.0), "logit_std": pick("flow_logit_std", 1.0),
+            "logit_mean": pick("flow_logit_mean", 0.0), "logit_std": pick("flow_logit_std", d.logit_std),
             "mode_scale": pick("flow_mode_scale", 1.29), "sigmoid_scale": pick("flow_sigmoid_scale", 1.0),
             "shift": pick("flow_shift", d.shift), "shift_value": pick("flow_shift_value", d.shift_value),
             "loss_weighting": pick("flow_loss_weighting", d.loss_weighting),
