@@ -228,3 +228,47 @@ def test_comfy_file_through_diffusers_converter(pipe):
     for n in names:
         got = peft[f"transformer.{n}.lora_B.weight"] @ peft[f"transformer.{n}.lora_A.weight"]
         torch.testing.assert_close(got, (alpha / rank) * state[f"{n}.lora_B.weight"] @ state[f"{n}.lora_A.weight"])
+
+
+def test_init_lora_from_either_exported_file(tmp_path):
+    """Both exported files (PEFT, and the ComfyUI file read back through diffusers' converter: fused qkv split,
+    alpha into the weights) continue the LoRA with the trained deltas (init_from_file.apply_init_lora)."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.adapters.init_from_file import apply_init_lora
+    from lora_trainer.adapters.lora import add_lora, plain_lora_state
+    from lora_trainer.families import SPECS
+    from lora_trainer.families.ideogram4.export import comfy_state_dict
+    from lora_trainer.families.ideogram4.tiny import transformer
+    from lora_trainer.outputs.export import adapter_metadata, peft_state_dict
+
+    rank, alpha = 4, 8.0
+    targets = SPECS["ideogram4"].presets["all_linear"]
+
+    def adapted(seed):
+        torch.manual_seed(seed)
+        model = transformer()
+        add_lora(model, rank=rank, alpha=alpha, dropout=0.0, targets=targets, use_dora=False, path="transformer")
+        return model
+
+    src = adapted(0)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p))
+    state = plain_lora_state(src)
+    save_file(peft_state_dict({"transformer": state}), tmp_path / "peft.safetensors",
+              metadata=adapter_metadata({"transformer": state}, alpha=alpha, rank=rank))
+    save_file(comfy_state_dict({"transformer": state}, src.config, alpha=alpha, rank=rank, dtype=torch.float32),
+              tmp_path / "lora.safetensors")
+    want = {k[: -len(".lora_A.weight")]: state[k.replace("lora_A", "lora_B")] @ a
+            for k, a in state.items() if k.endswith("lora_A.weight")}
+    for name in ("peft.safetensors", "lora.safetensors"):
+        dst = adapted(1)
+        info = apply_init_lora(tmp_path / name, "ideogram4", {"transformer": dst}, rank=rank, alpha=alpha,
+                               use_dora=False, unet_config=None)
+        assert info["not_in_file"] == [], (name, info["not_in_file"][:3])
+        got = plain_lora_state(dst)
+        for module, delta in want.items():
+            d = got[f"{module}.lora_B.weight"] @ got[f"{module}.lora_A.weight"]
+            torch.testing.assert_close(d, delta, rtol=1e-5, atol=1e-5, msg=f"{name} {module}")
