@@ -24,7 +24,8 @@ README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, sc
                     "flux2_klein": "flow: `sigmoid` sigmas, `resolution` shift",
                     "zimage": "flow: `uniform` sigmas, `static` shift 3.0",
                     "qwen_image": "flow: `sigmoid` sigmas, `resolution` shift (its scheduler's 0.5 / 0.9 at 256 / "
-                                  "8192 tokens)"}
+                                  "8192 tokens)",
+                    "ideogram4": "flow: `logit_normal` sigmas (std 1.5), `area` shift"}
 _FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
 _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
         "precondition_outputs": True}
@@ -37,7 +38,9 @@ FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "
                  ("zimage", None): {"sigma_sampling": "uniform", "shift": "static", "shift_value": 3.0,
                                     "loss_weighting": "none", "precondition_outputs": False},
                  ("qwen_image", None): {**_FLUX, "shift": "resolution"},
-                 ("qwen_image", "2512"): {**_FLUX, "shift": "resolution"}}
+                 ("qwen_image", "2512"): {**_FLUX, "shift": "resolution"},
+                 ("ideogram4", None): {"sigma_sampling": "logit_normal", "logit_std": 1.5, "shift": "area",
+                                       "loss_weighting": "none", "precondition_outputs": False}}
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,

@@ -165,10 +165,6 @@ class FamilySpec:
     kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
-    # Frozen pipeline components that only sampling runs (Ideogram 4's unconditional transformer, its guidance's
-    # second model): loaded with the model and kept in host memory, moved to the accelerator only while sample
-    # images are made; never trained, never in the LoRA. The one defaulted field: no other family has one.
-    sampling_only: tuple[str, ...] = ()
 
     def __post_init__(self):
         if "vae" not in self.component_classes:
@@ -198,6 +194,15 @@ class FamilySpec:
         if prediction_type in ("v", "v_prediction") and "v" in self.tool_names:
             return self.tool_names["v"]
         return self.tool_names[None]
+
+    @property
+    def sampling_only(self) -> tuple[str, ...]:
+        """The models among ``components`` that are neither a denoiser, the VAE nor a text encoder: frozen parts
+        that only sampling runs (Ideogram 4's unconditional transformer, its guidance's second model). Loaded with
+        the model and kept in host memory, moved to the accelerator only while sample images are made; never
+        trained, never in the LoRA; the memory plan counts them at sampling time."""
+        known = {*self.denoisers, *self.text_encoders, *map(tokenizer_of, self.text_encoders), "vae", "scheduler"}
+        return tuple(c for c in self.components if c not in known)
 
     def tokenizer_class(self, encoder: str) -> str:
         return self.component_classes[tokenizer_of(encoder)]

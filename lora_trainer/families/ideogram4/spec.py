@@ -21,6 +21,9 @@ SPEC = FamilySpec(
     component_classes={"vae": "AutoencoderKLFlux2", "transformer": "Ideogram4Transformer2DModel",
                        "unconditional_transformer": "Ideogram4Transformer2DModel",
                        "text_encoder": "Qwen3VLModel", "tokenizer": "Qwen2Tokenizer"},
+    # The unconditional transformer (a second 9.3 B model) serves only the samples' asymmetric guidance: a
+    # sampling_only component (FamilySpec.sampling_only), frozen and on the host while training, out of the LoRA as
+    # diffusers' script keeps it.
     components=("transformer", "unconditional_transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
     # Qwen3-VL-8B is cached and released; no peer trains it.
     lora_text_encoders=(), text_encoder_reads={},
@@ -54,7 +57,4 @@ SPEC = FamilySpec(
     kohya_v2=False, kohya_sgm_unet=False,
     # SimpleTuner's licence name (the release's LICENSE.md): the LoRA's modelspec and its model card say it.
     extra_metadata={"modelspec.license": "ideogram-4-non-commercial"},
-    hub_tags=("ideogram4", "ideogram-4", "ideogram4-diffusers"),
-    # The unconditional transformer (a second 9.3 B model) serves only the samples' asymmetric guidance: frozen and
-    # on the host while training, as diffusers' script keeps it frozen and out of the LoRA.
-    sampling_only=("unconditional_transformer",))
+    hub_tags=("ideogram4", "ideogram-4", "ideogram4-diffusers"))
