@@ -359,7 +359,8 @@ class TextCache:
     def _encode(self, family, comps, chunk: list[str]) -> list[tuple[str, Entry]]:
         cond = family.encode_text(comps, list(chunk), self.device)
         self.encoded += len(chunk)
-        return [(c, dict(family.text_cache_row({k: v[j].detach().clone() for k, v in cond.items() if v is not None})))
+        row = getattr(family, "text_cache_row", dict)  # a family may trim its rows (ModelFamily.text_cache_row)
+        return [(c, dict(row({k: v[j].detach().clone() for k, v in cond.items() if v is not None})))
                 for j, c in enumerate(chunk)]
 
     def _store(self, caption: str, entry: Entry) -> None:
