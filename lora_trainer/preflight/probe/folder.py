@@ -153,7 +153,7 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
         return ModelProbe("diffusers_dir", source, path, None, None, pipeline_class=cls or None,
                           problems=tuple(problems), notes=tuple(notes))
     spec = SPECS[family]
-    with_weights = {*spec.denoisers, "vae", *spec.text_encoders}
+    with_weights = {*spec.denoisers, "vae", *spec.text_encoders, *spec.sampling_only}
     found, missing, weight_files = [], [], {}
     pickles_only: list[str] = []
     explained: set[str] = set()  # missing components that already have a specific problem
