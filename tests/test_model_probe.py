@@ -167,7 +167,7 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     assert p.family is None and codes(p) == ["model_unsupported"], p.problems  # no "missing unet" noise
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
-    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image"
+    assert SUPPORTED == "SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Ideogram 4"
 
 
 def test_unknown_pipeline_class(tmp_path):
