@@ -272,3 +272,48 @@ def test_init_lora_from_either_exported_file(tmp_path):
         for module, delta in want.items():
             d = got[f"{module}.lora_B.weight"] @ got[f"{module}.lora_A.weight"]
             torch.testing.assert_close(d, delta, rtol=1e-5, atol=1e-5, msg=f"{name} {module}")
+
+
+def test_single_file_loads_with_the_rest_from_the_config_source(tmp_path, tiny_models):
+    """A transformer single file in the original layout (under model.diffusion_model.) loads exactly; the
+    unconditional transformer (sampling only), VAE and Qwen3-VL come from the config source folder, whose download
+    patterns fetch the unconditional transformer's weights too."""
+    from lora_trainer.runtime.single_file import config_source_patterns, load_components_single_file
+    from lora_trainer.testing.single_file import write_tiny_single_file
+
+    model = tiny_models["ideogram4"]
+    single = write_tiny_single_file(model, tmp_path / "ideogram4.safetensors")
+    fam = get_family("ideogram4")
+    comps = load_components_single_file(fam, single, config_source=model, dtype=torch.float32)
+    ref = fam.load(model, single_file=False, dtype=torch.float32)
+    for name in ("transformer",):
+        a, b = comps.denoisers[name].state_dict(), ref.denoisers[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(comps.sampling_only) == {"unconditional_transformer"}
+    pats = config_source_patterns("ideogram4")
+    assert "unconditional_transformer/diffusion_pytorch_model.safetensors" in pats
+    assert "transformer/diffusion_pytorch_model.safetensors" not in pats
+
+
+def test_hub_patterns_fetch_the_pipeline_and_nothing_else():
+    """A hub repo's files as Ideogram 4 ships them: both transformers' shards + index, the sharded text encoder,
+    the tokenizer folder (chat_template.jinja); not the fp8 root file, pickles or other variants."""
+    from fnmatch import fnmatch
+
+    from lora_trainer.runtime.loading import HUB_IGNORE_PATTERNS, HUB_PATTERNS
+
+    want = ["model_index.json", "scheduler/scheduler_config.json", "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors", "tokenizer/chat_template.jinja", "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json", "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+            "text_encoder/model-00001-of-00004.safetensors",
+            *(f"{t}/{f}" for t in ("transformer", "unconditional_transformer")
+              for f in ("config.json", "diffusion_pytorch_model.safetensors.index.json",
+                        "diffusion_pytorch_model-00001-of-00004.safetensors"))]
+    not_wanted = ["ideogram-4-fp8.safetensors", "transformer/diffusion_pytorch_model.fp8-00001-of-00002.safetensors",
+                  "text_encoder/pytorch_model-00001-of-00004.bin", "README.md", "LICENSE.md"]
+
+    def fetched(f):
+        return any(fnmatch(f, p) for p in HUB_PATTERNS) and not any(fnmatch(f, p) for p in HUB_IGNORE_PATTERNS)
+
+    assert [f for f in want if not fetched(f)] == []
+    assert [f for f in not_wanted if fetched(f)] == []
