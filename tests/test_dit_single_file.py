@@ -25,9 +25,9 @@ from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
 from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
-TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image"]
+TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image", "ideogram4"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
-          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image"}
+          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image", "ideogram4": "ideogram4"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
@@ -101,6 +101,10 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
     elif FAMILY[name] == "qwen_image":  # ComfyUI's qwen_image_bf16.safetensors: diffusers' names
         assert {"img_in.weight", "txt_norm.weight", "txt_in.weight", "transformer_blocks.2.img_mod.1.weight",
                 "transformer_blocks.0.attn.add_q_proj.weight", "norm_out.linear.weight"} <= bare
+    elif FAMILY[name] == "ideogram4":  # the peers' original layout: fused attention.qkv, attention.o
+        assert {"llm_cond_proj.weight", "layers.0.attention.qkv.weight", "layers.1.attention.o.weight",
+                "layers.0.adaln_modulation.weight", "final_layer.linear.weight"} <= bare
+        assert not any(".to_q." in k or ".to_out." in k for k in bare)
     else:
         assert {"pos_embed", "joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.1.context_block.attn.qkv.weight",
                 "x_embedder.proj.weight", "y_embedder.mlp.0.weight"} <= bare
