@@ -28,7 +28,7 @@ def family_and_comps(pipe):
     from types import SimpleNamespace
 
     fam = get_family("ideogram4", SimpleNamespace(max_sequence_length=48, validation_guidance_scale=None,
-                                                  validation_inference_steps=None))
+                                                  validation_inference_steps=2))
     comps = fam._from_pipe(pipe)
     fam.variant = comps.variant
     return fam, comps
@@ -147,7 +147,13 @@ def test_samples_from_cached_features_equal_samples_from_the_prompt(pipe, family
     fam, comps = family_and_comps
     batch, _ = _cached(fam, cond)
     kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="np", **fam.sample_kwargs())
-    assert kwargs["guidance_schedule"] is None and kwargs["guidance_scale"] == 7.0
+    assert kwargs["guidance_schedule"] is None and kwargs["guidance_scale"] == 7.0  # 2 steps: a constant
+    from types import SimpleNamespace
+
+    default = get_family("ideogram4", SimpleNamespace(max_sequence_length=None, validation_guidance_scale=None,
+                                                      validation_inference_steps=None))
+    assert default.sample_steps() == 48 and default.sample_kwargs() == {
+        "guidance_scale": None, "guidance_schedule": [7.0] * 45 + [3.0] * 3, "max_sequence_length": 2048}
     want = pipe(prompt=CAPTIONS[1], generator=torch.Generator().manual_seed(0), **kwargs).images
     no_text = type(comps)(**{**comps.__dict__, "text_encoders": {}})
     sampler = fam.pipeline(no_text)

@@ -12,7 +12,7 @@
   pipeline's own sampler).
 * Samples: the pipeline's own loop from cached features (``_FromCache`` replaces only its encode_prompt), with the
   unconditional transformer (a ``sampling_only`` component, on the host while training) for its asymmetric
-  guidance at a constant ``validation_guidance_scale`` (the pipeline's 48-entry schedule fits only 48 steps).
+  guidance: the pipeline's schedule at its 48 steps, else a constant (its schedule has 48 entries).
 """
 from __future__ import annotations
 
@@ -191,9 +191,18 @@ class Ideogram4(ModelFamily):
         return {"prompt_embeds": cond["prompt_embeds"], "text_length": cond["text_length"]}
 
     def sample_kwargs(self) -> dict[str, Any]:
+        """The pipeline's own guidance schedule (7.0, then 3.0 for the last 3 "polish" steps) at its 48 steps;
+        validation_guidance_scale, or at another step count (the schedule has 48 entries) the schedule's main
+        value, as a constant."""
         g = self.cfg.validation_guidance_scale if self.cfg is not None else None
+        length = {"max_sequence_length": self.max_sequence_length}
+        if g is None and self.sample_steps() == self.default_sample_steps():
+            import inspect
+
+            schedule = inspect.signature(_pipeline_class().__call__).parameters["guidance_schedule"].default
+            return {"guidance_scale": None, "guidance_schedule": list(schedule), **length}
         return {"guidance_scale": self.spec.sample_guidance if g is None else float(g), "guidance_schedule": None,
-                "max_sequence_length": self.max_sequence_length}
+                **length}
 
     def default_sample_steps(self) -> int:
         return 48  # the pipeline's default
