@@ -173,6 +173,7 @@ def test_train_stop_resume_and_export(tmp_path, tiny_models, dataset, family):
         # (Qwen-Image 2.1's pipeline has no max_sequence_length: it never truncates a prompt.)
         takes = "max_sequence_length" in inspect.signature(p.__call__).parameters
         kwargs = {"max_sequence_length": 32} if spec.max_sequence_length and takes else {}
+        kwargs.update(getattr(get_part(family, "tiny"), "CALL_KWARGS", {}))  # Ideogram 4: a constant guidance
         # prompt= by name: the FLUX.2 pipelines take an image first (a positional prompt would be read as one)
         return p(prompt="ohwx, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0), **kwargs).images[0]

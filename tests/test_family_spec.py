@@ -29,7 +29,8 @@ README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, sc
                     "chroma": "flow: `sigmoid` sigmas, no shift (kohya's Chroma advice)",
                     "anima": "flow: `uniform` sigmas, `static` shift 3.0 (ai-toolkit's)",
                     "krea2": "flow: `sigmoid` sigmas, `resolution` shift (its scheduler's 0.5 / 1.15 at 256 / 6400 "
-                             "tokens)"}
+                             "tokens)",
+                    "ideogram4": "flow: `logit_normal` sigmas (std 1.5), `area` shift"}
 _FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
 _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
         "precondition_outputs": True}
@@ -47,7 +48,9 @@ FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "
                  ("chroma", None): {**_FLUX, "shift": "none"},
                  ("anima", None): {"sigma_sampling": "uniform", "shift": "static", "shift_value": 3.0,
                                    "loss_weighting": "none", "precondition_outputs": False},
-                 ("krea2", None): {**_FLUX, "shift": "resolution"}}
+                 ("krea2", None): {**_FLUX, "shift": "resolution"},
+                 ("ideogram4", None): {"sigma_sampling": "logit_normal", "logit_std": 1.5, "shift": "area",
+                                       "loss_weighting": "none", "precondition_outputs": False}}
 
 FLUX_MODULES = {
     "transformer_blocks.0.attn.to_q": 2, "transformer_blocks.0.attn.add_q_proj": 2,

@@ -169,7 +169,7 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
     assert SUPPORTED == ("SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Qwen-Image 2.1, "
-                         "Chroma, Anima, Krea 2")
+                         "Chroma, Anima, Krea 2, Ideogram 4")
 
 
 def test_unknown_pipeline_class(tmp_path):

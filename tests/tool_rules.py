@@ -201,6 +201,31 @@ def _meta(path: Path) -> str:
         return json.dumps(f.metadata())
 
 
+def _ideogram4_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI a125cd84 has no Ideogram model, and its later loader was not in the code we read. The file is the
+    peers' layout (ai-toolkit, SimpleTuner): ``diffusion_model.`` + the original names (fused attention.qkv,
+    attention.o) with ``.alpha``. A loader that patches ``diffusion_model.<module>.weight`` must find each module in
+    the original layout with the LoRA's shape, every module carries its alpha, and the modules cover exactly the
+    trained ones (q/k/v through their fused qkv)."""
+    from lora_trainer.families.ideogram4.convert import from_diffusers
+    from lora_trainer.families.ideogram4.export import native_target
+
+    sd = load_file(lora)
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    assert all(k.startswith("diffusion_model.") for k in sd), "keys outside diffusion_model."
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in sd}
+    assert modules == {native_target(m)[0] for m in trained}, sorted(modules)[:5]
+    assert all(f"diffusion_model.{m}.alpha" in sd for m in modules), "a module without .alpha"
+    base = {k.replace(".base_layer.", "."): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    native = from_diffusers(base, dict(pipe.transformer.config))
+    for m in modules:
+        weight = native.get(f"{m}.weight")
+        assert weight is not None, f"{m}: no {m}.weight in the original layout"
+        a, b = sd[f"diffusion_model.{m}.lora_A.weight"], sd[f"diffusion_model.{m}.lora_B.weight"]
+        assert (b.shape[0], a.shape[1]) == tuple(weight.shape), f"{m}: LoRA {b.shape[0]}x{a.shape[1]} on {tuple(weight.shape)}"
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
@@ -212,16 +237,18 @@ RULES: dict[str, Callable] = {
     "chroma": _chroma_rules,
     "anima": _anima_rules,
     "krea2": _krea2_rules,
+    "ideogram4": _ideogram4_rules,
 }
 
 
 # Families whose tool file diffusers' load_lora_weights also reads (kohya SD names, FLUX.1's diffusers names,
 # FLUX.2's kohya BFL names through _convert_kohya_flux2_lora_to_diffusers, Z-Image's diffusion_model. + .alpha
 # and Qwen-Image's (and 2.1's) diffusion_model. names through their converters; Chroma's transformer. names, as
-# FLUX.1's, through FluxLoraLoaderMixin; Anima's Cosmos names and Krea 2's diffusion_model. + original names through
-# their converters); SD3's kohya/SAI file with fused q/k/v it does not: its users take the PEFT file.
+# FLUX.1's, through FluxLoraLoaderMixin; Anima's Cosmos names, Krea 2's diffusion_model. + original names and Ideogram
+# 4's fused original names through their converters); SD3's kohya/SAI file with fused q/k/v it does not: its users
+# take the PEFT file.
 DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image",
-                             "qwen_image21", "chroma", "anima", "krea2"}
+                             "qwen_image21", "chroma", "anima", "krea2", "ideogram4"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

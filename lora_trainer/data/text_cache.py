@@ -359,7 +359,9 @@ class TextCache:
     def _encode(self, family, comps, chunk: list[str]) -> list[tuple[str, Entry]]:
         cond = family.encode_text(comps, list(chunk), self.device)
         self.encoded += len(chunk)
-        return [(c, {k: v[j].detach().clone() for k, v in cond.items() if v is not None}) for j, c in enumerate(chunk)]
+        row = getattr(family, "text_cache_row", dict)  # a family may trim its rows (ModelFamily.text_cache_row)
+        return [(c, dict(row({k: v[j].detach().clone() for k, v in cond.items() if v is not None})))
+                for j, c in enumerate(chunk)]
 
     def _store(self, caption: str, entry: Entry) -> None:
         self._sizes[caption] = sum(t.numel() * t.element_size() for t in entry.values())
@@ -398,6 +400,12 @@ class TextCache:
         out = {}
         for name in names:
             parts = [rows[c][name] for c in captions]
+            if len({p.shape for p in parts}) > 1:
+                # A family that stores variable-length rows (only the real tokens: Ideogram 4's 53,248-wide
+                # features) gets them zero-padded at the end of the first axis to the batch's longest.
+                longest = max(p.shape[0] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 1) + (0, longest - p.shape[0]))
+                         for p in parts]
             if self.placement == "device" or self.device.type != "cuda":
                 out[name] = torch.stack(parts).to(self.device)
                 continue

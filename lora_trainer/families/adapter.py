@@ -30,9 +30,12 @@ class Components:
     prediction_type: str  # "epsilon" | "v_prediction" (DDPM families) | "flow"
     variant: str | None = None  # e.g. FLUX.1 "dev" / "schnell"
     merged_lora: dict | None = None  # merge_lora fused into the denoiser (runtime/merge_lora.py): what the manifest records
+    # The spec's sampling_only components (Ideogram 4's unconditional transformer): frozen, on the host; sampling
+    # moves them to the accelerator and back.
+    sampling_only: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [*self.denoisers.values(), self.vae, *self.text_encoders.values()]
+        return [*self.denoisers.values(), self.vae, *self.text_encoders.values(), *self.sampling_only.values()]
 
 
 # FlowSettings field <- the scheduler config key the pipelines' calculate_shift reads for it.
@@ -114,7 +117,7 @@ class ModelFamily:
         import diffusers
         import transformers
 
-        names = [*self.denoiser_classes, "vae", *self.text_encoder_classes]
+        names = [*self.denoiser_classes, "vae", *self.text_encoder_classes, *self.spec.sampling_only]
         tick = (lambda i, what: progress(i, len(names), what)) if progress else (lambda i, what: None)
         common = dict(use_safetensors=True, local_files_only=True)
         at = lambda name: (load_dtypes or {}).get(name, dtype)  # noqa: E731
@@ -136,10 +139,15 @@ class ModelFamily:
             cls = getattr(transformers, self.text_encoder_classes[name])
             encoders[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=at(name), **common)
             tokenizers[name] = self.load_tokenizer(source, name)
+        sampling_only = {}
+        for i, name in enumerate(self.spec.sampling_only):
+            tick(len(denoisers) + 1 + len(encoders) + i, name)
+            cls = getattr(diffusers, self.spec.component_classes[name])
+            sampling_only[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, **common)
         tick(len(names), "done")
         # load_config only reads scheduler_config.json, whatever the scheduler class named in it.
         sched_cfg = dict(diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True))
-        return self.components(denoisers, vae, encoders, tokenizers, sched_cfg)
+        return self.components(denoisers, vae, encoders, tokenizers, sched_cfg, sampling_only=sampling_only)
 
     def load_tokenizer(self, source: Path, encoder: str):
         """``encoder``'s tokenizer from its folder in ``source`` (by the spec's class; a family whose pipeline
@@ -165,12 +173,14 @@ class ModelFamily:
         denoisers = {n: getattr(pipe, n) for n in self.denoiser_classes}
         encoders = {n: getattr(pipe, n) for n in self.text_encoder_classes}
         tokenizers = {n: getattr(pipe, self.spec.tokenizer_of(n)) for n in self.text_encoder_classes}
-        return self.components(denoisers, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config))
+        return self.components(denoisers, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config),
+                               sampling_only={n: getattr(pipe, n) for n in self.spec.sampling_only})
 
-    def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
+    def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict, *,
+                   sampling_only: Mapping[str, torch.nn.Module] | None = None) -> Components:
         return Components(denoisers=denoisers, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                           scheduler_config=sched_cfg, prediction_type=self.prediction_type_of(sched_cfg),
-                          variant=self.variant_of(denoisers))
+                          variant=self.variant_of(denoisers), sampling_only=dict(sampling_only or {}))
 
     def prediction_type_of(self, sched_cfg: dict) -> str:
         return "flow" if self.spec.is_flow else (sched_cfg.get("prediction_type") or "epsilon")
@@ -257,6 +267,11 @@ class ModelFamily:
         row per caption, so the text cache can store and stack them."""
         raise NotImplementedError
 
+    def text_cache_row(self, row: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """One caption's text-cache entry from its row of encode_text's batch: as it is, or trimmed (Ideogram 4
+        keeps only its real tokens; the cache zero-pads variable-length rows at batch time)."""
+        return row
+
     def predict(self, denoisers: Mapping[str, torch.nn.Module], noisy: torch.Tensor, t: torch.Tensor,
                 cond: Mapping[str, torch.Tensor], geometry: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction for ``noisy`` latents [B, C, H, W], shaped like them. ``t`` is what the
@@ -270,7 +285,8 @@ class ModelFamily:
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        kwargs: dict[str, Any] = {**comps.denoisers, "vae": comps.vae, "scheduler": self.sampling_scheduler(comps)}
+        kwargs: dict[str, Any] = {**comps.denoisers, **comps.sampling_only, "vae": comps.vae,
+                                  "scheduler": self.sampling_scheduler(comps)}
         for name in self.text_encoder_classes:
             kwargs[name] = comps.text_encoders.get(name)  # None once released after caching (samples_from_cache)
             kwargs[self.spec.tokenizer_of(name)] = comps.tokenizers[name]

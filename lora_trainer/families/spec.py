@@ -57,6 +57,7 @@ class FlowDefaults:
     sigma_sampling: str = "uniform"
     shift: str = "none"
     shift_value: float = 3.0
+    logit_std: float = 1.0  # of "logit_normal" sampling (Ideogram 4 trains with 1.5)
     loss_weighting: str = "none"
     precondition_outputs: bool = False
 
@@ -206,6 +207,16 @@ class FamilySpec:
             return "processor"
         return name
 
+    @property
+    def sampling_only(self) -> tuple[str, ...]:
+        """The other models that are a second copy of a denoiser (its class): frozen parts that only sampling runs
+        (Ideogram 4's unconditional transformer, its guidance's second model). Loaded with the model and kept in host
+        memory, moved to the accelerator only while sample images are made; never trained, never in the LoRA; the
+        memory plan counts them at sampling time. Other models of other classes (Anima's text conditioner) belong to
+        the family's text encoding."""
+        denoiser_classes = {self.component_classes[d] for d in self.denoisers}
+        return tuple(c for c in self.other_models if self.component_classes.get(c) in denoiser_classes)
+
     def tokenizer_class(self, encoder: str) -> str:
         return self.component_classes[self.tokenizer_of(encoder)]
 
@@ -294,7 +305,7 @@ def flow_options(cfg, spec: FamilySpec, variant: str | None) -> dict:
         return default if value is None else value
 
     return {"sigma_sampling": pick("flow_sigma_sampling", d.sigma_sampling),
-            "logit_mean": pick("flow_logit_mean", 0.0), "logit_std": pick("flow_logit_std", 1.0),
+            "logit_mean": pick("flow_logit_mean", 0.0), "logit_std": pick("flow_logit_std", d.logit_std),
             "mode_scale": pick("flow_mode_scale", 1.29), "sigmoid_scale": pick("flow_sigmoid_scale", 1.0),
             "shift": pick("flow_shift", d.shift), "shift_value": pick("flow_shift_value", d.shift_value),
             "loss_weighting": pick("flow_loss_weighting", d.loss_weighting),

@@ -71,7 +71,7 @@ from diffusers.training_utils import (
 from .ddpm import weighted_mse
 
 FLOW_SIGMA_SAMPLING = ("uniform", "logit_normal", "mode", "sigmoid")
-FLOW_SHIFTS = ("none", "static", "resolution")
+FLOW_SHIFTS = ("none", "static", "resolution", "area")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 # Smallest sigma ever trained on. Uniform draws can return u == 0 exactly and
@@ -121,7 +121,13 @@ class FlowSettings:
         s = ``shift_value`` (FlowMatchEulerDiscreteScheduler's ``shift``; SD3
         uses 3.0); "resolution": FLUX's resolution-dependent shift, with mu
         linear in the token count from (base_seq_len, base_shift) to
-        (max_seq_len, max_shift), applied as exp(mu) / (exp(mu) + 1/u - 1).
+        (max_seq_len, max_shift), applied as exp(mu) / (exp(mu) + 1/u - 1);
+        "area": the same map with mu = 0.5 * ln(image_seq_len / area_base_seq_len),
+        half the log of the image area against a base area (Ideogram 4's
+        resolution-aware logit-normal mean: with "logit_normal" sampling,
+        sigma = sigmoid(N(logit_mean + mu, logit_std)), as its pipeline's
+        schedule and diffusers' Ideogram 4 script draw it; 1024 tokens of
+        16 px = 512 x 512, their base).
     loss_weighting: per-sample weight w(sigma): "none"; "sigma_sqrt": sigma**-2
         (diffusers' name, not a square root); "cosmap": 2 / (pi (1 - 2 sigma + 2 sigma**2)).
     precondition_outputs: regress ``x_t - sigma * pred`` onto x0 instead of
@@ -143,6 +149,7 @@ class FlowSettings:
     max_shift: float = 1.15
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    area_base_seq_len: int = 1024
     loss_weighting: str = "none"
     precondition_outputs: bool = False
 
@@ -168,7 +175,7 @@ class FlowSettings:
                 f"mode_scale must be in [{lo}, {hi:.6f}] (SD3 mode sampling), "
                 f"got {self.mode_scale}"
             )
-        for name in ("base_seq_len", "max_seq_len"):
+        for name in ("base_seq_len", "max_seq_len", "area_base_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -214,10 +221,13 @@ def shift_sigmas(u: torch.Tensor, settings: FlowSettings, image_seq_len: int) ->
     if settings.shift == "static":
         s = settings.shift_value
         return s * u / (1.0 + (s - 1.0) * u)
-    mu = calculate_shift(
-        image_seq_len, settings.base_seq_len, settings.max_seq_len,
-        settings.base_shift, settings.max_shift,
-    )
+    if settings.shift == "area":
+        mu = 0.5 * math.log(image_seq_len / settings.area_base_seq_len)
+    else:
+        mu = calculate_shift(
+            image_seq_len, settings.base_seq_len, settings.max_seq_len,
+            settings.base_shift, settings.max_shift,
+        )
     # FlowMatchEulerDiscreteScheduler.time_shift, "exponential" type, power 1.
     # At u == 0, 1/u is inf and sigma comes out as exactly 0, not NaN.
     exp_mu = math.exp(mu)

@@ -51,7 +51,9 @@ def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool) ->
     base = str(cfg.base_model)
     data = ModelCardData(
         base_model=base if base_is_hub and _HUB_ID.match(base) else None, library_name="diffusers",
-        license="other", instance_prompt=triggers or None, widget=widget or None,
+        # A base model under its own licence names it (modelspec.license in the family's metadata): the LoRA inherits it.
+        license="other", license_name=SPECS[family].extra_metadata.get("modelspec.license") if family in SPECS else None,
+        instance_prompt=triggers or None, widget=widget or None,
         tags=["text-to-image", "diffusers", "lora", "template:sd-lora", "train_lora", *family_tags(family)])
     fam = family_name(family)
     base_line = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{Path(base).name or base}` (a local model)"

@@ -5,7 +5,9 @@ M = frozen weights at their storage format (base_quantization / text_encoder_qua
 1 byte (fp8, int8) or 0.5625 (NF4) per weight, the rest at the compute precision, and the layers a class pins to
 fp32 (T5's wo: quantize.KEEP_IN_FP32) never quantised) + upcast copies (fp8 / int8 only, below) + LoRA (fp32
 weights, gradients, optimizer state) + activations + fixed overhead (+ text encoders at the compute precision and
-the VAE in fp32 while they stay resident, i.e. while their outputs are not cached). Activations (B = 1, per image):
+the VAE in fp32 while they stay resident, i.e. while their outputs are not cached) + the models only sampling runs
+(FamilySpec.sampling_only, with validation_steps: what they exceed the activations by, which are freed while they
+are resident). Activations (B = 1, per image):
 
 * transformer families (FLUX.1, SD3): linear in tokens L = (resolution / pixel multiple)^2 image tokens + the text
   sequence (the run's max_sequence_length, else the variant's default: FamilySpec.text_length), and in the hidden
@@ -317,6 +319,13 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         # denoiser's activations are made: the larger of the two is the peak.
         activations = max(activations, _vae_encode_bytes(_config(root, "vae"), o["resolution"], cfg.batch_size))
     parts["activations"] = activations
+    if spec.sampling_only and cfg.validation_steps:
+        # Models only the sampler runs (Ideogram 4's unconditional transformer) are on the host while training and
+        # join the denoiser on the accelerator for sample images, when the step's activations are freed: the peak
+        # grows by what they exceed the activations by. At the compute precision (never quantised).
+        sampler = sum(_weight_bytes(_headers(root, probe.weight_files.get(comp))[0], "none", b)
+                      for comp in spec.sampling_only)
+        parts["sampling_models"] = max(0, sampler - activations)
     on_device = device_cache_bytes(caches if on_gpu else None, (o["resolution"] / resolution) ** 2)
     parts["caches"] = sum(on_device.values())
     variable = sum(parts.values())

@@ -90,8 +90,9 @@ def _component_prefixes() -> tuple[str, ...]:
 
 def _weight_names(comp: str) -> tuple[str, ...]:
     """The weight files from_pretrained(use_safetensors=True, no variant) reads: one file, or an index and its
-    shards; diffusers names them diffusion_pytorch_model*, transformers model*."""
-    stem = "diffusion_pytorch_model" if comp == "vae" else "model"
+    shards; diffusers names them diffusion_pytorch_model* (the VAE, a sampling-only transformer), transformers model*
+    (the text encoders)."""
+    stem = "model" if comp.startswith("text_encoder") else "diffusion_pytorch_model"
     return f"{stem}.safetensors", f"{stem}{_SHARD}", f"{stem}.safetensors.index.json"
 
 

@@ -89,7 +89,7 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
         out_dir.mkdir(parents=True, exist_ok=True)
     denoisers = dict(comps.denoisers)  # the plain modules, LoRA attached: no DDP wrapper in a pipeline
     moved = []
-    for module in (comps.vae, *comps.text_encoders.values()):
+    for module in (comps.vae, *comps.text_encoders.values(), *comps.sampling_only.values()):
         if next(module.parameters()).device != device:
             moved.append(module)
             module.to(device)

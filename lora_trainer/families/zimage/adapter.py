@@ -26,9 +26,9 @@ class ZImage(ModelFamily):
     sample_negative_prompt = True  # base samples with CFG; Turbo (guidance 0) ignores the negative
     turbo = False
 
-    def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict) -> Components:
+    def components(self, denoisers, vae, encoders, tokenizers, sched_cfg: dict, **kwargs) -> Components:
         self.turbo = turbo_scheduler(sched_cfg)  # Turbo samples without CFG (sample_kwargs)
-        return super().components(denoisers, vae, encoders, tokenizers, sched_cfg)
+        return super().components(denoisers, vae, encoders, tokenizers, sched_cfg, **kwargs)
 
     def _load_single_file(self, path, *, dtype, config, progress=None):
         from pathlib import Path

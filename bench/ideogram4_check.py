@@ -1,0 +1,257 @@
+"""Ideogram 4 at full size: parameter counts, the memory plan on header-only files of the published architecture,
+and (on a lent GPU, through bench/device_check.py's helpers) the real CLI at 1024 px.
+
+    python3 bench/ideogram4_check.py --count                          # parameter counts, meta device
+    python3 bench/ideogram4_check.py --plan                           # memory plan figures (header-only folder)
+    python3 bench/ideogram4_check.py --tiny --device cpu --out x.json # CPU dry run of check()'s runs, tiny model
+
+Model: Ideogram4Transformer2DModel's defaults (34 layers, 18 x 256, SwiGLU 12288, llm_features_dim 53,248: 9.279 B,
+families-2026 section 2), twice (the unconditional one is a sampling_only component: on the host while training);
+the FLUX.2 VAE (AutoencoderKLFlux2 defaults); Qwen3-VL-8B's text model (36 layers, 4096 wide) for the counts and the
+plan. For the GPU runs the text encoder is a stand-in of the real width and depth (36 layers of 4096, so the
+pipeline's taps up to layer 35 exist and the features are 53,248 wide) with one 128-wide attention head and a
+64-wide MLP (0.1 B instead of 8 B: the trainer encodes the captions once and releases it), and the unconditional
+transformer a 1-layer stand-in of the real width (the check does not sample).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (parameters of the trained transformer, image tokens at 1024 px, text tokens) for the MFU estimate: 16 px per
+# token; a typical templated caption of the text cache's planning figure (spec.text_entry.tokens).
+FULL_SIZE = (9.279e9, 4096, 512)
+# Qwen3-VL-8B's text model (config.json of Qwen/Qwen3-VL-8B-Instruct): 4096 wide, 36 layers, 32 heads of 128, 8 KV.
+QWEN3_VL_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144)
+STANDIN_TEXT = {**QWEN3_VL_8B_TEXT, "intermediate_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1}
+
+
+def _text_encoder(text: dict, vocab: int | None = None):
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    from lora_trainer.testing.qwen import QWEN_VOCAB_SIZE
+
+    return Qwen3VLModel(Qwen3VLConfig(
+        text_config={**text, "vocab_size": vocab or text["vocab_size"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20]}},
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=64, num_heads=1, out_hidden_size=text["hidden_size"],
+                           deepstack_visual_indexes=[]),
+        image_token_id=QWEN_VOCAB_SIZE - 1))
+
+
+def meta_components() -> dict:
+    import torch
+    from diffusers import AutoencoderKLFlux2, Ideogram4Transformer2DModel
+
+    with torch.device("meta"):
+        return {"transformer": Ideogram4Transformer2DModel(),
+                "unconditional_transformer": Ideogram4Transformer2DModel(),
+                "vae": AutoencoderKLFlux2(), "text_encoder": _text_encoder(QWEN3_VL_8B_TEXT)}
+
+
+def count() -> dict:
+    comps = meta_components()
+    out = {k: sum(p.numel() for p in m.parameters()) for k, m in comps.items()}
+    out["text_encoder (language model)"] = sum(p.numel() for p in comps["text_encoder"].language_model.parameters())
+    return out
+
+
+def make_folder(root: Path) -> Path:
+    """A header-only diffusers folder of the published architecture (bf16; the VAE fp32), for the memory plan."""
+    from bench.bench_memory_plan import _saved_state, header_only
+    from lora_trainer.families.ideogram4.tiny import SCHEDULER
+    from lora_trainer.testing.qwen import make_tiny_qwen_tokenizer
+
+    classes = {"transformer": ("diffusers", "Ideogram4Transformer2DModel"),
+               "unconditional_transformer": ("diffusers", "Ideogram4Transformer2DModel"),
+               "vae": ("diffusers", "AutoencoderKLFlux2"), "text_encoder": ("transformers", "Qwen3VLModel"),
+               "tokenizer": ("transformers", "Qwen2Tokenizer"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "Ideogram4Pipeline",
+                                                       "_diffusers_version": "0.42.1", **classes}))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    make_tiny_qwen_tokenizer().save_pretrained(root / "tokenizer")
+    for comp, model in meta_components().items():
+        d = root / comp
+        d.mkdir(exist_ok=True)
+        lib = classes[comp][0]
+        config = dict(model.config) if lib == "diffusers" else model.config.to_dict()
+        config["_class_name"] = classes[comp][1]
+        (d / "config.json").write_text(json.dumps(config, default=list))
+        name = "model.safetensors" if lib == "transformers" else "diffusion_pytorch_model.safetensors"
+        header_only(d / name, _saved_state(model), "F32" if comp == "vae" else "BF16")
+    return root
+
+
+def plan(root: Path, data: Path, **settings) -> dict:
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.memory_plan import plan_memory
+    from lora_trainer.preflight.probe import probe_model
+
+    cfg, _ = parse_config({"dataset_path": str(data), "base_model": str(root), "output_path": str(root.parent / "o"),
+                           "trigger_words": ["ohwx"], "mixed_precision": "bf16", **settings})
+    probe = probe_model(str(root), root.parent)
+    return plan_memory(cfg, probe, probe.family, settings.get("resolution", 1024), gpu=None)
+
+
+def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
+    """The GPU runs' folder: the full conditional transformer, the stand-ins (module doc), random weights."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, Ideogram4Pipeline, Ideogram4Transformer2DModel
+
+    from lora_trainer.families.ideogram4.tiny import SCHEDULER
+    from lora_trainer.testing.qwen import QWEN_VOCAB_SIZE, make_tiny_qwen_tokenizer
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype or torch.bfloat16)
+        with torch.device(device):
+            transformer = Ideogram4Transformer2DModel()
+            uncond = Ideogram4Transformer2DModel(num_layers=1)
+            te = _text_encoder(STANDIN_TEXT, vocab=QWEN_VOCAB_SIZE)
+    finally:
+        torch.set_default_dtype(old)
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKLFlux2(),
+                             text_encoder=te, tokenizer=make_tiny_qwen_tokenizer(), transformer=transformer,
+                             unconditional_transformer=uncond)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+RUNS = {"bf16_gc": {"gradient_checkpointing": True}, "bf16": {},
+        "fp8_gc": {"base_quantization": "fp8", "gradient_checkpointing": True},
+        "nf4_gc": {"base_quantization": "nf4", "gradient_checkpointing": True}}
+
+
+def check(ctx, c, *, run_cli, expect_completed, mem_max, steady, log) -> None:
+    """Ideogram 4 through the real CLI (device_check's helpers passed in): the full-size transformer built on the
+    card, then 1024 px runs (bf16 with and without gradient checkpointing, fp8 and NF4 bases): s/step and peak GPU
+    memory beside the plan. ``ctx.flux_size == "tiny"``: the tiny pipeline at 64 px (the CPU dry run)."""
+    import torch
+
+    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
+
+    tiny = ctx.flux_size == "tiny"
+    folder = ctx.tmp / "model-ideogram4"
+    t = time.monotonic()
+    if not (folder / "model_index.json").is_file():
+        log(f"  building {'tiny' if tiny else 'full'} Ideogram 4 in {folder}")
+        if tiny:
+            make_tiny_pipeline(folder, "ideogram4")
+        else:
+            make_model(folder, device=ctx.device)
+            torch.cuda.empty_cache()
+    c.numbers.update(model="tiny ideogram4" if tiny else "full Ideogram 4 transformer + stand-ins",
+                     build_and_save_s=round(time.monotonic() - t, 1))
+    res = 64 if tiny else 1024
+    data = make_dataset(ctx.tmp / "data-ideogram4", n=4, sizes=[(res, res)], trigger="ohwx")
+    for tag, extra in RUNS.items():
+        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"ideogram4-{tag}"),
+               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
+               "max_train_steps": 4 if tiny else 6, "checkpointing_steps": None, "lora_rank": 16,
+               "learning_rate": 1e-4, "log_every_n_steps": 1, "seed": 7, "device": ctx.device,
+               "mixed_precision": ctx.main_precision, "heartbeat_seconds": 600, "ignore_memory_plan": True, **extra}
+        path = ctx.tmp / f"ideogram4-{tag}.json"
+        path.write_text(json.dumps(cfg, indent=1))
+        run = run_cli(ctx, path, f"ideogram4/{tag}", record=False, max_timeout=420.0)
+        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
+            c.numbers[f"{tag}_result"] = "out_of_memory"
+            continue
+        from bench.device_check import Check
+
+        sub = Check(c.name)
+        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
+            c.problems += [f"{tag}: {p}" for p in sub.problems]
+            continue
+        sub.require(run.last("run_started").get("family") == "ideogram4", f"{tag}: not trained as ideogram4")
+        elapsed = [e["elapsed_s"] for e in run.of("step")]
+        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
+        c.numbers.update({f"{tag}_s_per_step": steady(step_s, 2), f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"),
+                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_wall_s": round(run.wall_s, 1)})
+        c.problems += sub.problems
+
+
+def _dry_run(out: str | None, device: str) -> int:
+    """check() on the tiny model with stand-ins for device_check's helpers (the real ones need its Ctx)."""
+    import subprocess
+    import tempfile
+    from types import SimpleNamespace
+
+    tmp = Path(tempfile.mkdtemp(prefix="ideogram4-check-"))
+
+    class Run(SimpleNamespace):
+        def of(self, kind):
+            return [e for e in self.events if e["type"] == kind]
+
+        def last(self, kind):
+            return (self.of(kind) or [{}])[-1]
+
+    def run_cli(ctx, cfg, name, **_):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--config", str(cfg)], capture_output=True,
+                           text=True, cwd=ROOT, check=False)
+        return Run(rc=p.returncode, events=[json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")],
+                   wall_s=time.monotonic() - t0, stderr=p.stderr)
+
+    def expect_completed(sub, run, precision, device):
+        if run.rc != 0:
+            sub.problems.append(f"exit {run.rc}: {run.stderr[-500:]}")
+        return run.rc == 0
+
+    c = SimpleNamespace(name="ideogram4/tiny", numbers={}, problems=[])
+    ctx = SimpleNamespace(flux_size="tiny", tmp=tmp, device=device, main_precision="no" if device == "cpu" else "bf16")
+    check(ctx, c, run_cli=run_cli, expect_completed=expect_completed,
+          mem_max=lambda run, key: None, steady=lambda xs, skip: round(sum(xs[skip:]) / max(1, len(xs[skip:])), 3),
+          log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"numbers": c.numbers, "problems": c.problems}, indent=1))
+    if out:
+        Path(out).write_text(json.dumps({"numbers": c.numbers, "problems": c.problems}, indent=1))
+    return 0 if not c.problems else 1
+
+
+def main(argv=None) -> int:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", action="store_true")
+    ap.add_argument("--plan", action="store_true")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.count:
+        print(json.dumps({k: f"{v / 1e9:.3f} B" for k, v in count().items()}, indent=1))
+        return 0
+    if args.plan:
+        from lora_trainer.testing.tiny import make_dataset
+
+        tmp = Path(tempfile.mkdtemp(prefix="ideogram4-plan-"))
+        root, data = make_folder(tmp / "model"), Path(make_dataset(tmp / "data", n=2, trigger="ohwx"))
+        for name, settings in {"default (attention_mlp, no GC)": {}, "GC": {"gradient_checkpointing": True},
+                               "GC + samples": {"gradient_checkpointing": True, "validation_steps": 100},
+                               "GC, 8-bit Adam, r16": {"gradient_checkpointing": True, "optimizer": "adamw8bit"},
+                               "fp8 + GC": {"gradient_checkpointing": True, "base_quantization": "fp8"},
+                               "nf4 + GC": {"gradient_checkpointing": True, "base_quantization": "nf4"}}.items():
+            p = plan(root, data, **settings)
+            print(f"{name}: total {p['total_gib']} GiB {p['parts_gib']}")
+        return 0
+    if args.tiny:
+        return _dry_run(args.out, args.device)
+    ap.error("--count, --plan or --tiny (the GPU runs go through bench/device_check.py)")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
