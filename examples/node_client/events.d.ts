@@ -72,7 +72,21 @@ export interface RunStartedEvent {
   time: string;
   version: string;
   pid?: number;
-  family: "sd15" | "sd2" | "sdxl" | "flux1" | "sd3" | "flux2" | "flux2_klein" | "zimage" | "qwen_image";
+  family:
+    | "sd15"
+    | "sd2"
+    | "sdxl"
+    | "flux1"
+    | "sd3"
+    | "flux2"
+    | "flux2_klein"
+    | "zimage"
+    | "qwen_image"
+    | "qwen_image21"
+    | "chroma"
+    | "anima"
+    | "krea2"
+    | "ideogram4";
   config?: {
     [k: string]: unknown | undefined;
   };

@@ -293,8 +293,7 @@ class Trainer:
         from .sampling import generate_samples, validation_model
 
         generate_samples(self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
-                         resolution=self.resolution, step=step, every_rank=bool(self.shards),
-                         validation_model=validation_model(self),
+                         resolution=self.resolution, step=step, every_rank=bool(self.shards), validation_model=validation_model(self),
                          cached=self.text_cache.batch if self.text_cache is not None and not self.comps.text_encoders
                          else None)
         self.accelerator.wait_for_everyone()
