@@ -2,8 +2,7 @@
 of 128, text 1024; families-2026.md §5: 1.956 B measured), the AnimaTextConditioner's defaults (6 blocks, 1024 wide,
 T5's 32128 ids: 0.135 B), Qwen3-0.6B and the Qwen-Image VAE, as an AnimaModularPipeline folder
 (modular_model_index.json). Built on the meta device for counts and the memory plan, or with random weights on a
-device for the GPU check: ``build_bf16`` for a bench/device_families.py FamilyBench row (main's device_check), or
-``check`` (the older per-family hook, as bench/qwen_image.py's ``check_qwen`` was called).
+device for the GPU check (``build_bf16``, the ``anima`` row of bench/device_families.py).
 
 The GPU check's Qwen3 is a 2-layer stand-in of the real width (1024) over the tiny tokenizer's vocabulary: the
 trainer caches the conditioner's output once and releases Qwen3 and the conditioner, so their size changes set-up
@@ -11,7 +10,7 @@ time only (as the FLUX T5 and Qwen2.5-VL stand-ins).
 
     python3 bench/anima_check.py --count                                   # parameter counts (meta device)
     python3 bench/anima_check.py --plan                                    # the memory plan at 1024 px (meta)
-    python3 bench/anima_check.py --device cpu --tiny --out /tmp/anima.json # CPU dry run: tiny model, 64 px
+    python3 bench/device_check.py --device cpu --tiny --no-flux --no-sdxl --families anima --only anima/tiny  # CPU dry run
     python3 bench/anima_check.py --out $OUT/anima.json                     # on a GPU: full size, 1024 px
 """
 from __future__ import annotations
@@ -20,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,63 +135,10 @@ def plan(resolution: int = 1024, **settings) -> dict:
     return plan_memory(cfg, probe, probe.family, resolution, gpu=None)
 
 
-def check(ctx, c, *, run_cli, expect_completed, mem_max, steady, log) -> None:
-    """Anima through the real CLI (device_check's helpers passed in, as for check_qwen): the full-size transformer
-    built on the card, then 1024 px runs in bf16 with gradient checkpointing, without it, and with an fp8 base:
-    s/step, peak GPU memory beside the plan. ``ctx.flux_size == "tiny"``: the tiny pipeline at 64 px (dry run)."""
-    import torch
-
-    from bench.device_check import Check
-    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
-
-    tiny = ctx.flux_size == "tiny"
-    folder = ctx.tmp / "model-anima"
-    t = time.monotonic()
-    if not (folder / "modular_model_index.json").is_file():
-        log(f"  building {'tiny' if tiny else 'full'} Anima in {folder}")
-        if tiny:
-            make_tiny_pipeline(folder, "anima")
-        else:
-            make_model(folder, device=ctx.device, dtype=torch.bfloat16)
-            torch.cuda.empty_cache()
-    c.numbers.update(model="tiny anima" if tiny else "full Anima transformer + conditioner, 2-layer Qwen3 stand-in",
-                     build_and_save_s=round(time.monotonic() - t, 1))
-    res = 64 if tiny else 1024
-    data = make_dataset(ctx.tmp / "data-anima", n=4, sizes=[(res, res)], trigger="ohwx")
-    for tag, extra in (("gc", {"gradient_checkpointing": True}), ("bf16", {}),
-                       ("fp8", {"gradient_checkpointing": True, "base_quantization": "fp8"})):
-        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"anima-{tag}"),
-               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
-               "max_train_steps": 4 if tiny else 8, "checkpointing_steps": None, "lora_rank": 16,
-               "learning_rate": 1e-4, "log_every_n_steps": 1, "seed": 7, "device": ctx.device,
-               "mixed_precision": ctx.main_precision, "heartbeat_seconds": 600, "ignore_memory_plan": True, **extra}
-        path = ctx.tmp / f"anima-{tag}.json"
-        path.write_text(json.dumps(cfg, indent=1))
-        run = run_cli(ctx, path, f"anima/{tag}", record=False, max_timeout=300.0)
-        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
-            c.numbers[f"{tag}_result"] = "out_of_memory"
-            continue
-        sub = Check(c.name)
-        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
-            c.problems += [f"{tag}: {p}" for p in sub.problems]
-            continue
-        sub.require(run.last("run_started").get("family") == "anima", f"{tag}: not trained as anima")
-        elapsed = [e["elapsed_s"] for e in run.of("step")]
-        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
-        c.numbers.update({f"{tag}_s_per_step": steady(step_s, 2), f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"),
-                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_wall_s": round(run.wall_s, 1)})
-        c.problems += sub.problems
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", action="store_true", help="parameter counts of the full-size components (meta)")
     ap.add_argument("--plan", action="store_true", help="the memory plan of the full-size model at 1024 px")
-    ap.add_argument("--tiny", action="store_true", help="the tiny pipeline at 64 px (CPU dry run)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out")
-    ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args(argv)
     if args.count:
         print(json.dumps({k: f"{v / 1e9:.3f} B" for k, v in count().items()}))
@@ -204,25 +149,8 @@ def main(argv=None) -> int:
             p = plan(**settings)
             print(name, json.dumps(p, default=str)[:700])
         return 0
-    from bench.zimage_check import run_cli
-    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
-
-    tmp = Path(tempfile.mkdtemp(prefix="anima-check-"))
-    res = 64 if args.tiny else 1024
-    model = make_tiny_pipeline(tmp / "model", "anima") if args.tiny else make_model(tmp / "model", device=args.device,
-                                                                                    dtype=__import__("torch").bfloat16)
-    data = Path(make_dataset(tmp / "data", n=4, trigger="ohwx", sizes=[(res, res)]))
-    results = {"device": args.device, "model": "tiny anima" if args.tiny else "full Anima (Qwen3 stand-in)"}
-    runs = {"bf16": {}, "fp8_base": {"base_quantization": "fp8"}, "bf16_checkpointing": {"gradient_checkpointing": True}}
-    for name, extra in runs.items():
-        precision = {} if args.device == "cpu" else {"mixed_precision": "bf16"}
-        results[name] = run_cli(model, data, tmp / name, res, args.steps, **precision, **extra)
-        print(name, json.dumps(results[name])[:400], file=sys.stderr)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
-    ok = all(r["exit"] == 0 and r["family"] == "anima" for r in results.values() if isinstance(r, dict))
-    return 0 if ok else 1
-
+    ap.print_help()
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -29,6 +29,8 @@ BF16 = ("bf16", {})
 INT8_GC = ("int8_gc", {"base_quantization": "int8", "gradient_checkpointing": True})
 FP8 = ("fp8", {"base_quantization": "fp8"})
 GC = ("bf16_gc", {"gradient_checkpointing": True})
+FP8_GC = ("fp8_gc", {"base_quantization": "fp8", "gradient_checkpointing": True})
+NF4_GC = ("nf4_gc", {"base_quantization": "nf4", "gradient_checkpointing": True})
 GC_OFFLOAD = ("bf16_gc_offload", {"gradient_checkpointing": True, "offload_blocks": 0.5})  # vs GC: streaming's cost
 
 
@@ -52,6 +54,16 @@ FAMILY_BENCHES: dict[str, FamilyBench] = {b.label: b for b in (
                 runs=(BF16, FP8, GC, GC_OFFLOAD)),
     FamilyBench("qwen-image", "qwen_image", None, "qwen-image", "bench.qwen_image:build_bf16", (20.430e9, 4096, 512),
                 runs=(GC, ("int8_gc", INT8_GC[1])), config={"max_sequence_length": 128}, need_s=240.0),
+    FamilyBench("qwen-image-2.1", "qwen_image21", None, "qwen-image-2.1", "bench.qwen_image21_check:build_bf16",
+                (7.115e9, 4096, 512), runs=(GC, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
+    FamilyBench("chroma", "chroma", None, "chroma", "bench.chroma_check:build_bf16", (8.900e9, 4096, 512),
+                runs=(BF16, GC, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
+    FamilyBench("anima", "anima", None, "anima", "bench.anima_check:build_bf16", (2.091e9, 4096, 512),
+                runs=(BF16, FP8, GC, GC_OFFLOAD), need_s=90.0),
+    FamilyBench("krea2", "krea2", None, "krea2", "bench.krea2_check:build_bf16", (12.820e9, 4096, 512),
+                runs=(GC, BF16, FP8_GC), config={"max_sequence_length": 128}, need_s=180.0),
+    FamilyBench("ideogram4", "ideogram4", None, "ideogram4", "bench.ideogram4_check:build_bf16", (9.279e9, 4096, 512),
+                runs=(GC, BF16, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
 )}
 
 
@@ -76,12 +88,13 @@ def build(bench: FamilyBench, out: Path, device: str) -> Path:
 
 def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
     """``dc``: the device_check module (run_cli, expect_completed, mem_max, load_lora, _steady, log, Check)."""
+    from lora_trainer.preflight.probe.headers import has_pipeline_index
     from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
 
     res, steps = (64, 3) if tiny else (1024, ctx.args.flux_steps or 6)
     folder = ctx.tmp / f"model-{bench.label}"
     t = time.monotonic()
-    if not (folder / "model_index.json").is_file():
+    if not has_pipeline_index(folder):  # model_index.json, or a modular pipeline's (Anima)
         dc.log(f"  building {'tiny' if tiny else 'full'} {bench.label} in {folder}")
         if tiny:
             make_tiny_pipeline(folder, bench.tiny)

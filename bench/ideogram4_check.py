@@ -3,7 +3,7 @@ and (on a lent GPU, through bench/device_check.py's helpers) the real CLI at 102
 
     python3 bench/ideogram4_check.py --count                          # parameter counts, meta device
     python3 bench/ideogram4_check.py --plan                           # memory plan figures (header-only folder)
-    python3 bench/ideogram4_check.py --tiny --device cpu --out x.json # CPU dry run of check()'s runs, tiny model
+    python3 bench/device_check.py --device cpu --tiny --no-flux --no-sdxl --families ideogram4 --only ideogram4/tiny  # CPU dry run
 
 Model: Ideogram4Transformer2DModel's defaults (34 layers, 18 x 256, SwiGLU 12288, llm_features_dim 53,248: 9.279 B,
 families-2026 section 2), twice (the unconditional one is a sampling_only component: on the host while training);
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,96 +127,11 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
     return out
 
 
-RUNS = {"bf16_gc": {"gradient_checkpointing": True}, "bf16": {},
-        "fp8_gc": {"base_quantization": "fp8", "gradient_checkpointing": True},
-        "nf4_gc": {"base_quantization": "nf4", "gradient_checkpointing": True}}
-
-
-def check(ctx, c, *, run_cli, expect_completed, mem_max, steady, log) -> None:
-    """Ideogram 4 through the real CLI (device_check's helpers passed in): the full-size transformer built on the
-    card, then 1024 px runs (bf16 with and without gradient checkpointing, fp8 and NF4 bases): s/step and peak GPU
-    memory beside the plan. ``ctx.flux_size == "tiny"``: the tiny pipeline at 64 px (the CPU dry run)."""
+def build_bf16(out: Path, device: str) -> Path:
+    """bench/device_families.py's build: the full-size pipeline in bf16 on ``device`` (random weights)."""
     import torch
 
-    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
-
-    tiny = ctx.flux_size == "tiny"
-    folder = ctx.tmp / "model-ideogram4"
-    t = time.monotonic()
-    if not (folder / "model_index.json").is_file():
-        log(f"  building {'tiny' if tiny else 'full'} Ideogram 4 in {folder}")
-        if tiny:
-            make_tiny_pipeline(folder, "ideogram4")
-        else:
-            make_model(folder, device=ctx.device)
-            torch.cuda.empty_cache()
-    c.numbers.update(model="tiny ideogram4" if tiny else "full Ideogram 4 transformer + stand-ins",
-                     build_and_save_s=round(time.monotonic() - t, 1))
-    res = 64 if tiny else 1024
-    data = make_dataset(ctx.tmp / "data-ideogram4", n=4, sizes=[(res, res)], trigger="ohwx")
-    for tag, extra in RUNS.items():
-        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"ideogram4-{tag}"),
-               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
-               "max_train_steps": 4 if tiny else 6, "checkpointing_steps": None, "lora_rank": 16,
-               "learning_rate": 1e-4, "log_every_n_steps": 1, "seed": 7, "device": ctx.device,
-               "mixed_precision": ctx.main_precision, "heartbeat_seconds": 600, "ignore_memory_plan": True, **extra}
-        path = ctx.tmp / f"ideogram4-{tag}.json"
-        path.write_text(json.dumps(cfg, indent=1))
-        run = run_cli(ctx, path, f"ideogram4/{tag}", record=False, max_timeout=420.0)
-        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
-            c.numbers[f"{tag}_result"] = "out_of_memory"
-            continue
-        from bench.device_check import Check
-
-        sub = Check(c.name)
-        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
-            c.problems += [f"{tag}: {p}" for p in sub.problems]
-            continue
-        sub.require(run.last("run_started").get("family") == "ideogram4", f"{tag}: not trained as ideogram4")
-        elapsed = [e["elapsed_s"] for e in run.of("step")]
-        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
-        c.numbers.update({f"{tag}_s_per_step": steady(step_s, 2), f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"),
-                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_wall_s": round(run.wall_s, 1)})
-        c.problems += sub.problems
-
-
-def _dry_run(out: str | None, device: str) -> int:
-    """check() on the tiny model with stand-ins for device_check's helpers (the real ones need its Ctx)."""
-    import subprocess
-    import tempfile
-    from types import SimpleNamespace
-
-    tmp = Path(tempfile.mkdtemp(prefix="ideogram4-check-"))
-
-    class Run(SimpleNamespace):
-        def of(self, kind):
-            return [e for e in self.events if e["type"] == kind]
-
-        def last(self, kind):
-            return (self.of(kind) or [{}])[-1]
-
-    def run_cli(ctx, cfg, name, **_):
-        t0 = time.monotonic()
-        p = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--config", str(cfg)], capture_output=True,
-                           text=True, cwd=ROOT, check=False)
-        return Run(rc=p.returncode, events=[json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")],
-                   wall_s=time.monotonic() - t0, stderr=p.stderr)
-
-    def expect_completed(sub, run, precision, device):
-        if run.rc != 0:
-            sub.problems.append(f"exit {run.rc}: {run.stderr[-500:]}")
-        return run.rc == 0
-
-    c = SimpleNamespace(name="ideogram4/tiny", numbers={}, problems=[])
-    ctx = SimpleNamespace(flux_size="tiny", tmp=tmp, device=device, main_precision="no" if device == "cpu" else "bf16")
-    check(ctx, c, run_cli=run_cli, expect_completed=expect_completed,
-          mem_max=lambda run, key: None, steady=lambda xs, skip: round(sum(xs[skip:]) / max(1, len(xs[skip:])), 3),
-          log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"numbers": c.numbers, "problems": c.problems}, indent=1))
-    if out:
-        Path(out).write_text(json.dumps({"numbers": c.numbers, "problems": c.problems}, indent=1))
-    return 0 if not c.problems else 1
+    return make_model(out, device=device, dtype=torch.bfloat16)
 
 
 def main(argv=None) -> int:
@@ -227,9 +141,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", action="store_true")
     ap.add_argument("--plan", action="store_true")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.count:
         print(json.dumps({k: f"{v / 1e9:.3f} B" for k, v in count().items()}, indent=1))
@@ -247,9 +158,7 @@ def main(argv=None) -> int:
             p = plan(root, data, **settings)
             print(f"{name}: total {p['total_gib']} GiB {p['parts_gib']}")
         return 0
-    if args.tiny:
-        return _dry_run(args.out, args.device)
-    ap.error("--count, --plan or --tiny (the GPU runs go through bench/device_check.py)")
+    ap.error("--count or --plan (the GPU runs: bench/device_check.py --families ideogram4)")
     return 2
 
 

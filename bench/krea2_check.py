@@ -1,13 +1,13 @@
 """Krea 2 at its published size for the benches: the real configs (krea/Krea-2-Raw: Krea2Transformer2DModel's
 defaults, 12.82 B; the Qwen-Image VAE; Qwen3-VL-4B), built on the meta device for parameter counts and the memory
-plan (``meta_components``), or with random weights on the card for the GPU check (``check``, which device_check
-calls as ``check(ctx, c)``). The GPU check's text encoder is a 2-layer stand-in of Qwen3-VL-4B's real width (2560)
+plan (``meta_components``), or with random weights on the card for the GPU check (``build_bf16``, the ``krea2`` row of
+bench/device_families.py). The GPU check's text encoder is a 2-layer stand-in of Qwen3-VL-4B's real width (2560)
 read at 12 taps (text_encoder_select_layers over its 3 hidden states), so the text cache (512 x 12 x 2560 per
 caption) and the text-fusion block see real shapes; the trainer caches its output once and releases it, so its depth
 changes set-up time only.
 
     python3 bench/krea2_check.py --count                    # parameter counts (meta device)
-    python3 bench/krea2_check.py --tiny --out /tmp/k.json   # CPU dry run of check(): the tiny pipeline at 64 px
+    python3 bench/device_check.py --device cpu --tiny --no-flux --no-sdxl --families krea2 --only krea2/tiny  # CPU dry run
     python3 bench/krea2_check.py --plan                     # the memory plan of the full-size model (headers only)
 """
 from __future__ import annotations
@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -87,83 +85,11 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standi
     return out
 
 
-def _helpers() -> dict:
-    from bench import device_check as dc
-
-    return {"run_cli": dc.run_cli, "expect_completed": dc.expect_completed, "mem_max": dc.mem_max,
-            "steady": dc._steady, "log": dc.log}
-
-
-# 1024 px runs: bf16 with and without gradient checkpointing, and an fp8 base with it (12.8 B in bf16 is 25.6 GB).
-RUNS = {"1024px_gc": {"gradient_checkpointing": True}, "1024px": {"gradient_checkpointing": False},
-        "1024px_fp8_gc": {"gradient_checkpointing": True, "base_quantization": "fp8"}}
-
-
-def check(ctx, c, **helpers) -> None:
-    """Krea 2 through the real CLI (device_check's helpers, imported unless passed in): the full-size transformer
-    built on the card, then the RUNS: s/step, peak GPU memory beside the plan. ``ctx.flux_size == "tiny"``: the tiny
-    random pipeline at 64 px (the CPU dry run)."""
+def build_bf16(out: Path, device: str) -> Path:
+    """bench/device_families.py's build: the full-size pipeline in bf16 on ``device`` (random weights)."""
     import torch
 
-    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
-
-    h = {**_helpers(), **helpers}
-    tiny = ctx.flux_size == "tiny"
-    folder = ctx.tmp / "model-krea2"
-    t = time.monotonic()
-    if not (folder / "model_index.json").is_file():
-        h["log"](f"  building {'tiny' if tiny else 'full'} Krea 2 in {folder}")
-        if tiny:
-            make_tiny_pipeline(folder, "krea2")
-        else:
-            make_model(folder, device=ctx.device, dtype=torch.bfloat16)
-            torch.cuda.empty_cache()
-    c.numbers.update(model="tiny krea2" if tiny else "full Krea 2 transformer + 2-layer Qwen3-VL stand-in",
-                     build_and_save_s=round(time.monotonic() - t, 1),
-                     model_gb=round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9, 1))
-    res = 64 if tiny else 1024
-    data = make_dataset(ctx.tmp / "data-krea2", n=4, sizes=[(res, res)], trigger="ohwx")
-    steps = 4 if tiny else 6
-    for tag, extra in RUNS.items():
-        tag = tag.replace("1024px", f"{res}px")
-        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"krea2-{tag}"),
-               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
-               "max_train_steps": steps, "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
-               "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
-               "heartbeat_seconds": 600, "ignore_memory_plan": True, **extra}
-        if tiny and extra.get("base_quantization"):
-            continue  # fp8 storage needs the GPU
-        path = ctx.tmp / f"krea2-{tag}.json"
-        path.write_text(json.dumps(cfg, indent=1))
-        run = h["run_cli"](ctx, path, f"krea2/{tag}", record=False, max_timeout=420.0)
-        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
-            c.numbers[f"{tag}_result"] = "out_of_memory"
-            continue
-        from bench.device_check import Check
-
-        sub = Check(c.name)
-        if not h["expect_completed"](sub, run, ctx.main_precision, ctx.device):
-            c.problems += [f"{tag}: {p}" for p in sub.problems]
-            continue
-        sub.require(run.last("run_started").get("family") == "krea2", f"{tag}: not trained as krea2")
-        elapsed = [e["elapsed_s"] for e in run.of("step")]
-        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
-        c.numbers.update({f"{tag}_s_per_step": h["steady"](step_s, 2), f"{tag}_gpu_peak_gb": h["mem_max"](run, "gpu_peak"),
-                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_rss_peak_gb": h["mem_max"](run, "rss"),
-                          f"{tag}_wall_s": round(run.wall_s, 1)})
-        c.problems += sub.problems
-
-
-def _dry_ctx(device: str):
-    """The few Ctx fields check() and device_check.run_cli read, for a run outside device_check."""
-    import jsonschema
-
-    t0 = time.monotonic()
-    return SimpleNamespace(tmp=Path(tempfile.mkdtemp(prefix="krea2-check-")), device=device, cuda=device == "cuda",
-                           flux_size="tiny", main_precision="bf16" if device == "cuda" else "no", run_times=[],
-                           remaining=lambda: 3600 - (time.monotonic() - t0),
-                           validator=jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text())))
+    return make_model(out, device=device, dtype=torch.bfloat16)
 
 
 def make_meta_folder(root: Path) -> Path:
@@ -230,10 +156,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", action="store_true", help="print parameter counts (meta device)")
-    ap.add_argument("--tiny", action="store_true", help="run check() on the tiny pipeline (CPU dry run)")
     ap.add_argument("--plan", action="store_true", help="the memory plan of the full-size model (headers only)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out")
     args = ap.parse_args()
     if args.count:
         for name, module in meta_components().items():
@@ -243,15 +166,6 @@ def main() -> int:
         for row in plan_table():
             print(json.dumps(row))
         return 0
-    if args.tiny:
-        from bench.device_check import Check
-
-        c = Check("krea2/tiny")
-        check(_dry_ctx(args.device), c)
-        print(json.dumps({"numbers": c.numbers, "problems": c.problems}, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps({"numbers": c.numbers, "problems": c.problems}, indent=1))
-        return 1 if c.problems else 0
     return 0
 
 

@@ -1,24 +1,22 @@
 """Qwen-Image 2.1 at its published size for the benches: the real transformer (QwenImage21Transformer2DModel's
 defaults = Qwen/Qwen-Image-2.1's transformer/config.json, 7.115 B), the RGBA 64-channel VAE (AutoencoderKLQwenImage21's
 defaults) and Qwen3-VL-8B, built on the meta device for the memory plan (``plan_folder``: header-only files) or with
-random weights on a device for the GPU check (``check``, for the device_check of this branch's base; on a main with
-bench/device_families.py, register ``build_bf16`` as a FamilyBench row instead: see FULL_SIZE).
+random weights on a device for the GPU check (``build_bf16``, the ``qwen-image-2.1`` row of
+bench/device_families.py).
 
 The GPU check's text encoder is a 2-layer stand-in of the real width (4096 = context_in_dim) over the tiny
 tokenizer's vocabulary: the trainer caches its output once and releases it, so its depth changes set-up time only.
 
     python3 bench/qwen_image21_check.py --count                      # parameter counts (meta device)
     python3 bench/qwen_image21_check.py --plan                       # the memory plan at 1024 px (header-only folder)
-    python3 bench/qwen_image21_check.py --tiny --device cpu          # CPU dry run of check() on the tiny model
+    python3 bench/device_check.py --device cpu --tiny --no-flux --no-sdxl --families qwen-image-2.1 --only qwen-image-2.1/tiny  # CPU dry run
 """
 from __future__ import annotations
 
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -139,68 +137,12 @@ def build_bf16(out: Path, device: str) -> Path:
     return make_model(out, device=device, dtype=torch.bfloat16)
 
 
-def check(ctx, c) -> None:
-    """The real CLI at 1024 px with gradient checkpointing: a bf16 base, an fp8 and an nf4 one (s/step, peak GPU
-    memory beside the plan's figure). ``ctx.flux_size == "tiny"``: the tiny pipeline at 64 px (the CPU dry run)."""
-    import torch
-
-    from bench.device_check import Check, _steady, expect_completed, log, mem_max, run_cli
-    from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
-
-    tiny = ctx.flux_size == "tiny"
-    folder = ctx.tmp / "model-qwen-image-2.1"
-    t = time.monotonic()
-    if not (folder / "model_index.json").is_file():
-        log(f"  building {'tiny' if tiny else 'full'} Qwen-Image 2.1 in {folder}")
-        if tiny:
-            make_tiny_pipeline(folder, "qwen-image-2.1")
-        else:
-            make_model(folder, device=ctx.device, dtype=torch.bfloat16)
-            torch.cuda.empty_cache()
-    c.numbers.update(model="tiny qwen-image-2.1" if tiny else "full Qwen-Image 2.1 + 2-layer Qwen3-VL stand-in",
-                     build_and_save_s=round(time.monotonic() - t, 1))
-    res = 64 if tiny else 1024
-    data = make_dataset(ctx.tmp / "data-qwen21", n=4, sizes=[(res, res)], trigger="ohwx")
-    steps = 4 if tiny else 6
-    runs = {"bf16": {}, "fp8": {"base_quantization": "fp8"}, "nf4": {"base_quantization": "nf4"},
-            "bf16_no_checkpointing": {"gradient_checkpointing": False}}
-    if tiny:  # quantised bases need CUDA kernels; the dry run checks the plumbing
-        runs = {"bf16": {}}
-    for tag, extra in runs.items():
-        cfg = {"dataset_path": str(data), "base_model": str(folder), "output_path": str(ctx.tmp / f"qwen21-{tag}"),
-               "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
-               "max_train_steps": steps, "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
-               "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
-               "gradient_checkpointing": True, "heartbeat_seconds": 600, "max_sequence_length": 128,
-               "ignore_memory_plan": True, **extra}
-        path = ctx.tmp / f"qwen21-{tag}.json"
-        path.write_text(json.dumps(cfg, indent=1))
-        run = run_cli(ctx, path, f"qwen21/{tag}", record=False, max_timeout=420.0)
-        if run.rc != 0 and run.last("error").get("code") == "out_of_memory":
-            c.numbers[f"{tag}_result"] = "out_of_memory"
-            continue
-        sub = Check(c.name)
-        if not expect_completed(sub, run, ctx.main_precision, ctx.device):
-            c.problems += [f"{tag}: {p}" for p in sub.problems]
-            continue
-        sub.require(run.last("run_started").get("family") == "qwen_image21", f"{tag}: not trained as qwen_image21")
-        elapsed = [e["elapsed_s"] for e in run.of("step")]
-        step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-        mem = (run.of("step")[-1].get("memory") or {}) if elapsed else {}
-        c.numbers.update({f"{tag}_s_per_step": _steady(step_s, 2), f"{tag}_gpu_peak_gb": mem_max(run, "gpu_peak"),
-                          f"{tag}_plan_gb": mem.get("plan_gb"), f"{tag}_rss_peak_gb": mem_max(run, "rss"),
-                          f"{tag}_wall_s": round(run.wall_s, 1)})
-        c.problems += sub.problems
-
-
 def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", action="store_true")
     ap.add_argument("--plan", action="store_true")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     if args.count:
         print(json.dumps({k: f"{v / 1e9:.3f} B" for k, v in count().items()}))
@@ -215,19 +157,8 @@ def main(argv=None) -> int:
             p = plan(root, **settings)
             print(json.dumps({"settings": settings, "total_gib": p["total_gib"], "parts_gib": p["parts_gib"]}))
         return 0
-    import jsonschema
-
-    from bench.device_check import Check
-
-    ctx = SimpleNamespace(flux_size="tiny" if args.tiny else "full", tmp=tmp, device=args.device,
-                          main_precision="no" if args.device == "cpu" else "bf16", cuda=args.device == "cuda",
-                          remaining=lambda: 600.0, run_times=[],
-                          validator=jsonschema.Draft7Validator(json.loads((ROOT / "events_schema.json").read_text())))
-    c = Check("qwen-image-2.1/" + ("tiny" if args.tiny else "full"))
-    check(ctx, c)
-    print(json.dumps({"numbers": c.numbers, "problems": c.problems}, default=str))
-    return 0 if not c.problems else 1
-
+    ap.print_help()
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
