@@ -31,6 +31,7 @@ FP8 = ("fp8", {"base_quantization": "fp8"})
 GC = ("bf16_gc", {"gradient_checkpointing": True})
 FP8_GC = ("fp8_gc", {"base_quantization": "fp8", "gradient_checkpointing": True})
 NF4_GC = ("nf4_gc", {"base_quantization": "nf4", "gradient_checkpointing": True})
+GC_COMPILED = ("bf16_gc_compiled", {"gradient_checkpointing": True, "compile": True})  # vs GC: compile's gain
 GC_OFFLOAD = ("bf16_gc_offload", {"gradient_checkpointing": True, "offload_blocks": 0.5})  # vs GC: streaming's cost
 
 
@@ -51,7 +52,7 @@ FAMILY_BENCHES: dict[str, FamilyBench] = {b.label: b for b in (
     FamilyBench("flux2-klein-9b", "flux2_klein", "klein-9b", "flux2-klein-9b", "bench.device_flux2:build_klein_9b",
                 (9.079e9, 4096, 512), config={"max_sequence_length": 512}),
     FamilyBench("zimage", "zimage", None, "zimage", "bench.zimage_check:build_bf16", (6.155e9, 4096, 512),
-                runs=(BF16, FP8, GC, GC_OFFLOAD)),
+                runs=(BF16, FP8, GC, GC_OFFLOAD, GC_COMPILED)),
     FamilyBench("qwen-image", "qwen_image", None, "qwen-image", "bench.qwen_image:build_bf16", (20.430e9, 4096, 512),
                 runs=(GC, ("int8_gc", INT8_GC[1])), config={"max_sequence_length": 128}, need_s=240.0),
     FamilyBench("qwen-image-2.1", "qwen_image21", None, "qwen-image-2.1", "bench.qwen_image21_check:build_bf16",
@@ -61,7 +62,7 @@ FAMILY_BENCHES: dict[str, FamilyBench] = {b.label: b for b in (
     FamilyBench("anima", "anima", None, "anima", "bench.anima_check:build_bf16", (2.091e9, 4096, 512),
                 runs=(BF16, FP8, GC, GC_OFFLOAD), need_s=90.0),
     FamilyBench("krea2", "krea2", None, "krea2", "bench.krea2_check:build_bf16", (12.820e9, 4096, 512),
-                runs=(GC, BF16, FP8_GC), config={"max_sequence_length": 128}, need_s=180.0),
+                runs=(GC, BF16, FP8_GC, GC_COMPILED), config={"max_sequence_length": 128}, need_s=180.0),
     FamilyBench("ideogram4", "ideogram4", None, "ideogram4", "bench.ideogram4_check:build_bf16", (9.279e9, 4096, 512),
                 runs=(GC, BF16, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
 )}
@@ -150,10 +151,12 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
         c.details[f"{tag}_step_s"] = [round(x, 4) for x in step_s]
         c.details[f"{tag}_warnings"] = sub.details.get("warnings")
         c.problems += sub.problems
-    for key in [k for k in c.numbers if k.endswith("_offload_s_per_step")]:
-        resident = c.numbers.get(key.replace("_offload_s_per_step", "_s_per_step"))
-        if resident and c.numbers[key]:  # overlapped streaming's target: <= 1.3 x the resident step
-            c.numbers[key.replace("_s_per_step", "_vs_resident")] = round(c.numbers[key] / resident, 2)
+    for variant, label in (("_offload", "_vs_resident"), ("_compiled", "_vs_eager")):
+        # streaming's target: <= 1.3 x the resident step; compile's: <= 0.8 x the eager one
+        for key in [k for k in c.numbers if k.endswith(f"{variant}_s_per_step")]:
+            base = c.numbers.get(key.replace(f"{variant}_s_per_step", "_s_per_step"))
+            if base and c.numbers[key]:
+                c.numbers[key.replace("_s_per_step", label)] = round(c.numbers[key] / base, 2)
     add_mfu(ctx, c, bench.full_size)
 
 
