@@ -25,11 +25,11 @@ from lora_trainer.families.flux1.convert import from_diffusers as flux_to_bfl
 from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diffusers
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
-TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image", "chroma", "anima",
-        "ideogram4"]
+TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image", "qwen-image-2.1",
+        "chroma", "anima", "krea2", "ideogram4"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
-          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image", "chroma": "chroma",
-          "anima": "anima", "ideogram4": "ideogram4"}
+          "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image", "qwen-image-2.1": "qwen_image21",
+          "chroma": "chroma", "anima": "anima", "krea2": "krea2", "ideogram4": "ideogram4"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
@@ -111,6 +111,14 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
         assert {"x_embedder.proj.1.weight", "t_embedding_norm.weight", "blocks.0.self_attn.q_proj.weight",
                 "blocks.1.cross_attn.k_proj.weight", "blocks.0.adaln_modulation_mlp.1.weight",
                 "final_layer.linear.weight"} <= bare
+    elif FAMILY[name] == "qwen_image21":  # ComfyUI's layout: diffusers' names, fused img_mlp.gate_up, txt_in's norm
+        assert {"img_in.weight", "modulation.1.weight", "txt_in.text_norm.weight", "transformer_blocks.0.attn.to_q.weight",
+                "transformer_blocks.1.img_mlp.gate_up.weight"} <= bare
+        assert not any(".img_mlp.proj." in k or ".img_mlp.gate_layer." in k for k in bare)
+    elif FAMILY[name] == "krea2":  # Krea's own names
+        assert {"first.weight", "blocks.0.attn.wq.weight", "blocks.1.mlp.gate.weight", "txtfusion.projector.weight",
+                "last.linear.weight"} <= bare
+        assert not any(".to_q." in k for k in bare)
     elif FAMILY[name] == "ideogram4":  # the peers' original layout: fused attention.qkv, attention.o
         assert {"llm_cond_proj.weight", "layers.0.attention.qkv.weight", "layers.1.attention.o.weight",
                 "layers.0.adaln_modulation.weight", "final_layer.linear.weight"} <= bare
