@@ -17,7 +17,7 @@ one of these loaders applies exactly the trained delta.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -57,9 +57,15 @@ def comfy_state_dict(family: str, states: Mapping[str, Mapping[str, torch.Tensor
 
 
 def alpha_state_dict(label: str, states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """PEFT states of the denoiser -> ``diffusion_model.<module>.lora_A/lora_B.weight`` + ``.alpha`` (fp32 scalar);
-    DoRA magnitudes as fp32 ``dora_scale`` [out, 1]. ``label`` names the family in errors."""
+                     dtype: torch.dtype, rename: Callable[[str], str] = str,
+                     fold_alpha: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT states of the denoiser -> ``diffusion_model.<rename(module)>.lora_A/lora_B.weight`` + ``.alpha`` (fp32
+    scalar); DoRA magnitudes as fp32 ``dora_scale`` [out, 1]. ``label`` names the family in errors.
+
+    ``fold_alpha``: no ``.alpha`` tensors, alpha / rank folded into lora_B instead, for loaders that refuse any key but
+    lora_A / lora_B (diffusers' Krea 2 and Anima converters): a loader that reads no alpha applies scale 1 and gets
+    exactly the trained delta. All of the scale goes into lora_B (musubi-tuner's convert_lora.py puts its square root
+    into each factor: the same delta), so lora_A stays as trained and init_lora reads the factors back."""
     out: dict[str, torch.Tensor] = {}
     for component, path, parts in iter_modules(states):
         if component != "transformer":
@@ -67,10 +73,13 @@ def alpha_state_dict(label: str, states: Mapping[str, Mapping[str, torch.Tensor]
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.shape[0] != rank:
             raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
-        name = f"diffusion_model.{path}"
+        name = f"diffusion_model.{rename(path)}"
         out[f"{name}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous().clone()
-        out[f"{name}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous().clone()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if fold_alpha:  # in fp32 before the cast to the save precision: the only rounding is the save's own
+            out[f"{name}.lora_B.weight"] = (b.detach().to("cpu", torch.float32) * (alpha / rank)).to(dtype).contiguous()
+        else:
+            out[f"{name}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous().clone()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
         if MAGNITUDE in parts:  # ComfyUI's DoRA layout [out, 1, ...] (diffusers drops it with a warning)
             out[f"{name}.dora_scale"] = magnitude_fp32(parts[MAGNITUDE]).reshape(b.shape[0], *[1] * (a.dim() - 1))
     return out

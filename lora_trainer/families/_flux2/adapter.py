@@ -36,6 +36,21 @@ def bn_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+@torch.no_grad()
+def bn_encode(vae, pixels: torch.Tensor, patch=patchify) -> torch.Tensor:
+    """The 2x2-patchified posterior mode ("argmax", as the pipelines' _encode_vae_image) normalised by the VAE's
+    BatchNorm running statistics: FLUX.2's latents, and Ideogram 4's with its own channel order (``patch``)."""
+    latents = patch(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
+    mean, std = bn_stats(vae)
+    return (latents - mean.to(latents)) / std.to(latents)
+
+
+def bn_latent_layout(vae_config: Mapping) -> tuple[int, int]:
+    """AutoencoderKLFlux2's packed channels (4 x latent_channels) and pixels per packed latent."""
+    channels = int(vae_config.get("latent_channels", 32)) * 4
+    return channels, 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1) * 2
+
+
 def latent_ids(b: int, h: int, w: int, device) -> torch.Tensor:
     """[B, h*w, 4] rows (0, row, col, 0), as Flux2Pipeline._prepare_latent_ids (built on the device: a host-built
     grid would be a blocking copy every step)."""
@@ -67,16 +82,11 @@ class Flux2Family(MMDiTFamily):
         return tuple(self.call_default("text_encoder_out_layers"))
 
     # -- latents ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_latents(self, vae, pixels):
-        # The posterior mode ("argmax"), as the pipelines' _encode_vae_image and ModelFamily.encode_latents.
-        latents = patchify(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
-        mean, std = bn_stats(vae)
-        return (latents - mean.to(latents)) / std.to(latents)
+        return bn_encode(vae, pixels)
 
     def latent_layout(self, vae_config: Mapping) -> tuple[int, int]:
-        channels = int(vae_config.get("latent_channels", 32)) * 4
-        return channels, 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1) * 2
+        return bn_latent_layout(vae_config)
 
     # -- denoiser --------------------------------------------------------------------------------------
     def predict(self, denoisers, noisy, t, cond, geometry):

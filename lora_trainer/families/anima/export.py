@@ -14,21 +14,10 @@ from collections.abc import Mapping
 import torch
 
 from .convert import native_module
-from ...outputs.lora_files import MAGNITUDE, iter_modules, magnitude_fp32
+from ...outputs.lora_files import alpha_state_dict
 
 
 def tool_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for component, path, parts in iter_modules(states):
-        if component != "transformer":
-            raise ValueError(f"component {component!r} has no ComfyUI name in an Anima LoRA")
-        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-        if a.shape[0] != rank:
-            raise ValueError(f"{component}.{path}: rank {a.shape[0]} differs from the configured rank {rank}")
-        name = f"diffusion_model.{native_module(path)}"
-        out[f"{name}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous().clone()
-        out[f"{name}.lora_B.weight"] = (b.detach().to("cpu", torch.float32) * (alpha / rank)).to(dtype).contiguous()
-        if MAGNITUDE in parts:  # ComfyUI's DoRA layout [out, 1] (diffusers drops it with a warning)
-            out[f"{name}.dora_scale"] = magnitude_fp32(parts[MAGNITUDE]).reshape(b.shape[0], 1)
-    return out
+    return alpha_state_dict("Anima", states, alpha=alpha, rank=rank, dtype=dtype, rename=native_module,
+                            fold_alpha=True)

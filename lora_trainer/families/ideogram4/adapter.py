@@ -22,7 +22,7 @@ import torch
 
 from .spec import SPEC
 from ..adapter import Components, ModelFamily
-from .._flux2.adapter import bn_stats
+from .._flux2.adapter import bn_encode, bn_latent_layout
 
 TEXT, IMAGE = 3, 2  # the transformer's LLM_TOKEN_INDICATOR / OUTPUT_IMAGE_INDICATOR
 IMAGE_POSITION_OFFSET = 65536
@@ -120,15 +120,11 @@ class Ideogram4(ModelFamily):
         return load_components_single_file(self, Path(path), config_source=source, dtype=dtype, progress=progress)
 
     # -- latents ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_latents(self, vae, pixels):
-        latents = patchify(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
-        mean, std = bn_stats(vae)
-        return (latents - mean.to(latents)) / std.to(latents)
+        return bn_encode(vae, pixels, patchify)
 
     def latent_layout(self, vae_config: Mapping) -> tuple[int, int]:
-        channels = int(vae_config.get("latent_channels", 32)) * 4
-        return channels, 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1) * 2
+        return bn_latent_layout(vae_config)
 
     # -- conditioning ----------------------------------------------------------------------------------
     def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
