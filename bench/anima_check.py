@@ -2,7 +2,7 @@
 of 128, text 1024; families-2026.md §5: 1.956 B measured), the AnimaTextConditioner's defaults (6 blocks, 1024 wide,
 T5's 32128 ids: 0.135 B), Qwen3-0.6B and the Qwen-Image VAE, as an AnimaModularPipeline folder
 (modular_model_index.json). Built on the meta device for counts and the memory plan, or with random weights on a
-device for the GPU check (``build_bf16``, the ``anima`` row of bench/device_families.py).
+device for the GPU check (``make_model``, the ``anima`` row of bench/device_families.py).
 
 The GPU check's Qwen3 is a 2-layer stand-in of the real width (1024) over the tiny tokenizer's vocabulary: the
 trainer caches the conditioner's output once and releases Qwen3 and the conditioner, so their size changes set-up
@@ -84,13 +84,6 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standi
     pipe.update_components(**comps, tokenizer=make_tiny_qwen_tokenizer(), t5_tokenizer=make_tiny_t5_tokenizer(),
                            scheduler=FlowMatchEulerDiscreteScheduler(**ANIMA_SCHEDULER))
     return save_pipeline(pipe, out)
-
-
-def build_bf16(out: Path, device: str) -> Path:
-    """device_families.FamilyBench's build hook: the full-size folder, bf16, random weights, built on ``device``."""
-    import torch
-
-    return make_model(Path(out), device=device, dtype=torch.bfloat16)
 
 
 def make_meta_folder(root: Path) -> Path:

@@ -1,7 +1,7 @@
 """Chroma at its published size for the benches: Chroma1-HD's transformer config (ChromaTransformer2DModel's
 defaults: FLUX.1's 19 + 38 blocks of 3072 without per-block modulation, a 5-layer 5120-wide approximator; 8.900 B),
 FLUX.1's VAE and T5-XXL, built on the meta device for counts and the memory plan, or with random weights on a device
-for the GPU check (``build_bf16``, the ``chroma`` row of bench/device_families.py).
+for the GPU check (``make_model``, the ``chroma`` row of bench/device_families.py).
 
 The GPU check's T5 is a 2-layer stand-in of T5-XXL's width (4096, so the text cache and the transformer's txt_in
 see real shapes) with the tiny tokenizer's vocabulary: the trainer caches its output once and releases it, so its
@@ -68,13 +68,6 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
                           transformer=comps["transformer"])
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
     return out
-
-
-def build_bf16(out: Path, device: str) -> Path:
-    """bench/device_families.py's build: the full-size pipeline in bf16 on ``device`` (random weights)."""
-    import torch
-
-    return make_model(out, device=device, dtype=torch.bfloat16)
 
 
 def make_plan_folder(root: Path) -> Path:

@@ -5,7 +5,7 @@ on the card in a child process and trained through the real CLI at 1024 px.
     python3 bench/device_families.py --build qwen-image DIR        # build one full-size folder (a card: --device cuda)
 
 A family check is a ``FamilyBench`` row: how to build its full-size folder (a function in the family's own bench
-module, ``module:function(out, device)``), which tiny variant stands in for a CPU dry run, the runs to make (bf16;
+module, ``module:function(out, device=, dtype=)``), which tiny variant stands in for a CPU dry run, the runs to make (bf16;
 an 8-bit base with gradient checkpointing, the 24 GB recipe; ...) and its size for the MFU estimate. device_check
 runs the rows ``--families`` names (default: all) and reports per run s/step, peak GPU memory beside the memory
 plan's figure, both LoRA files and an MFU estimate (``add_mfu``). The build runs in a child so that the parent,
@@ -41,7 +41,7 @@ class FamilyBench:
     family: str  # run_started.family every run must report
     variant: str | None
     tiny: str  # lora_trainer.testing.tiny's name: the CPU dry run's model
-    build: str  # "bench.module:function", called as function(out: Path, device: str) -> Path (bf16, random weights)
+    build: str  # "bench.module:function", called as function(out, device=..., dtype=torch.bfloat16) -> Path (random weights)
     full_size: tuple[float, int, int]  # transformer parameters, image tokens at 1024 px, text tokens (add_mfu)
     runs: tuple[tuple[str, dict], ...] = (BF16, INT8_GC)
     config: dict = field(default_factory=dict)  # every run's extra config (e.g. max_sequence_length)
@@ -53,17 +53,17 @@ FAMILY_BENCHES: dict[str, FamilyBench] = {b.label: b for b in (
                 (9.079e9, 4096, 512), config={"max_sequence_length": 512}),
     FamilyBench("zimage", "zimage", None, "zimage", "bench.zimage_check:build_bf16", (6.155e9, 4096, 512),
                 runs=(BF16, FP8, GC, GC_OFFLOAD, GC_COMPILED)),
-    FamilyBench("qwen-image", "qwen_image", None, "qwen-image", "bench.qwen_image:build_bf16", (20.430e9, 4096, 512),
+    FamilyBench("qwen-image", "qwen_image", None, "qwen-image", "bench.qwen_image:make_model", (20.430e9, 4096, 512),
                 runs=(GC, ("int8_gc", INT8_GC[1])), config={"max_sequence_length": 128}, need_s=240.0),
-    FamilyBench("qwen-image-2.1", "qwen_image21", None, "qwen-image-2.1", "bench.qwen_image21_check:build_bf16",
+    FamilyBench("qwen-image-2.1", "qwen_image21", None, "qwen-image-2.1", "bench.qwen_image21_check:make_model",
                 (7.115e9, 4096, 512), runs=(GC, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
-    FamilyBench("chroma", "chroma", None, "chroma", "bench.chroma_check:build_bf16", (8.900e9, 4096, 512),
+    FamilyBench("chroma", "chroma", None, "chroma", "bench.chroma_check:make_model", (8.900e9, 4096, 512),
                 runs=(BF16, GC, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
-    FamilyBench("anima", "anima", None, "anima", "bench.anima_check:build_bf16", (2.091e9, 4096, 512),
+    FamilyBench("anima", "anima", None, "anima", "bench.anima_check:make_model", (2.091e9, 4096, 512),
                 runs=(BF16, FP8, GC, GC_OFFLOAD), need_s=90.0),
-    FamilyBench("krea2", "krea2", None, "krea2", "bench.krea2_check:build_bf16", (12.820e9, 4096, 512),
+    FamilyBench("krea2", "krea2", None, "krea2", "bench.krea2_check:make_model", (12.820e9, 4096, 512),
                 runs=(GC, BF16, FP8_GC, GC_COMPILED), config={"max_sequence_length": 128}, need_s=180.0),
-    FamilyBench("ideogram4", "ideogram4", None, "ideogram4", "bench.ideogram4_check:build_bf16", (9.279e9, 4096, 512),
+    FamilyBench("ideogram4", "ideogram4", None, "ideogram4", "bench.ideogram4_check:make_model", (9.279e9, 4096, 512),
                 runs=(GC, BF16, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
 )}
 
@@ -83,8 +83,10 @@ def add_mfu(ctx, c, full_size: tuple[float, int, int]) -> None:
 
 
 def build(bench: FamilyBench, out: Path, device: str) -> Path:
+    import torch
+
     module, function = bench.build.split(":")
-    return getattr(importlib.import_module(module), function)(out, device)
+    return getattr(importlib.import_module(module), function)(out, device=device, dtype=torch.bfloat16)
 
 
 def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:

@@ -104,11 +104,11 @@ def count(variant: str) -> dict:
     return {k: sum(p.numel() for p in m.parameters()) for k, m in comps.items() if k != "tokenizer"}
 
 
-def build_klein_9b(out: Path, device: str) -> Path:
-    """device_families' build: klein 9B at full size in bf16 on ``device``."""
+def build_klein_9b(out: Path, device: str, dtype=None) -> Path:
+    """device_families' build: klein 9B at full size on ``device`` (bf16 unless ``dtype`` says otherwise)."""
     import torch
 
-    return make_model(out, "klein-9b", "full", device=device, dtype=torch.bfloat16)
+    return make_model(out, "klein-9b", "full", device=device, dtype=dtype or torch.bfloat16)
 
 
 def main(argv=None) -> int:

@@ -127,13 +127,6 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
     return out
 
 
-def build_bf16(out: Path, device: str) -> Path:
-    """bench/device_families.py's build: the full-size pipeline in bf16 on ``device`` (random weights)."""
-    import torch
-
-    return make_model(out, device=device, dtype=torch.bfloat16)
-
-
 def main(argv=None) -> int:
     import argparse
     import tempfile

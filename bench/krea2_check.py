@@ -1,6 +1,6 @@
 """Krea 2 at its published size for the benches: the real configs (krea/Krea-2-Raw: Krea2Transformer2DModel's
 defaults, 12.82 B; the Qwen-Image VAE; Qwen3-VL-4B), built on the meta device for parameter counts and the memory
-plan (``meta_components``), or with random weights on the card for the GPU check (``build_bf16``, the ``krea2`` row of
+plan (``meta_components``), or with random weights on the card for the GPU check (``make_model``, the ``krea2`` row of
 bench/device_families.py). The GPU check's text encoder is a 2-layer stand-in of Qwen3-VL-4B's real width (2560)
 read at 12 taps (text_encoder_select_layers over its 3 hidden states), so the text cache (512 x 12 x 2560 per
 caption) and the text-fusion block see real shapes; the trainer caches its output once and releases it, so its depth
@@ -83,13 +83,6 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standi
                          text_encoder_select_layers=STANDIN_SELECT if te == "standin" else SELECT_LAYERS)
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
     return out
-
-
-def build_bf16(out: Path, device: str) -> Path:
-    """bench/device_families.py's build: the full-size pipeline in bf16 on ``device`` (random weights)."""
-    import torch
-
-    return make_model(out, device=device, dtype=torch.bfloat16)
 
 
 def make_meta_folder(root: Path) -> Path:

@@ -79,13 +79,6 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standi
     return out
 
 
-def build_bf16(out: Path, device: str) -> Path:
-    """device_families' build: the full-size pipeline in bf16 on ``device``, a 2-layer Qwen2.5-VL stand-in."""
-    import torch
-
-    return make_model(out, device=device, dtype=torch.bfloat16)
-
-
 def main() -> int:
     import argparse
 

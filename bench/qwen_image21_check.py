@@ -1,7 +1,7 @@
 """Qwen-Image 2.1 at its published size for the benches: the real transformer (QwenImage21Transformer2DModel's
 defaults = Qwen/Qwen-Image-2.1's transformer/config.json, 7.115 B), the RGBA 64-channel VAE (AutoencoderKLQwenImage21's
 defaults) and Qwen3-VL-8B, built on the meta device for the memory plan (``plan_folder``: header-only files) or with
-random weights on a device for the GPU check (``build_bf16``, the ``qwen-image-2.1`` row of
+random weights on a device for the GPU check (``make_model``, the ``qwen-image-2.1`` row of
 bench/device_families.py).
 
 The GPU check's text encoder is a 2-layer stand-in of the real width (4096 = context_in_dim) over the tiny
@@ -127,14 +127,6 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
                                **comps)
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
     return out
-
-
-def build_bf16(out: Path, device: str) -> Path:
-    """device_families' build (main's FamilyBench rows): the full-size transformer in bf16 on ``device``, the
-    2-layer Qwen3-VL stand-in."""
-    import torch
-
-    return make_model(out, device=device, dtype=torch.bfloat16)
 
 
 def main(argv=None) -> int:

@@ -60,8 +60,8 @@ def count() -> dict:
     return {"transformer": sum(p.numel() for p in t.parameters()), "qwen3_4b": sum(p.numel() for p in te.parameters())}
 
 
-def build_bf16(out: Path, device: str) -> Path:
-    """device_families' build: the full-size transformer in bf16 on ``device``, a 2-layer Qwen3 stand-in."""
+def build_bf16(out: Path, device: str, dtype=None) -> Path:
+    """device_families' build: the full-size transformer in bf16 (always) on ``device``, a 2-layer Qwen3 stand-in."""
     return build(out, device)
 
 
