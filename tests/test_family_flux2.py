@@ -304,3 +304,20 @@ def test_hub_repo_downloads_the_pipeline_with_sharded_encoder_and_processor_file
     assert p.ok and (p.family, p.variant) == ("flux2_klein", "klein-4b"), p.problems
     comps = get_family("flux2_klein").load(snap, single_file=False, dtype=torch.float32)
     assert comps.text_encoders["text_encoder"].config.num_hidden_layers == 28
+
+
+def test_dora_is_refused_before_training_where_the_tool_file_fuses_qkv(tmp_path, tiny_models, dataset):
+    """FLUX.2's (and Ideogram 4's) tool file fuses q/k/v, which cannot carry DoRA's per-part magnitudes: use_dora is
+    a config error in --validate-only (and so before a run trains), not an export failure after it."""
+    from conftest import run_cli, write_config
+
+    from lora_trainer.families import SPECS
+
+    assert {n for n, s in SPECS.items() if not s.tool_file_dora} == {"flux2", "flux2_klein", "ideogram4"}
+    for use_dora, errors in ((True, ["use_dora"]), (False, [])):
+        cfg = write_config(tmp_path / f"c{use_dora}.json", dataset_path=str(dataset),
+                           base_model=str(tiny_models["flux2-klein-4b"]), output_path=str(tmp_path / "out"),
+                           trigger_words=["ohwx"], resolution=64, use_dora=use_dora)
+        res = run_cli("--config", str(cfg), "--validate-only")
+        assert [e["path"] for e in res.last("validation")["errors"]] == errors, res.stdout[-2000:]
+        assert (res.returncode != 0) == use_dora

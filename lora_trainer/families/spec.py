@@ -162,6 +162,9 @@ class FamilySpec:
     activations: Activations
     # Variant, or "v" for a v-prediction model of a family without variants, -> tool names (None: the default).
     tool_names: Mapping[str | None, ToolNames]
+    # whether the tool file's layout can carry DoRA magnitudes: not where it fuses q/k/v (FLUX.2's, Ideogram 4's:
+    # one magnitude per fused output row cannot hold three parts' norms); use_dora is then a config error
+    tool_file_dora: bool
     kohya_v2: bool  # ss_v2: A1111 classifies a LoRA whose ss_base_model_version is not SDXL's as SD2 by it
     # The kohya file names the UNet's modules in SGM layout (sd-scripts trains SDXL on its own SGM UNet), not by their
     # diffusers paths (families/_unet/kohya_names.py); False for a family without a UNet.

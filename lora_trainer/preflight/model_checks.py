@@ -215,6 +215,9 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
     if cfg.train_text_encoder and not spec.lora_text_encoders:
         refuse("train_text_encoder", f"{spec.label}'s text encoder gets no LoRA (its pipeline's LoRA loader reads "
                "transformer layers only)", "false")
+    if cfg.use_dora and not spec.tool_file_dora:  # refused before training, not at the export after it
+        refuse("use_dora", f"{spec.label}'s tool file fuses q/k/v (the layout its UIs load), which cannot carry DoRA's "
+               "per-part magnitudes", "false")
     if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
         refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
     if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:

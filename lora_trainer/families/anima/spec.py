@@ -53,4 +53,5 @@ SPEC = FamilySpec(
     # sd-scripts' and musubi-tuner's model specs (read 2026-12) have no Anima architecture id; ai-toolkit writes
     # none: the family's own name, as Civitai files it, and the model's repo.
     tool_names={None: ToolNames("anima", "anima", "https://huggingface.co/circlestone-labs/Anima")},
+    tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("anima", "cosmos", "modular-diffusers"))

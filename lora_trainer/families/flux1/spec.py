@@ -41,5 +41,5 @@ SPEC = FamilySpec(
     # sd-scripts flux_train_network.py; Forge calls a LoRA FLUX by BFL's URL or flux-1-dev/lora.
     tool_names={"dev": ToolNames("flux1", "flux-1-dev", _BFL), "schnell": ToolNames("flux1", "flux-1-schnell", _BFL),
                 None: ToolNames("flux1", "flux-1-dev", _BFL)},
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={"ss_model_type": "flux"},
+    tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=False, extra_metadata={"ss_model_type": "flux"},
     hub_tags=("flux", "flux-diffusers"))

@@ -29,4 +29,5 @@ SPEC = FamilySpec(
     text_entry=TextEntry(tokens=0, sequence=True, width=15360, pooled=0),
     activations=FLUX2_ACTIVATIONS,
     tool_names={"dev": FLUX2_DEV_NAMES, None: FLUX2_DEV_NAMES},
+    tool_file_dora=False,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("flux2", "flux2-dev", "flux-diffusers"))

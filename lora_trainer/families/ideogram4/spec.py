@@ -54,7 +54,7 @@ SPEC = FamilySpec(
                             checkpoint_units=("layers",)),
     # musubi-tuner's sai_model_spec has no Ideogram 4 entry in the code we read: named in its pattern (inferred).
     tool_names={None: ToolNames("ideogram_4", "Ideogram-4", f"https://huggingface.co/{REPO}")},
-    kohya_v2=False, kohya_sgm_unet=False,
+    tool_file_dora=False, kohya_v2=False, kohya_sgm_unet=False,
     # SimpleTuner's licence name (the release's LICENSE.md): the LoRA's modelspec and its model card say it.
     extra_metadata={"modelspec.license": "ideogram-4-non-commercial"},
     hub_tags=("ideogram4", "ideogram-4", "ideogram4-diffusers"))

@@ -59,4 +59,5 @@ SPEC = FamilySpec(
     # musubi-tuner's Krea 2 names (utils/sai_model_spec.py ARCH_KREA2 "Krea-2", IMPL_KREA2; its architecture
     # ARCHITECTURE_KREA2 "krea2").
     tool_names={None: ToolNames("krea2", "Krea-2", _IMPL)},
+    tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("krea2", "krea-2", "krea2-diffusers"))

@@ -56,4 +56,5 @@ SPEC = FamilySpec(
     # musubi-tuner: utils/sai_model_spec.py ARCH_QWEN_IMAGE "Qwen-Image", IMPL_QWEN_IMAGE; its architecture name
     # ARCHITECTURE_QWEN_IMAGE_FULL "qwen_image" (dataset/image_video_dataset.py).
     tool_names={None: ToolNames("qwen_image", "Qwen-Image", _IMPL)},
+    tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("qwen-image", "qwen-image-diffusers"))

@@ -53,4 +53,5 @@ SPEC = FamilySpec(
     # No sd-scripts / musubi-tuner name exists for 2.1 (no peer trains it): musubi-tuner's Qwen-Image naming
     # (ss_base_model_version "qwen_image", architecture "Qwen-Image") with the version appended.
     tool_names={None: ToolNames("qwen_image_2_1", "Qwen-Image-2.1", _IMPL)},
+    tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("qwen-image", "qwen-image-2.1"))

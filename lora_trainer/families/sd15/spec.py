@@ -16,6 +16,7 @@ SPEC = FamilySpec(
     gated_repos=(),
     blocks=UNET_REPEATED_BLOCKS, text_entry=TextEntry(tokens=77, sequence=False, width=768, pooled=0),
     activations=Activations(kind="unet", **UNET_ACTIVATION_KEYS),
-    tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")}, kohya_v2=False, kohya_sgm_unet=False,
+    tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")},
+    tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=False,
     extra_metadata={},
     hub_tags=("stable-diffusion", "stable-diffusion-diffusers"))

@@ -11,7 +11,8 @@ from ..spec import CLIP_LAYERS, EncoderReads, TextEntry, ToolNames
 SPEC = replace(
     SD15, name="sd2", label="SD2.x", display_name="Stable Diffusion 2.x", component_classes=UNET_CLASSES,
     # last_hidden_state of the (already shortened) encoder, as SD1.x
-    text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)}, kohya_v2=True, default_resolution=768, prediction_resolution={"epsilon": 512},
+    text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)},
+    tool_file_dora=True, kohya_v2=True, default_resolution=768, prediction_resolution={"epsilon": 512},
     single_file_config_repo={None: "stabilityai/stable-diffusion-2-1"}, gated_repos=(),
     text_entry=TextEntry(tokens=77, sequence=False, width=1024, pooled=0),
     tool_names={None: ToolNames("sd_v2", "stable-diffusion-v2-512", "diffusers"),

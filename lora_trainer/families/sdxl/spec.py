@@ -24,5 +24,5 @@ SPEC = FamilySpec(
     # sai_model_spec: a LoRA of SDXL -> Stability AI's implementation
     tool_names={None: ToolNames("sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                                 "https://github.com/Stability-AI/generative-models")},
-    kohya_v2=False, kohya_sgm_unet=True, extra_metadata={},
+    tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=True, extra_metadata={},
     hub_tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"))

@@ -40,4 +40,5 @@ SPEC = FamilySpec(
                             width_keys={"dim": 3840}, depth_keys={"n_layers": 30, "n_refiner_layers": 2}),
     # musubi-tuner (sai_model_spec.py ARCH_Z_IMAGE / IMPL_Z_IMAGE; dataset ARCHITECTURE_Z_IMAGE_FULL "z_image").
     tool_names={None: ToolNames("z_image", "Z-Image", _IMPL)},
+    tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("z-image", "z-image-diffusers"))
