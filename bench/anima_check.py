@@ -69,16 +69,14 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standi
     import torch
     from diffusers import AnimaAutoBlocks, FlowMatchEulerDiscreteScheduler
 
+    from bench.models import random_components
     from lora_trainer.families.anima.tiny import ANIMA_SCHEDULER
     from lora_trainer.testing.parts import save_pipeline
     from lora_trainer.testing.qwen import make_tiny_qwen_tokenizer
     from lora_trainer.testing.t5 import make_tiny_t5_tokenizer
 
     torch.manual_seed(0)
-    with torch.device(device):
-        comps = components(te)
-    for name, module in comps.items():
-        module.to(dtype=torch.float32 if name == "vae" or dtype is None else dtype)
+    comps = random_components(lambda: components(te), device, dtype)
     pipe = AnimaAutoBlocks().init_pipeline()
     # The tiny T5 tokenizer's ids stay below its 512 rows: the real conditioner's 32128-row table takes them.
     pipe.update_components(**comps, tokenizer=make_tiny_qwen_tokenizer(), t5_tokenizer=make_tiny_t5_tokenizer(),

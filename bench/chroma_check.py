@@ -54,15 +54,12 @@ def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
     import torch
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 
-    from bench.models import T5_STANDIN_LAYERS
+    from bench.models import T5_STANDIN_LAYERS, random_components
     from lora_trainer.families.chroma.tiny import CHROMA_SCHEDULER
     from lora_trainer.testing.t5 import T5_VOCAB_SIZE, make_tiny_t5_tokenizer
 
     torch.manual_seed(0)
-    with torch.device(device):
-        comps = components(T5_STANDIN_LAYERS, t5_vocab=T5_VOCAB_SIZE)
-    for name, module in comps.items():
-        module.to(dtype=torch.float32 if name == "vae" or dtype is None else dtype)
+    comps = random_components(lambda: components(T5_STANDIN_LAYERS, t5_vocab=T5_VOCAB_SIZE), device, dtype)
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**CHROMA_SCHEDULER), vae=comps["vae"],
                           text_encoder=comps["text_encoder"], tokenizer=make_tiny_t5_tokenizer(),
                           transformer=comps["transformer"])

@@ -104,25 +104,20 @@ def plan(root: Path, data: Path, **settings) -> dict:
 def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
     """The GPU runs' folder: the full conditional transformer, the stand-ins (module doc), random weights."""
     import torch
-    from diffusers import AutoencoderKLFlux2, Ideogram4Pipeline, Ideogram4Transformer2DModel
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline,
+                           Ideogram4Transformer2DModel)
 
+    from bench.models import random_components
     from lora_trainer.families.ideogram4.tiny import SCHEDULER
     from lora_trainer.testing.qwen import QWEN_VOCAB_SIZE, make_tiny_qwen_tokenizer
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype or torch.bfloat16)
-        with torch.device(device):
-            transformer = Ideogram4Transformer2DModel()
-            uncond = Ideogram4Transformer2DModel(num_layers=1)
-            te = _text_encoder(STANDIN_TEXT, vocab=QWEN_VOCAB_SIZE)
-    finally:
-        torch.set_default_dtype(old)
+    comps = random_components(lambda: {"transformer": Ideogram4Transformer2DModel(),
+                                       "unconditional_transformer": Ideogram4Transformer2DModel(num_layers=1),
+                                       "text_encoder": _text_encoder(STANDIN_TEXT, vocab=QWEN_VOCAB_SIZE)},
+                              device, dtype or torch.bfloat16)
     pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKLFlux2(),
-                             text_encoder=te, tokenizer=make_tiny_qwen_tokenizer(), transformer=transformer,
-                             unconditional_transformer=uncond)
+                             tokenizer=make_tiny_qwen_tokenizer(), **comps)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 

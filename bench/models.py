@@ -228,6 +228,24 @@ FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=
 T5_STANDIN_LAYERS = 2
 
 
+def random_components(build, device, dtype=None) -> dict:
+    """``build()``'s modules (random weights) made on ``device`` directly in ``dtype`` (None: torch's default), the
+    VAE then in fp32 as the trainer encodes. Built in the target dtype, not cast after: a 20 B transformer initialised
+    in fp32 first would take 80 GB of the card before its cast."""
+    import torch
+
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype or old)
+        with torch.device(device):
+            comps = build()
+    finally:
+        torch.set_default_dtype(old)
+    if "vae" in comps:
+        comps["vae"].to(dtype=torch.float32)
+    return comps
+
+
 def flux_configs(size: str = "full", *, t5: str = "full", t5_layers: int | None = None) -> dict:
     """transformer / vae / clip / t5 constructor kwargs for 'full' or 'reduced' (see the module docstring)."""
     tr, vae, clip, t5c = dict(FLUX_TRANSFORMER), dict(FLUX_VAE), dict(FLUX_CLIP), dict(FLUX_T5)

@@ -62,16 +62,13 @@ def meta_components() -> dict:
 
 def make_model(out: Path, *, device: str = "cuda", dtype=None, te: str = "standin") -> Path:
     """Build (random weights, directly on ``device`` in ``dtype``) and save a QwenImagePipeline folder."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
+    from bench.models import random_components
     from lora_trainer.families.qwen_image.tiny import QWEN_SCHEDULER, QWEN_TEMPLATE_WORDS
     from lora_trainer.testing.qwen import make_tiny_qwen_tokenizer
 
-    with torch.device(device):
-        comps = components(te)
-    for name, module in comps.items():
-        module.to(dtype=torch.float32 if name == "vae" or dtype is None else dtype)
+    comps = random_components(lambda: components(te), device, dtype)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=comps["vae"],
                              text_encoder=comps["text_encoder"], transformer=comps["transformer"],
                              tokenizer=make_tiny_qwen_tokenizer(extra_words=QWEN_TEMPLATE_WORDS))

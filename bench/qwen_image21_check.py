@@ -109,20 +109,12 @@ def plan(root: Path, **settings) -> dict:
 
 def make_model(out: Path, *, device: str = "cuda", dtype=None) -> Path:
     """Random weights, built on ``device`` in ``dtype``, saved as a QwenImage21Pipeline folder."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
 
+    from bench.models import random_components
     from lora_trainer.families.qwen_image21.tiny import make_processor
 
-    old = torch.get_default_dtype()
-    try:  # built in the target dtype: a 7 B transformer in fp32 first would take 28 GB of the card
-        torch.set_default_dtype(dtype or old)
-        with torch.device(device):
-            comps = components("standin")
-    finally:
-        torch.set_default_dtype(old)
-    for name, module in comps.items():
-        module.to(dtype=torch.float32 if name == "vae" or dtype is None else dtype)
+    comps = random_components(lambda: components("standin"), device, dtype)
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), processor=make_processor(),
                                **comps)
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
