@@ -73,16 +73,29 @@ class ObjectiveSettings:
             object.__setattr__(self, "timestep_range", (lo, hi))
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor],
+                 extra: Optional["LossWeights"] = None) -> torch.Tensor:
     """Float32 MSE: mean over non-batch dims, times the per-sample weights (if any), batch mean. Shared with
-    flow.FlowMatchingObjective."""
+    flow.FlowMatchingObjective. ``extra``: the data's own weights (a mask per element, a weight per sample)."""
     # Squaring bf16 / fp16 differences loses most of the small residuals
     # late in training; upcast first.
     err = (pred.float() - target.float()).square()
+    if extra is not None and extra.elements is not None:
+        err = err * extra.elements.float()
     per_sample = err.mean(dim=tuple(range(1, err.ndim)))
     if weights is not None:
         per_sample = per_sample * weights
+    if extra is not None and extra.samples is not None:
+        per_sample = per_sample * extra.samples.float()
     return per_sample.mean()
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights the data puts on a batch's loss, beside the objective's own w(t): ``elements`` broadcasts against the
+    latents [B, C, ...] (a loss mask on the latent grid), ``samples`` is [B] (a dataset's loss weight)."""
+    elements: Optional[torch.Tensor] = None
+    samples: Optional[torch.Tensor] = None
 
 
 class DiffusionObjective:
@@ -159,19 +172,21 @@ class DiffusionObjective:
         return snr.clamp(max=gamma) / (snr + 1.0)
 
     def loss(
-        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+        extra: Optional[LossWeights] = None,
     ) -> torch.Tensor:
         """Float32 MSE: mean over non-batch dims, min-SNR weighted, batch mean."""
-        return weighted_mse(model_pred, target, self.loss_weights(timesteps))
+        return weighted_mse(model_pred, target, self.loss_weights(timesteps), extra)
 
     def __call__(
         self,
         model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         latents: torch.Tensor,
         generator: Optional[torch.Generator] = None,
+        extra: Optional[LossWeights] = None,
     ) -> torch.Tensor:
         """One training-step loss; ``model_fn(noisy_latents, timesteps) -> prediction``."""
         noise, timesteps, noisy_latents = self.sample(latents, generator)
         target = self.target(latents, noise, timesteps)
         model_pred = model_fn(noisy_latents, timesteps)
-        return self.loss(model_pred, target, timesteps)
+        return self.loss(model_pred, target, timesteps, extra)

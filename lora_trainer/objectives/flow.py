@@ -68,7 +68,7 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-from .ddpm import weighted_mse
+from .ddpm import LossWeights, weighted_mse
 
 FLOW_SIGMA_SAMPLING = ("uniform", "logit_normal", "mode", "sigmoid")
 FLOW_SHIFTS = ("none", "static", "resolution", "area")
@@ -326,6 +326,7 @@ class FlowMatchingObjective:
         target: torch.Tensor,
         sigmas: torch.Tensor,
         noisy_latents: torch.Tensor | None = None,
+        extra: LossWeights | None = None,
     ) -> torch.Tensor:
         """Float32 MSE: mean over non-batch dims, w(sigma) weighted, batch mean.
 
@@ -338,19 +339,20 @@ class FlowMatchingObjective:
             if noisy_latents is None:
                 raise ValueError("precondition_outputs needs noisy_latents in loss()")
             pred = noisy_latents.float() - _per_sample(sigmas, pred) * pred
-        return weighted_mse(pred, target, self.loss_weights(sigmas))
+        return weighted_mse(pred, target, self.loss_weights(sigmas), extra)
 
     def __call__(
         self,
         model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         latents: torch.Tensor,
         generator: torch.Generator | None = None,
+        extra: LossWeights | None = None,
     ) -> torch.Tensor:
         """One training-step loss; ``model_fn(noisy_latents, sigmas) -> velocity``."""
         noise, sigmas, noisy_latents = self.sample(latents, generator)
         target = self.target(latents, noise, sigmas)
         model_pred = model_fn(noisy_latents, sigmas)
-        return self.loss(model_pred, target, sigmas, noisy_latents)
+        return self.loss(model_pred, target, sigmas, noisy_latents, extra)
 
 
 def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
