@@ -294,6 +294,10 @@ export interface SampleEvent {
   prompt: string;
   seed: number;
   index?: number;
+  /**
+   * With ema_decay: drawn with the EMA of the LoRA weights or the raw ones (ema_sampling)
+   */
+  weights?: "ema" | "raw";
 }
 /**
  * Something the operator should know; the run continues.
@@ -364,6 +368,14 @@ export interface CompletedEvent {
   outputs: {
     lora: string;
     peft_lora?: string;
+    /**
+     * With ema_decay: raw/<output_name>.safetensors, the raw (not averaged) weights; lora holds the EMA
+     */
+    raw_lora?: string;
+    /**
+     * With ema_decay: raw/pytorch_lora_weights.safetensors, the raw weights in the diffusers layout
+     */
+    raw_peft_lora?: string;
     manifest?: string;
     loss_curve?: string;
     report?: string;
