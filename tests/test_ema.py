@@ -130,7 +130,7 @@ def test_ema_unet_formula_nan_skip_and_exact_resume(tmp_path, tiny_models, datas
 
 def test_ema_flow_transformer_interval_no_warmup_and_samples(tmp_path, tiny_models, dataset):
     ema = {"ema_decay": 0.5, "ema_warmup": False, "ema_update_interval": 2, "ema_sampling": "both"}
-    res = run_cli("--config", str(_config(tmp_path, tiny_models["flux1"], dataset, "flux", max_sequence_length=32,
+    res = run_cli("--config", str(_config(tmp_path, tiny_models["flux1-dev"], dataset, "flux", max_sequence_length=32,
                                           validation_steps=5, validation_inference_steps=1, **ema)), env=NAN)
     assert res.returncode == 0, res.stderr[-3000:]
     _check_run(tmp_path / "flux", "transformer", decay=0.5, warmup=False, interval=2)
