@@ -63,6 +63,44 @@ def test_update_follows_the_formula_and_swaps_back_exactly(warmup, interval):
     assert [(w, d) for w, d, _ in ema.sample_sets()] == [("ema", None), ("raw", "raw")]
 
 
+# ------------------------------------------------------------------------------------------------ config, plan
+BASE = {"dataset_path": "data", "base_model": "org/model", "output_path": "out", "trigger_words": ["ohwx"]}
+
+
+def test_config_checks(tmp_path):
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.contract.errors import ConfigError
+
+    for bad in ({"ema_decay": 1.0}, {"ema_decay": 0}, {"ema_device": "gpu"}, {"ema_sampling": "all"},
+                {"ema_update_interval": 0}, {"ema_decay": 0.99, "shard_base": True}):
+        with pytest.raises(ConfigError) as err:
+            parse_config({**BASE, **bad}, base_dir=tmp_path)
+        assert {p["path"] for p in err.value.problems} & {*bad, "shard_base"}, bad
+    cfg, warnings = parse_config({**BASE, "ema_sampling": "both"}, base_dir=tmp_path)
+    assert cfg.ema_decay is None and [(w["code"], w["path"]) for w in warnings] == [("unused_setting", "ema_sampling")]
+    # A constant 0.999 over 100 updates hardly leaves the first weights; with the warm-up it does.
+    slow = {**BASE, "ema_decay": 0.999, "max_train_steps": 100}
+    assert [w["code"] for w in parse_config({**slow, "ema_warmup": False}, base_dir=tmp_path)[1]] == ["ema_too_slow"]
+    assert parse_config(slow, base_dir=tmp_path)[1] == []
+
+
+def test_memory_plan_counts_the_shadow_on_the_device(tmp_path, tiny_models, dataset):
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.memory_plan import plan_memory
+    from lora_trainer.preflight.probe import probe_model
+
+    model = tiny_models["sd15"]
+    probe = probe_model(str(model), tmp_path)
+
+    def plan(**kw):
+        cfg, _ = parse_config({**BASE, "dataset_path": str(dataset), "base_model": str(model), **kw}, base_dir=tmp_path)
+        return plan_memory(cfg, probe, "sd15", 64, gpu=None)
+
+    off, on, host = plan(), plan(ema_decay=0.99), plan(ema_decay=0.99, ema_device="cpu")
+    assert "ema" not in off["parts_gib"] and "ema" not in host["parts_gib"]
+    assert on["total_bytes"] - off["total_bytes"] >= on["lora_params"] * 4 == host["lora_params"] * 4 > 0
+
+
 # ------------------------------------------------------------------------------------------------ CLI runs
 def _config(tmp_path: Path, model: Path, dataset: Path, name: str, **extra) -> Path:
     cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / name),

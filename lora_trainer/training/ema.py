@@ -16,7 +16,7 @@ LoRA, DoRA or any PEFT adapter, on any family, without knowing which.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -103,14 +103,16 @@ def build(cfg: Any, params: list[torch.nn.Parameter], modules: dict[str, torch.n
     return AdapterEMA(cfg, params, modules, device) if cfg.ema_decay is not None else None
 
 
-def sample(ema: AdapterEMA | None, generate: Callable[..., Any]) -> None:
-    """``generate(weights=...)`` once per set of weights ema_sampling asks for (once, unlabelled, without EMA)."""
-    if ema is None:
-        generate()
-        return
-    for weights, subdir, context in ema.sample_sets():
-        with context:
-            generate(weights=weights, subdir=subdir)
+def sample_sets(ema: AdapterEMA | None) -> list[tuple[str | None, str | None, Any]]:
+    """AdapterEMA.sample_sets, or one unlabelled set of the model as it is without EMA."""
+    return ema.sample_sets() if ema is not None else [(None, None, contextlib.nullcontext())]
+
+
+def update(ema: AdapterEMA | None, step_ok: bool, step: int) -> None:
+    """After optimizer step ``step``; ``step_ok`` false (skipped by the NaN guard or the fp16 grad scaler): the
+    weights did not change, and neither does the EMA."""
+    if ema is not None and step_ok:
+        ema.update(step)
 
 
 def summary(cfg: Any, ema: AdapterEMA | None) -> dict | None:

@@ -72,9 +72,21 @@ def validation_model(trainer) -> Any:
     return trainer._validation_model
 
 
-def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
-                     cached: Any = None, every_rank: bool = False, validation_model: Any = None,
-                     weights: str | None = None, subdir: str | None = None) -> list[str]:
+def generate_samples(cfg, family, comps, *, ema: Any = None, **kwargs: Any) -> list[str]:
+    """One set of samples (``_generate_set``), or with ``ema`` (training/ema.py, ema_decay) one per set of weights
+    ema_sampling asks for, each drawn with those weights in the model and labelled."""
+    from .ema import sample_sets
+
+    paths: list[str] = []
+    for weights, subdir, context in sample_sets(ema):
+        with context:
+            paths += _generate_set(cfg, family, comps, weights=weights, subdir=subdir, **kwargs)
+    return paths
+
+
+def _generate_set(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
+                  cached: Any = None, every_rank: bool = False, validation_model: Any = None,
+                  weights: str | None = None, subdir: str | None = None) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
     the device, autocast and the dashboards); returns their paths. Main process only, unless ``every_rank``: a
     sharded denoiser (shard_base) gathers each block from every process, so they all generate the same images, and

@@ -19,8 +19,7 @@ import torch
 
 from .. import __version__
 from ..outputs import final as outputs
-from . import ema as ema_mod
-from . import resume as resume_mod
+from . import ema as ema_mod, resume as resume_mod
 from .background import BackgroundWriter
 from .checkpoint import checkpoint_dir
 from .resume import CheckpointRun, TrainState
@@ -260,8 +259,7 @@ class Trainer:
                     window_samples += sum(len(b) for b in group) * self.world
                     self.loss_history.append((prog.global_step, self.step_loss if self.step_ok else None,
                                               self.lr_scheduler.get_last_lr()[0]))
-                    if self.step_ok and self.state.weights_ema is not None:  # a skipped step changed no weight
-                        self.state.weights_ema.update(prog.global_step)
+                    ema_mod.update(self.state.weights_ema, self.step_ok, prog.global_step)
                     if self.step_ok:  # a skipped non-finite step must not poison the smoothed loss
                         if prog.global_step > 1:
                             self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1)
@@ -296,10 +294,10 @@ class Trainer:
     def _sample(self, step: int) -> None:
         from .sampling import generate_samples, validation_model
 
-        ema_mod.sample(self.state.weights_ema, lambda **kw: generate_samples(
-            self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
-            resolution=self.resolution, step=step, every_rank=bool(self.shards), validation_model=validation_model(self),
-            cached=self.text_cache.batch if self.text_cache is not None and not self.comps.text_encoders else None, **kw))
+        generate_samples(self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
+                         resolution=self.resolution, step=step, every_rank=bool(self.shards), validation_model=validation_model(self),
+                         cached=self.text_cache.batch if self.text_cache is not None and not self.comps.text_encoders
+                         else None, ema=self.state.weights_ema)
         self.accelerator.wait_for_everyone()
 
     def _optimizer_step(self, group: list[list[int]], epoch: int, first_batch: int) -> torch.Tensor:
