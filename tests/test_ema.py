@@ -62,6 +62,10 @@ def test_update_follows_the_formula_and_swaps_back_exactly(warmup, interval, dty
         assert all(torch.equal(p, s.to(dtype)) for p, s in zip(params, ema.model.shadow_params))
     assert all(torch.equal(p, b) for p, b in zip(params, before)), "the raw weights must come back bit for bit"
     assert [(w, d) for w, d, _ in ema.sample_sets()] == [("ema", None), ("raw", "raw")]
+    # Turned on at a resume from a checkpoint without EMA: the average starts from the resumed weights.
+    ema.restore({}, None)
+    assert ema.updates == 0 and all(torch.equal(p.float(), s) for p, s in zip(params, ema.model.shadow_params))
+    assert [(w, d) for w, d, _ in ema.sample_sets()] == [("ema", None)]
 
 
 # ------------------------------------------------------------------------------------------------ config, plan

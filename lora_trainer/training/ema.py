@@ -35,6 +35,8 @@ class AdapterEMA:
         self.model = EMAModel(self.params, decay=cfg.ema_decay, min_decay=0.0 if cfg.ema_warmup else cfg.ema_decay,
                               foreach=True)
         self.model.to(device=self.device, dtype=torch.float32)
+        if self.model.shadow_params:  # "cuda" resolved to "cuda:0": what update() compares the weights' devices with
+            self.device = self.model.shadow_params[0].device
 
     @property
     def updates(self) -> int:
