@@ -39,7 +39,8 @@ MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr
               "keep_tokens", "lora_dropout", "weight_decay", "max_grad_norm", "flip_aug", "random_crop",
               "flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
               "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
-              "train_guidance_scale", "shard_base")
+              "train_guidance_scale", "shard_base", "eval_dataset_path", "eval_split", "eval_steps", "eval_timesteps",
+              "eval_seed", "eval_max_images")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainState:
     noise_gen: torch.Generator | None = None
     loss_ema: torch.Tensor | None = None
     loss_history: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)  # (step, mean, per-level losses): eval_loss.py
     # Which run this is, across resumes: made at a fresh start, restored from checkpoints. The outputs record it, so
     # a retry can tell its own finished LoRA (rewrite it, bitwise the same) from another run's (never overwrite);
     # its times make the LoRA's metadata the same however often the run was resumed.
@@ -194,7 +196,7 @@ def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
     files["optimizer"] = {**opt_tensors, **sched_tensors, **rng_tensors}
     json_files = copy.deepcopy({  # by value: the run goes on changing these while the write reads them
         "progress": st.progress.to_json(), "run": run.identity, "lineage": st.lineage,
-        "history": {"loss": [list(p) for p in st.loss_history]},
+        "history": {"loss": [list(p) for p in st.loss_history], "eval": [list(p) for p in st.eval_history]},
         "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel}})
 
     def write() -> Path:
@@ -290,6 +292,7 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
     st.loss_ema.copy_(rng["loss_ema"].to(device))
     st.progress = TrainingProgress.from_json(js["progress"])
     st.loss_history = [tuple(p) for p in js.get("history", {}).get("loss", [])]
+    st.eval_history = [tuple(p) for p in js.get("history", {}).get("eval", [])]
     if isinstance(js.get("lineage"), dict) and js["lineage"].get("id"):  # older checkpoints lack it: a new lineage
         st.lineage = dict(js["lineage"])
     if "max_train_steps" in changed or "num_epochs" in changed:
