@@ -17,6 +17,7 @@ export type TrainLoraEvent =
   | CheckpointEvent
   | ResumedEvent
   | SampleEvent
+  | EvalLossEvent
   | WarningEvent
   | ErrorEvent
   | InterruptedEvent
@@ -294,6 +295,31 @@ export interface SampleEvent {
   prompt: string;
   seed: number;
   index?: number;
+}
+/**
+ * The validation loss on the held-out set (eval_dataset_path / eval_split): before training (step 0, the base model), every eval_steps and at the last step, at fixed noise levels with fixed noise, so values compare across steps and resumes. Not the sample images of validation_steps.
+ */
+export interface EvalLossEvent {
+  type: "eval_loss";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  step: number;
+  /**
+   * mean over the noise levels of the mean over the held-out images
+   */
+  loss: number | null;
+  /**
+   * the noise levels (eval_timesteps): flow sigmas, or fractions of a DDPM schedule
+   */
+  timesteps: number[];
+  /**
+   * the loss at each level, in the order of timesteps
+   */
+  losses: (number | null)[];
+  images: number;
+  duration_s: number;
 }
 /**
  * Something the operator should know; the run continues.
