@@ -70,7 +70,7 @@ class HeldOutLoss:
                                  progress=lambda n, t: None)
         comps.vae.to(vae_device)
         if failed:
-            ev.emit("warning", code="eval_images_skipped", path="eval_dataset_path",
+            ev.emit("warning", code="eval_image_unreadable", path="eval_dataset_path",
                     message=f"{len(failed)} held-out image(s) failed to decode and are left out",
                     files=[f"{img.rel}: {msg}" for img, msg in failed[:50]])
             bad = {img.index for img, _ in failed}
