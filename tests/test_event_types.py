@@ -215,7 +215,7 @@ def test_next_route_streams_typed_events_stops_and_resumes(node_tools, tmp_path,
                        output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64, lora_rank=4,
                        max_train_steps=12, checkpointing_steps=4, checkpoints_total_limit=10, log_every_n_steps=1,
                        heartbeat_seconds=1, validation_steps=12, validation_inference_steps=2,
-                       validation_prompts=["ohwx, a circle"])
+                       validation_prompts=["ohwx, a circle"], eval_split=0.25)  # eval_split: eval_loss events
     # The copied trainer.mjs cannot find ../../train_lora.py from the build folder: the environment names it.
     env = {**os.environ, "PYTHON": sys.executable, "TRAIN_LORA_SCRIPT": str(ROOT / "train_lora.py"),
            "HF_HUB_OFFLINE": "1"}

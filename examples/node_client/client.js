@@ -176,6 +176,7 @@ const show = {
     say(`resumed from ${ev.checkpoint} at step ${ev.step}${changed}`);
   },
   sample(ev) { say(`sample at step ${ev.step}: ${ev.path} (${JSON.stringify(ev.prompt)}, seed ${ev.seed})`); },
+  eval_loss(ev) { say(`held-out loss at step ${ev.step}: ${fmtNum(ev.loss)} (${ev.images} image(s))`); },
   warning(ev) { say(`warning [${ev.code}]: ${ev.message}`); },
   error(ev) {
     say(`ERROR [${ev.code}, exit ${ev.exit_code}]: ${ev.message}${ev.hint ? `\n[client]   hint: ${ev.hint}` : ""}`);

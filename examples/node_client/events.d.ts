@@ -17,6 +17,7 @@ export type TrainLoraEvent =
   | CheckpointEvent
   | ResumedEvent
   | SampleEvent
+  | EvalLossEvent
   | WarningEvent
   | ErrorEvent
   | InterruptedEvent
@@ -300,6 +301,31 @@ export interface SampleEvent {
   weights?: "ema" | "raw";
 }
 /**
+ * The validation loss on the held-out set (eval_dataset_path / eval_split): before training (step 0, the base model), every eval_steps and at the last step, at fixed noise levels with fixed noise, so values compare across steps and resumes. Not the sample images of validation_steps.
+ */
+export interface EvalLossEvent {
+  type: "eval_loss";
+  schema_version: string;
+  run_id: string;
+  seq: number;
+  time: string;
+  step: number;
+  /**
+   * mean over the noise levels of the mean over the held-out images
+   */
+  loss: number | null;
+  /**
+   * the noise levels (eval_timesteps): flow sigmas, or fractions of a DDPM schedule
+   */
+  timesteps: number[];
+  /**
+   * the loss at each level, in the order of timesteps
+   */
+  losses: (number | null)[];
+  images: number;
+  duration_s: number;
+}
+/**
  * Something the operator should know; the run continues.
  */
 export interface WarningEvent {
@@ -309,7 +335,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights)
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them)
    */
   code: string;
   message: string;

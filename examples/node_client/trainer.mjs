@@ -115,7 +115,7 @@ const STDERR_TAIL = 20;
 /** @type {Record<TrainLoraEventType, true>} */
 const KNOWN = {
   validation: true, run_started: true, status: true, progress: true, step: true, checkpoint: true, resumed: true,
-  sample: true, warning: true, error: true, interrupted: true, completed: true, heartbeat: true,
+  sample: true, eval_loss: true, warning: true, error: true, interrupted: true, completed: true, heartbeat: true,
 };
 /** Every event type this module yields, in the schema's order. */
 export const EVENT_TYPES = /** @type {readonly TrainLoraEventType[]} */ (Object.freeze(Object.keys(KNOWN)));

@@ -114,6 +114,13 @@ class TrainConfig:
     validation_inference_steps: int | None = None  # None: the model's (families/adapter.py sample_steps)
     validation_guidance_scale: float | None = None
     validation_base_model: str | None = None  # another release of the family draws the samples (training/validation_model.py)
+    # Validation loss on a held-out set (training/eval_loss.py; "validation_*" above means sample images).
+    eval_dataset_path: str | None = None
+    eval_split: float = 0.0
+    eval_steps: int = 100
+    eval_timesteps: tuple[float, ...] | None = None  # None: the objective's default_eval_levels
+    eval_seed: int | None = None  # None: seed
+    eval_max_images: int = 32
     output_name: str = "lora"
     save_precision: str = "fp16"
     overwrite_output: bool = False
@@ -327,6 +334,13 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
             if key in ex:
                 warnings.append({"code": "unused_setting", "path": key,
                                  "message": f"{key} has no effect because train_text_encoder is false"})
+    if cfg.eval_dataset_path and cfg.eval_split:
+        problems.append(problem("eval_split", cfg.eval_split, "set eval_dataset_path or eval_split, not both",
+                                "0 with eval_dataset_path, or eval_dataset_path null"))
+    if not (cfg.eval_dataset_path or cfg.eval_split):
+        for key in sorted({"eval_steps", "eval_timesteps", "eval_seed", "eval_max_images"} & ex):
+            warnings.append({"code": "unused_setting", "path": key,
+                             "message": f"{key} has no effect without a held-out set (eval_dataset_path or eval_split)"})
     if cfg.validation_prompts and cfg.validation_steps is None:
         warnings.append({"code": "unused_setting", "path": "validation_prompts",
                          "message": "validation_prompts are set but validation_steps is null: no samples during training"})

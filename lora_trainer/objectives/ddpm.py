@@ -102,6 +102,8 @@ class DiffusionObjective:
     """Noise sampling, targets and (weighted) loss for DDPM-style training."""
 
     timestep_kind = "ddpm_index"  # model_fn receives integer timesteps (flow.FlowMatchingObjective: sigmas)
+    # Validation loss (training/eval_loss.py): kohya's fixed timesteps 200/400/600/800 of 1000, as fractions.
+    default_eval_levels = (0.2, 0.4, 0.6, 0.8)
 
     def __init__(self, noise_scheduler, settings: ObjectiveSettings) -> None:
         self.scheduler = noise_scheduler
@@ -177,6 +179,21 @@ class DiffusionObjective:
     ) -> torch.Tensor:
         """Float32 MSE: mean over non-batch dims, min-SNR weighted, batch mean."""
         return weighted_mse(model_pred, target, self.loss_weights(timesteps), extra)
+
+    def fixed_loss(
+        self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
+        noise: torch.Tensor, level: float, extra: Optional[LossWeights] = None,
+    ) -> torch.Tensor:
+        """The loss at one fixed noise level with the given noise (validation loss): draws nothing, so the same
+        weights give the same value. ``level`` in (0, 1] is a fraction of the schedule: t = round(level * T), at
+        most T - 1 (noise_offset and timestep_range are training's sampling, not applied here)."""
+        num_train_timesteps = len(self.scheduler.alphas_cumprod)
+        t = min(num_train_timesteps - 1, round(level * num_train_timesteps))
+        timesteps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        noise = noise.to(device=latents.device, dtype=latents.dtype)
+        noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
+        target = self.target(latents, noise, timesteps)
+        return self.loss(model_fn(noisy_latents, timesteps), target, timesteps, extra)
 
     def __call__(
         self,

@@ -239,6 +239,8 @@ class FlowMatchingObjective:
 
     # Tells the model family what ``model_fn`` receives as its second argument.
     timestep_kind = "sigma"
+    # Validation loss (training/eval_loss.py): ai-toolkit's fixed validation sigmas.
+    default_eval_levels = (1.0, 0.75, 0.5, 0.25)
 
     def __init__(self, settings: FlowSettings, *, patch_size: int = 2) -> None:
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
@@ -340,6 +342,24 @@ class FlowMatchingObjective:
                 raise ValueError("precondition_outputs needs noisy_latents in loss()")
             pred = noisy_latents.float() - _per_sample(sigmas, pred) * pred
         return weighted_mse(pred, target, self.loss_weights(sigmas), extra)
+
+    def fixed_loss(
+        self,
+        model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        level: float,
+        extra: LossWeights | None = None,
+    ) -> torch.Tensor:
+        """The loss at one fixed sigma (``level``, clamped into [SIGMA_MIN, 1]; unshifted) with the given noise
+        (validation loss): draws nothing, so the same weights give the same value."""
+        sigma = min(1.0, max(SIGMA_MIN, float(level)))
+        sigmas = torch.full((latents.shape[0],), sigma, device=latents.device, dtype=torch.float32)
+        noise = noise.to(device=latents.device, dtype=latents.dtype)
+        s = _per_sample(sigmas, latents)
+        noisy_latents = ((1.0 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+        target = self.target(latents, noise, sigmas)
+        return self.loss(model_fn(noisy_latents, sigmas), target, sigmas, noisy_latents, extra)
 
     def __call__(
         self,

@@ -10,6 +10,8 @@ LOSS_PNG = "loss_curve.png"
 SAMPLES_PNG = "samples_over_steps.png"
 MAX_STEP_COLUMNS = 8  # more validation rounds than this: evenly spaced, first and last kept
 _RAW, _SMOOTH, _LR, _SKIP = "#9ab8e6", "#1450c8", "#e07b00", "#c0392b"
+_EVAL = "#2a9d3f"
+EVAL_LABEL = "held-out loss (eval_loss)"
 
 
 def _save(fig, path: Path) -> None:
@@ -33,8 +35,9 @@ def smooth(values: list[float | None], alpha: float = 0.1) -> list[float]:
     return out
 
 
-def loss_curve(history: list[tuple], path: Path):
-    """history: (step, loss or None, lr) per optimizer step (older checkpoints: (step, loss)). A skipped
+def loss_curve(history: list[tuple], path: Path, eval_history: list[tuple] = ()):
+    """history: (step, loss or None, lr) per optimizer step (older checkpoints: (step, loss)); eval_history:
+    (step, mean held-out loss, per-level losses) per validation-loss pass, drawn as its own line. A skipped
     (non-finite) step is a gap in both lines and a mark on the axis; the loss axis turns logarithmic when the loss
     spans more than a factor of 30, where a linear axis would flatten everything after the first steps."""
     from matplotlib.figure import Figure
@@ -44,6 +47,7 @@ def loss_curve(history: list[tuple], path: Path):
     steps = [h[0] for h in history]
     loss = [h[1] if h[1] is not None and math.isfinite(h[1]) else None for h in history]
     finite = [v for v in loss if v is not None]
+    evals = [(h[0], h[1]) for h in eval_history if h[1] is not None and math.isfinite(h[1])]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(True, alpha=0.3)
@@ -54,7 +58,11 @@ def loss_curve(history: list[tuple], path: Path):
         marker = "o" if len(finite) == 1 else None
         ax.plot(steps, raw, color=_RAW, lw=0.9, marker=marker, label="loss (per step)")
         ax.plot(steps, smooth(loss), color=_SMOOTH, lw=2, label="smoothed (EMA 0.1)")
-        if min(finite) > 0 and max(finite) / min(finite) > 30:
+        if evals:  # overfitting shows as this line turning up while the training loss keeps falling
+            ax.plot([s for s, _ in evals], [v for _, v in evals], color=_EVAL, lw=1.8, marker="o", ms=4,
+                    label=EVAL_LABEL)
+        spread = finite + [v for _, v in evals]
+        if min(spread) > 0 and max(spread) / min(spread) > 30:
             ax.set_yscale("log")
         skipped = [s for s, v in zip(steps, loss) if v is None]
         if skipped:

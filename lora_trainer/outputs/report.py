@@ -87,6 +87,24 @@ def _files_table(out_dir: Path, lora_name: str) -> str:
     return "<table><tr><th>file</th><th>size</th><th>for</th></tr>" + "".join(rows) + "</table>"
 
 
+def _eval_table(eval_history: list[tuple]) -> str:
+    """The validation loss on the held-out set (eval_loss events), one row per pass: the numbers behind the plot's
+    green line, at most 40 rows (evenly spaced, first and last kept)."""
+    if not eval_history:
+        return ""
+    rows = list(eval_history)
+    if len(rows) > 40:
+        rows = [rows[round(i * (len(rows) - 1) / 39)] for i in range(40)]
+
+    def num(v) -> str:
+        return f"{v:.5f}" if v is not None and v == v else "-"
+
+    body = "".join(f"<tr><td>{int(r[0])}</td><td>{num(r[1])}</td><td>{', '.join(num(v) for v in r[2])}</td></tr>"
+                   for r in rows)
+    return ('<h3 id="eval-loss">Held-out loss (eval_loss)</h3><table><tr><th>step</th><th>mean</th>'
+            f"<th>per noise level</th></tr>{body}</table>")
+
+
 def try_write_report(cfg, events, **kwargs) -> dict[str, str]:
     """write_report, or a ``report_failed`` warning: a report is a convenience, never a reason to fail a run."""
     try:
@@ -98,14 +116,14 @@ def try_write_report(cfg, events, **kwargs) -> dict[str, str]:
 
 def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, run_id: str, device_info: Any,
                  loss_history: list[tuple], duration_s: float | None = None,
-                 final_loss: float | None = None) -> dict[str, str]:
+                 final_loss: float | None = None, eval_history: list[tuple] = ()) -> dict[str, str]:
     """Write the figures and report.html into cfg.output_path; returns their paths. Main process only."""
     from ..data.captions import prompts_for
 
     out_dir = cfg.output_path
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / plots.LOSS_PNG
-    plots.loss_curve(loss_history, png)
+    plots.loss_curve(loss_history, png, eval_history)
     result = {"loss_curve": str(png)}
     samples_png = out_dir / plots.SAMPLES_PNG
     if plots.samples_over_steps(out_dir / "samples", prompts_for(cfg), samples_png):
@@ -132,7 +150,7 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
 <p class="sub">A {e(family_name(family))} LoRA trained by train_lora. Status: <b>{e(status)}</b>,
 step {step} of {total_steps}, run {e(run_id)}.</p>
 <div class="card facts">{facts_html}</div>
-<h2>Loss</h2><div class="card">{_img_tag(png)}</div>
+<h2>Loss</h2><div class="card">{_img_tag(png)}{_eval_table(eval_history)}</div>
 <h2>Samples</h2><div class="card">{samples_html}</div>
 <h2>Files</h2>{_files_table(out_dir, lora_name)}
 <h2>How to load</h2>

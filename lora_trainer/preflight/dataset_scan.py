@@ -96,6 +96,7 @@ class DatasetScan:
     folders: dict[str, dict[str, int]] = field(default_factory=dict)  # folder -> {images, usable, repeats}
     ignored_files: int = 0  # non-image, non-caption files
     caption_warnings: tuple[tuple[str, str], ...] = ()  # (rel caption path, warning)
+    held_out: tuple[ImageRecord, ...] = ()  # the validation loss's images, never trained on (eval_set.py)
 
 
 def _problem(code: str, message: str) -> dict:

@@ -25,6 +25,7 @@ from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_buck
 from .cache_plan import plan_caches
 from .checkpoints import pick_resume, quick_check, read_manifest, rejection_message
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
+from .eval_set import check_eval_set
 from ..contract.errors import EXIT_CONFIG, EXIT_DATASET, EXIT_IO, EXIT_MODEL_LOAD, EXIT_OK
 from .probe import ModelProbe, probe_model
 from .scan_index import ScanIndex
@@ -42,7 +43,7 @@ _EXIT_BY_CODE = {
     "dataset_missing": EXIT_DATASET, "dataset_empty": EXIT_DATASET, "no_usable_images": EXIT_DATASET,
     "model_not_found": EXIT_MODEL_LOAD, "model_pickle_refused": EXIT_MODEL_LOAD, "model_incomplete": EXIT_MODEL_LOAD,
     "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD, "model_config_missing": EXIT_MODEL_LOAD,
-    "model_unreadable": EXIT_MODEL_LOAD,
+    "model_unreadable": EXIT_MODEL_LOAD, "eval_set_missing": EXIT_DATASET, "eval_set_empty": EXIT_DATASET,
     "output_not_writable": EXIT_IO,
 }
 
@@ -275,6 +276,7 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
         warnings.append(_issue("image_too_small", "resolution",
                                f"{_plural(len(scan.too_small), 'image')} {rule} and will be upscaled (blurrier training data)",
                                files=[f"{r.rel_path}: {r.width}x{r.height}" for r in scan.too_small]))
+    scan = check_eval_set(cfg, scan, info, errors, warnings, verify=verify, deep=deep)  # held-out images out
     buckets = None
     if bucketing:
         try:

@@ -40,7 +40,8 @@ MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr
               "flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
               "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
               "train_guidance_scale", "shard_base", "ema_decay", "ema_device", "ema_update_interval", "ema_warmup",
-              "ema_sampling")
+              "ema_sampling", "eval_dataset_path", "eval_split", "eval_steps", "eval_timesteps",
+              "eval_seed", "eval_max_images")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainState:
     loss_ema: torch.Tensor | None = None
     loss_history: list = field(default_factory=list)
     weights_ema: Any = None  # training/ema.py AdapterEMA (ema_decay), or None
+    eval_history: list = field(default_factory=list)  # (step, mean, per-level losses): eval_loss.py
     # Which run this is, across resumes: made at a fresh start, restored from checkpoints. The outputs record it, so
     # a retry can tell its own finished LoRA (rewrite it, bitwise the same) from another run's (never overwrite);
     # its times make the LoRA's metadata the same however often the run was resumed.
@@ -200,7 +202,7 @@ def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
     files.update(ema_files)
     json_files = copy.deepcopy({  # by value: the run goes on changing these while the write reads them
         "progress": st.progress.to_json(), "run": run.identity, "lineage": st.lineage,
-        "history": {"loss": [list(p) for p in st.loss_history]},
+        "history": {"loss": [list(p) for p in st.loss_history], "eval": [list(p) for p in st.eval_history]},
         "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel,
                   **({"ema": ema_json} if ema_json is not None else {})}})
 
@@ -299,6 +301,7 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
         st.weights_ema.restore(tensors, skel.get("ema"))
     st.progress = TrainingProgress.from_json(js["progress"])
     st.loss_history = [tuple(p) for p in js.get("history", {}).get("loss", [])]
+    st.eval_history = [tuple(p) for p in js.get("history", {}).get("eval", [])]
     if isinstance(js.get("lineage"), dict) and js["lineage"].get("id"):  # older checkpoints lack it: a new lineage
         st.lineage = dict(js["lineage"])
     if "max_train_steps" in changed or "num_epochs" in changed:

@@ -22,11 +22,11 @@ from ..outputs import final as outputs
 from . import ema as ema_mod, resume as resume_mod
 from .background import BackgroundWriter
 from .checkpoint import checkpoint_dir
+from .eval_loss import HeldOutLoss
 from .resume import CheckpointRun, TrainState
 from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
-from ..data.images import (build_images, decode_failures, load_pixels,
-                   plan_epoch)
+from ..data.images import build_images, decode_failures, load_pixels, plan_epoch
 from ..runtime.device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from ..contract.errors import DatasetError, Interrupted
 from ..contract.events import EventStream
@@ -35,8 +35,7 @@ from ..families import get_family
 from ..families.adapter import Components
 from ..families.spec import objective_summary
 from ..runtime.offload import summary as offload_summary
-from ..distributed.shard import local_value, no_sync
-from ..distributed.shard import summary as shard_summary
+from ..distributed.shard import local_value, no_sync, summary as shard_summary
 from ..outputs.report import tracker_for
 from ..runtime.signals import GracefulStop, stop_agreed
 
@@ -172,7 +171,7 @@ class Trainer:
         self.total_steps = cfg.max_train_steps or cfg.num_epochs * self.steps_per_epoch
         self.effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.world
 
-        self.text_cache = None
+        self.text_cache, self.held_out = None, HeldOutLoss.prepare(self)  # validation loss's held-out set (eval_*)
         for te in comps.text_encoders.values():
             te.to(self.device)
         # Without tag shuffling a step's caption is its image's built caption, or "" when caption dropout fires:
@@ -241,6 +240,7 @@ class Trainer:
         session_start, session_step0 = time.monotonic(), prog.global_step
         if cfg.validation_steps and prog.global_step == 0:
             self._sample(0)  # the base model's images, for comparison
+        self.held_out.maybe(self, prog.global_step)  # step 0: the base model's (a resume has it in the history)
         window_start, window_samples = time.monotonic(), 0
         accum = cfg.gradient_accumulation_steps
         try:
@@ -272,6 +272,7 @@ class Trainer:
                         window_start, window_samples = time.monotonic(), 0
                     if cfg.validation_steps and (step % cfg.validation_steps == 0 or step == self.total_steps):
                         self._sample(step)
+                    self.held_out.maybe(self, step)  # before the checkpoint, which then keeps this step's value
                     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < self.total_steps:
                         self.save_checkpoint("interval", background=self.background_checkpoints)
                     if stop_agreed(self.stop, self.accelerator, self.device):
@@ -483,10 +484,9 @@ class Trainer:
         from ..outputs.report import try_write_report
 
         return try_write_report(self.cfg, self.events, status=status, family=self.family.name,
-                                step=self.progress.global_step, total_steps=self.total_steps,
-                                run_id=self.events.run_id, device_info=self.device_info,
-                                loss_history=self.loss_history, duration_s=time.monotonic() - self.started,
-                                final_loss=self.last_loss)
+                                step=self.progress.global_step, total_steps=self.total_steps, run_id=self.events.run_id,
+                                device_info=self.device_info, loss_history=self.loss_history, final_loss=self.last_loss,
+                                eval_history=self.state.eval_history, duration_s=time.monotonic() - self.started)
 
     def cleanup(self) -> None:
         try:

@@ -50,6 +50,7 @@ export function progressOf(ev: TrainLoraEvent): { label: string; fraction: numbe
     case "checkpoint":
     case "resumed":
     case "sample":
+    case "eval_loss":
     case "warning":
     case "heartbeat":
       return null;
