@@ -39,7 +39,8 @@ MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr
               "keep_tokens", "lora_dropout", "weight_decay", "max_grad_norm", "flip_aug", "random_crop",
               "flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
               "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
-              "train_guidance_scale", "shard_base")
+              "train_guidance_scale", "shard_base", "masked_loss", "mask_path", "alpha_mask", "require_masks",
+              "mask_min_value", "mask_normalize")
 
 
 @dataclass
