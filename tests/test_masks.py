@@ -196,3 +196,33 @@ def test_cache_key_follows_the_mask_content(tmp_path):
     Image.new("L", (64, 64), 128).save(tmp_path / "m.png")
     grey = cache._key(img, 0, False, mask_key(str(tmp_path / "m.png")))
     assert len({plain, white, grey, cache._key(img, 0, False, mask_key(ALPHA))}) == 4
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_latent_cache_keeps_masks_on_the_latent_grid(tmp_path, spill):
+    """The cache stores each masked image's mask at its latent's crop and grid (a fake 8x encoder), reuses it from
+    disk, and batch_masks gives ones for an unmasked image of the batch and None for a batch without masks."""
+    paths, sources = [], {}
+    for i in range(3):
+        pat = _pattern(64, 96, i, block=8)
+        paths.append(_image(tmp_path / f"i{i}.png", pat))
+        if i < 2:
+            Image.fromarray(pat, "L").save(tmp_path / f"m{i}.png")
+            sources[i] = str(tmp_path / f"m{i}.png")
+    images = [TrainImage(i, p, p.name, "", None, 1, (96, 64), (64, 64)) for i, p in enumerate(paths)]
+    masks = MaskSet(sources={i: sources.get(i) for i in range(3)}, image_paths={i: str(p) for i, p in enumerate(paths)})
+
+    def encode(pix):  # the 8x8 block mean of the red channel: a "latent" that shows the crop
+        return torch.nn.functional.avg_pool2d((pix[:, :1] + 1) / 2, 8)
+
+    for run in range(2):  # the second run reads every entry back from disk
+        cache = LatentCache(tmp_path / "cache", "model", spill=spill)
+        failed = cache.build(encode, images, device=torch.device("cpu"), seed=3, random_crop=True, batch_size=2,
+                             progress=lambda n, t: None, masks=masks)
+        assert not failed and (cache.hits, cache.encoded) == ((0, 3) if run == 0 else (3, 0))
+        lat, _ = cache.batch([0, 1, 2], torch.device("cpu"))
+        got = cache.batch_masks([0, 1, 2], masks)
+        assert got.shape == (3, 1, 8, 8)
+        assert torch.allclose(got[:2], lat[:2], atol=1e-6)  # the mask is the image's pattern: the same crop
+        assert torch.equal(got[2], torch.ones(1, 8, 8))
+        assert cache.batch_masks([2], masks) is None and cache.batch_masks([0], None) is None

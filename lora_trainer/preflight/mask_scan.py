@@ -129,8 +129,6 @@ def check_masks(cfg: Any, scan: Any, info: dict, errors: list, warnings: list) -
     unusable = tuple((r.rel_path, why) for r, (why, _) in zip(masked, results) if why is not None)
     scaled = tuple((r.rel_path, note) for r, (why, note) in zip(masked, results) if why is None and note)
     missing = tuple(r.rel_path for r in scan.usable if sources[r.rel_path] is None)
-    audit = MaskAudit(sources=sources, missing=missing, unusable=unusable, scaled=scaled)
-    info["masks"] = {"mask_path": mask_root, "alpha_mask": bool(cfg.alpha_mask), **audit.summary()}
 
     if missing:
         how = "mask_path, a <stem>-masklabel.png sidecar" + (" or an alpha channel" if cfg.alpha_mask else "")
@@ -150,6 +148,9 @@ def check_masks(cfg: Any, scan: Any, info: dict, errors: list, warnings: list) -
                                files=[f"{rel}: {note}" for rel, note in scaled]))
     skip = {rel for rel, _ in unusable}
     usable = tuple(r for r in scan.usable if r.rel_path not in skip)
+    audit = MaskAudit(sources={r.rel_path: sources[r.rel_path] for r in usable}, missing=missing, unusable=unusable,
+                      scaled=scaled)
+    info["masks"] = {"mask_path": mask_root, "alpha_mask": bool(cfg.alpha_mask), **audit.summary()}
     fingerprint = _fingerprint(scan.fingerprint, {r.rel_path: sources[r.rel_path] for r in usable})
     info.update(usable=len(usable), samples_per_epoch=sum(r.repeats for r in usable), fingerprint=fingerprint)
     return dataclasses.replace(
@@ -157,4 +158,4 @@ def check_masks(cfg: Any, scan: Any, info: dict, errors: list, warnings: list) -
         without_caption=tuple(r for r in scan.without_caption if r.rel_path not in skip),
         missing_trigger=tuple(r for r in scan.missing_trigger if r.rel_path not in skip),
         too_small=tuple(r for r in scan.too_small if r.rel_path not in skip),
-        masks=dataclasses.replace(audit, sources={r.rel_path: sources[r.rel_path] for r in usable}))
+        masks=audit)
