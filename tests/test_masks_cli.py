@@ -63,7 +63,8 @@ def test_unet_masked_uncached_flip_crop_trains_and_resumes_bitwise(tmp_path, tin
     assert len(missing) == 1 and missing[0]["files"] == ["img_0003.jpg"]
     # The masks change what is learnt: the same run without them has another first loss (same noise, same batch).
     plain = run_cli("--config", str(write_config(tmp_path / "plain.json", **{**config, "masked_loss": False,
-                                                                              "mask_path": None, "max_train_steps": 1},
+                                                                              "mask_path": None, "max_train_steps": 1,
+                                                                              "checkpointing_steps": None},
                                                   output_path=str(tmp_path / "plain"))))
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert _steps(plain)[1] != _steps(ref)[1]
