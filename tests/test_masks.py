@@ -226,3 +226,14 @@ def test_latent_cache_keeps_masks_on_the_latent_grid(tmp_path, spill):
         assert torch.allclose(got[:2], lat[:2], atol=1e-6)  # the mask is the image's pattern: the same crop
         assert torch.equal(got[2], torch.ones(1, 8, 8))
         assert cache.batch_masks([2], masks) is None and cache.batch_masks([0], None) is None
+
+
+def test_memory_plan_counts_the_masks(tmp_path):
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.cache_plan import plan_caches
+
+    base = {"dataset_path": "d", "base_model": "m", "output_path": "o", "trigger_words": ["ohwx"]}
+    plain, masked = (parse_config({**base, **extra}, base_dir=tmp_path)[0] for extra in ({}, {"masked_loss": True}))
+    shapes, captions = [(64, 64), (128, 64)], ["a", "b"]
+    a, b = (plan_caches(c, "sd15", shapes, captions)["latents"]["total_bytes"] for c in (plain, masked))
+    assert b == a * 5 // 4  # one fp32 mask channel beside SD's four latent channels

@@ -119,9 +119,10 @@ def mask_key(source: str | None) -> str | None:
         return None
     if source == ALPHA:
         return "mask:alpha"
-    from .images import image_digest
+    import hashlib
 
-    return "mask:" + image_digest(source)
+    with open(source, "rb") as fh:
+        return "mask:" + hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- torch side
@@ -169,12 +170,15 @@ class MaskSet:
                                                                                device=ref.device) for m in masks])
 
     def weights(self, masks, latents):
-        """The objective's LossWeights for a batch: masks [B, 1, h, w] (or None) to the latents' grid, floored at
-        mask_min_value, divided by each sample's mean when mask_normalize."""
+        """The objective's LossWeights for a batch: masks [B, 1, h, w], or a list of per-image masks (None: no
+        mask), to the latents' grid, floored at mask_min_value, divided by each sample's mean when mask_normalize;
+        None when no image of the batch has a mask."""
         import torch
 
         from ..objectives.ddpm import LossWeights
 
+        if isinstance(masks, list):
+            masks = self.stack(masks, latents.shape[-2:])
         if masks is None:
             return None
         m = to_grid(masks.to(latents.device, torch.float32), latents.shape[-2:])
@@ -185,6 +189,11 @@ class MaskSet:
             # clamp_min: an all-black mask stays all zeros (and a zero loss), not NaN; no host sync either way.
             m = m / m.mean(dim=tuple(range(1, m.ndim)), keepdim=True).clamp_min(1e-12)
         return LossWeights(elements=m)
+
+
+def loss_weights(masks: MaskSet | None, batch_masks, latents):
+    """The trainer's one call: the batch's LossWeights, or None for a run without masked_loss."""
+    return masks.weights(batch_masks, latents) if masks is not None else None
 
 
 def to_grid(mask, shape):

@@ -27,7 +27,7 @@ from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
 from ..data.images import (build_images, decode_failures, load_pixels,
                    plan_epoch)
-from ..data.masks import MaskSet
+from ..data.masks import MaskSet, loss_weights
 from ..runtime.device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from ..contract.errors import DatasetError, Interrupted
 from ..contract.events import EventStream
@@ -372,9 +372,8 @@ class Trainer:
                 p, t = load_pixels(self.by_index[idx], random_crop=cfg.random_crop, rng=rng, flip=flip)
                 pix.append(p)
                 tids.append(t)
-                masks.append(self.masks.pixels(idx, t, flip=flip) if self.masks else None)
+                masks.append(self.masks and self.masks.pixels(idx, t, flip=flip))
             latents = fam.encode_latents(comps.vae, torch.stack(pix)).float()
-            masks = self.masks.stack(masks, latents.shape[-2:]) if self.masks else None
             geometry = torch.stack(tids).to(self.device)
         if self.text_cache is not None:
             cond = self.text_cache.batch(captions)  # on self.device already
@@ -387,8 +386,7 @@ class Trainer:
         def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return fam.predict(self.denoisers, noisy, t, cond, geometry)
 
-        return self.objective(model_fn, latents, generator=self.noise_gen,
-                              extra=self.masks.weights(masks, latents) if self.masks else None)
+        return self.objective(model_fn, latents, generator=self.noise_gen, extra=loss_weights(self.masks, masks, latents))
 
     def _emit_step(self, samples: int, window_s: float, s_per_step: float) -> None:
         value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
