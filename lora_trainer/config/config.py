@@ -89,6 +89,12 @@ class TrainConfig:
     max_bucket_resolution: int | None = None
     random_crop: bool = False
     flip_aug: bool = False
+    masked_loss: bool = False  # data/masks.py: a mask per image weights its loss
+    mask_path: str | None = None
+    alpha_mask: bool = False
+    require_masks: bool = False
+    mask_min_value: float = 0.0
+    mask_normalize: bool = True
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True
@@ -326,6 +332,11 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                 "false, or set cache_latents to false"))
+    if not cfg.masked_loss:
+        for key in ("mask_path", "alpha_mask", "require_masks", "mask_min_value", "mask_normalize"):
+            if key in ex:
+                warnings.append({"code": "unused_setting", "path": key,
+                                 "message": f"{key} has no effect because masked_loss is false"})
     if cfg.mixed_precision == "fp16" and cfg.device == "cpu":
         problems.append(problem("mixed_precision", "fp16", "fp16 mixed precision needs a GPU (the gradient scaler is CUDA-only)",
                                 "\"no\", \"bf16\" or \"auto\" on the CPU"))

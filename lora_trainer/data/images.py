@@ -138,23 +138,28 @@ class LatentCache:
         self.spill = spill
         self.latents: dict[int, torch.Tensor] = {}
         self.time_ids: dict[int, torch.Tensor] = {}
+        self.masks: dict[int, torch.Tensor] = {}  # loss masks on the latent grid (data/masks.py), masked images only
         self.files: dict[int, Path] = {}  # spill mode: image index -> entry file
         self.hits = 0
         self.encoded = 0
 
-    def _keep(self, index: int, latents: torch.Tensor, time_ids: torch.Tensor, path: Path | None) -> None:
+    def _keep(self, index: int, latents: torch.Tensor, time_ids: torch.Tensor, path: Path | None,
+              mask: torch.Tensor | None = None) -> None:
         if self.spill and path is not None:
             self.files[index] = path
         else:
             self.latents[index], self.time_ids[index] = latents, time_ids
+            if mask is not None:
+                self.masks[index] = mask
 
     def to(self, device: torch.device) -> None:
         self.latents = {k: v.to(device) for k, v in self.latents.items()}
         self.time_ids = {k: v.to(device) for k, v in self.time_ids.items()}
+        self.masks = {k: v.to(device) for k, v in self.masks.items()}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.latents, self.time_ids) for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.latents, self.time_ids, self.masks) for t in d.values())
 
     def place(self, device: torch.device, free_bytes: int) -> str:
         """Where a step finds its latents: on the accelerator when they take at most a tenth of its free memory
@@ -187,32 +192,56 @@ class LatentCache:
             out.append(x.to(device))
         return out[0], out[1]
 
-    def _key(self, img: TrainImage, seed: int, random_crop: bool) -> str:
-        payload = json.dumps([image_digest(img.path), self.model_key, img.bucket, seed if random_crop else None])
+    def batch_masks(self, indices: list[int], masks) -> torch.Tensor | None:
+        """The batch's loss masks on the latent grid, [B, 1, h, w] (ones for an image without one), or None when no
+        image of the batch has a mask; ``masks``: the run's MaskSet (data/masks.py)."""
+        if masks is None or all(masks.sources.get(i) is None for i in indices):
+            return None
+        if self.spill:
+            from safetensors import safe_open
+
+            found = {}
+            for i in indices:
+                if masks.sources.get(i) is not None:
+                    with safe_open(str(self.files[i]), "pt") as f:
+                        found[i] = f.get_tensor("mask")  # a few KiB: the latents are not read twice
+        else:
+            found = self.masks
+        shape = next(found[i] for i in indices if i in found).shape[-2:]
+        return masks.stack([found.get(i) for i in indices], shape)
+
+    def _key(self, img: TrainImage, seed: int, random_crop: bool, mask: str | None = None) -> str:
+        parts = [image_digest(img.path), self.model_key, img.bucket, seed if random_crop else None]
+        payload = json.dumps(parts + [mask] if mask is not None else parts)  # an unmasked entry keeps its old key
         return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
     def build(self, encode: Callable[[torch.Tensor], torch.Tensor], images: list[TrainImage], *,
               device: torch.device, seed: int, random_crop: bool, batch_size: int,
-              progress: Callable[[int, int], None]) -> list[tuple[TrainImage, str]]:
+              progress: Callable[[int, int], None], masks=None) -> list[tuple[TrainImage, str]]:
         """Fill the cache with ``encode(pixels)`` (the family's encode_latents over its VAE); returns the images whose
-        pixels failed to decode (they are left out)."""
+        pixels failed to decode (they are left out). ``masks``: the run's MaskSet (data/masks.py): each masked
+        image's entry also holds its mask, at its latent's crop and grid."""
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         todo: list[tuple[TrainImage, str | None]] = []
         for img in images:
-            key = self._key(img, seed, random_crop) if self.disk_dir else None
+            mkey = masks.key(img.index) if masks is not None else None
+            want = {"latents", "time_ids"} | ({"mask"} if mkey is not None else set())
+            key = self._key(img, seed, random_crop, mkey) if self.disk_dir else None
             path = self.disk_dir / f"{key}.safetensors" if key else None
             if path is not None and path.is_file():
                 try:
                     if self.spill:  # read at step time; here only its header, not 100 GB of latents
                         with safe_open(str(path), "pt") as f:
-                            if set(f.keys()) != {"latents", "time_ids"}:
+                            if set(f.keys()) != want:
                                 raise ValueError("not a latent cache entry")
                         self._keep(img.index, None, None, path)
                     else:
                         t = load_file(path)
-                        self._keep(img.index, t["latents"], t["time_ids"], path)
+                        if set(t) != want:
+                            raise ValueError("not a latent cache entry")
+                        self._keep(img.index, t["latents"], t["time_ids"], path, t.get("mask"))
                     self.hits += 1
                     continue
                 except Exception:  # noqa: BLE001 - a damaged cache entry is simply recomputed
@@ -227,29 +256,36 @@ class LatentCache:
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             for i in range(0, len(items), batch_size):
-                chunk, pix, tids = [], [], []
+                chunk, pix, tids, pmasks = [], [], [], []
                 for img, key in items[i:i + batch_size]:
                     try:
                         p, t = load_pixels(img, random_crop=random_crop, rng=random.Random(f"crop:{seed}:{img.index}"))
+                        m = masks.pixels(img.index, t) if masks is not None else None
                     except Exception as exc:  # noqa: BLE001 - any decoder error means "skip this image"
                         failed.append((img, f"{type(exc).__name__}: {exc}"))
                         continue
                     chunk.append((img, key))
                     pix.append(p)
                     tids.append(t)
+                    pmasks.append(m)
                 done += len(items[i:i + batch_size]) - len(chunk)
                 if not chunk:
                     continue
                 lat = encode(torch.stack(pix)).float().cpu()
-                for (img, key), latent, tid in zip(chunk, lat, tids):
+                for (img, key), latent, tid, m in zip(chunk, lat, tids, pmasks):
                     final = None
+                    entry = {"latents": latent.contiguous(), "time_ids": tid}
+                    if m is not None:  # to this latent's own grid, whatever the family's VAE factor
+                        from .masks import to_grid
+
+                        entry["mask"] = to_grid(m, latent.shape[-2:]).contiguous()
                     if key and self.disk_dir is not None:
                         self.disk_dir.mkdir(parents=True, exist_ok=True)
                         tmp = self.disk_dir / f".{key}.{os.getpid()}.tmp"  # ranks may write the same entry
-                        save_file({"latents": latent.contiguous(), "time_ids": tid}, str(tmp))
+                        save_file(entry, str(tmp))
                         final = self.disk_dir / f"{key}.safetensors"
                         tmp.replace(final)
-                    self._keep(img.index, latent.contiguous(), tid, final)
+                    self._keep(img.index, entry["latents"], tid, final, entry.get("mask"))
                     self.encoded += 1
                 done += len(chunk)
                 progress(done, len(images))
@@ -278,13 +314,17 @@ def model_key(base_model: str, vae, source: Path | str | None = None) -> str:
 
 
 def build_latent_cache(cfg, fam, comps, images: list[TrainImage], *, device: torch.device, world: int,
-                       source: Path | str | None, events) -> tuple[LatentCache, dict, list]:
+                       source: Path | str | None, events, masks=None) -> tuple[LatentCache, dict, list]:
     """Encode the dataset once with the VAE: (cache, plan, images that failed to decode). The plan says where the
     latents live: on the accelerator when they take at most a tenth of its free memory, in host memory within
     cache_host_budget_gb, else on disk under <output_path>/cache/latents, read per step."""
     from .text_cache import host_budget
 
-    total, budget = latent_bytes(fam.latent_layout(comps.vae.config), images), host_budget(cfg, world)
+    from .masks import mask_bytes
+
+    layout = fam.latent_layout(comps.vae.config)
+    total = latent_bytes(layout, images) + mask_bytes(layout, images, masks.sources if masks is not None else None)
+    budget = host_budget(cfg, world)
     spill = total > budget
     plan = {"placement": "disk" if spill else "host", "total_bytes": total, "host_budget_bytes": budget,
             "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if spill else 'fit'} the host budget of "
@@ -295,7 +335,7 @@ def build_latent_cache(cfg, fam, comps, images: list[TrainImage], *, device: tor
     comps.vae.to(device)
     failed = cache.build(lambda pix: fam.encode_latents(comps.vae, pix), images, device=device, seed=cfg.seed,
                          random_crop=cfg.random_crop,
-                         batch_size=max(1, cfg.batch_size),
+                         batch_size=max(1, cfg.batch_size), masks=masks,
                          progress=lambda n, t: events.emit("progress", phase="caching_latents", current=n, total=t,
                                                            unit="images"))
     comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the denoiser

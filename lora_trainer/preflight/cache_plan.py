@@ -127,7 +127,9 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions
     device_budget = None if device_free_bytes is None else int(device_free_bytes * DEFAULT_DEVICE_FRACTION)
     out: dict = {"host_budget_bytes": budget, "device_budget_bytes": device_budget}
     if cfg.cache_latents:
-        total = sum(spec.latent_channels * (w // VAE_SCALE) * (h // VAE_SCALE) * 4 for w, h in shapes)
+        # masked_loss: each entry also holds its mask, one fp32 channel on the latent grid (counted for every image)
+        channels = spec.latent_channels + (1 if getattr(cfg, "masked_loss", False) else 0)
+        total = sum(channels * (w // VAE_SCALE) * (h // VAE_SCALE) * 4 for w, h in shapes)
         out["latents"] = {"total_bytes": total, "placement": _latent_placement(total, budget, device_budget)}
     if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags:
         entries = len(set(captions) | ({""} if cfg.caption_dropout_rate > 0 else set()))

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from ..data import captions as cap
 from .scan_index import ScanIndex, identity
 from ..data.buckets import bucket_range, make_buckets, nearest_bucket, upscale_factor
+from ..data.masks import is_sidecar
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 # Modes the trainer's loader (data.to_rgb) turns into 8-bit RGB; it rescales 16-bit and float modes
@@ -97,6 +98,7 @@ class DatasetScan:
     ignored_files: int = 0  # non-image, non-caption files
     caption_warnings: tuple[tuple[str, str], ...] = ()  # (rel caption path, warning)
     held_out: tuple[ImageRecord, ...] = ()  # the validation loss's images, never trained on (eval_set.py)
+    masks: Any = None  # preflight/mask_scan.py MaskAudit, with masked_loss
 
 
 def _problem(code: str, message: str) -> dict:
@@ -398,7 +400,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         used_captions: set[str] = set()
         for e in files:
             stem, ext = os.path.splitext(e.name)
-            if ext.lower() not in IMAGE_EXTENSIONS:
+            if ext.lower() not in IMAGE_EXTENSIONS or is_sidecar(stem):  # a -masklabel file is a mask, not an image
                 continue
             try:
                 ident = identity(e.stat())
@@ -411,7 +413,8 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
             found.append((e.path, "/".join(rel + (e.name,)), folder, repeats, ident,
                           cpath, "/".join(rel + (cname,)) if cname is not None else None))
         for e in files:
-            if os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS and e.name not in used_captions:
+            stem, ext = os.path.splitext(e.name)
+            if (ext.lower() not in IMAGE_EXTENSIONS or is_sidecar(stem)) and e.name not in used_captions:
                 ignored += 1
 
     inspected = [index.image(f[1], f[4]) if f[4][0] else None for f in found]

@@ -45,6 +45,7 @@ _EXIT_BY_CODE = {
     "model_corrupt": EXIT_MODEL_LOAD, "model_unsupported": EXIT_MODEL_LOAD, "model_config_missing": EXIT_MODEL_LOAD,
     "model_unreadable": EXIT_MODEL_LOAD, "eval_set_missing": EXIT_DATASET, "eval_set_empty": EXIT_DATASET,
     "output_not_writable": EXIT_IO,
+    "mask_path_missing": EXIT_DATASET, "mask_missing": EXIT_DATASET,
 }
 
 
@@ -258,6 +259,13 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
     if not scan.usable:
         errors.append(_issue("no_usable_images", "dataset_path", f"none of the {len(scan.records)} images can be read"))
         return info, scan
+    if cfg.masked_loss:
+        from .mask_scan import check_masks
+
+        scan = check_masks(cfg, scan, info, errors, warnings)  # skips the images whose mask is unusable
+        if not scan.usable:
+            errors.append(_issue("no_usable_images", "dataset_path", "no image has a usable mask"))
+            return info, scan
     if scan.without_caption:
         warnings.append(_issue("caption_missing", "caption_extension",
                                f"{_plural(len(scan.without_caption), 'image')} have no (or an empty) {cfg.caption_extension} caption; "

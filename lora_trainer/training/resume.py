@@ -41,7 +41,9 @@ MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr
               "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
               "train_guidance_scale", "shard_base", "ema_decay", "ema_device", "ema_update_interval", "ema_warmup",
               "ema_sampling", "eval_dataset_path", "eval_split", "eval_steps", "eval_timesteps",
-              "eval_seed", "eval_max_images")
+              "eval_seed", "eval_max_images",
+              "masked_loss", "mask_path", "alpha_mask", "require_masks",
+              "mask_min_value", "mask_normalize")
 
 
 @dataclass

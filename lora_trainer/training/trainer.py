@@ -27,6 +27,7 @@ from .resume import CheckpointRun, TrainState
 from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
 from ..data.images import build_images, decode_failures, load_pixels, plan_epoch
+from ..data.masks import MaskSet, loss_weights
 from ..runtime.device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from ..contract.errors import DatasetError, Interrupted
 from ..contract.events import EventStream
@@ -141,6 +142,7 @@ class Trainer:
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, self.resolution)
         images = build_images(scan.usable, self.resolution, bucketing=self.bucketing, min_size=lo, max_size=hi)
         comps = self.comps
+        self.masks = MaskSet.for_run(cfg, scan, images)  # None unless masked_loss
         self.latent_cache = self.latent_plan = None
         if cfg.cache_latents:
             from ..data.images import build_latent_cache
@@ -148,7 +150,7 @@ class Trainer:
             ev.set_phase("caching_latents")
             self.latent_cache, self.latent_plan, failed = build_latent_cache(
                 cfg, self.family, comps, images, device=self.device, world=self.world,
-                source=self.downloaded or self.probe.path, events=ev)
+                source=self.downloaded or self.probe.path, events=ev, masks=self.masks)
         else:
             failed = decode_failures(images)
             comps.vae.to(self.device)
@@ -364,14 +366,16 @@ class Trainer:
                                           dropout_rate=cfg.caption_dropout_rate, rng=rng))
         if self.latent_cache is not None:
             latents, geometry = self.latent_cache.batch(batch, self.device)
+            masks = self.latent_cache.batch_masks(batch, self.masks)
         else:
-            pix, tids = [], []
+            pix, tids, masks = [], [], []
             for j, idx in enumerate(batch):
                 rng = random.Random(f"aug:{cfg.seed}:{epoch}:{batch_index}:{j}")
-                p, t = load_pixels(self.by_index[idx], random_crop=cfg.random_crop, rng=rng,
-                                   flip=cfg.flip_aug and rng.random() < 0.5)
+                flip = cfg.flip_aug and rng.random() < 0.5  # drawn first, as before masks: the same augmentations
+                p, t = load_pixels(self.by_index[idx], random_crop=cfg.random_crop, rng=rng, flip=flip)
                 pix.append(p)
                 tids.append(t)
+                masks.append(self.masks and self.masks.pixels(idx, t, flip=flip))
             latents = fam.encode_latents(comps.vae, torch.stack(pix)).float()
             geometry = torch.stack(tids).to(self.device)
         if self.text_cache is not None:
@@ -385,7 +389,7 @@ class Trainer:
         def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return fam.predict(self.denoisers, noisy, t, cond, geometry)
 
-        return self.objective(model_fn, latents, generator=self.noise_gen)
+        return self.objective(model_fn, latents, generator=self.noise_gen, extra=loss_weights(self.masks, masks, latents))
 
     def _emit_step(self, samples: int, window_s: float, s_per_step: float) -> None:
         value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
