@@ -156,3 +156,65 @@ def fingerprint(entries: list[tuple[DatasetEntry, Any]], cfg: Any) -> str:
         settings = [e.role, e.class_prompt, e.loss_weight] + [e.setting(cfg, k) for k in OVERRIDES]
         h.update(json.dumps(settings, default=str).encode() + b"\0" + scan.fingerprint.encode() + b"\n")
     return h.hexdigest()
+
+
+def run_plan(cfg: Any, images: list, epoch: int) -> list[list[int]]:
+    """The run's epoch plan: plan_epoch with each dataset's batch size."""
+    sizes = {i: e.setting(cfg, "batch_size") for i, e in enumerate(cfg.datasets)} or cfg.batch_size
+    return plan_epoch(images, sizes, cfg.seed, epoch)
+
+
+def triggers_for(cfg: Any, img: Any) -> tuple[str, ...]:
+    """The trigger words a step's caption gets for this image (none for a regularisation image)."""
+    return cfg.trigger_words if getattr(img, "triggers", None) is None else img.triggers
+
+
+def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool) -> list:
+    """The run's TrainImages: a `dataset_path` scan's as always; a MultiScan's per entry at the entry's resolution,
+    a regularisation image's caption falling back to its class prompt."""
+    from .buckets import bucket_range
+    from .images import build_images
+
+    def build(records, res):
+        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)
+        return build_images(records, res, bucketing=bucketing, min_size=lo, max_size=hi)
+
+    if not getattr(scan, "entries", None):
+        return build(scan.usable, resolution)
+    images: list = []
+    for d, (entry, s) in enumerate(scan.entries):
+        for img in build(s.usable, s.resolution):
+            caption = img.caption if not entry.is_reg or (img.caption or "").strip() else entry.class_prompt
+            images.append(dataclasses.replace(
+                img, index=len(images), dataset=d, role=entry.role, loss_weight=entry.loss_weight, caption=caption,
+                triggers=() if entry.is_reg else None,
+                folder=f"{entry.path.name}/{img.folder}" if img.folder else entry.path.name))
+    return images
+
+
+def loss_weights(images: list, device: Any):
+    """The batch's per-sample dataset loss weights for objectives' LossWeights, or None when all are 1 (the
+    objective then computes exactly what it did before datasets existed)."""
+    weights = [img.loss_weight for img in images]
+    if all(w == 1.0 for w in weights):
+        return None
+    import torch
+
+    from ..objectives.ddpm import LossWeights
+
+    return LossWeights(samples=torch.tensor(weights, dtype=torch.float32, device=device))
+
+
+def describe(cfg: Any, scan: Any, images: list) -> list[dict]:
+    """Every dataset with its counts (run_started, the manifest, the model card): images it trains on and the
+    samples it gives an epoch (a regularisation set's balanced share)."""
+    pairs = list(scan.entries) if getattr(scan, "entries", None) else [(DatasetEntry(path=cfg.dataset_path), scan)]
+    counts: dict[int, int] = {}
+    by_index = {img.index: img for img in images}
+    for batch in run_plan(cfg, images, 0):
+        d = by_index[batch[0]].dataset
+        counts[d] = counts.get(d, 0) + len(batch)
+    return [{"path": str(e.path), "role": e.role, "images": sum(img.dataset == d for img in images),
+             "samples_per_epoch": counts.get(d, 0), "resolution": s.resolution,
+             "batch_size": e.setting(cfg, "batch_size"), "loss_weight": e.loss_weight, "class_prompt": e.class_prompt}
+            for d, (e, s) in enumerate(pairs)]

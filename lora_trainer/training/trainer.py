@@ -23,10 +23,9 @@ from . import resume as resume_mod
 from .background import BackgroundWriter
 from .checkpoint import checkpoint_dir
 from .resume import CheckpointRun, TrainState
-from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
-from ..data.images import (build_images, decode_failures, load_pixels,
-                   plan_epoch)
+from ..data.datasets import build_run_images, describe, loss_weights, run_plan, triggers_for
+from ..data.images import decode_failures, load_pixels
 from ..runtime.device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from ..contract.errors import DatasetError, Interrupted
 from ..contract.events import EventStream
@@ -125,6 +124,7 @@ class Trainer:
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
+                datasets=describe(cfg, self.scan, self.images),
                 variant=self.comps.variant,
                 objective=objective_summary(self.cfg, self.family.spec, self.comps.variant),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
@@ -138,8 +138,7 @@ class Trainer:
         # "no usable image" is a preflight error: the scan's usable records are all that is left to train on.
         cfg, ev, scan = self.cfg, self.events, self.scan
         self.world = self.accelerator.num_processes
-        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, self.resolution)
-        images = build_images(scan.usable, self.resolution, bucketing=self.bucketing, min_size=lo, max_size=hi)
+        images = build_run_images(cfg, scan, self.resolution, self.bucketing)
         comps = self.comps
         self.latent_cache = self.latent_plan = None
         if cfg.cache_latents:
@@ -163,8 +162,8 @@ class Trainer:
                                hint="re-export the images as PNG or JPEG")
         self.images = images
         self.by_index = {img.index: img for img in images}
-        self.samples_per_epoch = sum(i.repeats for i in images)
-        batches = len(plan_epoch(images, cfg.batch_size, cfg.seed, 0))
+        epoch0 = run_plan(cfg, images, 0)  # with regularisation sets, more than the train images' repeats
+        self.samples_per_epoch, batches = sum(map(len, epoch0)), len(epoch0)
         # Each rank takes every world-th batch; an optimizer step consumes grad_accum batches per rank.
         per_rank = -(-batches // self.world)
         self.steps_per_epoch = max(1, -(-per_rank // cfg.gradient_accumulation_steps))
@@ -244,7 +243,7 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         try:
             while prog.global_step < self.total_steps:
-                batches = plan_epoch(self.images, cfg.batch_size, cfg.seed, prog.epoch)
+                batches = run_plan(cfg, self.images, prog.epoch)
                 mine = batches[self.accelerator.process_index::self.world]
                 while prog.batch_in_epoch < len(mine) and prog.global_step < self.total_steps:
                     group = mine[prog.batch_in_epoch:prog.batch_in_epoch + accum]
@@ -352,11 +351,12 @@ class Trainer:
         from ..data.captions import build_caption
 
         cfg, fam, comps = self.cfg, self.family, self.comps
-        captions = []
+        captions, batch_images = [], []
         for j, idx in enumerate(batch):
             # Per-sample RNG derived from (seed, epoch, batch, slot): caption randomness needs no saved state.
             rng = random.Random(f"caption:{cfg.seed}:{epoch}:{batch_index}:{j}")
-            captions.append(build_caption(self.by_index[idx].caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words,
+            batch_images.append(img := self.by_index[idx])
+            captions.append(build_caption(img.caption, triggers_for(cfg, img), prepend=cfg.prepend_trigger_words,
                                           shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                           dropout_rate=cfg.caption_dropout_rate, rng=rng))
         if self.latent_cache is not None:
@@ -382,7 +382,7 @@ class Trainer:
         def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return fam.predict(self.denoisers, noisy, t, cond, geometry)
 
-        return self.objective(model_fn, latents, generator=self.noise_gen)
+        return self.objective(model_fn, latents, generator=self.noise_gen, extra=loss_weights(batch_images, self.device))
 
     def _emit_step(self, samples: int, window_s: float, s_per_step: float) -> None:
         value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
