@@ -78,15 +78,14 @@ def _reg_captions(i: int, entry: DatasetEntry, scan: DatasetScan, errors: list, 
 
 
 def check_datasets(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
-                   verify: bool, deep: bool, index: ScanIndex | None) -> tuple[dict, MultiScan | None]:
-    from .run import _check_dataset
-
+                   verify: bool, deep: bool, index: ScanIndex | None, check_one) -> tuple[dict, MultiScan | None]:
+    """Every entry through ``check_one`` (run._check_dataset, passed in: run imports this module)."""
     infos, scans, items = [], [], []
     for i, entry in enumerate(cfg.datasets):
         ecfg = entry_config(cfg, entry)
         errs: list[dict] = []
         warns: list[dict] = []
-        info, scan = _check_dataset(ecfg, family, prediction, errs, warns, verify, deep, _EntryIndex(index, i))
+        info, scan = check_one(ecfg, family, prediction, errs, warns, verify, deep, _EntryIndex(index, i))
         if scan is not None and entry.is_reg:
             _reg_captions(i, entry, scan, errs, warns)
         errors.extend(_rename(e, i, entry) for e in errs)

@@ -332,7 +332,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     if getattr(cfg, "datasets", ()):
         from .datasets import check_datasets
 
-        dataset_info, scan = check_datasets(cfg, family, prediction, errors, warnings, verify, deep, index)
+        dataset_info, scan = check_datasets(cfg, family, prediction, errors, warnings, verify, deep, index,
+                                             _check_dataset)
     else:
         dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index)
     errors.extend(_model_issue(p) for p in probe.problems)
