@@ -234,3 +234,14 @@ def test_flow_family_trains_with_a_weighted_regularisation_set(two_sets, tiny_mo
     # entry's loss_weight scales (exactly: 0.5 is a power of two).
     first = next(i for i, (a, b) in enumerate(zip(runs[0.5], runs[1.0])) if a != b)
     assert runs[0.5][first] == 0.5 * runs[1.0][first]
+
+
+def test_memory_plan_hints_reparse_a_datasets_config(tmp_path):
+    """The memory plan offers a setting change only where the config, rewritten with it, still parses."""
+    from lora_trainer.preflight.model_checks import settings_problems
+
+    cfg, _ = parse_config({**BASE, "datasets": [{"path": "a"}, {"path": "b", "role": "regularization",
+                                                                "class_prompt": "woman", "batch_size": 1}]},
+                          base_dir=tmp_path)
+    assert settings_problems(cfg, {"gradient_checkpointing": True}, "sd15", None) == []
+    assert [p["path"] for p in settings_problems(cfg, {"resolution": 100}, "sd15", None)] == ["resolution"]

@@ -41,7 +41,9 @@ class DatasetEntry:
         return dict(self.overrides).get(key, getattr(cfg, key))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "role": self.role, **dict(self.overrides), "class_prompt": self.class_prompt,
+        """The entry as a config file holds it (run_started.config, the manifest, settings_problems re-parse it)."""
+        return {"path": str(self.path), "role": self.role, **dict(self.overrides),
+                **({"class_prompt": self.class_prompt} if self.class_prompt is not None else {}),
                 "loss_weight": self.loss_weight}
 
 
