@@ -157,8 +157,8 @@ class Trainer:
                     files=[f"{img.rel}: {msg}" for img, msg in failed[:50]])
             bad = {img.index for img, _ in failed}
             images = [img for img in images if img.index not in bad]
-        if not images:
-            raise DatasetError(f"no image in {cfg.dataset_path} could be decoded",
+        if not any(img.role == "train" for img in images):  # regularisation alone would plan empty epochs
+            raise DatasetError(f"no training image in {cfg.dataset_path or 'the train datasets'} could be decoded",
                                hint="re-export the images as PNG or JPEG")
         self.images = images
         self.by_index = {img.index: img for img in images}
