@@ -308,6 +308,10 @@ export interface SampleEvent {
   prompt: string;
   seed: number;
   index?: number;
+  /**
+   * With ema_decay: drawn with the EMA of the LoRA weights or the raw ones (ema_sampling)
+   */
+  weights?: "ema" | "raw";
 }
 /**
  * Something the operator should know; the run continues.
@@ -319,7 +323,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them)
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights)
    */
   code: string;
   message: string;
@@ -378,6 +382,14 @@ export interface CompletedEvent {
   outputs: {
     lora: string;
     peft_lora?: string;
+    /**
+     * With ema_decay: raw/<output_name>.safetensors, the raw (not averaged) weights; lora holds the EMA
+     */
+    raw_lora?: string;
+    /**
+     * With ema_decay: raw/pytorch_lora_weights.safetensors, the raw weights in the diffusers layout
+     */
+    raw_peft_lora?: string;
     manifest?: string;
     loss_curve?: string;
     report?: string;

@@ -56,6 +56,11 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    ema_decay: float | None = None  # EMA of the adapter weights (training/ema.py); None: off
+    ema_device: str = "accelerator"
+    ema_update_interval: int = 1
+    ema_warmup: bool = True
+    ema_sampling: str = "ema"
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
@@ -204,6 +209,22 @@ def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
                                 "use_dora false, or offload_blocks 0"))
 
 
+def _ema_warnings(cfg: TrainConfig, warnings: list[dict]) -> None:
+    if cfg.ema_decay is None:
+        for key in ("ema_device", "ema_update_interval", "ema_warmup", "ema_sampling"):
+            if key in cfg.explicit_keys:
+                warnings.append({"code": "unused_setting", "path": key,
+                                 "message": f"{key} has no effect because ema_decay is null (EMA off)"})
+        return
+    updates = (cfg.max_train_steps or 0) // cfg.ema_update_interval
+    window = 1 / (1 - cfg.ema_decay)  # the number of updates the average effectively spans
+    if not cfg.ema_warmup and cfg.max_train_steps and updates < window:
+        warnings.append({"code": "ema_too_slow", "path": "ema_decay",
+                         "message": f"ema_decay {cfg.ema_decay} averages over about {window:.0f} updates but the run "
+                                    f"makes {updates}: without ema_warmup the EMA stays close to the first steps' "
+                                    "weights; lower ema_decay or set ema_warmup true"})
+
+
 def shard_clashes(cfg: TrainConfig) -> list[tuple[str, str]]:
     """The settings shard_base cannot be combined with, as (message, allowed); shard.py says why for each. One list
     for the config error and for the memory plan's hints (which offer shard_base only where it would work)."""
@@ -218,6 +239,8 @@ def shard_clashes(cfg: TrainConfig) -> list[tuple[str, str]]:
          "train_text_encoder false with shard_base"),
         (cfg.optimizer != "adamw", f"optimizer {cfg.optimizer!r} does not run on sharded tensors",
          "optimizer \"adamw\" with shard_base"),
+        (cfg.ema_decay is not None, "ema_decay: the EMA keeps whole copies of the LoRA, which sharding splits",
+         "ema_decay null with shard_base"),
     ]
     return [(message, allowed) for clash, message, allowed in clashes if clash]
 
@@ -300,6 +323,7 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
                                     "weight's norm, a small approximation); A1111's built-in loader implements only "
                                     "input-axis DoRA and misapplies it. See README 'DoRA'."})
     datasets.config_problems(cfg, problems, warnings, problem, _is_within, resolution_problems)
+    _ema_warnings(cfg, warnings)
     _offload_problems(cfg, problems)
     _compile_problems(cfg, problems)
     _shard_problems(cfg, problems)

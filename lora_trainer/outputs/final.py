@@ -1,6 +1,7 @@
 """The final outputs: the kohya LoRA, the diffusers copy, and training_manifest.json."""
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -60,7 +61,7 @@ def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> 
                                          dtype=SAVE_DTYPES[cfg.save_precision])
 
 
-def _metadata(record: RunRecord, progress) -> dict[str, str]:
+def _metadata(record: RunRecord, progress, ema: dict | None = None) -> dict[str, str]:
     from ..data.captions import tag_frequency
 
     cfg = record.cfg
@@ -81,6 +82,7 @@ def _metadata(record: RunRecord, progress) -> dict[str, str]:
     training["text_encoder_quantization"] = cfg.text_encoder_quantization
     if cfg.base_quantization == "fp8":
         training["ss_fp8_base"] = True
+    training["ema"] = ema  # ss_ema: these are EMA weights (decay, warm-up, updates averaged); absent on raw weights
     return build_metadata(family=record.family.name, rank=cfg.lora_rank, alpha=cfg.alpha, output_name=cfg.output_name,
                           trigger_words=list(cfg.trigger_words), tag_frequency=tag_frequency(by_folder),
                           resolution=(record.resolution, record.resolution), training=training, title=cfg.output_name,
@@ -96,23 +98,40 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], progress, last_loss: float | None,
-                 is_main: bool) -> dict[str, str]:
+                 is_main: bool, ema: Any = None) -> dict[str, str]:
     """Write the LoRA files and the manifest (main process); returns the paths for the completed event. The caller
-    waits for the other ranks."""
+    waits for the other ranks. ``ema`` (training/ema.py, with ema_decay): the LoRA files hold its weights and the
+    raw weights go to ``raw/`` beside them, in the same two files."""
+    from ..training.ema import summary as ema_summary
+
     cfg = record.cfg
     paths: dict[str, str] = {}
     if is_main or any(is_sharded(m) for m in modules.values()):  # sharded: lora_state is a collective
         states = {name: lora_state(m) for name, m in modules.items()}
     if is_main:
         check_finite(states, "final LoRA")
+        ema_info, raw_states = ema_summary(cfg, ema), None
+        if ema is not None:
+            raw_states, states = states, ema.states()
+            check_finite(states, "final EMA LoRA")
         try:
             res = export_lora(cfg.output_path, cfg.output_name, record.family.name, states, alpha=cfg.alpha,
-                              rank=cfg.lora_rank, unet_config=None, metadata=_metadata(record, progress),
+                              rank=cfg.lora_rank, unet_config=None, metadata=_metadata(record, progress, ema_info),
                               dtype=SAVE_DTYPES[cfg.save_precision], kohya=tool_file(record, states))
             paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
                      "manifest": str(cfg.output_path / MANIFEST_NAME)}
+            if raw_states is not None:
+                (cfg.output_path / "raw").mkdir(exist_ok=True)
+                raw = export_lora(cfg.output_path / "raw", cfg.output_name, record.family.name, raw_states,
+                                  alpha=cfg.alpha, rank=cfg.lora_rank, unet_config=None,
+                                  metadata=_metadata(record, progress), dtype=SAVE_DTYPES[cfg.save_precision],
+                                  kohya=tool_file(record, raw_states))
+                paths.update(raw_lora=raw["kohya_path"], raw_peft_lora=raw["peft_path"])
+                ema_info = {**ema_info, "raw_lora": raw["kohya_path"], "raw_peft_lora": raw["peft_path"]}
             test_hold("export_lora")  # a kill here: the LoRA files written, the manifest and model card not yet
-            extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
+            with ema.applied() if ema is not None else contextlib.nullcontext():  # the exported weights' figure
+                extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
+            extra.update({"ema": ema_info} if ema_info else {})
             _write_json_atomic(cfg.output_path / MANIFEST_NAME,
                                {**manifest(record, res, progress=progress, last_loss=last_loss), **extra})
             test_hold("export_manifest")

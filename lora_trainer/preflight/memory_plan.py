@@ -310,6 +310,8 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         parts["lora"] = int(lora * ((per_param - 4) / processes + grads))
     else:
         parts["lora"] = lora * per_param
+    if cfg.ema_decay is not None and cfg.ema_device == "accelerator":
+        parts["ema"] = lora * 4  # the EMA's fp32 copy of the LoRA (training/ema.py); ema_device "cpu": host memory
     parts["weight_copies"] = copies
     text_tokens = spec.text_length(probe.variant, cfg.max_sequence_length)
     activations = _activations(spec, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,

@@ -39,7 +39,8 @@ MAY_CHANGE = ("max_train_steps", "num_epochs", "learning_rate", "text_encoder_lr
               "keep_tokens", "lora_dropout", "weight_decay", "max_grad_norm", "flip_aug", "random_crop",
               "flow_sigma_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_sigmoid_scale",
               "flow_shift", "flow_shift_value", "flow_loss_weighting", "flow_precondition_outputs",
-              "train_guidance_scale", "shard_base")
+              "train_guidance_scale", "shard_base", "ema_decay", "ema_device", "ema_update_interval", "ema_warmup",
+              "ema_sampling")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainState:
     noise_gen: torch.Generator | None = None
     loss_ema: torch.Tensor | None = None
     loss_history: list = field(default_factory=list)
+    weights_ema: Any = None  # training/ema.py AdapterEMA (ema_decay), or None
     # Which run this is, across resumes: made at a fresh start, restored from checkpoints. The outputs record it, so
     # a retry can tell its own finished LoRA (rewrite it, bitwise the same) from another run's (never overwrite);
     # its times make the LoRA's metadata the same however often the run was resumed.
@@ -172,6 +174,8 @@ def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
     st = run.state
     rank_rng = _gather_rank_rng(run)
     states = opt_state = None
+    ema = st.weights_ema if run.accelerator.is_main_process else None
+    ema_files, ema_json = ema.checkpoint() if ema is not None else ({}, None)
     if run.sharded or run.accelerator.is_main_process:
         # Sharded (shard_base): whole tensors are all-gathered, a collective every process joins; rank 0 writes.
         states = {name: {k: v.to("cpu") for k, v in lora_state(m).items()} for name, m in run.modules.items()}
@@ -181,6 +185,7 @@ def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
         return None
     step = st.progress.global_step
     outputs.check_finite(states, f"checkpoint at step {step}")
+    outputs.check_finite(ema_files, f"checkpoint at step {step}")
     opt_tensors, opt_skel = flatten_state(opt_state, "optimizer")
     sched_tensors, sched_skel = flatten_state(_host_copy(st.lr_scheduler.state_dict()), "lr_scheduler")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -192,10 +197,12 @@ def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
     rng_tensors, rng_skel = flatten_state(rng, "rng")
     files = {f"lora_{name}": state for name, state in states.items()}
     files["optimizer"] = {**opt_tensors, **sched_tensors, **rng_tensors}
+    files.update(ema_files)
     json_files = copy.deepcopy({  # by value: the run goes on changing these while the write reads them
         "progress": st.progress.to_json(), "run": run.identity, "lineage": st.lineage,
         "history": {"loss": [list(p) for p in st.loss_history]},
-        "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel}})
+        "state": {"optimizer": opt_skel, "lr_scheduler": sched_skel, "rng": rng_skel,
+                  **({"ema": ema_json} if ema_json is not None else {})}})
 
     def write() -> Path:
         files["lora"] = run.tool_file(states)
@@ -288,6 +295,8 @@ def maybe_resume(run: CheckpointRun) -> Path | None:
     if "ranks" in rng and run.world > 1:  # world_size must match (MUST_MATCH), so every rank has its row
         _restore_rank_rng(run, rng["ranks"])
     st.loss_ema.copy_(rng["loss_ema"].to(device))
+    if st.weights_ema is not None:
+        st.weights_ema.restore(tensors, skel.get("ema"))
     st.progress = TrainingProgress.from_json(js["progress"])
     st.loss_history = [tuple(p) for p in js.get("history", {}).get("loss", [])]
     if isinstance(js.get("lineage"), dict) and js["lineage"].get("id"):  # older checkpoints lack it: a new lineage

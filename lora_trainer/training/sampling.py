@@ -72,19 +72,34 @@ def validation_model(trainer) -> Any:
     return trainer._validation_model
 
 
-def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
-                     cached: Any = None, every_rank: bool = False, validation_model: Any = None) -> list[str]:
+def generate_samples(cfg, family, comps, *, ema: Any = None, **kwargs: Any) -> list[str]:
+    """One set of samples (``_generate_set``), or with ``ema`` (training/ema.py, ema_decay) one per set of weights
+    ema_sampling asks for, each drawn with those weights in the model and labelled."""
+    from .ema import sample_sets
+
+    paths: list[str] = []
+    for weights, subdir, context in sample_sets(ema):
+        with context:
+            paths += _generate_set(cfg, family, comps, weights=weights, subdir=subdir, **kwargs)
+    return paths
+
+
+def _generate_set(cfg, family, comps, *, accelerator: Any, events, resolution: int, step: int,
+                  cached: Any = None, every_rank: bool = False, validation_model: Any = None,
+                  weights: str | None = None, subdir: str | None = None) -> list[str]:
     """Generate, save and report sample images with the LoRA-wrapped ``comps`` (accelerate's Accelerator gives
     the device, autocast and the dashboards); returns their paths. Main process only, unless ``every_rank``: a
     sharded denoiser (shard_base) gathers each block from every process, so they all generate the same images, and
     only the main process saves them. ``cached(prompts)``: the text cache's lookup, when the text encoders were
     released (the prompts' conditioning is in it). ``validation_model`` (validation_base_model): its denoisers, with
-    the current LoRA, draw the samples, at its own sample defaults."""
+    the current LoRA, draw the samples, at its own sample defaults. ``weights`` ("raw" / "ema", with ema_decay) labels
+    the ``sample`` events; ``subdir``: a folder inside the step's for a second set (training/ema.py)."""
     main = accelerator.is_main_process
     if not main and not every_rank:
         return []
     device = accelerator.device
     out_dir = cfg.output_path / "samples" / f"step-{step:06d}"
+    out_dir = out_dir / subdir if subdir else out_dir
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     denoisers = dict(comps.denoisers)  # the plain modules, LoRA attached: no DDP wrapper in a pipeline
@@ -121,7 +136,8 @@ def generate_samples(cfg, family, comps, *, accelerator: Any, events, resolution
                     _save_png(image, path)
                     images.append(image)
                     paths.append(str(path))
-                    events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k)
+                    events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k,
+                                **({"weights": weights} if weights else {}))
             if images and main:
                 grid = _grid(images, cols=cfg.num_validation_images)
                 _save_png(grid, out_dir / "grid.png")

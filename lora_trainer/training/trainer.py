@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..outputs import final as outputs
-from . import resume as resume_mod
+from . import ema as ema_mod, resume as resume_mod
 from .background import BackgroundWriter
 from .checkpoint import checkpoint_dir
 from .resume import CheckpointRun, TrainState
@@ -110,6 +110,7 @@ class Trainer:
         self._prepare_data()
         self._attach_lora()
         self._build_optimizer()
+        self.state.weights_ema = ema_mod.build(cfg, self.denoiser_params + self.te_params, self.lora_modules, self.device)
         self.resumed_from = resume_mod.maybe_resume(self._checkpoint_run())
         if self.resumed_from is not None:
             self.last_saved = (self.progress.global_step, self.resumed_from)
@@ -257,6 +258,7 @@ class Trainer:
                     window_samples += sum(len(b) for b in group) * self.world
                     self.loss_history.append((prog.global_step, self.step_loss if self.step_ok else None,
                                               self.lr_scheduler.get_last_lr()[0]))
+                    ema_mod.update(self.state.weights_ema, self.step_ok, prog.global_step)
                     if self.step_ok:  # a skipped non-finite step must not poison the smoothed loss
                         if prog.global_step > 1:
                             self.loss_ema.mul_(0.9).add_(loss.detach().float(), alpha=0.1)
@@ -294,7 +296,7 @@ class Trainer:
         generate_samples(self.cfg, self.family, self.comps, accelerator=self.accelerator, events=self.events,
                          resolution=self.resolution, step=step, every_rank=bool(self.shards), validation_model=validation_model(self),
                          cached=self.text_cache.batch if self.text_cache is not None and not self.comps.text_encoders
-                         else None)
+                         else None, ema=self.state.weights_ema)
         self.accelerator.wait_for_everyone()
 
     def _optimizer_step(self, group: list[list[int]], epoch: int, first_batch: int) -> torch.Tensor:
@@ -467,7 +469,7 @@ class Trainer:
         # outputs are rewritten from it, bitwise as they were
         with self.stop.saving():
             paths = outputs.export_final(self._record(), modules=dict(self.lora_modules), progress=self.progress,
-                                         last_loss=self.last_loss, is_main=self.is_main)
+                                         last_loss=self.last_loss, is_main=self.is_main, ema=self.state.weights_ema)
             if _FAULT_KILL_AFTER_EXPORT:
                 os.kill(os.getpid(), signal.SIGKILL)
             self.accelerator.wait_for_everyone()
