@@ -194,10 +194,10 @@ def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool) -> l
     return images
 
 
-def loss_weights(images: list, device: Any):
+def loss_weights(by_index: dict, batch: list[int], device: Any):
     """The batch's per-sample dataset loss weights for objectives' LossWeights, or None when all are 1 (the
     objective then computes exactly what it did before datasets existed)."""
-    weights = [img.loss_weight for img in images]
+    weights = [by_index[i].loss_weight for i in batch]
     if all(w == 1.0 for w in weights):
         return None
     import torch

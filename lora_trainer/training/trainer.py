@@ -159,12 +159,11 @@ class Trainer:
             bad = {img.index for img, _ in failed}
             images = [img for img in images if img.index not in bad]
         if not any(img.role == "train" for img in images):  # regularisation alone would plan empty epochs
-            raise DatasetError(f"no training image in {cfg.dataset_path or 'the train datasets'} could be decoded",
+            raise DatasetError(f"no train image in {cfg.dataset_path or 'the train datasets'} could be decoded",
                                hint="re-export the images as PNG or JPEG")
         self.images = images
         self.by_index = {img.index: img for img in images}
-        epoch0 = run_plan(cfg, images, 0)  # with regularisation sets, more than the train images' repeats
-        self.samples_per_epoch, batches = sum(map(len, epoch0)), len(epoch0)
+        self.samples_per_epoch, batches = sum(map(len, epoch0 := run_plan(cfg, images, 0))), len(epoch0)  # + reg
         # Each rank takes every world-th batch; an optimizer step consumes grad_accum batches per rank.
         per_rank = -(-batches // self.world)
         self.steps_per_epoch = max(1, -(-per_rank // cfg.gradient_accumulation_steps))
@@ -353,14 +352,13 @@ class Trainer:
         from ..data.captions import build_caption
 
         cfg, fam, comps = self.cfg, self.family, self.comps
-        captions, batch_images = [], []
+        captions = []
         for j, idx in enumerate(batch):
             # Per-sample RNG derived from (seed, epoch, batch, slot): caption randomness needs no saved state.
             rng = random.Random(f"caption:{cfg.seed}:{epoch}:{batch_index}:{j}")
-            batch_images.append(img := self.by_index[idx])
-            captions.append(build_caption(img.caption, triggers_for(cfg, img), prepend=cfg.prepend_trigger_words,
-                                          shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                          dropout_rate=cfg.caption_dropout_rate, rng=rng))
+            captions.append(build_caption((img := self.by_index[idx]).caption, triggers_for(cfg, img),
+                                          prepend=cfg.prepend_trigger_words, shuffle=cfg.shuffle_tags,
+                                          keep_tokens=cfg.keep_tokens, dropout_rate=cfg.caption_dropout_rate, rng=rng))
         if self.latent_cache is not None:
             latents, geometry = self.latent_cache.batch(batch, self.device)
         else:
@@ -384,7 +382,7 @@ class Trainer:
         def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return fam.predict(self.denoisers, noisy, t, cond, geometry)
 
-        return self.objective(model_fn, latents, generator=self.noise_gen, extra=loss_weights(batch_images, self.device))
+        return self.objective(model_fn, latents, generator=self.noise_gen, extra=loss_weights(self.by_index, batch, self.device))
 
     def _emit_step(self, samples: int, window_s: float, s_per_step: float) -> None:
         value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
