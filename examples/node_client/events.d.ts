@@ -118,6 +118,20 @@ export interface RunStartedEvent {
   resume_from?: string | null;
   resolution?: number;
   bucketing?: boolean;
+  /**
+   * every dataset of the run, in config order (one for dataset_path), with its counts: the images it trains on and the samples it gives an epoch (a regularisation set's share balanced to the train samples); also in training_manifest.json and the model card
+   */
+  datasets?: {
+    path: string;
+    role: "train" | "regularization";
+    images: number;
+    samples_per_epoch: number;
+    resolution?: number;
+    batch_size?: number;
+    loss_weight?: number;
+    class_prompt?: string | null;
+    [k: string]: unknown | undefined;
+  }[];
   prediction_type?: "epsilon" | "v_prediction" | "flow";
   /**
    * the model's variant within its family: FLUX.1 "dev" / "schnell", SD3 "sd3-medium" / "sd3.5-medium" / "sd3.5-large"; null for SD1.x/SD2.x/SDXL

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import datasets
 from ..data.buckets import bucket_range
 from ..contract.errors import ConfigError
 from ..families import SPECS
@@ -35,10 +36,11 @@ BUCKET_STEP = 64  # buckets.make_buckets' step
 class TrainConfig:
     """Every setting of a run, resolved and immutable. Field names equal the config keys."""
 
-    dataset_path: Path
+    dataset_path: Path | None  # None with `datasets` (data/datasets.py)
     base_model: str
     output_path: Path
     trigger_words: tuple[str, ...]
+    datasets: tuple = ()  # data.datasets.DatasetEntry per entry; () with dataset_path
     model_type: str = "auto"
     prediction_type: str = "auto"
     base_model_config: str | None = None
@@ -168,7 +170,7 @@ class TrainConfig:
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
             out[f.name] = redact(f.name, value)
         return out
 
@@ -264,6 +266,33 @@ def _shard_problems(cfg: TrainConfig, problems: list[dict]) -> None:
                                 f"{allowed}, or shard_base false"))
 
 
+def resolution_problems(cfg: TrainConfig, problems: list[dict], path: str = "resolution") -> None:
+    """The resolution's multiple and bucket range (`path` names it: an entry of `datasets` has its own)."""
+    if cfg.resolution is None:
+        return
+    # A UNet family's resolution rules are checked here: its pixel multiple (the VAE's 8x times the UNet's
+    # downsampling) and its bucketing default. A transformer family's (VAE x patch size) are checked by
+    # preflight with its other family rules (model_checks), where a probed family gets them too.
+    spec = SPECS.get(cfg.model_type)  # None for "auto"
+    unet = spec if spec is not None and "unet" in spec.denoisers else None
+    family_multiple = unet.pixel_multiple if unet else VAE_SCALE
+    multiple = math.lcm(family_multiple, BUCKET_STEP if cfg.enable_bucketing is True else 1)
+    if cfg.resolution % multiple:
+        if cfg.enable_bucketing:
+            why = f"bucketing uses a {BUCKET_STEP} px step"
+        elif family_multiple > VAE_SCALE:
+            why = f"{unet.label}'s UNet needs latents divisible by {family_multiple // VAE_SCALE}"
+        else:
+            why = f"the VAE downsamples {VAE_SCALE}x"
+        problems.append(problem(path, cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
+                                f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
+    bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and unet is not None and unet.bucketing_default)
+    lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, cfg.resolution)
+    if bucketing and not (lo <= cfg.resolution <= hi):  # only an explicit bound can exclude it
+        problems.append(problem(path, cfg.resolution, "resolution lies outside the bucket range",
+                                f"{lo} to {hi} (min_bucket_resolution / max_bucket_resolution)"))
+
+
 def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -> None:
     ex = cfg.explicit_keys
     if cfg.max_train_steps is not None and cfg.num_epochs is not None:
@@ -281,34 +310,15 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
         if cfg.validation_steps and cfg.validation_steps > steps:
             warnings.append({"code": "validation_never_runs", "path": "validation_steps",
                              "message": f"validation_steps {cfg.validation_steps} > max_train_steps {steps}: samples only at the end"})
-    if cfg.resolution is not None:
-        # A UNet family's resolution rules are checked here: its pixel multiple (the VAE's 8x times the UNet's
-        # downsampling) and its bucketing default. A transformer family's (VAE x patch size) are checked by
-        # preflight with its other family rules (model_checks), where a probed family gets them too.
-        spec = SPECS.get(cfg.model_type)  # None for "auto"
-        unet = spec if spec is not None and "unet" in spec.denoisers else None
-        family_multiple = unet.pixel_multiple if unet else VAE_SCALE
-        multiple = math.lcm(family_multiple, BUCKET_STEP if cfg.enable_bucketing is True else 1)
-        if cfg.resolution % multiple:
-            if cfg.enable_bucketing:
-                why = f"bucketing uses a {BUCKET_STEP} px step"
-            elif family_multiple > VAE_SCALE:
-                why = f"{unet.label}'s UNet needs latents divisible by {family_multiple // VAE_SCALE}"
-            else:
-                why = f"the VAE downsamples {VAE_SCALE}x"
-            problems.append(problem("resolution", cfg.resolution, f"resolution must be a multiple of {multiple} ({why})",
-                                    f"a multiple of {multiple}, e.g. {max(multiple, cfg.resolution // multiple * multiple)}"))
-        bucketing = cfg.enable_bucketing or (cfg.enable_bucketing is None and unet is not None and unet.bucketing_default)
-        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, cfg.resolution)
-        if bucketing and not (lo <= cfg.resolution <= hi):  # only an explicit bound can exclude it
-            problems.append(problem("resolution", cfg.resolution, "resolution lies outside the bucket range",
-                                    f"{lo} to {hi} (min_bucket_resolution / max_bucket_resolution)"))
+    resolution_problems(cfg, problems)
     if None not in (cfg.min_bucket_resolution, cfg.max_bucket_resolution) and \
             cfg.min_bucket_resolution > cfg.max_bucket_resolution:
         problems.append(problem("min_bucket_resolution", cfg.min_bucket_resolution,
                                 "min_bucket_resolution is larger than max_bucket_resolution",
                                 f"<= {cfg.max_bucket_resolution}"))
-    if cfg.dataset_path == cfg.output_path or _is_within(cfg.output_path, cfg.dataset_path):
+    if cfg.dataset_path is None:
+        pass  # datasets: each entry is checked by data.datasets.config_problems
+    elif cfg.dataset_path == cfg.output_path or _is_within(cfg.output_path, cfg.dataset_path):
         problems.append(problem("output_path", str(cfg.output_path),
                                 "output_path is the dataset folder or inside it: checkpoints and samples would be read as training images",
                                 "a folder outside dataset_path"))
@@ -325,6 +335,7 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
                                     "load the kohya file (their current output-axis DoRA normalises by the base "
                                     "weight's norm, a small approximation); A1111's built-in loader implements only "
                                     "input-axis DoRA and misapplies it. See README 'DoRA'."})
+    datasets.config_problems(cfg, problems, warnings, problem, _is_within, resolution_problems)
     _ema_warnings(cfg, warnings)
     _offload_problems(cfg, problems)
     _compile_problems(cfg, problems)
@@ -370,19 +381,21 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, config_path: Path | 
     non_finite = {p["path"] for p in problems}
     # The schema would add "'NaN' is not of type 'number'" for a key already named above.
     problems.extend(p for p in schema_problems(raw) if p["path"] not in non_finite)
+    problems.extend(datasets.key_problems(merged.get("datasets"), problem))
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the config", problems)
 
     opt = optional_fields()
     values: dict[str, Any] = {k: spec.get("default") for k, spec in opt.items()}
     values.update(merged)
+    values["datasets"] = datasets.parse_entries(values["datasets"], base_dir)
     for key, value in values.items():
         if isinstance(value, list):
             values[key] = tuple(value)
     triggers = raw["trigger_words"]
     triggers = (triggers,) if isinstance(triggers, str) else tuple(triggers)
     cfg = TrainConfig(
-        dataset_path=_resolve_path(raw["dataset_path"], base_dir),
+        dataset_path=_resolve_path(raw["dataset_path"], base_dir) if "dataset_path" in raw else None,
         base_model=raw["base_model"],
         output_path=_resolve_path(raw["output_path"], base_dir),
         trigger_words=tuple(t.strip() for t in triggers),

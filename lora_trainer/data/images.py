@@ -31,6 +31,11 @@ class TrainImage:
     repeats: int
     orig_size: tuple[int, int]  # (w, h) after EXIF rotation
     bucket: tuple[int, int]  # (w, h) training size
+    # Which entry of `datasets` it comes from and that entry's rules (data/datasets.py build_run_images).
+    dataset: int = 0
+    role: str = "train"
+    loss_weight: float = 1.0
+    triggers: tuple[str, ...] | None = None  # None: the run's trigger_words; () for a regularisation image
 
 
 def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int) -> list[TrainImage]:

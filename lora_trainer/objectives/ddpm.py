@@ -97,6 +97,17 @@ class LossWeights:
     elements: Optional[torch.Tensor] = None
     samples: Optional[torch.Tensor] = None
 
+    @staticmethod
+    def of(*parts: Optional["LossWeights"]) -> Optional["LossWeights"]:
+        """One LossWeights from the data's parts (masks give elements, datasets give samples); None when none has
+        any, so an unweighted run computes exactly what it did before weights existed."""
+        elements = [p.elements for p in parts if p is not None and p.elements is not None]
+        samples = [p.samples for p in parts if p is not None and p.samples is not None]
+        if not elements and not samples:
+            return None
+        prod = lambda ts: None if not ts else ts[0] if len(ts) == 1 else torch.stack(torch.broadcast_tensors(*ts)).prod(0)
+        return LossWeights(elements=prod(elements), samples=prod(samples))
+
 
 class DiffusionObjective:
     """Noise sampling, targets and (weighted) loss for DDPM-style training."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..data.datasets import describe
 from ..adapters.lora import dora_row_scale
 from ..contract.errors import OutputError, TrainingError
 from ..distributed.shard import is_sharded, lora_state
@@ -138,7 +139,8 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
 
             local = cfg.resolve(str(cfg.base_model)).exists()
             paths["model_card"] = str(write_model_card(cfg, family=record.family.name, steps=progress.global_step,
-                                                       base_is_hub=not local))
+                                                       base_is_hub=not local,
+                                                       datasets=describe(cfg, record.scan, record.images)))
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "
@@ -164,6 +166,7 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
         "bucketing": r.bucketing,
         "dataset": {"fingerprint": r.scan.fingerprint, "images": len(r.images),
                     "samples_per_epoch": r.samples_per_epoch, "skipped": [x.rel_path for x in r.scan.bad]},
+        "datasets": describe(r.cfg, r.scan, r.images),
         "versions": {"train_lora": __import__("lora_trainer").__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": platform.python_version()},

@@ -37,7 +37,17 @@ def _latest_samples(out_dir: Path, limit: int = 4) -> list[tuple[str, str]]:
     return [(f.relative_to(out_dir).as_posix(), f.name[1:3]) for f in files]
 
 
-def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool) -> Path:
+def _datasets_md(datasets: list[dict] | None) -> str:
+    """The datasets section: every dataset with its role and counts (data.datasets.describe)."""
+    if not datasets:
+        return ""
+    rows = "\n".join(f"| `{Path(d['path']).name}` | {d['role']} | {d['images']} | {d['samples_per_epoch']} | "
+                     f"{d['loss_weight']:g} | {d['class_prompt'] or ''} |" for d in datasets)
+    return ("\n## Datasets\n\n| folder | role | images | samples per epoch | loss weight | class prompt |\n"
+            f"| --- | --- | --- | --- | --- | --- |\n{rows}\n")
+
+
+def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, datasets: list[dict] | None = None) -> Path:
     from huggingface_hub import ModelCard, ModelCardData
 
     from ..data.captions import prompts_for
@@ -71,7 +81,7 @@ alpha {cfg.alpha:g}{", DoRA" if cfg.use_dora else ""}, learning rate {cfg.learni
 ## Trigger words
 
 Use `{triggers}` in the prompt.
-
+{_datasets_md(datasets)}
 ## Samples
 
 {samples_md}

@@ -278,7 +278,7 @@ def _as_written(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return [_as_written(v) for v in value]
-    return value
+    return value.to_dict() if hasattr(value, "to_dict") else value  # a `datasets` entry
 
 
 def settings_problems(cfg: Any, change: dict, family: str | None, variant: str | None) -> list[dict]:
@@ -290,8 +290,9 @@ def settings_problems(cfg: Any, change: dict, family: str | None, variant: str |
     from ..config.schema import optional_fields
     from ..contract.errors import ConfigError
 
-    written = {"dataset_path": str(cfg.dataset_path), "base_model": cfg.base_model,
-               "output_path": str(cfg.output_path), "trigger_words": list(cfg.trigger_words)}
+    written = {"base_model": cfg.base_model, "output_path": str(cfg.output_path),
+               "trigger_words": list(cfg.trigger_words),
+               **({"dataset_path": str(cfg.dataset_path)} if cfg.dataset_path is not None else {})}
     for key, node in optional_fields().items():
         value = _as_written(getattr(cfg, key, node.get("default")))
         if key in cfg.explicit_keys or value != node.get("default"):

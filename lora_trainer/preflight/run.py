@@ -11,7 +11,6 @@ the most basic one; ``PreflightResult.exit_code`` is derived from it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -339,7 +338,13 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
                                hint="set prediction_type to \"epsilon\" for a 512-base SD2 checkpoint, or to "
                                     "\"v_prediction\" to silence this"))
     index = ScanIndex.for_output(cfg.output_path, {"verify": verify, "deep": deep})
-    dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index)
+    if getattr(cfg, "datasets", ()):
+        from .datasets import check_datasets
+
+        dataset_info, scan = check_datasets(cfg, family, prediction, errors, warnings, verify, deep, index,
+                                             _check_dataset)
+    else:
+        dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index)
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, errors, warnings)

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -24,10 +23,10 @@ from .background import BackgroundWriter
 from .checkpoint import checkpoint_dir
 from .eval_loss import HeldOutLoss
 from .resume import CheckpointRun, TrainState
-from ..data.buckets import bucket_range
 from ..config.config import TrainConfig
-from ..data.images import build_images, decode_failures, load_pixels, plan_epoch
-from ..data.masks import MaskSet, loss_weights
+from ..data.datasets import build_run_images, describe, run_plan
+from ..data.images import decode_failures
+from ..data.masks import MaskSet
 from ..runtime.device import StepMemory, choose_cpu_threads, cpu_warnings, resolve_device, weight_dtype
 from ..contract.errors import DatasetError, Interrupted
 from ..contract.events import EventStream
@@ -126,6 +125,7 @@ class Trainer:
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
+                datasets=describe(cfg, self.scan, self.images),
                 variant=self.comps.variant,
                 objective=objective_summary(self.cfg, self.family.spec, self.comps.variant),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
@@ -139,8 +139,7 @@ class Trainer:
         # "no usable image" is a preflight error: the scan's usable records are all that is left to train on.
         cfg, ev, scan = self.cfg, self.events, self.scan
         self.world = self.accelerator.num_processes
-        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, self.resolution)
-        images = build_images(scan.usable, self.resolution, bucketing=self.bucketing, min_size=lo, max_size=hi)
+        images = build_run_images(cfg, scan, self.resolution, self.bucketing)
         comps = self.comps
         self.masks = MaskSet.for_run(cfg, scan, images)  # None unless masked_loss
         self.latent_cache = self.latent_plan = None
@@ -160,13 +159,12 @@ class Trainer:
                     files=[f"{img.rel}: {msg}" for img, msg in failed[:50]])
             bad = {img.index for img, _ in failed}
             images = [img for img in images if img.index not in bad]
-        if not images:
-            raise DatasetError(f"no image in {cfg.dataset_path} could be decoded",
+        if not any(img.role == "train" for img in images):  # regularisation alone would plan empty epochs
+            raise DatasetError(f"no train image in {cfg.dataset_path or 'the train datasets'} could be decoded",
                                hint="re-export the images as PNG or JPEG")
         self.images = images
         self.by_index = {img.index: img for img in images}
-        self.samples_per_epoch = sum(i.repeats for i in images)
-        batches = len(plan_epoch(images, cfg.batch_size, cfg.seed, 0))
+        self.samples_per_epoch, batches = sum(map(len, epoch0 := run_plan(cfg, images, 0))), len(epoch0)  # + reg
         # Each rank takes every world-th batch; an optimizer step consumes grad_accum batches per rank.
         per_rank = -(-batches // self.world)
         self.steps_per_epoch = max(1, -(-per_rank // cfg.gradient_accumulation_steps))
@@ -247,7 +245,7 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         try:
             while prog.global_step < self.total_steps:
-                batches = plan_epoch(self.images, cfg.batch_size, cfg.seed, prog.epoch)
+                batches = run_plan(cfg, self.images, prog.epoch)
                 mine = batches[self.accelerator.process_index::self.world]
                 while prog.batch_in_epoch < len(mine) and prog.global_step < self.total_steps:
                     group = mine[prog.batch_in_epoch:prog.batch_in_epoch + accum]
@@ -354,30 +352,12 @@ class Trainer:
         return loss_sum
 
     def _loss(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
-        from ..data.captions import build_caption
+        from . import batch as inputs
 
         cfg, fam, comps = self.cfg, self.family, self.comps
-        captions = []
-        for j, idx in enumerate(batch):
-            # Per-sample RNG derived from (seed, epoch, batch, slot): caption randomness needs no saved state.
-            rng = random.Random(f"caption:{cfg.seed}:{epoch}:{batch_index}:{j}")
-            captions.append(build_caption(self.by_index[idx].caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words,
-                                          shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                          dropout_rate=cfg.caption_dropout_rate, rng=rng))
-        if self.latent_cache is not None:
-            latents, geometry = self.latent_cache.batch(batch, self.device)
-            masks = self.latent_cache.batch_masks(batch, self.masks)
-        else:
-            pix, tids, masks = [], [], []
-            for j, idx in enumerate(batch):
-                rng = random.Random(f"aug:{cfg.seed}:{epoch}:{batch_index}:{j}")
-                flip = cfg.flip_aug and rng.random() < 0.5  # drawn first, as before masks: the same augmentations
-                p, t = load_pixels(self.by_index[idx], random_crop=cfg.random_crop, rng=rng, flip=flip)
-                pix.append(p)
-                tids.append(t)
-                masks.append(self.masks and self.masks.pixels(idx, t, flip=flip))
-            latents = fam.encode_latents(comps.vae, torch.stack(pix)).float()
-            geometry = torch.stack(tids).to(self.device)
+        captions = inputs.captions(cfg, self.by_index, batch, epoch, batch_index)
+        latents, geometry, masks = inputs.latents(cfg, fam, comps.vae, self.by_index, self.latent_cache, self.masks,
+                                                  batch, epoch, batch_index, self.device)
         if self.text_cache is not None:
             cond = self.text_cache.batch(captions)  # on self.device already
         elif cfg.train_text_encoder:
@@ -389,7 +369,8 @@ class Trainer:
         def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return fam.predict(self.denoisers, noisy, t, cond, geometry)
 
-        return self.objective(model_fn, latents, generator=self.noise_gen, extra=loss_weights(self.masks, masks, latents))
+        extra = inputs.weights(self.masks, masks, latents, self.by_index, batch)
+        return self.objective(model_fn, latents, generator=self.noise_gen, extra=extra)
 
     def _emit_step(self, samples: int, window_s: float, s_per_step: float) -> None:
         value = self.step_loss  # non-finite values are sent as null; _optimizer_step already guarded the weights
