@@ -386,9 +386,11 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     lycoris = is_lycoris(states)  # LoKr / LoHa: outputs/lycoris.py writes both layouts
     if kohya is None:
         configs = dict.fromkeys(get_spec(family).denoisers, unet_config)
-        kohya = (lycoris_tool_state_dict if lycoris else get_family(family).tool_state_dict)(
-            *((get_family(family),) if lycoris else ()), states, configs, alpha=alpha, rank=rank, dtype=dtype)
-    peft = (lycoris_peft_state_dict if lycoris else peft_state_dict)(states, dtype=dtype)
+        fam = get_family(family)
+        kohya = (lycoris_tool_state_dict(fam, states, configs, alpha=alpha, rank=rank, dtype=dtype) if lycoris
+                 else fam.tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype))
+    peft = (lycoris_peft_state_dict(states, alpha=alpha, rank=rank, dtype=dtype) if lycoris
+            else peft_state_dict(states, dtype=dtype))
     _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now
     _check_tensors(peft, None)
     kohya_md = add_hashes(kohya, metadata)

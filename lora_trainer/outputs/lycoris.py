@@ -152,18 +152,23 @@ def tool_state_dict(family: Any, states: Mapping[str, Mapping[str, torch.Tensor]
     return out
 
 
-def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]],
+def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``<component>.<module>.<part>`` as trained (text encoders with transformers' ``text_model.`` level, as the
-    LoRA PEFT file)."""
+    """``<component>.<module>.<part>`` (text encoders with transformers' ``text_model.`` level, as the LoRA PEFT
+    file), alpha / rank multiplied into w1 (``lokr_w1`` / ``lokr_w1_a`` / ``hada_w1_a``) and the metadata's alpha
+    set to the rank: diffusers' ``load_lora_adapter`` called without the metadata (a file path and no
+    ``weight_name``) infers alpha = rank, so only a file at scale 1 loads at the trained strength both ways."""
     out: dict[str, torch.Tensor] = {}
     for component, state in states.items():
         for path, parts in lycoris_modules(state, component).items():
             if component.startswith("text_encoder"):
                 path = te_path(path)
+            first = next(p for p in ("lokr_w1", "lokr_w1_a", "hada_w1_a") if p in parts)
             for part, tensor in parts.items():
-                t = tensor.detach().to("cpu")
-                out[f"{component}.{path}.{part}"] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
+                t = tensor.detach().to("cpu", torch.float32)
+                if part == first:
+                    t = t * (float(alpha) / rank)
+                out[f"{component}.{path}.{part}"] = t.to(dtype if dtype is not None else tensor.dtype).contiguous()
     return out
 
 
@@ -174,6 +179,7 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]],
     packed: dict[str, Any] = {}
     for component, state in states.items():
         fields = dict(configs[component].to_dict())
+        fields.update(alpha=fields["r"], alpha_pattern={})  # the scale is in the factors (peft_state_dict)
         paths = sorted(lycoris_modules(state, component))
         fields["target_modules"] = [p.removeprefix("text_model.") for p in paths]
         for key, value in fields.items():
