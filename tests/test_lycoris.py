@@ -42,22 +42,31 @@ def _adapted(model):
                  or "default" in getattr(m, "hada_w1_a", {}))}
 
 
-def _trained(model, cfg_fields, state):
-    """The trained deltas: ``model`` given the run's adapters (adapters/lora.add_lora, as training does) on the
-    modules the checkpoint's PEFT ``state`` holds (``cfg_fields["targets"]`` without one), then that state ->
-    {module path: fp32 delta}."""
-    from peft.utils import set_peft_model_state_dict
-
+def _adapt(model, cfg_fields, targets):
+    """``model`` given the run's adapters on ``targets`` (adapters/lora.add_lora, as training does)."""
     from lora_trainer.adapters.lora import add_lora
     from lora_trainer.adapters.lycoris import Network
 
     net = Network(cfg_fields["network_type"], cfg_fields.get("lokr_factor", -1),
                   cfg_fields.get("lokr_decompose_both", False), cfg_fields.get("lycoris_effective_conv", False))
     add_lora(model, rank=cfg_fields["lora_rank"], alpha=cfg_fields["lora_alpha"], dropout=0.0,
-             targets=tuple(sorted({k.rsplit(".", 1)[0] for k in state}) or cfg_fields["targets"]), use_dora=False, path="target_modules", network=net)
+             targets=tuple(targets), use_dora=False, path="target_modules", network=net)
+    return model
+
+
+def _deltas(model):
+    return {n: m.get_delta_weight("default").detach().float() for n, m in _adapted(model).items()}
+
+
+def _trained(model, cfg_fields, state):
+    """The trained deltas: ``model`` adapted on the modules the checkpoint's PEFT ``state`` holds
+    (``cfg_fields["targets"]`` without one), then that state -> {module path: fp32 delta}."""
+    from peft.utils import set_peft_model_state_dict
+
+    _adapt(model, cfg_fields, sorted({k.rsplit(".", 1)[0] for k in state}) or cfg_fields["targets"])
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     assert not getattr(result, "unexpected_keys", None)
-    return {n: m.get_delta_weight("default").detach().float() for n, m in _adapted(model).items()}
+    return _deltas(model)
 
 
 def _close(got, want, what):
@@ -149,6 +158,24 @@ def test_lokr_sd15_trains_exports_reconstructs_in_comfyui_loads_in_diffusers_and
     assert loaded.keys() == want["unet"].keys()
     for path, delta in loaded.items():
         _close(delta, want["unet"][path], path)
+
+    # init_lora: either file starts a LoKr run from exactly the trained deltas (the scale folded into w1 undone)
+    from lora_trainer.adapters.init_lycoris import apply_init_lycoris
+    from lora_trainer.families import get_family
+
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        again = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+        mods = {c: _adapt(getattr(again, c), SD15_LOKR, sorted({k.rsplit(".", 1)[0] for k in ckpt[c]})) for c in ckpt}
+        info = apply_init_lycoris(out / name, get_family("sd15"), mods, {"unet": again.unet.config}, rank=4, alpha=8.0)
+        assert info["modules"] == len(names) and info["not_in_file"] == [], name
+        for c, m in mods.items():
+            got = _deltas(m)
+            assert got.keys() == want[c].keys()
+            for path, delta in got.items():
+                _close(delta, want[c][path], f"init_lora {name} {path}")
+    wrong = run_cli("--config", str(_config(tmp_path, model, dataset, "loha", network_type="loha", lora_rank=4,
+                                            init_lora=str(out / "lora.safetensors"))), "--validate-only")
+    assert [e["path"] for e in wrong.last("validation")["errors"]] == ["network_type"]
 
     _resume_matches(tmp_path, model, dataset, out, SD15_LOKR)
 
@@ -364,3 +391,39 @@ def test_the_memory_plan_counts_peft_lokr_and_loha_parameters_exactly():
             for name, layer in layers.items():
                 trained = sum(p.numel() for n, p in model[name].named_parameters() if n.split(".")[1] != "base_layer")
                 assert adapter_params(tuple(layer.weight.shape), rank, cfg) == trained, (net, factor, both, eff, name)
+
+
+@pytest.mark.parametrize("family", __import__("lora_trainer.families", fromlist=["FAMILIES"]).FAMILIES)
+def test_every_family_gets_a_lycoris_name_for_every_module_or_is_refused_before_training(tiny_models, family):
+    """No family branch: the tool file's names come from each family's own LoRA layout (outputs/lycoris.tool_names),
+    for every Linear its all_linear preset adapts and its LoRA'd text encoders; exactly the families whose tool file
+    fuses q/k/v (FamilySpec.tool_file_dora, which preflight refuses lokr / loha for) have none."""
+    import diffusers
+    import transformers
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_trainer.adapters.lora import add_lora
+    from lora_trainer.adapters.lycoris import Network
+    from lora_trainer.families import get_family, get_part, get_spec
+    from lora_trainer.outputs.lycoris import tool_names
+
+    spec = get_spec(family)
+    path = tiny_models[get_part(family, "tiny").DEFAULT]
+    states, configs = {}, {}
+    for name in spec.denoisers:
+        model = getattr(diffusers, spec.component_classes[name]).from_pretrained(path, subfolder=name)
+        add_lora(model, rank=2, alpha=4, dropout=0.0, targets=spec.targets("all_linear"), use_dora=False, path="t",
+                 network=Network("lokr"))
+        states[name], configs[name] = get_peft_model_state_dict(model, adapter_name="default"), model.config
+    for name in spec.lora_text_encoders:
+        model = getattr(transformers, spec.component_classes[name]).from_pretrained(path, subfolder=name)
+        add_lora(model, rank=2, alpha=4, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+                 use_dora=False, path="t", network=Network("loha"))
+        states[name] = get_peft_model_state_dict(model, adapter_name="default")
+    if not spec.tool_file_dora:
+        with pytest.raises(ValueError):
+            tool_names(get_family(family), states, configs)
+        return
+    names = tool_names(get_family(family), states, configs)
+    modules = {(c, k.rsplit(".", 1)[0]) for c, s in states.items() for k in s}
+    assert set(names) == modules and len(set(names.values())) == len(modules)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 ALGOS = ("lokr", "loha")
+# PEFT's names for their tensors (its layers' adapter_layer_names), which are also LyCORIS's file suffixes
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+PARTS = LOKR_PARTS + LOHA_PARTS
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,9 @@ from typing import Any
 
 import torch
 
+from ..adapters.lycoris import PARTS
 from ..families._unet.kohya_names import te_path
 
-LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-PARTS = LOKR_PARTS + LOHA_PARTS
 _DOWNS = (".lora_down.weight", ".lora_A.weight")
 _UPS = {".lora_down.weight": ".lora_up.weight", ".lora_A.weight": ".lora_B.weight"}
 
