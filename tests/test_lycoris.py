@@ -95,7 +95,8 @@ def _resume_matches(tmp_path, model, dataset, out, fields):
 
 # ------------------------------------------------------------------------------ (a) sd15, LoKr, through the CLI
 SD15_LOKR = dict(network_type="lokr", lokr_factor=4, lora_rank=4, lora_alpha=8, train_text_encoder=True,
-                 target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+                 target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
+                 offload_blocks=1, gradient_checkpointing=True)  # block streaming combines
 
 
 def test_lokr_sd15_trains_exports_reconstructs_in_comfyui_loads_in_diffusers_and_resumes(tmp_path, tiny_models,
@@ -113,7 +114,7 @@ def test_lokr_sd15_trains_exports_reconstructs_in_comfyui_loads_in_diffusers_and
     out = tmp_path / "run"
     ckpt = {c: safetensors.torch.load_file(out / "checkpoints" / "step-000004" / f"lora_{c}.safetensors")
             for c in ("unet", "text_encoder")}
-    assert plan["network_type"] == "lokr"
+    assert plan["network_type"] == "lokr" and plan["offload"]["blocks"] == 1
     assert plan["lora_params"] == sum(t.numel() for s in ckpt.values() for t in s.values())
     assert all(k.rsplit(".", 1)[1].startswith("lokr_") for s in ckpt.values() for k in s)
 
@@ -181,7 +182,7 @@ def test_lokr_sd15_trains_exports_reconstructs_in_comfyui_loads_in_diffusers_and
 
 
 # ----------------------------------------------------------------------------- (b) FLUX.1, LoHa, through the CLI
-FLUX_LOHA = dict(network_type="loha", lora_rank=4, lora_alpha=8)
+FLUX_LOHA = dict(network_type="loha", lora_rank=4, lora_alpha=8, base_quantization="fp8")  # fp8 storage combines
 
 
 def _comfy_flux_apply(sd, transformer):
@@ -233,6 +234,7 @@ def test_loha_flux1_trains_exports_reconstructs_through_fused_qkv_loads_in_peft_
     ckpt = safetensors.torch.load_file(out / "checkpoints" / "step-000004" / "lora_transformer.safetensors")
     assert check.last("validation")["summary"]["memory"]["lora_params"] == sum(t.numel() for t in ckpt.values())
     assert json.loads(_metadata(out / "lora.safetensors")["ss_network_args"])["algo"] == "loha"
+    assert json.loads((out / "training_manifest.json").read_text())["quantization"]["layers"]["transformer"]["fp8"]
 
     transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
     want = _trained(transformer, FLUX_LOHA, ckpt)
