@@ -171,9 +171,12 @@ def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: 
 
 
 def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]],
-                     configs: Mapping[str, Any]) -> dict[str, str]:
+                     configs: Mapping[str, Any] | None) -> dict[str, str]:
     """``lora_adapter_metadata`` as diffusers packs it (``<component>.<config field>``), from each component's PEFT
-    LoKrConfig / LoHaConfig, targets narrowed to the adapted module paths."""
+    LoKrConfig / LoHaConfig, targets narrowed to the adapted module paths. Without ``configs`` (export_lora called
+    without lora_configs) none is written: diffusers then infers the LoKr config, at scale 1 as the file is."""
+    if not configs:
+        return {"format": "pt"}
     packed: dict[str, Any] = {}
     for component, state in states.items():
         fields = dict(configs[component].to_dict())
