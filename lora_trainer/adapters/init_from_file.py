@@ -144,8 +144,16 @@ def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Mod
     (component -> adapted module), and say so."""
     path = cfg.resolve(cfg.init_lora)
     unet = comps.denoisers.get("unet")
-    info = apply_init_lora(path, family_name, dict(modules), rank=cfg.lora_rank, alpha=cfg.alpha,
-                           use_dora=cfg.use_dora, unet_config=unet.config if unet is not None else None)
+    if cfg.network_type != "lora":  # a LoKr / LoHa file
+        from ..families import get_family
+        from .init_lycoris import apply_init_lycoris
+
+        info = apply_init_lycoris(path, get_family(family_name), dict(modules),
+                                  {n: d.config for n, d in comps.denoisers.items()}, rank=cfg.lora_rank,
+                                  alpha=cfg.alpha)
+    else:
+        info = apply_init_lora(path, family_name, dict(modules), rank=cfg.lora_rank, alpha=cfg.alpha,
+                               use_dora=cfg.use_dora, unet_config=unet.config if unet is not None else None)
     events.emit("status", phase="init_lora", message=f"starting from {path.name}: {info['modules']} module(s)"
                 + (f", {info['rescaled']} rescaled for lora_alpha {cfg.alpha}" if info["rescaled"] else "")
                 + (f"; {len(info['unread'])} module(s) on text-encoder layers whose output {get_spec(family_name).label}"

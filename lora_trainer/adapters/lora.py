@@ -11,6 +11,13 @@ from ..families.spec import expand_targets, peft_targets
 
 ADAPTER = "default"
 MAGNITUDE = "lora_magnitude_vector"  # get_peft_model_state_dict's name for a DoRA layer's magnitude
+# What PEFT names the trained tensors of its LoRA / DoRA, LoKr and LoHa layers (each layer's adapter_layer_names):
+# every place that tells adapter weights from base weights by name goes through is_adapter_param.
+ADAPTER_PARTS = ("lora_", "lokr_", "hada_")
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(part in name for part in ADAPTER_PARTS)
 
 
 _ALLOWED = ("a preset (attention, attention_mlp, all_linear), or module names such as to_q, to_k, to_v, to_out.0, "
@@ -56,15 +63,19 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
-             use_dora: bool, path: str, skip: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+             use_dora: bool, path: str, skip: tuple[str, ...] = (), network=None) -> list[torch.nn.Parameter]:
     """Wrap the target layers with LoRA (fp32 weights), freeze everything else; returns the trainable params.
-    Layers under a ``skip`` prefix get none (a text encoder's layers whose output the conditioning never reads)."""
+    Layers under a ``skip`` prefix get none (a text encoder's layers whose output the conditioning never reads).
+    ``network`` (adapters/lycoris.py Network): LoKr or LoHa instead of LoRA."""
     from peft import LoraConfig, inject_adapter_in_model
 
     target_names = _target_check(module, targets, path, skip)
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_names,
-                        init_lora_weights=True, use_dora=use_dora)
+    if network is not None and network.lycoris:
+        config = network.peft_config(rank=rank, alpha=alpha, dropout=dropout, targets=target_names)
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_names,
+                            init_lora_weights=True, use_dora=use_dora)
     # diffusers models have add_adapter (which also registers the config for their loaders); transformers'
     # own add_adapter demands a newer peft than diffusers supports, so text encoders get PEFT's injection.
     if hasattr(module, "peft_config") or type(module).__module__.startswith("diffusers"):
@@ -73,7 +84,7 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     params = []
     for name, p in module.named_parameters():
-        if "lora_" in name:
+        if is_adapter_param(name):
             # Trainable weights stay fp32 even when the frozen base is bf16/fp16: AdamW updates of ~1e-4 x lr
             # vanish in bf16's 8-bit mantissa.
             p.data = p.data.float()

@@ -20,6 +20,7 @@ from ..data import datasets
 from ..data.buckets import bucket_range
 from ..contract.errors import ConfigError
 from ..families import SPECS
+from .network import network_problems
 from .schema import (check_keys, json_number, mark_non_finite, non_finite_problems, optional_fields, problem,
                      redact, schema_problems)
 # Names modules and tests have always imported from here.
@@ -67,6 +68,10 @@ class TrainConfig:
     target_modules: tuple[str, ...] | str = "auto"  # "auto", a preset name, or module names (families/spec.py)
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     use_dora: bool = False
+    network_type: str = "lora"  # lora | lokr | loha (adapters/lycoris.py)
+    lokr_factor: int = -1
+    lokr_decompose_both: bool = False
+    lycoris_effective_conv: bool = False
     init_lora: str | None = None
     merge_lora: str | None = None
     merge_lora_scale: float = 1.0
@@ -248,6 +253,8 @@ def shard_clashes(cfg: TrainConfig) -> list[tuple[str, str]]:
          "offload_blocks 0 with shard_base"),
         (cfg.use_dora, "use_dora: DoRA's export reads whole base weights, which no process holds",
          "use_dora false with shard_base"),
+        (cfg.network_type != "lora", f"network_type {cfg.network_type!r}: only LoRA's sharded state is tested",
+         "network_type \"lora\" with shard_base"),
         (cfg.train_text_encoder, "train_text_encoder: only the denoiser is sharded; train its LoRA alone",
          "train_text_encoder false with shard_base"),
         (cfg.optimizer != "adamw", f"optimizer {cfg.optimizer!r} does not run on sharded tensors",
@@ -337,6 +344,7 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
                                     "input-axis DoRA and misapplies it. See README 'DoRA'."})
     datasets.config_problems(cfg, problems, warnings, problem, _is_within, resolution_problems)
     _ema_warnings(cfg, warnings)
+    network_problems(cfg, problems, warnings)
     _offload_problems(cfg, problems)
     _compile_problems(cfg, problems)
     _shard_problems(cfg, problems)

@@ -21,7 +21,8 @@ from typing import Any, Iterable, NamedTuple
 
 TRAIN, REG = "train", "regularization"
 # Data keys an entry may set for itself (else the top-level value applies), in the order the README lists them.
-OVERRIDES = ("repeats", "caption_extension", "resolution", "batch_size", "recursive")
+OVERRIDES = ("repeats", "caption_extension", "resolution", "batch_size", "recursive", "mask_path", "alpha_mask",
+             "require_masks")
 ENTRY_KEYS = ("path", "role", *OVERRIDES, "class_prompt", "loss_weight")
 
 
@@ -74,8 +75,11 @@ def key_problems(raw: Any, problem) -> list[dict]:
 def entry_config(cfg: Any, entry: DatasetEntry) -> Any:
     """The config a dataset is scanned and built with: its overrides over the top level. A regularisation set has
     no trigger words (they are not prepended to its captions and none is missing from them)."""
-    return dataclasses.replace(cfg, dataset_path=entry.path, datasets=(), **dict(entry.overrides),
-                               **({"trigger_words": ()} if entry.is_reg else {}))
+    # A mask folder mirrors one dataset: never inherited (config_problems refuses a top-level one). The held-out
+    # set is the run's: a folder is scanned once for all entries, a split is taken from each train entry.
+    held_out = {"eval_dataset_path": None, **({"eval_split": 0.0} if entry.is_reg else {})}
+    return dataclasses.replace(cfg, **{"dataset_path": entry.path, "datasets": (), "mask_path": None, **held_out,
+                                       **dict(entry.overrides), **({"trigger_words": ()} if entry.is_reg else {})})
 
 
 def config_problems(cfg: Any, problems: list[dict], warnings: list[dict], problem, within, resolution_problems) -> None:
@@ -86,6 +90,9 @@ def config_problems(cfg: Any, problems: list[dict], warnings: list[dict], proble
     if cfg.dataset_path is not None and cfg.datasets:
         problems.append(problem("datasets", f"{len(cfg.datasets)} entries", "give dataset_path or datasets, not both",
                                 "move dataset_path into datasets as {\"path\": ..., \"role\": \"train\"}"))
+    if cfg.datasets and getattr(cfg, "mask_path", None):
+        problems.append(problem("mask_path", cfg.mask_path, "with datasets, each dataset names its own mask folder",
+                                "move mask_path into the datasets entries it mirrors"))
     if cfg.datasets and not any(e.role == TRAIN for e in cfg.datasets):
         problems.append(problem("datasets", f"{len(cfg.datasets)} entries", "datasets has no train entry",
                                 "at least one entry with role \"train\""))

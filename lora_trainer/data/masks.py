@@ -140,9 +140,11 @@ class MaskSet:
     def for_run(cls, cfg: Any, scan: Any, images: list) -> "MaskSet | None":
         if not getattr(cfg, "masked_loss", False):
             return None
-        found = getattr(scan, "masks", None)
-        by_rel = found.sources if found is not None else {}
-        return cls(sources={img.index: by_rel.get(img.rel) for img in images},
+        # A `datasets` run (preflight/datasets.MultiScan): each entry's own audit, its images told apart by dataset.
+        scans = [s for _, s in scan.entries] if getattr(scan, "entries", None) else [scan]
+        by_rel = {(d, rel): src for d, s in enumerate(scans)
+                  for rel, src in (s.masks.sources.items() if getattr(s, "masks", None) is not None else ())}
+        return cls(sources={img.index: by_rel.get((img.dataset, img.rel)) for img in images},
                    image_paths={img.index: str(img.path) for img in images},
                    min_value=float(cfg.mask_min_value), normalize=bool(cfg.mask_normalize))
 

@@ -52,6 +52,8 @@ import torch
 from ..adapters.lora import MAGNITUDE
 from ..families import FAMILIES, get_family, get_spec
 from ..families._unet.kohya_names import te_path
+from .lycoris import adapter_metadata as lycoris_adapter_metadata, is_lycoris
+from .lycoris import peft_state_dict as lycoris_peft_state_dict, tool_state_dict as lycoris_tool_state_dict
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 PEFT_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
@@ -381,14 +383,19 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     kohya_path, peft_path = out / f"{output_name}.safetensors", out / PEFT_WEIGHTS_NAME
     if kohya_path == peft_path:
         raise ValueError(f"output_name {output_name!r} collides with {PEFT_WEIGHTS_NAME}")
+    lycoris = is_lycoris(states)  # LoKr / LoHa: outputs/lycoris.py writes both layouts
     if kohya is None:
         configs = dict.fromkeys(get_spec(family).denoisers, unet_config)
-        kohya = get_family(family).tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype)
-    peft = peft_state_dict(states, dtype=dtype)
+        fam = get_family(family)
+        kohya = (lycoris_tool_state_dict(fam, states, configs, alpha=alpha, rank=rank, dtype=dtype) if lycoris
+                 else fam.tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype))
+    peft = (lycoris_peft_state_dict(states, alpha=alpha, rank=rank, dtype=dtype) if lycoris
+            else peft_state_dict(states, dtype=dtype))
     _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now
     _check_tensors(peft, None)
     kohya_md = add_hashes(kohya, metadata)
-    peft_md = adapter_metadata(states, alpha=alpha, rank=rank, lora_configs=lora_configs)
+    peft_md = (lycoris_adapter_metadata(states, lora_configs) if lycoris
+               else adapter_metadata(states, alpha=alpha, rank=rank, lora_configs=lora_configs))
     save_safetensors_atomic(kohya, kohya_path, kohya_md)
     save_safetensors_atomic(peft, peft_path, peft_md)
     return {"kohya_path": str(kohya_path), "peft_path": str(peft_path), "kohya_keys": len(kohya),

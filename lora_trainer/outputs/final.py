@@ -18,6 +18,7 @@ from ..distributed.shard import is_sharded, lora_state
 from ..runtime.run_lock import LINEAGE_KEY
 from ..runtime.signals import hold as test_hold
 from .export import build_metadata, export_lora, write_text_atomic
+from .lycoris import is_lycoris, lycoris_metadata, peft_configs, tool_state_dict as lycoris_tool_state_dict
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MANIFEST_NAME = "training_manifest.json"
@@ -57,6 +58,9 @@ def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> 
     """The ComfyUI / Forge / A1111 file's tensors (the family's layout) from PEFT states."""
     cfg = record.cfg
     configs = {name: denoiser.config for name, denoiser in record.comps.denoisers.items()}
+    if is_lycoris(states):  # LoKr / LoHa under the names the family's LoRA file uses
+        return lycoris_tool_state_dict(record.family, states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
+                                       dtype=SAVE_DTYPES[cfg.save_precision])
     return record.family.tool_state_dict(states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
                                          dtype=SAVE_DTYPES[cfg.save_precision])
 
@@ -89,7 +93,8 @@ def _metadata(record: RunRecord, progress, ema: dict | None = None) -> dict[str,
                           prediction_type=record.comps.prediction_type,
                           network_args={"train_text_encoder": cfg.train_text_encoder, "dropout": cfg.lora_dropout},
                           started_at=record.lineage["started_at"], finished_at=record.lineage["finished_at"],
-                          session_id=int(record.lineage["id"][:8], 16), extra={LINEAGE_KEY: record.lineage["id"]},
+                          session_id=int(record.lineage["id"][:8], 16),
+                          extra={LINEAGE_KEY: record.lineage["id"], **lycoris_metadata(cfg)},
                           dora=cfg.use_dora, variant=record.comps.variant)
 
 
@@ -117,7 +122,8 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
         try:
             res = export_lora(cfg.output_path, cfg.output_name, record.family.name, states, alpha=cfg.alpha,
                               rank=cfg.lora_rank, unet_config=None, metadata=_metadata(record, progress, ema_info),
-                              dtype=SAVE_DTYPES[cfg.save_precision], kohya=tool_file(record, states))
+                              dtype=SAVE_DTYPES[cfg.save_precision], kohya=tool_file(record, states),
+                              lora_configs=peft_configs(cfg, modules))
             paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
                      "manifest": str(cfg.output_path / MANIFEST_NAME)}
             if raw_states is not None:
@@ -125,7 +131,7 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
                 raw = export_lora(cfg.output_path / "raw", cfg.output_name, record.family.name, raw_states,
                                   alpha=cfg.alpha, rank=cfg.lora_rank, unet_config=None,
                                   metadata=_metadata(record, progress), dtype=SAVE_DTYPES[cfg.save_precision],
-                                  kohya=tool_file(record, raw_states))
+                                  kohya=tool_file(record, raw_states), lora_configs=peft_configs(cfg, modules))
                 paths.update(raw_lora=raw["kohya_path"], raw_peft_lora=raw["peft_path"])
                 ema_info = {**ema_info, "raw_lora": raw["kohya_path"], "raw_peft_lora": raw["peft_path"]}
             test_hold("export_lora")  # a kill here: the LoRA files written, the manifest and model card not yet
@@ -160,6 +166,7 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
         "lineage": r.lineage["id"],
         "config": r.cfg.to_dict(),
         "family": r.family.name,
+        "network_type": r.cfg.network_type,
         "variant": r.comps.variant,
         "prediction_type": r.comps.prediction_type,
         "resolution": r.resolution,

@@ -76,7 +76,7 @@ def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, da
 # {cfg.output_name}
 
 A {fam} LoRA trained with train_lora on {base_line}: {steps} steps, rank {cfg.lora_rank},
-alpha {cfg.alpha:g}{", DoRA" if cfg.use_dora else ""}, learning rate {cfg.learning_rate:g}.{merged}
+alpha {cfg.alpha:g}{", DoRA" if cfg.use_dora else ""}{_network(cfg)}, learning rate {cfg.learning_rate:g}.{merged}
 
 ## Trigger words
 
@@ -112,3 +112,9 @@ whose license applies to it too.
 
     write_text_atomic(path, str(card))
     return path
+
+
+def _network(cfg) -> str:
+    """LoKr / LoHa runs say so (the ComfyUI / Forge / A1111 file is a LyCORIS one)."""
+    net = getattr(cfg, "network_type", "lora")
+    return {"lokr": f", LoKr (factor {getattr(cfg, 'lokr_factor', -1)})", "loha": ", LoHa"}.get(net, "")

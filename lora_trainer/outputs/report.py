@@ -134,7 +134,8 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
     facts = [("steps", f"{step} of {total_steps}"), ("base model", str(cfg.base_model)),
              ("trigger words", triggers or "-"), ("final loss", f"{final_loss:.4f}" if final_loss is not None else "-"),
              ("trained on", device_prose(device_info)), ("duration", _duration(duration_s)),
-             ("LoRA", f"rank {cfg.lora_rank}, alpha {cfg.alpha:g}{', DoRA' if cfg.use_dora else ''}"),
+             ({"lokr": "LoKr", "loha": "LoHa"}.get(cfg.network_type, "LoRA"),
+              f"rank {cfg.lora_rank}, alpha {cfg.alpha:g}{', DoRA' if cfg.use_dora else ''}"),
              ("learning rate", f"{cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.optimizer})"),
              ("data", f"batch {cfg.batch_size}, {cfg.resolution or 'native'} px" if cfg.resolution else
               f"batch {cfg.batch_size}, the family's native resolution")]

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,12 @@ class MultiScan:
 
     def _all(self, name: str) -> tuple:
         return tuple(r for _, scan in self.entries for r in getattr(scan, name))
+
+    folder_held_out: tuple = ()  # eval_dataset_path's images (a split's are in each train entry's scan)
+
+    @property
+    def held_out(self) -> tuple:
+        return self._all("held_out") + self.folder_held_out
 
     records = property(lambda self: self._all("records"))
     usable = property(lambda self: self._all("usable"))
@@ -108,7 +115,17 @@ def check_datasets(cfg: Any, family: str | None, prediction: str | None, errors:
                                "bucketing": infos[0]["bucketing"] if infos else None}
     if len(scans) < len(cfg.datasets):  # a folder is missing: its error says so, there is nothing to combine
         return summary, None
-    return summary, _combine(cfg, scans, summary, items)
+    multi = _combine(cfg, scans, summary, items)
+    if getattr(cfg, "eval_dataset_path", None):
+        from .eval_set import check_eval_folder
+
+        held = check_eval_folder(cfg, [e.path for e in cfg.datasets], summary, errors, warnings, verify=verify,
+                                 deep=deep)
+        multi = dataclasses.replace(multi, folder_held_out=held)
+    elif getattr(cfg, "eval_split", 0):
+        summary["eval"] = {"source": "split", "fraction": cfg.eval_split, "images": len(multi.held_out),
+                           "per_dataset": [d.get("eval", {}).get("images", 0) for d in infos]}
+    return summary, multi
 
 
 def _combine(cfg: Any, scans: list, summary: dict, items: list) -> MultiScan:

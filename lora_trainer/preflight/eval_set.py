@@ -43,10 +43,12 @@ def _within(child: Path, parent: Path) -> bool:
         return False
 
 
-def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: bool, deep: bool
-                 ) -> tuple[ImageRecord, ...] | None:
+def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: bool, deep: bool,
+                 roots: list[Path] | None = None) -> tuple[ImageRecord, ...] | None:
     key = "eval_dataset_path"
-    if _within(folder, Path(cfg.dataset_path)) and (cfg.recursive or folder.resolve() == Path(cfg.dataset_path).resolve()):
+    inside = [r for r in roots or [Path(cfg.dataset_path)]
+              if _within(folder, r) and (cfg.recursive or folder.resolve() == r.resolve())]
+    if inside:
         errors.append(_issue("config_invalid", key, f"{folder} lies inside dataset_path: its images would be trained on",
                              hint="move the held-out images out of the dataset folder, or use eval_split"))
         return None
@@ -65,6 +67,21 @@ def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: b
                              hint="add images (.png, .jpg, .jpeg, .webp, .bmp), or set eval_dataset_path to null"))
         return None
     return scan.usable
+
+
+def check_eval_folder(cfg: Any, roots: list[Path], info: dict, errors: list, warnings: list, *, verify: bool,
+                      deep: bool) -> tuple[ImageRecord, ...]:
+    """A `datasets` run's held-out folder (one for all entries; none of them may contain it): its images, capped."""
+    folder = cfg.resolve(cfg.eval_dataset_path)
+    summary: dict[str, Any] = {"source": "folder", "path": str(folder), "every_steps": cfg.eval_steps,
+                               "max_images": cfg.eval_max_images}
+    info["eval"] = summary
+    usable = _scan_folder(cfg, folder, errors, warnings, verify, deep, roots=roots)
+    if usable is None:
+        return ()
+    held = tuple(usable[:cfg.eval_max_images])
+    summary.update(found=len(usable), images=len(held))
+    return held
 
 
 def check_eval_set(cfg: Any, scan: DatasetScan, info: dict, errors: list, warnings: list, *, verify: bool,

@@ -53,6 +53,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config.network import adapter_params
 from ..families import SPECS
 from ..families.spec import FamilySpec, expand_targets
 from .probe import weight_headers
@@ -142,12 +143,10 @@ def _selected(shapes: dict[str, list[int]], targets) -> dict[str, list[int]]:
     return {n: weights[n] for n in chosen}
 
 
-def _lora_params(shapes: dict[str, list[int]], targets, rank: int) -> int:
-    """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out))."""
-    total = 0
-    for s in _selected(shapes, targets).values():
-        total += rank * (s[1] * (s[2] * s[3] if len(s) == 4 else 1) + s[0])
-    return total
+def _lora_params(shapes: dict[str, list[int]], targets, rank: int, cfg=None) -> int:
+    """r x (in + out) for every Linear the targets select (Conv2d: r x (in x k x k + out)); LoKr / LoHa factors as
+    PEFT builds them (config/network.py adapter_params)."""
+    return sum(adapter_params(s, rank, cfg) for s in _selected(shapes, targets).values())
 
 
 def _unit(name: str, lists: tuple[str, ...]) -> str:
@@ -268,7 +267,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         keep = spec.component_classes.get(comp)
         keep_b = _kept_bytes(o["base_quantization"], dtypes, precision)
         denoiser_bytes += _weight_bytes(shapes, o["base_quantization"], b, keep, keep_b)
-        lora += _lora_params(shapes, targets, cfg.lora_rank)
+        lora += _lora_params(shapes, targets, cfg.lora_rank, cfg)
         # The activation figure depends on which layers carry LoRA as resolved ("auto", presets, explicit names):
         # anything beyond the attention preset's layers saves the larger set.
         beyond = set(_selected(shapes, targets)) - set(_selected(shapes, spec.presets["attention"]))
@@ -295,7 +294,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
             # layers whose output the conditioning never reads get no LoRA (training/attach.py unread_layers)
             unread = spec.text_encoder_layers_unread(comp, shapes)
             lora += _lora_params({k: s for k, s in shapes.items() if not k.startswith(tuple(p + "." for p in unread))},
-                                 cfg.text_encoder_target_modules, cfg.lora_rank)
+                                 cfg.text_encoder_target_modules, cfg.lora_rank, cfg)
             copies += _weight_copies(shapes, te_fmt, b, keep=keep, conditioning=(), units=None)
     # Cached: the encoders run once, before training, and leave the accelerator (released for FLUX.1 / SD3).
     parts["text_encoders"] = 0 if text_cached else te_bytes
@@ -335,6 +334,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     total = sum(parts.values())
     return {"parts_gib": {k: round(v / GIB, 2) for k, v in parts.items()}, "total_gib": round(total / GIB, 2),
             "total_bytes": total, "precision": precision, "lora_params": lora,
+            "network_type": getattr(cfg, "network_type", "lora"),
             "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
             "offload": None if offload is None else {**offload, "host_gib": round(offload["host_bytes"] / GIB, 2)},
             "shard": shard, "processes": processes, "caches": {**on_device, "device_bytes": parts["caches"]},

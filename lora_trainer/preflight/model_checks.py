@@ -218,6 +218,9 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
     if cfg.use_dora and not spec.tool_file_dora:  # refused before training, not at the export after it
         refuse("use_dora", f"{spec.label}'s tool file fuses q/k/v (the layout its UIs load), which cannot carry DoRA's "
                "per-part magnitudes", "false")
+    if cfg.network_type != "lora" and not spec.tool_file_dora:  # outputs/lycoris.py tool_names would refuse it
+        refuse("network_type", f"{spec.label}'s tool file fuses q/k/v (the layout its UIs load), and a "
+               f"{cfg.network_type} delta of three layers cannot be written as one of the fused layer exactly", "\"lora\"")
     if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
         refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
     if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:

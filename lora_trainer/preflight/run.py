@@ -352,9 +352,12 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     _check_targets(cfg, probe, errors)
     if getattr(cfg, "init_lora", None):
         from ..adapters.init_from_file import header_problems
+        from ..adapters.init_lycoris import header_problems as lycoris_header_problems
 
-        errors.extend(dict(p, code="init_lora_mismatch") for p in header_problems(
-            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family))
+        errors.extend(dict(p, code="init_lora_mismatch") for p in (header_problems(
+            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family)
+            if cfg.network_type == "lora" else
+            lycoris_header_problems(cfg.resolve(cfg.init_lora), network_type=cfg.network_type)))
     if getattr(cfg, "merge_lora", None):
         from ..runtime.merge_lora import header_problems as merge_problems
 

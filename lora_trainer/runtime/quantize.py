@@ -288,10 +288,11 @@ def check_lora_fp32(modules: dict) -> None:
     above was broken and AdamW's small updates would vanish (or, on a CPU, crash)."""
     import torch
 
+    from ..adapters.lora import is_adapter_param
     from ..contract.errors import TrainingError
 
     bad = [f"{comp}.{n} ({p.dtype})" for comp, m in modules.items() for n, p in m.named_parameters()
-           if "lora_" in n and (p.dtype != torch.float32 or not p.requires_grad)]
+           if is_adapter_param(n) and (p.dtype != torch.float32 or not p.requires_grad)]
     if bad:
         raise TrainingError(f"internal check failed: LoRA weights must be trainable fp32, found {', '.join(bad[:5])}",
                             hint="a bug in how the frozen base was quantised; report it with the config",

@@ -8,6 +8,7 @@ import torch
 
 from ..adapters.init_from_file import init_from_file
 from ..adapters.lora import add_lora
+from ..adapters.lycoris import Network
 from ..distributed.shard import shard_denoisers
 from ..runtime.compile import CompileStats, compile_denoisers
 from ..runtime.offload import stream_denoisers
@@ -35,19 +36,21 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
     init_lora is loaded before sharding, into whole modules."""
     spec = family.spec
     out = Attached(dict(comps.denoisers), [], [], {}, {})
+    network = Network.of(cfg)  # LoRA, LoKr or LoHa
     for denoiser in comps.denoisers.values():
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         out.denoiser_params += add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                                         targets=spec.targets(cfg.target_modules), use_dora=cfg.use_dora,
-                                        path="target_modules")
+                                        path="target_modules", network=network)
         denoiser.train()
     if cfg.train_text_encoder:
         for name in spec.lora_text_encoders:
             te = comps.text_encoders[name]
             out.te_params += add_lora(te, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                                       targets=cfg.text_encoder_target_modules, use_dora=cfg.use_dora,
-                                      path="text_encoder_target_modules", skip=unread_layers(spec, name, te))
+                                      path="text_encoder_target_modules", skip=unread_layers(spec, name, te),
+                                      network=network)
             te.train()
             out.lora_modules[name] = te
     if cfg.init_lora:

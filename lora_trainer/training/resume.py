@@ -27,7 +27,8 @@ from ..preflight.checkpoints import quick_check, rejection_message
 from ..distributed.shard import full_tensors, is_sharded, load_lora_state, lora_state, shard_optimizer_state
 
 MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alpha", "target_modules", "text_encoder_target_modules",
-              "train_text_encoder", "use_dora", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
+              "train_text_encoder", "use_dora", "network_type", "lokr_factor", "lokr_decompose_both",
+              "lycoris_effective_conv", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
               "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents", "merge_lora",
               "merge_lora_scale")
 # The rest of the recipe may change: the checkpoint stays valid, the following steps train differently, so each

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ..adapters.lora import ADAPTER, load_plain_lora_state, plain_lora_state
+from ..adapters.lora import ADAPTER, is_adapter_param, load_plain_lora_state, plain_lora_state
 
 
 def _base_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for n, p in module.named_parameters() if "lora_" not in n and p.is_floating_point()),
+    return next((p.dtype for n, p in module.named_parameters() if not is_adapter_param(n) and p.is_floating_point()),
                 torch.float32)
 
 
