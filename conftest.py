@@ -87,6 +87,19 @@ def write_config(path: Path, **fields) -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (it appends @group to the test ids)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` (pytest.ini) the tests that share a module-scoped fixture, most often a set of
+    CLI runs that several tests assert on, all go to one worker: xdist's default ``load`` split such a module
+    between the workers and each ran the fixture (its trainings) again. Groups are handed out before single
+    tests, so these heavy modules also start first and the short single tests fill in the end."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d and d[-1].scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Lazily built tiny pipelines: tiny_models['sdxl'] etc."""
