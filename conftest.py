@@ -118,8 +118,9 @@ class _ForkServer:
 
 
 _fork_server: _ForkServer | None = None
-# Read by the CLI's modules at import, which the child does itself: these may differ from the server's environment.
-_RUN_TIME_ENV = ("TRAIN_LORA_TEST_", "TRAIN_LORA_RUN_ID")
+# Read by the CLI's modules at import, which the child does itself, or by nothing in it (pytest's name of the test):
+# these may differ from the server's environment.
+_RUN_TIME_ENV = ("TRAIN_LORA_TEST_", "TRAIN_LORA_RUN_ID", "PYTEST_CURRENT_TEST")
 
 
 def _forked_run(argv: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, str] | None:
