@@ -107,7 +107,7 @@ class _ForkServer:
             req = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             deadline = time.monotonic() + timeout
-            pid = int(self._line(time.monotonic() + 120))
+            pid = int(self._line(time.monotonic() + 900))  # the first request waits for the server's imports
             try:
                 code = int(self._line(deadline))
             except TimeoutError:
