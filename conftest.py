@@ -104,7 +104,9 @@ class _ForkServer:
 
         with tempfile.TemporaryDirectory(prefix="run_cli") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            req = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            umask = os.umask(0)  # process state a fresh subprocess inherits from this one: umask, cwd, environment
+            os.umask(umask)
+            req = {"argv": argv, "cwd": str(cwd), "env": env, "umask": umask, "stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             deadline = time.monotonic() + timeout
             pid = int(self._line(time.monotonic() + 900))  # the first request waits for the server's imports

@@ -1,7 +1,7 @@
 """A fork server for conftest.run_cli: one process per pytest worker that has imported the heavy third-party
 libraries (torch, diffusers, transformers, peft, accelerate, matplotlib: about 9 s of CPU, nine tenths of a short
 tiny run) and forks a child for each CLI run. The child is then what ``python train_lora.py ARGS`` is after its
-imports: it takes the run's environment, working directory, argv and stdout/stderr files, imports lora_trainer itself
+imports: it takes the run's environment, umask, working directory, argv and stdout/stderr files, imports lora_trainer itself
 (so what lora_trainer reads from the environment at import, e.g. the TRAIN_LORA_TEST_* hooks, is the run's), calls
 the CLI's main, and ends as the interpreter would (non-daemon threads joined, atexit handlers, streams flushed).
 
@@ -51,6 +51,7 @@ def _child(req: dict) -> int:
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, fd)
         os.close(out)
+    os.umask(req["umask"])
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
