@@ -51,17 +51,17 @@ def _patch_torch():
 
 
 def _patch_trainer(mod):
-    import lora_trainer.data.captions as captions
+    import lora_trainer.training.batch as inputs  # where _loss's captions and pixels come from
 
-    real_caption = captions.build_caption
+    real_caption = inputs.build_caption
 
     def build_caption(*a, **k):
         out = real_caption(*a, **k)
         _rec["captions"].append(out)
         return out
 
-    captions.build_caption = build_caption  # _loss imports it when called
-    real_pixels = mod.load_pixels
+    inputs.build_caption = build_caption
+    real_pixels = inputs.load_pixels
 
     def load_pixels(img, *, random_crop, rng, flip=False):
         arr, tids = real_pixels(img, random_crop=random_crop, rng=rng, flip=flip)
@@ -70,7 +70,7 @@ def _patch_trainer(mod):
                                "left": float(arr[:, :, 0].sum()), "right": float(arr[:, :, -1].sum())})
         return arr, tids
 
-    mod.load_pixels = load_pixels
+    inputs.load_pixels = load_pixels
     real_loss, real_train = mod.Trainer._loss, mod.Trainer.train
 
     def _loss(self, batch, epoch, batch_index):
