@@ -32,7 +32,7 @@ def network_problems(cfg: Any, problems: list[dict], warnings: list[dict]) -> No
         # PEFT's LoKr / LoHa have no weight decomposition (LyCORIS's dora_wd); a half-supported DoKr would load
         # differently in every consumer.
         problems.append(problem("use_dora", True, f"use_dora cannot be combined with network_type {net!r}: PEFT's "
-                                "LoKr and LoHa have no DoRA", f"use_dora false, or network_type \"lora\""))
+                                "LoKr and LoHa have no DoRA", "use_dora false, or network_type \"lora\""))
     quantised = [(key, getattr(cfg, key)) for key in ("base_quantization", "text_encoder_quantization")
                  if getattr(cfg, key) in ("int8", "nf4") and (key == "base_quantization" or cfg.train_text_encoder)]
     for key, fmt in quantised:
@@ -40,7 +40,7 @@ def network_problems(cfg: Any, problems: list[dict], warnings: list[dict]) -> No
         # packed storage, and its LoKr / LoHa layers have no torchao (int8) dispatch as its LoRA has.
         problems.append(problem(key, fmt, f"{key} {fmt!r} cannot be combined with network_type {net!r}: PEFT's "
                                 "LoKr / LoHa layers read the base weight's shape, which a packed int8 / NF4 layer "
-                                "does not keep", f"\"none\" or \"fp8\", or network_type \"lora\""))
+                                "does not keep", "\"none\" or \"fp8\", or network_type \"lora\""))
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
