@@ -1,0 +1,121 @@
+"""data/video.py: header facts, frame choice by time (constant and variable rates, GIF durations), 4k+1 lengths,
+the short-clip rules, start choices, decoding and the clip tensor; on clips generated here (testing/video.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lora_trainer.data import video as V
+from lora_trainer.testing.video import frame_index, write_animated, write_broken, write_clip
+
+
+def _av():
+    return pytest.importorskip("av", reason="PyAV not installed (the video extra)")
+
+
+# -- pure sampling rules -------------------------------------------------------------------------------
+def test_4k1_lengths_and_short_clip_rules():
+    assert [V.largest_4k1(n) for n in (1, 4, 5, 8, 9, 16, 17)] == [1, 1, 5, 5, 9, 13, 17]
+    assert V.clip_length(40, 17) == 17
+    assert V.clip_length(11, 17, "shorten") == 9
+    assert V.clip_length(11, 17, "pad") == 17
+    assert V.clip_length(11, 17, "skip") is None
+    with pytest.raises(ValueError):
+        V.clip_length(11, 16)
+    # 1 s at 16 fps: frames show at 0, 1/16 ... 15/16.
+    assert V.frames_at(1.0, 16) == 16 and V.frames_at(1.01, 16) == 17 and V.frames_at(0.01, 16) == 1
+
+
+def test_start_choices_are_seeded_and_cover_the_slack():
+    kw = dict(duration=4.0, target_fps=16, frames=17)
+    assert V.start_time(**kw, start="first", epoch=5) == 0.0
+    slack = 4.0 - 17 / 16
+    uniform = [V.start_time(**kw, start="uniform", epoch=e) for e in range(8)]
+    assert all(0 <= s <= slack for s in uniform) and len(set(uniform)) == 8
+    # Every quarter of the slack is visited within 8 epochs (the golden-ratio walk).
+    assert {int(4 * s / slack) for s in uniform} >= {0, 1, 2, 3}
+    r = [V.start_time(**kw, start="random", epoch=e, seed=3, key="a.mp4") for e in range(4)]
+    assert r == [V.start_time(**kw, start="random", epoch=e, seed=3, key="a.mp4") for e in range(4)]
+    assert r != [V.start_time(**kw, start="random", epoch=e, seed=4, key="a.mp4") for e in range(4)]
+    assert r != [V.start_time(**kw, start="random", epoch=e, seed=3, key="b.mp4") for e in range(4)]
+    assert V.start_time(duration=1.0, target_fps=16, frames=17, start="random", epoch=1) == 0.0  # no slack
+
+
+def test_times_clamp_past_the_end_and_pick_the_frame_on_screen():
+    assert V.sample_times(1.0, 4, 6)[-2:] == [1.0 - 1e-6] * 2  # a padded clip repeats its last frame
+    starts = [0.0, 0.05, 0.1, 0.3]
+    assert V.source_indices(starts, [0.0, 0.049, 0.05, 0.2, 0.29, 0.31, 9.0]) == [0, 0, 1, 2, 2, 3, 3]
+
+
+# -- Pillow: animated GIF / WebP ---------------------------------------------------------------------------
+def test_gif_with_variable_durations(tmp_path):
+    g = write_animated(tmp_path / "g.gif", frames=10, durations_ms=[50] * 5 + [150] * 5)
+    info = V.probe(g)
+    assert (info.width, info.height, info.frames, info.vfr) == (40, 24, 10, True)
+    assert info.duration == pytest.approx(1.0)
+    frames = V.read_frames(g, [0.0, 0.1, 0.2, 0.3, 0.5, 0.99])
+    assert frames.shape == (6, 24, 40, 3)
+    assert [frame_index(f) for f in frames] == [0, 2, 4, 5, 6, 9]
+
+
+def test_webp_clip_through_load_clip(tmp_path):
+    w = write_animated(tmp_path / "w.webp", frames=6, durations_ms=100)
+    info = V.probe(w)
+    assert (info.fps, info.frames, info.vfr) == (pytest.approx(10.0), 6, False)
+    got, t0 = V.load_clip(w, info, target_fps=5, frames=5, short_clip="pad")
+    # 0.6 s at 5 fps: frames at 0, 0.2, 0.4, then padded with the last one.
+    assert t0 == 0.0 and [frame_index(f) for f in got] == [0, 2, 4, 5, 5]
+    assert V.load_clip(w, info, target_fps=5, frames=5, short_clip="skip") is None
+    got, _ = V.load_clip(w, info, target_fps=5, frames=5, short_clip="shorten")
+    assert len(got) == 1
+
+
+def test_clip_tensor_layout_and_range():
+    frames = np.stack([np.full((30, 50, 3), 255 * (i % 2), np.uint8) for i in range(5)])
+    x = V.to_tensor(frames, (32, 16))
+    assert x.shape == (3, 5, 16, 32)
+    assert float(x[:, 0].max()) == -1.0 and float(x[:, 1].min()) == 1.0
+    flipped = V.to_tensor(frames, (32, 16), flip=True)
+    assert flipped.shape == x.shape
+
+
+# -- PyAV: real containers ----------------------------------------------------------------------------
+def test_mp4_header_and_window_at_a_lower_fps(tmp_path):
+    _av()
+    p = write_clip(tmp_path / "a.mp4", frames=30, fps=24, width=50, height=34)
+    info = V.probe(p)
+    assert (info.codec, info.width, info.height, info.frames, info.frames_estimated, info.vfr) == \
+        ("h264", 50, 34, 30, False, False)
+    assert info.fps == pytest.approx(24) and info.duration == pytest.approx(1.25)
+    # 12 fps from 0.5 s: every other source frame from frame 12 (the decoder seeks to a keyframe before it).
+    frames = V.read_frames(p, V.sample_times(info.duration, 12, 9, 0.5))
+    assert [frame_index(f) for f in frames] == list(range(12, 30, 2))
+    # Upsampling to 48 fps shows each source frame twice.
+    frames = V.read_frames(p, V.sample_times(info.duration, 48, 5))
+    assert [frame_index(f) for f in frames] == [0, 0, 1, 1, 2]
+
+
+def test_variable_frame_rate_is_detected_and_sampled_by_time(tmp_path):
+    _av()
+    durations = [0.04] * 10 + [0.1] * 10
+    for suffix in (".mkv", ".mp4"):
+        p = write_clip(tmp_path / f"v{suffix}", frames=20, fps=25, durations=durations)
+        info = V.probe(p)
+        assert info.vfr and info.frames == 20, (suffix, info)
+        frames = V.read_frames(p, V.sample_times(info.duration, 10, 9))
+        assert [frame_index(f) for f in frames] == [0, 2, 5, 7, 10, 11, 12, 13, 14], suffix
+
+
+def test_webm_odd_rate_counts_packets_and_broken_files_are_classified(tmp_path):
+    _av()
+    p = write_clip(tmp_path / "c.webm", frames=9, fps=30000 / 1001, width=34, height=18, codec="libvpx-vp9")
+    info = V.probe(p)
+    assert (info.codec, info.frames, info.frames_estimated, info.vfr) == ("vp9", 9, False, False)
+    assert info.fps == pytest.approx(29.97, abs=0.05)
+    broken = write_broken(tmp_path / "b.mp4", write_clip(tmp_path / "ok.mp4", frames=10, fps=10))
+    with pytest.raises(V.VideoError) as e:
+        V.probe(broken)
+    assert e.value.code == "not_a_video"
+    (tmp_path / "t.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(V.VideoError):
+        V.probe(tmp_path / "t.mp4")
