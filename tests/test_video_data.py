@@ -119,3 +119,41 @@ def test_webm_odd_rate_counts_packets_and_broken_files_are_classified(tmp_path):
     (tmp_path / "t.mp4").write_bytes(b"not a video at all")
     with pytest.raises(V.VideoError):
         V.probe(tmp_path / "t.mp4")
+
+
+# -- the --validate-only audit (preflight/video_scan.py) ---------------------------------------------------------
+def test_audit_lists_broken_and_short_clips_and_reads_headers_only(tmp_path, monkeypatch):
+    _av()
+    from lora_trainer.preflight import video_scan
+
+    ok = write_clip(tmp_path / "a_ok.mp4", frames=40, fps=24)
+    write_clip(tmp_path / "b_short.mp4", frames=6, fps=24)  # 0.25 s: 4 frames at 16 fps
+    write_broken(tmp_path / "c_broken.mp4", ok)
+    (tmp_path / "d_empty.mkv").write_bytes(b"")
+    write_animated(tmp_path / "sub" / "e.gif" if (tmp_path / "sub").mkdir() is None else None, frames=12,
+                   durations_ms=80)
+    (tmp_path / "notes.txt").write_text("x")
+    files = video_scan.video_files(tmp_path)
+    assert [f[1] for f in files] == ["a_ok.mp4", "b_short.mp4", "c_broken.mp4", "d_empty.mkv", "sub/e.gif"]
+    # No frame is decoded past the first: count decode calls through PyAV's container.
+    import av.container
+
+    decoded = []
+    real = av.container.InputContainer.decode
+
+    def counting(self, *a, **k):
+        for f in real(self, *a, **k):
+            decoded.append(f)
+            yield f
+    monkeypatch.setattr(av.container.InputContainer, "decode", counting)
+    audit = video_scan.audit_clips(files, target_fps=16, frames=17, short_clip="skip")
+    assert len(decoded) == 2  # the two readable mp4s' first frames, nothing else
+    s = audit.summary()
+    assert (s["clips"], s["usable"]) == (5, 1), s
+    # The GIF: 12 x 80 ms = 0.96 s, 16 frames at 16 fps: short of 17.
+    assert {b["file"]: b["problem"]["code"] for b in s["bad"]} == {
+        "b_short.mp4": "too_short", "c_broken.mp4": "not_a_video", "d_empty.mkv": "zero_byte",
+        "sub/e.gif": "too_short"}
+    assert s["frame_buckets"] == {"17": 1}
+    shortened = video_scan.audit_clips(files, target_fps=16, frames=17, short_clip="shorten").summary()
+    assert shortened["usable"] == 3 and shortened["frame_buckets"] == {"1": 1, "13": 1, "17": 1}

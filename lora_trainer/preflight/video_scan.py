@@ -1,0 +1,126 @@
+"""The --validate-only audit of a dataset's video clips: each clip's container is opened and its headers read
+(codec, size, fps, duration, frame count, variable frame rate), its first frame decoded, and nothing more (Matroska
+/ WebM, whose headers hold no frame count, have their packets demuxed, not decoded). Broken clips are listed with a
+problem code and skipped; clips the short-clip rule drops are listed too. What a clip trains as (frames at the
+target fps, 4k+1) is worked out here from the headers alone, so the memory plan and the step count can count frames
+before anything is decoded.
+
+Problem codes: ``zero_byte``, ``permission_denied``, ``not_a_video`` (no container FFmpeg/Pillow can open: a
+truncated mp4 without its moov atom lands here), ``no_video_stream``, ``no_frame_rate``, ``no_size``, ``empty``,
+``corrupt`` (the first frame does not decode), ``needs_pyav`` (the package is missing), ``too_short`` (the
+short-clip rule is "skip" and the clip has fewer frames than asked).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..data import video as V
+
+# Reads in flight: FFmpeg releases the GIL while it parses, and a cold network filesystem wants a queue.
+IO_THREADS = 8
+PARALLEL_MIN_FILES = 16
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    path: str
+    rel_path: str
+    info: V.VideoInfo | None
+    train_frames: int | None  # frames it trains with at the target fps (4k+1); None: unusable or skipped
+    problem: dict | None = None  # {"code", "message"}
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    def to_dict(self) -> dict:
+        out = {"file": self.rel_path, "train_frames": self.train_frames}
+        if self.info is not None:
+            i = self.info
+            out.update(codec=i.codec, width=i.width, height=i.height, fps=round(i.fps, 3),
+                       duration=round(i.duration, 3), frames=i.frames, frames_estimated=i.frames_estimated, vfr=i.vfr)
+        if self.problem is not None:
+            out["problem"] = self.problem
+        return out
+
+
+@dataclass(frozen=True)
+class VideoAudit:
+    records: tuple[ClipRecord, ...]
+    target_fps: float
+    frames: int
+    short_clip: str
+    usable: tuple[ClipRecord, ...] = field(default=())
+    bad: tuple[ClipRecord, ...] = field(default=())
+
+    def summary(self) -> dict:
+        """What --validate-only reports: counts, frame buckets, and every broken or skipped clip by name."""
+        buckets: dict[int, int] = {}
+        for r in self.usable:
+            buckets[r.train_frames] = buckets.get(r.train_frames, 0) + 1
+        return {"clips": len(self.records), "usable": len(self.usable), "target_fps": self.target_fps,
+                "frames": self.frames, "short_clip": self.short_clip,
+                "frame_buckets": {str(k): v for k, v in sorted(buckets.items())},
+                "vfr": sum(1 for r in self.usable if r.info.vfr),
+                "shortened": sum(1 for r in self.usable if r.train_frames < self.frames),
+                "bad": [r.to_dict() for r in self.bad]}
+
+
+def _problem(code: str, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+def audit_clip(path: str | Path, rel_path: str, *, target_fps: float, frames: int, short_clip: str) -> ClipRecord:
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except PermissionError:
+        return ClipRecord(path, rel_path, None, None, _problem("permission_denied", "permission denied"))
+    except OSError as exc:
+        return ClipRecord(path, rel_path, None, None, _problem("not_a_video", f"cannot stat: {exc}"))
+    if size == 0:
+        return ClipRecord(path, rel_path, None, None, _problem("zero_byte", "file is empty (0 bytes)"))
+    if not os.access(path, os.R_OK):
+        return ClipRecord(path, rel_path, None, None, _problem("permission_denied", "permission denied"))
+    try:
+        info = V.probe(path)
+    except V.VideoError as exc:
+        return ClipRecord(path, rel_path, None, None, _problem(exc.code, str(exc)))
+    n = V.clip_length(V.frames_at(info.duration, target_fps), frames, short_clip)
+    if n is None:
+        have = V.frames_at(info.duration, target_fps)
+        return ClipRecord(path, rel_path, info, None, _problem(
+            "too_short", f"{info.duration:.2f} s holds {have} frames at {target_fps:g} fps, fewer than {frames}"))
+    return ClipRecord(path, rel_path, info, n)
+
+
+def audit_clips(files: Iterable[tuple[str | Path, str]], *, target_fps: float, frames: int,
+                short_clip: str = "shorten", workers: int | None = None) -> VideoAudit:
+    """``files``: (path, relative path) in the scan's order; the records keep it."""
+    files = list(files)
+    job = lambda f: audit_clip(f[0], f[1], target_fps=target_fps, frames=frames, short_clip=short_clip)  # noqa: E731
+    if len(files) >= PARALLEL_MIN_FILES and (workers or IO_THREADS) > 1:
+        with ThreadPoolExecutor(max_workers=workers or IO_THREADS) as pool:
+            records = tuple(pool.map(job, files))
+    else:
+        records = tuple(map(job, files))
+    return VideoAudit(records, target_fps, frames, short_clip, usable=tuple(r for r in records if r.usable),
+                      bad=tuple(r for r in records if not r.usable))
+
+
+def video_files(root: str | Path, *, recursive: bool = True) -> list[tuple[str, str]]:
+    """(path, relative POSIX path) of every clip under ``root``, sorted depth first like the image scan; animated
+    WebPs are found by the image scan (a one-frame WebP is an image)."""
+    root = Path(root)
+    out = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".")) if recursive else []
+        for name in sorted(names):
+            if not name.startswith(".") and V.is_video_path(name):
+                p = Path(d) / name
+                out.append((str(p), p.relative_to(root).as_posix()))
+    return out
