@@ -1,0 +1,119 @@
+"""Wan 2.1 text-to-video: umt5-xxl's last hidden state (the pipeline's own prompt cleaning, zero-padded past the
+caption to max_sequence_length, no mask), 16-channel latents of a causal 3-D VAE (8x spatial, 4x temporal, a clip
+of 4k+1 frames gives k+1 latent frames; per-channel mean / std), denoised unpacked as [B, C, F, h, w] with the
+timestep in [0, 1000] (sigma x 1000, what the pipeline's flow scheduler passes). Images are one-frame clips.
+Samples use CFG against the empty prompt from cached embeddings, with the release's own scheduler (UniPC, flow
+sigmas, flow_shift)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .spec import SPEC
+from ..adapter import Components, ModelFamily
+
+
+def _pipeline_class():
+    from diffusers import WanPipeline
+
+    return WanPipeline
+
+
+def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE config's per-channel latents_mean / latents_std, shaped [1, C, 1, 1, 1] as WanPipeline reads them."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+    return mean, std
+
+
+# diffusers module names -> Wan's original ones (ComfyUI's, ai-toolkit's wan_lora_convert.py, what diffusers'
+# _convert_non_diffusers_wan_lora_to_diffusers reads back).
+_ORIGINAL = (("attn1.", "self_attn."), ("attn2.", "cross_attn."), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+             ("to_out.0", "o"), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("norm_added_k", "norm_k_img"),
+             ("add_k_proj", "k_img"), ("add_v_proj", "v_img"))
+
+
+def original_name(path: str) -> str:
+    """A transformer module path in Wan's original layout: blocks.0.attn1.to_q -> blocks.0.self_attn.q."""
+    for new, old in _ORIGINAL:
+        path = path.replace(new, old)
+    return path
+
+
+class Wan(ModelFamily):
+    spec = SPEC
+
+    latent_patch = 2  # patch (1, 2, 2): 2x2 latent pixels a token
+
+    # -- latents -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_latents(self, vae, pixels):
+        """[B, 3, H, W] (an image: one frame) or [B, 3, F, H, W] (F = 4k+1) in [-1, 1] -> [B, 16, k+1, H/8, W/8],
+        normalised per channel as the pipeline un-normalises before decoding (latents / (1 / std) + mean)."""
+        x = pixels.to(vae.device, vae.dtype)
+        latents = vae.encode(x[:, :, None] if x.ndim == 4 else x).latent_dist.mode()
+        mean, std = _stats(vae, latents)
+        return (latents - mean) / std
+
+    def latent_layout(self, vae_config: Mapping) -> tuple[int, int]:
+        return int(vae_config.get("z_dim", 16)), int(vae_config.get("scale_factor_spatial", 8))
+
+    # -- conditioning --------------------------------------------------------------------------------
+    def _text_pipeline(self, comps: Components):
+        return _pipeline_class()(tokenizer=comps.tokenizers["text_encoder"],
+                                 text_encoder=comps.text_encoders["text_encoder"], vae=None, scheduler=None,
+                                 transformer=None)
+
+    def encode_text(self, comps: Components, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The pipeline's own encode_prompt (ftfy / whitespace cleaning, the tokenizer's eos, states past the
+        caption zeroed), at max_sequence_length: exactly the prompt_embeds sampling computes."""
+        embeds, _ = self._text_pipeline(comps).encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length, device=device)
+        return {"prompt_embeds": embeds}
+
+    def predict(self, denoisers, noisy, t, cond, geometry):
+        """``noisy`` [B, C, F, h, w] (4-D [B, C, h, w] is taken as one frame and returned so)."""
+        image = noisy.ndim == 4
+        x = noisy[:, :, None] if image else noisy
+        transformer = denoisers["transformer"]
+        out = transformer(hidden_states=x.to(transformer.dtype),
+                          timestep=(t * 1000).to(transformer.dtype),  # the scheduler's timesteps: sigma x 1000
+                          encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
+                          return_dict=False)[0]
+        return out[:, :, 0] if image else out
+
+    # -- sampling ------------------------------------------------------------------------------------
+    samples_from_cache = True
+    sample_negative_prompt = True  # CFG against "" (the pipeline's default negative prompt)
+
+    def prompt_kwargs(self, cond, negative):
+        kwargs = {"prompt_embeds": cond["prompt_embeds"]}
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
+        return kwargs
+
+    def sampling_scheduler(self, comps: Components):
+        # The release's own sampler (Wan 2.1: UniPC with flow sigmas and flow_shift 3.0 for 480p, 5.0 for 720p).
+        import diffusers
+
+        name = comps.scheduler_config.get("_class_name") or "UniPCMultistepScheduler"
+        return getattr(diffusers, name).from_config(comps.scheduler_config)
+
+    SAMPLE_STEPS = 30  # fewer than the pipeline's 50: samples during training are previews
+
+    def sample_kwargs(self):
+        return {**super().sample_kwargs(), "max_sequence_length": self.max_sequence_length}
+
+    # -- export --------------------------------------------------------------------------------------
+    def tool_state_dict(self, states, configs, *, alpha, rank, dtype):
+        """``diffusion_model.blocks.N.self_attn.q.lora_A.weight`` + ``.alpha``: the only layout ComfyUI maps for Wan
+        (reference section 5.3: diffusers names load 0 of 40 there), and one diffusers' Wan loader converts."""
+        from ...outputs.lora_files import alpha_state_dict
+
+        return alpha_state_dict("Wan", states, alpha=alpha, rank=rank, dtype=dtype, rename=original_name)
+
+
+ADAPTER = Wan

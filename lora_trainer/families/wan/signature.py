@@ -1,0 +1,59 @@
+"""How Wan 2.1 text-to-video is recognised from its files (torch-free).
+
+diffusers folder: a ``WanPipeline`` without ``transformer_2`` / ``boundary_ratio`` (Wan 2.2 A14B's two experts:
+next step) whose transformer reads 16 latent channels (TI2V-5B reads 48: Wan 2.2, next step) and has no image
+projection (``image_dim``: the I2V releases, refused). The variant is the size: 1.3B (12 heads, 30 layers) or 14B
+(40 heads, 40 layers).
+
+single file (ComfyUI's ``wan2.1_t2v_1.3B_bf16.safetensors``, the original Wan layout): ``patch_embedding``,
+``text_embedding.0``, ``blocks.N.self_attn.q``, ``head.modulation``, under ``model.diffusion_model.`` or bare; the
+width is ``patch_embedding.weight``'s first dimension (1536: 1.3B, 5120: 14B, 3072: 2.2 TI2V-5B), an I2V file has
+``img_emb`` / ``blocks.N.cross_attn.k_img``. diffusers' ``convert_wan_transformer_to_diffusers`` maps it.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..signature import DIT, FileKeys, Match, Refusal, Signature, no_folder_rule
+
+PIPELINES = frozenset({"WanPipeline"})
+# width (heads x 128) -> variant
+_SIZES = {1536: "t2v-1.3b", 5120: "t2v-14b"}
+_T2V_HINT = "use a Wan 2.1 text-to-video release (Wan-AI/Wan2.1-T2V-1.3B-Diffusers or -14B-Diffusers)"
+
+
+def variant(tcfg: Mapping):
+    """(variant, evidence, unsupported) from transformer/config.json (empty if unreadable)."""
+    if tcfg.get("image_dim") or tcfg.get("added_kv_proj_dim"):
+        return None, "", ("a Wan transformer with an image projection (image_dim)", "Wan image-to-video", _T2V_HINT)
+    if tcfg.get("in_channels", 16) != 16:
+        return None, "", (f"a Wan transformer reading {tcfg.get('in_channels')} latent channels",
+                          "Wan 2.2 TI2V-5B (not supported yet)", _T2V_HINT)
+    width = int(tcfg.get("num_attention_heads", 40)) * int(tcfg.get("attention_head_dim", 128))
+    name = _SIZES.get(width)
+    return name, f" ({name}: width {width})" if name else "", None
+
+
+def _width(k: FileKeys) -> int | None:
+    entry = k.dit_entry("patch_embedding.weight")
+    return int(entry["shape"][0]) if entry and entry.get("shape") else None
+
+
+def match_file(k: FileKeys) -> Match | Refusal | None:
+    if not all(m in k.dit for m in ("patch_embedding.weight", "text_embedding.0.weight", "head.modulation")):
+        return None
+    where = k.where
+    if k.dit_has("img_emb.") or "blocks.0.cross_attn.k_img.weight" in k.dit:
+        return Refusal("Wan image-to-video", f"img_emb / cross_attn.k_img tensors{where}", _T2V_HINT)
+    entry = k.dit_entry("patch_embedding.weight")
+    if entry and entry.get("shape") and int(entry["shape"][1]) != 16:
+        return Refusal("Wan 2.2 TI2V-5B", f"patch_embedding reads {entry['shape'][1]} channels{where}", _T2V_HINT)
+    width = _width(k)
+    return Match(f"Wan layout: patch_embedding, text_embedding, head.modulation{where}", _SIZES.get(width))
+
+
+SIGNATURE = Signature(
+    pipelines=PIPELINES, variant=variant, match_folder=no_folder_rule, file_layout=DIT, match_file=match_file,
+    # ComfyUI ships the VAE and umt5-xxl as separate files: a single file is the transformer.
+    file_components=(), file_prediction="flow", file_prediction_note=None,
+    lora_layout=("Wan layout", ("self_attn", "cross_attn", "attn1", "attn2")))
