@@ -31,7 +31,7 @@ def text_encoder():
     # Real: vocab 256384, d_model 4096, d_ff 10240, 64 heads x 64, 24 layers, gated-gelu.
     return UMT5EncoderModel(UMT5Config(
         vocab_size=T5_VOCAB_SIZE, d_model=WAN_TEXT_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
 
 
