@@ -157,3 +157,17 @@ def test_audit_lists_broken_and_short_clips_and_reads_headers_only(tmp_path, mon
     assert s["frame_buckets"] == {"17": 1}
     shortened = video_scan.audit_clips(files, target_fps=16, frames=17, short_clip="shorten").summary()
     assert shortened["usable"] == 3 and shortened["frame_buckets"] == {"1": 1, "13": 1, "17": 1}
+
+
+def test_clip_buckets_keep_the_token_budget():
+    from lora_trainer.data.buckets import make_buckets
+
+    spatial = make_buckets(480, 256, 832, 64)
+    budget = V.tokens(81, 480, 480)  # 21 latent frames of 30 x 30 tokens
+    assert V.latent_frames(81) == 21 and V.latent_frames(1) == 1
+    n, w, h = V.clip_bucket(832, 480, 81, spatial, budget)
+    assert w > h and (n - 1) % 4 == 0 and V.tokens(n, w, h) <= budget
+    assert V.clip_bucket(480, 480, 81, spatial, budget) == (81, 448, 448)  # 64-px steps: the square is 448
+    assert V.clip_bucket(480, 480, 33, spatial, budget)[0] == 33  # shorter clips keep their own length
+    assert V.clip_bucket(480, 480, 1, spatial, budget)[0] == 1  # an image
+    assert V.clip_bucket(480, 480, 81, spatial, V.tokens(17, 480, 480))[0] == 17  # a tighter budget cuts frames

@@ -335,3 +335,28 @@ def load_clip(path: str | Path, info: VideoInfo, *, target_fps: float, frames: i
         return None
     t0 = start_time(info.duration, target_fps, n, start=start, epoch=epoch, seed=seed, key=key)
     return read_frames(path, sample_times(info.duration, target_fps, n, t0)), t0
+
+
+# -- buckets over (frames, h, w) -----------------------------------------------------------------------
+def latent_frames(frames: int, temporal: int = 4) -> int:
+    """Latent frames of a 4k+1 clip through a causal VAE compressing time ``temporal``x: the first frame alone."""
+    return (frames - 1) // temporal + 1
+
+
+def tokens(frames: int, width: int, height: int, *, token_pixels: int = 16, temporal: int = 4) -> int:
+    """Denoiser tokens of a clip bucket: latent frames x (width / token_pixels) x (height / token_pixels)."""
+    return latent_frames(frames, temporal) * (width // token_pixels) * (height // token_pixels)
+
+
+def clip_bucket(width: int, height: int, frames: int, spatial: list[tuple[int, int]], token_budget: int, *,
+                token_pixels: int = 16, temporal: int = 4) -> tuple[int, int, int]:
+    """(frames, w, h) of a clip: the spatial bucket nearest its aspect (as an image's), then as many of its frames
+    (a 4k+1) as the token budget allows at that size. A batch groups clips of one (frames, w, h): equal shapes, and
+    every bucket costs at most the budget's memory. An image is a 1-frame clip and always fits."""
+    from .buckets import nearest_bucket
+
+    bw, bh = nearest_bucket(width, height, spatial)
+    per_latent_frame = (bw // token_pixels) * (bh // token_pixels)
+    most = max(1, token_budget // max(1, per_latent_frame))  # latent frames within the budget
+    n = min(largest_4k1(frames), (most - 1) * temporal + 1)
+    return n, bw, bh
