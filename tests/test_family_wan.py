@@ -39,8 +39,8 @@ def test_latents_per_channel_and_frames(pipe):
     torch.testing.assert_close(z / inv_std + mean, raw, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(z, raw)  # the stats are not 0 / 1: skipping them would show
     image = fam.encode_latents(pipe.vae, clip[:, :, 0])
-    assert image.shape == (1, 16, 1, 4, 6)
-    torch.testing.assert_close(image, fam.encode_latents(pipe.vae, clip[:, :, :1]))
+    assert image.shape == (1, 16, 4, 6)  # an image: the one latent frame, its axis dropped
+    torch.testing.assert_close(image, fam.encode_latents(pipe.vae, clip[:, :, :1])[:, :, 0])
     assert fam.latent_layout(pipe.vae.config) == (16, 8)
 
 
@@ -150,3 +150,17 @@ def test_single_file_rules():
     assert isinstance(sig.match_file(_keys(i2v=True)), Refusal)
     assert isinstance(sig.match_file(_keys(width=3072, channels=48)), Refusal)
     assert sig.match_file(FileKeys(frozenset({"img_in.weight"}), {})) is None
+
+
+def test_samples_from_cached_embeddings_as_a_frame_grid(pipe, comps):
+    fam = Wan()
+    cond = fam.encode_text(comps, ["a cat", ""], torch.device("cpu"))
+    kwargs = fam.prompt_kwargs({"prompt_embeds": cond["prompt_embeds"][:1]}, {"prompt_embeds": cond["prompt_embeds"][1:]})
+    sampler = fam.pipeline(comps)
+    out = sampler(**kwargs, num_inference_steps=2, height=32, width=48, generator=torch.Generator().manual_seed(0),
+                  **fam.sample_kwargs())
+    assert out.images[0].size == (48, 32)
+    fam.sample_frames = 5
+    out = fam.pipeline(comps)(**kwargs, num_inference_steps=2, height=32, width=48,
+                              generator=torch.Generator().manual_seed(0), **fam.sample_kwargs())
+    assert out.images[0].size == (5 * 48, 32) and len(out.frames[0]) == 5

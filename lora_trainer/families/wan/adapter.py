@@ -43,6 +43,29 @@ def original_name(path: str) -> str:
     return path
 
 
+class FrameGrid:
+    """WanPipeline called as the sampler calls image pipelines (``pipe(...).images[0]``): it makes a clip of
+    ``frames`` frames and returns its frames side by side as one image (a one-frame clip: that frame). Everything
+    else (components, load_lora_weights) is the wrapped pipeline's."""
+
+    def __init__(self, pipe, frames: int):
+        self.pipe, self.frames = pipe, frames
+
+    def __call__(self, **kwargs):
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        frames = self.pipe(**kwargs, num_frames=self.frames, output_type="pil").frames[0]
+        grid = Image.new("RGB", (frames[0].width * len(frames), frames[0].height))
+        for i, f in enumerate(frames):
+            grid.paste(f, (i * f.width, 0))
+        return SimpleNamespace(images=[grid], frames=[frames])
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
 class Wan(ModelFamily):
     spec = SPEC
 
@@ -51,12 +74,16 @@ class Wan(ModelFamily):
     # -- latents -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_latents(self, vae, pixels):
-        """[B, 3, H, W] (an image: one frame) or [B, 3, F, H, W] (F = 4k+1) in [-1, 1] -> [B, 16, k+1, H/8, W/8],
-        normalised per channel as the pipeline un-normalises before decoding (latents / (1 / std) + mean)."""
+        """[B, 3, F, H, W] (F = 4k+1) in [-1, 1] -> [B, 16, k+1, H/8, W/8], normalised per channel as the pipeline
+        un-normalises before decoding (latents / (1 / std) + mean). An image [B, 3, H, W] is a one-frame clip and
+        comes back as [B, 16, H/8, W/8] (its frame axis dropped, as Qwen-Image's): image batches then go through the
+        loop, the caches and the masks exactly as any image family's; predict puts the axis back."""
         x = pixels.to(vae.device, vae.dtype)
-        latents = vae.encode(x[:, :, None] if x.ndim == 4 else x).latent_dist.mode()
+        image = x.ndim == 4
+        latents = vae.encode(x[:, :, None] if image else x).latent_dist.mode()
         mean, std = _stats(vae, latents)
-        return (latents - mean) / std
+        latents = (latents - mean) / std
+        return latents[:, :, 0] if image else latents
 
     def latent_layout(self, vae_config: Mapping) -> tuple[int, int]:
         return int(vae_config.get("z_dim", 16)), int(vae_config.get("scale_factor_spatial", 8))
@@ -86,6 +113,12 @@ class Wan(ModelFamily):
         return out[:, :, 0] if image else out
 
     # -- sampling ------------------------------------------------------------------------------------
+    # Frames a sample clip has (4k+1). 1 until the sampler writes clips (STATUS.md): a one-frame sample is an image.
+    sample_frames = 1
+
+    def pipeline(self, comps: Components):
+        return FrameGrid(super().pipeline(comps), self.sample_frames)
+
     samples_from_cache = True
     sample_negative_prompt = True  # CFG against "" (the pipeline's default negative prompt)
 
