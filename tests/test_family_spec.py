@@ -30,11 +30,14 @@ README_OBJECTIVE = {"flux1": "flow: `sigmoid` sigmas; dev `resolution` shift, sc
                     "anima": "flow: `uniform` sigmas, `static` shift 3.0 (ai-toolkit's)",
                     "krea2": "flow: `sigmoid` sigmas, `resolution` shift (its scheduler's 0.5 / 1.15 at 256 / 6400 "
                              "tokens)",
-                    "ideogram4": "flow: `logit_normal` sigmas (std 1.5), `area` shift"}
+                    "ideogram4": "flow: `logit_normal` sigmas (std 1.5), `area` shift",
+                    "wan": "flow: `sigmoid` sigmas, `static` shift 3.0 (musubi-tuner's, ai-toolkit's)"}
 _FLUX = {"sigma_sampling": "sigmoid", "loss_weighting": "none", "precondition_outputs": False}
 _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0, "loss_weighting": "none",
         "precondition_outputs": True}
-FLOW_DEFAULTS = {("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "schnell"): {**_FLUX, "shift": "none"},
+_WAN = {**_FLUX, "shift": "static", "shift_value": 3.0}
+FLOW_DEFAULTS = {("wan", None): _WAN, ("wan", "t2v-1.3b"): _WAN, ("wan", "t2v-14b"): _WAN,
+                 ("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "schnell"): {**_FLUX, "shift": "none"},
                  ("sd3", "sd3-medium"): _SD3, ("sd3", "sd3.5-medium"): _SD3, ("sd3", "sd3.5-large"): _SD3,
                  ("flux2", "dev"): {**_FLUX, "shift": "resolution"},
                  ("flux2_klein", "klein-4b"): {**_FLUX, "shift": "resolution"},

@@ -151,7 +151,6 @@ def test_sdxl_folder_needs_second_encoder(tmp_path):
     ("ZImageControlNetPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Z-Image"),
     ("ChromaRadiancePipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
      "a Chroma pipeline this trainer does not know"),
-    ("WanPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("WanImageToVideoPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "Wan"),
     ("KandinskyV22Pipeline", ("unet", "scheduler", "movq"), "Kandinsky"),
     ("PixArtSigmaPipeline", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), "PixArt"),
@@ -169,7 +168,7 @@ def test_unsupported_pipeline_class_names_the_family(tmp_path, cls, comps, name)
     msg = p.problems[0]["message"]
     assert f"pipeline class {cls} ({name}" in msg and ") is not supported; " in msg and f"supported: {SUPPORTED}" in msg
     assert SUPPORTED == ("SD1.x, SD2.x, SDXL, FLUX.1, SD3/3.5, FLUX.2, FLUX.2 klein, Z-Image, Qwen-Image, Qwen-Image 2.1, "
-                         "Chroma, Anima, Krea 2, Ideogram 4")
+                         "Chroma, Anima, Krea 2, Ideogram 4, Wan")
 
 
 def test_unknown_pipeline_class(tmp_path):
@@ -454,7 +453,8 @@ def test_single_file_sd3_medium_incl_clips(tmp_path):
       "distilled_guidance_layer.in_proj.weight": [4, 4], "img_in_patch.weight": [4, 3, 16, 16],
       "nerf_blocks.0.norm.scale": [4]}, "Chroma Radiance"),
     ({"model.diffusion_model.head.modulation": [1, 2, 4], "model.diffusion_model.blocks.0.self_attn.q.weight": [4, 4],
-      "model.diffusion_model.patch_embedding.weight": [4, 16, 1, 2, 2]}, "Wan"),
+      "model.diffusion_model.patch_embedding.weight": [4, 36, 1, 2, 2], "model.diffusion_model.text_embedding.0.weight": [4, 8],
+      "model.diffusion_model.img_emb.proj.1.weight": [4, 4]}, "Wan image-to-video"),
     ({"layers.0.adaLN_modulation.1.weight": [4, 4], "cap_embedder.0.weight": [8], "noise_refiner.0.attention.qkv.weight": [12, 4]}, "Lumina 2"),
     ({"txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias": [4], "double_blocks.0.img_attn.qkv.weight": [12, 4],
       "img_in.weight": [4, 4]}, "HunyuanVideo"),

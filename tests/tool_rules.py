@@ -226,6 +226,30 @@ def _ideogram4_rules(pipe, lora: Path, checkpoint: Path) -> None:
         assert (b.shape[0], a.shape[1]) == tuple(weight.shape), f"{m}: LoRA {b.shape[0]}x{a.shape[1]} on {tuple(weight.shape)}"
 
 
+def _wan_rules(pipe, lora: Path, checkpoint: Path) -> None:
+    """ComfyUI a125cd84 maps nothing but its generic ``diffusion_model.<module>`` names for Wan (reference 5.3:
+    diffusers names load 0 of 40): every module of the file must be a Linear of the original layout, found by running
+    its name through diffusers' single-file converter (convert_wan_transformer_to_diffusers, original -> diffusers),
+    which must land on exactly the trained modules with the LoRA's shape; every module carries its .alpha.
+    ComfyUI's own Wan loader postdates the code we read (WAN21 there has no extra map): not run."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    sd = load_file(lora)
+    trained = {k[: -len(".lora_A.weight")] for k in load_file(checkpoint / "lora_transformer.safetensors")
+               if k.endswith(".lora_A.weight")}
+    assert all(k.startswith("diffusion_model.") for k in sd), "keys outside diffusion_model."
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in sd}
+    assert all(".attn1." not in m and ".to_q" not in m and ".net." not in m for m in modules), "diffusers names"
+    as_diffusers = {m: next(iter(convert_wan_transformer_to_diffusers({f"{m}.weight": 0})))[: -len(".weight")]
+                    for m in modules}
+    assert set(as_diffusers.values()) == trained, sorted(set(as_diffusers.values()) ^ trained)[:5]
+    assert all(f"diffusion_model.{m}.alpha" in sd for m in modules), "a module without .alpha"
+    base = {k.replace(".base_layer.", "."): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    for m, d in as_diffusers.items():
+        a, b = sd[f"diffusion_model.{m}.lora_A.weight"], sd[f"diffusion_model.{m}.lora_B.weight"]
+        assert (b.shape[0], a.shape[1]) == tuple(base[f"{d}.weight"].shape), m
+
+
 RULES: dict[str, Callable] = {
     "sd15": _unet_rules("sd15"), "sd2": _unet_rules("sd2"), "sdxl": _unet_rules("sdxl"),
     "flux1": _dit_rules("flux", ("clip_l", "t5xxl")), "sd3": _dit_rules("sd3", ("clip_l", "clip_g", "t5xxl")),
@@ -238,6 +262,7 @@ RULES: dict[str, Callable] = {
     "anima": _anima_rules,
     "krea2": _krea2_rules,
     "ideogram4": _ideogram4_rules,
+    "wan": _wan_rules,
 }
 
 
@@ -248,7 +273,7 @@ RULES: dict[str, Callable] = {
 # 4's fused original names through their converters); SD3's kohya/SAI file with fused q/k/v it does not: its users
 # take the PEFT file.
 DIFFUSERS_LOADS_TOOL_FILE = {"sd15", "sd2", "sdxl", "flux1", "flux2", "flux2_klein", "zimage", "qwen_image",
-                             "qwen_image21", "chroma", "anima", "krea2", "ideogram4"}
+                             "qwen_image21", "chroma", "anima", "krea2", "ideogram4", "wan"}
 
 
 def _sd3_last_block_text_queries(model: Path) -> set[str]:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapter import ModelFamily
 
 FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl", "flux1", "sd3", "flux2", "flux2_klein", "zimage", "qwen_image",
-                              "qwen_image21", "chroma", "anima", "krea2", "ideogram4")
+                              "qwen_image21", "chroma", "anima", "krea2", "ideogram4", "wan")
 
 
 def _part(name: str, part: str):

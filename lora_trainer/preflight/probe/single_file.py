@@ -20,7 +20,6 @@ _UNSUPPORTED_FILE_MARKERS = (
                       "txt_in.individual_token_refiner.blocks.0.norm1.weight"), None),
     # Lumina 2's NextDiT: Z-Image shares its names but has adaLN_modulation.0 (a Linear), Lumina 2 .1 (behind a SiLU).
     ("Lumina 2", ("layers.0.adaLN_modulation.1.weight",), "cap_embedder."),
-    ("Wan", ("head.modulation",), None),
     ("AuraFlow", ("double_layers.0.attn.w1q.weight",), None),
     ("Mochi", ("blocks.0.attn.qkv_x.weight",), None),
     ("LTX-Video", ("patchify_proj.weight", "adaln_single.emb.timestep_embedder.linear_1.bias"), None),
