@@ -70,6 +70,19 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     return module.build(module.VARIANTS[family], seed)
 
 
+def _classic(folder: Path, pipe):
+    """A video pipeline (its output has ``frames``) through its family's tiny ``wrap_pipeline`` (Wan: one-frame
+    clips whose frame is the image), found by the model_index class; any other pipeline as it is."""
+    import json
+
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    for family in families.FAMILIES:
+        if name in families.get_signature(family).pipelines:
+            wrap = getattr(families.get_part(family, "tiny"), "wrap_pipeline", None)
+            return wrap(pipe) if wrap is not None else pipe
+    return pipe
+
+
 def load_pipeline(folder):
     """A saved pipeline folder, fp32, called as a classic diffusers pipeline (``pipe(prompt=...).images``): a
     modular pipeline's folder (modular_model_index.json, which DiffusionPipeline cannot load: Anima) through
@@ -82,7 +95,7 @@ def load_pipeline(folder):
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
-        return DiffusionPipeline.from_pretrained(folder)
+        return _classic(folder, DiffusionPipeline.from_pretrained(folder))
     from diffusers.modular_pipelines import ModularPipeline
 
     family = probe_model(str(folder)).family
