@@ -115,7 +115,11 @@ def quantizable(name: str, shape: Sequence[int]) -> bool:
 KEEP_IN_FP32: dict[str, tuple[str, ...]] = {"T5EncoderModel": ("wo",),
                                             "CosmosTransformer3DModel": ("learnable_pos_embed",),  # Anima: has none
                                             # its RMSNorms (no Linear among them): a few MB
-                                            "Krea2Transformer2DModel": ("norm", "norm1", "norm2", "norm_q", "norm_k")}
+                                            "Krea2Transformer2DModel": ("norm", "norm1", "norm2", "norm_q", "norm_k"),
+                                            "UMT5EncoderModel": ("wo",),
+                                            # Wan: the timestep MLP (two Linears, ~10 M at 5120 wide) and its norms
+                                            "WanTransformer3DModel": ("rope", "time_embedder", "scale_shift_table",
+                                                                      "norm1", "norm2", "norm3")}
 
 
 def kept_in_fp32(class_name: str | None, name: str) -> bool:
