@@ -26,10 +26,10 @@ from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diff
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
 TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image", "qwen-image-2.1",
-        "chroma", "anima", "krea2", "ideogram4"]
+        "chroma", "anima", "krea2", "ideogram4", "wan21"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
           "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image", "qwen-image-2.1": "qwen_image21",
-          "chroma": "chroma", "anima": "anima", "krea2": "krea2", "ideogram4": "ideogram4"}
+          "chroma": "chroma", "anima": "anima", "krea2": "krea2", "ideogram4": "ideogram4", "wan21": "wan"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
@@ -123,6 +123,11 @@ def test_round_trip_bitwise(folders, config_sources, tmp_path, name, prefix):
         assert {"llm_cond_proj.weight", "layers.0.attention.qkv.weight", "layers.1.attention.o.weight",
                 "layers.0.adaln_modulation.weight", "final_layer.linear.weight"} <= bare
         assert not any(".to_q." in k or ".to_out." in k for k in bare)
+    elif FAMILY[name] == "wan":  # ComfyUI's wan2.1_t2v_*.safetensors: the original Wan names
+        assert {"patch_embedding.weight", "text_embedding.0.weight", "time_projection.1.weight", "head.modulation",
+                "blocks.0.self_attn.q.weight", "blocks.1.cross_attn.o.weight", "blocks.0.ffn.0.weight",
+                "blocks.0.modulation", "blocks.0.norm3.weight", "head.head.weight"} <= bare
+        assert not any(".to_q." in k or ".attn1." in k for k in bare)
     else:
         assert {"pos_embed", "joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.1.context_block.attn.qkv.weight",
                 "x_embedder.proj.weight", "y_embedder.mlp.0.weight"} <= bare
