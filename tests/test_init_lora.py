@@ -111,7 +111,7 @@ def test_continuing_a_dora_keeps_its_magnitudes(tmp_path, tiny_models, source):
 # The PEFT file's path is one for every family: the newer families check their tool file only (CI time).
 @pytest.mark.parametrize("tiny,file", [(t, f) for t in ("zimage", "qwen-image")
                                        for f in ("lora.safetensors", "pytorch_lora_weights.safetensors")]
-                         + [(t, "lora.safetensors") for t in ("qwen-image-2.1", "chroma", "anima", "krea2")])
+                         + [(t, "lora.safetensors") for t in ("qwen-image-2.1", "chroma", "anima", "krea2", "wan21")])
 def test_continuing_a_dit_lora_from_either_export(tmp_path, tiny_models, dataset, tiny, file):
     """The DiT families whose ComfyUI file is diffusers' names under diffusion_model. with .alpha (Z-Image,
     Qwen-Image, Qwen-Image 2.1), under transformer. with alpha folded in (Chroma), or original names read back

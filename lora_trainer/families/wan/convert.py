@@ -11,7 +11,7 @@ from typing import Any
 from .._mmdit.convert import count_blocks, inner_width, rows_cols
 
 __all__ = ["COMPONENT_PREFIXES", "ALL_IN_ONE_VAE", "ALL_IN_ONE_TEXT_ENCODERS", "config_checks", "from_diffusers",
-           "to_diffusers"]
+           "to_diffusers", "tool_file_fused_parts", "tool_file_to_peft"]
 
 # ComfyUI ships the Wan VAE and umt5-xxl as their own files; an all-in-one save would keep them under these.
 COMPONENT_PREFIXES = ("text_encoders.", "vae.")
@@ -70,3 +70,31 @@ def config_checks(shapes: Mapping[str, list], config: Mapping,
                   ("in_channels (patch_embedding columns)", patch[1], config.get("in_channels")),
                   ("text_dim (text_embedding.0 columns)", text[1], config.get("text_dim")),
                   ("ffn_dim (blocks.0.ffn.0 rows)", ffn[0], config.get("ffn_dim"))]
+
+
+def tool_file_fused_parts(key: str) -> int:
+    return 1  # one module per key: q / k / v are separate Linears in both layouts
+
+
+def tool_file_to_peft(sd: dict) -> dict:
+    """The ComfyUI file (``diffusion_model.<original name>.lora_A/B.weight`` + ``.alpha``, adapter.tool_state_dict)
+    with diffusers' module names, for init_lora: each module's name through diffusers' own single-file rename
+    (convert_wan_transformer_to_diffusers), the tensors and alphas untouched (so a continued run writes the same
+    file back); other files are returned as they are."""
+    if not any(k.startswith("diffusion_model.blocks.") for k in sd):
+        return sd
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    out = {}
+    for key, tensor in sd.items():
+        if not key.startswith("diffusion_model."):
+            out[key] = tensor
+            continue
+        module, part = key.removeprefix("diffusion_model."), ""
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale"):
+            if module.endswith(suffix):
+                module, part = module[: -len(suffix)], suffix
+                break
+        (renamed,) = convert_wan_transformer_to_diffusers({f"{module}.weight": None})
+        out[f"diffusion_model.{renamed[: -len('.weight')]}{part}"] = tensor
+    return out
