@@ -171,3 +171,31 @@ def test_clip_buckets_keep_the_token_budget():
     assert V.clip_bucket(480, 480, 33, spatial, budget)[0] == 33  # shorter clips keep their own length
     assert V.clip_bucket(480, 480, 1, spatial, budget)[0] == 1  # an image
     assert V.clip_bucket(480, 480, 81, spatial, V.tokens(17, 480, 480))[0] == 17  # a tighter budget cuts frames
+
+
+def test_validate_only_audits_the_clips_beside_the_images(tmp_path, tiny_models, dataset):
+    """--validate-only on a folder of images and clips: the clips' header facts in summary.dataset.videos, a broken
+    and a too-short clip listed (video_unreadable), the usable ones named as not trained yet (video_not_trained)."""
+    import shutil
+
+    from conftest import run_cli, write_config
+
+    _av()
+    data = tmp_path / "mixed"
+    shutil.copytree(dataset, data)
+    ok = write_clip(data / "clip_ok.mp4", frames=40, fps=24, width=64, height=48)
+    (data / "clip_ok.txt").write_text("ohwx, a square moving right")
+    write_clip(data / "clip_short.webm", frames=3, fps=30, codec="libvpx-vp9")
+    write_broken(data / "clip_broken.mp4", ok)
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(data), base_model=str(tiny_models["wan21"]),
+                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64, video_frames=17,
+                       video_short_clip="skip")
+    res = run_cli("--config", str(cfg), "--validate-only")
+    assert res.returncode == 0, res.stderr[-3000:]
+    validation = res.last("validation")
+    videos = validation["summary"]["dataset"]["videos"]
+    assert (videos["clips"], videos["usable"], videos["frame_buckets"]) == (3, 1, {"17": 1})
+    assert {b["file"]: b["problem"]["code"] for b in videos["bad"]} == {"clip_broken.mp4": "not_a_video",
+                                                                         "clip_short.webm": "too_short"}
+    codes = {w["code"]: w for w in validation["warnings"]}
+    assert len(codes["video_unreadable"]["files"]) == 2 and codes["video_not_trained"]["files"] == ["clip_ok.mp4"]

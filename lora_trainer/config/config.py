@@ -96,6 +96,12 @@ class TrainConfig:
     max_bucket_resolution: int | None = None
     random_crop: bool = False
     flip_aug: bool = False
+    # Video clips (data/video.py): frames sampled at video_fps, video_frames (4k+1) a clip; audited by
+    # --validate-only (preflight/video_scan.py), not trained yet (STATUS.md of the fam-wan branch).
+    video_fps: float = 16.0
+    video_frames: int = 81
+    video_short_clip: str = "shorten"
+    video_start: str = "first"
     masked_loss: bool = False  # data/masks.py: a mask per image weights its loss
     mask_path: str | None = None
     alpha_mask: bool = False
@@ -348,6 +354,9 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
     _offload_problems(cfg, problems)
     _compile_problems(cfg, problems)
     _shard_problems(cfg, problems)
+    if cfg.video_frames < 1 or (cfg.video_frames - 1) % 4:
+        problems.append(problem("video_frames", cfg.video_frames, "video_frames must be 4k+1 (1, 5, 9 ... 81): "
+                                "a causal video VAE compresses 4 frames after the first into one", "4k+1"))
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                 "false, or set cache_latents to false"))

@@ -220,6 +220,29 @@ def _steps(cfg: Any, scan: DatasetScan, buckets: list | None) -> dict:
             "total_steps": total, "bucket_plan": plan}
 
 
+def _audit_videos(cfg: Any, info: dict, warnings: list) -> None:
+    """Video clips beside the images: their headers audited (preflight/video_scan.py: no frame decoded past the
+    first), the result in ``info["videos"]``; broken or too-short clips are listed. Clips are not trained yet."""
+    from .video_scan import audit_clips, video_files
+
+    clips = video_files(cfg.dataset_path, recursive=cfg.recursive)
+    if not clips:
+        return
+    audit = audit_clips(clips, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)
+    info["videos"] = audit.summary()
+    if audit.bad:
+        codes = sorted({r.problem["code"] for r in audit.bad})
+        warnings.append(_issue("video_unreadable", "dataset_path",
+                               f"{_plural(len(audit.bad), 'video clip')} cannot be used and will be skipped "
+                               f"({', '.join(codes)})",
+                               files=[f"{r.rel_path}: {r.problem['message']}" for r in audit.bad]))
+    if audit.usable:
+        warnings.append(_issue("video_not_trained", "dataset_path",
+                               f"{_plural(len(audit.usable), 'video clip')} audited; training on clips is not "
+                               "supported yet: they are skipped (images, and a clip's frames saved as images, train)",
+                               files=[r.rel_path for r in audit.usable]))
+
+
 def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
                    verify: bool, deep: bool, index: ScanIndex | None = None) -> tuple[dict, DatasetScan | None]:
     resolution, bucketing = resolve_training_shape(cfg, family, prediction)
@@ -242,6 +265,8 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
                 index={"path": str(index.path) if index and index.path else None,
                        "reused": index.hits if index else 0,
                        "inspected": len(scan.records) - (index.hits if index else 0)})
+    if scan.ignored_files:
+        _audit_videos(cfg, info, warnings)
     if not scan.records:
         hint = "images must be .png, .jpg, .jpeg, .webp or .bmp"
         if not cfg.recursive and any(p.is_dir() for p in Path(cfg.dataset_path).iterdir()):
