@@ -199,3 +199,15 @@ def test_validate_only_audits_the_clips_beside_the_images(tmp_path, tiny_models,
                                                                          "clip_short.webm": "too_short"}
     codes = {w["code"]: w for w in validation["warnings"]}
     assert len(codes["video_unreadable"]["files"]) == 2 and codes["video_not_trained"]["files"] == ["clip_ok.mp4"]
+
+
+def test_video_frames_must_be_4k_plus_1(tmp_path):
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.contract.errors import ConfigError
+
+    base = {"dataset_path": str(tmp_path / "d"), "base_model": str(tmp_path / "m"), "output_path": str(tmp_path / "o"),
+            "trigger_words": ["ohwx"]}
+    assert parse_config({**base, "video_frames": 33}, base_dir=tmp_path)[0].video_frames == 33
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "video_frames": 32}, base_dir=tmp_path)
+    assert [p["path"] for p in e.value.problems] == ["video_frames"]
