@@ -129,12 +129,35 @@ def test_variant_by_width(cfg, expected):
     assert sig.variant(cfg)[0] == expected and sig.variant(cfg)[2] is None
 
 
-def test_i2v_and_ti2v_refused():
+def test_i2v_refused_ti2v_5b_by_its_channels():
     assert sig.variant({"image_dim": 1280, "in_channels": 36})[2][1] == "Wan image-to-video"
-    assert "TI2V-5B" in sig.variant({"in_channels": 48, "num_attention_heads": 24})[2][1]
+    assert sig.variant({"in_channels": 36})[2][1].startswith("Wan image-to-video")
+    assert sig.variant({"in_channels": 48, "num_attention_heads": 24})[0] == "ti2v-5b"
 
 
-def _keys(prefix="", width=1536, channels=16, i2v=False):
+def test_ti2v_5b_latents_and_per_token_timesteps():
+    """Wan 2.2 TI2V-5B: its VAE's 48 channels at 16x, and one timestep per token as its pipeline passes them
+    (expand_timesteps), which the adapter reproduces; the sampling pipeline gets expand_timesteps too."""
+    pipe = tiny.build("ti2v-5b")
+    comps = Components(denoisers={"transformer": pipe.transformer}, vae=pipe.vae,
+                       text_encoders={"text_encoder": pipe.text_encoder}, tokenizers={"text_encoder": pipe.tokenizer},
+                       scheduler_config=dict(pipe.scheduler.config), prediction_type="flow")
+    fam = Wan()
+    fam.variant = "ti2v-5b"
+    clip = torch.rand(1, 3, 5, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = fam.encode_latents(pipe.vae, clip)
+    assert z.shape == (1, 48, 2, 4, 4) and fam.latent_layout(pipe.vae.config) == (48, 16)
+    cond = fam.encode_text(comps, ["a cat"], torch.device("cpu"))
+    sigma = torch.tensor([0.7])
+    got = fam.predict(comps.denoisers, z, sigma, cond, None)
+    # The pipeline's expand_timesteps call (mask of ones: no image), [B, F' * h/2 * w/2].
+    want = pipe.transformer(hidden_states=z, timestep=torch.full((1, 2 * 2 * 2), 700.0),
+                            encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+    torch.testing.assert_close(got, want)
+    assert fam.pipeline(comps).config.expand_timesteps is True
+
+
+def _keys(prefix="", width=1536, channels=16, i2v=False):  # noqa: D103
     names = {"patch_embedding.weight": [width, channels, 1, 2, 2], "text_embedding.0.weight": [width, 4096],
              "head.modulation": [1, 2, width], "blocks.0.self_attn.q.weight": [width, width]}
     if i2v:
@@ -148,7 +171,8 @@ def test_single_file_rules():
     assert isinstance(m, Match) and m.variant == "t2v-1.3b" and "model.diffusion_model." in m.evidence
     assert sig.match_file(_keys(width=5120)).variant == "t2v-14b"
     assert isinstance(sig.match_file(_keys(i2v=True)), Refusal)
-    assert isinstance(sig.match_file(_keys(width=3072, channels=48)), Refusal)
+    assert sig.match_file(_keys(width=3072, channels=48)).variant == "ti2v-5b"
+    assert isinstance(sig.match_file(_keys(width=5120, channels=36)), Refusal)
     assert sig.match_file(FileKeys(frozenset({"img_in.weight"}), {})) is None
 
 

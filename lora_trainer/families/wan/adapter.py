@@ -106,11 +106,23 @@ class Wan(ModelFamily):
         image = noisy.ndim == 4
         x = noisy[:, :, None] if image else noisy
         transformer = denoisers["transformer"]
-        out = transformer(hidden_states=x.to(transformer.dtype),
-                          timestep=(t * 1000).to(transformer.dtype),  # the scheduler's timesteps: sigma x 1000
+        timestep = (t * 1000).to(transformer.dtype)  # the scheduler's timesteps: sigma x 1000
+        if self.expand_timesteps:
+            # Wan 2.2 TI2V-5B: one timestep per token, as its pipeline passes them (all equal without an image;
+            # measured: the same output as one per sample, so this is parity with the pipeline, not a fix).
+            b, _, f, h, w = x.shape
+            timestep = timestep[:, None].expand(b, f * (h // 2) * (w // 2))
+        out = transformer(hidden_states=x.to(transformer.dtype), timestep=timestep,
                           encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
                           return_dict=False)[0]
         return out[:, :, 0] if image else out
+
+    @property
+    def expand_timesteps(self) -> bool:
+        return self.variant == "ti2v-5b"
+
+    def _pipeline_extra_kwargs(self) -> dict:
+        return {"expand_timesteps": True} if self.expand_timesteps else {}
 
     # -- sampling ------------------------------------------------------------------------------------
     # Frames a sample clip has (4k+1). 1 until the sampler writes clips (STATUS.md): a one-frame sample is an image.

@@ -1,14 +1,14 @@
 """How Wan 2.1 text-to-video is recognised from its files (torch-free).
 
 diffusers folder: a ``WanPipeline`` without ``transformer_2`` / ``boundary_ratio`` (Wan 2.2 A14B's two experts:
-next step) whose transformer reads 16 latent channels (TI2V-5B reads 48: Wan 2.2, next step) and has no image
-projection (``image_dim``: the I2V releases, refused). The variant is the size: 1.3B (12 heads, 30 layers) or 14B
-(40 heads, 40 layers).
+next step) and no image projection (``image_dim``: the I2V releases, refused). The variant: 1.3B (12 heads, 30
+layers) or 14B (40 heads, 40 layers) by width for Wan 2.1's 16 latent channels; ``ti2v-5b`` (Wan 2.2 TI2V-5B) by
+its 48 (its VAE compresses 16x spatially).
 
 single file (ComfyUI's ``wan2.1_t2v_1.3B_bf16.safetensors``, the original Wan layout): ``patch_embedding``,
 ``text_embedding.0``, ``blocks.N.self_attn.q``, ``head.modulation``, under ``model.diffusion_model.`` or bare; the
-width is ``patch_embedding.weight``'s first dimension (1536: 1.3B, 5120: 14B, 3072: 2.2 TI2V-5B), an I2V file has
-``img_emb`` / ``blocks.N.cross_attn.k_img``. diffusers' ``convert_wan_transformer_to_diffusers`` maps it.
+width is ``patch_embedding.weight``'s first dimension (1536: 1.3B, 5120: 14B), its input channels 48 for 2.2
+TI2V-5B; an I2V file has ``img_emb`` / ``blocks.N.cross_attn.k_img`` (or 36 input channels). diffusers' ``convert_wan_transformer_to_diffusers`` maps it.
 """
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ def variant(tcfg: Mapping):
     """(variant, evidence, unsupported) from transformer/config.json (empty if unreadable)."""
     if tcfg.get("image_dim") or tcfg.get("added_kv_proj_dim"):
         return None, "", ("a Wan transformer with an image projection (image_dim)", "Wan image-to-video", _T2V_HINT)
+    if tcfg.get("in_channels", 16) == 48:
+        return "ti2v-5b", " (ti2v-5b: 48 latent channels, Wan 2.2's VAE)", None
     if tcfg.get("in_channels", 16) != 16:
         return None, "", (f"a Wan transformer reading {tcfg.get('in_channels')} latent channels",
-                          "Wan 2.2 TI2V-5B (not supported yet)", _T2V_HINT)
+                          "Wan image-to-video (image latents concatenated)", _T2V_HINT)
     width = int(tcfg.get("num_attention_heads", 40)) * int(tcfg.get("attention_head_dim", 128))
     name = _SIZES.get(width)
     return name, f" ({name}: width {width})" if name else "", None
@@ -46,10 +48,13 @@ def match_file(k: FileKeys) -> Match | Refusal | None:
     if k.dit_has("img_emb.") or "blocks.0.cross_attn.k_img.weight" in k.dit:
         return Refusal("Wan image-to-video", f"img_emb / cross_attn.k_img tensors{where}", _T2V_HINT)
     entry = k.dit_entry("patch_embedding.weight")
-    if entry and entry.get("shape") and int(entry["shape"][1]) != 16:
-        return Refusal("Wan 2.2 TI2V-5B", f"patch_embedding reads {entry['shape'][1]} channels{where}", _T2V_HINT)
-    width = _width(k)
-    return Match(f"Wan layout: patch_embedding, text_embedding, head.modulation{where}", _SIZES.get(width))
+    channels = int(entry["shape"][1]) if entry and entry.get("shape") else 16
+    evidence = f"Wan layout: patch_embedding, text_embedding, head.modulation{where}"
+    if channels == 48:
+        return Match(f"{evidence}; 48 latent channels (Wan 2.2 TI2V-5B)", "ti2v-5b")
+    if channels != 16:
+        return Refusal("Wan image-to-video", f"patch_embedding reads {channels} channels{where}", _T2V_HINT)
+    return Match(evidence, _SIZES.get(_width(k)))
 
 
 SIGNATURE = Signature(

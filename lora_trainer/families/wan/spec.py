@@ -1,5 +1,9 @@
-"""Wan 2.1 text-to-video (1.3B, 14B) as plain data (torch-free). Wan 2.2 (TI2V-5B, A14B's two experts) is the
-next step (STATUS.md): its variants will add rows here, not another family."""
+"""Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2 TI2V-5B (text-to-video use) as plain data (torch-free). Wan 2.2
+A14B (two experts) is the next step (STATUS.md): a variant row here, not another family.
+
+TI2V-5B: a 48-channel VAE compressing 16x spatially, so its sides are multiples of 32, not pixel_multiple's 16
+(480 x 832 are; a 16-px bucket would not be); the memory plan counts its tokens as 16-px ones (4x too many:
+conservative). Variant-dependent pixel multiples are an interface change left for the next session."""
 from __future__ import annotations
 
 from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
@@ -34,7 +38,8 @@ SPEC = FamilySpec(
     # WanPipeline.__call__'s default (encode_prompt's own default is 226: the adapter always passes it).
     max_sequence_length={None: 512},
     single_file_config_repo={None: "Wan-AI/Wan2.1-T2V-14B-Diffusers", "t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-                             "t2v-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"},
+                             "t2v-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+                             "ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"},
     gated_repos=(),
     blocks=("blocks",),
     # umt5-xxl's last hidden state, 4096 wide, max_sequence_length rows zero-padded past the caption (no mask).

@@ -12,7 +12,7 @@ from ...testing.parts import seeded
 from ...testing.t5 import T5_VOCAB_SIZE, make_tiny_t5_tokenizer
 
 # The tiny widths match no real size: the signature reports no variant (real: "t2v-1.3b", "t2v-14b").
-VARIANTS = {"wan21": None}
+VARIANTS = {"wan21": None, "wan22-5b": "ti2v-5b"}
 DEFAULT = "wan21"
 
 WAN_TEXT_DIM = 32  # umt5-xxl d_model 4096 (= the transformer's text_dim)
@@ -35,12 +35,12 @@ def text_encoder():
         decoder_start_token_id=0))
 
 
-def transformer():
+def transformer(z_dim: int = WAN_Z_DIM):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=WAN_HEADS, attention_head_dim=WAN_HEAD_DIM, in_channels=WAN_Z_DIM,
-        out_channels=WAN_Z_DIM, text_dim=WAN_TEXT_DIM, freq_dim=256, ffn_dim=WAN_FFN, num_layers=WAN_LAYERS,
+        patch_size=(1, 2, 2), num_attention_heads=WAN_HEADS, attention_head_dim=WAN_HEAD_DIM, in_channels=z_dim,
+        out_channels=z_dim, text_dim=WAN_TEXT_DIM, freq_dim=256, ffn_dim=WAN_FFN, num_layers=WAN_LAYERS,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
@@ -53,6 +53,22 @@ def vae():
                             temperal_downsample=[False, True, True])
 
 
+WAN22_Z_DIM = 48  # as real
+# Wan 2.2's VAE: 2x2 pixel patches in (12 channels), 16x spatially; real base_dim 160, decoder_base_dim 256,
+# dim_mult [1, 2, 4, 4], num_res_blocks 2. Per-channel stats of the real magnitude, not 0 / 1.
+WAN22_LATENTS_MEAN = [round(0.05 * i - 1.2, 3) for i in range(WAN22_Z_DIM)]
+WAN22_LATENTS_STD = [round(0.6 + 0.02 * i, 3) for i in range(WAN22_Z_DIM)]
+
+
+def vae22():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=WAN22_Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                            latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD)
+
+
 def build(variant: str | None = None, seed: int = 0):
     """The in-memory pipeline (fp32, CPU); the caller's RNG is left untouched."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
@@ -60,6 +76,10 @@ def build(variant: str | None = None, seed: int = 0):
     if variant not in VARIANTS.values():
         raise ValueError(f"unknown tiny Wan variant {variant!r}; expected one of {list(VARIANTS.values())}")
     with seeded(seed):
+        if variant == "ti2v-5b":  # Wan2.2-TI2V-5B-Diffusers: per-token timesteps (expand_timesteps), flow_shift 5.0
+            return WanPipeline(tokenizer=make_tiny_t5_tokenizer(), text_encoder=text_encoder(), vae=vae22(),
+                               scheduler=UniPCMultistepScheduler(**{**WAN_SCHEDULER, "flow_shift": 5.0}),
+                               transformer=transformer(WAN22_Z_DIM), expand_timesteps=True)
         return WanPipeline(tokenizer=make_tiny_t5_tokenizer(), text_encoder=text_encoder(), vae=vae(),
                            scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=transformer())
 
