@@ -26,10 +26,11 @@ from lora_trainer.families.flux1.convert import to_diffusers as flux_bfl_to_diff
 from lora_trainer.families.sd3.convert import from_diffusers as sd3_to_sai
 
 TINY = ["flux1-dev", "flux1-schnell", "sd3", "flux2-dev", "flux2-klein-4b", "zimage", "qwen-image", "qwen-image-2.1",
-        "chroma", "anima", "krea2", "ideogram4", "wan21"]
+        "chroma", "anima", "krea2", "ideogram4", "wan21", "wan22-5b"]
 FAMILY = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3": "sd3", "flux2-dev": "flux2",
           "flux2-klein-4b": "flux2_klein", "zimage": "zimage", "qwen-image": "qwen_image", "qwen-image-2.1": "qwen_image21",
-          "chroma": "chroma", "anima": "anima", "krea2": "krea2", "ideogram4": "ideogram4", "wan21": "wan"}
+          "chroma": "chroma", "anima": "anima", "krea2": "krea2", "ideogram4": "ideogram4", "wan21": "wan",
+          "wan22-5b": "wan"}
 CAPTION = "ohwx, a red circle, blue background"
 
 
