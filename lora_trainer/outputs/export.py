@@ -52,6 +52,7 @@ import torch
 from ..adapters.lora import MAGNITUDE
 from ..families import FAMILIES, get_family, get_spec
 from ..families._unet.kohya_names import te_path
+from ..adapters.lora import config_value
 from .lycoris import adapter_metadata as lycoris_adapter_metadata, is_lycoris
 from .lycoris import peft_state_dict as lycoris_peft_state_dict, tool_state_dict as lycoris_tool_state_dict
 
@@ -171,12 +172,7 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
             fields = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": paths,
                       "init_lora_weights": True, "use_dora": any(MAGNITUDE in m for m in modules.values()),
                       "lora_bias": False}
-        for key, value in fields.items():
-            if isinstance(value, (set, frozenset, tuple)):
-                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-            if hasattr(value, "value") and not isinstance(value, (str, int, float)):  # enums (peft_type, task_type)
-                value = value.value
-            packed[f"{component}.{key}"] = value
+        packed.update({f"{component}.{key}": config_value(value) for key, value in fields.items()})
     return {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True, default=str)}
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.lora import config_value
 from ..adapters.lycoris import PARTS
 from ..families._unet.kohya_names import te_path
 
@@ -183,12 +184,7 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]],
         fields.update(alpha=fields["r"], alpha_pattern={})  # the scale is in the factors (peft_state_dict)
         paths = sorted(lycoris_modules(state, component))
         fields["target_modules"] = [p.removeprefix("text_model.") for p in paths]
-        for key, value in fields.items():
-            if isinstance(value, (set, frozenset, tuple)):
-                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-            if hasattr(value, "value") and not isinstance(value, (str, int, float)):  # enums (peft_type, task_type)
-                value = value.value
-            packed[f"{component}.{key}"] = value
+        packed.update({f"{component}.{key}": config_value(value) for key, value in fields.items()})
     return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}
 
 
