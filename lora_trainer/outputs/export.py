@@ -361,6 +361,15 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     _fsync_dir(path.parent)
 
 
+def tool_tensors(fam, states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any], *,
+                 alpha: float, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The ComfyUI / Forge / A1111 file's tensors from PEFT states: the family's LoRA layout, or LoKr / LoHa under
+    the names that layout gives each module (outputs/lycoris.py)."""
+    if is_lycoris(states):
+        return lycoris_tool_state_dict(fam, states, configs, alpha=alpha, rank=rank, dtype=dtype)
+    return fam.tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype)
+
+
 def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
                 states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int, unet_config: Any,
                 metadata: Mapping[str, str], lora_configs: Mapping[str, Any] | None = None,
@@ -382,9 +391,7 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     lycoris = is_lycoris(states)  # LoKr / LoHa: outputs/lycoris.py writes both layouts
     if kohya is None:
         configs = dict.fromkeys(get_spec(family).denoisers, unet_config)
-        fam = get_family(family)
-        kohya = (lycoris_tool_state_dict(fam, states, configs, alpha=alpha, rank=rank, dtype=dtype) if lycoris
-                 else fam.tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype))
+        kohya = tool_tensors(get_family(family), states, configs, alpha=alpha, rank=rank, dtype=dtype)
     peft = (lycoris_peft_state_dict(states, alpha=alpha, rank=rank, dtype=dtype) if lycoris
             else peft_state_dict(states, dtype=dtype))
     _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now
