@@ -130,8 +130,9 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
     Train images appear ``repeats`` times. Regularisation images fill as many samples as the train images do
     (sd-scripts' balance): their pool (each image ``repeats`` times, in dataset order) is read cyclically from
     where the last epoch stopped, so a large set is used in turn and a small one repeats. With one train dataset
-    this is data.images.plan_epoch exactly (same draws from the same RNG), so a `dataset_path` run's plan and its
-    old checkpoints are unchanged. A pure function of (seed, epoch), as exact resume needs.
+    this is the plan data/images.py made before datasets existed (same draws from the same RNG; tests/test_datasets.py
+    keeps that one as the reference), so a `dataset_path` run's plan and its old checkpoints are unchanged. A pure
+    function of (seed, epoch), as exact resume needs.
     """
     images = list(images)
     size = (lambda d: batch_sizes) if isinstance(batch_sizes, int) else batch_sizes.__getitem__
