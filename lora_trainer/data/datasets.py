@@ -174,11 +174,6 @@ def run_plan(cfg: Any, images: list, epoch: int) -> list[list[int]]:
     return plan_epoch(images, sizes, cfg.seed, epoch)
 
 
-def triggers_for(cfg: Any, img: Any) -> tuple[str, ...]:
-    """The trigger words a step's caption gets for this image (none for a regularisation image)."""
-    return cfg.trigger_words if getattr(img, "triggers", None) is None else img.triggers
-
-
 def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool) -> list:
     """The run's TrainImages: a `dataset_path` scan's as always; a MultiScan's per entry at the entry's resolution,
     a regularisation image's caption falling back to its class prompt."""

@@ -34,6 +34,10 @@ class TrainImage:
     loss_weight: float = 1.0
     triggers: tuple[str, ...] | None = None  # None: the run's trigger_words; () for a regularisation image
 
+    def trigger_words(self, run_triggers: tuple[str, ...]) -> tuple[str, ...]:
+        """The trigger words a caption of this image gets: the run's, or its dataset's own (none for regularisation)."""
+        return run_triggers if self.triggers is None else self.triggers
+
 
 def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int) -> list[TrainImage]:
     buckets = make_buckets(resolution, min_size, max_size, 64) if bucketing else [(resolution, resolution)]
