@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..adapters.lora import config_value
-from ..adapters.lycoris import PARTS
+from ..adapters.lycoris import FIRST_FACTORS, PARTS
 from ..families._unet.kohya_names import te_path
 
 _DOWNS = (".lora_down.weight", ".lora_A.weight")
@@ -162,7 +162,7 @@ def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: 
         for path, parts in lycoris_modules(state, component).items():
             if component.startswith("text_encoder"):
                 path = te_path(path)
-            first = next(p for p in ("lokr_w1", "lokr_w1_a", "hada_w1_a") if p in parts)
+            first = next(p for p in FIRST_FACTORS if p in parts)
             for part, tensor in parts.items():
                 t = tensor.detach().to("cpu", torch.float32)
                 if part == first:
