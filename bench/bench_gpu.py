@@ -186,16 +186,16 @@ class TrainLoraRunner:
         cfg, _ = load_config(config)
         self.trainer = Trainer(cfg, EventStream(None))
         self.trainer.setup()
-        from lora_trainer.data.images import plan_epoch
+        from lora_trainer.data.datasets import run_plan
 
-        self.plan, self.epoch, self.i = plan_epoch, 0, 0
-        self.batches = plan_epoch(self.trainer.images, cfg.batch_size, cfg.seed, 0)
+        self.plan, self.epoch, self.i = run_plan, 0, 0
+        self.batches = run_plan(cfg, self.trainer.images, 0)
 
     def step(self):
         if self.i >= len(self.batches):
             self.epoch, self.i = self.epoch + 1, 0
             t = self.trainer
-            self.batches = self.plan(t.images, t.cfg.batch_size, t.cfg.seed, self.epoch)
+            self.batches = self.plan(t.cfg, t.images, self.epoch)
         batch = self.batches[self.i]
         self.i += 1
         return self.trainer._optimizer_step([batch], self.epoch, self.i - 1)

@@ -53,16 +53,16 @@ class Batches:
     """The trainer's own epoch plan, endless."""
 
     def __init__(self, trainer):
-        from lora_trainer.data.images import plan_epoch
+        from lora_trainer.data.datasets import run_plan
 
-        self.t, self.plan, self.epoch, self.i = trainer, plan_epoch, 0, 0
-        self.batches = plan_epoch(trainer.images, trainer.cfg.batch_size, trainer.cfg.seed, 0)
+        self.t, self.plan, self.epoch, self.i = trainer, run_plan, 0, 0
+        self.batches = run_plan(trainer.cfg, trainer.images, 0)
 
     def next(self):
         if self.i >= len(self.batches):
             self.epoch += 1
             self.i = 0
-            self.batches = self.plan(self.t.images, self.t.cfg.batch_size, self.t.cfg.seed, self.epoch)
+            self.batches = self.plan(self.t.cfg, self.t.images, self.epoch)
         b = self.batches[self.i]
         self.i += 1
         return [b], self.epoch, self.i - 1

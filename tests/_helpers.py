@@ -173,3 +173,22 @@ def assert_report(out_dir: Path, *, status: str, step: int, total_steps: int, ke
         assert any(sum(abs(a - b) for a, b in zip(px, want)) < 24 for px in rgb.getdata()), "no loss line drawn"
     embedded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="loss_curve.png">', text)
     assert embedded and base64.b64decode(embedded.group(1)) == curve, "the loss curve is not embedded in the report"
+
+
+def train_and_class_sets(root: Path, n_train: int, n_reg: int) -> Path:
+    """``root/train`` (captioned with the trigger, a mask per image in ``root/masks``: the left half trains) and
+    ``root/reg`` (uncaptioned: the class prompt); the issue-24 methods' tests train on them."""
+    from PIL import Image
+
+    from lora_trainer.testing.dataset import make_dataset
+
+    make_dataset(root / "train", n=n_train, trigger="ohwx")
+    make_dataset(root / "reg", n=n_reg, trigger=None, seed=5, with_captions=False)
+    (root / "masks").mkdir()
+    for src in sorted((root / "train").glob("img_*.*")):
+        if src.suffix != ".txt":
+            w, h = Image.open(src).size
+            mask = Image.new("L", (w, h), 0)
+            mask.paste(255, (0, 0, w // 2, h))
+            mask.save(root / "masks" / f"{src.stem}.png")
+    return root

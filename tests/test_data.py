@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_trainer.data.images import TrainImage, load_pixels, plan_epoch, to_rgb
+from lora_trainer.data.datasets import plan_epoch
+from lora_trainer.data.images import TrainImage, load_pixels, to_rgb
 
 
 def _img(path: Path, size=(64, 64), bucket=(64, 64), repeats=1, index=0) -> TrainImage:
@@ -69,14 +70,14 @@ def test_load_pixels_range_shape_and_time_ids(tmp_path):
 def test_plan_epoch_buckets_repeats_and_determinism(tmp_path):
     images = [_img(tmp_path / f"{i}.png", bucket=(64, 64) if i < 5 else (128, 64), repeats=2 if i == 0 else 1,
                    index=i) for i in range(8)]
-    plan = plan_epoch(images, batch_size=2, seed=1, epoch=0)
+    plan = plan_epoch(images, 2, seed=1, epoch=0)
     for batch in plan:
         assert len({images[i].bucket for i in batch}) == 1, "a batch must come from one bucket"
     counts = Counter(i for b in plan for i in b)
     assert counts == Counter({0: 2, **{i: 1 for i in range(1, 8)}}), "every sample exactly as often as its repeats"
-    assert plan == plan_epoch(images, batch_size=2, seed=1, epoch=0)
-    assert plan != plan_epoch(images, batch_size=2, seed=1, epoch=1)
-    assert plan != plan_epoch(images, batch_size=2, seed=2, epoch=0)
+    assert plan == plan_epoch(images, 2, seed=1, epoch=0)
+    assert plan != plan_epoch(images, 2, seed=1, epoch=1)
+    assert plan != plan_epoch(images, 2, seed=2, epoch=0)
 
 
 def test_latent_cache_placement_and_batches():

@@ -68,10 +68,25 @@ def _items(rng: random.Random, n: int, dataset: int = 0, role: str = TRAIN, star
     return [PlanItem(start + i, rng.choice(buckets), rng.randint(1, 3), dataset, role) for i in range(n)]
 
 
+def _old_plan(images, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch plan as data/images.py had it before `datasets` (one bucket per batch, buckets sorted, shuffled):
+    the reference a dataset_path run's plan must keep matching."""
+    rng = random.Random(f"plan:{seed}:{epoch}")
+    by_bucket: dict = {}
+    for img in images:
+        by_bucket.setdefault(img.bucket, []).extend([img.index] * img.repeats)
+    batches = []
+    for bucket in sorted(by_bucket):
+        idx = by_bucket[bucket]
+        rng.shuffle(idx)
+        batches.extend(idx[i:i + batch_size] for i in range(0, len(idx), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
 def test_plan_of_one_dataset_is_the_old_plan_epoch():
     """A dataset_path run's epoch plan (and so its checkpoints' positions) must not change."""
-    from lora_trainer.data.images import plan_epoch as old_plan
-
+    old_plan = _old_plan
     rng = random.Random(0)
     for trial in range(20):
         items = _items(rng, rng.randint(1, 30))

@@ -10,29 +10,18 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from safetensors import safe_open
 
+from _helpers import train_and_class_sets
 from conftest import run_cli, write_config
 from lora_trainer.families import FAMILIES, SPECS, get_part
-from lora_trainer.testing.dataset import make_dataset
 
 SUFFIX = {"lokr": (".lokr_w1",), "loha": (".hada_w1_a",), "lora": (".lora_down.weight", ".lora_A.weight")}
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("methods")
-    make_dataset(root / "train", n=5, trigger="ohwx")
-    make_dataset(root / "reg", n=2, trigger=None, seed=5, with_captions=False)
-    (root / "masks").mkdir()
-    for src in sorted((root / "train").glob("img_*.*")):
-        if src.suffix != ".txt":
-            w, h = Image.open(src).size
-            mask = Image.new("L", (w, h), 0)
-            mask.paste(255, (0, 0, w // 2, h))  # the left half trains
-            mask.save(root / "masks" / f"{src.stem}.png")
-    return root
+    return train_and_class_sets(tmp_path_factory.mktemp("sets"), 5, 2)
 
 
 def _network(family: str) -> str:

@@ -182,6 +182,17 @@ def test_example_family_configs_validate(name):
     assert not [e for e in pre.errors if e["code"] == "config_invalid"], "no family rule may refuse the example"
 
 
+def test_the_training_methods_example_config_parses_cleanly():
+    """examples/configs/sdxl_methods.json (LoKr, EMA, per-dataset masks, a regularisation set, a held-out split)."""
+    from lora_trainer.config.config import load_config
+
+    cfg, warnings = load_config(Path(__file__).resolve().parent.parent / "examples" / "configs" / "sdxl_methods.json")
+    assert not warnings, warnings
+    assert (cfg.network_type, cfg.ema_decay, cfg.masked_loss, cfg.eval_split) == ("lokr", 0.999, True, 0.1)
+    assert [e.role for e in cfg.datasets] == ["train", "regularization"]
+    assert dict(cfg.datasets[0].overrides)["mask_path"] == "/data/datasets/ohwx_masks"
+
+
 def test_run_started_reports_schnells_unshifted_objective(tmp_path, tiny_models, dataset):
     """The objective the trainer resolves from the loaded model's variant, as run_started reports it."""
     base = {"dataset_path": str(dataset), "base_model": str(tiny_models["flux1-schnell"]),

@@ -6,30 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from _helpers import train_and_class_sets
 from conftest import run_cli, write_config
 from lora_trainer.config.config import parse_config
 from lora_trainer.contract.errors import ConfigError
-from lora_trainer.testing.dataset import make_dataset
-
-
-def _half_mask(size: tuple[int, int]) -> Image.Image:
-    im = Image.new("L", size, 0)
-    im.paste(255, (0, 0, size[0] // 2, size[1]))
-    return im
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("combined")
-    make_dataset(root / "train", n=6, trigger="ohwx")
-    make_dataset(root / "reg", n=3, trigger=None, seed=5, with_captions=False)
-    (root / "masks").mkdir()
-    for src in sorted((root / "train").glob("img_*.*")):
-        if src.suffix != ".txt":
-            _half_mask(Image.open(src).size).save(root / "masks" / f"{src.stem}.png")
-    return root
+    return train_and_class_sets(tmp_path_factory.mktemp("sets"), 6, 3)
 
 
 def _config(root: Path, model: Path, out: str, **extra) -> Path:

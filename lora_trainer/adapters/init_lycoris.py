@@ -14,9 +14,7 @@ from typing import Any
 
 from ..contract.errors import ConfigError
 from ..families._unet.kohya_names import te_path
-from .lycoris import PARTS
-
-_FIRST = ("lokr_w1", "lokr_w1_a", "hada_w1_a")  # where a scale goes
+from .lycoris import FIRST_FACTORS, PARTS
 
 
 def _problem(message: str, value: Any, allowed: str, path: str = "init_lora") -> dict:
@@ -105,7 +103,7 @@ def apply_init_lycoris(path: Path, family: Any, models: dict, configs: dict, *, 
             ratio = _file_scale(parts, meta_scale) / ours
             rescaled += ratio != 1.0
             for part, tensor in have.items():
-                value = parts[part].to(torch.float32) * (ratio if part in _FIRST else 1.0)
+                value = parts[part].to(torch.float32) * (ratio if part in FIRST_FACTORS else 1.0)
                 new[f"{mpath}.{part}"] = value.to(tensor.dtype)
         load_plain_lora_state(model, {k: v.to(state[k].device) for k, v in new.items()})
     extra = sorted(set(file_modules) - used)

@@ -136,3 +136,12 @@ def dora_row_scale(modules: dict[str, torch.nn.Module]) -> dict | None:
             ratio = adapted.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             lo, hi, layers = min(lo, float(ratio.min())), max(hi, float(ratio.max())), layers + 1
     return {"layers": layers, "min": lo, "max": hi} if layers else None
+
+
+def config_value(value):
+    """A PEFT config field as JSON holds it: sets sorted, tuples as lists, enums (peft_type, task_type) by value."""
+    if isinstance(value, (set, frozenset, tuple)):
+        value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if hasattr(value, "value") and not isinstance(value, (str, int, float)):
+        value = value.value
+    return value

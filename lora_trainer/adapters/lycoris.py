@@ -17,6 +17,8 @@ ALGOS = ("lokr", "loha")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 PARTS = LOKR_PARTS + LOHA_PARTS
+# The factor a scale is folded into (one per module, the first it has): the exports and init_lora agree on it.
+FIRST_FACTORS = ("lokr_w1", "lokr_w1_a", "hada_w1_a")
 
 
 @dataclass(frozen=True)

@@ -233,12 +233,17 @@ def _offload_problems(cfg: TrainConfig, problems: list[dict]) -> None:
                                 "use_dora false, or offload_blocks 0"))
 
 
+def _unused(cfg: TrainConfig, keys: tuple[str, ...], why: str, warnings: list[dict]) -> None:
+    """An ``unused_setting`` warning for each of ``keys`` the config sets although ``why`` makes it moot."""
+    for key in keys:
+        if key in cfg.explicit_keys:
+            warnings.append({"code": "unused_setting", "path": key, "message": f"{key} has no effect {why}"})
+
+
 def _ema_warnings(cfg: TrainConfig, warnings: list[dict]) -> None:
     if cfg.ema_decay is None:
-        for key in ("ema_device", "ema_update_interval", "ema_warmup", "ema_sampling"):
-            if key in cfg.explicit_keys:
-                warnings.append({"code": "unused_setting", "path": key,
-                                 "message": f"{key} has no effect because ema_decay is null (EMA off)"})
+        _unused(cfg, ("ema_device", "ema_update_interval", "ema_warmup", "ema_sampling"),
+                "because ema_decay is null (EMA off)", warnings)
         return
     updates = (cfg.max_train_steps or 0) // cfg.ema_update_interval
     window = 1 / (1 - cfg.ema_decay)  # the number of updates the average effectively spans
@@ -361,25 +366,20 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
         problems.append(problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                 "false, or set cache_latents to false"))
     if not cfg.masked_loss:
-        for key in ("mask_path", "alpha_mask", "require_masks", "mask_min_value", "mask_normalize"):
-            if key in ex:
-                warnings.append({"code": "unused_setting", "path": key,
-                                 "message": f"{key} has no effect because masked_loss is false"})
+        _unused(cfg, ("mask_path", "alpha_mask", "require_masks", "mask_min_value", "mask_normalize"),
+                "because masked_loss is false", warnings)
     if cfg.mixed_precision == "fp16" and cfg.device == "cpu":
         problems.append(problem("mixed_precision", "fp16", "fp16 mixed precision needs a GPU (the gradient scaler is CUDA-only)",
                                 "\"no\", \"bf16\" or \"auto\" on the CPU"))
     if not cfg.train_text_encoder:
-        for key in ("text_encoder_lr", "text_encoder_target_modules"):
-            if key in ex:
-                warnings.append({"code": "unused_setting", "path": key,
-                                 "message": f"{key} has no effect because train_text_encoder is false"})
+        _unused(cfg, ("text_encoder_lr", "text_encoder_target_modules"), "because train_text_encoder is false",
+                warnings)
     if cfg.eval_dataset_path and cfg.eval_split:
         problems.append(problem("eval_split", cfg.eval_split, "set eval_dataset_path or eval_split, not both",
                                 "0 with eval_dataset_path, or eval_dataset_path null"))
     if not (cfg.eval_dataset_path or cfg.eval_split):
-        for key in sorted({"eval_steps", "eval_timesteps", "eval_seed", "eval_max_images"} & ex):
-            warnings.append({"code": "unused_setting", "path": key,
-                             "message": f"{key} has no effect without a held-out set (eval_dataset_path or eval_split)"})
+        _unused(cfg, ("eval_max_images", "eval_seed", "eval_steps", "eval_timesteps"),
+                "without a held-out set (eval_dataset_path or eval_split)", warnings)
     if cfg.validation_prompts and cfg.validation_steps is None:
         warnings.append({"code": "unused_setting", "path": "validation_prompts",
                          "message": "validation_prompts are set but validation_steps is null: no samples during training"})

@@ -130,8 +130,9 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
     Train images appear ``repeats`` times. Regularisation images fill as many samples as the train images do
     (sd-scripts' balance): their pool (each image ``repeats`` times, in dataset order) is read cyclically from
     where the last epoch stopped, so a large set is used in turn and a small one repeats. With one train dataset
-    this is data.images.plan_epoch exactly (same draws from the same RNG), so a `dataset_path` run's plan and its
-    old checkpoints are unchanged. A pure function of (seed, epoch), as exact resume needs.
+    this is the plan data/images.py made before datasets existed (same draws from the same RNG; tests/test_datasets.py
+    keeps that one as the reference), so a `dataset_path` run's plan and its old checkpoints are unchanged. A pure
+    function of (seed, epoch), as exact resume needs.
     """
     images = list(images)
     size = (lambda d: batch_sizes) if isinstance(batch_sizes, int) else batch_sizes.__getitem__
@@ -171,11 +172,6 @@ def run_plan(cfg: Any, images: list, epoch: int) -> list[list[int]]:
     """The run's epoch plan: plan_epoch with each dataset's batch size."""
     sizes = {i: e.setting(cfg, "batch_size") for i, e in enumerate(cfg.datasets)} or cfg.batch_size
     return plan_epoch(images, sizes, cfg.seed, epoch)
-
-
-def triggers_for(cfg: Any, img: Any) -> tuple[str, ...]:
-    """The trigger words a step's caption gets for this image (none for a regularisation image)."""
-    return cfg.trigger_words if getattr(img, "triggers", None) is None else img.triggers
 
 
 def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool) -> list:

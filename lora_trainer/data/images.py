@@ -1,8 +1,5 @@
-"""Training data on the torch side: image decoding, bucket geometry, epoch plans, the latent cache (the text
-cache is text_cache.py).
-
-The epoch plan is a pure function of (seed, epoch), so an exact resume needs only the epoch and the number of
-batches already consumed, both kept in TrainingProgress.
+"""Training data on the torch side: image decoding, bucket geometry, the latent cache (the text cache is
+text_cache.py; the epoch plan, a pure function of (seed, epoch), is data/datasets.py's plan_epoch).
 """
 from __future__ import annotations
 
@@ -36,6 +33,10 @@ class TrainImage:
     role: str = "train"
     loss_weight: float = 1.0
     triggers: tuple[str, ...] | None = None  # None: the run's trigger_words; () for a regularisation image
+
+    def trigger_words(self, run_triggers: tuple[str, ...]) -> tuple[str, ...]:
+        """The trigger words a caption of this image gets: the run's, or its dataset's own (none for regularisation)."""
+        return run_triggers if self.triggers is None else self.triggers
 
 
 def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int) -> list[TrainImage]:
@@ -78,25 +79,6 @@ def load_pixels(img: TrainImage, *, random_crop: bool, rng: random.Random | None
     arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
     time_ids = torch.tensor([img.orig_size[1], img.orig_size[0], top, left, bh, bw], dtype=torch.float32)
     return arr, time_ids
-
-
-def plan_epoch(images: list[TrainImage], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of image indices for one epoch: each image repeated, grouped by bucket, shuffled.
-
-    Every batch comes from one bucket (tensors must stack); a bucket's last batch may be smaller, so no
-    sample is dropped. The order depends only on (seed, epoch).
-    """
-    rng = random.Random(f"plan:{seed}:{epoch}")
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for img in images:
-        by_bucket.setdefault(img.bucket, []).extend([img.index] * img.repeats)
-    batches: list[list[int]] = []
-    for bucket in sorted(by_bucket):
-        idx = by_bucket[bucket]
-        rng.shuffle(idx)
-        batches.extend(idx[i:i + batch_size] for i in range(0, len(idx), batch_size))
-    rng.shuffle(batches)
-    return batches
 
 
 def image_digest(path: Path) -> str:

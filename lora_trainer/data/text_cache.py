@@ -435,9 +435,9 @@ def build_run_cache(cfg, family, comps, images, *, device: torch.device, world: 
     from .captions import build_caption
     from .captions import prompts_for
 
-    # A regularisation image has its own (no) trigger words (data/datasets.py triggers_for, which the step uses).
-    captions = [build_caption(i.caption, cfg.trigger_words if i.triggers is None else i.triggers,
-                              prepend=cfg.prepend_trigger_words) for i in images]
+    # The trigger words each step's caption gets (none for a regularisation image), as training/batch.py builds it.
+    captions = [build_caption(i.caption, i.trigger_words(cfg.trigger_words), prepend=cfg.prepend_trigger_words)
+                for i in images]
     if cfg.caption_dropout_rate > 0:
         captions.append("")
     if family.samples_from_cache and cfg.validation_steps:  # sampling then needs no text encoder either

@@ -303,9 +303,7 @@ class FlowMatchingObjective:
         # input would not match the float32 sigma the model is told (and that
         # preconditioning uses). Uses the cast noise so that target() sees the
         # exact noise that went into x_t.
-        s = _per_sample(sigmas, latents)
-        noisy = (1.0 - s) * latents.float() + s * noise.float()
-        return noise, sigmas, noisy.to(latents.dtype)
+        return noise, sigmas, _interpolate(latents, noise, sigmas)
 
     def target(
         self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
@@ -356,8 +354,7 @@ class FlowMatchingObjective:
         sigma = min(1.0, max(SIGMA_MIN, float(level)))
         sigmas = torch.full((latents.shape[0],), sigma, device=latents.device, dtype=torch.float32)
         noise = noise.to(device=latents.device, dtype=latents.dtype)
-        s = _per_sample(sigmas, latents)
-        noisy_latents = ((1.0 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+        noisy_latents = _interpolate(latents, noise, sigmas)
         target = self.target(latents, noise, sigmas)
         return self.loss(model_fn(noisy_latents, sigmas), target, sigmas, noisy_latents, extra)
 
@@ -373,6 +370,12 @@ class FlowMatchingObjective:
         target = self.target(latents, noise, sigmas)
         model_pred = model_fn(noisy_latents, sigmas)
         return self.loss(model_pred, target, sigmas, noisy_latents, extra)
+
+
+def _interpolate(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) x0 + sigma noise, in float32, in the latents' dtype."""
+    s = _per_sample(sigmas, latents)
+    return ((1.0 - s) * latents.float() + s * noise.float()).to(latents.dtype)
 
 
 def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch
 from ..adapters.lora import MAGNITUDE
 from ..families import FAMILIES, get_family, get_spec
 from ..families._unet.kohya_names import te_path
+from ..adapters.lora import config_value
 from .lycoris import adapter_metadata as lycoris_adapter_metadata, is_lycoris
 from .lycoris import peft_state_dict as lycoris_peft_state_dict, tool_state_dict as lycoris_tool_state_dict
 
@@ -171,12 +172,7 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha:
             fields = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": paths,
                       "init_lora_weights": True, "use_dora": any(MAGNITUDE in m for m in modules.values()),
                       "lora_bias": False}
-        for key, value in fields.items():
-            if isinstance(value, (set, frozenset, tuple)):
-                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-            if hasattr(value, "value") and not isinstance(value, (str, int, float)):  # enums (peft_type, task_type)
-                value = value.value
-            packed[f"{component}.{key}"] = value
+        packed.update({f"{component}.{key}": config_value(value) for key, value in fields.items()})
     return {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True, default=str)}
 
 
@@ -365,6 +361,15 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     _fsync_dir(path.parent)
 
 
+def tool_tensors(fam, states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any], *,
+                 alpha: float, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The ComfyUI / Forge / A1111 file's tensors from PEFT states: the family's LoRA layout, or LoKr / LoHa under
+    the names that layout gives each module (outputs/lycoris.py)."""
+    if is_lycoris(states):
+        return lycoris_tool_state_dict(fam, states, configs, alpha=alpha, rank=rank, dtype=dtype)
+    return fam.tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype)
+
+
 def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
                 states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int, unet_config: Any,
                 metadata: Mapping[str, str], lora_configs: Mapping[str, Any] | None = None,
@@ -386,9 +391,7 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     lycoris = is_lycoris(states)  # LoKr / LoHa: outputs/lycoris.py writes both layouts
     if kohya is None:
         configs = dict.fromkeys(get_spec(family).denoisers, unet_config)
-        fam = get_family(family)
-        kohya = (lycoris_tool_state_dict(fam, states, configs, alpha=alpha, rank=rank, dtype=dtype) if lycoris
-                 else fam.tool_state_dict(states, configs, alpha=alpha, rank=rank, dtype=dtype))
+        kohya = tool_tensors(get_family(family), states, configs, alpha=alpha, rank=rank, dtype=dtype)
     peft = (lycoris_peft_state_dict(states, alpha=alpha, rank=rank, dtype=dtype) if lycoris
             else peft_state_dict(states, dtype=dtype))
     _check_tensors(kohya, metadata)  # after the cast: an fp32 value beyond fp16 range is Inf now

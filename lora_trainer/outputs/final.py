@@ -17,8 +17,8 @@ from ..contract.errors import OutputError, TrainingError
 from ..distributed.shard import is_sharded, lora_state
 from ..runtime.run_lock import LINEAGE_KEY
 from ..runtime.signals import hold as test_hold
-from .export import build_metadata, export_lora, write_text_atomic
-from .lycoris import is_lycoris, lycoris_metadata, peft_configs, tool_state_dict as lycoris_tool_state_dict
+from .export import build_metadata, export_lora, tool_tensors, write_text_atomic
+from .lycoris import lycoris_metadata, peft_configs
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MANIFEST_NAME = "training_manifest.json"
@@ -58,11 +58,8 @@ def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> 
     """The ComfyUI / Forge / A1111 file's tensors (the family's layout) from PEFT states."""
     cfg = record.cfg
     configs = {name: denoiser.config for name, denoiser in record.comps.denoisers.items()}
-    if is_lycoris(states):  # LoKr / LoHa under the names the family's LoRA file uses
-        return lycoris_tool_state_dict(record.family, states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
-                                       dtype=SAVE_DTYPES[cfg.save_precision])
-    return record.family.tool_state_dict(states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
-                                         dtype=SAVE_DTYPES[cfg.save_precision])
+    return tool_tensors(record.family, states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
+                        dtype=SAVE_DTYPES[cfg.save_precision])
 
 
 def _metadata(record: RunRecord, progress, ema: dict | None = None) -> dict[str, str]:
@@ -119,6 +116,7 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
         if ema is not None:
             raw_states, states = states, ema.states()
             check_finite(states, "final EMA LoRA")
+        datasets = describe(cfg, record.scan, record.images)  # the manifest's and the model card's
         try:
             res = export_lora(cfg.output_path, cfg.output_name, record.family.name, states, alpha=cfg.alpha,
                               rank=cfg.lora_rank, unet_config=None, metadata=_metadata(record, progress, ema_info),
@@ -139,14 +137,15 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
                 extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
             extra.update({"ema": ema_info} if ema_info else {})
             _write_json_atomic(cfg.output_path / MANIFEST_NAME,
-                               {**manifest(record, res, progress=progress, last_loss=last_loss), **extra})
+                               {**manifest(record, res, progress=progress, last_loss=last_loss, datasets=datasets),
+                                **extra})
             test_hold("export_manifest")
             from .model_card import write_model_card
 
             local = cfg.resolve(str(cfg.base_model)).exists()
             paths["model_card"] = str(write_model_card(cfg, family=record.family.name, steps=progress.global_step,
                                                        base_is_hub=not local,
-                                                       datasets=describe(cfg, record.scan, record.images)))
+                                                       datasets=datasets))
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "
@@ -154,7 +153,8 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
     return paths
 
 
-def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: float | None) -> dict[str, Any]:
+def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: float | None,
+             datasets: list[dict]) -> dict[str, Any]:
     import diffusers
     import peft
     import transformers
@@ -173,7 +173,7 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
         "bucketing": r.bucketing,
         "dataset": {"fingerprint": r.scan.fingerprint, "images": len(r.images),
                     "samples_per_epoch": r.samples_per_epoch, "skipped": [x.rel_path for x in r.scan.bad]},
-        "datasets": describe(r.cfg, r.scan, r.images),
+        "datasets": datasets,
         "versions": {"train_lora": __import__("lora_trainer").__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": platform.python_version()},

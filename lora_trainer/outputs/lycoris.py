@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..adapters.lycoris import PARTS
+from ..adapters.lora import config_value
+from ..adapters.lycoris import FIRST_FACTORS, PARTS
 from ..families._unet.kohya_names import te_path
 
 _DOWNS = (".lora_down.weight", ".lora_A.weight")
@@ -161,7 +162,7 @@ def peft_state_dict(states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: 
         for path, parts in lycoris_modules(state, component).items():
             if component.startswith("text_encoder"):
                 path = te_path(path)
-            first = next(p for p in ("lokr_w1", "lokr_w1_a", "hada_w1_a") if p in parts)
+            first = next(p for p in FIRST_FACTORS if p in parts)
             for part, tensor in parts.items():
                 t = tensor.detach().to("cpu", torch.float32)
                 if part == first:
@@ -183,12 +184,7 @@ def adapter_metadata(states: Mapping[str, Mapping[str, torch.Tensor]],
         fields.update(alpha=fields["r"], alpha_pattern={})  # the scale is in the factors (peft_state_dict)
         paths = sorted(lycoris_modules(state, component))
         fields["target_modules"] = [p.removeprefix("text_model.") for p in paths]
-        for key, value in fields.items():
-            if isinstance(value, (set, frozenset, tuple)):
-                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-            if hasattr(value, "value") and not isinstance(value, (str, int, float)):  # enums (peft_type, task_type)
-                value = value.value
-            packed[f"{component}.{key}"] = value
+        packed.update({f"{component}.{key}": config_value(value) for key, value in fields.items()})
     return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}
 
 

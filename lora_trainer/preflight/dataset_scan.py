@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,15 @@ class DatasetScan:
     caption_warnings: tuple[tuple[str, str], ...] = ()  # (rel caption path, warning)
     held_out: tuple[ImageRecord, ...] = ()  # the validation loss's images, never trained on (eval_set.py)
     masks: Any = None  # preflight/mask_scan.py MaskAudit, with masked_loss
+
+    def keeping(self, usable: tuple[ImageRecord, ...], fingerprint: str, **changes: Any) -> "DatasetScan":
+        """This scan with only ``usable`` (a subset of its usable records) left to train on, and the fingerprint
+        of that choice: the per-image lists and the sample count follow (mask_scan's skips, eval_set's split)."""
+        kept = {r.rel_path for r in usable}
+        return replace(self, usable=usable, samples_per_epoch=sum(r.repeats for r in usable), fingerprint=fingerprint,
+                       without_caption=tuple(r for r in self.without_caption if r.rel_path in kept),
+                       missing_trigger=tuple(r for r in self.missing_trigger if r.rel_path in kept),
+                       too_small=tuple(r for r in self.too_small if r.rel_path in kept), **changes)
 
 
 def _problem(code: str, message: str) -> dict:

@@ -121,7 +121,7 @@ def check_datasets(cfg: Any, family: str | None, prediction: str | None, errors:
 
         held = check_eval_folder(cfg, [e.path for e in cfg.datasets], summary, errors, warnings, verify=verify,
                                  deep=deep)
-        multi = dataclasses.replace(multi, folder_held_out=held)
+        multi = dataclasses.replace(multi, folder_held_out=held or ())
     elif getattr(cfg, "eval_split", 0):
         summary["eval"] = {"source": "split", "fraction": cfg.eval_split, "images": len(multi.held_out),
                            "per_dataset": [d.get("eval", {}).get("images", 0) for d in infos]}

@@ -44,9 +44,9 @@ def _within(child: Path, parent: Path) -> bool:
 
 
 def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: bool, deep: bool,
-                 roots: list[Path] | None = None) -> tuple[ImageRecord, ...] | None:
+                 roots: list[Path]) -> tuple[ImageRecord, ...] | None:
     key = "eval_dataset_path"
-    inside = [r for r in roots or [Path(cfg.dataset_path)]
+    inside = [r for r in roots
               if _within(folder, r) and (cfg.recursive or folder.resolve() == r.resolve())]
     if inside:
         errors.append(_issue("config_invalid", key, f"{folder} lies inside dataset_path: its images would be trained on",
@@ -69,16 +69,24 @@ def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: b
     return scan.usable
 
 
-def check_eval_folder(cfg: Any, roots: list[Path], info: dict, errors: list, warnings: list, *, verify: bool,
-                      deep: bool) -> tuple[ImageRecord, ...]:
-    """A `datasets` run's held-out folder (one for all entries; none of them may contain it): its images, capped."""
-    folder = cfg.resolve(cfg.eval_dataset_path)
-    summary: dict[str, Any] = {"source": "folder", "path": str(folder), "every_steps": cfg.eval_steps,
+def _summary(cfg: Any, info: dict) -> dict[str, Any]:
+    summary: dict[str, Any] = {"source": "folder" if cfg.eval_dataset_path else "split", "every_steps": cfg.eval_steps,
+                               "timesteps": list(cfg.eval_timesteps) if cfg.eval_timesteps else "objective default",
                                "max_images": cfg.eval_max_images}
     info["eval"] = summary
+    return summary
+
+
+def check_eval_folder(cfg: Any, roots: list[Path], info: dict, errors: list, warnings: list, *, verify: bool,
+                      deep: bool) -> tuple[ImageRecord, ...] | None:
+    """The held-out folder (eval_dataset_path; none of the dataset folders ``roots`` may contain it): its images,
+    capped at eval_max_images; None when it cannot be used (the problem is in ``errors``)."""
+    folder = cfg.resolve(cfg.eval_dataset_path)
+    summary = _summary(cfg, info)
+    summary["path"] = str(folder)
     usable = _scan_folder(cfg, folder, errors, warnings, verify, deep, roots=roots)
     if usable is None:
-        return ()
+        return None
     held = tuple(usable[:cfg.eval_max_images])
     summary.update(found=len(usable), images=len(held))
     return held
@@ -90,19 +98,13 @@ def check_eval_set(cfg: Any, scan: DatasetScan, info: dict, errors: list, warnin
     scan is the training one (held-out images moved to ``held_out``). Unchanged without a held-out set."""
     if not enabled(cfg):
         return scan
-    summary: dict[str, Any] = {"source": "folder" if cfg.eval_dataset_path else "split", "every_steps": cfg.eval_steps,
-                               "timesteps": list(cfg.eval_timesteps) if cfg.eval_timesteps else "objective default",
-                               "max_images": cfg.eval_max_images}
-    info["eval"] = summary
     if cfg.eval_dataset_path:
-        folder = cfg.resolve(cfg.eval_dataset_path)
-        summary["path"] = str(folder)
-        usable = _scan_folder(cfg, folder, errors, warnings, verify, deep)
-        if usable is None:
+        held = check_eval_folder(cfg, [Path(cfg.dataset_path)], info, errors, warnings, verify=verify, deep=deep)
+        if held is None:
             return scan
-        held = tuple(usable[:cfg.eval_max_images])
-        summary.update(found=len(usable), images=len(held), training_images=len(scan.usable))
+        info["eval"]["training_images"] = len(scan.usable)
         return dataclasses.replace(scan, held_out=held)
+    summary = _summary(cfg, info)
     train, held = split_records(scan.usable, cfg.eval_split, cfg.seed, cfg.eval_max_images)
     summary.update(fraction=cfg.eval_split, images=len(held), training_images=len(train),
                    files=[r.rel_path for r in held[:20]])
@@ -114,10 +116,5 @@ def check_eval_set(cfg: Any, scan: DatasetScan, info: dict, errors: list, warnin
     digest = hashlib.sha256(scan.fingerprint.encode())
     for r in held:
         digest.update(b"\0held-out\0" + r.rel_path.encode("utf-8", "surrogateescape"))
-    kept = {r.rel_path for r in train}
     info.update(samples_per_epoch=sum(r.repeats for r in train))
-    return dataclasses.replace(scan, usable=train, held_out=held, samples_per_epoch=sum(r.repeats for r in train),
-                               without_caption=tuple(r for r in scan.without_caption if r.rel_path in kept),
-                               missing_trigger=tuple(r for r in scan.missing_trigger if r.rel_path in kept),
-                               too_small=tuple(r for r in scan.too_small if r.rel_path in kept),
-                               fingerprint=digest.hexdigest())
+    return scan.keeping(train, digest.hexdigest(), held_out=held)

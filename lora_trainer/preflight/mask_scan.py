@@ -13,7 +13,6 @@ is refused as one across a replaced image is.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import warnings as pywarnings
@@ -153,9 +152,4 @@ def check_masks(cfg: Any, scan: Any, info: dict, errors: list, warnings: list) -
     info["masks"] = {"mask_path": mask_root, "alpha_mask": bool(cfg.alpha_mask), **audit.summary()}
     fingerprint = _fingerprint(scan.fingerprint, {r.rel_path: sources[r.rel_path] for r in usable})
     info.update(usable=len(usable), samples_per_epoch=sum(r.repeats for r in usable), fingerprint=fingerprint)
-    return dataclasses.replace(
-        scan, usable=usable, samples_per_epoch=sum(r.repeats for r in usable), fingerprint=fingerprint,
-        without_caption=tuple(r for r in scan.without_caption if r.rel_path not in skip),
-        missing_trigger=tuple(r for r in scan.missing_trigger if r.rel_path not in skip),
-        too_small=tuple(r for r in scan.too_small if r.rel_path not in skip),
-        masks=audit)
+    return scan.keeping(usable, fingerprint, masks=audit)

@@ -9,7 +9,7 @@ import random
 import torch
 
 from ..data.captions import build_caption
-from ..data.datasets import loss_weights as dataset_weights, triggers_for
+from ..data.datasets import loss_weights as dataset_weights
 from ..data.images import load_pixels
 from ..data.masks import loss_weights as mask_weights
 from ..objectives.ddpm import LossWeights
@@ -20,7 +20,7 @@ def captions(cfg, by_index: dict, batch: list[int], epoch: int, batch_index: int
     for j, idx in enumerate(batch):
         rng = random.Random(f"caption:{cfg.seed}:{epoch}:{batch_index}:{j}")
         img = by_index[idx]
-        out.append(build_caption(img.caption, triggers_for(cfg, img), prepend=cfg.prepend_trigger_words,
+        out.append(build_caption(img.caption, img.trigger_words(cfg.trigger_words), prepend=cfg.prepend_trigger_words,
                                  shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                  dropout_rate=cfg.caption_dropout_rate, rng=rng))
     return out

@@ -92,8 +92,8 @@ class HeldOutLoss:
                 chunk = group[i:i + max(1, cfg.batch_size)]
                 latents, geometry = cache.batch([img.index for img in chunk], torch.device("cpu"))
                 noise = torch.stack([image_noise(seed, img.rel, latents.shape[1:]) for img in chunk])
-                captions = [build_caption(img.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words)
-                            for img in chunk]
+                captions = [build_caption(img.caption, img.trigger_words(cfg.trigger_words),
+                                          prepend=cfg.prepend_trigger_words) for img in chunk]
                 cond = None
                 if not live_text:
                     with torch.no_grad():
