@@ -171,6 +171,10 @@ class FamilySpec:
     kohya_sgm_unet: bool
     extra_metadata: Mapping[str, str]  # more kohya keys its sd-scripts trainer writes (FLUX.1: ss_model_type)
     hub_tags: tuple[str, ...]  # model card tags (the Hub's filters)
+    # A video family's temporal compression: its VAE turns a clip of 4k+1 frames into k+1 latent frames when this is
+    # 4 (Wan's causal 3-D VAE). 0: an image family, whose datasets' clips are refused (data, scan, memory plan and
+    # caches read this; the loop never does).
+    temporal_compression: int = 0
 
     def __post_init__(self):
         if "vae" not in self.component_classes:

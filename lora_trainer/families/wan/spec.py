@@ -52,4 +52,5 @@ SPEC = FamilySpec(
     # musubi-tuner utils/sai_model_spec.py: ARCH_WAN "wan2.1", IMPL_WAN; its dataset ARCHITECTURE_WAN "wan".
     tool_names={None: ToolNames("wan", "wan2.1", _IMPL)},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("wan", "wan2.1", "text-to-video"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("wan", "wan2.1", "text-to-video"),
+    temporal_compression=4)
