@@ -174,7 +174,7 @@ class FamilySpec:
     # A video family's temporal compression: its VAE turns a clip of 4k+1 frames into k+1 latent frames when this is
     # 4 (Wan's causal 3-D VAE). 0: an image family, whose datasets' clips are refused (data, scan, memory plan and
     # caches read this; the loop never does).
-    temporal_compression: int = 0
+    temporal_compression: int
 
     def __post_init__(self):
         if "vae" not in self.component_classes:
