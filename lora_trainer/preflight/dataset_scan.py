@@ -7,6 +7,11 @@ full, which separates a truncated download from a JPEG with data appended after 
 motion photos). Corruption in the middle of a file is only found with ``deep=True`` (a full decode);
 the trainer skips such an image when it fails to load.
 
+Video clips (data/video.py's VIDEO_EXTENSIONS) are records too when the family trains clips (its spec's
+temporal_compression): their container headers are read (preflight/video_scan.probe_clip: no frame decoded past the
+first), and a broken, unsupported or (video_short_clip "skip") too-short clip is a bad record, listed and skipped
+like a broken image. For an image family they stay ignored files (preflight/run.py warns video_not_trained).
+
 Order is deterministic (sorted names, depth first) so that sample order, bucket plans and the
 fingerprint are the same on every machine.
 """
@@ -24,6 +29,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..data import captions as cap
+from ..data import video as V
 from .scan_index import ScanIndex, identity
 from ..data.buckets import bucket_range, make_buckets, nearest_bucket, upscale_factor
 from ..data.masks import is_sidecar
@@ -71,10 +77,16 @@ class ImageRecord:
     missing_triggers: tuple[str, ...]
     problem: dict | None = None  # {"code", "message"}; None when usable
     exif_rotated: bool = False  # width/height were swapped for EXIF orientation 5..8
+    video: Any = None  # a clip's header facts (data/video.VideoInfo); None for an image
+    train_frames: int = 1  # frames a clip trains with at video_fps (4k+1, before the token budget); 1: an image
 
     @property
     def usable(self) -> bool:
         return self.problem is None
+
+    @property
+    def is_clip(self) -> bool:
+        return V.is_video_path(self.rel_path)
 
     @property
     def has_caption(self) -> bool:
@@ -99,6 +111,7 @@ class DatasetScan:
     caption_warnings: tuple[tuple[str, str], ...] = ()  # (rel caption path, warning)
     held_out: tuple[ImageRecord, ...] = ()  # the validation loss's images, never trained on (eval_set.py)
     masks: Any = None  # preflight/mask_scan.py MaskAudit, with masked_loss
+    videos: Any = None  # preflight/video_scan.VideoAudit of the clips, where the family trains clips
 
     def keeping(self, usable: tuple[ImageRecord, ...], fingerprint: str, **changes: Any) -> "DatasetScan":
         """This scan with only ``usable`` (a subset of its usable records) left to train on, and the fingerprint
@@ -375,6 +388,25 @@ def _inspect_all(jobs: list, *, verify: bool, deep: bool, workers: int | None) -
         return _inspect_chunk(jobs, verify, deep)
 
 
+def takes_clips(family: str | None) -> bool:
+    """Whether ``family`` trains video clips (a temporal compression in its spec); unknown families do not."""
+    from ..families import SPECS
+
+    spec = SPECS.get(family or "")
+    return bool(spec is not None and spec.temporal_compression)
+
+
+def _clip_records(found: list, inspected: list, index: ScanIndex) -> None:
+    """Probe the clips among ``found`` the index does not know (threads: FFmpeg releases the GIL), in place."""
+    from .video_scan import probe_clips
+
+    todo = [i for i, f in enumerate(found) if f[7] and inspected[i] is None]
+    for i, (info, problem) in zip(todo, probe_clips([found[i][0] for i in todo])):
+        inspected[i] = ["clip", info.to_dict() if info is not None else None, problem]
+        if found[i][4][0]:
+            index.put_image(found[i][1], found[i][4], inspected[i])
+
+
 def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolution: int | None = None,
                  bucketing: bool | None = None, family: str | None = None, index: ScanIndex | None = None,
                  workers: int | None = None) -> DatasetScan:
@@ -396,10 +428,12 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     skip = {os.path.realpath(cfg.output_path)} if getattr(cfg, "output_path", None) else set()
     caption_ext = cfg.caption_extension
     triggers = tuple(cfg.trigger_words)
+    clips = takes_clips(family or (cfg.model_type if cfg.model_type != "auto" else None))
+    wanted = IMAGE_EXTENSIONS | V.VIDEO_EXTENSIONS if clips else IMAGE_EXTENSIONS
 
     index = index or ScanIndex(None, {})
     # Pass 1: walk, stat, and take what the index already knows; the rest is inspected in pass 2.
-    found: list[tuple] = []  # (path, rel_path, folder, repeats, identity, caption path, caption rel path)
+    found: list[tuple] = []  # (path, rel_path, folder, repeats, identity, caption path, caption rel path, clip)
     ignored = 0
     for d, rel, files in _walk(root, cfg.recursive, skip):
         names = {e.name: e.name for e in files}
@@ -409,7 +443,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         used_captions: set[str] = set()
         for e in files:
             stem, ext = os.path.splitext(e.name)
-            if ext.lower() not in IMAGE_EXTENSIONS or is_sidecar(stem):  # a -masklabel file is a mask, not an image
+            if ext.lower() not in wanted or is_sidecar(stem):  # a -masklabel file is a mask, not an image
                 continue
             try:
                 ident = identity(e.stat())
@@ -420,15 +454,17 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
             if cname is not None:
                 used_captions.add(cname)
             found.append((e.path, "/".join(rel + (e.name,)), folder, repeats, ident,
-                          cpath, "/".join(rel + (cname,)) if cname is not None else None))
+                          cpath, "/".join(rel + (cname,)) if cname is not None else None,
+                          ext.lower() in V.VIDEO_EXTENSIONS))
         for e in files:
             stem, ext = os.path.splitext(e.name)
-            if (ext.lower() not in IMAGE_EXTENSIONS or is_sidecar(stem)) and e.name not in used_captions:
+            if (ext.lower() not in wanted or is_sidecar(stem)) and e.name not in used_captions:
                 ignored += 1
 
     inspected = [index.image(f[1], f[4]) if f[4][0] else None for f in found]
     captions = [_cached_caption(index, f[5], f[6]) for f in found]
     todo = [i for i in range(len(found)) if inspected[i] is None or captions[i] is None]
+    _clip_records(found, inspected, index)
     jobs = [(found[i][0], found[i][4][0], found[i][5], inspected[i] is None) for i in todo]
     for i, (result, caption) in zip(todo, _inspect_all(jobs, verify=verify, deep=deep, workers=workers)):
         if result is not None:
@@ -444,8 +480,17 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
 
     records: list[ImageRecord] = []
     caption_warnings: list[tuple[str, str]] = []
-    for (path, rel_path, folder, repeats, ident, cpath, crel), result, (text, warn) in zip(found, inspected, captions):
-        w, h, mode, fmt, rotated, problem = result
+    clip_records = []
+    for (path, rel_path, folder, repeats, ident, cpath, crel, is_clip), result, (text, warn) in zip(
+            found, inspected, captions):
+        info, train_frames = None, 1
+        if is_clip:
+            clip = _as_clip(path, rel_path, result, cfg)
+            clip_records.append(clip)
+            info, train_frames, problem = clip.info, clip.train_frames or 1, clip.problem
+            w, h, mode, fmt, rotated = (info.width, info.height, "RGB", info.codec, False) if info else (None,) * 4 + (False,)
+        else:
+            w, h, mode, fmt, rotated, problem = result
         cwarn = (warn,) if warn else ()
         for wmsg in cwarn:
             caption_warnings.append((crel, wmsg))
@@ -453,7 +498,8 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         records.append(ImageRecord(
             path=path, rel_path=rel_path, width=w, height=h, mode=mode, format=fmt, file_size=ident[0],
             mtime_ns=ident[1], caption=text, caption_path=cpath, caption_warnings=cwarn,
-            repeats=repeats, folder=folder, missing_triggers=missing, problem=problem, exif_rotated=rotated))
+            repeats=repeats, folder=folder, missing_triggers=missing, problem=problem, exif_rotated=rotated,
+            video=info, train_frames=train_frames))
 
     buckets = None
     if bucketing:
@@ -483,5 +529,23 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         folders=folders,
         ignored_files=ignored,
         caption_warnings=tuple(caption_warnings),
+        videos=_video_audit(clip_records, cfg) if clips else None,
     )
+
+
+def _as_clip(path: str, rel_path: str, result, cfg: Any):
+    """A clip's ClipRecord from its (cached) probe result: what it trains as under this run's video settings."""
+    from .video_scan import record
+
+    if not (isinstance(result, (list, tuple)) and len(result) == 3 and result[0] == "clip"):
+        result = ["clip", None, _problem(CORRUPT, "unrecognised scan index entry")]  # never reached in practice
+    info = V.VideoInfo(**result[1]) if result[1] else None
+    return record(path, rel_path, info, result[2], target_fps=cfg.video_fps, frames=cfg.video_frames,
+                  short_clip=cfg.video_short_clip)
+
+
+def _video_audit(records: list, cfg: Any):
+    from .video_scan import summary_of
+
+    return summary_of(records, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)
 

@@ -74,28 +74,56 @@ def _problem(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
 
-def audit_clip(path: str | Path, rel_path: str, *, target_fps: float, frames: int, short_clip: str) -> ClipRecord:
+def probe_clip(path: str | Path) -> tuple[V.VideoInfo | None, dict | None]:
+    """(header facts, None) or (None, problem): what a clip is, whatever it will train as (the dataset scan caches
+    this per file identity)."""
     path = str(path)
     try:
         size = os.path.getsize(path)
     except PermissionError:
-        return ClipRecord(path, rel_path, None, None, _problem("permission_denied", "permission denied"))
+        return None, _problem("permission_denied", "permission denied")
     except OSError as exc:
-        return ClipRecord(path, rel_path, None, None, _problem("not_a_video", f"cannot stat: {exc}"))
+        return None, _problem("not_a_video", f"cannot stat: {exc}")
     if size == 0:
-        return ClipRecord(path, rel_path, None, None, _problem("zero_byte", "file is empty (0 bytes)"))
+        return None, _problem("zero_byte", "file is empty (0 bytes)")
     if not os.access(path, os.R_OK):
-        return ClipRecord(path, rel_path, None, None, _problem("permission_denied", "permission denied"))
+        return None, _problem("permission_denied", "permission denied")
     try:
-        info = V.probe(path)
+        return V.probe(path), None
     except V.VideoError as exc:
-        return ClipRecord(path, rel_path, None, None, _problem(exc.code, str(exc)))
-    n = V.clip_length(V.frames_at(info.duration, target_fps), frames, short_clip)
+        return None, _problem(exc.code, str(exc))
+
+
+def record(path: str | Path, rel_path: str, info: V.VideoInfo | None, problem: dict | None, *, target_fps: float,
+           frames: int, short_clip: str) -> ClipRecord:
+    """What a probed clip trains as at the target fps (``too_short`` where the short-clip rule skips it)."""
+    if problem is not None or info is None:
+        return ClipRecord(str(path), rel_path, None, None, problem)
+    have = V.frames_at(info.duration, target_fps)
+    n = V.clip_length(have, frames, short_clip)
     if n is None:
-        have = V.frames_at(info.duration, target_fps)
-        return ClipRecord(path, rel_path, info, None, _problem(
+        return ClipRecord(str(path), rel_path, info, None, _problem(
             "too_short", f"{info.duration:.2f} s holds {have} frames at {target_fps:g} fps, fewer than {frames}"))
-    return ClipRecord(path, rel_path, info, n)
+    return ClipRecord(str(path), rel_path, info, n)
+
+
+def audit_clip(path: str | Path, rel_path: str, *, target_fps: float, frames: int, short_clip: str) -> ClipRecord:
+    info, problem = probe_clip(path)
+    return record(path, rel_path, info, problem, target_fps=target_fps, frames=frames, short_clip=short_clip)
+
+
+def probe_clips(paths: list[str]) -> list[tuple[V.VideoInfo | None, dict | None]]:
+    """probe_clip over ``paths`` in order, IO_THREADS at a time where there are enough to repay the threads."""
+    if len(paths) >= PARALLEL_MIN_FILES and IO_THREADS > 1:
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            return list(pool.map(probe_clip, paths))
+    return [probe_clip(p) for p in paths]
+
+
+def summary_of(records: Iterable[ClipRecord], *, target_fps: float, frames: int, short_clip: str) -> VideoAudit:
+    records = tuple(records)
+    return VideoAudit(records, target_fps, frames, short_clip, usable=tuple(r for r in records if r.usable),
+                      bad=tuple(r for r in records if not r.usable))
 
 
 def audit_clips(files: Iterable[tuple[str | Path, str]], *, target_fps: float, frames: int,

@@ -151,7 +151,7 @@ class Trainer:
                 cfg, self.family, comps, images, device=self.device, world=self.world,
                 source=self.downloaded or self.probe.path, events=ev, masks=self.masks)
         else:
-            failed = decode_failures(images)
+            failed = decode_failures(images, cfg)
             comps.vae.to(self.device)
         if failed:
             # The header scan passed these, but their pixels do not decode: skip them, once, loudly.
