@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data import captions as cap
 from ..data import video as V
+from . import video_scan as VS
 from .scan_index import ScanIndex, identity
 from ..data.buckets import bucket_range, make_buckets, nearest_bucket, upscale_factor
 from ..data.masks import is_sidecar
@@ -396,17 +397,6 @@ def takes_clips(family: str | None) -> bool:
     return bool(spec is not None and spec.temporal_compression)
 
 
-def _clip_records(found: list, inspected: list, index: ScanIndex) -> None:
-    """Probe the clips among ``found`` the index does not know (threads: FFmpeg releases the GIL), in place."""
-    from .video_scan import probe_clips
-
-    todo = [i for i, f in enumerate(found) if f[7] and inspected[i] is None]
-    for i, (info, problem) in zip(todo, probe_clips([found[i][0] for i in todo])):
-        inspected[i] = ["clip", info.to_dict() if info is not None else None, problem]
-        if found[i][4][0]:
-            index.put_image(found[i][1], found[i][4], inspected[i])
-
-
 def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolution: int | None = None,
                  bucketing: bool | None = None, family: str | None = None, index: ScanIndex | None = None,
                  workers: int | None = None) -> DatasetScan:
@@ -464,7 +454,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     inspected = [index.image(f[1], f[4]) if f[4][0] else None for f in found]
     captions = [_cached_caption(index, f[5], f[6]) for f in found]
     todo = [i for i in range(len(found)) if inspected[i] is None or captions[i] is None]
-    _clip_records(found, inspected, index)
+    VS.probe_into(found, inspected, index)
     jobs = [(found[i][0], found[i][4][0], found[i][5], inspected[i] is None) for i in todo]
     for i, (result, caption) in zip(todo, _inspect_all(jobs, verify=verify, deep=deep, workers=workers)):
         if result is not None:
@@ -485,7 +475,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
             found, inspected, captions):
         info, train_frames = None, 1
         if is_clip:
-            clip = _as_clip(path, rel_path, result, cfg)
+            clip = VS.clip_record(path, rel_path, result, cfg)
             clip_records.append(clip)
             info, train_frames, problem = clip.info, clip.train_frames or 1, clip.problem
             w, h, mode, fmt, rotated = (info.width, info.height, "RGB", info.codec, False) if info else (None,) * 4 + (False,)
@@ -529,23 +519,6 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         folders=folders,
         ignored_files=ignored,
         caption_warnings=tuple(caption_warnings),
-        videos=_video_audit(clip_records, cfg) if clips else None,
+        videos=VS.audit_of(clip_records, cfg) if clips else None,
     )
-
-
-def _as_clip(path: str, rel_path: str, result, cfg: Any):
-    """A clip's ClipRecord from its (cached) probe result: what it trains as under this run's video settings."""
-    from .video_scan import record
-
-    if not (isinstance(result, (list, tuple)) and len(result) == 3 and result[0] == "clip"):
-        result = ["clip", None, _problem(CORRUPT, "unrecognised scan index entry")]  # never reached in practice
-    info = V.VideoInfo(**result[1]) if result[1] else None
-    return record(path, rel_path, info, result[2], target_fps=cfg.video_fps, frames=cfg.video_frames,
-                  short_clip=cfg.video_short_clip)
-
-
-def _video_audit(records: list, cfg: Any):
-    from .video_scan import summary_of
-
-    return summary_of(records, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)
 

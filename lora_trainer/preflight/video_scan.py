@@ -152,3 +152,28 @@ def video_files(root: str | Path, *, recursive: bool = True) -> list[tuple[str, 
                 p = Path(d) / name
                 out.append((str(p), p.relative_to(root).as_posix()))
     return out
+
+
+# -- clips as dataset records (preflight/dataset_scan.py, for a family that trains clips) ---------------------------
+def probe_into(found: list, inspected: list, index) -> None:
+    """Probe the clips among the scan's ``found`` files that its index does not know, in place: each result is
+    ["clip", header facts or None, problem or None], what the index keeps for the file's identity (the facts do not
+    depend on the run's video settings, which clip_record applies)."""
+    todo = [i for i, f in enumerate(found) if f[7] and inspected[i] is None]
+    for i, (info, problem) in zip(todo, probe_clips([found[i][0] for i in todo])):
+        inspected[i] = ["clip", info.to_dict() if info is not None else None, problem]
+        if found[i][4][0]:  # a file that could not even be stat'ed is looked at again next time
+            index.put_image(found[i][1], found[i][4], inspected[i])
+
+
+def clip_record(path: str, rel_path: str, result, cfg) -> ClipRecord:
+    """A clip's ClipRecord from its (cached) probe result, under the run's video settings."""
+    if not (isinstance(result, (list, tuple)) and len(result) == 3 and result[0] == "clip"):
+        result = ["clip", None, _problem("corrupt", "unrecognised scan index entry")]
+    info = V.VideoInfo(**result[1]) if result[1] else None
+    return record(path, rel_path, info, result[2], target_fps=cfg.video_fps, frames=cfg.video_frames,
+                  short_clip=cfg.video_short_clip)
+
+
+def audit_of(records: list, cfg) -> VideoAudit:
+    return summary_of(records, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)
