@@ -175,8 +175,9 @@ def test_clip_buckets_keep_the_token_budget():
 
 
 def test_validate_only_audits_the_clips_beside_the_images(tmp_path, tiny_models, dataset):
-    """--validate-only on a folder of images and clips: the clips' header facts in summary.dataset.videos, a broken
-    and a too-short clip listed (video_unreadable), the usable ones named as not trained yet (video_not_trained)."""
+    """--validate-only on a folder of images and clips for Wan (a family that trains clips): the clips' header facts
+    in summary.dataset.videos, a broken and a too-short clip listed (video_unreadable), the usable one counted as a
+    sample (tests/test_video_train.py has an image family's video_not_trained)."""
     import shutil
 
     from conftest import run_cli, write_config
@@ -199,7 +200,12 @@ def test_validate_only_audits_the_clips_beside_the_images(tmp_path, tiny_models,
     assert {b["file"]: b["problem"]["code"] for b in videos["bad"]} == {"clip_broken.mp4": "not_a_video",
                                                                          "clip_short.webm": "too_short"}
     codes = {w["code"]: w for w in validation["warnings"]}
-    assert len(codes["video_unreadable"]["files"]) == 2 and codes["video_not_trained"]["files"] == ["clip_ok.mp4"]
+    assert len(codes["video_unreadable"]["files"]) == 2 and "video_not_trained" not in codes
+    dataset = validation["summary"]["dataset"]
+    images = sum(p.suffix in (".png", ".jpg", ".webp") for p in data.iterdir())
+    assert dataset["clips"] == 1 and dataset["samples_per_epoch"] == dataset["usable"] == images + 1
+    # The bad clips are not listed as images too.
+    assert not any("clip_" in f for w in validation["warnings"] if w["code"] == "image_unreadable" for f in w["files"])
 
 
 def test_video_frames_must_be_4k_plus_1(tmp_path):

@@ -56,11 +56,12 @@ def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_siz
         w, h = r.width, r.height  # the scan reports the size after EXIF orientation
         bucket = nearest_bucket(w, h, buckets) if bucketing else (resolution, resolution)
         img = TrainImage(i, Path(r.path), r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket))
-        if getattr(r, "video", None) is not None:
+        clip = getattr(r, "clip", None)  # preflight/video_scan.ClipRecord of a usable clip
+        if clip is not None:
             from .video import clip_bucket
 
-            frames, bw, bh = clip_bucket(w, h, r.train_frames, buckets, token_budget or 1 << 62)
-            img = replace(img, bucket=(bw, bh), frames=frames, duration=r.video.duration)
+            frames, bw, bh = clip_bucket(w, h, clip.train_frames, buckets, token_budget or 1 << 62)
+            img = replace(img, bucket=(bw, bh), frames=frames, duration=clip.info.duration)
         images.append(img)
     return images
 

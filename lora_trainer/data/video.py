@@ -299,15 +299,17 @@ def read_frames(path: str | Path, times: list[float]) -> np.ndarray:
 def _read_pillow(path: Path, times: list[float]) -> np.ndarray:
     from PIL import Image
 
-    from .images import to_rgb
-
     with Image.open(path) as im:
         durations = _gif_times(im)
         starts = list(np.cumsum([0.0, *durations[:-1]]))
         frames = []
         for idx in source_indices(starts, times):
             im.seek(idx)
-            frames.append(np.asarray(to_rgb(im.copy()), dtype=np.uint8))
+            # Transparency composited on white, as data/images.to_rgb does for an image (not imported: images.py
+            # reaches this module through data/clips.py).
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            frames.append(np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8))
     return np.stack(frames)
 
 

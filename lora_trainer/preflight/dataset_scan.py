@@ -7,10 +7,8 @@ full, which separates a truncated download from a JPEG with data appended after 
 motion photos). Corruption in the middle of a file is only found with ``deep=True`` (a full decode);
 the trainer skips such an image when it fails to load.
 
-Video clips (data/video.py's VIDEO_EXTENSIONS) are records too when the family trains clips (its spec's
-temporal_compression): their container headers are read (preflight/video_scan.probe_clip: no frame decoded past the
-first), and a broken, unsupported or (video_short_clip "skip") too-short clip is a bad record, listed and skipped
-like a broken image. For an image family they stay ignored files (preflight/run.py warns video_not_trained).
+Video clips are records too where the family trains clips (preflight/video_scan.py reads their headers; a bad
+clip is listed and skipped like a broken image); for an image family they are ignored files.
 
 Order is deterministic (sorted names, depth first) so that sample order, bucket plans and the
 fingerprint are the same on every machine.
@@ -78,16 +76,11 @@ class ImageRecord:
     missing_triggers: tuple[str, ...]
     problem: dict | None = None  # {"code", "message"}; None when usable
     exif_rotated: bool = False  # width/height were swapped for EXIF orientation 5..8
-    video: Any = None  # a clip's header facts (data/video.VideoInfo); None for an image
-    train_frames: int = 1  # frames a clip trains with at video_fps (4k+1, before the token budget); 1: an image
+    clip: Any = None  # a video clip's preflight/video_scan.ClipRecord (header facts, frames it trains); None: image
 
     @property
     def usable(self) -> bool:
         return self.problem is None
-
-    @property
-    def is_clip(self) -> bool:
-        return V.is_video_path(self.rel_path)
 
     @property
     def has_caption(self) -> bool:
@@ -389,14 +382,6 @@ def _inspect_all(jobs: list, *, verify: bool, deep: bool, workers: int | None) -
         return _inspect_chunk(jobs, verify, deep)
 
 
-def takes_clips(family: str | None) -> bool:
-    """Whether ``family`` trains video clips (a temporal compression in its spec); unknown families do not."""
-    from ..families import SPECS
-
-    spec = SPECS.get(family or "")
-    return bool(spec is not None and spec.temporal_compression)
-
-
 def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolution: int | None = None,
                  bucketing: bool | None = None, family: str | None = None, index: ScanIndex | None = None,
                  workers: int | None = None) -> DatasetScan:
@@ -418,12 +403,12 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     skip = {os.path.realpath(cfg.output_path)} if getattr(cfg, "output_path", None) else set()
     caption_ext = cfg.caption_extension
     triggers = tuple(cfg.trigger_words)
-    clips = takes_clips(family or (cfg.model_type if cfg.model_type != "auto" else None))
+    clips = VS.takes_clips(family or (cfg.model_type if cfg.model_type != "auto" else None))
     wanted = IMAGE_EXTENSIONS | V.VIDEO_EXTENSIONS if clips else IMAGE_EXTENSIONS
 
     index = index or ScanIndex(None, {})
     # Pass 1: walk, stat, and take what the index already knows; the rest is inspected in pass 2.
-    found: list[tuple] = []  # (path, rel_path, folder, repeats, identity, caption path, caption rel path, clip)
+    found: list[tuple] = []  # (path, rel_path, folder, repeats, identity, caption path, caption rel path)
     ignored = 0
     for d, rel, files in _walk(root, cfg.recursive, skip):
         names = {e.name: e.name for e in files}
@@ -444,8 +429,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
             if cname is not None:
                 used_captions.add(cname)
             found.append((e.path, "/".join(rel + (e.name,)), folder, repeats, ident,
-                          cpath, "/".join(rel + (cname,)) if cname is not None else None,
-                          ext.lower() in V.VIDEO_EXTENSIONS))
+                          cpath, "/".join(rel + (cname,)) if cname is not None else None))
         for e in files:
             stem, ext = os.path.splitext(e.name)
             if (ext.lower() not in wanted or is_sidecar(stem)) and e.name not in used_captions:
@@ -470,17 +454,9 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
 
     records: list[ImageRecord] = []
     caption_warnings: list[tuple[str, str]] = []
-    clip_records = []
-    for (path, rel_path, folder, repeats, ident, cpath, crel, is_clip), result, (text, warn) in zip(
-            found, inspected, captions):
-        info, train_frames = None, 1
-        if is_clip:
-            clip = VS.clip_record(path, rel_path, result, cfg)
-            clip_records.append(clip)
-            info, train_frames, problem = clip.info, clip.train_frames or 1, clip.problem
-            w, h, mode, fmt, rotated = (info.width, info.height, "RGB", info.codec, False) if info else (None,) * 4 + (False,)
-        else:
-            w, h, mode, fmt, rotated, problem = result
+    for (path, rel_path, folder, repeats, ident, cpath, crel), result, (text, warn) in zip(found, inspected, captions):
+        clip = VS.clip_record(path, rel_path, result, cfg) if result[0] == "clip" else None
+        w, h, mode, fmt, rotated, problem = VS.as_image(clip) if clip is not None else result
         cwarn = (warn,) if warn else ()
         for wmsg in cwarn:
             caption_warnings.append((crel, wmsg))
@@ -489,7 +465,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
             path=path, rel_path=rel_path, width=w, height=h, mode=mode, format=fmt, file_size=ident[0],
             mtime_ns=ident[1], caption=text, caption_path=cpath, caption_warnings=cwarn,
             repeats=repeats, folder=folder, missing_triggers=missing, problem=problem, exif_rotated=rotated,
-            video=info, train_frames=train_frames))
+            clip=clip))
 
     buckets = None
     if bucketing:
@@ -519,6 +495,6 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         folders=folders,
         ignored_files=ignored,
         caption_warnings=tuple(caption_warnings),
-        videos=VS.audit_of(clip_records, cfg) if clips else None,
+        videos=VS.audit_of([r.clip for r in records if r.clip], cfg) if clips else None,
     )
 

@@ -274,7 +274,7 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
                        "inspected": len(scan.records) - (index.hits if index else 0)})
     _audit_videos(cfg, scan, info, warnings)
     if scan.videos is not None:
-        info["clips"] = sum(r.is_clip for r in scan.usable)
+        info["clips"] = sum(r.clip is not None for r in scan.usable)
     if not scan.records:
         hint = "images must be .png, .jpg, .jpeg, .webp or .bmp"
         if not cfg.recursive and any(p.is_dir() for p in Path(cfg.dataset_path).iterdir()):
@@ -282,7 +282,7 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
         errors.append(_issue("dataset_empty", "dataset_path", f"no images in {cfg.dataset_path}"
                              + (f" ({_plural(scan.ignored_files, 'other file')})" if scan.ignored_files else ""), hint=hint))
         return info, scan
-    bad_images = [r for r in scan.bad if not r.is_clip]  # bad clips: video_unreadable above
+    bad_images = [r for r in scan.bad if r.clip is None]  # bad clips: video_unreadable above
     if bad_images:
         codes = sorted({r.problem["code"] for r in bad_images})
         issue = _issue("image_unreadable", "dataset_path",

@@ -159,7 +159,7 @@ def probe_into(found: list, inspected: list, index) -> None:
     """Probe the clips among the scan's ``found`` files that its index does not know, in place: each result is
     ["clip", header facts or None, problem or None], what the index keeps for the file's identity (the facts do not
     depend on the run's video settings, which clip_record applies)."""
-    todo = [i for i, f in enumerate(found) if f[7] and inspected[i] is None]
+    todo = [i for i, f in enumerate(found) if V.is_video_path(f[1]) and inspected[i] is None]
     for i, (info, problem) in zip(todo, probe_clips([found[i][0] for i in todo])):
         inspected[i] = ["clip", info.to_dict() if info is not None else None, problem]
         if found[i][4][0]:  # a file that could not even be stat'ed is looked at again next time
@@ -173,6 +173,22 @@ def clip_record(path: str, rel_path: str, result, cfg) -> ClipRecord:
     info = V.VideoInfo(**result[1]) if result[1] else None
     return record(path, rel_path, info, result[2], target_fps=cfg.video_fps, frames=cfg.video_frames,
                   short_clip=cfg.video_short_clip)
+
+
+def takes_clips(family: str | None) -> bool:
+    """Whether ``family`` trains video clips (a temporal compression in its spec); unknown families do not."""
+    from ..families import SPECS
+
+    spec = SPECS.get(family or "")
+    return bool(spec is not None and spec.temporal_compression)
+
+
+def as_image(clip: ClipRecord) -> tuple:
+    """A clip's (width, height, mode, format, exif_rotated, problem), as the image scan records an image's."""
+    i = clip.info
+    if i is None:
+        return None, None, None, None, False, clip.problem
+    return i.width, i.height, "RGB", i.codec, False, clip.problem
 
 
 def audit_of(records: list, cfg) -> VideoAudit:
