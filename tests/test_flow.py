@@ -265,10 +265,10 @@ def test_family_defaults_train_at_the_samplers_median_sigma_at_1024px(family, va
 
 @pytest.mark.parametrize(
     "shape,patch,expected",
-    [((2, 16, 64, 96), 2, 32 * 48), ((1, 16, 5, 64, 96), 2, 32 * 48),
+    [((2, 16, 64, 96), 2, 32 * 48), ((1, 16, 5, 64, 96), 2, 5 * 32 * 48),  # a video's latent frames count
      ((2, 16, 64, 96), 1, 64 * 96), ((2, 4, 33, 17), 2, 16 * 8)],
 )
-def test_image_seq_len_counts_patches_of_last_two_dims(shape, patch, expected):
+def test_image_seq_len_counts_patches_of_last_two_dims_and_frames(shape, patch, expected):
     assert make(patch_size=patch).image_seq_len(torch.zeros(shape)) == expected
 
 

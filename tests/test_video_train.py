@@ -158,14 +158,6 @@ def test_a_clip_mask_weights_every_latent_frame():
     assert torch.equal((w * torch.ones_like(lat))[1], torch.ones(16, 3, 2, 2))
 
 
-def test_seq_len_counts_latent_frames(tiny_models):
-    from lora_trainer.objectives.flow import FlowMatchingObjective, FlowSettings
-
-    obj = FlowMatchingObjective(FlowSettings(), patch_size=2)
-    assert obj.image_seq_len(torch.zeros(1, 16, 8, 8)) == 16
-    assert obj.image_seq_len(torch.zeros(1, 16, 3, 8, 8)) == 48
-
-
 def test_an_image_family_skips_clips_and_trains_on_its_images(tmp_path, tiny_models, dataset):
     data = tmp_path / "mixed"
     shutil.copytree(dataset, data)

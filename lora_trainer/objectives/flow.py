@@ -36,7 +36,7 @@ API::
 
 Latents are [B, C, H, W] or [B, C, F, H, W]; sigma is broadcast over every
 non-batch dim and the sequence length counts ``patch_size`` x ``patch_size``
-patches of the last two dims.
+patches of the last two dims (times F, a video's latent frames).
 
 Conventions: sigma is the noise level itself, as in the SD3 paper and in
 kohya / SimpleTuner / ai-toolkit, so ``logit_mean > 0`` puts more weight on
