@@ -13,6 +13,8 @@ Every process computes the whole set (a sharded denoiser needs all of them in ea
 """
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import time
 from dataclasses import dataclass
@@ -58,7 +60,12 @@ class HeldOutLoss:
         if not records:
             return cls(cfg, [], 0)
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, trainer.resolution)
-        images = build_images(records, trainer.resolution, bucketing=trainer.bucketing, min_size=lo, max_size=hi)
+        from ..data import clips, video
+
+        # A held-out clip is evaluated on its first window only: the same frames at every evaluation.
+        vcfg = dataclasses.replace(cfg, video_windows=1, video_start="first")
+        images = build_images(records, trainer.resolution, bucketing=trainer.bucketing, min_size=lo, max_size=hi,
+                              token_budget=video.tokens(cfg.video_frames, trainer.resolution, trainer.resolution))
         ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} held-out image(s) (eval_loss)")
         disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
         cache = LatentCache(disk, model_key(cfg.base_model, comps.vae, trainer.downloaded or trainer.probe.path))
@@ -67,7 +74,7 @@ class HeldOutLoss:
         with torch.no_grad():  # a centre crop, never flipped: the same pixels at every evaluation
             failed = cache.build(lambda pix: fam.encode_latents(comps.vae, pix), images, device=trainer.device,
                                  seed=cfg.seed, random_crop=False, batch_size=max(1, cfg.batch_size),
-                                 progress=lambda n, t: None)
+                                 progress=lambda n, t: None, cfg=vcfg)
         comps.vae.to(vae_device)
         if failed:
             ev.emit("warning", code="eval_image_unreadable", path="eval_dataset_path",
@@ -81,7 +88,7 @@ class HeldOutLoss:
         seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
         by_bucket: dict[tuple[int, int], list] = {}
         for img in images:
-            by_bucket.setdefault(img.bucket, []).append(img)
+            by_bucket.setdefault((img.frames, *img.bucket), []).append(img)
         batches = []
         live_text = cfg.train_text_encoder
         for te in comps.text_encoders.values():
@@ -90,7 +97,7 @@ class HeldOutLoss:
             group = by_bucket[bucket]
             for i in range(0, len(group), max(1, cfg.batch_size)):
                 chunk = group[i:i + max(1, cfg.batch_size)]
-                latents, geometry = cache.batch([img.index for img in chunk], torch.device("cpu"))
+                latents, geometry = cache.batch([clips.slot(vcfg, img, 0) for img in chunk], torch.device("cpu"))
                 noise = torch.stack([image_noise(seed, img.rel, latents.shape[1:]) for img in chunk])
                 captions = [build_caption(img.caption, img.trigger_words(cfg.trigger_words),
                                           prepend=cfg.prepend_trigger_words) for img in chunk]
