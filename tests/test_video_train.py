@@ -116,6 +116,17 @@ def test_sigterm_resume_is_bitwise(runs, name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: resume not exact"
 
 
+def test_validate_only_counts_clips_and_reuses_their_headers(runs, tiny_models):
+    cfg = _config(runs["tmp"], tiny_models["wan21"], runs["data"], "validate")
+    first, again = (run_cli("--config", str(cfg), "--validate-only") for _ in range(2))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr[-3000:]
+    a, b = (r.last("validation")["summary"]["dataset"] for r in (first, again))
+    assert (a["usable"], a["clips"], a["samples_per_epoch"]) == (5, 3, 5)
+    assert a["videos"]["frame_buckets"] == {"5": 1, "9": 2} and a["videos"] == b["videos"]
+    # The second scan opens no clip: header facts come from the dataset index (the broken clip's problem too).
+    assert (b["index"]["reused"], b["index"]["inspected"]) == (6, 0)
+
+
 def test_the_epoch_window_is_the_one_decoded(tmp_path):
     """Uncached: epoch e decodes window clips.window(e) (the frames at its start); the cache's slot for e is the same
     window. With start "uniform" window e mod K; "random" the same draw for the same (seed, epoch, clip)."""
