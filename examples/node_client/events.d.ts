@@ -87,7 +87,8 @@ export interface RunStartedEvent {
     | "chroma"
     | "anima"
     | "krea2"
-    | "ideogram4";
+    | "ideogram4"
+    | "wan";
   config?: {
     [k: string]: unknown | undefined;
   };
@@ -296,7 +297,7 @@ export interface ResumedEvent {
   };
 }
 /**
- * A sample image was generated with the current LoRA.
+ * A sample was generated with the current LoRA: an image, or for a video family (Wan) a clip saved as a video file beside a PNG of a few of its frames.
  */
 export interface SampleEvent {
   type: "sample";
@@ -305,6 +306,9 @@ export interface SampleEvent {
   seq: number;
   time: string;
   step: number;
+  /**
+   * The PNG: the image, or a clip's frames side by side (first, last and evenly spaced ones between)
+   */
   path: string;
   prompt: string;
   seed: number;
@@ -313,6 +317,14 @@ export interface SampleEvent {
    * With ema_decay: drawn with the EMA of the LoRA weights or the raw ones (ema_sampling)
    */
   weights?: "ema" | "raw";
+  /**
+   * The clip (validation_video_format: .mp4 or animated .webp) beside the PNG; null for an image
+   */
+  video: string | null;
+  /**
+   * Frames of the sample (validation_frames for a video family; 1 for an image)
+   */
+  frames: number;
 }
 /**
  * The validation loss on the held-out set (eval_dataset_path / eval_split): before training (step 0, the base model), every eval_steps and at the last step, at fixed noise levels with fixed noise, so values compare across steps and resumes. Not the sample images of validation_steps.
@@ -349,7 +361,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them), mask_missing (masked_loss: images without a mask train unmasked; files names them), mask_unusable (masked_loss: images whose mask is unreadable, of another aspect ratio or all black are skipped; files gives each reason), mask_scaled (masked_loss: masks of another size than their image, same aspect ratio, are scaled)
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them), mask_missing (masked_loss: images without a mask train unmasked; files names them), mask_unusable (masked_loss: images whose mask is unreadable, of another aspect ratio or all black are skipped; files gives each reason), mask_scaled (masked_loss: masks of another size than their image, same aspect ratio, are scaled), video_unreadable (video clips whose container, stream or first frame cannot be read, or that the video_short_clip rule skips: files names each with its reason), video_not_trained (the dataset has usable video clips: audited by --validate-only, not trained yet)
    */
   code: string;
   message: string;
