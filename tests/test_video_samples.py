@@ -5,6 +5,8 @@ An image family's samples stay images (video null) and the two keys are reported
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -147,3 +149,18 @@ def test_odd_sides_are_cropped_to_even_for_h264(tmp_path):
     (_, _, fps), decoded = _decode(tmp_path / "c.mp4")
     assert fps == 12.5 and [f.shape for f in decoded] == [(20, 32, 3)] * 5
     assert not list(tmp_path.glob(".*"))  # the temporary file was renamed into place
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: .ci/run installs Debian's chromium package")
+def test_the_report_plays_the_clip_in_a_real_browser(wan_runs):
+    tmp, *_ = wan_runs
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
+                          "--no-first-run", "--virtual-time-budget=10000", "--dump-dom",
+                          (tmp / "ref" / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    # The mp4 decoded its first frame (report.py's check counts "loadeddata"); the PNGs loaded.
+    assert 'data-videos="1"' in body and 'data-videos-ready="1"' in body and 'data-videos-broken="0"' in body, body
+    assert 'data-images-broken="0"' in body, body
