@@ -26,19 +26,20 @@ def test_4k1_lengths_and_short_clip_rules():
     assert V.frames_at(1.0, 16) == 16 and V.frames_at(1.01, 16) == 17 and V.frames_at(0.01, 16) == 1
 
 
-def test_start_choices_are_seeded_and_cover_the_slack():
+def test_windows_are_spread_over_the_slack_and_chosen_per_epoch():
     kw = dict(duration=4.0, target_fps=16, frames=17)
-    assert V.start_time(**kw, start="first", epoch=5) == 0.0
     slack = 4.0 - 17 / 16
-    uniform = [V.start_time(**kw, start="uniform", epoch=e) for e in range(8)]
-    assert all(0 <= s <= slack for s in uniform) and len(set(uniform)) == 8
-    # Every quarter of the slack is visited within 8 epochs (the golden-ratio walk).
-    assert {int(4 * s / slack) for s in uniform} >= {0, 1, 2, 3}
-    r = [V.start_time(**kw, start="random", epoch=e, seed=3, key="a.mp4") for e in range(4)]
-    assert r == [V.start_time(**kw, start="random", epoch=e, seed=3, key="a.mp4") for e in range(4)]
-    assert r != [V.start_time(**kw, start="random", epoch=e, seed=4, key="a.mp4") for e in range(4)]
-    assert r != [V.start_time(**kw, start="random", epoch=e, seed=3, key="b.mp4") for e in range(4)]
-    assert V.start_time(duration=1.0, target_fps=16, frames=17, start="random", epoch=1) == 0.0  # no slack
+    assert V.window_starts(**kw, windows=3, start="first") == [0.0]
+    assert V.window_starts(**kw, windows=3, start="uniform") == pytest.approx([0.0, slack / 2, slack])
+    assert V.window_starts(**kw, windows=1, start="random") == [0.0]
+    assert V.window_starts(duration=1.0, target_fps=16, frames=17, windows=3, start="random") == [0.0]  # no slack
+    assert [V.window_index(3, start="uniform", epoch=e) for e in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert V.window_index(3, start="first", epoch=4) == 0
+    r = [V.window_index(3, start="random", epoch=e, seed=3, key="a.mp4") for e in range(12)]
+    assert r == [V.window_index(3, start="random", epoch=e, seed=3, key="a.mp4") for e in range(12)]
+    assert set(r) == {0, 1, 2}
+    assert r != [V.window_index(3, start="random", epoch=e, seed=4, key="a.mp4") for e in range(12)]
+    assert r != [V.window_index(3, start="random", epoch=e, seed=3, key="b.mp4") for e in range(12)]
 
 
 def test_times_clamp_past_the_end_and_pick_the_frame_on_screen():
@@ -174,8 +175,9 @@ def test_clip_buckets_keep_the_token_budget():
 
 
 def test_validate_only_audits_the_clips_beside_the_images(tmp_path, tiny_models, dataset):
-    """--validate-only on a folder of images and clips: the clips' header facts in summary.dataset.videos, a broken
-    and a too-short clip listed (video_unreadable), the usable ones named as not trained yet (video_not_trained)."""
+    """--validate-only on a folder of images and clips for Wan (a family that trains clips): the clips' header facts
+    in summary.dataset.videos, a broken and a too-short clip listed (video_unreadable), the usable one counted as a
+    sample (tests/test_video_train.py has an image family's video_not_trained)."""
     import shutil
 
     from conftest import run_cli, write_config
@@ -198,7 +200,12 @@ def test_validate_only_audits_the_clips_beside_the_images(tmp_path, tiny_models,
     assert {b["file"]: b["problem"]["code"] for b in videos["bad"]} == {"clip_broken.mp4": "not_a_video",
                                                                          "clip_short.webm": "too_short"}
     codes = {w["code"]: w for w in validation["warnings"]}
-    assert len(codes["video_unreadable"]["files"]) == 2 and codes["video_not_trained"]["files"] == ["clip_ok.mp4"]
+    assert len(codes["video_unreadable"]["files"]) == 2 and "video_not_trained" not in codes
+    dataset = validation["summary"]["dataset"]
+    images = sum(p.suffix in (".png", ".jpg", ".webp") for p in data.iterdir())
+    assert dataset["clips"] == 1 and dataset["samples_per_epoch"] == dataset["usable"] == images + 1
+    # The bad clips are not listed as images too.
+    assert not any("clip_" in f for w in validation["warnings"] if w["code"] == "image_unreadable" for f in w["files"])
 
 
 def test_video_frames_must_be_4k_plus_1(tmp_path):

@@ -87,7 +87,8 @@ export interface RunStartedEvent {
     | "chroma"
     | "anima"
     | "krea2"
-    | "ideogram4";
+    | "ideogram4"
+    | "wan";
   config?: {
     [k: string]: unknown | undefined;
   };
@@ -113,6 +114,10 @@ export interface RunStartedEvent {
   total_steps: number;
   start_step: number;
   num_images?: number;
+  /**
+   * of num_images, the video clips (trained at their frames; 0 for an image family, which skips clips with video_not_trained)
+   */
+  num_clips?: number;
   samples_per_epoch?: number;
   effective_batch_size?: number;
   resume_from?: string | null;
@@ -349,7 +354,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them), mask_missing (masked_loss: images without a mask train unmasked; files names them), mask_unusable (masked_loss: images whose mask is unreadable, of another aspect ratio or all black are skipped; files gives each reason), mask_scaled (masked_loss: masks of another size than their image, same aspect ratio, are scaled)
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them), mask_missing (masked_loss: images without a mask train unmasked; files names them), mask_unusable (masked_loss: images whose mask is unreadable, of another aspect ratio or all black are skipped; files gives each reason), mask_scaled (masked_loss: masks of another size than their image, same aspect ratio, are scaled), video_unreadable (video clips whose container, stream or first frame cannot be read, or that the video_short_clip rule skips: files names each with its reason), video_not_trained (the model family trains on images only: the dataset's usable video clips are audited by --validate-only and skipped)
    */
   code: string;
   message: string;

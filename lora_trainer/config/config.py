@@ -96,12 +96,14 @@ class TrainConfig:
     max_bucket_resolution: int | None = None
     random_crop: bool = False
     flip_aug: bool = False
-    # Video clips (data/video.py): frames sampled at video_fps, video_frames (4k+1) a clip; audited by
-    # --validate-only (preflight/video_scan.py), not trained yet (STATUS.md of the fam-wan branch).
+    # Video clips (data/video.py): frames sampled at video_fps, video_frames (4k+1) a clip, on one of video_windows
+    # fixed windows per epoch (a finite set, so the latent cache can hold every window); trained by families with a
+    # temporal_compression (Wan), skipped with a warning by image families.
     video_fps: float = 16.0
     video_frames: int = 81
     video_short_clip: str = "shorten"
     video_start: str = "first"
+    video_windows: int = 3
     masked_loss: bool = False  # data/masks.py: a mask per image weights its loss
     mask_path: str | None = None
     alpha_mask: bool = False
@@ -109,7 +111,7 @@ class TrainConfig:
     mask_min_value: float = 0.0
     mask_normalize: bool = True
     cache_latents: bool = True
-    cache_latents_to_disk: bool = False
+    cache_latents_to_disk: bool | None = None  # None: false, but a dataset with video clips spills to disk
     cache_text_embeddings: bool = True
     cache_text_embeddings_to_disk: bool = False
     cache_host_budget_gb: float | None = None  # None: text_cache.default_host_budget()

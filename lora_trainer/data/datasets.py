@@ -121,6 +121,7 @@ class PlanItem(NamedTuple):
     repeats: int
     dataset: int = 0
     role: str = TRAIN
+    frames: int = 1
 
 
 def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, epoch: int) -> list[list[int]]:
@@ -137,17 +138,18 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
     images = list(images)
     size = (lambda d: batch_sizes) if isinstance(batch_sizes, int) else batch_sizes.__getitem__
     rng = random.Random(f"plan:{seed}:{epoch}")
-    by_group: dict[tuple[int, tuple[int, int]], list[int]] = {}
+    by_group: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     train = [img for img in images if img.role != REG]
+    # Grouped by (frames, w, h): a batch's tensors stack. Images (1 frame) sort as they did by (w, h) alone.
     for img in train:
-        by_group.setdefault((img.dataset, img.bucket), []).extend([img.index] * img.repeats)
+        by_group.setdefault((img.dataset, _shape(img)), []).extend([img.index] * img.repeats)
     pool = [img for img in images if img.role == REG for _ in range(img.repeats)]
     if pool:
         wanted = sum(img.repeats for img in train)
         start = epoch * wanted
         for k in range(wanted):
             img = pool[(start + k) % len(pool)]
-            by_group.setdefault((img.dataset, img.bucket), []).append(img.index)
+            by_group.setdefault((img.dataset, _shape(img)), []).append(img.index)
     batches: list[list[int]] = []
     for group in sorted(by_group):
         idx = by_group[group]
@@ -156,6 +158,10 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
         batches.extend(idx[i:i + step] for i in range(0, len(idx), step))
     rng.shuffle(batches)
     return batches
+
+
+def _shape(img: Any) -> tuple[int, ...]:
+    return (getattr(img, "frames", 1), *img.bucket)
 
 
 def fingerprint(entries: list[tuple[DatasetEntry, Any]], cfg: Any) -> str:
@@ -180,9 +186,13 @@ def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool) -> l
     from .buckets import bucket_range
     from .images import build_images
 
+    from .video import tokens
+
     def build(records, res):
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)
-        return build_images(records, res, bucketing=bucketing, min_size=lo, max_size=hi)
+        # A clip's bucket costs at most the tokens of video_frames at the resolution's square.
+        return build_images(records, res, bucketing=bucketing, min_size=lo, max_size=hi,
+                            token_budget=tokens(cfg.video_frames, res, res))
 
     if not getattr(scan, "entries", None):
         return build(scan.usable, resolution)

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,19 +33,36 @@ class TrainImage:
     role: str = "train"
     loss_weight: float = 1.0
     triggers: tuple[str, ...] | None = None  # None: the run's trigger_words; () for a regularisation image
+    # A video clip (data/clips.py): the pixel frames it trains at (4k+1, within the token budget; 1 for an image and
+    # a one-frame clip) and its duration in seconds (None: an image), from which its windows follow.
+    frames: int = 1
+    duration: float | None = None
+
+    @property
+    def is_clip(self) -> bool:
+        return self.duration is not None
 
     def trigger_words(self, run_triggers: tuple[str, ...]) -> tuple[str, ...]:
         """The trigger words a caption of this image gets: the run's, or its dataset's own (none for regularisation)."""
         return run_triggers if self.triggers is None else self.triggers
 
 
-def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int) -> list[TrainImage]:
+def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int,
+                 token_budget: int | None = None) -> list[TrainImage]:
+    """``token_budget``: denoiser tokens a clip's (frames, w, h) bucket may take (data/video.clip_bucket)."""
     buckets = make_buckets(resolution, min_size, max_size, 64) if bucketing else [(resolution, resolution)]
     images = []
     for i, r in enumerate(records):
         w, h = r.width, r.height  # the scan reports the size after EXIF orientation
         bucket = nearest_bucket(w, h, buckets) if bucketing else (resolution, resolution)
-        images.append(TrainImage(i, Path(r.path), r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket)))
+        img = TrainImage(i, Path(r.path), r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket))
+        clip = getattr(r, "clip", None)  # preflight/video_scan.ClipRecord of a usable clip
+        if clip is not None:
+            from .video import clip_bucket
+
+            frames, bw, bh = clip_bucket(w, h, clip.train_frames, buckets, token_budget or 1 << 62)
+            img = replace(img, bucket=(bw, bh), frames=frames, duration=clip.info.duration)
+        images.append(img)
     return images
 
 
@@ -89,10 +106,15 @@ def image_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def decode_failures(images: list[TrainImage]) -> list[tuple[TrainImage, str]]:
-    """Fully decode every image once (uncached training would otherwise hit a bad one mid-run)."""
-    failed = []
+def decode_failures(images: list[TrainImage], cfg=None) -> list[tuple[TrainImage, str]]:
+    """Fully decode every image once (uncached training would otherwise hit a bad one mid-run); a clip's every
+    window (data/clips.py, with the run's ``cfg``)."""
+    from . import clips
+
+    failed = clips.decode_failures(cfg, [img for img in images if img.is_clip])
     for img in images:
+        if img.is_clip:
+            continue
         try:
             with Image.open(img.path) as im:
                 im.load()
@@ -101,11 +123,15 @@ def decode_failures(images: list[TrainImage]) -> list[tuple[TrainImage, str]]:
     return failed
 
 
-def latent_bytes(layout: tuple[int, int], images: list[TrainImage]) -> int:
+def latent_bytes(layout: tuple[int, int], images: list[TrainImage], cfg=None) -> int:
     """The fp32 latents of ``images`` at their buckets (the cache's size); ``layout``: the family's (channels,
-    downsampling) (ModelFamily.latent_layout)."""
+    downsampling) (ModelFamily.latent_layout). A clip holds its latent frames for each of its windows (the run's
+    ``cfg`` says how many)."""
+    from .clips import latent_units, starts
+
     channels, factor = layout
-    return sum(channels * (img.bucket[0] // factor) * (img.bucket[1] // factor) * 4 for img in images)
+    return sum(channels * (img.bucket[0] // factor) * (img.bucket[1] // factor) * 4
+               * latent_units(img, windows=len(starts(cfg, img)) if img.is_clip else 1) for img in images)
 
 
 class LatentCache:
@@ -126,11 +152,12 @@ class LatentCache:
         self.latents: dict[int, torch.Tensor] = {}
         self.time_ids: dict[int, torch.Tensor] = {}
         self.masks: dict[int, torch.Tensor] = {}  # loss masks on the latent grid (data/masks.py), masked images only
-        self.files: dict[int, Path] = {}  # spill mode: image index -> entry file
+        # Keyed by slot: an image's index, or (index, window) for a clip's window (data/clips.slot).
+        self.files: dict = {}  # spill mode: slot -> entry file
         self.hits = 0
         self.encoded = 0
 
-    def _keep(self, index: int, latents: torch.Tensor, time_ids: torch.Tensor, path: Path | None,
+    def _keep(self, index, latents: torch.Tensor, time_ids: torch.Tensor, path: Path | None,
               mask: torch.Tensor | None = None) -> None:
         if self.spill and path is not None:
             self.files[index] = path
@@ -160,8 +187,8 @@ class LatentCache:
             return "device"
         return "host"
 
-    def batch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's latents and time ids on ``device``."""
+    def batch(self, indices: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's latents and time ids on ``device``; ``indices``: the entries' slots (data/clips.slot)."""
         if self.spill:
             from safetensors.torch import load_file
 
@@ -179,17 +206,17 @@ class LatentCache:
             out.append(x.to(device))
         return out[0], out[1]
 
-    def batch_masks(self, indices: list[int], masks) -> torch.Tensor | None:
+    def batch_masks(self, indices: list, masks) -> torch.Tensor | None:
         """The batch's loss masks on the latent grid, [B, 1, h, w] (ones for an image without one), or None when no
-        image of the batch has a mask; ``masks``: the run's MaskSet (data/masks.py)."""
-        if masks is None or all(masks.sources.get(i) is None for i in indices):
+        image of the batch has a mask; ``masks``: the run's MaskSet (data/masks.py); ``indices``: slots."""
+        if masks is None or all(masks.sources.get(_image(i)) is None for i in indices):
             return None
         if self.spill:
             from safetensors import safe_open
 
             found = {}
             for i in indices:
-                if masks.sources.get(i) is not None:
+                if masks.sources.get(_image(i)) is not None:
                     with safe_open(str(self.files[i]), "pt") as f:
                         found[i] = f.get_tensor("mask")  # a few KiB: the latents are not read twice
         else:
@@ -197,61 +224,75 @@ class LatentCache:
         shape = next(found[i] for i in indices if i in found).shape[-2:]
         return masks.stack([found.get(i) for i in indices], shape)
 
-    def _key(self, img: TrainImage, seed: int, random_crop: bool, mask: str | None = None) -> str:
+    def _key(self, img: TrainImage, seed: int, random_crop: bool, mask: str | None = None,
+             clip: list | None = None) -> str:
         parts = [image_digest(img.path), self.model_key, img.bucket, seed if random_crop else None]
-        payload = json.dumps(parts + [mask] if mask is not None else parts)  # an unmasked entry keeps its old key
+        # An unmasked image's entry keeps its old key; a clip window's adds its sampling and start (clips.cache_extra).
+        parts += [mask] if mask is not None or clip is not None else []
+        payload = json.dumps(parts + [clip] if clip is not None else parts)
         return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
     def build(self, encode: Callable[[torch.Tensor], torch.Tensor], images: list[TrainImage], *,
               device: torch.device, seed: int, random_crop: bool, batch_size: int,
-              progress: Callable[[int, int], None], masks=None) -> list[tuple[TrainImage, str]]:
+              progress: Callable[[int, int], None], masks=None, cfg=None) -> list[tuple[TrainImage, str]]:
         """Fill the cache with ``encode(pixels)`` (the family's encode_latents over its VAE); returns the images whose
         pixels failed to decode (they are left out). ``masks``: the run's MaskSet (data/masks.py): each masked
-        image's entry also holds its mask, at its latent's crop and grid."""
+        image's entry also holds its mask, at its latent's crop and grid. A clip (with the run's ``cfg``) has an
+        entry per window (data/clips.py)."""
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        todo: list[tuple[TrainImage, str | None]] = []
-        for img in images:
+        from . import clips
+
+        slots = [(img, w) for img in images for w in (range(len(clips.starts(cfg, img))) if img.is_clip else (None,))]
+        todo: list[tuple[TrainImage, int | None, str | None]] = []
+        for img, w in slots:
             mkey = masks.key(img.index) if masks is not None else None
             want = {"latents", "time_ids"} | ({"mask"} if mkey is not None else set())
-            key = self._key(img, seed, random_crop, mkey) if self.disk_dir else None
+            extra = clips.cache_extra(cfg, img, w) if w is not None else None
+            key = self._key(img, seed, random_crop, mkey, extra) if self.disk_dir else None
             path = self.disk_dir / f"{key}.safetensors" if key else None
+            at = img.index if w is None else (img.index, w)
             if path is not None and path.is_file():
                 try:
                     if self.spill:  # read at step time; here only its header, not 100 GB of latents
                         with safe_open(str(path), "pt") as f:
                             if set(f.keys()) != want:
                                 raise ValueError("not a latent cache entry")
-                        self._keep(img.index, None, None, path)
+                        self._keep(at, None, None, path)
                     else:
                         t = load_file(path)
                         if set(t) != want:
                             raise ValueError("not a latent cache entry")
-                        self._keep(img.index, t["latents"], t["time_ids"], path, t.get("mask"))
+                        self._keep(at, t["latents"], t["time_ids"], path, t.get("mask"))
                     self.hits += 1
                     continue
                 except Exception:  # noqa: BLE001 - a damaged cache entry is simply recomputed
                     pass
-            todo.append((img, key))
-        done = len(images) - len(todo)
+            todo.append((img, w, key))
+        done = len(slots) - len(todo)
         failed: list[tuple[TrainImage, str]] = []
-        progress(done, len(images))
-        by_bucket: dict[tuple[int, int], list[tuple[TrainImage, str | None]]] = {}
+        progress(done, len(slots))
+        by_bucket: dict[tuple[int, ...], list[tuple[TrainImage, int | None, str | None]]] = {}
         for item in todo:
-            by_bucket.setdefault(item[0].bucket, []).append(item)
+            by_bucket.setdefault((item[0].frames, *item[0].bucket), []).append(item)
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             for i in range(0, len(items), batch_size):
                 chunk, pix, tids, pmasks = [], [], [], []
-                for img, key in items[i:i + batch_size]:
+                for img, w, key in items[i:i + batch_size]:
                     try:
-                        p, t = load_pixels(img, random_crop=random_crop, rng=random.Random(f"crop:{seed}:{img.index}"))
+                        if any(img is f for f, _ in failed):
+                            raise RuntimeError("another window failed to decode")
+                        rng = random.Random(f"crop:{seed}:{img.index}")  # one crop for every window of a clip
+                        p, t = (clips.load_window(cfg, img, w, random_crop=random_crop, rng=rng) if w is not None
+                                else load_pixels(img, random_crop=random_crop, rng=rng))
                         m = masks.pixels(img.index, t) if masks is not None else None
                     except Exception as exc:  # noqa: BLE001 - any decoder error means "skip this image"
-                        failed.append((img, f"{type(exc).__name__}: {exc}"))
+                        if not any(img is f for f, _ in failed):
+                            failed.append((img, f"{type(exc).__name__}: {exc}"))
                         continue
-                    chunk.append((img, key))
+                    chunk.append((img, w, key))
                     pix.append(p)
                     tids.append(t)
                     pmasks.append(m)
@@ -259,7 +300,7 @@ class LatentCache:
                 if not chunk:
                     continue
                 lat = encode(torch.stack(pix)).float().cpu()
-                for (img, key), latent, tid, m in zip(chunk, lat, tids, pmasks):
+                for (img, w, key), latent, tid, m in zip(chunk, lat, tids, pmasks):
                     final = None
                     entry = {"latents": latent.contiguous(), "time_ids": tid}
                     if m is not None:  # to this latent's own grid, whatever the family's VAE factor
@@ -272,11 +313,21 @@ class LatentCache:
                         save_file(entry, str(tmp))
                         final = self.disk_dir / f"{key}.safetensors"
                         tmp.replace(final)
-                    self._keep(img.index, entry["latents"], tid, final, entry.get("mask"))
+                    self._keep(img.index if w is None else (img.index, w), entry["latents"], tid, final,
+                               entry.get("mask"))
                     self.encoded += 1
                 done += len(chunk)
-                progress(done, len(images))
+                progress(done, len(slots))
+        bad = {img.index for img, _ in failed}  # a clip with one bad window trains on none of them
+        for table in (self.latents, self.time_ids, self.masks, self.files):
+            for k in [k for k in table if _image(k) in bad]:
+                del table[k]
         return failed
+
+
+def _image(slot) -> int:
+    """The image index of a cache slot (an index, or a clip's (index, window))."""
+    return slot[0] if isinstance(slot, tuple) else slot
 
 
 def model_key(base_model: str, vae, source: Path | str | None = None) -> str:
@@ -310,19 +361,22 @@ def build_latent_cache(cfg, fam, comps, images: list[TrainImage], *, device: tor
     from .masks import mask_bytes
 
     layout = fam.latent_layout(comps.vae.config)
-    total = latent_bytes(layout, images) + mask_bytes(layout, images, masks.sources if masks is not None else None)
+    total = latent_bytes(layout, images, cfg) + mask_bytes(layout, images, masks.sources if masks is not None else None)
     budget = host_budget(cfg, world)
-    spill = total > budget
+    # Clips' latents are large (frames x windows): on disk, read per step, unless cache_latents_to_disk says false.
+    spill = total > budget or (cfg.cache_latents_to_disk is None and any(img.is_clip for img in images))
     plan = {"placement": "disk" if spill else "host", "total_bytes": total, "host_budget_bytes": budget,
-            "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if spill else 'fit'} the host budget of "
-                      f"{budget / 2**20:.1f} MiB" + (": read from disk per step" if spill else "")}
+            "reason": f"{total / 2**20:.1f} MiB of latents {'exceed' if total > budget else 'fit'} the host budget of "
+                      f"{budget / 2**20:.1f} MiB" + (": read from disk per step" if total > budget else
+                                                     ": video clips' latents are read from disk per step" if spill
+                                                     else "")}
     events.emit("status", phase="caching_latents", message=f"encoding {len(images)} image(s) with the VAE")
     disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk or spill else None
     cache = LatentCache(disk, model_key(cfg.base_model, comps.vae, source), spill=spill)
     comps.vae.to(device)
     failed = cache.build(lambda pix: fam.encode_latents(comps.vae, pix), images, device=device, seed=cfg.seed,
                          random_crop=cfg.random_crop,
-                         batch_size=max(1, cfg.batch_size), masks=masks,
+                         batch_size=max(1, cfg.batch_size), masks=masks, cfg=cfg,
                          progress=lambda n, t: events.emit("progress", phase="caching_latents", current=n, total=t,
                                                            unit="images"))
     comps.vae.to("cpu")  # not needed again until sampling: the accelerator's memory goes to the denoiser

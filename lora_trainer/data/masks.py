@@ -1,5 +1,7 @@
 """Loss masks: where an image's mask comes from, how it follows its image through the bucket resize, crop and flip,
-and how it weights the loss on the latent grid.
+and how it weights the loss on the latent grid. A video clip's mask is one image (mask_path mirror or sidecar, the
+clip's stem), cropped as its frames are and applied to every frame ([B, 1, 1, h, w] against [B, C, F, h, w]
+latents); alpha_mask does not apply to clips (a video frame has no alpha the scan reads).
 
 A mask is white where the image trains, black where it is ignored, grey in between (weight = value / 255). Sources,
 first found wins: a file in ``mask_path`` (a folder mirroring the dataset: same relative folder and stem, any image
@@ -184,6 +186,8 @@ class MaskSet:
         if masks is None:
             return None
         m = to_grid(masks.to(latents.device, torch.float32), latents.shape[-2:])
+        if latents.ndim == 5 and m.ndim == 4:  # a clip's one mask, [B, 1, h, w], weights each of its latent frames
+            m = m.unsqueeze(2)
         if self.min_value > 0:
             m = m.clamp(min=self.min_value)
         if self.normalize:

@@ -17,11 +17,15 @@ fewer frames at the target fps than asked is handled by ``short_clip``:
   "shorten" (default): it trains at the largest 4k+1 it holds (its own frame bucket);
   "pad": its last frame is repeated up to the asked count;
   "skip": it is left out (listed, like a broken file).
-A clip with more frames than asked trains on a window of them; ``start`` chooses where:
-  "first": the window starts at the clip's start, every epoch;
-  "uniform": epoch e starts at fraction (e * 0.618...) mod 1 of the slack (a low-discrepancy walk: over epochs the
-    windows cover the clip evenly; no RNG);
-  "random": uniform over the slack, from a generator seeded by (seed, epoch, clip key): the same on a resume.
+A clip with more frames than asked trains on windows of them: ``windows`` (the config's ``video_windows``, K)
+window starts spread evenly over the slack (what the window leaves over: the first at the clip's start, the last
+ending at its end); a clip without slack, K = 1 or ``start`` "first" has the one window at its start. Which window
+an epoch trains, ``start``:
+  "first": the first, every epoch;
+  "uniform": window (epoch mod K) in epoch e: over K epochs every window once;
+  "random": one drawn per (seed, epoch, clip) from a private seeded generator: the same on a resume.
+A finite set of windows, known before training, is what lets the latent cache encode every window up front and a
+cached run train exactly the windows an uncached one decodes.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", "
 ANIMATED_IMAGE_EXTENSIONS = frozenset({".gif", ".webp"})  # Pillow; a one-frame WebP/GIF is an image
 START_CHOICES = ("first", "uniform", "random")
 SHORT_CLIP_RULES = ("shorten", "pad", "skip")
-_GOLDEN = (math.sqrt(5) - 1) / 2
 # Average and nominal rates further apart than this make a clip variable-frame-rate (phones' recordings).
 _VFR_TOLERANCE = 0.01
 _EPS = 1e-6
@@ -207,22 +210,26 @@ def clip_length(available: int, wanted: int, short_clip: str = "shorten") -> int
     return largest_4k1(available)
 
 
-def _unit(seed: int, epoch: int, key: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little")).random()
-
-
-def start_time(duration: float, target_fps: float, frames: int, *, start: str = "first", epoch: int = 0,
-               seed: int = 0, key: str = "") -> float:
-    """Where a window of ``frames`` target-fps frames starts (seconds); slack = what the window leaves over.
-    ``key`` names the clip (its relative path), so two clips draw independently and a rescan does not reorder."""
+def window_starts(duration: float, target_fps: float, frames: int, *, windows: int = 1,
+                  start: str = "first") -> list[float]:
+    """Where a clip's windows of ``frames`` target-fps frames start (seconds), spread evenly over the slack."""
     if start not in START_CHOICES:
         raise ValueError(f"start must be one of {START_CHOICES}, got {start!r}")
     slack = max(0.0, duration - frames / target_fps)
-    if start == "first" or slack <= 0:
-        return 0.0
-    u = (epoch * _GOLDEN) % 1.0 if start == "uniform" else _unit(seed, epoch, key)
-    return u * slack
+    if start == "first" or windows <= 1 or slack <= _EPS:
+        return [0.0]
+    return [slack * k / (windows - 1) for k in range(windows)]
+
+
+def window_index(count: int, *, start: str = "first", epoch: int = 0, seed: int = 0, key: str = "") -> int:
+    """Which of a clip's ``count`` windows epoch ``epoch`` trains. ``key`` names the clip (its relative path), so
+    two clips draw independently and a rescan does not reorder; the generator is private (no global RNG state)."""
+    if count <= 1 or start == "first":
+        return 0
+    if start == "uniform":
+        return epoch % count
+    digest = hashlib.sha256(f"window:{seed}:{epoch}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little")).randrange(count)
 
 
 def sample_times(duration: float, target_fps: float, frames: int, start: float = 0.0) -> list[float]:
@@ -292,22 +299,25 @@ def read_frames(path: str | Path, times: list[float]) -> np.ndarray:
 def _read_pillow(path: Path, times: list[float]) -> np.ndarray:
     from PIL import Image
 
-    from .images import to_rgb
-
     with Image.open(path) as im:
         durations = _gif_times(im)
         starts = list(np.cumsum([0.0, *durations[:-1]]))
         frames = []
         for idx in source_indices(starts, times):
             im.seek(idx)
-            frames.append(np.asarray(to_rgb(im.copy()), dtype=np.uint8))
+            # Transparency composited on white, as data/images.to_rgb does for an image (not imported: images.py
+            # reaches this module through data/clips.py).
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            frames.append(np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8))
     return np.stack(frames)
 
 
 def to_tensor(frames: np.ndarray, bucket: tuple[int, int], *, random_crop: bool = False,
-              rng: random.Random | None = None, flip: bool = False):
+              rng: random.Random | None = None, flip: bool = False, with_crop: bool = False):
     """[F, H, W, 3] uint8 -> [3, F, h, w] float32 in [-1, 1] at ``bucket`` (w, h): one resize and crop for the
-    whole clip (the same as an image's, data/buckets.resize_and_crop), so the frames stay aligned."""
+    whole clip (the same as an image's, data/buckets.resize_and_crop), so the frames stay aligned. ``with_crop``:
+    also (left, top) of the crop, which a clip's mask follows."""
     import torch
     import torch.nn.functional as F
 
@@ -323,17 +333,19 @@ def to_tensor(frames: np.ndarray, bucket: tuple[int, int], *, random_crop: bool 
     if flip:
         x = x.flip(-1)
     # Rounded to 8-bit levels as an image's pixels are (load_pixels goes through uint8).
-    return x.round_().clamp_(0, 255).div_(127.5).sub_(1.0).permute(1, 0, 2, 3).contiguous()
+    x = x.round_().clamp_(0, 255).div_(127.5).sub_(1.0).permute(1, 0, 2, 3).contiguous()
+    return (x, (left, top)) if with_crop else x
 
 
 def load_clip(path: str | Path, info: VideoInfo, *, target_fps: float, frames: int, short_clip: str = "shorten",
-              start: str = "first", epoch: int = 0, seed: int = 0, key: str = ""):
+              start: str = "first", epoch: int = 0, seed: int = 0, key: str = "", windows: int = 1):
     """(frames [F, H, W, 3] uint8, start seconds) for one epoch's window of a clip; None where short_clip skips it."""
     available = frames_at(info.duration, target_fps)
     n = clip_length(available, frames, short_clip)
     if n is None:
         return None
-    t0 = start_time(info.duration, target_fps, n, start=start, epoch=epoch, seed=seed, key=key)
+    starts = window_starts(info.duration, target_fps, n, windows=windows, start=start)
+    t0 = starts[window_index(len(starts), start=start, epoch=epoch, seed=seed, key=key)]
     return read_frames(path, sample_times(info.duration, target_fps, n, t0)), t0
 
 

@@ -249,10 +249,12 @@ class FlowMatchingObjective:
         self.patch_size = patch_size
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
-        """Transformer tokens per sample: patch_size x patch_size patches of (H, W)."""
+        """Transformer tokens per sample: patch_size x patch_size patches of (H, W), times the latent frames of a
+        video's [B, C, F, H, W] (each frame's patches are tokens, for the resolution and area shifts)."""
         # Shapes are host metadata: this never syncs.
         h, w = latents.shape[-2:]
-        return (h // self.patch_size) * (w // self.patch_size)
+        frames = latents.shape[2] if latents.ndim == 5 else 1
+        return frames * (h // self.patch_size) * (w // self.patch_size)
 
     def sample_sigmas(
         self,

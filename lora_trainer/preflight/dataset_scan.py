@@ -7,6 +7,9 @@ full, which separates a truncated download from a JPEG with data appended after 
 motion photos). Corruption in the middle of a file is only found with ``deep=True`` (a full decode);
 the trainer skips such an image when it fails to load.
 
+Video clips are records too where the family trains clips (preflight/video_scan.py reads their headers; a bad
+clip is listed and skipped like a broken image); for an image family they are ignored files.
+
 Order is deterministic (sorted names, depth first) so that sample order, bucket plans and the
 fingerprint are the same on every machine.
 """
@@ -24,6 +27,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..data import captions as cap
+from ..data import video as V
+from . import video_scan as VS
 from .scan_index import ScanIndex, identity
 from ..data.buckets import bucket_range, make_buckets, nearest_bucket, upscale_factor
 from ..data.masks import is_sidecar
@@ -71,6 +76,7 @@ class ImageRecord:
     missing_triggers: tuple[str, ...]
     problem: dict | None = None  # {"code", "message"}; None when usable
     exif_rotated: bool = False  # width/height were swapped for EXIF orientation 5..8
+    clip: Any = None  # a video clip's preflight/video_scan.ClipRecord (header facts, frames it trains); None: image
 
     @property
     def usable(self) -> bool:
@@ -99,6 +105,7 @@ class DatasetScan:
     caption_warnings: tuple[tuple[str, str], ...] = ()  # (rel caption path, warning)
     held_out: tuple[ImageRecord, ...] = ()  # the validation loss's images, never trained on (eval_set.py)
     masks: Any = None  # preflight/mask_scan.py MaskAudit, with masked_loss
+    videos: Any = None  # preflight/video_scan.VideoAudit of the clips, where the family trains clips
 
     def keeping(self, usable: tuple[ImageRecord, ...], fingerprint: str, **changes: Any) -> "DatasetScan":
         """This scan with only ``usable`` (a subset of its usable records) left to train on, and the fingerprint
@@ -396,6 +403,8 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     skip = {os.path.realpath(cfg.output_path)} if getattr(cfg, "output_path", None) else set()
     caption_ext = cfg.caption_extension
     triggers = tuple(cfg.trigger_words)
+    clips = VS.takes_clips(family or (cfg.model_type if cfg.model_type != "auto" else None))
+    wanted = IMAGE_EXTENSIONS | V.VIDEO_EXTENSIONS if clips else IMAGE_EXTENSIONS
 
     index = index or ScanIndex(None, {})
     # Pass 1: walk, stat, and take what the index already knows; the rest is inspected in pass 2.
@@ -409,7 +418,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         used_captions: set[str] = set()
         for e in files:
             stem, ext = os.path.splitext(e.name)
-            if ext.lower() not in IMAGE_EXTENSIONS or is_sidecar(stem):  # a -masklabel file is a mask, not an image
+            if ext.lower() not in wanted or is_sidecar(stem):  # a -masklabel file is a mask, not an image
                 continue
             try:
                 ident = identity(e.stat())
@@ -423,12 +432,13 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
                           cpath, "/".join(rel + (cname,)) if cname is not None else None))
         for e in files:
             stem, ext = os.path.splitext(e.name)
-            if (ext.lower() not in IMAGE_EXTENSIONS or is_sidecar(stem)) and e.name not in used_captions:
+            if (ext.lower() not in wanted or is_sidecar(stem)) and e.name not in used_captions:
                 ignored += 1
 
     inspected = [index.image(f[1], f[4]) if f[4][0] else None for f in found]
     captions = [_cached_caption(index, f[5], f[6]) for f in found]
     todo = [i for i in range(len(found)) if inspected[i] is None or captions[i] is None]
+    VS.probe_into(found, inspected, index)
     jobs = [(found[i][0], found[i][4][0], found[i][5], inspected[i] is None) for i in todo]
     for i, (result, caption) in zip(todo, _inspect_all(jobs, verify=verify, deep=deep, workers=workers)):
         if result is not None:
@@ -445,7 +455,8 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     records: list[ImageRecord] = []
     caption_warnings: list[tuple[str, str]] = []
     for (path, rel_path, folder, repeats, ident, cpath, crel), result, (text, warn) in zip(found, inspected, captions):
-        w, h, mode, fmt, rotated, problem = result
+        clip = VS.clip_record(path, rel_path, result, cfg) if result[0] == "clip" else None
+        w, h, mode, fmt, rotated, problem = VS.as_image(clip) if clip is not None else result
         cwarn = (warn,) if warn else ()
         for wmsg in cwarn:
             caption_warnings.append((crel, wmsg))
@@ -453,7 +464,8 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         records.append(ImageRecord(
             path=path, rel_path=rel_path, width=w, height=h, mode=mode, format=fmt, file_size=ident[0],
             mtime_ns=ident[1], caption=text, caption_path=cpath, caption_warnings=cwarn,
-            repeats=repeats, folder=folder, missing_triggers=missing, problem=problem, exif_rotated=rotated))
+            repeats=repeats, folder=folder, missing_triggers=missing, problem=problem, exif_rotated=rotated,
+            clip=clip))
 
     buckets = None
     if bucketing:
@@ -483,5 +495,6 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         folders=folders,
         ignored_files=ignored,
         caption_warnings=tuple(caption_warnings),
+        videos=VS.audit_of([r.clip for r in records if r.clip], cfg) if clips else None,
     )
 

@@ -221,15 +221,21 @@ def _steps(cfg: Any, scan: DatasetScan, buckets: list | None) -> dict:
             "total_steps": total, "bucket_plan": plan}
 
 
-def _audit_videos(cfg: Any, info: dict, warnings: list) -> None:
+def _audit_videos(cfg: Any, scan: DatasetScan, info: dict, warnings: list) -> None:
     """Video clips beside the images: their headers audited (preflight/video_scan.py: no frame decoded past the
-    first), the result in ``info["videos"]``; broken or too-short clips are listed. Clips are not trained yet."""
+    first), the result in ``info["videos"]``; broken or too-short clips are listed. A family that trains clips has
+    them in its scan already (records, the bad ones skipped); an image family's scan ignores them: audited here, and
+    skipped with video_not_trained."""
     from .video_scan import audit_clips, video_files
 
-    clips = video_files(cfg.dataset_path, recursive=cfg.recursive)
-    if not clips:
+    audit = scan.videos
+    if audit is None:
+        clips = video_files(cfg.dataset_path, recursive=cfg.recursive) if scan.ignored_files else []
+        if not clips:
+            return
+        audit = audit_clips(clips, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)
+    elif not audit.records:
         return
-    audit = audit_clips(clips, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)
     info["videos"] = audit.summary()
     if audit.bad:
         codes = sorted({r.problem["code"] for r in audit.bad})
@@ -237,7 +243,7 @@ def _audit_videos(cfg: Any, info: dict, warnings: list) -> None:
                                f"{_plural(len(audit.bad), 'video clip')} cannot be used and will be skipped "
                                f"({', '.join(codes)})",
                                files=[f"{r.rel_path}: {r.problem['message']}" for r in audit.bad]))
-    if audit.usable:
+    if audit.usable and scan.videos is None:
         warnings.append(_issue("video_not_trained", "dataset_path",
                                f"{_plural(len(audit.usable), 'video clip')} audited; training on clips is not "
                                "supported yet: they are skipped (images, and a clip's frames saved as images, train)",
@@ -251,7 +257,8 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
                             "resolution_source": "config" if cfg.resolution is not None else
                             (f"{family} default" if family else "assumed (model family unknown)")}
     try:
-        scan = scan_dataset(cfg, verify=verify, deep=deep, resolution=resolution, bucketing=bucketing, index=index)
+        scan = scan_dataset(cfg, verify=verify, deep=deep, resolution=resolution, bucketing=bucketing, index=index,
+                            family=family)
     except FileNotFoundError:
         errors.append(_issue("dataset_missing", "dataset_path", f"dataset folder {cfg.dataset_path} does not exist"))
         return info, None
@@ -266,8 +273,9 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
                 index={"path": str(index.path) if index and index.path else None,
                        "reused": index.hits if index else 0,
                        "inspected": len(scan.records) - (index.hits if index else 0)})
-    if scan.ignored_files:
-        _audit_videos(cfg, info, warnings)
+    _audit_videos(cfg, scan, info, warnings)
+    if scan.videos is not None:
+        info["clips"] = sum(r.clip is not None for r in scan.usable)
     if not scan.records:
         hint = "images must be .png, .jpg, .jpeg, .webp or .bmp"
         if not cfg.recursive and any(p.is_dir() for p in Path(cfg.dataset_path).iterdir()):
@@ -275,11 +283,12 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
         errors.append(_issue("dataset_empty", "dataset_path", f"no images in {cfg.dataset_path}"
                              + (f" ({_plural(scan.ignored_files, 'other file')})" if scan.ignored_files else ""), hint=hint))
         return info, scan
-    if scan.bad:
-        codes = sorted({r.problem["code"] for r in scan.bad})
+    bad_images = [r for r in scan.bad if r.clip is None]  # bad clips: video_unreadable above
+    if bad_images:
+        codes = sorted({r.problem["code"] for r in bad_images})
         issue = _issue("image_unreadable", "dataset_path",
-                       f"{_plural(len(scan.bad), 'image')} cannot be used and will be skipped ({', '.join(codes)})",
-                       files=_files(scan.bad, detail=True))
+                       f"{_plural(len(bad_images), 'image')} cannot be used and will be skipped ({', '.join(codes)})",
+                       files=_files(bad_images, detail=True))
         warnings.append(issue)  # alone never fatal: no_usable_images below is the error
     if not scan.usable:
         errors.append(_issue("no_usable_images", "dataset_path", f"none of the {len(scan.records)} images can be read"))

@@ -74,28 +74,56 @@ def _problem(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
 
-def audit_clip(path: str | Path, rel_path: str, *, target_fps: float, frames: int, short_clip: str) -> ClipRecord:
+def probe_clip(path: str | Path) -> tuple[V.VideoInfo | None, dict | None]:
+    """(header facts, None) or (None, problem): what a clip is, whatever it will train as (the dataset scan caches
+    this per file identity)."""
     path = str(path)
     try:
         size = os.path.getsize(path)
     except PermissionError:
-        return ClipRecord(path, rel_path, None, None, _problem("permission_denied", "permission denied"))
+        return None, _problem("permission_denied", "permission denied")
     except OSError as exc:
-        return ClipRecord(path, rel_path, None, None, _problem("not_a_video", f"cannot stat: {exc}"))
+        return None, _problem("not_a_video", f"cannot stat: {exc}")
     if size == 0:
-        return ClipRecord(path, rel_path, None, None, _problem("zero_byte", "file is empty (0 bytes)"))
+        return None, _problem("zero_byte", "file is empty (0 bytes)")
     if not os.access(path, os.R_OK):
-        return ClipRecord(path, rel_path, None, None, _problem("permission_denied", "permission denied"))
+        return None, _problem("permission_denied", "permission denied")
     try:
-        info = V.probe(path)
+        return V.probe(path), None
     except V.VideoError as exc:
-        return ClipRecord(path, rel_path, None, None, _problem(exc.code, str(exc)))
-    n = V.clip_length(V.frames_at(info.duration, target_fps), frames, short_clip)
+        return None, _problem(exc.code, str(exc))
+
+
+def record(path: str | Path, rel_path: str, info: V.VideoInfo | None, problem: dict | None, *, target_fps: float,
+           frames: int, short_clip: str) -> ClipRecord:
+    """What a probed clip trains as at the target fps (``too_short`` where the short-clip rule skips it)."""
+    if problem is not None or info is None:
+        return ClipRecord(str(path), rel_path, None, None, problem)
+    have = V.frames_at(info.duration, target_fps)
+    n = V.clip_length(have, frames, short_clip)
     if n is None:
-        have = V.frames_at(info.duration, target_fps)
-        return ClipRecord(path, rel_path, info, None, _problem(
+        return ClipRecord(str(path), rel_path, info, None, _problem(
             "too_short", f"{info.duration:.2f} s holds {have} frames at {target_fps:g} fps, fewer than {frames}"))
-    return ClipRecord(path, rel_path, info, n)
+    return ClipRecord(str(path), rel_path, info, n)
+
+
+def audit_clip(path: str | Path, rel_path: str, *, target_fps: float, frames: int, short_clip: str) -> ClipRecord:
+    info, problem = probe_clip(path)
+    return record(path, rel_path, info, problem, target_fps=target_fps, frames=frames, short_clip=short_clip)
+
+
+def probe_clips(paths: list[str]) -> list[tuple[V.VideoInfo | None, dict | None]]:
+    """probe_clip over ``paths`` in order, IO_THREADS at a time where there are enough to repay the threads."""
+    if len(paths) >= PARALLEL_MIN_FILES and IO_THREADS > 1:
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            return list(pool.map(probe_clip, paths))
+    return [probe_clip(p) for p in paths]
+
+
+def summary_of(records: Iterable[ClipRecord], *, target_fps: float, frames: int, short_clip: str) -> VideoAudit:
+    records = tuple(records)
+    return VideoAudit(records, target_fps, frames, short_clip, usable=tuple(r for r in records if r.usable),
+                      bad=tuple(r for r in records if not r.usable))
 
 
 def audit_clips(files: Iterable[tuple[str | Path, str]], *, target_fps: float, frames: int,
@@ -124,3 +152,44 @@ def video_files(root: str | Path, *, recursive: bool = True) -> list[tuple[str, 
                 p = Path(d) / name
                 out.append((str(p), p.relative_to(root).as_posix()))
     return out
+
+
+# -- clips as dataset records (preflight/dataset_scan.py, for a family that trains clips) ---------------------------
+def probe_into(found: list, inspected: list, index) -> None:
+    """Probe the clips among the scan's ``found`` files that its index does not know, in place: each result is
+    ["clip", header facts or None, problem or None], what the index keeps for the file's identity (the facts do not
+    depend on the run's video settings, which clip_record applies)."""
+    todo = [i for i, f in enumerate(found) if V.is_video_path(f[1]) and inspected[i] is None]
+    for i, (info, problem) in zip(todo, probe_clips([found[i][0] for i in todo])):
+        inspected[i] = ["clip", info.to_dict() if info is not None else None, problem]
+        if found[i][4][0]:  # a file that could not even be stat'ed is looked at again next time
+            index.put_image(found[i][1], found[i][4], inspected[i])
+
+
+def clip_record(path: str, rel_path: str, result, cfg) -> ClipRecord:
+    """A clip's ClipRecord from its (cached) probe result, under the run's video settings."""
+    if not (isinstance(result, (list, tuple)) and len(result) == 3 and result[0] == "clip"):
+        result = ["clip", None, _problem("corrupt", "unrecognised scan index entry")]
+    info = V.VideoInfo(**result[1]) if result[1] else None
+    return record(path, rel_path, info, result[2], target_fps=cfg.video_fps, frames=cfg.video_frames,
+                  short_clip=cfg.video_short_clip)
+
+
+def takes_clips(family: str | None) -> bool:
+    """Whether ``family`` trains video clips (a temporal compression in its spec); unknown families do not."""
+    from ..families import SPECS
+
+    spec = SPECS.get(family or "")
+    return bool(spec is not None and spec.temporal_compression)
+
+
+def as_image(clip: ClipRecord) -> tuple:
+    """A clip's (width, height, mode, format, exif_rotated, problem), as the image scan records an image's."""
+    i = clip.info
+    if i is None:
+        return None, None, None, None, False, clip.problem
+    return i.width, i.height, "RGB", i.codec, False, clip.problem
+
+
+def audit_of(records: list, cfg) -> VideoAudit:
+    return summary_of(records, target_fps=cfg.video_fps, frames=cfg.video_frames, short_clip=cfg.video_short_clip)

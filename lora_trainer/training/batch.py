@@ -8,6 +8,7 @@ import random
 
 import torch
 
+from ..data import clips
 from ..data.captions import build_caption
 from ..data.datasets import loss_weights as dataset_weights
 from ..data.images import load_pixels
@@ -28,15 +29,22 @@ def captions(cfg, by_index: dict, batch: list[int], epoch: int, batch_index: int
 
 def latents(cfg, fam, vae, by_index: dict, latent_cache, masks, batch: list[int], epoch: int, batch_index: int,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list | None]:
-    """(latents, geometry, masks): from the latent cache, or decoded, augmented and encoded now."""
+    """(latents, geometry, masks): from the latent cache, or decoded, augmented and encoded now. A clip trains the
+    epoch's window (data/clips.py): its cache entry, or its frames decoded now."""
     if latent_cache is not None:
-        lat, geometry = latent_cache.batch(batch, device)
-        return lat, geometry, latent_cache.batch_masks(batch, masks)
+        slots = [clips.slot(cfg, by_index[i], epoch) for i in batch]
+        lat, geometry = latent_cache.batch(slots, device)
+        return lat, geometry, latent_cache.batch_masks(slots, masks)
     pix, tids, pixel_masks = [], [], []
     for j, idx in enumerate(batch):
         rng = random.Random(f"aug:{cfg.seed}:{epoch}:{batch_index}:{j}")
         flip = cfg.flip_aug and rng.random() < 0.5  # drawn first, as before masks existed: the same augmentations
-        p, t = load_pixels(by_index[idx], random_crop=cfg.random_crop, rng=rng, flip=flip)
+        img = by_index[idx]
+        if img.is_clip:
+            p, t = clips.load_window(cfg, img, clips.window(cfg, img, epoch), random_crop=cfg.random_crop, rng=rng,
+                                     flip=flip)
+        else:
+            p, t = load_pixels(img, random_crop=cfg.random_crop, rng=rng, flip=flip)
         pix.append(p)
         tids.append(t)
         pixel_masks.append(masks and masks.pixels(idx, t, flip=flip))

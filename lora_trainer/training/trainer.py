@@ -122,6 +122,7 @@ class Trainer:
                 config=cfg.to_dict(), device=self.device_info.to_dict(), mixed_precision=self.device_info.mixed_precision,
                 world_size=self.accelerator.num_processes, total_steps=self.total_steps,
                 start_step=self.progress.global_step, num_images=len(self.images),
+                num_clips=sum(img.is_clip for img in self.images),
                 samples_per_epoch=self.samples_per_epoch, effective_batch_size=self.effective_batch,
                 resume_from=str(self.resumed_from) if self.resumed_from else None,
                 resolution=self.resolution, bucketing=self.bucketing, prediction_type=self.comps.prediction_type,
@@ -151,7 +152,7 @@ class Trainer:
                 cfg, self.family, comps, images, device=self.device, world=self.world,
                 source=self.downloaded or self.probe.path, events=ev, masks=self.masks)
         else:
-            failed = decode_failures(images)
+            failed = decode_failures(images, cfg)
             comps.vae.to(self.device)
         if failed:
             # The header scan passed these, but their pixels do not decode: skip them, once, loudly.
