@@ -172,6 +172,7 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
         if bench.clips:  # what the plan counted (the largest clip bucket) and whether clips trained or were skipped
             c.numbers[f"{tag}_plan_latent_frames"] = ((started.get("memory_plan") or {}).get("video") or {}).get(
                 "latent_frames")
+            c.numbers[f"{tag}_clips"] = started.get("num_clips")
             c.numbers[f"{tag}_clips_skipped"] = any(w.get("code") == "video_not_trained" for w in run.of("warning"))
         c.details[f"{tag}_warnings"] = sub.details.get("warnings")
         c.problems += sub.problems

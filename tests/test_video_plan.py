@@ -134,11 +134,17 @@ def test_validate_only_plans_the_largest_clip(wan_folders, tmp_path):
     ratio = mem["parts_gib"]["activations"] / mem1["parts_gib"]["activations"]
     assert ratio == pytest.approx((9 * 900 + 512) / (900 + 512), rel=0.02)
     assert d * 9 * 900 * 26 * 2 * 30 / memory_plan.GIB < mem["parts_gib"]["activations"]
-    # the latent cache: 2 images of one frame, the clips' 9 + 4 latent frames at 480 x 480 (60 x 60 latents)
+    # the latent cache: 2 images of one frame, each clip's latent frames (9, 4) in each of its windows (video_windows,
+    # 3 by default) at its bucket; on disk by default
+    from lora_trainer.data.buckets import bucket_range, make_buckets, nearest_bucket
+
     lat = video["summary"]["caches"]["latents"]
-    assert lat["clips"] == 2 and lat["latent_frames"] == 2 + 9 + 4 and lat["windows"] == 1
-    per_frame = 16 * 60 * 60 * 4
-    assert lat["total_bytes"] - images["summary"]["caches"]["latents"]["total_bytes"] == (9 + 4) * per_frame
+    assert lat["windows"] == 3 and lat["clips"] == 2 and lat["latent_frames"] == 2 + (9 + 4) * 3
+    bw, bh = nearest_bucket(64, 48, make_buckets(480, *bucket_range(None, None, 480)))
+    assert nearest_bucket(48, 32, make_buckets(480, *bucket_range(None, None, 480))) == (bw, bh)
+    assert lat["total_bytes"] - images["summary"]["caches"]["latents"]["total_bytes"] == \
+        (9 + 4) * 3 * 16 * (bw // 8) * (bh // 8) * 4
+    assert lat["placement"] == "disk" and images["summary"]["caches"]["latents"]["placement"] != "disk"
     # uncached: a 33-frame clip through the causal VAE, not one image
     uncached = _validate(tmp_path, folder, _clip_dataset(tmp_path / "clips", clips=True), "uncached",
                          cache_latents=False, gradient_checkpointing=True)

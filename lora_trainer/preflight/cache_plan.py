@@ -134,7 +134,12 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, ...]], captions
         channels = spec.latent_channels + (1 if getattr(cfg, "masked_loss", False) else 0)
         frames = [_latent_frames(s, spec.temporal_compression, cfg) for s in shapes]
         total = sum(channels * f * (s[0] // VAE_SCALE) * (s[1] // VAE_SCALE) * 4 for s, f in zip(shapes, frames))
-        out["latents"] = {"total_bytes": total, "placement": _latent_placement(total, budget, device_budget)}
+        clips = any(len(s) > 2 and s[2] > 1 for s in shapes)
+        # Clips' latents (frames x windows) stay on disk, read per step, unless cache_latents_to_disk says false
+        # (data/images.py, the trainer's rule).
+        disk = clips and getattr(cfg, "cache_latents_to_disk", False) is None
+        out["latents"] = {"total_bytes": total,
+                          "placement": "disk" if disk else _latent_placement(total, budget, device_budget)}
         if spec.temporal_compression > 0:
             out["latents"].update(clips=sum(1 for s in shapes if len(s) > 2 and s[2] > 1),
                                   latent_frames=sum(frames), windows=windows(cfg))
@@ -165,8 +170,10 @@ def device_cache_bytes(caches: dict | None, latent_scale: float = 1.0) -> dict:
         return out
     device, host = caches["device_budget_bytes"], caches["host_budget_bytes"]
     if caches.get("latents"):
-        total = int(caches["latents"]["total_bytes"] * latent_scale)
-        out["latents"] = total if _latent_placement(total, host, device) == "device" else 0
+        lat = caches["latents"]
+        total = int(lat["total_bytes"] * latent_scale)
+        pinned = lat.get("clips") and lat["placement"] == "disk"  # clips' default: on disk at any size
+        out["latents"] = total if not pinned and _latent_placement(total, host, device) == "device" else 0
     if caches.get("text"):
         total = caches["text"]["total_bytes"]
         out["text"] = total if choose_placement(total, device_budget_bytes=device, host_budget_bytes=host)[0] == \

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
 from .cache_plan import plan_caches
-from .video_plan import clip_frames, planned_frames, scan_clip_frames
+from .video_plan import clip_frames, planned_frames, record_frames, scan_clip_frames
 from .checkpoints import pick_resume, quick_check, read_manifest, rejection_message
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .eval_set import check_eval_set
@@ -345,7 +345,7 @@ def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: d
         if info["bucketing"] else None
     shapes = [nearest_bucket(r.width, r.height, buckets) if buckets else (res, res) for r in scan.usable]
     # A video family's clips: as (w, h, frames), at the largest size (their spatial buckets are not planned here).
-    shapes = [s + ((f,) if (f := getattr(r, "frames", 1) or 1) > 1 else ()) for s, r in zip(shapes, scan.usable)]
+    shapes = [s + ((f,) if (f := record_frames(r)) > 1 else ()) for s, r in zip(shapes, scan.usable)]
     if not scan_clip_frames(scan):
         shapes += [(res, res, f) for f, n in clip_frames(family, info, scan).items() for _ in range(n)]
     built: dict = {}  # datasets repeat captions: build each distinct one once

@@ -21,9 +21,15 @@ def _audits(info: dict | None) -> list[dict]:
     return out
 
 
+def record_frames(record: Any) -> int:
+    """The frames a scan record trains at: a usable clip's (its ClipRecord's train_frames, 4k + 1), 1 for an image."""
+    clip = getattr(record, "clip", None)
+    return int(clip.train_frames) if clip is not None and clip.train_frames else 1
+
+
 def scan_clip_frames(scan: Any) -> list[int]:
-    """Frames of the scan's usable clip records (``frames`` > 1); empty until the scan holds clips."""
-    return [f for r in (scan.usable if scan is not None else ()) if (f := int(getattr(r, "frames", 1) or 1)) > 1]
+    """Frames of the scan's usable clip records (a video family's scan holds its clips as records)."""
+    return [f for r in (scan.usable if scan is not None else ()) if (f := record_frames(r)) > 1]
 
 
 def clip_frames(family: str | None, info: dict | None, scan: Any = None) -> dict[int, int]:
