@@ -144,6 +144,10 @@ class FamilySpec:
     prediction_resolution: Mapping[str, int]
     bucketing_default: bool
     pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
+    # Variant -> its pixel multiple where it differs from pixel_multiple (the default variant's): Wan 2.2 TI2V-5B's
+    # VAE compresses 16x where Wan 2.1's does 8x, so its sides are multiples of 32 (empty: every variant's is
+    # pixel_multiple). Read through pixel_multiple_for.
+    variant_pixel_multiple: Mapping[str, int]
     latent_channels: int  # of the VAE's latents (8x downsampled)
     presets: Mapping[str, tuple[str, ...]]
     default_preset: str
@@ -181,10 +185,6 @@ class FamilySpec:
     # 4 (Wan's causal 3-D VAE). 0: an image family, whose datasets' clips are refused (data, scan, memory plan and
     # caches read this; the loop never does).
     temporal_compression: int
-    # Variant -> its pixel multiple where it differs from pixel_multiple (the default variant's): Wan 2.2 TI2V-5B's
-    # VAE compresses 16x where Wan 2.1's does 8x, so its sides are multiples of 32. The one field with a default:
-    # a family whose variants share one VAE and patch size (all but Wan) has nothing to say here.
-    variant_pixel_multiple: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if "vae" not in self.component_classes:

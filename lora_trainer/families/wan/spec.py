@@ -28,6 +28,7 @@ SPEC = FamilySpec(
     # 480p is the 1.3B model's size (832 x 480); 14B also does 720p. Frames are planned separately (data/video.py).
     default_resolution=480, prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16,  # VAE 8x, patch (1, 2, 2)
+    variant_pixel_multiple={"ti2v-5b": 32},  # its VAE 16x, patch (1, 2, 2)
     latent_channels=16,
     presets={"attention": ATTENTION, "attention_mlp": ATTENTION + MLP, "all_linear": ("blocks.*",)},
     default_preset="attention",
@@ -54,5 +55,4 @@ SPEC = FamilySpec(
     tool_names={None: ToolNames("wan", "wan2.1", _IMPL)},
     tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("wan", "wan2.1", "text-to-video"),
-    temporal_compression=4,
-    variant_pixel_multiple={"ti2v-5b": 32})  # VAE 16x, patch (1, 2, 2)
+    temporal_compression=4)
