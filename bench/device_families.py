@@ -35,6 +35,9 @@ GC_COMPILED = ("bf16_gc_compiled", {"gradient_checkpointing": True, "compile": T
 GC_OFFLOAD = ("bf16_gc_offload", {"gradient_checkpointing": True, "offload_blocks": 0.5})  # vs GC: streaming's cost
 
 
+SAME = "<variant>"
+
+
 @dataclass(frozen=True)
 class FamilyBench:
     label: str  # the check is named "<label>/<full|tiny>"
@@ -46,6 +49,11 @@ class FamilyBench:
     runs: tuple[tuple[str, dict], ...] = (BF16, INT8_GC)
     config: dict = field(default_factory=dict)  # every run's extra config (e.g. max_sequence_length)
     need_s: float = 150.0  # build + save + the first run on a card, estimated: later runs are skipped inside
+    resolution: int = 1024  # the runs' resolution (bucket area); the tiny dry run trains at 64 px
+    # A video family's clips (width, height, frames, fps; the tiny run: 64 x 48, 5 frames): generated moving-square
+    # clips (lora_trainer.testing.video) beside stills of their size, trained with video_frames / video_fps.
+    clips: dict | None = None
+    tiny_variant: str | None = SAME  # the variant the tiny model reports where it is not ``variant`` (Wan 2.1's: none)
 
 
 FAMILY_BENCHES: dict[str, FamilyBench] = {b.label: b for b in (
@@ -65,17 +73,26 @@ FAMILY_BENCHES: dict[str, FamilyBench] = {b.label: b for b in (
                 runs=(GC, BF16, FP8_GC, GC_COMPILED), config={"max_sequence_length": 128}, need_s=180.0),
     FamilyBench("ideogram4", "ideogram4", None, "ideogram4", "bench.ideogram4_check:make_model", (9.279e9, 4096, 512),
                 runs=(GC, BF16, FP8_GC, NF4_GC), config={"max_sequence_length": 128}),
+    # Wan at 480p (832 x 480, bucket area 640^2), 33-frame clips: image tokens below are one latent frame's at the
+    # 832 x 448 bucket (16-px tokens for 2.1, 32-px for 2.2's 16x VAE); add_mfu multiplies by the latent frames.
+    FamilyBench("wan21-1.3b", "wan", "t2v-1.3b", "wan21", "bench.wan_check:make_21", (1.419e9, 52 * 28, 512),
+                runs=(BF16, GC), resolution=640, clips=dict(width=832, height=480, frames=33, fps=16), need_s=120.0,
+                tiny_variant=None),
+    FamilyBench("wan22-5b", "wan", "ti2v-5b", "wan22-5b", "bench.wan_check:make_22", (5.000e9, 26 * 14, 512),
+                runs=(GC, BF16), resolution=640, clips=dict(width=832, height=480, frames=33, fps=16), need_s=150.0),
 )}
 
 
-def add_mfu(ctx, c, full_size: tuple[float, int, int]) -> None:
+def add_mfu(ctx, c, full_size: tuple[float, int, int], latent_frames: int = 1) -> None:
     """MFU of each ``<run>_s_per_step`` of a full-size check: model FLOPs 4 x parameters x tokens per step (the
     frozen base's forward 2NT and its input gradients 2NT; no weight gradients, the LoRA's own FLOPs and attention
-    left out, so an underestimate), over the measured bf16 ceiling. Not for tiny runs or the CPU."""
+    left out, so an underestimate), over the measured bf16 ceiling; a video family's image tokens times the latent
+    frames a step holds. Not for tiny runs or the CPU."""
     peak = getattr(ctx, "peak_tflops", None)
     if not peak or not ctx.cuda or "tiny" in c.name:
         return
     params, image_tokens, text_tokens = full_size
+    image_tokens *= latent_frames
     flops = 4 * params * (image_tokens + text_tokens)
     for key, value in list(c.numbers.items()):
         if key.endswith("_s_per_step") and isinstance(value, (int, float)) and value > 0:
@@ -94,7 +111,7 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
     from lora_trainer.preflight.probe.headers import has_pipeline_index
     from lora_trainer.testing.tiny import make_dataset, make_tiny_pipeline
 
-    res, steps = (64, 3) if tiny else (1024, ctx.args.flux_steps or 6)
+    res, steps = (64, 3) if tiny else (bench.resolution, ctx.args.flux_steps or 6)
     folder = ctx.tmp / f"model-{bench.label}"
     t = time.monotonic()
     if not has_pipeline_index(folder):  # model_index.json, or a modular pipeline's (Anima)
@@ -108,7 +125,7 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
                 return
     c.numbers.update(model=f"{'tiny' if tiny else 'full'} {bench.label}", build_and_save_s=round(time.monotonic() - t, 1),
                      model_gb=round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9, 1))
-    data = make_dataset(ctx.tmp / f"data-{bench.label}", n=4, sizes=[(res, res)], trigger="ohwx")
+    data, video = _dataset(ctx.tmp / f"data-{bench.label}", bench, res, tiny)
     per_run = None
     for k, (name, extra) in enumerate(bench.runs):
         tag = f"{res}px_{name}"
@@ -119,7 +136,8 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
                "trigger_words": ["ohwx"], "resolution": res, "min_bucket_resolution": min(256, res), "batch_size": 1,
                "max_train_steps": steps, "checkpointing_steps": None, "lora_rank": 16, "learning_rate": 1e-4,
                "log_every_n_steps": 1, "seed": 7, "device": ctx.device, "mixed_precision": ctx.main_precision,
-               "cache_latents": True, "heartbeat_seconds": 600, "ignore_memory_plan": True, **bench.config, **extra}
+               "cache_latents": True, "heartbeat_seconds": 600, "ignore_memory_plan": True, **video, **bench.config,
+               **extra}
         if k == 0:  # the sampling path from cached embeddings on the card: 2 steps, before and after training
             cfg.update(validation_prompts=["ohwx, a red circle"], validation_steps=steps, validation_inference_steps=2)
         path = ctx.tmp / f"{bench.label}-{tag}.json"
@@ -137,8 +155,8 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
             continue
         started = run.last("run_started")
         got = (started.get("family"), started.get("variant"))
-        sub.require(got == (bench.family, bench.variant), f"{tag}: run_started {got}, expected "
-                                                           f"{(bench.family, bench.variant)}")
+        want = (bench.family, bench.variant if not tiny or bench.tiny_variant == SAME else bench.tiny_variant)
+        sub.require(got == want, f"{tag}: run_started {got}, expected {want}")
         if k == 0:
             sub.require(len(run.of("sample")) >= 2, f"{tag}: {len(run.of('sample'))} sample events, expected 2")
         elapsed = [e["elapsed_s"] for e in run.of("step")]
@@ -151,6 +169,11 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
                           f"{tag}_lora_comfy_tensors": len(dc.load_lora(sub, outputs.get("lora"), f"{tag}_comfy")),
                           f"{tag}_lora_peft_tensors": len(dc.load_lora(sub, outputs.get("peft_lora"), f"{tag}_peft"))})
         c.details[f"{tag}_step_s"] = [round(x, 4) for x in step_s]
+        if bench.clips:  # what the plan counted (the largest clip bucket) and whether clips trained or were skipped
+            c.numbers[f"{tag}_plan_latent_frames"] = ((started.get("memory_plan") or {}).get("video") or {}).get(
+                "latent_frames")
+            c.numbers[f"{tag}_clips"] = started.get("num_clips")
+            c.numbers[f"{tag}_clips_skipped"] = any(w.get("code") == "video_not_trained" for w in run.of("warning"))
         c.details[f"{tag}_warnings"] = sub.details.get("warnings")
         c.problems += sub.problems
     for variant, label in (("_offload", "_vs_resident"), ("_compiled", "_vs_eager")):
@@ -159,7 +182,28 @@ def check_family(ctx, dc, c, bench: FamilyBench, *, tiny: bool) -> None:
             base = c.numbers.get(key.replace(f"{variant}_s_per_step", "_s_per_step"))
             if base and c.numbers[key]:
                 c.numbers[key.replace("_s_per_step", label)] = round(c.numbers[key] / base, 2)
-    add_mfu(ctx, c, bench.full_size)
+    frames = [v for k, v in c.numbers.items() if k.endswith("_plan_latent_frames") and v]
+    add_mfu(ctx, c, bench.full_size, frames[0] if frames and not any(
+        v for k, v in c.numbers.items() if k.endswith("_clips_skipped")) else 1)
+
+
+def _dataset(folder: Path, bench: FamilyBench, res: int, tiny: bool) -> tuple[Path, dict]:
+    """The run's dataset and its video keys: 4 stills of the clips' size plus 4 generated clips (and a broken one,
+    listed and skipped) for a video family, else 4 square images."""
+    from lora_trainer.testing.tiny import make_dataset
+
+    if not bench.clips:
+        return make_dataset(folder, n=4, sizes=[(res, res)], trigger="ohwx"), {}
+    from lora_trainer.testing.video import write_broken, write_clip
+
+    spec = dict(bench.clips, **(dict(width=64, height=48, frames=5) if tiny else {}))
+    w, h, frames, fps = spec["width"], spec["height"], spec["frames"], spec["fps"]
+    data = make_dataset(folder, n=4, sizes=[(w, h)], trigger="ohwx")
+    for i in range(4):  # a little longer than asked: the sampled window may start anywhere
+        clip = write_clip(data / f"clip{i}.mp4", frames=frames + 4 * i + 2, fps=fps, width=w, height=h)
+        clip.with_suffix(".txt").write_text(f"ohwx, a white square moving right, clip {i}")
+    write_broken(data / "broken.mp4", data / "clip0.mp4")
+    return data, {"video_frames": frames, "video_fps": fps}
 
 
 def main(argv=None) -> int:

@@ -114,6 +114,12 @@ class Activations:
     # Pixels per image token side where that is not pixel_multiple: Qwen-Image 2.1's sides are multiples of 32 (one
     # image slot is 2x2 tokens) but a token is 16 px. 0: pixel_multiple.
     token_pixels: int = 0
+    # Where the family's own block was measured because FLUX.1's figures do not hold for it: what a block saves in
+    # L x d x 2-byte units by LoRA kind ("attention" | "more"; empty: FLUX.1's), plus per unit of its MLP's hidden
+    # width over d (ffn_keys, as width_keys: config key -> default) 1 (the activation's input) or, with LoRA on the
+    # MLP, 2 (its second Linear's input too). Wan: its modulation and residuals run in fp32 (memory_plan.py).
+    block_factors: Mapping[str, float] = field(default_factory=dict)
+    ffn_keys: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,10 @@ class FamilySpec:
     prediction_resolution: Mapping[str, int]
     bucketing_default: bool
     pixel_multiple: int  # image sides must be multiples: VAE downsampling x the denoiser's patch size
+    # Variant -> its pixel multiple where it differs from pixel_multiple (the default variant's): Wan 2.2 TI2V-5B's
+    # VAE compresses 16x where Wan 2.1's does 8x, so its sides are multiples of 32 (empty: every variant's is
+    # pixel_multiple). Read through pixel_multiple_for.
+    variant_pixel_multiple: Mapping[str, int]
     latent_channels: int  # of the VAE's latents (8x downsampled)
     presets: Mapping[str, tuple[str, ...]]
     default_preset: str
@@ -182,6 +192,15 @@ class FamilySpec:
         if set(self.text_encoder_reads) != set(self.lora_text_encoders):
             raise ValueError(f"{self.name}: text_encoder_reads must name exactly the lora_text_encoders "
                              f"{self.lora_text_encoders}, not {tuple(self.text_encoder_reads)}")
+
+    def pixel_multiple_for(self, variant: str | None) -> int:
+        """The multiple a variant's image sides must be (VAE downsampling x patch size): what the resolution check,
+        the buckets and the memory plan read."""
+        return self.variant_pixel_multiple.get(variant or "", self.pixel_multiple)
+
+    def token_pixels_for(self, variant: str | None) -> int:
+        """Pixels per side of one denoiser token of a variant (Activations.token_pixels, else its pixel multiple)."""
+        return self.activations.token_pixels or self.pixel_multiple_for(variant)
 
     def text_encoder_layers_unread(self, encoder: str, names) -> tuple[str, ...]:
         """The module-name prefixes of ``encoder``'s layers whose output the conditioning never reads, given its

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..families import SPECS
+from .video_plan import latent_frames, windows
 
 GIB = 1024 ** 3
 DEFAULT_DEVICE_FRACTION = 0.1
@@ -111,10 +112,12 @@ def _latent_placement(total: int, host_budget: int, device_budget: int | None) -
     return "device" if device_budget is not None and total <= device_budget else "host"
 
 
-def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions: list[str], *,
+def plan_caches(cfg, family: str | None, shapes: list[tuple[int, ...]], captions: list[str], *,
                 device_free_bytes: int | None = None) -> dict | None:
     """What ``--validate-only`` expects the two caches to hold and where, before any model is loaded: ``shapes``
-    are the training sizes (buckets) of the usable images, ``captions`` the built captions. Entries are counted as
+    are the training sizes (buckets) of the usable images, (w, h) or, for a video family's clips, (w, h, frames),
+    ``captions`` the built captions. A clip's entry is its latent frames (temporal_compression) and is cached once
+    per window (video_windows: each epoch's start may differ); the latents report the clips and latent frames. Entries are counted as
     the trainer counts them (distinct captions, plus "" with caption dropout) at bf16 (fp32 on the CPU doubles the
     text figure). The host budget is this process's share (local_processes). With ``device_free_bytes`` (the GPU's
     free memory) a cache that fits a tenth of it goes to the GPU, as the trainer decides with the free memory it
@@ -129,8 +132,17 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions
     if cfg.cache_latents:
         # masked_loss: each entry also holds its mask, one fp32 channel on the latent grid (counted for every image)
         channels = spec.latent_channels + (1 if getattr(cfg, "masked_loss", False) else 0)
-        total = sum(channels * (w // VAE_SCALE) * (h // VAE_SCALE) * 4 for w, h in shapes)
-        out["latents"] = {"total_bytes": total, "placement": _latent_placement(total, budget, device_budget)}
+        frames = [_latent_frames(s, spec.temporal_compression, cfg) for s in shapes]
+        total = sum(channels * f * (s[0] // VAE_SCALE) * (s[1] // VAE_SCALE) * 4 for s, f in zip(shapes, frames))
+        clips = any(len(s) > 2 and s[2] > 1 for s in shapes)
+        # Clips' latents (frames x windows) stay on disk, read per step, unless cache_latents_to_disk says false
+        # (data/images.py, the trainer's rule).
+        disk = clips and getattr(cfg, "cache_latents_to_disk", False) is None
+        out["latents"] = {"total_bytes": total,
+                          "placement": "disk" if disk else _latent_placement(total, budget, device_budget)}
+        if spec.temporal_compression > 0:
+            out["latents"].update(clips=sum(1 for s in shapes if len(s) > 2 and s[2] > 1),
+                                  latent_frames=sum(frames), windows=windows(cfg))
     if cfg.cache_text_embeddings and not cfg.train_text_encoder and not cfg.shuffle_tags:
         entries = len(set(captions) | ({""} if cfg.caption_dropout_rate > 0 else set()))
         per = estimate_bytes_per_entry(family, max_sequence_length=cfg.max_sequence_length)
@@ -139,6 +151,14 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, int]], captions
         out["text"] = {"entries": entries, "bytes_per_entry": per, "total_bytes": entries * per,
                        "placement": placement, "reason": why}
     return out
+
+
+def _latent_frames(shape: tuple[int, ...], temporal: int, cfg) -> int:
+    """Latent frames one entry caches: a clip's (4k + 1 frames -> k + 1) times its windows; 1 for an image."""
+    frames = shape[2] if len(shape) > 2 else 1
+    if temporal <= 0 or frames <= 1:
+        return 1
+    return latent_frames(frames, temporal) * windows(cfg)
 
 
 def device_cache_bytes(caches: dict | None, latent_scale: float = 1.0) -> dict:
@@ -150,8 +170,10 @@ def device_cache_bytes(caches: dict | None, latent_scale: float = 1.0) -> dict:
         return out
     device, host = caches["device_budget_bytes"], caches["host_budget_bytes"]
     if caches.get("latents"):
-        total = int(caches["latents"]["total_bytes"] * latent_scale)
-        out["latents"] = total if _latent_placement(total, host, device) == "device" else 0
+        lat = caches["latents"]
+        total = int(lat["total_bytes"] * latent_scale)
+        pinned = lat.get("clips") and lat["placement"] == "disk"  # clips' default: on disk at any size
+        out["latents"] = total if not pinned and _latent_placement(total, host, device) == "device" else 0
     if caches.get("text"):
         total = caches["text"]["total_bytes"]
         out["text"] = total if choose_placement(total, device_budget_bytes=device, host_budget_bytes=host)[0] == \

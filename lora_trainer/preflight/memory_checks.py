@@ -18,15 +18,16 @@ def detect_run_gpu(cfg: Any) -> dict | None:
 
 
 def check_memory(cfg: Any, probe: Any, family: str | None, resolution: int | None, gpu: dict | None,
-                 caches: dict | None, errors: list, warnings: list) -> dict | None:
-    """The memory plan; on a GPU too small for it, an error whose hint lists settings that would fit; where the GPU
-    (or its free memory) cannot be told, a warning instead of a verdict."""
+                 caches: dict | None, errors: list, warnings: list, frames: int = 1) -> dict | None:
+    """The memory plan (``frames``: the largest clip bucket a video family trains, 1 for images); on a GPU too small
+    for it, an error whose hint lists settings that would fit; where the GPU (or its free memory) cannot be told, a
+    warning instead of a verdict."""
     from .memory_plan import HINT_HEADROOM, cheaper_settings, plan_memory
 
     if resolution is None:
         return None
     processes = world_size()
-    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, processes=processes, caches=caches)
+    plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, processes=processes, caches=caches, frames=frames)
     if plan is not None and gpu is not None and not gpu.get("known", True):
         warnings.append(_issue("memory_plan_gpu_unknown", "device",
                                f"the memory plan ({plan['total_gib']} GiB per process) is not judged: {gpu['reason']}",
@@ -34,7 +35,7 @@ def check_memory(cfg: Any, probe: Any, family: str | None, resolution: int | Non
                                     "the card can be told"))
     if plan is None or plan["fits"] is not False or cfg.ignore_memory_plan:
         return plan
-    options = cheaper_settings(cfg, probe, family, resolution, gpu, processes=processes, caches=caches)
+    options = cheaper_settings(cfg, probe, family, resolution, gpu, processes=processes, caches=caches, frames=frames)
     plan["cheaper"] = options
     fitting = [o for o in options if o["fits"]]
     # The key that the first fitting hint (else the first hint) is about: its defining change comes last.

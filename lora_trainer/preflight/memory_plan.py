@@ -19,11 +19,23 @@ are resident). Activations (B = 1, per image):
   attention LoRA): ~5.0 KiB per pixel, scaled here by the UNet's weight count relative to SDXL's 2.567 B, and by
   1.2 with LoRA beyond attention; checkpointing keeps about a quarter.
 
+* Wan's block, measured the same way (tests/test_video_plan.py: saved_tensors_hooks on two blocks of the 1.3B
+  width, bf16, r16, 64 tokens a latent frame): 20.5 + r x L x d x 2 bytes with attention LoRA, 21.5 + 2r with MLP
+  LoRA too, r = ffn_dim / d (26.0 / 32.9 at the 1.3B's 5.83, 24.3 / 29.3 at 4): its modulation and residual adds run
+  in fp32, and the GELU's input is kept (with LoRA on ffn.net.2 its input too).
+* video families (FamilySpec.temporal_compression > 0, Wan): a clip of F frames (4k + 1) is F' = (F - 1) / 4 + 1
+  latent frames, each (resolution / token pixels)^2 tokens: the transformer figure above with L = F' x that + the
+  text sequence. F is the largest clip bucket the run trains (``frames``: preflight/run.py reads it from the clip
+  audit); an images-only run plans one frame, exactly as an image family.
+
 Which factor applies is decided from the targets as add_lora resolves them against the headers ("auto" and preset
 names through the spec, ``*`` patterns and suffixes expanded): any selected layer the "attention" preset does not
 select (feed-forward, FLUX's proj_mlp, modulation layers) means the larger one. Without a latent cache each step
 first encodes its batch: the VAE encoder's scratch (5 fp32 maps of its first width at the input size, measured)
-is freed before the denoiser runs, so the activation part is the larger of the two.
+is freed before the denoiser runs, so the activation part is the larger of the two. Wan's causal 3-D VAE
+(AutoencoderKLWan) encodes a clip as its first frame, then chunks of 4 frames, each conv keeping the last 2 frames of
+its input for the next chunk (CACHE_T): its scratch grows over the first 9 frames, then stays flat however long the
+clip (``_CAUSAL_ENCODE_MAPS``, measured); the clip's own pixels are added.
 
 Upcast copies: fp8 (layerwise casting) and int8 (torchao's weight-only linear) turn each Linear's stored weight into
 a compute-precision tensor for the matmul, and autograd keeps that tensor for the backward whenever the layer's
@@ -60,6 +72,7 @@ from .probe import weight_headers
 from ..runtime.offload import SLOTS, resolve_count
 from ..runtime.quantize import STORAGE_BYTES, file_dtype, kept_in_fp32, quantizable
 from .cache_plan import device_cache_bytes
+from .video_plan import latent_frames
 
 GIB = 1024 ** 3
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}  # state bytes per fp32 LoRA param
@@ -85,6 +98,12 @@ _HOLDS_UPCAST_COPY = ("fp8", "int8")
 # resolution (measured on the CPU: 40 / 160 MiB for FLUX.1's VAE at 128 / 256 px in fp32, no grad), taken at 4 bytes
 # (the VAE is fp32; under bf16 autocast CUDA keeps GroupNorm in fp32, so fp32 bounds it).
 _VAE_ENCODE_MAPS = 5
+# AutoencoderKLWan's encode peak in fp32 maps of its first width (base_dim) at the encoder's input size (the pixels,
+# or the 2x2 patches of Wan 2.2's VAE) per clip length: measured on the CPU with the real widths (Wan 2.1 base_dim
+# 96; Wan 2.2 base_dim 160, residual, patch 2) at 64 / 96 px, no grad, with TorchDispatchMode as
+# tests/test_memory_plan.py's _LivePeak: 2.1: 10.3 / 32.0 / 37.3 / 37.4 maps at 1 / 5 / 9 / 13 frames (37.2 at 96
+# px, 9 frames); 2.2: 12.6 / 41.1 / 46.9 / 47.5 (46.6). From 9 frames on each chunk meets full caches: flat.
+_CAUSAL_ENCODE_MAPS = {False: ((1, 10.5), (5, 32.5), (9, 38.0)), True: ((1, 13.0), (5, 41.5), (9, 48.0))}
 
 
 def _numel(shape: list[int]) -> int:
@@ -177,12 +196,19 @@ def _weight_copies(shapes: dict[str, list[int]], fmt: str, b: int, *, keep: str 
     return outside + max(held.values(), default=0)
 
 
-def _vae_encode_bytes(vae_cfg: dict, resolution: int, batch: int) -> int:
+def _vae_encode_bytes(vae_cfg: dict, resolution: int, batch: int, frames: int = 0) -> int:
     """The VAE encoder's peak working memory for one batch (``_VAE_ENCODE_MAPS``): what an uncached step needs
-    before the denoiser runs."""
+    before the denoiser runs. ``frames``: a video family's clip length (1 for an image), through its causal VAE's
+    measured figure (``_CAUSAL_ENCODE_MAPS``) plus the clip's fp32 pixels; 0: an image family's VAE."""
     # AutoencoderKL names its first width block_out_channels[0]; Qwen-Image's (Wan's) causal VAE base_dim.
     width = int((vae_cfg.get("block_out_channels") or [vae_cfg.get("base_dim") or 128])[0])
-    return batch * _VAE_ENCODE_MAPS * width * resolution ** 2 * 4
+    if frames <= 0:
+        return batch * _VAE_ENCODE_MAPS * width * resolution ** 2 * 4
+    table = _CAUSAL_ENCODE_MAPS[bool(vae_cfg.get("is_residual"))]
+    maps = next((m for n, m in table if frames <= n), table[-1][1])
+    patch = int(vae_cfg.get("patch_size") or 1)
+    return batch * int(maps * width * (resolution // patch) ** 2 * 4 + 3 * frames * resolution ** 2 * 4)
+
 
 
 def _block_bytes(shapes: dict[str, list[int]], attrs: tuple[str, ...], fmt: str, b: int) -> list[int]:
@@ -218,15 +244,21 @@ def _shard(blocks: list[int], processes: int) -> dict | None:
 
 
 def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolution: int, batch: int, b: int,
-                 checkpointing: bool, attention_only: bool, text_tokens: int) -> int:
+                 checkpointing: bool, attention_only: bool, text_tokens: int, *, variant: str | None = None,
+                 latent: int = 1) -> int:
+    """``latent``: the latent frames of the largest clip (1: images): each is a frame of image tokens."""
     act = spec.activations
     if act.kind == "transformer":
         d = 1
         for key, default in act.width_keys.items():
             d *= int(cfg_json.get(key, default))
         blocks = sum(int(cfg_json.get(key, default)) for key, default in act.depth_keys.items())
-        tokens = (resolution // (act.token_pixels or spec.pixel_multiple)) ** 2 + text_tokens
-        per_block = int(_BLOCK_FACTOR["attention" if attention_only else "more"] * act.block_scale * tokens * d * b)
+        tokens = latent * (resolution // spec.token_pixels_for(variant)) ** 2 + text_tokens
+        kind = "attention" if attention_only else "more"
+        factor = act.block_factors.get(kind) or _BLOCK_FACTOR[kind]
+        for key, default in act.ffn_keys.items():
+            factor += (1 if attention_only else 2) * int(cfg_json.get(key, default)) / d
+        per_block = int(factor * act.block_scale * tokens * d * b)
         if checkpointing:
             return batch * (blocks * int(1.1 * tokens * d * b) + per_block)
         return batch * blocks * per_block
@@ -236,10 +268,11 @@ def _activations(spec: FamilySpec, cfg_json: dict, denoiser_params: int, resolut
 
 
 def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gpu: dict | None,
-                overrides: dict | None = None, processes: int = 1, caches: dict | None = None) -> dict | None:
+                overrides: dict | None = None, processes: int = 1, caches: dict | None = None,
+                frames: int = 1) -> dict | None:
     """Bytes per process for this config (``overrides``: settings to try instead, for the hints; ``processes``: how
     many train together, which only shard_base changes; ``caches``: cache_plan.plan_caches' figures, the ones placed
-    on the GPU counted). ``gpu``: gpu.detect_gpu's dict; the plan fits when its total is at most gpu["memory_bytes"]
+    on the GPU counted; ``frames``: the largest clip bucket's frames a video family trains, 1 for images). ``gpu``: gpu.detect_gpu's dict; the plan fits when its total is at most gpu["memory_bytes"]
     (None where that is unknown). None when the model's files cannot be read here (a hub id not downloaded yet, a
     single file)."""
     spec = SPECS.get(family or "")
@@ -313,12 +346,16 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         parts["ema"] = lora * 4  # the EMA's fp32 copy of the LoRA (training/ema.py); ema_device "cpu": host memory
     parts["weight_copies"] = copies
     text_tokens = spec.text_length(probe.variant, cfg.max_sequence_length)
+    video = spec.temporal_compression > 0
+    latent = latent_frames(frames, spec.temporal_compression)
     activations = _activations(spec, cfg_json, denoiser_params, o["resolution"], cfg.batch_size, b,
-                               o["gradient_checkpointing"], attention_only, text_tokens)
+                               o["gradient_checkpointing"], attention_only, text_tokens,
+                               variant=getattr(probe, "variant", None), latent=latent)
     if not cfg.cache_latents:
         # Each step encodes its batch before the denoiser runs, and the encoder's scratch is freed before the
         # denoiser's activations are made: the larger of the two is the peak.
-        activations = max(activations, _vae_encode_bytes(_config(root, "vae"), o["resolution"], cfg.batch_size))
+        activations = max(activations, _vae_encode_bytes(_config(root, "vae"), o["resolution"], cfg.batch_size,
+                                                         frames if video else 0))
     parts["activations"] = activations
     if spec.sampling_only and cfg.validation_steps:
         # Models only the sampler runs (Ideogram 4's unconditional transformer) are on the host while training and
@@ -336,6 +373,7 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
             "total_bytes": total, "precision": precision, "lora_params": lora,
             "network_type": getattr(cfg, "network_type", "lora"),
             "denoiser_params": denoiser_params, "assumes": {k: o[k] for k in sorted(o)},
+            **({"video": {"frames": frames, "latent_frames": latent}} if video else {}),
             "offload": None if offload is None else {**offload, "host_gib": round(offload["host_bytes"] / GIB, 2)},
             "shard": shard, "processes": processes, "caches": {**on_device, "device_bytes": parts["caches"]},
             "gpu": gpu, "fits": None if not gpu or gpu.get("memory_bytes") is None else total <= gpu["memory_bytes"]}
@@ -347,7 +385,7 @@ def _hint(change: dict, plan: dict, gpu: dict) -> dict:
 
 
 def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, processes: int = 1,
-                     caches: dict | None = None) -> list[dict]:
+                     caches: dict | None = None, frames: int = 1) -> list[dict]:
     """Settings that would fit ``gpu`` (with HINT_HEADROOM), cheapest change first, each with its estimate; only
     changes the config's own rules accept (a refused companion, such as 8-bit AdamW with shard_base, is left out of
     the later hints rather than taking them with it). The defining change of each comes last in its settings."""
@@ -376,17 +414,17 @@ def cheaper_settings(cfg: Any, probe: Any, family: str, resolution: int, gpu: di
         if not change or any(o["settings"] == change for o in out) or not accepted(change):
             continue
         plan = plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides=change, processes=processes,
-                           caches=caches)
+                           caches=caches, frames=frames)
         if plan is not None:
             out.append(_hint(change, plan, gpu))
-    streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu, eight, caches, accepted)
+    streamed = _fewest_streamed_blocks(cfg, probe, family, resolution, gpu, eight, caches, accepted, frames)
     if streamed is not None:
         out.insert(next((i for i, o in enumerate(out) if "resolution" in o["settings"]), len(out)), streamed)
     return out
 
 
 def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, gpu: dict, base: dict,
-                            caches: dict | None, accepted) -> dict | None:
+                            caches: dict | None, accepted, frames: int = 1) -> dict | None:
     """The smallest offload_blocks (on top of ``base``: checkpointing and 8-bit AdamW where accepted) that fits with
     headroom; None when even streaming every block does not, or the config's rules refuse streaming it (an int8 /
     NF4 base, DoRA, shard_base, no checkpointing)."""
@@ -395,7 +433,7 @@ def _fewest_streamed_blocks(cfg: Any, probe: Any, family: str, resolution: int, 
 
     def plan(count: float) -> dict | None:
         return plan_memory(cfg, probe, family, resolution, gpu=gpu, overrides={**base, "offload_blocks": count},
-                           caches=caches)
+                           caches=caches, frames=frames)
 
     full = plan(0.999)
     if full is None or not full["offload"] or not _hint({}, full, gpu)["fits"]:

@@ -223,8 +223,8 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
                f"{cfg.network_type} delta of three layers cannot be written as one of the fused layer exactly", "\"lora\"")
     if "max_sequence_length" in ex and cfg.max_sequence_length is not None and not spec.max_sequence_length:
         refuse("max_sequence_length", f"{spec.label} has no T5 text encoder", "null")
-    if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple:
-        m = spec.pixel_multiple
+    if cfg.resolution is not None and cfg.resolution % spec.pixel_multiple_for(variant):
+        m = spec.pixel_multiple_for(variant)
         errors.append(_issue("config_invalid", "resolution", f"{spec.label} needs image sides that are multiples of "
                              f"{m} px (VAE downsampling x the denoiser's patch size)", value=cfg.resolution,
                              allowed=f"a multiple of {m}, e.g. {max(m, cfg.resolution // m * m)}"))

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
 from .cache_plan import plan_caches
+from .video_plan import clip_frames, planned_frames, record_frames, scan_clip_frames
 from .checkpoints import pick_resume, quick_check, read_manifest, rejection_message
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .eval_set import check_eval_set
@@ -343,6 +344,10 @@ def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: d
     buckets = make_buckets(res, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)) \
         if info["bucketing"] else None
     shapes = [nearest_bucket(r.width, r.height, buckets) if buckets else (res, res) for r in scan.usable]
+    # A video family's clips: as (w, h, frames), at the largest size (their spatial buckets are not planned here).
+    shapes = [s + ((f,) if (f := record_frames(r)) > 1 else ()) for s, r in zip(shapes, scan.usable)]
+    if not scan_clip_frames(scan):
+        shapes += [(res, res, f) for f, n in clip_frames(family, info, scan).items() for _ in range(n)]
     built: dict = {}  # datasets repeat captions: build each distinct one once
     captions = [built[r.caption] if r.caption in built else built.setdefault(
         r.caption, build_caption(r.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words)) for r in scan.usable]
@@ -403,7 +408,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)
     caches = _plan_caches(cfg, family, scan, dataset_info, gpu)
-    memory = check_memory(cfg, probe, family, dataset_info.get("resolution"), gpu, caches, errors, warnings)
+    memory = check_memory(cfg, probe, family, dataset_info.get("resolution"), gpu, caches, errors, warnings,
+                          frames=planned_frames(family, dataset_info, scan))
     check_offload_host(memory, warnings)
     check_shard(cfg, warnings)
     if output_info.get("writable"):

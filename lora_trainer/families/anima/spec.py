@@ -30,6 +30,7 @@ SPEC = FamilySpec(
     lora_text_encoders=(), text_encoder_reads={}, default_resolution=1024, prediction_resolution={},
     # VAE 8x, patch 2 -> 16 px (ai-toolkit buckets by 32).
     bucketing_default=True, pixel_multiple=16, latent_channels=16,
+    variant_pixel_multiple={},
     presets={"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
              # ai-toolkit's default: every Linear of the blocks (attention, MLP, adaLN modulation).
              "all_linear": ("transformer_blocks.*",)},

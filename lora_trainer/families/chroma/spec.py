@@ -26,6 +26,7 @@ SPEC = FamilySpec(
     # T5-XXL (4.7 B): cached and released; the pipeline's LoRA loader knows CLIP names only (no T5 LoRA).
     lora_text_encoders=(), text_encoder_reads={},
     default_resolution=1024, prediction_resolution={}, bucketing_default=True, pixel_multiple=16,
+    variant_pixel_multiple={},
     latent_channels=16,
     # FLUX.1's module names minus the pruned modulation Linears (norm1.linear, norm1_context.linear, norm.linear):
     # all_linear reaches every Linear the blocks still have.

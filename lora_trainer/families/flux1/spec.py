@@ -23,6 +23,7 @@ SPEC = FamilySpec(
     lora_text_encoders=("text_encoder",), default_resolution=1024,
     text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)},  # CLIP-L's pooler_output: its last layer
     prediction_resolution={}, bucketing_default=True, pixel_multiple=16,
+    variant_pixel_multiple={},
     latent_channels=16,
     presets={"attention": MMDIT_ATTENTION,
              "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP + ("proj_mlp", "single_transformer_blocks.*.proj_out"),

@@ -14,6 +14,7 @@ SPEC = FamilySpec(
     components=("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
     lora_text_encoders=(), text_encoder_reads={}, default_resolution=1024, prediction_resolution={},
     bucketing_default=True, pixel_multiple=16,
+    variant_pixel_multiple={},
     latent_channels=32,  # the VAE's; patchified 2x2 to 128 per token
     presets=FLUX2_PRESETS, default_preset="attention",
     flow={"klein-4b": FLUX2_FLOW, "klein-9b": FLUX2_FLOW, None: FLUX2_FLOW},

@@ -30,6 +30,7 @@ SPEC = FamilySpec(
     # The pipeline samples at 2048 px by default; the peers train at 1024 (and the memory figures are for it).
     default_resolution=1024, prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16,  # VAE 8x, then the pipeline's 2x2 patchify
+    variant_pixel_multiple={},
     latent_channels=32,  # AutoencoderKLFlux2's; 128 per token once patchified
     # attention_mlp = diffusers' script default (to_q, to_k, to_v, to_out.0, w1, w2, w3) and musubi-tuner's (every
     # block Linear but adaln_modulation); all_linear adds adaln_modulation (ai-toolkit: every Linear under layers).

@@ -34,6 +34,7 @@ SPEC = FamilySpec(
     lora_text_encoders=(), text_encoder_reads={},
     default_resolution=1024, prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16,  # the Qwen-Image VAE's 8x, then 2x2 packing
+    variant_pixel_multiple={},
     latent_channels=16,
     presets={"attention": ATTENTION, "attention_mlp": ATTENTION + MLP, "all_linear": ALL_LINEAR},
     # The authors' suggestion for long runs (attention only, higher rank; families-2026 section 1) and every other

@@ -35,6 +35,7 @@ SPEC = FamilySpec(
     # below are for it).
     default_resolution=1024, prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16,  # VAE 8x, then 2x2 packing
+    variant_pixel_multiple={},
     latent_channels=16,
     presets={"attention": QWEN_ATTENTION, "attention_mlp": QWEN_ATTENTION + QWEN_MLP,
              "all_linear": ("transformer_blocks.*",)},

@@ -29,6 +29,7 @@ SPEC = FamilySpec(
     lora_text_encoders=(), text_encoder_reads={},
     default_resolution=1024, prediction_resolution={}, bucketing_default=True,
     pixel_multiple=32,  # the pipeline rounds sides to vae_scale_factor (16) x 2: one image slot is 2x2 tokens
+    variant_pixel_multiple={},
     latent_channels=64,
     presets={"attention": ATTENTION, "attention_mlp": ATTENTION + MLP, "all_linear": ("transformer_blocks.*",)},
     default_preset="attention",

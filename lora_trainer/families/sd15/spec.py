@@ -11,6 +11,7 @@ SPEC = FamilySpec(
     # the pipeline conditions on last_hidden_state (clip_skip None)
     text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1)},
     default_resolution=512, prediction_resolution={}, bucketing_default=False, pixel_multiple=8, latent_channels=4,
+    variant_pixel_multiple={},
     presets=sd_presets(), default_preset="attention", flow=None, sample_guidance=7.0, train_guidance={},
     max_sequence_length={}, single_file_config_repo={None: "stable-diffusion-v1-5/stable-diffusion-v1-5"},
     gated_repos=(),

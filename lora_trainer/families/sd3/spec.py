@@ -23,6 +23,7 @@ SPEC = FamilySpec(
     text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -1), "text_encoder_2": EncoderReads(CLIP_LAYERS, -1)},
     prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16, latent_channels=16,
+    variant_pixel_multiple={},
     presets={"attention": MMDIT_ATTENTION, "attention_mlp": MMDIT_ATTENTION + MMDIT_MLP,
              "all_linear": ("transformer_blocks.*",)},
     default_preset="attention", flow={None: FlowDefaults(sigma_sampling="logit_normal", shift="static",

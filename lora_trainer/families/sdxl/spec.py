@@ -15,6 +15,7 @@ SPEC = FamilySpec(
     text_encoder_reads={"text_encoder": EncoderReads(CLIP_LAYERS, -2), "text_encoder_2": EncoderReads(CLIP_LAYERS, -1)},
     prediction_resolution={}, bucketing_default=True,
     pixel_multiple=64, latent_channels=4, presets=sd_presets(), default_preset="attention", flow=None,
+    variant_pixel_multiple={},
     sample_guidance=7.0, train_guidance={}, max_sequence_length={},
     single_file_config_repo={None: "stabilityai/stable-diffusion-xl-base-1.0"}, gated_repos=(),
     blocks=UNET_REPEATED_BLOCKS,

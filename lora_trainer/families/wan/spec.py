@@ -1,9 +1,8 @@
 """Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2 TI2V-5B (text-to-video use) as plain data (torch-free). Wan 2.2
 A14B (two experts) is the next step (STATUS.md): a variant row here, not another family.
 
-TI2V-5B: a 48-channel VAE compressing 16x spatially, so its sides are multiples of 32, not pixel_multiple's 16
-(480 x 832 are; a 16-px bucket would not be); the memory plan counts its tokens as 16-px ones (4x too many:
-conservative). Variant-dependent pixel multiples are an interface change left for the next session."""
+TI2V-5B: a 48-channel VAE compressing 16x spatially, so its sides are multiples of 32, not Wan 2.1's 16 (480 x 832
+are): variant_pixel_multiple says so, and the resolution check and the memory plan (a token is 32 px) read it."""
 from __future__ import annotations
 
 from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
@@ -29,6 +28,7 @@ SPEC = FamilySpec(
     # 480p is the 1.3B model's size (832 x 480); 14B also does 720p. Frames are planned separately (data/video.py).
     default_resolution=480, prediction_resolution={}, bucketing_default=True,
     pixel_multiple=16,  # VAE 8x, patch (1, 2, 2)
+    variant_pixel_multiple={"ti2v-5b": 32},  # its VAE 16x, patch (1, 2, 2)
     latent_channels=16,
     presets={"attention": ATTENTION, "attention_mlp": ATTENTION + MLP, "all_linear": ("blocks.*",)},
     default_preset="attention",
@@ -48,7 +48,9 @@ SPEC = FamilySpec(
     activations=Activations(kind="transformer", conditioning_inputs=("attn2.to_k", "attn2.to_v"),
                             checkpoint_units=("blocks",),
                             width_keys={"num_attention_heads": 40, "attention_head_dim": 128},
-                            depth_keys={"num_layers": 40}),
+                            depth_keys={"num_layers": 40},
+                            # measured on its own block (fp32 modulation): memory_plan.py, tests/test_video_plan.py
+                            block_factors={"attention": 20.5, "more": 21.5}, ffn_keys={"ffn_dim": 13824}),
     # musubi-tuner utils/sai_model_spec.py: ARCH_WAN "wan2.1", IMPL_WAN; its dataset ARCHITECTURE_WAN "wan".
     tool_names={None: ToolNames("wan", "wan2.1", _IMPL)},
     tool_file_dora=True,

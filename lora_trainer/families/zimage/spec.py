@@ -21,6 +21,7 @@ SPEC = FamilySpec(
     # Qwen3-4B stays frozen: no peer trains it, and the pipeline's LoRA loader drops text_encoder keys.
     lora_text_encoders=(), text_encoder_reads={}, default_resolution=1024, prediction_resolution={},
     bucketing_default=True, pixel_multiple=16, latent_channels=16,
+    variant_pixel_multiple={},
     presets={"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
              # ai-toolkit's default: every Linear of the main layers (attention, MLP, adaLN modulation).
              "all_linear": ("layers.*",)},
