@@ -212,6 +212,10 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
             and not spec.has_guidance_embedder(variant):
         refuse("train_guidance_scale", f"this {spec.label} model has no guidance embedder "
                "(only guidance-distilled models such as FLUX.1-dev have one)", "null")
+    # An unknown variant of a family with expert variants (a hub id not downloaded yet) is checked after download.
+    if cfg.train_experts != "both" and not (variant is None and spec.experts) and variant not in spec.experts:
+        refuse("train_experts", f"this {spec.label} model has one denoiser, not two experts (only Wan 2.2 T2V-A14B "
+               "has: transformer for high noise, transformer_2 for low noise)", "\"both\"")
     if cfg.train_text_encoder and not spec.lora_text_encoders:
         refuse("train_text_encoder", f"{spec.label}'s text encoder gets no LoRA (its pipeline's LoRA loader reads "
                "transformer layers only)", "false")
