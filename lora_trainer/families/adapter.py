@@ -338,6 +338,10 @@ class ModelFamily:
         its own transformer) writes a pair per group."""
         return [("", {c: c for c in components})]
 
+    def load_kwargs(self, suffix: str) -> str:
+        """The extra ``load_lora_weights`` arguments a group's PEFT file needs (the model card says them)."""
+        return ""
+
     def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any], *,
                         alpha: float, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states; ``configs``:

@@ -172,9 +172,9 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
             from .model_card import write_model_card
 
             local = cfg.resolve(str(cfg.base_model)).exists()
+            groups = None if "" in results else [(suffix, record.family.load_kwargs(suffix)) for suffix in results]
             paths["model_card"] = str(write_model_card(cfg, family=record.family.name, steps=progress.global_step,
-                                                       base_is_hub=not local,
-                                                       datasets=datasets))
+                                                       base_is_hub=not local, datasets=datasets, groups=groups))
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "

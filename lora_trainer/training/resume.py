@@ -30,7 +30,7 @@ MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alph
               "train_text_encoder", "use_dora", "network_type", "lokr_factor", "lokr_decompose_both",
               "lycoris_effective_conv", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
               "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents", "merge_lora",
-              "merge_lora_scale")
+              "merge_lora_scale", "train_experts")
 # The rest of the recipe may change: the checkpoint stays valid, the following steps train differently, so each
 # change is listed in `resumed.changed` (noise, caption and dropout settings included: before, they changed the
 # run silently).

@@ -206,6 +206,9 @@ class Wan(ModelFamily):
             return super().export_groups(components)
         return [(f"_{name}", {"transformer": comp}) for name, comp in EXPERTS.groups if comp in components]
 
+    def load_kwargs(self, suffix: str) -> str:
+        return "load_into_transformer_2=True" if suffix == f"_{EXPERTS.groups[1][0]}" else ""
+
     # -- sampling ------------------------------------------------------------------------------------
     # Frames a sample clip has (4k+1). 1 until the sampler writes clips (STATUS.md): a one-frame sample is an image.
     sample_frames = 1
