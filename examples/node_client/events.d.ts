@@ -87,7 +87,8 @@ export interface RunStartedEvent {
     | "chroma"
     | "anima"
     | "krea2"
-    | "ideogram4";
+    | "ideogram4"
+    | "wan";
   config?: {
     [k: string]: unknown | undefined;
   };
@@ -349,7 +350,7 @@ export interface WarningEvent {
   seq: number;
   time: string;
   /**
-   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them), mask_missing (masked_loss: images without a mask train unmasked; files names them), mask_unusable (masked_loss: images whose mask is unreadable, of another aspect ratio or all black are skipped; files gives each reason), mask_scaled (masked_loss: masks of another size than their image, same aspect ratio, are scaled)
+   * e.g. no_gpu, images_skipped, nonfinite_step_skipped, caption_missing, image_too_small, unused_setting, report_failed, dora_loaders, cpu_bf16_slow, single_file_config_download, prediction_type_override, prediction_type_unknown, init_lora_partial, trigger_missing, caption_encoding, low_disk_space, validation_never_runs, output_in_use, memory_plan_drift, memory_plan_gpu_unknown, offload_host_memory, shard_base_single_process, cpu_cores_busy (other processes keep usable cores busy: training still uses one thread per core; cpu_threads trades that for speed), checkpoint_rejected (resume "auto" skips an unusable checkpoint: files names it, the message gives the reason and the checkpoint used instead), model_distilled (the base model is a step- or guidance-distilled release that a LoRA degrades: the hint names the base checkpoint to train on), recompilation (compile: more graphs compiled after the first 3 steps than during them), ema_too_slow (ema_decay without ema_warmup averages over more updates than the run makes: the EMA stays near the first steps' weights), eval_image_unreadable (validation loss: held-out images that cannot be used are left out; files names them), mask_missing (masked_loss: images without a mask train unmasked; files names them), mask_unusable (masked_loss: images whose mask is unreadable, of another aspect ratio or all black are skipped; files gives each reason), mask_scaled (masked_loss: masks of another size than their image, same aspect ratio, are scaled), video_unreadable (video clips whose container, stream or first frame cannot be read, or that the video_short_clip rule skips: files names each with its reason), video_not_trained (the dataset has usable video clips: audited by --validate-only, not trained yet)
    */
   code: string;
   message: string;
@@ -416,6 +417,22 @@ export interface CompletedEvent {
      * With ema_decay: raw/pytorch_lora_weights.safetensors, the raw weights in the diffusers layout
      */
     raw_peft_lora?: string;
+    /**
+     * Wan 2.2 T2V-A14B (a file pair per trained expert): <output_name>_high_noise.safetensors, the ComfyUI file of the high-noise expert (transformer); lora is the first trained expert's file
+     */
+    lora_high_noise?: string;
+    /**
+     * Wan 2.2 T2V-A14B: pytorch_lora_weights_high_noise.safetensors (pipe.load_lora_weights(file))
+     */
+    peft_lora_high_noise?: string;
+    /**
+     * Wan 2.2 T2V-A14B: <output_name>_low_noise.safetensors, the ComfyUI file of the low-noise expert (transformer_2)
+     */
+    lora_low_noise?: string;
+    /**
+     * Wan 2.2 T2V-A14B: pytorch_lora_weights_low_noise.safetensors (pipe.load_lora_weights(file, load_into_transformer_2=True))
+     */
+    peft_lora_low_noise?: string;
     manifest?: string;
     loss_curve?: string;
     report?: string;

@@ -172,6 +172,12 @@ class Wan(ModelFamily):
                                      load_dtypes=load_dtypes)
         index = json.loads((Path(source) / "model_index.json").read_text())
         if load_denoiser is not None or (index.get(SECOND_EXPERT) or [None, None])[1] is None:
+            if self.train_experts != "both":  # preflight refuses it where it read the files; a hub download here
+                from ...contract.errors import ConfigError
+
+                raise ConfigError(f"train_experts: {self.train_experts!r} needs a model with two experts",
+                                  [{"path": "train_experts", "value": self.train_experts, "allowed": '"both"',
+                                    "message": "this Wan model has one transformer (only Wan 2.2 T2V-A14B has two)"}])
             return comps
         from diffusers import WanTransformer3DModel
 
