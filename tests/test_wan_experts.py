@@ -174,17 +174,19 @@ def test_both_experts_train_export_and_resume_bitwise(tmp_path, tiny_models, dat
 
 def test_one_expert_trains_alone_and_a_model_without_experts_refuses_it(tmp_path, tiny_models, dataset):
     model = tiny_models["wan22-a14b"]
-    res = run_cli("--config", str(_config(tmp_path, model, dataset, "low", train_experts="low_noise",
+    # high_noise: a fifth of the configured sigmas are its own (sigmoid, shift 3: sigma >= 0.875), so a draw that
+    # ignored the restriction would route a sample to the frozen low-noise expert within these 8 and fail the run.
+    res = run_cli("--config", str(_config(tmp_path, model, dataset, "high", train_experts="high_noise",
                                           max_train_steps=2, validation_steps=2, validation_inference_steps=2)))
     assert res.returncode == 0, res.stderr[-4000:]
-    out, done = tmp_path / "low", res.last("completed")["outputs"]
-    assert {k for k in done if "lora" in k} == {"lora", "peft_lora", "lora_low_noise", "peft_lora_low_noise"}
-    assert 2 in {e["step"] for e in res.of_type("sample")}  # sampled with the frozen high-noise expert beside it
+    out, done = tmp_path / "high", res.last("completed")["outputs"]
+    assert {k for k in done if "lora" in k} == {"lora", "peft_lora", "lora_high_noise", "peft_lora_high_noise"}
+    assert 2 in {e["step"] for e in res.of_type("sample")}  # sampled with the frozen low-noise expert beside it
     final = out / "checkpoints" / "step-000002"
-    assert sorted(p.stem for p in final.glob("lora_*.safetensors")) == ["lora_low_noise", f"lora_{LOW}"]
-    pipe = _loads_onto(model, out / "pytorch_lora_weights_low_noise.safetensors", final / f"lora_{LOW}.safetensors",
-                       LOW)
-    _tool_file_rules(pipe, out / "lora_low_noise.safetensors", final / f"lora_{LOW}.safetensors", tmp_path)
+    assert sorted(p.stem for p in final.glob("lora_*.safetensors")) == ["lora_high_noise", f"lora_{HIGH}"]
+    trained = final / f"lora_{HIGH}.safetensors"
+    pipe = _loads_onto(model, out / "pytorch_lora_weights_high_noise.safetensors", trained, HIGH)
+    _tool_file_rules(pipe, out / "lora_high_noise.safetensors", trained, tmp_path)
 
     # A model with one denoiser: a config error naming the key, from --validate-only.
     cfg = _config(tmp_path, tiny_models["wan21"], dataset, "one", train_experts="high_noise")
