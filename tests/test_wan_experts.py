@@ -195,3 +195,29 @@ def test_one_expert_trains_alone_and_a_model_without_experts_refuses_it(tmp_path
     errors = bad.last("validation")["errors"]
     assert [(e["path"], e["value"]) for e in errors] == [("train_experts", "high_noise")], errors
     assert errors[0]["allowed"] == '"both"'
+
+
+def test_methods_on_two_experts(tmp_path, tiny_models):
+    """test_family_methods' mix (LoKr, EMA, masks, a regularisation set, the held-out loss at fixed sigmas on both
+    sides of the boundary) on the two experts: a LoKr file pair per expert, each with its raw (non-EMA) copy."""
+    from _helpers import train_and_class_sets
+
+    sets = train_and_class_sets(tmp_path / "sets", 5, 2)
+    cfg = write_config(
+        tmp_path / "c.json", base_model=str(tiny_models["wan22-a14b"]), output_path=str(tmp_path / "out"),
+        trigger_words=["ohwx"], resolution=64, min_bucket_resolution=64, max_train_steps=2, log_every_n_steps=1,
+        datasets=[{"path": str(sets / "train"), "mask_path": str(sets / "masks"), "require_masks": True},
+                  {"path": str(sets / "reg"), "role": "regularization", "class_prompt": "a photo of a shape",
+                   "loss_weight": 0.5, "require_masks": False}],
+        lora_rank=4, lora_alpha=4, learning_rate=2e-3, network_type="lokr", ema_decay=0.9, masked_loss=True,
+        eval_split=0.2, eval_steps=2, max_sequence_length=32)
+    res = run_cli("--config", str(cfg))
+    assert res.returncode == 0, res.stderr[-4000:]
+    evals = res.of_type("eval_loss")
+    assert [e["step"] for e in evals] == [0, 2] and all(len(e["losses"]) == 4 for e in evals)
+    out = res.last("completed")["outputs"]
+    for name in EXPERTS.names:
+        for key in (f"lora_{name}", f"peft_lora_{name}", f"raw_lora_{name}", f"raw_peft_lora_{name}"):
+            assert Path(out[key]).is_file(), key
+        state = load_file(out[f"lora_{name}"])
+        assert any(k.endswith(".lokr_w1") for k in state) and all(k.startswith("diffusion_model.") for k in state)
