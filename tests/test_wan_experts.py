@@ -221,3 +221,25 @@ def test_methods_on_two_experts(tmp_path, tiny_models):
             assert Path(out[key]).is_file(), key
         state = load_file(out[f"lora_{name}"])
         assert any(k.endswith(".lokr_w1") for k in state) and all(k.startswith("diffusion_model.") for k in state)
+
+
+def test_memory_plan_counts_the_experts_on_the_device(tmp_path, tiny_models, dataset):
+    """Both experts trained: both on the device with their LoRA; one: its weights and LoRA, the other frozen one
+    joining only for samples (sampling_models)."""
+    from lora_trainer.config.config import parse_config
+    from lora_trainer.preflight.memory_plan import plan_memory
+    from lora_trainer.preflight.probe import probe_model
+
+    model = tiny_models["wan22-a14b"]
+    probe = probe_model(str(model))
+    assert probe.weight_files.get(LOW), "the probe lists the second expert's weights"
+
+    def plan(**kw):
+        cfg, _ = parse_config({"dataset_path": str(dataset), "base_model": str(model), "trigger_words": ["ohwx"],
+                               "output_path": str(tmp_path / "out"), "validation_steps": 2, **kw})
+        return plan_memory(cfg, probe, "wan", 64, gpu=None)
+
+    both, high = plan(), plan(train_experts="high_noise")
+    assert both["denoiser_params"] == 2 * high["denoiser_params"] > 0
+    assert both["lora_params"] == 2 * high["lora_params"] > 0
+    assert "sampling_models" not in both["parts_gib"] and "sampling_models" in high["parts_gib"]
