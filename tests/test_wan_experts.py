@@ -243,3 +243,17 @@ def test_memory_plan_counts_the_experts_on_the_device(tmp_path, tiny_models, dat
     assert both["denoiser_params"] == 2 * high["denoiser_params"] > 0
     assert both["lora_params"] == 2 * high["lora_params"] > 0
     assert "sampling_models" not in both["parts_gib"] and "sampling_models" in high["parts_gib"]
+
+
+def test_a_single_expert_file_is_refused_naming_the_folder_to_pass(tmp_path, tiny_models):
+    """ComfyUI ships A14B's experts as two Wan 2.1 14B-shaped files: one is half the model, told by its name only."""
+    from lora_trainer.preflight.probe import probe_model
+    from lora_trainer.testing.single_file import write_tiny_single_file
+
+    plain = write_tiny_single_file(tiny_models["wan21"], tmp_path / "wan21.safetensors")
+    assert probe_model(str(plain)).family == "wan"
+    expert = tmp_path / "wan2.2_t2v_high_noise_14B_fp16.safetensors"
+    shutil.copy(plain, expert)
+    probe = probe_model(str(expert))
+    assert probe.family is None and [p["code"] for p in probe.problems] == ["model_unsupported"]
+    assert "Wan2.2-T2V-A14B-Diffusers" in probe.problems[0]["hint"] and "train_experts" in probe.problems[0]["hint"]

@@ -48,7 +48,7 @@ def named_variant(name: str, variant: str | None) -> str | Refusal | None:
     """A single file named as one of Wan 2.2 A14B's experts (ComfyUI's ``wan2.2_t2v_high_noise_14B_fp16``): its
     header is a Wan 2.1 14B transformer's, only the name tells; one expert alone is half the model, refused."""
     low = name.lower().replace("-", "_")
-    if variant == "t2v-14b" and name.endswith(".safetensors") and ("high_noise" in low or "low_noise" in low):
+    if variant != "ti2v-5b" and low.endswith(".safetensors") and ("high_noise" in low or "low_noise" in low):
         return Refusal("Wan 2.2 T2V-A14B expert", "", message=(
             f"{name} is one expert of Wan 2.2 T2V-A14B (its name says high_noise / low_noise; the two experts "
             "denoise different noise levels and train together or one at a time only as a pair)"),
