@@ -208,7 +208,7 @@ class FamilySpec:
     temporal_compression: int
     # Variant -> its experts (a denoiser per noise level: Wan 2.2 A14B), for the variants that have them; the
     # denoisers are then the experts' components, ``denoisers`` being the first. Empty: one denoiser per variant.
-    experts: Mapping[str, Experts] = field(default_factory=dict)
+    experts: Mapping[str, Experts]
 
     def denoisers_of(self, variant: str | None) -> tuple[str, ...]:
         """Every denoiser a variant has (its experts' components, or ``denoisers``)."""

@@ -278,8 +278,8 @@ class FlowMatchingObjective:
         s = self.settings
         draw_device = generator.device if generator is not None else torch.device(device)
         if self.sigma_range is not None:
-            return restricted_sigmas(s, self.sigma_range, batch_size, image_seq_len, device, generator,
-                                     draw_device).clamp(SIGMA_MIN, 1.0)
+            return restricted_sigmas(s, self.sigma_range, batch_size, image_seq_len, device, generator, draw_device,
+                                     lambda u: shift_sigmas(u, s, image_seq_len)).clamp(SIGMA_MIN, 1.0)
         if s.sigma_sampling == "sigmoid":
             u = torch.sigmoid(
                 s.sigmoid_scale * torch.randn(

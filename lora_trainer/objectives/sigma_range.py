@@ -14,8 +14,11 @@ draw per sample, the same stream on resume.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+Shift = Callable[[torch.Tensor], torch.Tensor]  # u -> sigma (flow.shift_sigmas at the settings and sequence length)
 
 _BISECT_STEPS = 60  # float64 bisection: the interval is below 1e-18 after 60 halvings
 
@@ -37,25 +40,22 @@ def quantile(v: torch.Tensor, settings) -> torch.Tensor:
     raise ValueError(f"unknown sigma_sampling {kind!r}")
 
 
-def _sigma(v: float, settings, image_seq_len: int) -> float:
-    from .flow import shift_sigmas
-
-    u = quantile(torch.tensor([v], dtype=torch.float64), settings)
-    return float(shift_sigmas(u, settings, image_seq_len)[0])
-
-
-def v_bounds(settings, sigma_range: tuple[float, float], image_seq_len: int) -> tuple[float, float]:
+def v_bounds(settings, sigma_range: tuple[float, float], shift: Shift) -> tuple[float, float]:
     """[v_low, v_high]: the uniform variates whose sigma lies in ``sigma_range`` (closed)."""
     low, high = sigma_range
+
+    def sigma(v: float) -> float:
+        return float(shift(quantile(torch.tensor([v], dtype=torch.float64), settings))[0])
+
     a, b = 0.0, 1.0  # smallest v with sigma(v) >= low
     for _ in range(_BISECT_STEPS):
         mid = (a + b) / 2
-        a, b = (a, mid) if _sigma(mid, settings, image_seq_len) >= low else (mid, b)
+        a, b = (a, mid) if sigma(mid) >= low else (mid, b)
     v_low = b
     a, b = 0.0, 1.0  # largest v with sigma(v) <= high
     for _ in range(_BISECT_STEPS):
         mid = (a + b) / 2
-        a, b = (mid, b) if _sigma(mid, settings, image_seq_len) <= high else (a, mid)
+        a, b = (mid, b) if sigma(mid) <= high else (a, mid)
     return v_low, max(a, v_low)
 
 
@@ -63,17 +63,16 @@ _CACHE: dict[tuple, tuple[float, float]] = {}
 
 
 def restricted_sigmas(settings, sigma_range: tuple[float, float], batch_size: int, image_seq_len: int, device,
-                      generator: torch.Generator | None, draw_device) -> torch.Tensor:
-    """Float32 [batch_size] sigmas in ``sigma_range`` (closed), distributed as ``settings`` draws them there."""
-    from .flow import shift_sigmas
-
+                      generator: torch.Generator | None, draw_device, shift: Shift) -> torch.Tensor:
+    """Float32 [batch_size] sigmas in ``sigma_range`` (closed), distributed as ``settings`` draws them there;
+    ``shift``: u -> sigma at this ``image_seq_len``."""
     key = (settings, tuple(sigma_range), image_seq_len if settings.shift in ("resolution", "area") else 0)
     if key not in _CACHE:
-        _CACHE[key] = v_bounds(settings, sigma_range, image_seq_len)
+        _CACHE[key] = v_bounds(settings, sigma_range, shift)
     v_low, v_high = _CACHE[key]
     r = torch.rand((batch_size,), generator=generator, device=draw_device, dtype=torch.float32)
     v = (v_low + (v_high - v_low) * r.to(torch.float64)).to(device)
-    sigma = shift_sigmas(quantile(v, settings), settings, image_seq_len)
+    sigma = shift(quantile(v, settings))
     # Bisection ends are within 1e-18 of the range; rounding to float32 must not step outside it.
     return sigma.clamp(*sigma_range).to(torch.float32).clamp(*_inside_f32(sigma_range))
 
