@@ -297,7 +297,7 @@ export interface ResumedEvent {
   };
 }
 /**
- * A sample image was generated with the current LoRA.
+ * A sample was generated with the current LoRA: an image, or for a video family (Wan) a clip saved as a video file beside a PNG of a few of its frames.
  */
 export interface SampleEvent {
   type: "sample";
@@ -306,6 +306,9 @@ export interface SampleEvent {
   seq: number;
   time: string;
   step: number;
+  /**
+   * The PNG: the image, or a clip's frames side by side (first, last and evenly spaced ones between)
+   */
   path: string;
   prompt: string;
   seed: number;
@@ -314,6 +317,14 @@ export interface SampleEvent {
    * With ema_decay: drawn with the EMA of the LoRA weights or the raw ones (ema_sampling)
    */
   weights?: "ema" | "raw";
+  /**
+   * The clip (validation_video_format: .mp4 or animated .webp) beside the PNG; null for an image
+   */
+  video: string | null;
+  /**
+   * Frames of the sample (validation_frames for a video family; 1 for an image)
+   */
+  frames: number;
 }
 /**
  * The validation loss on the held-out set (eval_dataset_path / eval_split): before training (step 0, the base model), every eval_steps and at the last step, at fixed noise levels with fixed noise, so values compare across steps and resumes. Not the sample images of validation_steps.

@@ -135,6 +135,8 @@ class TrainConfig:
     validation_inference_steps: int | None = None  # None: the model's (families/adapter.py sample_steps)
     validation_guidance_scale: float | None = None
     validation_base_model: str | None = None  # another release of the family draws the samples (training/validation_model.py)
+    validation_frames: int = 17  # a video family's sample clip (outputs/clips.py); images ignore it
+    validation_video_format: str = "mp4"
     # Validation loss on a held-out set (training/eval_loss.py; "validation_*" above means sample images).
     eval_dataset_path: str | None = None
     eval_split: float = 0.0
@@ -364,6 +366,9 @@ def _cross_field(cfg: TrainConfig, problems: list[dict], warnings: list[dict]) -
     if cfg.video_frames < 1 or (cfg.video_frames - 1) % 4:
         problems.append(problem("video_frames", cfg.video_frames, "video_frames must be 4k+1 (1, 5, 9 ... 81): "
                                 "a causal video VAE compresses 4 frames after the first into one", "4k+1"))
+    if (cfg.validation_frames - 1) % 4:
+        problems.append(problem("validation_frames", cfg.validation_frames, "validation_frames must be 4k+1 (1, 5, 9, "
+                                "13, 17 ...): a video VAE decodes k+1 latent frames into 4k+1", "4k+1, e.g. 17"))
     if cfg.flip_aug and cfg.cache_latents:
         problems.append(problem("flip_aug", True, "flip_aug needs cache_latents false (a cached latent is of the unflipped image)",
                                 "false, or set cache_latents to false"))

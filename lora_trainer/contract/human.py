@@ -100,7 +100,8 @@ class HumanProgress:
         if t == "resumed":
             return f"resumed from {ev['checkpoint']} at step {ev['step']}"
         if t == "sample":
-            return f"sample (step {ev['step']}): {ev['path']}"
+            clip = f" (clip: {ev['video']})" if ev.get("video") else ""
+            return f"sample (step {ev['step']}): {ev['path']}{clip}"
         if t == "warning":
             return f"warning: {ev['message']}"
         if t == "error":

@@ -23,6 +23,20 @@ _IMAGE_CHECK = """<script>
 window.addEventListener("load", function () {
   var imgs = Array.prototype.slice.call(document.images);
   var broken = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; });
+  // Sample clips: counted when their first frame decodes ("loadeddata"), or as broken on an error; a test reads
+  // these after the page settles.
+  var videos = Array.prototype.slice.call(document.querySelectorAll("video"));
+  document.body.setAttribute("data-videos", String(videos.length));
+  document.body.setAttribute("data-videos-ready", "0");
+  document.body.setAttribute("data-videos-broken", "0");
+  function bump(name) {
+    document.body.setAttribute(name, String(Number(document.body.getAttribute(name)) + 1));
+  }
+  videos.forEach(function (v) {
+    if (v.readyState >= 2) { bump("data-videos-ready"); return; }
+    v.addEventListener("loadeddata", function () { bump("data-videos-ready"); });
+    v.addEventListener("error", function () { bump("data-videos-broken"); });
+  });
   document.body.setAttribute("data-images", String(imgs.length));
   document.body.setAttribute("data-images-broken", String(broken.length));
   if (broken.length) {
@@ -47,6 +61,9 @@ td,th{border:1px solid #e3e6eb;padding:4px 10px;text-align:left;font-size:13px;v
 th{background:#f0f2f5;font-weight:600}pre{background:#1f2430;color:#e8eaf0;padding:12px 14px;border-radius:6px;
 overflow-x:auto;font-size:13px}code{font-size:13px}details summary{cursor:pointer;font-weight:600;margin:6px 0}
 .warn{background:#fde2e1;color:#8c1d18;padding:8px 12px;border-radius:6px}.muted{color:#5a6472}
+figure.clip{display:flex;flex-direction:column;align-items:flex-start;gap:8px;margin:12px 0}
+figure.clip video,figure.clip img.clip{height:240px;width:auto;max-width:100%;background:#000}
+figure.clip img.frames{width:100%}figure.clip img{image-rendering:pixelated}
 """
 
 
@@ -67,9 +84,37 @@ def _duration(seconds: float | None) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def _img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def _img_tag(path: Path, mime: str = "image/png", cls: str = "") -> str:
+    attr = f' class="{cls}"' if cls else ""
+    return f'<img src="{_data_uri(path, mime)}" alt="{html.escape(path.name)}"{attr}>'
+
+
+def _clips_html(samples_dir: Path, prompts: list[str], limit: int = 4) -> str:
+    """The newest round's clips (a video family's samples: outputs/clips.py), the first of each prompt, each playing
+    beside its frame-grid PNG: an mp4 in a looping muted <video>, an animated WebP as an <img>. "" without clips."""
+    rounds = sorted(samples_dir.glob("step-*")) if samples_dir.is_dir() else []
+    for folder in reversed(rounds):
+        clips = sorted(f for f in folder.glob("p*_00_seed*.*") if f.suffix in (".mp4", ".webp"))[:limit]
+        if clips:
+            break
+    else:
+        return ""
+    e = html.escape
+    cells = []
+    for clip in clips:
+        i = int(clip.name[1:3])
+        player = (f'<video src="{_data_uri(clip, "video/mp4")}" controls loop muted autoplay playsinline '
+                  f'title="{e(clip.name)}"></video>' if clip.suffix == ".mp4" else _img_tag(clip, "image/webp", "clip"))
+        grid = clip.with_suffix(".png")
+        caption = e(prompts[i] if i < len(prompts) else f"prompt {i}")
+        cells.append(f'<figure class="clip">{player}{_img_tag(grid, cls="frames") if grid.is_file() else ""}'
+                     f"<figcaption>{caption} <span class=\"muted\">({e(clip.name)})</span></figcaption></figure>")
+    step = folder.name.split("-")[-1].lstrip("0") or "0"
+    return f'<h3>Clips at step {step} (the newest samples)</h3>{"".join(cells)}'
 
 
 def _files_table(out_dir: Path, lora_name: str) -> str:
@@ -140,7 +185,8 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
              ("data", f"batch {cfg.batch_size}, {cfg.resolution or 'native'} px" if cfg.resolution else
               f"batch {cfg.batch_size}, the family's native resolution")]
     facts_html = "".join(f"<div><b>{e(k)}</b><span>{e(v)}</span></div>" for k, v in facts)
-    samples_html = _img_tag(samples_png) if "samples_over_steps" in result else \
+    samples_html = _img_tag(samples_png) + _clips_html(out_dir / "samples", prompts_for(cfg)) \
+        if "samples_over_steps" in result else \
         '<p class="muted">No samples: set <code>validation_steps</code> (and <code>validation_prompts</code>).</p>'
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(json.dumps(v))}</td></tr>" for k, v in cfg.to_dict().items())
     lora_path = str(out_dir / lora_name)

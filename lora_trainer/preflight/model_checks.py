@@ -257,6 +257,26 @@ def _check_validation_model(cfg: Any, family: str | None, errors: list) -> None:
                              hint="name a release of the base model's family, e.g. its distilled sibling"))
 
 
+def _check_video_samples(cfg: Any, family: str | None, errors: list, warnings: list) -> None:
+    """validation_frames / validation_video_format: moot for an image family (its spec compresses no time: samples
+    are images); a video family's mp4 clips need PyAV (requirements.txt), checked here, not at the first sample."""
+    spec = SPECS.get(family or "")
+    if spec is None:
+        return
+    if not spec.temporal_compression:
+        for key in ("validation_frames", "validation_video_format"):
+            if key in cfg.explicit_keys:
+                warnings.append(_issue("unused_setting", key, f"{key} has no effect: {spec.label} samples images, "
+                                       "not clips"))
+        return
+    import importlib.util
+
+    if cfg.validation_frames > 1 and cfg.validation_video_format == "mp4" and importlib.util.find_spec("av") is None:
+        errors.append(_issue("config_invalid", "validation_video_format", "mp4 sample clips are encoded with PyAV "
+                             "(the av package), which is not installed", value="mp4",
+                             hint="pip install av, or set validation_video_format to \"webp\" (Pillow)"))
+
+
 def _check_quantization(cfg: Any, errors: list) -> None:
     """base_quantization / text_encoder_quantization that cannot work (backend missing or too old, DoRA on a
     quantised layer) are config errors naming the key, found here without importing torch or the backend."""

@@ -31,7 +31,7 @@ from .scan_index import ScanIndex
 from ..runtime.run_lock import active_holder, checkpoint_lineage, describe, lora_lineage
 from .memory_checks import check_memory, check_offload_host, check_shard, detect_run_gpu
 from .model_checks import (MAX_FILES, _check_family_keys, _check_single_file_config, _check_targets,  # noqa: F401
-                              _check_validation_model,
+                              _check_validation_model, _check_video_samples,
                               _issue, _model_issue, _model_summary)
 
 LOW_DISK_BYTES = 2 * 1024 ** 3
@@ -376,6 +376,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     objective_info = _check_family_keys(cfg, family, getattr(probe, "variant", None), errors,
                                         files_read=bool(getattr(probe, "path", None)))
     _check_targets(cfg, probe, errors)
+    _check_video_samples(cfg, family, errors, warnings)
     if getattr(cfg, "init_lora", None):
         from ..adapters.init_from_file import header_problems
         from ..adapters.init_lycoris import header_problems as lycoris_header_problems

@@ -1,4 +1,4 @@
-"""Sample images from the current LoRA during training.
+"""Sample images (and a video family's clips: outputs/clips.py) from the current LoRA during training.
 
 Sampling must not perturb training: it runs in eval mode (no LoRA dropout), draws from its own seeded
 generators, and restores every global RNG state afterwards, so a run with samples trains the same weights
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.captions import prompts_for
+from ..outputs.clips import clip_of, frame_grid, write_clip
 from ..runtime.compile import eager
 
 
@@ -128,15 +129,23 @@ def _generate_set(cfg, family, comps, *, accelerator: Any, events, resolution: i
                     text = {"prompt": prompt} if cached is None else family.prompt_kwargs(
                         cached([prompt]), cached([""]) if family.sample_negative_prompt else None)
                     with accelerator.autocast():
-                        image = pipe(**text, num_inference_steps=steps,
-                                     height=resolution, width=resolution, generator=generator, **extra).images[0]
+                        result = pipe(**text, num_inference_steps=steps,
+                                      height=resolution, width=resolution, generator=generator, **extra)
                     path = out_dir / f"p{pi:02d}_{k:02d}_seed{seed}.png"
                     if not main:
                         continue
+                    # A video family's result carries its clip: saved as a video, and as a grid of its frames in the
+                    # PNG every image reader (grid.png, samples_over_steps, model card, dashboards) shows.
+                    clip = clip_of(result)
+                    image = frame_grid(clip) if clip else result.images[0]
+                    video = path.with_suffix(f".{cfg.validation_video_format}") if clip else None
+                    if video is not None:
+                        write_clip(clip, video, cfg.video_fps)
                     _save_png(image, path)
                     images.append(image)
                     paths.append(str(path))
                     events.emit("sample", step=step, path=str(path), prompt=prompt, seed=seed, index=k,
+                                video=str(video) if video else None, frames=len(clip) if clip else 1,
                                 **({"weights": weights} if weights else {}))
             if images and main:
                 grid = _grid(images, cols=cfg.num_validation_images)

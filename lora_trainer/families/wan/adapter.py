@@ -56,8 +56,9 @@ def original_name(path: str) -> str:
 
 class FrameGrid:
     """WanPipeline called as the sampler calls image pipelines (``pipe(...).images[0]``): it makes a clip of
-    ``frames`` frames and returns its frames side by side as one image (a one-frame clip: that frame). Everything
-    else (components, load_lora_weights) is the wrapped pipeline's."""
+    ``frames`` frames and returns a few of them side by side as ``images`` (outputs/clips.frame_grid; a one-frame clip:
+    that frame) and the clip as ``frames``, which the sampler saves as a video. Everything else (components,
+    load_lora_weights) is the wrapped pipeline's."""
 
     def __init__(self, pipe, frames: int):
         self.pipe, self.frames = pipe, frames
@@ -65,13 +66,10 @@ class FrameGrid:
     def __call__(self, **kwargs):
         from types import SimpleNamespace
 
-        from PIL import Image
+        from ...outputs.clips import frame_grid
 
         frames = self.pipe(**kwargs, num_frames=self.frames, output_type="pil").frames[0]
-        grid = Image.new("RGB", (frames[0].width * len(frames), frames[0].height))
-        for i, f in enumerate(frames):
-            grid.paste(f, (i * f.width, 0))
-        return SimpleNamespace(images=[grid], frames=[frames])
+        return SimpleNamespace(images=[frame_grid(frames)], frames=[frames])
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
@@ -216,8 +214,10 @@ class Wan(ModelFamily):
         return "load_into_transformer_2=True" if suffix == f"_{EXPERTS.groups[1][0]}" else ""
 
     # -- sampling ------------------------------------------------------------------------------------
-    # Frames a sample clip has (4k+1). 1 until the sampler writes clips (STATUS.md): a one-frame sample is an image.
-    sample_frames = 1
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        # Frames a sample clip has (validation_frames, 4k+1); an adapter without a run's config samples one frame.
+        self.sample_frames = int(getattr(cfg, "validation_frames", 1)) if cfg is not None else 1
 
     def pipeline(self, comps: Components):
         return FrameGrid(super().pipeline(comps), self.sample_frames)
