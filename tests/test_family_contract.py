@@ -43,15 +43,22 @@ def _id(pair) -> str:
     return pair[1]
 
 
-def _expected(family: str, name: str, model: Path) -> tuple[str | None, str]:
+def _expected(family: str, name: str, model: Path, *, single_file: bool = False) -> tuple[str | None, str]:
     """(variant, prediction type) of a tiny model, from its own files: the signature's rule on the denoiser's
-    config (then on the name, for a release whose files are another's) and the scheduler config, as the trainer
-    reads them."""
+    config (then on the pipeline's components, for a variant only the folder tells: Wan 2.2 A14B's second expert;
+    then on the name, for a release whose files are another's) and the scheduler config, as the trainer reads
+    them."""
     from lora_trainer.families import get_signature
+    from lora_trainer.families.signature import FolderFacts
 
-    spec = SPECS[family]
+    spec, sig = SPECS[family], get_signature(family)
     config = json.loads((model / spec.denoisers[0] / "config.json").read_text())
-    variant = get_signature(family).named_variant(str(model), get_signature(family).variant(config)[0])
+    variant = sig.variant(config)[0]
+    if not single_file:
+        index = json.loads((model / "model_index.json").read_text())
+        declared = frozenset(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None)
+        variant = sig.folder_variant(FolderFacts(index.get("_class_name", ""), declared, lambda c: {}), variant)[0]
+    variant = sig.named_variant(str(model), variant)
     if spec.is_flow:
         return variant, "flow"
     sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
@@ -68,12 +75,16 @@ def test_probe_knows_the_tiny_folder_and_its_single_file(tmp_path, tiny_models, 
     probe = probe_model(str(model))
     assert probe.ok, probe.problems
     assert (probe.family, probe.variant, probe.prediction_type) == (family, variant, prediction)
-    assert probe.components_found == SPECS[family].components and probe.components_missing == ()
+    spec = SPECS[family]
+    experts = tuple(d for d in spec.denoisers_of(variant) if d not in spec.components)  # a second expert
+    assert probe.components_found == (*spec.components, *experts) and probe.components_missing == ()
 
     single = write_tiny_single_file(model, tmp_path / f"{name}.safetensors")
     probe = probe_model(str(single))
     assert probe.problems == () or all(p["code"] != "model_unsupported" for p in probe.problems), probe.problems
-    assert (probe.family, probe.variant) == (family, variant), probe.family_evidence
+    # a single file is one denoiser: a two-expert model's first expert reads as the one-denoiser variant
+    assert (probe.family, probe.variant) == (family, _expected(family, name, model, single_file=True)[0]), \
+        probe.family_evidence
 
 
 @pytest.mark.parametrize("pair", EVERY_TINY, ids=_id)

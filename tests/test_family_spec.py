@@ -37,6 +37,7 @@ _SD3 = {"sigma_sampling": "logit_normal", "shift": "static", "shift_value": 3.0,
         "precondition_outputs": True}
 _WAN = {**_FLUX, "shift": "static", "shift_value": 3.0}
 FLOW_DEFAULTS = {("wan", None): _WAN, ("wan", "t2v-1.3b"): _WAN, ("wan", "t2v-14b"): _WAN, ("wan", "ti2v-5b"): _WAN,
+                 ("wan", "t2v-a14b"): _WAN,
                  ("flux1", "dev"): {**_FLUX, "shift": "resolution"}, ("flux1", "schnell"): {**_FLUX, "shift": "none"},
                  ("sd3", "sd3-medium"): _SD3, ("sd3", "sd3.5-medium"): _SD3, ("sd3", "sd3.5-large"): _SD3,
                  ("flux2", "dev"): {**_FLUX, "shift": "resolution"},

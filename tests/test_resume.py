@@ -139,7 +139,7 @@ def test_stop_on_a_checkpoint_step_saves_once(tmp_path, tiny_models, dataset):
 _OTHER = {"base_model": "org/other-model", "lora_rank": 8, "lora_alpha": 3.0, "target_modules": ("to_q",),
           "text_encoder_target_modules": ("q_proj",), "train_text_encoder": True, "use_dora": True, "batch_size": 2,
           "gradient_accumulation_steps": 2, "seed": 7, "optimizer": "adafactor", "cache_latents": False,
-          "merge_lora": "adapter.safetensors", "merge_lora_scale": 0.5,
+          "merge_lora": "adapter.safetensors", "merge_lora_scale": 0.5, "train_experts": "high_noise",
           "network_type": "lokr", "lokr_factor": 8, "lokr_decompose_both": True, "lycoris_effective_conv": True,
           # set by the trainer, not the config:
           "family": "sdxl", "prediction_type": "v_prediction", "dataset_fingerprint": "another dataset",

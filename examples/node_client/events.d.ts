@@ -432,6 +432,22 @@ export interface CompletedEvent {
      * With ema_decay: raw/pytorch_lora_weights.safetensors, the raw weights in the diffusers layout
      */
     raw_peft_lora?: string;
+    /**
+     * Wan 2.2 T2V-A14B (a file pair per trained expert): <output_name>_high_noise.safetensors, the ComfyUI file of the high-noise expert (transformer); lora is the first trained expert's file
+     */
+    lora_high_noise?: string;
+    /**
+     * Wan 2.2 T2V-A14B: pytorch_lora_weights_high_noise.safetensors (pipe.load_lora_weights(file))
+     */
+    peft_lora_high_noise?: string;
+    /**
+     * Wan 2.2 T2V-A14B: <output_name>_low_noise.safetensors, the ComfyUI file of the low-noise expert (transformer_2)
+     */
+    lora_low_noise?: string;
+    /**
+     * Wan 2.2 T2V-A14B: pytorch_lora_weights_low_noise.safetensors (pipe.load_lora_weights(file, load_into_transformer_2=True))
+     */
+    peft_lora_low_noise?: string;
     manifest?: string;
     loss_curve?: string;
     report?: string;

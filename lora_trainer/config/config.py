@@ -76,6 +76,8 @@ class TrainConfig:
     merge_lora: str | None = None
     merge_lora_scale: float = 1.0
     train_text_encoder: bool = False
+    # Wan 2.2 A14B's experts (families/wan/experts.py): both, or the one named (its sigmas only; the other frozen).
+    train_experts: str = "both"
     mixed_precision: str = "auto"
     device: str = "auto"
     gradient_checkpointing: bool = False

@@ -331,6 +331,17 @@ class ModelFamily:
         return {"guidance_scale": self.spec.sample_guidance if g is None else g}
 
     # -- export ----------------------------------------------------------------------------------------
+    def export_groups(self, components) -> list[tuple[str, dict[str, str]]]:
+        """The LoRA file pairs a run writes, from its trained ``components``: (suffix of the files' names,
+        {component name inside the files: trained component}). Default: one pair holding every component under its
+        own name. A model whose denoisers load separately (Wan 2.2 A14B's experts, each a file for the loader of
+        its own transformer) writes a pair per group."""
+        return [("", {c: c for c in components})]
+
+    def load_kwargs(self, suffix: str) -> str:
+        """The extra ``load_lora_weights`` arguments a group's PEFT file needs (the model card says them)."""
+        return ""
+
     def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any], *,
                         alpha: float, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states; ``configs``:

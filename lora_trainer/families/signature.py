@@ -136,6 +136,13 @@ NamedVariant = Callable[[str, "str | None"], "str | None"]
 def variant_as_configured(name: str, variant: str | None) -> str | None:
     return variant  # the files tell every variant of the family apart
 FileRule = Callable[[FileKeys], "Match | Refusal | None"]
+# (folder facts, the variant its denoiser's config tells) -> (variant, evidence appended): for a variant only the
+# pipeline tells (Wan 2.2 A14B: a second expert, transformer_2, beside a Wan 2.1 14B transformer).
+FolderVariant = Callable[[FolderFacts, "str | None"], tuple["str | None", str]]
+
+
+def variant_of_denoiser(facts: FolderFacts, variant: str | None) -> tuple[str | None, str]:
+    return variant, ""
 
 
 def no_folder_rule(facts: FolderFacts) -> None:
@@ -164,3 +171,4 @@ class Signature:
     # (base_model as written, the variant its files tell) -> the variant: for a release whose files are another
     # variant's (Qwen-Image-2512's are Qwen-Image's), told by its name alone. Probe and adapter both apply it.
     named_variant: NamedVariant = variant_as_configured
+    folder_variant: FolderVariant = variant_of_denoiser

@@ -123,6 +123,37 @@ class Activations:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A variant whose denoising is split by noise level between denoisers of one architecture (Wan 2.2 A14B: a
+    high-noise and a low-noise transformer). ``groups``: (train_experts name, component), noisiest first; the
+    denoiser of group i takes timesteps t (sigma x 1000) with t >= boundary x 1000 for i = 0, below for i = 1 (the
+    pipeline's rule). ``boundary``: the release's boundary_ratio where its model_index.json lacks one."""
+
+    groups: tuple[tuple[str, str], ...]
+    boundary: float
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.groups)
+
+    def trained(self, train_experts: str) -> tuple[str, ...]:
+        """The components a run trains: every expert ("both") or the one named."""
+        return tuple(comp for name, comp in self.groups if train_experts in ("both", name))
+
+    def sigma_range(self, train_experts: str, boundary: float) -> tuple[float, float] | None:
+        """The sigmas the trained experts see (None: all of them). The low-noise end stops at the largest float32
+        below the boundary, so that sigma x 1000 < boundary x 1000 holds in the float32 the routing compares."""
+        if train_experts == "both":
+            return None
+        import struct
+
+        nearest = struct.unpack("<f", struct.pack("<f", boundary))[0]
+        bits = struct.unpack("<I", struct.pack("<f", nearest))[0]
+        below = struct.unpack("<f", struct.pack("<I", bits - 1))[0] if nearest >= boundary else nearest
+        return (boundary, 1.0) if train_experts == self.groups[0][0] else (0.0, below)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str  # the model_type value
     label: str  # short, for people: "FLUX.1", "SDXL"
@@ -185,6 +216,18 @@ class FamilySpec:
     # 4 (Wan's causal 3-D VAE). 0: an image family, whose datasets' clips are refused (data, scan, memory plan and
     # caches read this; the loop never does).
     temporal_compression: int
+    # Variant -> its experts (a denoiser per noise level: Wan 2.2 A14B), for the variants that have them; the
+    # denoisers are then the experts' components, ``denoisers`` being the first. Empty: one denoiser per variant.
+    experts: Mapping[str, Experts]
+
+    def denoisers_of(self, variant: str | None) -> tuple[str, ...]:
+        """Every denoiser a variant has (its experts' components, or ``denoisers``)."""
+        experts = self.experts.get(variant or "")
+        return tuple(comp for _, comp in experts.groups) if experts else self.denoisers
+
+    def trained_denoisers(self, variant: str | None, train_experts: str = "both") -> tuple[str, ...]:
+        experts = self.experts.get(variant or "")
+        return experts.trained(train_experts) if experts else self.denoisers
 
     def __post_init__(self):
         if "vae" not in self.component_classes:

@@ -69,6 +69,7 @@ from diffusers.training_utils import (
 )
 
 from .ddpm import LossWeights, weighted_mse
+from .sigma_range import restricted_levels, restricted_sigmas
 
 FLOW_SIGMA_SAMPLING = ("uniform", "logit_normal", "mode", "sigmoid")
 FLOW_SHIFTS = ("none", "static", "resolution", "area")
@@ -86,6 +87,9 @@ SIGMA_MIN = 1e-3
 # is a monotone map of [0, 1] onto itself only for -1 <= s <= 2 / (pi - 2);
 # outside it is no longer a density transform (and s < -1 leaves [0, 1]).
 MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
+
+# Validation loss (training/eval_loss.py): ai-toolkit's fixed validation sigmas.
+EVAL_LEVELS = (1.0, 0.75, 0.5, 0.25)
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
@@ -239,14 +243,23 @@ class FlowMatchingObjective:
 
     # Tells the model family what ``model_fn`` receives as its second argument.
     timestep_kind = "sigma"
-    # Validation loss (training/eval_loss.py): ai-toolkit's fixed validation sigmas.
-    default_eval_levels = (1.0, 0.75, 0.5, 0.25)
 
-    def __init__(self, settings: FlowSettings, *, patch_size: int = 2) -> None:
+    def __init__(self, settings: FlowSettings, *, patch_size: int = 2,
+                 sigma_range: tuple[float, float] | None = None) -> None:
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}")
+        if sigma_range is not None and not 0.0 <= sigma_range[0] < sigma_range[1] <= 1.0:
+            raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range!r}")
         self.settings = settings
         self.patch_size = patch_size
+        # Only sigmas in [low, high) are trained (one expert of a two-expert model: sigma_range.py says how).
+        self.sigma_range = sigma_range
+
+    @property
+    def default_eval_levels(self) -> tuple[float, ...]:
+        if self.sigma_range is None:
+            return EVAL_LEVELS
+        return restricted_levels(self.sigma_range, EVAL_LEVELS)
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Transformer tokens per sample: patch_size x patch_size patches of (H, W), times the latent frames of a
@@ -263,9 +276,12 @@ class FlowMatchingObjective:
         device,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Float32 [batch_size] sigmas in [SIGMA_MIN, 1] on ``device``."""
+        """Float32 [batch_size] sigmas in [SIGMA_MIN, 1] on ``device`` (in ``sigma_range`` when it is set)."""
         s = self.settings
         draw_device = generator.device if generator is not None else torch.device(device)
+        if self.sigma_range is not None:
+            return restricted_sigmas(s, self.sigma_range, batch_size, image_seq_len, device, generator, draw_device,
+                                     lambda u: shift_sigmas(u, s, image_seq_len)).clamp(SIGMA_MIN, 1.0)
         if s.sigma_sampling == "sigmoid":
             u = torch.sigmoid(
                 s.sigmoid_scale * torch.randn(

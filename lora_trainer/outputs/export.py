@@ -373,9 +373,11 @@ def tool_tensors(fam, states: Mapping[str, Mapping[str, torch.Tensor]], configs:
 def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
                 states: Mapping[str, Mapping[str, torch.Tensor]], *, alpha: float, rank: int, unet_config: Any,
                 metadata: Mapping[str, str], lora_configs: Mapping[str, Any] | None = None,
-                dtype: torch.dtype = torch.float16, kohya: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                dtype: torch.dtype = torch.float16, kohya: Mapping[str, torch.Tensor] | None = None,
+                peft_suffix: str = "") -> dict[str, Any]:
     """Write ``<out_dir>/<output_name>.safetensors`` (the tool file, with ``metadata`` + sshs hashes) and
-    ``<out_dir>/pytorch_lora_weights.safetensors`` (PEFT/diffusers, with ``lora_adapter_metadata``).
+    ``<out_dir>/pytorch_lora_weights<peft_suffix>.safetensors`` (PEFT/diffusers, with ``lora_adapter_metadata``;
+    the suffix names a denoiser group's file, ModelFamily.export_groups).
 
     ``kohya``: the tool file's state dict (the trainer's, outputs.final.tool_file); by default the family's adapter
     builds it, ``unet_config`` being its denoiser's config. Both state dicts are built and checked before either
@@ -385,7 +387,8 @@ def export_lora(out_dir: str | os.PathLike, output_name: str, family: str,
     if not output_name or "/" in output_name or "\\" in output_name or output_name.startswith("."):
         raise ValueError(f"output_name {output_name!r} must be a plain file name")
     out = Path(out_dir)
-    kohya_path, peft_path = out / f"{output_name}.safetensors", out / PEFT_WEIGHTS_NAME
+    kohya_path = out / f"{output_name}.safetensors"
+    peft_path = out / PEFT_WEIGHTS_NAME.replace(".safetensors", f"{peft_suffix}.safetensors")
     if kohya_path == peft_path:
         raise ValueError(f"output_name {output_name!r} collides with {PEFT_WEIGHTS_NAME}")
     lycoris = is_lycoris(states)  # LoKr / LoHa: outputs/lycoris.py writes both layouts

@@ -54,12 +54,28 @@ class RunRecord:
     lineage: dict  # resume.TrainState.lineage
 
 
-def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The ComfyUI / Forge / A1111 file's tensors (the family's layout) from PEFT states."""
+def _groups(record: RunRecord, components) -> list[tuple[str, dict[str, str]]]:
+    return record.family.export_groups(list(components))
+
+
+def _renamed(names: dict[str, str], by_component: Any) -> Any:
+    """``by_component`` (states, configs) with a file group's names: {name in the file: its trained component's}."""
+    return None if by_component is None else {name: by_component[comp] for name, comp in names.items()}
+
+
+def _group_tool_file(record: RunRecord, names: dict[str, str], states: dict) -> dict[str, torch.Tensor]:
     cfg = record.cfg
-    configs = {name: denoiser.config for name, denoiser in record.comps.denoisers.items()}
-    return tool_tensors(record.family, states, configs, alpha=cfg.alpha, rank=cfg.lora_rank,
-                        dtype=SAVE_DTYPES[cfg.save_precision])
+    configs = {name: denoiser.config for name, denoiser in {**record.comps.sampling_only,
+                                                             **record.comps.denoisers}.items()}
+    return tool_tensors(record.family, _renamed(names, states),
+                        {n: configs.get(c) for n, c in names.items() if c in configs},
+                        alpha=cfg.alpha, rank=cfg.lora_rank, dtype=SAVE_DTYPES[cfg.save_precision])
+
+
+def tool_file(record: RunRecord, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The ComfyUI / Forge / A1111 files' tensors (the family's layout) from PEFT states, by checkpoint file name:
+    ``lora`` (+ the group's suffix where the family writes a file per denoiser group: ``lora_high_noise``)."""
+    return {f"lora{suffix}": _group_tool_file(record, names, states) for suffix, names in _groups(record, states)}
 
 
 def _metadata(record: RunRecord, progress, ema: dict | None = None) -> dict[str, str]:
@@ -118,34 +134,47 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
             check_finite(states, "final EMA LoRA")
         datasets = describe(cfg, record.scan, record.images)  # the manifest's and the model card's
         try:
-            res = export_lora(cfg.output_path, cfg.output_name, record.family.name, states, alpha=cfg.alpha,
-                              rank=cfg.lora_rank, unet_config=None, metadata=_metadata(record, progress, ema_info),
-                              dtype=SAVE_DTYPES[cfg.save_precision], kohya=tool_file(record, states),
-                              lora_configs=peft_configs(cfg, modules))
-            paths = {"lora": res["kohya_path"], "peft_lora": res["peft_path"],
-                     "manifest": str(cfg.output_path / MANIFEST_NAME)}
-            if raw_states is not None:
-                (cfg.output_path / "raw").mkdir(exist_ok=True)
-                raw = export_lora(cfg.output_path / "raw", cfg.output_name, record.family.name, raw_states,
-                                  alpha=cfg.alpha, rank=cfg.lora_rank, unet_config=None,
-                                  metadata=_metadata(record, progress), dtype=SAVE_DTYPES[cfg.save_precision],
-                                  kohya=tool_file(record, raw_states), lora_configs=peft_configs(cfg, modules))
-                paths.update(raw_lora=raw["kohya_path"], raw_peft_lora=raw["peft_path"])
-                ema_info = {**ema_info, "raw_lora": raw["kohya_path"], "raw_peft_lora": raw["peft_path"]}
+            results, metadata = {}, _metadata(record, progress, ema_info)
+            for suffix, names in _groups(record, states):
+                res = results[suffix] = export_lora(
+                    cfg.output_path, cfg.output_name + suffix, record.family.name, _renamed(names, states),
+                    alpha=cfg.alpha, rank=cfg.lora_rank, unet_config=None,
+                    metadata=metadata, dtype=SAVE_DTYPES[cfg.save_precision],
+                    kohya=_group_tool_file(record, names, states),
+                    lora_configs=_renamed(names, peft_configs(cfg, modules)), peft_suffix=suffix)
+                paths.update({f"lora{suffix}": res["kohya_path"], f"peft_lora{suffix}": res["peft_path"]})
+                if raw_states is not None:
+                    (cfg.output_path / "raw").mkdir(exist_ok=True)
+                    raw = export_lora(cfg.output_path / "raw", cfg.output_name + suffix, record.family.name,
+                                      _renamed(names, raw_states), alpha=cfg.alpha, rank=cfg.lora_rank,
+                                      unet_config=None, metadata=_metadata(record, progress),
+                                      dtype=SAVE_DTYPES[cfg.save_precision],
+                                      kohya=_group_tool_file(record, names, raw_states),
+                                      lora_configs=_renamed(names, peft_configs(cfg, modules)), peft_suffix=suffix)
+                    paths.update({f"raw_lora{suffix}": raw["kohya_path"], f"raw_peft_lora{suffix}": raw["peft_path"]})
+                    ema_info = {**ema_info, f"raw_lora{suffix}": raw["kohya_path"],
+                                f"raw_peft_lora{suffix}": raw["peft_path"]}
+            # The first group's files are also "lora" / "peft_lora": what every client reads.
+            first = next(iter(results))
+            for key in ("lora", "peft_lora", "raw_lora", "raw_peft_lora"):
+                if f"{key}{first}" in paths:
+                    paths[key] = paths[f"{key}{first}"]
+            paths["manifest"] = str(cfg.output_path / MANIFEST_NAME)
+            res = results[first]
             test_hold("export_lora")  # a kill here: the LoRA files written, the manifest and model card not yet
             with ema.applied() if ema is not None else contextlib.nullcontext():  # the exported weights' figure
                 extra = {"dora_comfyui_row_scale": dora_row_scale(modules)} if cfg.use_dora else {}
             extra.update({"ema": ema_info} if ema_info else {})
             _write_json_atomic(cfg.output_path / MANIFEST_NAME,
-                               {**manifest(record, res, progress=progress, last_loss=last_loss, datasets=datasets),
-                                **extra})
+                               {**manifest(record, res, progress=progress, last_loss=last_loss, datasets=datasets,
+                                           groups=results), **extra})
             test_hold("export_manifest")
             from .model_card import write_model_card
 
             local = cfg.resolve(str(cfg.base_model)).exists()
+            groups = None if "" in results else [(suffix, record.family.load_kwargs(suffix)) for suffix in results]
             paths["model_card"] = str(write_model_card(cfg, family=record.family.name, steps=progress.global_step,
-                                                       base_is_hub=not local,
-                                                       datasets=datasets))
+                                                       base_is_hub=not local, datasets=datasets, groups=groups))
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "
@@ -154,7 +183,9 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
 
 
 def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: float | None,
-             datasets: list[dict]) -> dict[str, Any]:
+             datasets: list[dict], groups: dict[str, dict] | None = None) -> dict[str, Any]:
+    """``groups``: export_lora's result per file-name suffix where the family writes a file pair per denoiser group
+    (listed under outputs.groups)."""
     import diffusers
     import peft
     import transformers
@@ -188,7 +219,10 @@ def manifest(record: RunRecord, export_result: dict, *, progress, last_loss: flo
         "quantization": _quantization(r.cfg, r.comps),
         "merged_lora": r.comps.merged_lora,  # fused into the base while training, not in the outputs
         "outputs": {"lora": export_result["kohya_path"], "peft_lora": export_result["peft_path"],
-                    "lora_keys": export_result["kohya_keys"], "modules": export_result["modules"]},
+                    "lora_keys": export_result["kohya_keys"], "modules": export_result["modules"],
+                    **({"groups": {suffix.lstrip("_"): {"lora": g["kohya_path"], "peft_lora": g["peft_path"],
+                                                        "lora_keys": g["kohya_keys"], "modules": g["modules"]}
+                                   for suffix, g in groups.items()}} if groups and "" not in groups else {})},
     }
 
 

@@ -47,7 +47,27 @@ def _datasets_md(datasets: list[dict] | None) -> str:
             f"| --- | --- | --- | --- | --- | --- |\n{rows}\n")
 
 
-def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, datasets: list[dict] | None = None) -> Path:
+def _groups_md(cfg: Any, groups: list[tuple[str, str]]) -> str:
+    """How to load a LoRA written as a file pair per denoiser group (Wan 2.2 A14B's experts)."""
+    calls = "\n".join(f'pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights{suffix}'
+                      f'.safetensors"{", " + kwargs if kwargs else ""})' for suffix, kwargs in groups)
+    files = ", ".join(f"`{cfg.output_name}{suffix}.safetensors` on the {suffix.strip('_').replace('_', '-')} model"
+                      for suffix, _ in groups)
+    return f"""**diffusers** (`pytorch_lora_weights_*.safetensors`, the exact PEFT weights; one file per expert):
+
+```python
+{calls}
+```
+
+**ComfyUI**: copy the files to `models/loras/` and add one *LoraLoaderModelOnly* node per expert model: {files}
+(a file loaded on the other expert's model applies to the wrong noise levels).
+"""
+
+
+def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, datasets: list[dict] | None = None,
+                     groups: list[tuple[str, str]] | None = None) -> Path:
+    """``groups``: (file-name suffix, extra load_lora_weights arguments) per file pair where the family writes one per
+    denoiser group (ModelFamily.export_groups); None: the one pair."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from ..data.captions import prompts_for
@@ -72,6 +92,17 @@ def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, da
     merged = "" if not getattr(cfg, "merge_lora", None) else (
         f"\nTrained with `{Path(cfg.merge_lora).name}` fused into the base at scale {cfg.merge_lora_scale:g} (not part "
         "of this LoRA): use it on the model that file de-distils, without that file.")
+    use = _groups_md(cfg, groups) if groups else f"""**diffusers** (`pytorch_lora_weights.safetensors`, the exact PEFT weights):
+
+```python
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("{triggers}, ...").images[0]
+```
+
+**ComfyUI**: copy `{lora_name}` to `models/loras/` and add a *LoraLoader* node.
+
+**A1111 / Forge**: copy `{lora_name}` to `models/Lora/` and prompt with `<lora:{cfg.output_name}:1> {triggers}`.
+"""
     body = f"""
 # {cfg.output_name}
 
@@ -88,17 +119,7 @@ Use `{triggers}` in the prompt.
 
 ## Use it
 
-**diffusers** (`pytorch_lora_weights.safetensors`, the exact PEFT weights):
-
-```python
-pipe.load_lora_weights("path/to/this/folder")
-image = pipe("{triggers}, ...").images[0]
-```
-
-**ComfyUI**: copy `{lora_name}` to `models/loras/` and add a *LoraLoader* node.
-
-**A1111 / Forge**: copy `{lora_name}` to `models/Lora/` and prompt with `<lora:{cfg.output_name}:1> {triggers}`.
-
+{use}
 ## License
 
 Set the license in the front matter above (it says `other` until you do). A LoRA is used with its base model,

@@ -294,7 +294,11 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
     attention_only = True
     # Trained text encoders feed gradients into the conditioning, and their LoRA'd layers run under autograd.
     conditioning = () if cfg.train_text_encoder else spec.activations.conditioning_inputs
-    for comp in spec.denoisers:
+    # The trained denoisers (a two-expert model's experts named by train_experts); an untrained expert is a
+    # sampling-only model (below).
+    trained = spec.trained_denoisers(probe.variant, getattr(cfg, "train_experts", "both"))
+    sampling_only = (*spec.sampling_only, *(d for d in spec.denoisers_of(probe.variant) if d not in trained))
+    for comp in trained:
         shapes, dtypes = _headers(root, probe.weight_files.get(comp))
         denoiser_params += sum(_numel(s) for s in shapes.values())
         keep = spec.component_classes.get(comp)
@@ -357,12 +361,12 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
         activations = max(activations, _vae_encode_bytes(_config(root, "vae"), o["resolution"], cfg.batch_size,
                                                          frames if video else 0))
     parts["activations"] = activations
-    if spec.sampling_only and cfg.validation_steps:
+    if sampling_only and cfg.validation_steps:
         # Models only the sampler runs (Ideogram 4's unconditional transformer) are on the host while training and
         # join the denoiser on the accelerator for sample images, when the step's activations are freed: the peak
         # grows by what they exceed the activations by. At the compute precision (never quantised).
         sampler = sum(_weight_bytes(_headers(root, probe.weight_files.get(comp))[0], "none", b)
-                      for comp in spec.sampling_only)
+                      for comp in sampling_only)
         parts["sampling_models"] = max(0, sampler - activations)
     on_device = device_cache_bytes(caches if on_gpu else None, (o["resolution"] / resolution) ** 2)
     parts["caches"] = sum(on_device.values())

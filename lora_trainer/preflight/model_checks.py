@@ -183,9 +183,11 @@ def _check_targets(cfg: Any, probe: ModelProbe, errors: list) -> None:
                                  allowed=f"module names such as {examples}"))
 
 
-def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors: list) -> dict | None:
+def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors: list, *,
+                       files_read: bool = True) -> dict | None:
     """Options of one objective on a family of the other, and family-specific keys on a family without the
-    feature, are config errors naming the key (the schema cannot know the family). Returns the objective summary."""
+    feature, are config errors naming the key (the schema cannot know the family). Returns the objective summary.
+    ``files_read``: the variant comes from the model's files (False: a hub id not downloaded yet, variant unknown)."""
     _check_quantization(cfg, errors)  # needs no family: checked even before a hub model is downloaded
     spec = SPECS.get(family or "")
     if spec is None:
@@ -212,6 +214,10 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
             and not spec.has_guidance_embedder(variant):
         refuse("train_guidance_scale", f"this {spec.label} model has no guidance embedder "
                "(only guidance-distilled models such as FLUX.1-dev have one)", "null")
+    # An unknown variant of a family with expert variants (a hub id not downloaded yet) is checked after download.
+    if cfg.train_experts != "both" and (files_read or not spec.experts) and variant not in spec.experts:
+        refuse("train_experts", f"this {spec.label} model has one denoiser, not two experts (only Wan 2.2 T2V-A14B "
+               "has: transformer for high noise, transformer_2 for low noise)", "\"both\"")
     if cfg.train_text_encoder and not spec.lora_text_encoders:
         refuse("train_text_encoder", f"{spec.label}'s text encoder gets no LoRA (its pipeline's LoRA loader reads "
                "transformer layers only)", "false")

@@ -387,7 +387,8 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, errors, warnings)
-    objective_info = _check_family_keys(cfg, family, getattr(probe, "variant", None), errors)
+    objective_info = _check_family_keys(cfg, family, getattr(probe, "variant", None), errors,
+                                        files_read=bool(getattr(probe, "path", None)))
     _check_targets(cfg, probe, errors)
     _check_video_samples(cfg, family, errors, warnings)
     if getattr(cfg, "init_lora", None):

@@ -30,7 +30,7 @@ MUST_MATCH = ("family", "prediction_type", "base_model", "lora_rank", "lora_alph
               "train_text_encoder", "use_dora", "network_type", "lokr_factor", "lokr_decompose_both",
               "lycoris_effective_conv", "dataset_fingerprint", "resolution", "bucketing", "batch_size",
               "gradient_accumulation_steps", "seed", "optimizer", "world_size", "cache_latents", "merge_lora",
-              "merge_lora_scale")
+              "merge_lora_scale", "train_experts")
 # The rest of the recipe may change: the checkpoint stays valid, the following steps train differently, so each
 # change is listed in `resumed.changed` (noise, caption and dropout settings included: before, they changed the
 # run silently).
@@ -75,7 +75,7 @@ class CheckpointRun:
     """What checkpointing needs from a run, and nothing else (the recipe builds it; this module never sees it).
 
     modules: the plain (unwrapped) modules that carry LoRA, by component: their parameters are the ones DDP trains.
-    identity: run_identity(...) of this run; tool_file: PEFT states -> the ComfyUI/A1111 file's tensors.
+    identity: run_identity(...) of this run; tool_file: PEFT states -> the ComfyUI/A1111 files' tensors by name.
     rebuild_scheduler(total_steps): a fresh LR schedule, for a resume that changes the run's length."""
 
     cfg: Any
@@ -210,7 +210,7 @@ def snapshot(run: CheckpointRun, reason: str) -> Callable[[], Path] | None:
                   **({"ema": ema_json} if ema_json is not None else {})}})
 
     def write() -> Path:
-        files["lora"] = run.tool_file(states)
+        files.update(run.tool_file(states))  # "lora" (+ "lora_<group>" per denoiser group: export_groups)
         path = save_checkpoint(checkpoints_root(run.cfg), step, files, json_files,
                                keep_last=run.cfg.checkpoints_total_limit)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

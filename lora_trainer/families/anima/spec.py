@@ -55,4 +55,5 @@ SPEC = FamilySpec(
     # none: the family's own name, as Civitai files it, and the model's repo.
     tool_names={None: ToolNames("anima", "anima", "https://huggingface.co/circlestone-labs/Anima")},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("anima", "cosmos", "modular-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("anima", "cosmos", "modular-diffusers"))

@@ -49,4 +49,5 @@ SPEC = FamilySpec(
                             checkpoint_units=("transformer_blocks", "single_transformer_blocks")),
     tool_names={None: ToolNames("chroma", "chroma", _IMPL)},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("chroma", "chroma-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("chroma", "chroma-diffusers"))

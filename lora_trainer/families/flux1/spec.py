@@ -43,4 +43,5 @@ SPEC = FamilySpec(
     tool_names={"dev": ToolNames("flux1", "flux-1-dev", _BFL), "schnell": ToolNames("flux1", "flux-1-schnell", _BFL),
                 None: ToolNames("flux1", "flux-1-dev", _BFL)},
     tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=False, extra_metadata={"ss_model_type": "flux"},
-    temporal_compression=0, hub_tags=("flux", "flux-diffusers"))
+    temporal_compression=0, experts={},
+    hub_tags=("flux", "flux-diffusers"))

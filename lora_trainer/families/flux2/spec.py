@@ -31,4 +31,5 @@ SPEC = FamilySpec(
     activations=FLUX2_ACTIVATIONS,
     tool_names={"dev": FLUX2_DEV_NAMES, None: FLUX2_DEV_NAMES},
     tool_file_dora=False,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("flux2", "flux2-dev", "flux-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("flux2", "flux2-dev", "flux-diffusers"))

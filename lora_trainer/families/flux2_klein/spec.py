@@ -30,4 +30,5 @@ SPEC = FamilySpec(
     activations=FLUX2_ACTIVATIONS,
     tool_names={"klein-4b": FLUX2_KLEIN_4B_NAMES, "klein-9b": FLUX2_KLEIN_9B_NAMES, None: FLUX2_KLEIN_4B_NAMES},
     tool_file_dora=False,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("flux2", "flux2-klein", "flux-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("flux2", "flux2-klein", "flux-diffusers"))

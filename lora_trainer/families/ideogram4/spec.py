@@ -58,4 +58,5 @@ SPEC = FamilySpec(
     tool_file_dora=False, kohya_v2=False, kohya_sgm_unet=False,
     # SimpleTuner's licence name (the release's LICENSE.md): the LoRA's modelspec and its model card say it.
     extra_metadata={"modelspec.license": "ideogram-4-non-commercial"},
-    temporal_compression=0, hub_tags=("ideogram4", "ideogram-4", "ideogram4-diffusers"))
+    temporal_compression=0, experts={},
+    hub_tags=("ideogram4", "ideogram-4", "ideogram4-diffusers"))

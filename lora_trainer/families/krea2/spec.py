@@ -61,4 +61,5 @@ SPEC = FamilySpec(
     # ARCHITECTURE_KREA2 "krea2").
     tool_names={None: ToolNames("krea2", "Krea-2", _IMPL)},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("krea2", "krea-2", "krea2-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("krea2", "krea-2", "krea2-diffusers"))

@@ -58,4 +58,5 @@ SPEC = FamilySpec(
     # ARCHITECTURE_QWEN_IMAGE_FULL "qwen_image" (dataset/image_video_dataset.py).
     tool_names={None: ToolNames("qwen_image", "Qwen-Image", _IMPL)},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("qwen-image", "qwen-image-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("qwen-image", "qwen-image-diffusers"))

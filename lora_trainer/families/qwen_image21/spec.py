@@ -55,4 +55,5 @@ SPEC = FamilySpec(
     # (ss_base_model_version "qwen_image", architecture "Qwen-Image") with the version appended.
     tool_names={None: ToolNames("qwen_image_2_1", "Qwen-Image-2.1", _IMPL)},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("qwen-image", "qwen-image-2.1"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("qwen-image", "qwen-image-2.1"))

@@ -20,4 +20,5 @@ SPEC = FamilySpec(
     tool_names={None: ToolNames("sd_v1", "stable-diffusion-v1", "diffusers")},
     tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=False,
     extra_metadata={},
-    temporal_compression=0, hub_tags=("stable-diffusion", "stable-diffusion-diffusers"))
+    temporal_compression=0, experts={},
+    hub_tags=("stable-diffusion", "stable-diffusion-diffusers"))

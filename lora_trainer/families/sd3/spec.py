@@ -44,4 +44,5 @@ SPEC = FamilySpec(
                 "sd3.5-medium": ToolNames("5-medium", "stable-diffusion-3-5-medium", "diffusers"),
                 "sd3.5-large": ToolNames("5-large", "stable-diffusion-3-5-large", "diffusers"),
                 None: ToolNames("5-large", "stable-diffusion-3-5-large", "diffusers")},
-    tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("sd3", "sd3-diffusers"))
+    tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("sd3", "sd3-diffusers"))

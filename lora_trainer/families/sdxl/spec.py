@@ -26,4 +26,5 @@ SPEC = FamilySpec(
     tool_names={None: ToolNames("sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                                 "https://github.com/Stability-AI/generative-models")},
     tool_file_dora=True, kohya_v2=False, kohya_sgm_unet=True, extra_metadata={},
-    temporal_compression=0, hub_tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"))
+    temporal_compression=0, experts={},
+    hub_tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"))

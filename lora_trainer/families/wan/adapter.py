@@ -3,14 +3,25 @@ caption to max_sequence_length, no mask), 16-channel latents of a causal 3-D VAE
 of 4k+1 frames gives k+1 latent frames; per-channel mean / std), denoised unpacked as [B, C, F, h, w] with the
 timestep in [0, 1000] (sigma x 1000, what the pipeline's flow scheduler passes). Images are one-frame clips.
 Samples use CFG against the empty prompt from cached embeddings, with the release's own scheduler (UniPC, flow
-sigmas, flow_shift)."""
+sigmas, flow_shift).
+
+Wan 2.2 T2V-A14B (experts.py): ``transformer`` (high noise) and ``transformer_2`` (low noise). The experts a run
+trains (train_experts) are its denoisers and carry LoRA; an expert it does not train is frozen in
+``Components.sampling_only`` (on the host, on the accelerator only while sampling), and the objective then draws
+only the trained expert's sigmas (objectives/sigma_range.py). ``predict`` routes each sample by its sigma as the
+pipeline does (t = sigma x 1000 >= boundary_ratio x 1000: the high-noise expert), splitting a batch that straddles
+the boundary and putting the outputs back in order. Each expert's LoRA is its own file pair (``export_groups``)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
+from .experts import A14B, EXPERTS, SECOND_EXPERT
 from .spec import SPEC
 from ..adapter import Components, ModelFamily
 
@@ -100,10 +111,34 @@ class Wan(ModelFamily):
         return {"prompt_embeds": embeds}
 
     def predict(self, denoisers, noisy, t, cond, geometry):
-        """``noisy`` [B, C, F, h, w] (4-D [B, C, h, w] is taken as one frame and returned so)."""
+        """``noisy`` [B, C, F, h, w] (4-D [B, C, h, w] is taken as one frame and returned so); with two experts each
+        sample goes to the one its sigma belongs to."""
+        if self.boundary is None:
+            return self._denoise(denoisers["transformer"], noisy, t, cond)
+        names = self.route(t)
+        absent = sorted(set(names) - set(denoisers))
+        if absent:  # train_experts restricts the sigmas (objective); fixed eval_timesteps may not be
+            raise RuntimeError(f"sigma(s) {t.tolist()} belong to {', '.join(absent)}, which this run does not train "
+                               f"(train_experts: {getattr(self.cfg, 'train_experts', 'both')})")
+        if len(set(names)) == 1:
+            return self._denoise(denoisers[names[0]], noisy, t, cond)
+        order, outs = [], []
+        for name in dict.fromkeys(names):
+            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=noisy.device)
+            order.append(idx)
+            outs.append(self._denoise(denoisers[name], noisy[idx], t[idx], {k: v[idx] for k, v in cond.items()}))
+        return torch.cat(outs)[torch.argsort(torch.cat(order))]
+
+    def route(self, t: torch.Tensor) -> list[str]:
+        """The expert of each sample, as WanPipeline picks it: t >= boundary_ratio x num_train_timesteps (1000)
+        -> the high-noise ``transformer``. Compared in float32 before any cast to the transformer's dtype (bf16
+        would round 874.9 up to 876). One host read a step: the split needs the indices."""
+        (_, high), (_, low) = EXPERTS.groups
+        return [high if h else low for h in (t.float() * 1000 >= self.boundary * 1000).tolist()]
+
+    def _denoise(self, transformer, noisy, t, cond):
         image = noisy.ndim == 4
         x = noisy[:, :, None] if image else noisy
-        transformer = denoisers["transformer"]
         timestep = (t * 1000).to(transformer.dtype)  # the scheduler's timesteps: sigma x 1000
         if self.expand_timesteps:
             # Wan 2.2 TI2V-5B: one timestep per token, as its pipeline passes them (all equal without an image;
@@ -120,7 +155,63 @@ class Wan(ModelFamily):
         return self.variant == "ti2v-5b"
 
     def _pipeline_extra_kwargs(self) -> dict:
-        return {"expand_timesteps": True} if self.expand_timesteps else {}
+        extra = {"boundary_ratio": self.boundary} if self.boundary is not None else {}
+        return {**extra, "expand_timesteps": True} if self.expand_timesteps else extra
+
+    # -- experts (Wan 2.2 T2V-A14B) --------------------------------------------------------------------
+    boundary: float | None = None  # the loaded release's boundary_ratio; None: one transformer
+
+    @property
+    def train_experts(self) -> str:
+        return getattr(self.cfg, "train_experts", None) or "both"
+
+    def _load_folder(self, source: Path, *, dtype, progress, load_denoiser=None, load_dtypes=None) -> Components:
+        comps = super()._load_folder(source, dtype=dtype, progress=progress, load_denoiser=load_denoiser,
+                                     load_dtypes=load_dtypes)
+        index = json.loads((Path(source) / "model_index.json").read_text())
+        if load_denoiser is not None or (index.get(SECOND_EXPERT) or [None, None])[1] is None:
+            if self.train_experts != "both":  # preflight refuses it where it read the files; a hub download here
+                from ...contract.errors import ConfigError
+
+                raise ConfigError(f"train_experts: {self.train_experts!r} needs a model with two experts",
+                                  [{"path": "train_experts", "value": self.train_experts, "allowed": '"both"',
+                                    "message": "this Wan model has one transformer (only Wan 2.2 T2V-A14B has two)"}])
+            return comps
+        from diffusers import WanTransformer3DModel
+
+        second = WanTransformer3DModel.from_pretrained(
+            source, subfolder=SECOND_EXPERT, torch_dtype=(load_dtypes or {}).get("transformer", dtype),
+            use_safetensors=True, local_files_only=True)
+        self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
+        return self.experts_arranged(comps, second)
+
+    def experts_arranged(self, comps: Components, second: torch.nn.Module) -> Components:
+        """The two experts split by train_experts: the trained ones are the denoisers (LoRA, optimizer, the
+        device), the other is frozen in sampling_only (host memory; sampling moves it to the accelerator)."""
+        experts = {"transformer": comps.denoisers["transformer"], SECOND_EXPERT: second}
+        trained = EXPERTS.trained(self.train_experts)
+        return dataclasses.replace(
+            comps, variant=A14B, denoisers={n: m for n, m in experts.items() if n in trained},
+            sampling_only={**comps.sampling_only, **{n: m for n, m in experts.items() if n not in trained}})
+
+    def objective(self, comps: Components):
+        """With one expert trained, only its sigmas are drawn (objectives/sigma_range.py: the configured
+        distribution conditioned on the expert's range, one draw per sample from the run's generator)."""
+        objective = super().objective(comps)
+        if self.boundary is not None:
+            objective.sigma_range = EXPERTS.sigma_range(self.train_experts, self.boundary)
+        return objective
+
+    def export_groups(self, components):
+        """One file pair per expert, named for where it goes: ``<output_name>_high_noise.safetensors`` (ComfyUI,
+        on the high-noise model) and ``pytorch_lora_weights_high_noise.safetensors`` (``transformer.`` keys:
+        ``pipe.load_lora_weights(file)``); ``_low_noise`` likewise (``load_into_transformer_2=True``)."""
+        if self.boundary is None:
+            return super().export_groups(components)
+        return [(f"_{name}", {"transformer": comp}) for name, comp in EXPERTS.groups if comp in components]
+
+    def load_kwargs(self, suffix: str) -> str:
+        return "load_into_transformer_2=True" if suffix == f"_{EXPERTS.groups[1][0]}" else ""
 
     # -- sampling ------------------------------------------------------------------------------------
     def __init__(self, cfg=None):

@@ -1,9 +1,10 @@
 """How Wan 2.1 text-to-video is recognised from its files (torch-free).
 
-diffusers folder: a ``WanPipeline`` without ``transformer_2`` / ``boundary_ratio`` (Wan 2.2 A14B's two experts:
-next step) and no image projection (``image_dim``: the I2V releases, refused). The variant: 1.3B (12 heads, 30
-layers) or 14B (40 heads, 40 layers) by width for Wan 2.1's 16 latent channels; ``ti2v-5b`` (Wan 2.2 TI2V-5B) by
-its 48 (its VAE compresses 16x spatially).
+diffusers folder: a ``WanPipeline`` with no image projection (``image_dim``: the I2V releases, refused). The
+variant: 1.3B (12 heads, 30 layers) or 14B (40 heads, 40 layers) by width for Wan 2.1's 16 latent channels;
+``ti2v-5b`` (Wan 2.2 TI2V-5B) by its 48 (its VAE compresses 16x spatially); ``t2v-a14b`` (Wan 2.2 T2V-A14B) by a
+second expert, ``transformer_2`` in model_index.json (the low-noise transformer; each expert is a Wan 2.1 14B
+transformer, so only the pipeline tells).
 
 single file (ComfyUI's ``wan2.1_t2v_1.3B_bf16.safetensors``, the original Wan layout): ``patch_embedding``,
 ``text_embedding.0``, ``blocks.N.self_attn.q``, ``head.modulation``, under ``model.diffusion_model.`` or bare; the
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..signature import DIT, FileKeys, Match, Refusal, Signature, no_folder_rule
+from ..signature import DIT, FileKeys, FolderFacts, Match, Refusal, Signature, no_folder_rule
+from .experts import A14B, SECOND_EXPERT
 
 PIPELINES = frozenset({"WanPipeline"})
 # width (heads x 128) -> variant
@@ -34,6 +36,25 @@ def variant(tcfg: Mapping):
     width = int(tcfg.get("num_attention_heads", 40)) * int(tcfg.get("attention_head_dim", 128))
     name = _SIZES.get(width)
     return name, f" ({name}: width {width})" if name else "", None
+
+
+def folder_variant(facts: FolderFacts, variant: str | None) -> tuple[str | None, str]:
+    if SECOND_EXPERT in facts.components:
+        return A14B, f"; {A14B}: two experts (transformer, {SECOND_EXPERT})"
+    return variant, ""
+
+
+def named_variant(name: str, variant: str | None) -> str | Refusal | None:
+    """A single file named as one of Wan 2.2 A14B's experts (ComfyUI's ``wan2.2_t2v_high_noise_14B_fp16``): its
+    header is a Wan 2.1 14B transformer's, only the name tells; one expert alone is half the model, refused."""
+    low = name.lower().replace("-", "_")
+    if variant != "ti2v-5b" and low.endswith(".safetensors") and ("high_noise" in low or "low_noise" in low):
+        return Refusal("Wan 2.2 T2V-A14B expert", "", message=(
+            f"{name} is one expert of Wan 2.2 T2V-A14B (its name says high_noise / low_noise; the two experts "
+            "denoise different noise levels and train together or one at a time only as a pair)"),
+            hint="set base_model to the diffusers folder or hub id holding both experts "
+                 "(Wan-AI/Wan2.2-T2V-A14B-Diffusers: transformer + transformer_2) and choose with train_experts")
+    return variant
 
 
 def _width(k: FileKeys) -> int | None:
@@ -61,4 +82,5 @@ SIGNATURE = Signature(
     pipelines=PIPELINES, variant=variant, match_folder=no_folder_rule, file_layout=DIT, match_file=match_file,
     # ComfyUI ships the VAE and umt5-xxl as separate files: a single file is the transformer.
     file_components=(), file_prediction="flow", file_prediction_note=None,
-    lora_layout=("Wan layout", ("self_attn", "cross_attn", "attn1", "attn2")))
+    lora_layout=("Wan layout", ("self_attn", "cross_attn", "attn1", "attn2")),
+    folder_variant=folder_variant, named_variant=named_variant)

@@ -1,11 +1,12 @@
-"""Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2 TI2V-5B (text-to-video use) as plain data (torch-free). Wan 2.2
-A14B (two experts) is the next step (STATUS.md): a variant row here, not another family.
+"""Wan 2.1 text-to-video (1.3B, 14B), Wan 2.2 TI2V-5B (text-to-video use) and Wan 2.2 T2V-A14B (two 14B experts,
+``experts``: experts.py) as plain data (torch-free).
 
 TI2V-5B: a 48-channel VAE compressing 16x spatially, so its sides are multiples of 32, not Wan 2.1's 16 (480 x 832
 are): variant_pixel_multiple says so, and the resolution check and the memory plan (a token is 32 px) read it."""
 from __future__ import annotations
 
 from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
+from .experts import A14B, EXPERTS
 
 _IMPL = "https://github.com/Wan-Video/Wan2.1"
 # WanTransformer3DModel blocks: attn1 = self-attention over the video tokens, attn2 = cross-attention to the UMT5
@@ -39,7 +40,8 @@ SPEC = FamilySpec(
     max_sequence_length={None: 512},
     single_file_config_repo={None: "Wan-AI/Wan2.1-T2V-14B-Diffusers", "t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                              "t2v-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
-                             "ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"},
+                             "ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                             A14B: "Wan-AI/Wan2.2-T2V-A14B-Diffusers"},
     gated_repos=(),
     blocks=("blocks",),
     # umt5-xxl's last hidden state, 4096 wide, max_sequence_length rows zero-padded past the caption (no mask).
@@ -55,4 +57,5 @@ SPEC = FamilySpec(
     tool_names={None: ToolNames("wan", "wan2.1", _IMPL)},
     tool_file_dora=True,
     kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("wan", "wan2.1", "text-to-video"),
-    temporal_compression=4)
+    temporal_compression=4,
+    experts={A14B: EXPERTS})

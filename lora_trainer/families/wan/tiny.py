@@ -12,7 +12,7 @@ from ...testing.parts import seeded
 from ...testing.t5 import T5_VOCAB_SIZE, make_tiny_t5_tokenizer
 
 # The tiny widths match no real size: the signature reports no variant (real: "t2v-1.3b", "t2v-14b").
-VARIANTS = {"wan21": None, "wan22-5b": "ti2v-5b"}
+VARIANTS = {"wan21": None, "wan22-5b": "ti2v-5b", "wan22-a14b": "t2v-a14b"}
 DEFAULT = "wan21"
 
 WAN_TEXT_DIM = 32  # umt5-xxl d_model 4096 (= the transformer's text_dim)
@@ -80,6 +80,12 @@ def build(variant: str | None = None, seed: int = 0):
             return WanPipeline(tokenizer=make_tiny_t5_tokenizer(), text_encoder=text_encoder(), vae=vae22(),
                                scheduler=UniPCMultistepScheduler(**{**WAN_SCHEDULER, "flow_shift": 5.0}),
                                transformer=transformer(WAN22_Z_DIM), expand_timesteps=True)
+        if variant == "t2v-a14b":  # Wan2.2-T2V-A14B-Diffusers: two experts, switched at boundary_ratio 0.875
+            from .experts import T2V_BOUNDARY
+
+            return WanPipeline(tokenizer=make_tiny_t5_tokenizer(), text_encoder=text_encoder(), vae=vae(),
+                               scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=transformer(),
+                               transformer_2=transformer(), boundary_ratio=T2V_BOUNDARY)
         return WanPipeline(tokenizer=make_tiny_t5_tokenizer(), text_encoder=text_encoder(), vae=vae(),
                            scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=transformer())
 

@@ -42,4 +42,5 @@ SPEC = FamilySpec(
     # musubi-tuner (sai_model_spec.py ARCH_Z_IMAGE / IMPL_Z_IMAGE; dataset ARCHITECTURE_Z_IMAGE_FULL "z_image").
     tool_names={None: ToolNames("z_image", "Z-Image", _IMPL)},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, hub_tags=("z-image", "z-image-diffusers"))
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, temporal_compression=0, experts={},
+    hub_tags=("z-image", "z-image-diffusers"))

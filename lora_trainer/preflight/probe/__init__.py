@@ -19,7 +19,8 @@ from .headers import (PICKLE_MESSAGE, PICKLE_SUFFIXES, has_pipeline_index, read_
                       read_safetensors_header, weight_headers,
                       weight_shapes)
 from .hub import HUB_ID, find_cached_snapshot, hf_hub_cache_dir, hub_offline, probe_hub
-from .result import ModelProbe, problem
+from .result import ModelProbe, problem, refused
+from ...families.signature import Refusal
 from .single_file import probe_single_file
 
 
@@ -63,6 +64,8 @@ def _named_variant(probe: ModelProbe) -> ModelProbe:
     if probe.family is None:
         return probe
     variant = get_signature(probe.family).named_variant(probe.source, probe.variant)
+    if isinstance(variant, Refusal):  # a file its name shows to be part of a model (one of Wan 2.2 A14B's experts)
+        return dataclasses.replace(probe, family=None, variant=None, problems=probe.problems + (refused(variant),))
     if variant == probe.variant:
         return probe
     return dataclasses.replace(probe, variant=variant,

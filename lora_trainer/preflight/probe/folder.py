@@ -121,6 +121,8 @@ def _family(facts: FolderFacts) -> tuple[str | None, str | None, str | None, lis
     variant, more, bad = get_signature(family).variant(facts.config(spec.denoisers[0]))
     if bad:
         return None, None, None, [unsupported(*bad)], []
+    variant, pipeline_evidence = get_signature(family).folder_variant(facts, variant)
+    more += pipeline_evidence
     notes = []
     if by_class and cls != spec.pipeline_class:
         extra = sorted(facts.components - set(spec.components))
@@ -155,11 +157,12 @@ def probe_diffusers_dir(path: Path, source: str) -> ModelProbe:
         return ModelProbe("diffusers_dir", source, path, None, None, pipeline_class=cls or None,
                           problems=tuple(problems), notes=tuple(notes))
     spec = SPECS[family]
-    with_weights = {*spec.denoisers, "vae", *spec.text_encoders, *spec.other_models}
+    denoisers = spec.denoisers_of(variant)  # a two-expert variant's second expert too
+    with_weights = {*denoisers, "vae", *spec.text_encoders, *spec.other_models}
     found, missing, weight_files = [], [], {}
     pickles_only: list[str] = []
     explained: set[str] = set()  # missing components that already have a specific problem
-    for comp in spec.components:
+    for comp in (*spec.components, *(d for d in denoisers if d not in spec.components)):
         folder = path / comp
         if comp not in declared or not folder.is_dir():
             missing.append(comp)
