@@ -54,7 +54,7 @@ def _expected(family: str, name: str, model: Path, *, single_file: bool = False)
     spec, sig = SPECS[family], get_signature(family)
     config = json.loads((model / spec.denoisers[0] / "config.json").read_text())
     variant = sig.variant(config)[0]
-    if not single_file:
+    if not single_file and (model / "model_index.json").is_file():  # (a modular pipeline's folder has none: Anima)
         index = json.loads((model / "model_index.json").read_text())
         declared = frozenset(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None)
         variant = sig.folder_variant(FolderFacts(index.get("_class_name", ""), declared, lambda c: {}), variant)[0]
