@@ -169,6 +169,9 @@ def test_train_stop_resume_and_export(tmp_path, tiny_models, dataset, family):
     started = full.last("run_started")
     assert (started["family"], started["variant"], started["prediction_type"]) == (family, variant, prediction)
     assert started["objective"]["kind"] == spec.objective
+    if get_part(family, "adapter").ADAPTER.samples_from_cache and not spec.lora_text_encoders:
+        # Prompts are cached once, then the encoders leave for good (T5-XXL, umt5-xxl: ~10 GB never resident).
+        assert started["text_cache"]["text_encoders_released"] is True
     assert [e["step"] for e in full.of_type("step")] == [1, 2, 3, 4]
     assert [e["details"]["step"] for e in full.of_type("warning") if e["code"] == "nonfinite_step_skipped"] == [3]
     assert 4 in {e["step"] for e in full.of_type("sample")}
