@@ -142,9 +142,13 @@ def test_over_budget_without_a_folder_is_an_error():
         build(TextCache("k", to_disk=True), FakeFlux())
 
 
-def test_default_host_budget_is_capped_and_shared():
+def test_default_host_budget_is_capped_and_shared(monkeypatch):
     avail = tc.available_host_bytes()
     assert avail is None or avail > 0
+    # Frozen for the comparisons below: on a shared box MemAvailable moves between two reads.
+    import lora_trainer.preflight.cache_plan as cache_plan
+
+    monkeypatch.setattr(cache_plan, "available_host_bytes", lambda: avail)
     budget = tc.default_host_budget()
     assert 0 < budget <= tc.DEFAULT_HOST_CAP
     assert tc.default_host_budget(share=4) == budget // 4
