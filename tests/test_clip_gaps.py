@@ -154,3 +154,13 @@ def test_the_cache_plan_counts_ti2v_5b_latents(tmp_path, tiny_models):
     assert latents["latent_frames"] == 1 + 3 * latents["windows"]
     assert latents["total_bytes"] == channels * latents["latent_frames"] * (64 // scale) ** 2 * 4
     assert (channels, scale) == (48, 16)
+
+
+def test_a_variants_clip_tokens_are_its_own():
+    """TI2V-5B's tokens are 32 px (VAE 16x, patch 2): its clip budget counts them so, Wan 2.1's 16 px."""
+    from lora_trainer.data.samples import clip_geometry
+
+    five_b, wan21, image = clip_geometry("wan", "ti2v-5b"), clip_geometry("wan", "t2v-1.3b"), clip_geometry("sd15")
+    assert (five_b.token_pixels, five_b.temporal, wan21.token_pixels) == (32, 4, 16)
+    assert five_b.tokens(33, 832, 480) == 9 * 26 * 15 and wan21.tokens(33, 832, 480) == 9 * 52 * 30
+    assert image.tokens(1, 512, 512) == 32 * 32  # an image family's: one frame of 16 px tokens (holds no clips)

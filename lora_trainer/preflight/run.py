@@ -249,8 +249,9 @@ def _audit_videos(cfg: Any, scan: DatasetScan, info: dict, warnings: list) -> No
                                files=[f"{r.rel_path}: {r.problem['message']}" for r in audit.bad]))
     if audit.usable and scan.videos is None:
         warnings.append(_issue("video_not_trained", "dataset_path",
-                               f"{_plural(len(audit.usable), 'video clip')} audited; training on clips is not "
-                               "supported yet: they are skipped (images, and a clip's frames saved as images, train)",
+                               f"{_plural(len(audit.usable), 'video clip')} audited and skipped: this model family "
+                               "trains on images (a video family, Wan, trains clips; a clip's frames saved as images "
+                               "train here)",
                                files=[r.rel_path for r in audit.usable]))
 
 
