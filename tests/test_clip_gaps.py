@@ -35,8 +35,8 @@ def _data(root: Path) -> Path:
 def _config(tmp: Path, model: Path, data: Path, name: str, **extra) -> Path:
     cfg = {"base_model": str(model), "output_path": str(tmp / name), "trigger_words": ["ohwx"], "resolution": 64,
            "min_bucket_resolution": 64, "batch_size": 2, "num_epochs": 1, "lora_rank": 4, "lora_alpha": 4,
-           "video_frames": 9, "video_fps": 16, "checkpointing_steps": 100, "validation_steps": None, "log_every_n_steps": 1,
-           **extra}
+           "video_frames": 9, "video_fps": 16, "checkpointing_steps": 100, "validation_steps": None,
+           "log_every_n_steps": 1, **extra}
     if "datasets" not in cfg:
         cfg["dataset_path"] = str(data)
     return write_config(tmp / f"{name}.json", **cfg)
