@@ -122,8 +122,10 @@ def bucket_plan(records: Iterable, buckets: Sequence[Shape], batch_size: int) ->
     """Images, samples (repeats counted) and batches per bucket.
 
     ``records`` are objects with ``width``, ``height`` and optionally ``repeats`` (default 1), or
-    (width, height[, repeats]) tuples. Batches never mix buckets and nothing is dropped: each bucket's
-    last batch may be partial, as the trainer does.
+    (width, height[, repeats]) tuples, or built training samples (data/samples.TrainImage: their ``bucket`` and,
+    for a clip, ``frames``). Batches never mix buckets (nor a clip's frame counts: a row per (w, h, frames), with
+    ``frames`` where it is a clip's) and nothing is dropped: each bucket's last batch may be partial, as the trainer
+    does.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -133,18 +135,20 @@ def bucket_plan(records: Iterable, buckets: Sequence[Shape], batch_size: int) ->
         if isinstance(rec, tuple):
             w, h = rec[0], rec[1]
             reps = rec[2] if len(rec) > 2 else 1
+        elif hasattr(rec, "bucket"):
+            w, h, reps = *rec.bucket, rec.repeats
         else:
             w, h, reps = rec.width, rec.height, getattr(rec, "repeats", 1)
-        b = nearest_bucket(w, h, buckets)
+        b = (*(rec.bucket if hasattr(rec, "bucket") else nearest_bucket(w, h, buckets)), getattr(rec, "frames", 1))
         images[b] += 1
         samples[b] += reps
     rows = []
     for b in sorted(images):
-        rows.append({"width": b[0], "height": b[1], "images": images[b], "samples": samples[b],
-                     "batches": -(-samples[b] // batch_size)})
+        rows.append({"width": b[0], "height": b[1], **({"frames": b[2]} if b[2] > 1 else {}), "images": images[b],
+                     "samples": samples[b], "batches": -(-samples[b] // batch_size)})
     return {
         "num_buckets": len(buckets),
-        "used_buckets": len(rows),
+        "used_buckets": len({b[:2] for b in images}),
         "batch_size": batch_size,
         "total_images": sum(images.values()),
         "total_samples": sum(samples.values()),

@@ -180,19 +180,21 @@ def run_plan(cfg: Any, images: list, epoch: int) -> list[list[int]]:
     return plan_epoch(images, sizes, cfg.seed, epoch)
 
 
-def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool) -> list:
+def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool, family: str | None = None,
+                     variant: str | None = None) -> list:
     """The run's TrainImages: a `dataset_path` scan's as always; a MultiScan's per entry at the entry's resolution,
-    a regularisation image's caption falling back to its class prompt."""
+    a regularisation image's caption falling back to its class prompt. Torch-free: ``--validate-only`` plans its
+    steps on these too. ``family`` / ``variant``: how a clip's tokens are counted (data/samples.clip_geometry)."""
     from .buckets import bucket_range
-    from .images import build_images
+    from .samples import build_images, clip_geometry
 
-    from .video import tokens
+    geometry = clip_geometry(family, variant)
 
     def build(records, res):
         lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)
         # A clip's bucket costs at most the tokens of video_frames at the resolution's square.
         return build_images(records, res, bucketing=bucketing, min_size=lo, max_size=hi,
-                            token_budget=tokens(cfg.video_frames, res, res))
+                            token_budget=geometry.tokens(cfg.video_frames, res, res), geometry=geometry)
 
     if not getattr(scan, "entries", None):
         return build(scan.usable, resolution)

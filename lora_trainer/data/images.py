@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -15,55 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .buckets import make_buckets, nearest_bucket, resize_and_crop
-
-
-@dataclass(frozen=True)
-class TrainImage:
-    index: int
-    path: Path
-    rel: str
-    folder: str
-    caption: str | None
-    repeats: int
-    orig_size: tuple[int, int]  # (w, h) after EXIF rotation
-    bucket: tuple[int, int]  # (w, h) training size
-    # Which entry of `datasets` it comes from and that entry's rules (data/datasets.py build_run_images).
-    dataset: int = 0
-    role: str = "train"
-    loss_weight: float = 1.0
-    triggers: tuple[str, ...] | None = None  # None: the run's trigger_words; () for a regularisation image
-    # A video clip (data/clips.py): the pixel frames it trains at (4k+1, within the token budget; 1 for an image and
-    # a one-frame clip) and its duration in seconds (None: an image), from which its windows follow.
-    frames: int = 1
-    duration: float | None = None
-
-    @property
-    def is_clip(self) -> bool:
-        return self.duration is not None
-
-    def trigger_words(self, run_triggers: tuple[str, ...]) -> tuple[str, ...]:
-        """The trigger words a caption of this image gets: the run's, or its dataset's own (none for regularisation)."""
-        return run_triggers if self.triggers is None else self.triggers
-
-
-def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_size: int, max_size: int,
-                 token_budget: int | None = None) -> list[TrainImage]:
-    """``token_budget``: denoiser tokens a clip's (frames, w, h) bucket may take (data/video.clip_bucket)."""
-    buckets = make_buckets(resolution, min_size, max_size, 64) if bucketing else [(resolution, resolution)]
-    images = []
-    for i, r in enumerate(records):
-        w, h = r.width, r.height  # the scan reports the size after EXIF orientation
-        bucket = nearest_bucket(w, h, buckets) if bucketing else (resolution, resolution)
-        img = TrainImage(i, Path(r.path), r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket))
-        clip = getattr(r, "clip", None)  # preflight/video_scan.ClipRecord of a usable clip
-        if clip is not None:
-            from .video import clip_bucket
-
-            frames, bw, bh = clip_bucket(w, h, clip.train_frames, buckets, token_budget or 1 << 62)
-            img = replace(img, bucket=(bw, bh), frames=frames, duration=clip.info.duration)
-        images.append(img)
-    return images
+from .buckets import resize_and_crop
+# The sample geometry is torch-free (validate-only plans with it); imported from here by the torch side.
+from .samples import TrainImage, build_images  # noqa: F401
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -163,13 +163,21 @@ def _packet_times(container, s):
     return len(pts), duration, len(pts) / duration, vfr
 
 
-def _gif_times(im) -> list[float]:
-    """Per-frame durations (s) of an open animated image; seeking each frame is Pillow's only way to read them."""
-    durations = []
-    for i in range(getattr(im, "n_frames", 1)):
-        im.seek(i)
-        durations.append(max(float(im.info.get("duration") or 100), 10.0) / 1000)  # browsers clamp 0 to ~100ms
-    return durations
+def frame_seconds(ms: int | None) -> float:
+    """An animated image frame's display time: no (or a 0) delay shows ~100 ms and anything under 10 ms is raised to
+    it, as browsers do."""
+    return max(float(ms or 100), 10.0) / 1000
+
+
+def _pillow_times(path: Path) -> list[float]:
+    """Per-frame durations (s) of an animated GIF / WebP from its block headers (data/animated.py: no frame decoded;
+    Pillow would decode each frame to report its duration)."""
+    from .animated import BlockError, durations
+
+    try:
+        return [frame_seconds(d) for d in durations(path)]
+    except (BlockError, OSError) as exc:
+        raise VideoError("corrupt", f"cannot read the frame timing: {exc}") from exc
 
 
 def _probe_pillow(path: Path) -> VideoInfo:
@@ -177,10 +185,14 @@ def _probe_pillow(path: Path) -> VideoInfo:
 
     try:
         with Image.open(path) as im:
-            durations = _gif_times(im)
+            count = getattr(im, "n_frames", 1)  # GIF: blocks skipped undecoded; WebP: demuxed
             w, h, fmt = im.width, im.height, (im.format or "").lower()
-    except (UnidentifiedImageError, OSError, EOFError, ValueError) as exc:
+            im.load()  # the first frame decodes, as a container's first frame must (probe's check_decode)
+    except (UnidentifiedImageError, OSError, EOFError, ValueError, SyntaxError) as exc:
         raise VideoError("not_a_video", f"cannot open as an animated image: {exc}") from exc
+    durations = _pillow_times(path)
+    if len(durations) != count:
+        raise VideoError("corrupt", f"{count} frames but {len(durations)} frame headers")
     total = sum(durations)
     return VideoInfo(str(path), fmt, fmt, w, h, len(durations) / total, total, len(durations), False,
                      len(set(round(d, 4) for d in durations)) > 1)
@@ -300,7 +312,7 @@ def _read_pillow(path: Path, times: list[float]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        durations = _gif_times(im)
+        durations = _pillow_times(path)
         starts = list(np.cumsum([0.0, *durations[:-1]]))
         frames = []
         for idx in source_indices(starts, times):

@@ -101,7 +101,35 @@ def choose_placement(total_bytes: int, *, device_budget_bytes: int | None, host_
     return "disk", f"{mib:.1f} MiB exceeds the host budget ({host_budget_bytes / 1024 ** 2:.1f} MiB)"
 
 
-VAE_SCALE = 8  # every family's VAE downsamples 8x
+VAE_SCALE = 8  # the spatial downsampling assumed where the VAE's config cannot be read
+
+
+def vae_config_of(model: str | Path | None) -> dict | None:
+    """A diffusers model folder's vae/config.json; None for a single file, a hub id not downloaded, or no VAE."""
+    import json
+
+    try:
+        return json.loads((Path(model) / "vae" / "config.json").read_text(encoding="utf-8")) if model else None
+    except (OSError, ValueError):
+        return None
+
+
+def latent_layout(spec, vae_config: dict | None) -> tuple[int, int]:
+    """(channels, spatial downsampling) of a latent as the cache holds it, from the VAE's config.json, torch-free:
+    what the families' ``latent_layout`` read from the loaded VAE (Wan 2.2 TI2V-5B: 48 channels at 16x; Wan 2.1: 16
+    at 8x). A family that patchifies (FLUX.2's 4x the channels at twice the downsampling) keeps the bytes per pixel,
+    which is what the plan counts. Without a config (a single file): the spec's channels at 8x."""
+    cfg = vae_config or {}
+    channels = int(cfg.get("z_dim") or cfg.get("latent_channels") or spec.latent_channels)
+    if cfg.get("scale_factor_spatial"):
+        scale = int(cfg["scale_factor_spatial"])
+    elif cfg.get("temperal_downsample"):  # the causal 3-D VAEs (Qwen-Image's, Wan's): a 2x stage per entry
+        scale = 2 ** len(cfg["temperal_downsample"])
+    elif cfg.get("block_out_channels"):
+        scale = 2 ** (len(cfg["block_out_channels"]) - 1)
+    else:
+        scale = VAE_SCALE
+    return channels, scale
 
 
 def _latent_placement(total: int, host_budget: int, device_budget: int | None) -> str:
@@ -113,7 +141,7 @@ def _latent_placement(total: int, host_budget: int, device_budget: int | None) -
 
 
 def plan_caches(cfg, family: str | None, shapes: list[tuple[int, ...]], captions: list[str], *,
-                device_free_bytes: int | None = None) -> dict | None:
+                device_free_bytes: int | None = None, vae_config: dict | None = None) -> dict | None:
     """What ``--validate-only`` expects the two caches to hold and where, before any model is loaded: ``shapes``
     are the training sizes (buckets) of the usable images, (w, h) or, for a video family's clips, (w, h, frames),
     ``captions`` the built captions. A clip's entry is its latent frames (temporal_compression) and is cached once
@@ -121,7 +149,8 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, ...]], captions
     the trainer counts them (distinct captions, plus "" with caption dropout) at bf16 (fp32 on the CPU doubles the
     text figure). The host budget is this process's share (local_processes). With ``device_free_bytes`` (the GPU's
     free memory) a cache that fits a tenth of it goes to the GPU, as the trainer decides with the free memory it
-    measures before the denoiser arrives (less than this, so the plan never misses a cache that lands there)."""
+    measures before the denoiser arrives (less than this, so the plan never misses a cache that lands there).
+    ``vae_config``: the model's VAE config.json, for the latents' channels and downsampling (latent_layout)."""
     spec = SPECS.get(family or "")
     if spec is None:
         return None
@@ -131,9 +160,10 @@ def plan_caches(cfg, family: str | None, shapes: list[tuple[int, ...]], captions
     out: dict = {"host_budget_bytes": budget, "device_budget_bytes": device_budget}
     if cfg.cache_latents:
         # masked_loss: each entry also holds its mask, one fp32 channel on the latent grid (counted for every image)
-        channels = spec.latent_channels + (1 if getattr(cfg, "masked_loss", False) else 0)
+        channels, scale = latent_layout(spec, vae_config)
+        channels += 1 if getattr(cfg, "masked_loss", False) else 0
         frames = [_latent_frames(s, spec.temporal_compression, cfg) for s in shapes]
-        total = sum(channels * f * (s[0] // VAE_SCALE) * (s[1] // VAE_SCALE) * 4 for s, f in zip(shapes, frames))
+        total = sum(channels * f * (s[0] // scale) * (s[1] // scale) * 4 for s, f in zip(shapes, frames))
         clips = any(len(s) > 2 and s[2] > 1 for s in shapes)
         # Clips' latents (frames x windows) stay on disk, read per step, unless cache_latents_to_disk says false
         # (data/images.py, the trainer's rule).

@@ -438,7 +438,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
     inspected = [index.image(f[1], f[4]) if f[4][0] else None for f in found]
     captions = [_cached_caption(index, f[5], f[6]) for f in found]
     todo = [i for i in range(len(found)) if inspected[i] is None or captions[i] is None]
-    VS.probe_into(found, inspected, index)
+    VS.probe_into(found, inspected, index, clips)
     jobs = [(found[i][0], found[i][4][0], found[i][5], inspected[i] is None) for i in todo]
     for i, (result, caption) in zip(todo, _inspect_all(jobs, verify=verify, deep=deep, workers=workers)):
         if result is not None:

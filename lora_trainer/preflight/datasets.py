@@ -9,8 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.datasets import OVERRIDES, DatasetEntry, PlanItem, entry_config, fingerprint, plan_epoch
-from ..data.buckets import bucket_range, make_buckets, nearest_bucket
+from ..data.datasets import OVERRIDES, DatasetEntry, build_run_images, entry_config, fingerprint, run_plan
 from .dataset_scan import DatasetScan
 from .model_checks import _issue
 from .scan_index import ScanIndex
@@ -85,14 +84,15 @@ def _reg_captions(i: int, entry: DatasetEntry, scan: DatasetScan, errors: list, 
 
 
 def check_datasets(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
-                   verify: bool, deep: bool, index: ScanIndex | None, check_one) -> tuple[dict, MultiScan | None]:
+                   verify: bool, deep: bool, index: ScanIndex | None, check_one,
+                   variant: str | None = None) -> tuple[dict, MultiScan | None]:
     """Every entry through ``check_one`` (run._check_dataset, passed in: run imports this module)."""
-    infos, scans, items = [], [], []
+    infos, scans = [], []
     for i, entry in enumerate(cfg.datasets):
         ecfg = entry_config(cfg, entry)
         errs: list[dict] = []
         warns: list[dict] = []
-        info, scan = check_one(ecfg, family, prediction, errs, warns, verify, deep, _EntryIndex(index, i))
+        info, scan = check_one(ecfg, family, prediction, errs, warns, verify, deep, _EntryIndex(index, i), variant)
         if scan is not None and entry.is_reg:
             _reg_captions(i, entry, scan, errs, warns)
         errors.extend(_rename(e, i, entry) for e in errs)
@@ -105,22 +105,17 @@ def check_datasets(cfg: Any, family: str | None, prediction: str | None, errors:
         if scan is None:
             continue
         scans.append((entry, scan))
-        buckets = make_buckets(scan.resolution, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution,
-                                                                scan.resolution)) if scan.bucketing else None
-        for r in scan.usable:
-            shape = nearest_bucket(r.width, r.height, buckets) if buckets else (scan.resolution, scan.resolution)
-            items.append(PlanItem(len(items), shape, r.repeats, i, entry.role))
     summary: dict[str, Any] = {"path": None, "datasets": infos,
                                "resolution": max((d["resolution"] for d in infos), default=None),
                                "bucketing": infos[0]["bucketing"] if infos else None}
     if len(scans) < len(cfg.datasets):  # a folder is missing: its error says so, there is nothing to combine
         return summary, None
-    multi = _combine(cfg, scans, summary, items)
+    multi = _combine(cfg, scans, summary, family, variant)
     if getattr(cfg, "eval_dataset_path", None):
         from .eval_set import check_eval_folder
 
         held = check_eval_folder(cfg, [e.path for e in cfg.datasets], summary, errors, warnings, verify=verify,
-                                 deep=deep)
+                                 deep=deep, family=family)
         multi = dataclasses.replace(multi, folder_held_out=held or ())
     elif getattr(cfg, "eval_split", 0):
         summary["eval"] = {"source": "split", "fraction": cfg.eval_split, "images": len(multi.held_out),
@@ -128,18 +123,19 @@ def check_datasets(cfg: Any, family: str | None, prediction: str | None, errors:
     return summary, multi
 
 
-def _combine(cfg: Any, scans: list, summary: dict, items: list) -> MultiScan:
+def _combine(cfg: Any, scans: list, summary: dict, family: str | None, variant: str | None) -> MultiScan:
     multi = MultiScan(entries=tuple(scans), fingerprint=fingerprint(scans, cfg), resolution=summary["resolution"],
                       bucketing=summary["bucketing"])
     summary.update(images=len(multi.records), usable=len(multi.usable), bad=len(multi.bad),
                    fingerprint=multi.fingerprint)
-    if items:
-        sizes = {i: entry_config(cfg, e).batch_size for i, e in enumerate(cfg.datasets)}
-        batches = plan_epoch(items, sizes, cfg.seed, 0)
+    # The trainer's images and epoch plan (clips grouped by their frames too), not a re-derivation of them.
+    images = build_run_images(cfg, multi, multi.resolution, multi.bucketing, family, variant)
+    if images:
+        batches = run_plan(cfg, images, 0)
         steps_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
         total = cfg.num_epochs * steps_per_epoch if cfg.num_epochs is not None else cfg.max_train_steps
         for d, info in enumerate(summary["datasets"]):
-            info["samples_per_epoch"] = sum(len(b) for b in batches if items[b[0]].dataset == d)
+            info["samples_per_epoch"] = sum(len(b) for b in batches if images[b[0]].dataset == d)
         summary.update(samples_per_epoch=sum(map(len, batches)), batches_per_epoch=len(batches),
                        steps_per_epoch=steps_per_epoch, total_steps=total,
                        num_epochs=cfg.num_epochs or (math.ceil(total / steps_per_epoch) if steps_per_epoch else None))

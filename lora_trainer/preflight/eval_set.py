@@ -44,7 +44,7 @@ def _within(child: Path, parent: Path) -> bool:
 
 
 def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: bool, deep: bool,
-                 roots: list[Path]) -> tuple[ImageRecord, ...] | None:
+                 roots: list[Path], family: str | None = None) -> tuple[ImageRecord, ...] | None:
     key = "eval_dataset_path"
     inside = [r for r in roots
               if _within(folder, r) and (cfg.recursive or folder.resolve() == r.resolve())]
@@ -53,7 +53,8 @@ def _scan_folder(cfg: Any, folder: Path, errors: list, warnings: list, verify: b
                              hint="move the held-out images out of the dataset folder, or use eval_split"))
         return None
     try:
-        scan = scan_dataset(dataclasses.replace(cfg, dataset_path=folder), verify=verify, deep=deep)
+        # With the run's family: a video family's held-out clips are records as its training clips are.
+        scan = scan_dataset(dataclasses.replace(cfg, dataset_path=folder), verify=verify, deep=deep, family=family)
     except (FileNotFoundError, NotADirectoryError):
         errors.append(_issue("eval_set_missing", key, f"held-out folder {folder} does not exist or is not a folder"))
         return None
@@ -78,13 +79,13 @@ def _summary(cfg: Any, info: dict) -> dict[str, Any]:
 
 
 def check_eval_folder(cfg: Any, roots: list[Path], info: dict, errors: list, warnings: list, *, verify: bool,
-                      deep: bool) -> tuple[ImageRecord, ...] | None:
+                      deep: bool, family: str | None = None) -> tuple[ImageRecord, ...] | None:
     """The held-out folder (eval_dataset_path; none of the dataset folders ``roots`` may contain it): its images,
     capped at eval_max_images; None when it cannot be used (the problem is in ``errors``)."""
     folder = cfg.resolve(cfg.eval_dataset_path)
     summary = _summary(cfg, info)
     summary["path"] = str(folder)
-    usable = _scan_folder(cfg, folder, errors, warnings, verify, deep, roots=roots)
+    usable = _scan_folder(cfg, folder, errors, warnings, verify, deep, roots=roots, family=family)
     if usable is None:
         return None
     held = tuple(usable[:cfg.eval_max_images])
@@ -93,13 +94,14 @@ def check_eval_folder(cfg: Any, roots: list[Path], info: dict, errors: list, war
 
 
 def check_eval_set(cfg: Any, scan: DatasetScan, info: dict, errors: list, warnings: list, *, verify: bool,
-                   deep: bool) -> DatasetScan:
+                   deep: bool, family: str | None = None) -> DatasetScan:
     """Resolve the held-out set: ``info["eval"]`` gets its counts, problems go to errors/warnings, and the returned
     scan is the training one (held-out images moved to ``held_out``). Unchanged without a held-out set."""
     if not enabled(cfg):
         return scan
     if cfg.eval_dataset_path:
-        held = check_eval_folder(cfg, [Path(cfg.dataset_path)], info, errors, warnings, verify=verify, deep=deep)
+        held = check_eval_folder(cfg, [Path(cfg.dataset_path)], info, errors, warnings, verify=verify, deep=deep,
+                                 family=family)
         if held is None:
             return scan
         info["eval"]["training_images"] = len(scan.usable)

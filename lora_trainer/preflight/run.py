@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
-from .cache_plan import plan_caches
+from ..data.datasets import build_run_images, run_plan
+from .cache_plan import plan_caches, vae_config_of
 from .video_plan import clip_frames, planned_frames, record_frames, scan_clip_frames
+from .video_scan import takes_clips
 from .checkpoints import pick_resume, quick_check, read_manifest, rejection_message
 from .dataset_scan import DatasetScan, ImageRecord, resolve_training_shape, scan_dataset
 from .eval_set import check_eval_set
@@ -207,10 +209,12 @@ def _files(records: Iterable[ImageRecord], detail: bool = False) -> list[str]:
     return [r.rel_path for r in records]
 
 
-def _steps(cfg: Any, scan: DatasetScan, buckets: list | None) -> dict:
-    samples = scan.samples_per_epoch
-    plan = bucket_plan(scan.usable, buckets, cfg.batch_size) if buckets is not None else None
-    batches = plan["total_batches"] if plan else math.ceil(samples / cfg.batch_size)
+def _steps(cfg: Any, scan: Any, buckets: list | None, family: str | None, variant: str | None) -> dict:
+    """Batches and steps an epoch as the trainer plans them: its TrainImages (a clip's (frames, w, h) bucket in the
+    token budget) through its epoch plan (data/datasets.run_plan groups by dataset and (frames, w, h))."""
+    images = build_run_images(cfg, scan, scan.resolution, scan.bucketing, family, variant)
+    batches = len(run_plan(cfg, images, 0))
+    plan = bucket_plan(images, buckets, cfg.batch_size) if buckets is not None else None
     steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     if cfg.num_epochs is not None:
         epochs, total = cfg.num_epochs, cfg.num_epochs * steps_per_epoch
@@ -245,13 +249,15 @@ def _audit_videos(cfg: Any, scan: DatasetScan, info: dict, warnings: list) -> No
                                files=[f"{r.rel_path}: {r.problem['message']}" for r in audit.bad]))
     if audit.usable and scan.videos is None:
         warnings.append(_issue("video_not_trained", "dataset_path",
-                               f"{_plural(len(audit.usable), 'video clip')} audited; training on clips is not "
-                               "supported yet: they are skipped (images, and a clip's frames saved as images, train)",
+                               f"{_plural(len(audit.usable), 'video clip')} audited and skipped: this model family "
+                               "trains on images (a video family, Wan, trains clips; a clip's frames saved as images "
+                               "train here)",
                                files=[r.rel_path for r in audit.usable]))
 
 
 def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors: list, warnings: list,
-                   verify: bool, deep: bool, index: ScanIndex | None = None) -> tuple[dict, DatasetScan | None]:
+                   verify: bool, deep: bool, index: ScanIndex | None = None,
+                   variant: str | None = None) -> tuple[dict, DatasetScan | None]:
     resolution, bucketing = resolve_training_shape(cfg, family, prediction)
     info: dict[str, Any] = {"path": str(cfg.dataset_path), "resolution": resolution, "bucketing": bucketing,
                             "resolution_source": "config" if cfg.resolution is not None else
@@ -318,7 +324,8 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
         warnings.append(_issue("image_too_small", "resolution",
                                f"{_plural(len(scan.too_small), 'image')} {rule} and will be upscaled (blurrier training data)",
                                files=[f"{r.rel_path}: {r.width}x{r.height}" for r in scan.too_small]))
-    scan = check_eval_set(cfg, scan, info, errors, warnings, verify=verify, deep=deep)  # held-out images out
+    # held-out images out
+    scan = check_eval_set(cfg, scan, info, errors, warnings, verify=verify, deep=deep, family=family)
     buckets = None
     if bucketing:
         try:
@@ -326,7 +333,7 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
                                                                resolution))
         except ValueError as exc:
             errors.append(_issue("config_invalid", "resolution", f"no aspect-ratio buckets possible: {exc}"))
-    info.update(_steps(cfg, scan, buckets))
+    info.update(_steps(cfg, scan, buckets, family, variant))
     return info, scan
 
 
@@ -335,7 +342,7 @@ def _check_dataset(cfg: Any, family: str | None, prediction: str | None, errors:
 # ---------------------------------------------------------------------------------- entry point
 
 def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: dict,
-                 gpu: dict | None) -> dict | None:
+                 gpu: dict | None, probe: Any = None) -> dict | None:
     from ..data.captions import build_caption
 
     if scan is None or not scan.usable:
@@ -351,7 +358,7 @@ def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: d
     built: dict = {}  # datasets repeat captions: build each distinct one once
     captions = [built[r.caption] if r.caption in built else built.setdefault(
         r.caption, build_caption(r.caption, cfg.trigger_words, prepend=cfg.prepend_trigger_words)) for r in scan.usable]
-    return plan_caches(cfg, family, shapes, captions,
+    return plan_caches(cfg, family, shapes, captions, vae_config=vae_config_of(getattr(probe, "path", None)),
                        device_free_bytes=gpu["free_bytes"] if gpu is not None and gpu.get("known", True) else None)
 
 
@@ -376,14 +383,17 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
                                "v_prediction (stable-diffusion-2-1, 768 px)",
                                hint="set prediction_type to \"epsilon\" for a 512-base SD2 checkpoint, or to "
                                     "\"v_prediction\" to silence this"))
-    index = ScanIndex.for_output(cfg.output_path, {"verify": verify, "deep": deep})
+    # A family that trains clips reads a GIF / WebP by its frame count (clip or image): its index is its own.
+    clips = {"clips": True} if takes_clips(family) else {}
+    index = ScanIndex.for_output(cfg.output_path, {"verify": verify, "deep": deep, **clips})
     if getattr(cfg, "datasets", ()):
         from .datasets import check_datasets
 
         dataset_info, scan = check_datasets(cfg, family, prediction, errors, warnings, verify, deep, index,
-                                             _check_dataset)
+                                             _check_dataset, variant=probe.variant)
     else:
-        dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index)
+        dataset_info, scan = _check_dataset(cfg, family, prediction, errors, warnings, verify, deep, index,
+                                            variant=probe.variant)
     errors.extend(_model_issue(p) for p in probe.problems)
     warnings.extend(_model_issue(p) for p in probe.warnings)
     config_info = _check_single_file_config(cfg, probe, errors, warnings)
@@ -408,7 +418,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)
-    caches = _plan_caches(cfg, family, scan, dataset_info, gpu)
+    caches = _plan_caches(cfg, family, scan, dataset_info, gpu, probe)
     memory = check_memory(cfg, probe, family, dataset_info.get("resolution"), gpu, caches, errors, warnings,
                           frames=planned_frames(family, dataset_info, scan))
     check_offload_host(memory, warnings)

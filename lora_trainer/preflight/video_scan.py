@@ -112,12 +112,32 @@ def audit_clip(path: str | Path, rel_path: str, *, target_fps: float, frames: in
     return record(path, rel_path, info, problem, target_fps=target_fps, frames=frames, short_clip=short_clip)
 
 
-def probe_clips(paths: list[str]) -> list[tuple[V.VideoInfo | None, dict | None]]:
-    """probe_clip over ``paths`` in order, IO_THREADS at a time where there are enough to repay the threads."""
+def animated(path: str | Path) -> bool:
+    """Whether a GIF / WebP holds more than one frame (Pillow's count: GIF blocks skipped undecoded, WebP demuxed;
+    0.1-0.5 ms a file). A file Pillow cannot open counts as animated when it is a GIF (the clip audit lists it) and
+    as a still when it is a WebP (the image scan lists it, as it always has)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except Exception:  # noqa: BLE001 - any failure: the audit that reads it next reports why
+        return Path(path).suffix.lower() == ".gif"
+
+
+def _probe_candidate(path: str):
+    """probe_clip's result, or None for a one-frame GIF / WebP (an image, inspected by the image scan)."""
+    if Path(path).suffix.lower() in V.ANIMATED_IMAGE_EXTENSIONS and not animated(path):
+        return None
+    return probe_clip(path)
+
+
+def probe_clips(paths: list[str]) -> list[tuple[V.VideoInfo | None, dict | None] | None]:
+    """_probe_candidate over ``paths`` in order, IO_THREADS at a time where there are enough to repay the threads."""
     if len(paths) >= PARALLEL_MIN_FILES and IO_THREADS > 1:
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            return list(pool.map(probe_clip, paths))
-    return [probe_clip(p) for p in paths]
+            return list(pool.map(_probe_candidate, paths))
+    return [_probe_candidate(p) for p in paths]
 
 
 def summary_of(records: Iterable[ClipRecord], *, target_fps: float, frames: int, short_clip: str) -> VideoAudit:
@@ -141,8 +161,8 @@ def audit_clips(files: Iterable[tuple[str | Path, str]], *, target_fps: float, f
 
 
 def video_files(root: str | Path, *, recursive: bool = True) -> list[tuple[str, str]]:
-    """(path, relative POSIX path) of every clip under ``root``, sorted depth first like the image scan; animated
-    WebPs are found by the image scan (a one-frame WebP is an image)."""
+    """(path, relative POSIX path) of every clip under ``root`` (for an image family's audit: its scan skips them),
+    sorted depth first like the image scan; WebPs are an image family's images, animated or not."""
     root = Path(root)
     out = []
     for d, dirs, names in os.walk(root):
@@ -155,12 +175,20 @@ def video_files(root: str | Path, *, recursive: bool = True) -> list[tuple[str, 
 
 
 # -- clips as dataset records (preflight/dataset_scan.py, for a family that trains clips) ---------------------------
-def probe_into(found: list, inspected: list, index) -> None:
+def probe_into(found: list, inspected: list, index, clips: bool) -> None:
     """Probe the clips among the scan's ``found`` files that its index does not know, in place: each result is
     ["clip", header facts or None, problem or None], what the index keeps for the file's identity (the facts do not
-    depend on the run's video settings, which clip_record applies)."""
-    todo = [i for i, f in enumerate(found) if V.is_video_path(f[1]) and inspected[i] is None]
-    for i, (info, problem) in zip(todo, probe_clips([found[i][0] for i in todo])):
+    depend on the run's video settings, which clip_record applies). A GIF / WebP is a clip when it has several
+    frames; a one-frame one is left to the image scan. Nothing is a clip unless the family trains clips (``clips``):
+    an image family's WebPs are images, animated or not."""
+    if not clips:
+        return
+    todo = [i for i, f in enumerate(found) if inspected[i] is None and (
+        V.is_video_path(f[1]) or Path(f[1]).suffix.lower() in V.ANIMATED_IMAGE_EXTENSIONS)]
+    for i, result in zip(todo, probe_clips([found[i][0] for i in todo])):
+        if result is None:
+            continue
+        info, problem = result
         inspected[i] = ["clip", info.to_dict() if info is not None else None, problem]
         if found[i][4][0]:  # a file that could not even be stat'ed is looked at again next time
             index.put_image(found[i][1], found[i][4], inspected[i])

@@ -51,21 +51,20 @@ class HeldOutLoss:
         """Encode the held-out set once (the VAE, and the text encoders unless they train); without a held-out set,
         one that never runs. Called before the text cache may release the text encoders; puts them on the device
         (where the trainer puts them next anyway)."""
-        from ..data.buckets import bucket_range
         from ..data.captions import build_caption
-        from ..data.images import LatentCache, build_images, model_key
+        from ..data.images import LatentCache, model_key
 
         cfg, fam, comps, ev = trainer.cfg, trainer.family, trainer.comps, trainer.events
         records = trainer.scan.held_out
         if not records:
             return cls(cfg, [], 0)
-        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, trainer.resolution)
-        from ..data import clips, video
+        from ..data import clips
+        from ..data.samples import clip_geometry, held_out_images
 
         # A held-out clip is evaluated on its first window only: the same frames at every evaluation.
         vcfg = dataclasses.replace(cfg, video_windows=1, video_start="first")
-        images = build_images(records, trainer.resolution, bucketing=trainer.bucketing, min_size=lo, max_size=hi,
-                              token_budget=video.tokens(cfg.video_frames, trainer.resolution, trainer.resolution))
+        images = held_out_images(cfg, records, trainer.resolution, trainer.bucketing,
+                                 clip_geometry(fam.name, comps.variant))
         ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} held-out image(s) (eval_loss)")
         disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
         cache = LatentCache(disk, model_key(cfg.base_model, comps.vae, trainer.downloaded or trainer.probe.path))

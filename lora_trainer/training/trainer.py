@@ -140,7 +140,7 @@ class Trainer:
         # "no usable image" is a preflight error: the scan's usable records are all that is left to train on.
         cfg, ev, scan = self.cfg, self.events, self.scan
         self.world = self.accelerator.num_processes
-        images = build_run_images(cfg, scan, self.resolution, self.bucketing)
+        images = build_run_images(cfg, scan, self.resolution, self.bucketing, self.family.name, self.comps.variant)
         comps = self.comps
         self.masks = MaskSet.for_run(cfg, scan, images)  # None unless masked_loss
         self.latent_cache = self.latent_plan = None
