@@ -213,6 +213,15 @@ class Wan(ModelFamily):
     def load_kwargs(self, suffix: str) -> str:
         return "load_into_transformer_2=True" if suffix == f"_{EXPERTS.groups[1][0]}" else ""
 
+    def group_metadata(self, suffix: str) -> dict[str, str]:
+        """An expert's files name the timesteps (0-1000) it denoises, as musubi-tuner records a --min_timestep /
+        --max_timestep run (modelspec.timestep_range "875,1000" for the high-noise expert): the metadata, not only
+        the file name, says which model a file goes on."""
+        if self.boundary is None or not suffix:
+            return {}
+        low, high = EXPERTS.sigma_range(suffix.lstrip("_"), self.boundary)
+        return {"modelspec.timestep_range": f"{round(low * 1000)},{round(high * 1000)}"}
+
     # -- sampling ------------------------------------------------------------------------------------
     def __init__(self, cfg=None):
         super().__init__(cfg)
