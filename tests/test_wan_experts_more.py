@@ -40,3 +40,26 @@ def test_memory_plan_streams_and_shards_both_experts(tmp_path, tiny_models, data
         saved_high = plain_high["total_bytes"] - high["total_bytes"]
         saved_both = plain_both["total_bytes"] - both["total_bytes"]
         assert saved_high > 0 and saved_both == pytest.approx(2 * saved_high, rel=1e-4), key
+
+
+def test_routed_denoisers_reduce_without_ddp_and_refuse_sharding():
+    """Which denoisers distributed/routed.py takes from DDP: both experts of a two-process A14B run, nothing for one
+    process, one expert or another family; shard_base with them is a config error naming the key."""
+    from types import SimpleNamespace
+
+    from lora_trainer.contract.errors import ConfigError
+    from lora_trainer.distributed.routed import refuse_sharding, routed_denoisers
+    from lora_trainer.families.wan.adapter import Wan
+
+    fam, one = Wan(), Wan()
+    fam.boundary = one.boundary = 0.875
+    both = SimpleNamespace(denoisers={HIGH: None, LOW: None})
+    alone = SimpleNamespace(denoisers={HIGH: None})
+    assert routed_denoisers(fam, both, 2) == (HIGH, LOW)
+    assert routed_denoisers(fam, both, 1) == () and routed_denoisers(one, alone, 2) == ()
+    assert routed_denoisers(Wan(), SimpleNamespace(denoisers={HIGH: None}), 2) == ()  # Wan 2.1: one transformer
+    with pytest.raises(ConfigError) as err:
+        refuse_sharding(SimpleNamespace(shard_base=True), fam, both, 2)
+    assert [p["path"] for p in err.value.problems] == ["shard_base"]
+    refuse_sharding(SimpleNamespace(shard_base=True), one, alone, 2)
+    refuse_sharding(SimpleNamespace(shard_base=False), fam, both, 2)

@@ -342,6 +342,12 @@ class ModelFamily:
         """The extra ``load_lora_weights`` arguments a group's PEFT file needs (the model card says them)."""
         return ""
 
+    def denoisers_routed(self, comps: Components) -> bool:
+        """Whether a training step may leave some of the trained denoisers unrun (each sample going to one of them:
+        Wan 2.2 A14B with both experts trained). Several processes then reduce their gradients without DDP
+        (distributed/routed.py)."""
+        return False
+
     def group_metadata(self, suffix: str) -> dict[str, str]:
         """Metadata keys a group's files carry beyond the run's (both files of the pair): what tells the group's
         files apart for tools that read them. Default: none."""

@@ -137,16 +137,18 @@ class Wan(ModelFamily):
         return [high if h else low for h in (t.float() * 1000 >= self.boundary * 1000).tolist()]
 
     def _denoise(self, transformer, noisy, t, cond):
+        # several processes: the DDP wrapper, which has no dtype of its own
+        dtype = getattr(transformer, "module", transformer).dtype
         image = noisy.ndim == 4
         x = noisy[:, :, None] if image else noisy
-        timestep = (t * 1000).to(transformer.dtype)  # the scheduler's timesteps: sigma x 1000
+        timestep = (t * 1000).to(dtype)  # the scheduler's timesteps: sigma x 1000
         if self.expand_timesteps:
             # Wan 2.2 TI2V-5B: one timestep per token, as its pipeline passes them (all equal without an image;
             # measured: the same output as one per sample, so this is parity with the pipeline, not a fix).
             b, _, f, h, w = x.shape
             timestep = timestep[:, None].expand(b, f * (h // 2) * (w // 2))
-        out = transformer(hidden_states=x.to(transformer.dtype), timestep=timestep,
-                          encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
+        out = transformer(hidden_states=x.to(dtype), timestep=timestep,
+                          encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                           return_dict=False)[0]
         return out[:, :, 0] if image else out
 
@@ -201,6 +203,9 @@ class Wan(ModelFamily):
         if self.boundary is not None:
             objective.sigma_range = EXPERTS.sigma_range(self.train_experts, self.boundary)
         return objective
+
+    def denoisers_routed(self, comps: Components) -> bool:
+        return self.boundary is not None and len(comps.denoisers) > 1
 
     def export_groups(self, components):
         """One file pair per expert, named for where it goes: ``<output_name>_high_noise.safetensors`` (ComfyUI,
