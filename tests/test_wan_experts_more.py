@@ -63,3 +63,55 @@ def test_routed_denoisers_reduce_without_ddp_and_refuse_sharding():
     assert [p["path"] for p in err.value.problems] == ["shard_base"]
     refuse_sharding(SimpleNamespace(shard_base=True), one, alone, 2)
     refuse_sharding(SimpleNamespace(shard_base=False), fam, both, 2)
+
+
+# ------------------------------------------------------------------------------------------------- init_lora
+FROZEN = dict(learning_rate=1e-12, weight_decay=0.0, max_train_steps=1, checkpointing_steps=None)
+
+
+def _config(tmp_path: Path, model: Path, dataset: Path, name: str, **params) -> Path:
+    cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / name),
+           "trigger_words": ["ohwx"], "resolution": 64, "min_bucket_resolution": 64, "log_every_n_steps": 1,
+           "lora_rank": 4, "lora_alpha": 8, "max_sequence_length": 32, "batch_size": 4, **params}
+    return write_config(tmp_path / f"{name}.json", **cfg)
+
+
+def test_init_lora_starts_each_expert_from_its_own_file(tmp_path, tiny_models, dataset):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tiny_models["wan22-a14b"]
+    src = run_cli("--config", str(_config(tmp_path, model, dataset, "src", max_train_steps=2, learning_rate=2e-3,
+                                          checkpointing_steps=None)))
+    assert src.returncode == 0, src.stderr[-3000:]
+    peft = {name: load_file(tmp_path / "src" / f"pytorch_lora_weights_{name}.safetensors") for name in EXPERTS.names}
+    assert any(not torch.equal(peft["high_noise"][k], peft["low_noise"][k]) for k in peft["high_noise"])
+
+    # The low-noise ComfyUI file named: each expert starts from its own file of the pair (no swap, nothing partial).
+    res = run_cli("--config", str(_config(tmp_path, model, dataset, "cont", **FROZEN,
+                                          init_lora=str(tmp_path / "src" / "lora_low_noise.safetensors"))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    started = [e["message"] for e in res.of_type("status") if e.get("phase") == "init_lora"]
+    assert sorted(m.split(":")[0] for m in started) == ["starting from lora_high_noise.safetensors",
+                                                        "starting from lora_low_noise.safetensors"], started
+    assert not [e for e in res.of_type("warning") if e["code"] == "init_lora_partial"]
+    for name in EXPERTS.names:
+        got = load_file(tmp_path / "cont" / f"pytorch_lora_weights_{name}.safetensors")
+        assert got.keys() == peft[name].keys() and all(torch.equal(got[k], peft[name][k]) for k in got), name
+
+    # --validate-only refuses a file that is not one of a pair, and a pair without this run's expert.
+    plain = tmp_path / "plain.safetensors"
+    shutil.copy(tmp_path / "src" / "lora_high_noise.safetensors", plain)
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    shutil.copy(tmp_path / "src" / "lora_high_noise.safetensors", solo / "mine_high_noise.safetensors")
+    for init, extra, bad in ((plain, {}, str(plain)), (solo / "mine_high_noise.safetensors", {},
+                                                         str(solo / "mine_low_noise.safetensors")),
+                             (solo / "mine_high_noise.safetensors", {"train_experts": "high_noise"}, None)):
+        out = run_cli("--config", str(_config(tmp_path, model, dataset, "check", init_lora=str(init), **extra)),
+                      "--validate-only")
+        errors = out.last("validation")["errors"]
+        assert [(e["path"], e["value"]) for e in errors] == ([("init_lora", bad)] if bad else []), errors
+        assert (out.returncode == 0) == (bad is None)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.init_experts import init_experts
 from ..adapters.init_from_file import init_from_file
 from ..adapters.lora import add_lora
 from ..adapters.lycoris import Network
@@ -54,7 +55,7 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
                                       network=network)
             te.train()
             out.lora_modules[name] = te
-    if cfg.init_lora:
+    if cfg.init_lora and not init_experts(cfg, family, comps, out.lora_modules, events):
         init_from_file(cfg, family.name, comps, out.lora_modules, events)
     after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
     # every LoRA tensor is checked to be trainable fp32
