@@ -115,3 +115,46 @@ def test_init_lora_starts_each_expert_from_its_own_file(tmp_path, tiny_models, d
         errors = out.last("validation")["errors"]
         assert [(e["path"], e["value"]) for e in errors] == ([("init_lora", bad)] if bad else []), errors
         assert (out.returncode == 0) == (bad is None)
+
+
+# ------------------------------------------------------------------------------------- validation_base_model
+def test_validation_base_model_samples_with_both_of_its_experts(tmp_path, tiny_models, dataset):
+    """Samples on another A14B release take both of its experts, each with the run's LoRA for it: a release equal to
+    the base samples exactly what the base does; one whose low-noise expert differs samples differently (a
+    validation model that kept the run's own transformer_2 would not). A release without experts is refused by
+    --validate-only."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_models["wan22-a14b"]
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(model, same)
+    shutil.copytree(model, other)
+    weights = next((other / LOW).glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v * 1.5 if v.is_floating_point() and v.ndim == 2 else v for k, v in state.items()}, weights)
+
+    def samples(name: str, **extra) -> list[np.ndarray]:
+        res = run_cli("--config", str(_config(tmp_path, model, dataset, name, max_train_steps=2, learning_rate=5e-3,
+                                              checkpointing_steps=None, validation_steps=2,
+                                              validation_inference_steps=2, validation_frames=1, **extra)))
+        assert res.returncode == 0, res.stderr[-3000:]
+        paths = [e["path"] for e in res.of_type("sample") if e["step"] == 2]
+        assert paths, "no samples at step 2"
+        return [np.asarray(Image.open(p)) for p in paths]
+
+    base = samples("base")
+    assert all(np.array_equal(a, b) for a, b in zip(base, samples("same", validation_base_model=str(same))))
+    assert not all(np.array_equal(a, b) for a, b in zip(base, samples("other", validation_base_model=str(other))))
+    # one expert trained: the release's other expert samples frozen in place of the run's
+    assert samples("one", validation_base_model=str(other), train_experts="high_noise")
+
+    bad = run_cli("--config", str(_config(tmp_path, model, dataset, "bad", validation_steps=2,
+                                          validation_base_model=str(tiny_models["wan21"]))), "--validate-only")
+    assert bad.returncode != 0
+    errors = bad.last("validation")["errors"]
+    assert [e["path"] for e in errors] == ["validation_base_model"], errors
+    assert "transformer_2" in errors[0]["message"]

@@ -410,7 +410,7 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
 
         errors.extend(dict(p, code="config_invalid") for p in merge_problems(cfg.resolve(cfg.merge_lora)))
     if getattr(cfg, "validation_base_model", None):
-        _check_validation_model(cfg, family, errors)
+        _check_validation_model(cfg, family, errors, getattr(probe, "variant", None))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)

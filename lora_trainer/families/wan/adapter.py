@@ -187,6 +187,12 @@ class Wan(ModelFamily):
         self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
         return self.experts_arranged(comps, second)
 
+    def read_release(self, folder, name) -> None:
+        """validation_base_model: a two-expert release's own boundary_ratio (its model_index.json)."""
+        if folder is not None and self.variant == A14B:
+            index = json.loads((Path(folder) / "model_index.json").read_text())
+            self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
+
     def experts_arranged(self, comps: Components, second: torch.nn.Module) -> Components:
         """The two experts split by train_experts: the trained ones are the denoisers (LoRA, optimizer, the
         device), the other is frozen in sampling_only (host memory; sampling moves it to the accelerator)."""
