@@ -6,7 +6,9 @@ file, and ``--validate-only`` passes. Per family (its default tiny model): a sho
 events (the NaN guard and a sample included), SIGTERM -> checkpoint -> resume ending bitwise equal to the
 uninterrupted run, and the exported files: diffusers loads the PEFT file with the trained deltas and the image
 changes; ComfyUI, Forge and A1111 (re-implemented in tests/tool_rules.py) load the tool file onto the trained
-modules. Family quirks keep their own tests.
+modules. A video family (``temporal_compression`` > 0: Wan) gets generated clips beside the images (an H.264 MP4 at
+an odd fps and size, an animated GIF) and a broken clip, which every run reports and skips. Family quirks keep
+their own tests.
 """
 from __future__ import annotations
 
@@ -26,6 +28,31 @@ from lora_trainer.families import FAMILIES, SPECS, get_part
 from lora_trainer.testing.single_file import write_tiny_single_file
 
 RANK, ALPHA = 4, 8
+VIDEO = {"video_frames": 5, "video_fps": 8, "validation_frames": 5}  # 2 latent frames a clip; 5-frame samples
+CLIPS, BROKEN = ("clip_a.mp4", "clip_b.gif"), "clip_broken.mp4"
+
+
+def _with_clips(family: str, data: Path) -> Path:
+    """``data`` with generated clips and a broken one for a video family; as it is for an image family."""
+    if not SPECS[family].temporal_compression or (data / BROKEN).exists():
+        return data
+    from lora_trainer.testing.video import write_animated, write_broken, write_clip
+
+    ok = write_clip(data / CLIPS[0], frames=12, fps=12, width=72, height=56)  # 1 s: windows of 5 frames at 8 fps
+    write_animated(data / CLIPS[1], frames=7, durations_ms=125, width=64, height=48)
+    for clip in CLIPS:
+        (data / clip).with_suffix(".txt").write_text("ohwx, a square moving right")
+    write_broken(data / BROKEN, ok)
+    return data
+
+
+def _check_clips(family: str, res) -> None:
+    """A video family's run trained its clips and reported the broken one (skipped, never a crash)."""
+    if not SPECS[family].temporal_compression:
+        return
+    unreadable = [w for w in res.of_type("warning") if w["code"] == "video_unreadable"]
+    assert unreadable and [f.split(":")[0] for f in unreadable[0]["files"]] == [BROKEN], unreadable
+    assert res.last("run_started")["num_clips"] == len(CLIPS)
 
 
 def tiny_names(family: str) -> list[str]:
@@ -90,13 +117,18 @@ def test_probe_knows_the_tiny_folder_and_its_single_file(tmp_path, tiny_models, 
 @pytest.mark.parametrize("pair", EVERY_TINY, ids=_id)
 def test_validate_only_passes_on_the_tiny_model(tmp_path, tiny_models, dataset, pair):
     family, name = pair
-    cfg = write_config(tmp_path / "c.json", dataset_path=str(dataset), base_model=str(tiny_models[name]),
-                       output_path=str(tmp_path / "out"), trigger_words=["ohwx"], resolution=64)
+    video = VIDEO if SPECS[family].temporal_compression else {}
+    cfg = write_config(tmp_path / "c.json", dataset_path=str(_with_clips(family, dataset)),
+                       base_model=str(tiny_models[name]), output_path=str(tmp_path / "out"), trigger_words=["ohwx"],
+                       resolution=64, **video)
     res = run_cli("--config", str(cfg), "--validate-only")
     assert res.returncode == 0, res.stderr[-3000:]
     validation = res.last("validation")
     assert validation["ok"] is True and validation["errors"] == []
     assert validation["summary"]["model"]["family"] == family
+    if video:
+        assert validation["summary"]["dataset"]["clips"] == len(CLIPS)
+        assert [w["code"] for w in validation["warnings"] if w["code"] == "video_unreadable"] == ["video_unreadable"]
     assert not (tmp_path / "out" / "lora.safetensors").exists()
 
 
@@ -104,10 +136,12 @@ def _config(tmp_path: Path, model: Path, dataset: Path, name: str, family: str, 
     spec = SPECS[family]
     te = {"train_text_encoder": True, "text_encoder_lr": 1e-3} if spec.lora_text_encoders else {}
     seq = {"max_sequence_length": 32} if spec.max_sequence_length else {}
-    cfg = {"dataset_path": str(dataset), "base_model": str(model), "output_path": str(tmp_path / name),
+    video = VIDEO if SPECS[family].temporal_compression else {}
+    cfg = {"dataset_path": str(_with_clips(family, dataset)), "base_model": str(model),
+           "output_path": str(tmp_path / name),
            "trigger_words": ["ohwx"], "resolution": 64, "min_bucket_resolution": 64, "max_train_steps": 4,
            "checkpointing_steps": 2, "log_every_n_steps": 1, "lora_rank": RANK, "lora_alpha": ALPHA,
-           "learning_rate": 2e-3, **te, **seq, **params}
+           "learning_rate": 2e-3, **te, **seq, **video, **params}
     return write_config(tmp_path / f"{name}.json", **cfg)
 
 
@@ -131,9 +165,13 @@ def test_train_stop_resume_and_export(tmp_path, tiny_models, dataset, family):
     full = run_cli("--config", str(_config(tmp_path, model, dataset, "full", family, validation_steps=4,
                                            validation_inference_steps=2)), env=nan)
     assert full.returncode == 0, full.stderr[-4000:]
+    _check_clips(family, full)
     started = full.last("run_started")
     assert (started["family"], started["variant"], started["prediction_type"]) == (family, variant, prediction)
     assert started["objective"]["kind"] == spec.objective
+    if get_part(family, "adapter").ADAPTER.samples_from_cache and not spec.lora_text_encoders:
+        # Prompts are cached once, then the encoders leave for good (T5-XXL, umt5-xxl: ~10 GB never resident).
+        assert started["text_cache"]["text_encoders_released"] is True
     assert [e["step"] for e in full.of_type("step")] == [1, 2, 3, 4]
     assert [e["details"]["step"] for e in full.of_type("warning") if e["code"] == "nonfinite_step_skipped"] == [3]
     assert 4 in {e["step"] for e in full.of_type("sample")}
@@ -211,6 +249,7 @@ def test_every_other_variant_trains(tmp_path, tiny_models, dataset, pair):
     model = tiny_models[name]
     res = run_cli("--config", str(_config(tmp_path, model, dataset, "run", family, max_train_steps=2)))
     assert res.returncode == 0, res.stderr[-3000:]
+    _check_clips(family, res)
     started = res.last("run_started")
     assert (started["family"], started["variant"], started["prediction_type"]) == (family, *_expected(family, name, model))
     assert res.last("completed")["steps"] == 2
