@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import lora_deltas, run_cli, write_config
@@ -17,6 +18,7 @@ from tool_rules import _wan_rules
 from lora_trainer.families.wan import tiny
 from lora_trainer.families.wan.adapter import Wan
 from lora_trainer.families.wan.experts import EXPERTS
+from lora_trainer.families.wan.spec import SPEC
 from lora_trainer.objectives.flow import FlowMatchingObjective, FlowSettings
 
 RANK, ALPHA = 4, 8
@@ -146,6 +148,18 @@ def test_both_experts_train_export_and_resume_bitwise(tmp_path, tiny_models, dat
     assert Path(done["lora"]) == files["lora_high_noise"] and not (out / "lora.safetensors").exists()
     card = (out / "README.md").read_text()
     assert "pytorch_lora_weights_low_noise.safetensors\", load_into_transformer_2=True" in card
+    # The tool files: Wan 2.2's names (ai-toolkit's ss_base_model_version, the Wan2.2 repo) and each expert's
+    # timesteps (musubi-tuner's modelspec.timestep_range); the card calls it Wan 2.2 and tags it so.
+    names = SPEC.tool_names_for("t2v-a14b")
+    assert (names.base_model_version, names.architecture) == ("wan_2.2_14b", "wan2.2-t2v-a14b")
+    for name, timesteps in zip(EXPERTS.names, ("875,1000", "0,875")):
+        with safe_open(str(files[f"lora_{name}"]), "pt") as fh:
+            meta = fh.metadata()
+        assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.implementation"],
+                meta["modelspec.timestep_range"]) == \
+            (names.base_model_version, f"{names.architecture}/lora", names.implementation, timesteps), name
+    tags = card.split("---")[1]
+    assert "Wan 2.2 T2V-A14B" in card and "- wan2.2" in tags and "wan2.1" not in card
 
     # SIGTERM during step 2 -> a checkpoint at 2; --resume ends bitwise equal on both experts.
     cfg = _config(tmp_path, model, dataset, "split")

@@ -139,10 +139,11 @@ def read_modules(path: Path, family: str | None = None) -> dict[str, dict[str, t
     return modules
 
 
-def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Module], events) -> None:
-    """The recipe's step: load cfg.init_lora (relative to the config file) into the fresh adapters of ``modules``
-    (component -> adapted module), and say so."""
-    path = cfg.resolve(cfg.init_lora)
+def init_from_file(cfg, family_name: str, comps, modules: dict[str, torch.nn.Module], events, *,
+                   path: Path | None = None) -> None:
+    """The recipe's step: load cfg.init_lora (relative to the config file; ``path``: one expert's file,
+    init_experts.py) into the fresh adapters of ``modules`` (component -> adapted module), and say so."""
+    path = cfg.resolve(cfg.init_lora) if path is None else path
     unet = comps.denoisers.get("unet")
     if cfg.network_type != "lora":  # a LoKr / LoHa file
         from ..families import get_family

@@ -342,6 +342,17 @@ class ModelFamily:
         """The extra ``load_lora_weights`` arguments a group's PEFT file needs (the model card says them)."""
         return ""
 
+    def denoisers_routed(self, comps: Components) -> bool:
+        """Whether a training step may leave some of the trained denoisers unrun (each sample going to one of them:
+        Wan 2.2 A14B with both experts trained). Several processes then reduce their gradients without DDP
+        (distributed/routed.py)."""
+        return False
+
+    def group_metadata(self, suffix: str) -> dict[str, str]:
+        """Metadata keys a group's files carry beyond the run's (both files of the pair): what tells the group's
+        files apart for tools that read them. Default: none."""
+        return {}
+
     def tool_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any], *,
                         alpha: float, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The LoRA file for ComfyUI / Forge / A1111 (``<output_name>.safetensors``) from PEFT states; ``configs``:

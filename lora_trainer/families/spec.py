@@ -71,6 +71,10 @@ class ToolNames:
     base_model_version: str  # ss_base_model_version
     architecture: str  # modelspec.architecture, without the "/lora" suffix
     implementation: str  # modelspec.implementation
+    # A variant that is its own release (Wan 2.2 beside 2.1): what the model card calls it instead of the family's
+    # display_name, and its Hub tags beside the family's hub_tags. Empty: the family's alone.
+    display_name: str = ""
+    hub_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

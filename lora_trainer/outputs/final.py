@@ -139,7 +139,8 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
                 res = results[suffix] = export_lora(
                     cfg.output_path, cfg.output_name + suffix, record.family.name, _renamed(names, states),
                     alpha=cfg.alpha, rank=cfg.lora_rank, unet_config=None,
-                    metadata=metadata, dtype=SAVE_DTYPES[cfg.save_precision],
+                    metadata={**metadata, **record.family.group_metadata(suffix)},
+                    dtype=SAVE_DTYPES[cfg.save_precision],
                     kohya=_group_tool_file(record, names, states),
                     lora_configs=_renamed(names, peft_configs(cfg, modules)), peft_suffix=suffix)
                 paths.update({f"lora{suffix}": res["kohya_path"], f"peft_lora{suffix}": res["peft_path"]})
@@ -147,7 +148,8 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
                     (cfg.output_path / "raw").mkdir(exist_ok=True)
                     raw = export_lora(cfg.output_path / "raw", cfg.output_name + suffix, record.family.name,
                                       _renamed(names, raw_states), alpha=cfg.alpha, rank=cfg.lora_rank,
-                                      unet_config=None, metadata=_metadata(record, progress),
+                                      unet_config=None, metadata={**_metadata(record, progress),
+                                                                  **record.family.group_metadata(suffix)},
                                       dtype=SAVE_DTYPES[cfg.save_precision],
                                       kohya=_group_tool_file(record, names, raw_states),
                                       lora_configs=_renamed(names, peft_configs(cfg, modules)), peft_suffix=suffix)
@@ -174,7 +176,8 @@ def export_final(record: RunRecord, *, modules: dict[str, torch.nn.Module], prog
             local = cfg.resolve(str(cfg.base_model)).exists()
             groups = None if "" in results else [(suffix, record.family.load_kwargs(suffix)) for suffix in results]
             paths["model_card"] = str(write_model_card(cfg, family=record.family.name, steps=progress.global_step,
-                                                       base_is_hub=not local, datasets=datasets, groups=groups))
+                                                       base_is_hub=not local, datasets=datasets, groups=groups,
+                                                       variant=record.comps.variant))
         except OSError as exc:
             raise OutputError(f"could not write the final LoRA to {cfg.output_path}: {exc.strerror or exc}",
                               hint="free disk space or fix permissions; the last checkpoint is intact and "

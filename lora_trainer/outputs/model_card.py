@@ -17,15 +17,16 @@ CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def family_name(family: str) -> str:
-    """How the card and the report name the family ("Stable Diffusion 1.x"); an unknown one by its model_type."""
+def family_name(family: str, variant: str | None = None) -> str:
+    """How the card and the report name the family ("Stable Diffusion 1.x"), or a variant that is its own release
+    (ToolNames.display_name: "Wan 2.2 T2V-A14B ..."); an unknown one by its model_type."""
     spec = SPECS.get(family)
-    return spec.display_name if spec else family
+    return (spec.tool_names_for(variant).display_name or spec.display_name) if spec else family
 
 
-def family_tags(family: str) -> list[str]:
+def family_tags(family: str, variant: str | None = None) -> list[str]:
     spec = SPECS.get(family)
-    return list(spec.hub_tags) if spec else []
+    return [*spec.hub_tags, *spec.tool_names_for(variant).hub_tags] if spec else []
 
 
 def _latest_samples(out_dir: Path, limit: int = 4) -> list[tuple[str, str]]:
@@ -65,7 +66,7 @@ def _groups_md(cfg: Any, groups: list[tuple[str, str]]) -> str:
 
 
 def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, datasets: list[dict] | None = None,
-                     groups: list[tuple[str, str]] | None = None) -> Path:
+                     groups: list[tuple[str, str]] | None = None, variant: str | None = None) -> Path:
     """``groups``: (file-name suffix, extra load_lora_weights arguments) per file pair where the family writes one per
     denoiser group (ModelFamily.export_groups); None: the one pair."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -84,8 +85,8 @@ def write_model_card(cfg: Any, *, family: str, steps: int, base_is_hub: bool, da
         # A base model under its own licence names it (modelspec.license in the family's metadata): the LoRA inherits it.
         license="other", license_name=SPECS[family].extra_metadata.get("modelspec.license") if family in SPECS else None,
         instance_prompt=triggers or None, widget=widget or None,
-        tags=["text-to-image", "diffusers", "lora", "template:sd-lora", "train_lora", *family_tags(family)])
-    fam = family_name(family)
+        tags=["text-to-image", "diffusers", "lora", "template:sd-lora", "train_lora", *family_tags(family, variant)])
+    fam = family_name(family, variant)
     base_line = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{Path(base).name or base}` (a local model)"
     samples_md = "\n".join(f"![{prompts[int(i)] if int(i) < len(prompts) else triggers}]({rel})"
                            for rel, i in _latest_samples(out_dir)) or "_No samples were generated (validation_steps)._"

@@ -232,6 +232,14 @@ def _offload(value: float, blocks: list[int]) -> dict | None:
             "device_bytes": min(count, SLOTS) * max(streamed)}
 
 
+def _summed(total: dict | None, part: dict | None) -> dict | None:
+    """Another trained denoiser's offload / shard figures added to the run's: the byte counts add up (``blocks``,
+    ``of``, ``processes``: per denoiser, as offload_blocks and shard_base apply to each)."""
+    if total is None or part is None:
+        return total or part
+    return {k: v + part[k] if k.endswith("bytes") else v for k, v in total.items()}
+
+
 def _shard(blocks: list[int], processes: int) -> dict | None:
     """What shard_base keeps on each of ``processes``: 1/N of every block, plus whole blocks while they run (FSDP2
     gathers the next block during the current one, so two at a time); the rest of the denoiser (embeddings, the
@@ -313,8 +321,9 @@ def plan_memory(cfg: Any, probe: Any, family: str | None, resolution: int, *, gp
                                  units=spec.activations.checkpoint_units if o["gradient_checkpointing"] else None)
         cfg_json = cfg_json or _config(root, comp)
         blocks = _block_bytes(shapes, spec.blocks, o["base_quantization"], b)
-        offload = offload or _offload(o["offload_blocks"], blocks)
-        shard = shard or (_shard(blocks, processes) if o["shard_base"] else None)
+        # Two trained experts are streamed (sharded) each by its own streamer, slots included: both count.
+        offload = _summed(offload, _offload(o["offload_blocks"], blocks))
+        shard = _summed(shard, _shard(blocks, processes) if o["shard_base"] else None)
     if offload:
         denoiser_bytes -= offload["host_bytes"] - offload["device_bytes"]
     if shard:

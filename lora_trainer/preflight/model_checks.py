@@ -237,9 +237,10 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
     return objective_summary(cfg, spec, variant)
 
 
-def _check_validation_model(cfg: Any, family: str | None, errors: list) -> None:
+def _check_validation_model(cfg: Any, family: str | None, errors: list, variant: str | None = None) -> None:
     """validation_base_model: it exists and is a release of the run's family (its denoiser takes the trained LoRA
-    and the cached prompts); a hub id not downloaded yet is checked when the run fetches it."""
+    and the cached prompts) with the base model's denoisers (``variant``'s: both experts of Wan 2.2 A14B, each
+    taking its own LoRA); a hub id not downloaded yet is checked when the run fetches it."""
     from .probe import probe_model
 
     key = "validation_base_model"
@@ -255,6 +256,13 @@ def _check_validation_model(cfg: Any, family: str | None, errors: list) -> None:
         errors.append(_issue("config_invalid", key, f"validation_base_model is a {probe.family} model, the base model "
                              f"a {family} one: samples need a release of the same family",
                              hint="name a release of the base model's family, e.g. its distilled sibling"))
+    elif probe.family is not None and family in SPECS and \
+            SPECS[family].denoisers_of(variant) != SPECS[family].denoisers_of(probe.variant):
+        have, want = (", ".join(SPECS[family].denoisers_of(v)) for v in (probe.variant, variant))
+        errors.append(_issue("config_invalid", key, f"validation_base_model has the denoiser(s) {have}, the base model "
+                             f"{want}: the LoRA of each cannot go on the other's", value=cfg.validation_base_model,
+                             hint="name a release with the base model's denoisers (Wan 2.2 A14B: a folder with both "
+                                  "experts)"))
 
 
 def _check_video_samples(cfg: Any, family: str | None, errors: list, warnings: list) -> None:

@@ -405,16 +405,22 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
         from ..adapters.init_from_file import header_problems
         from ..adapters.init_lycoris import header_problems as lycoris_header_problems
 
-        errors.extend(dict(p, code="init_lora_mismatch") for p in (header_problems(
-            cfg.resolve(cfg.init_lora), rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family)
-            if cfg.network_type == "lora" else
-            lycoris_header_problems(cfg.resolve(cfg.init_lora), network_type=cfg.network_type)))
+        from ..adapters.init_experts import expert_files
+
+        # a model with experts: each trained expert's own file (init_experts.py), every one checked
+        files, problems = expert_files(cfg.resolve(cfg.init_lora), family, getattr(probe, "variant", None),
+                                       getattr(cfg, "train_experts", None) or "both") if family else (None, [])
+        errors.extend(dict(p, code="init_lora_mismatch") for p in problems)
+        for path in ([cfg.resolve(cfg.init_lora)] if files is None else [] if problems else files.values()):
+            errors.extend(dict(p, code="init_lora_mismatch") for p in (
+                header_problems(path, rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family)
+                if cfg.network_type == "lora" else lycoris_header_problems(path, network_type=cfg.network_type)))
     if getattr(cfg, "merge_lora", None):
         from ..runtime.merge_lora import header_problems as merge_problems
 
         errors.extend(dict(p, code="config_invalid") for p in merge_problems(cfg.resolve(cfg.merge_lora)))
     if getattr(cfg, "validation_base_model", None):
-        _check_validation_model(cfg, family, errors)
+        _check_validation_model(cfg, family, errors, getattr(probe, "variant", None))
     output_info = _check_output(cfg, errors, warnings)
     resume_info = _check_resume(cfg, errors, warnings)
     gpu = detect_run_gpu(cfg)

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.init_experts import init_experts
 from ..adapters.init_from_file import init_from_file
 from ..adapters.lora import add_lora
 from ..adapters.lycoris import Network
+from ..distributed.routed import refuse_sharding
 from ..distributed.shard import shard_denoisers
 from ..runtime.compile import CompileStats, compile_denoisers
 from ..runtime.offload import stream_denoisers
@@ -53,13 +55,14 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
                                       network=network)
             te.train()
             out.lora_modules[name] = te
-    if cfg.init_lora:
+    if cfg.init_lora and not init_experts(cfg, family, comps, out.lora_modules, events):
         init_from_file(cfg, family.name, comps, out.lora_modules, events)
     after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
     # every LoRA tensor is checked to be trainable fp32
     if cfg.compile:  # the blocks' forwards, LoRA inside; streaming then wraps the compiled forward (compile.py)
         out.compiled = compile_denoisers(comps.denoisers, spec.blocks)
     out.streamers = stream_denoisers(cfg.offload_blocks, spec.blocks, comps.denoisers, device)
+    refuse_sharding(cfg, family, comps, world)
     if cfg.shard_base and world > 1:
         out.shards = shard_denoisers(comps.denoisers, spec.blocks, device, world)
         # fully_shard replaced every parameter by its shard (a new Parameter): the optimizer must get those.

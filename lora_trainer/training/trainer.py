@@ -35,6 +35,7 @@ from ..families import get_family
 from ..families.adapter import Components
 from ..families.spec import objective_summary
 from ..runtime.offload import summary as offload_summary
+from ..distributed.routed import broadcast_weights, reduce_gradients, routed_denoisers
 from ..distributed.shard import local_value, no_sync, summary as shard_summary
 from ..outputs.report import tracker_for
 from ..runtime.signals import GracefulStop, stop_agreed
@@ -211,12 +212,16 @@ class Trainer:
                                          device=self.device)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
                                                total_steps=self.total_steps)
-        # Sharded denoisers (shard_base) reduce their own gradients: DDP must not wrap them too.
-        names = [n for n in self.lora_modules if n not in self.shards]
+        # Sharded denoisers (shard_base) reduce their own gradients, and so do routed ones (distributed/routed.py:
+        # a step may not run them all): DDP must not wrap them too.
+        self.routed = routed_denoisers(self.family, self.comps, self.world, self.shards)
+        names = [n for n in self.lora_modules if n not in self.shards and n not in self.routed]
         prepared = self.accelerator.prepare(*(self.lora_modules[n] for n in names), self.optimizer)
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)  # prepare(x) returns x itself
         self.optimizer = prepared[-1]
-        wrapped = {**dict(zip(names, prepared[:-1])), **{n: self.lora_modules[n] for n in self.shards}}
+        wrapped = {**dict(zip(names, prepared[:-1])),
+                   **{n: self.lora_modules[n] for n in (*self.shards, *self.routed)}}
+        broadcast_weights([self.lora_modules[n] for n in self.routed])
         # Denoisers and trained text encoders run through their prepared (DDP) wrappers so their LoRA gradients
         # are averaged across ranks; the plain modules stay in comps (and lora_modules) for sampling and saving.
         self.denoisers = {n: wrapped[n] for n in self.comps.denoisers}
@@ -323,6 +328,7 @@ class Trainer:
                 scaled = loss * (len(batch) / total_samples)
                 self.accelerator.backward(scaled)
             loss_sum += scaled.detach()
+        reduce_gradients([self.lora_modules[n] for n in self.routed], self.world)
         params = self.denoiser_params + self.te_params
         if self.cfg.max_grad_norm > 0:
             grad_norm = local_value(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))

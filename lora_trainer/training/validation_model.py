@@ -34,8 +34,11 @@ class ValidationModel:
         name = str(cfg.validation_base_model)
         source, single_file = self._source(name)
         self.family.read_release(None if single_file else source, name)
-        self.denoisers = {n: self._load(n, source, single_file, _base_dtype(comps.denoisers[n]))
-                          for n in family.spec.denoisers}
+        # Every denoiser of the variant: a two-expert model's both experts (--validate-only checked that this
+        # release has the same ones); those the run trains get its LoRA, an untrained one samples frozen.
+        runs = {**comps.sampling_only, **comps.denoisers}
+        self.denoisers = {n: self._load(n, source, single_file, _base_dtype(runs[n]), type(runs[n]).__name__)
+                          for n in family.spec.denoisers_of(family.variant)}
         self.scheduler_config = comps.scheduler_config
         if not single_file:
             import diffusers
@@ -53,7 +56,8 @@ class ValidationModel:
             return download_with_events(name, self.events), False
         return Path(probe.path), probe.kind == "single_file"
 
-    def _load(self, name: str, source: Path, single_file: bool, dtype: torch.dtype) -> torch.nn.Module:
+    def _load(self, name: str, source: Path, single_file: bool, dtype: torch.dtype, cls_name: str
+              ) -> torch.nn.Module:
         import diffusers
 
         self.events.emit("status", phase="loading", message=f"loading validation_base_model's {name}")
@@ -66,21 +70,27 @@ class ValidationModel:
             config = resolve_config_source(self.cfg.base_model_config or (base if base.is_dir() else None),
                                            family_name=self.family.name, checkpoint=source)
             return load_transformer_single_file(self.family.name, source, config_source=config, dtype=dtype)
-        cls = getattr(diffusers, self.family.denoiser_classes[name])
+        cls = getattr(diffusers, cls_name)  # the run's own class for it (a second expert is not in the spec's)
         model = cls.from_pretrained(source, subfolder=name, torch_dtype=dtype, use_safetensors=True,
                                     local_files_only=True)
         return model.eval().requires_grad_(False)
 
     def components(self, comps, device: torch.device) -> Any:
-        """``comps`` with this release's denoisers, carrying the run's current LoRA, on ``device``."""
+        """``comps`` with this release's denoisers, carrying the run's current LoRA, on ``device`` (an expert the run
+        does not train replaces the run's frozen one, without LoRA)."""
+        frozen = {n: m.to(device) for n, m in self.denoisers.items() if n not in comps.denoisers}
         for name, model in self.denoisers.items():
+            if name in frozen:
+                continue
             trained = comps.denoisers[name]
             if not self._lora_added:
                 model.add_adapter(trained.peft_config[ADAPTER], adapter_name=ADAPTER)
             load_plain_lora_state(model, plain_lora_state(trained))
             model.to(device)
         self._lora_added = True
-        return dataclasses.replace(comps, denoisers=dict(self.denoisers), scheduler_config=self.scheduler_config)
+        return dataclasses.replace(comps, denoisers={n: m for n, m in self.denoisers.items() if n not in frozen},
+                                   sampling_only={**comps.sampling_only, **frozen},
+                                   scheduler_config=self.scheduler_config)
 
     def release(self) -> None:
         for model in self.denoisers.values():

@@ -137,16 +137,18 @@ class Wan(ModelFamily):
         return [high if h else low for h in (t.float() * 1000 >= self.boundary * 1000).tolist()]
 
     def _denoise(self, transformer, noisy, t, cond):
+        # several processes: the DDP wrapper, which has no dtype of its own
+        dtype = getattr(transformer, "module", transformer).dtype
         image = noisy.ndim == 4
         x = noisy[:, :, None] if image else noisy
-        timestep = (t * 1000).to(transformer.dtype)  # the scheduler's timesteps: sigma x 1000
+        timestep = (t * 1000).to(dtype)  # the scheduler's timesteps: sigma x 1000
         if self.expand_timesteps:
             # Wan 2.2 TI2V-5B: one timestep per token, as its pipeline passes them (all equal without an image;
             # measured: the same output as one per sample, so this is parity with the pipeline, not a fix).
             b, _, f, h, w = x.shape
             timestep = timestep[:, None].expand(b, f * (h // 2) * (w // 2))
-        out = transformer(hidden_states=x.to(transformer.dtype), timestep=timestep,
-                          encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
+        out = transformer(hidden_states=x.to(dtype), timestep=timestep,
+                          encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                           return_dict=False)[0]
         return out[:, :, 0] if image else out
 
@@ -185,6 +187,12 @@ class Wan(ModelFamily):
         self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
         return self.experts_arranged(comps, second)
 
+    def read_release(self, folder, name) -> None:
+        """validation_base_model: a two-expert release's own boundary_ratio (its model_index.json)."""
+        if folder is not None and self.variant == A14B:
+            index = json.loads((Path(folder) / "model_index.json").read_text())
+            self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
+
     def experts_arranged(self, comps: Components, second: torch.nn.Module) -> Components:
         """The two experts split by train_experts: the trained ones are the denoisers (LoRA, optimizer, the
         device), the other is frozen in sampling_only (host memory; sampling moves it to the accelerator)."""
@@ -202,6 +210,9 @@ class Wan(ModelFamily):
             objective.sigma_range = EXPERTS.sigma_range(self.train_experts, self.boundary)
         return objective
 
+    def denoisers_routed(self, comps: Components) -> bool:
+        return self.boundary is not None and len(comps.denoisers) > 1
+
     def export_groups(self, components):
         """One file pair per expert, named for where it goes: ``<output_name>_high_noise.safetensors`` (ComfyUI,
         on the high-noise model) and ``pytorch_lora_weights_high_noise.safetensors`` (``transformer.`` keys:
@@ -212,6 +223,15 @@ class Wan(ModelFamily):
 
     def load_kwargs(self, suffix: str) -> str:
         return "load_into_transformer_2=True" if suffix == f"_{EXPERTS.groups[1][0]}" else ""
+
+    def group_metadata(self, suffix: str) -> dict[str, str]:
+        """An expert's files name the timesteps (0-1000) it denoises, as musubi-tuner records a --min_timestep /
+        --max_timestep run (modelspec.timestep_range "875,1000" for the high-noise expert): the metadata, not only
+        the file name, says which model a file goes on."""
+        if self.boundary is None or not suffix:
+            return {}
+        low, high = EXPERTS.sigma_range(suffix.lstrip("_"), self.boundary)
+        return {"modelspec.timestep_range": f"{round(low * 1000)},{round(high * 1000)}"}
 
     # -- sampling ------------------------------------------------------------------------------------
     def __init__(self, cfg=None):

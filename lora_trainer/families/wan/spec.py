@@ -9,6 +9,7 @@ from ..spec import Activations, FamilySpec, FlowDefaults, TextEntry, ToolNames
 from .experts import A14B, EXPERTS
 
 _IMPL = "https://github.com/Wan-Video/Wan2.1"
+_IMPL22 = "https://github.com/Wan-Video/Wan2.2"
 # WanTransformer3DModel blocks: attn1 = self-attention over the video tokens, attn2 = cross-attention to the UMT5
 # states (to_q reads the video, to_k / to_v only the text), ffn = GELU MLP (net.0.proj, net.2). SimpleTuner's
 # default targets are to_q/to_k/to_v/to_out.0 of both; ai-toolkit and musubi-tuner every Linear of the blocks.
@@ -53,9 +54,17 @@ SPEC = FamilySpec(
                             depth_keys={"num_layers": 40},
                             # measured on its own block (fp32 modulation): memory_plan.py, tests/test_video_plan.py
                             block_factors={"attention": 20.5, "more": 21.5}, ffn_keys={"ffn_dim": 13824}),
-    # musubi-tuner utils/sai_model_spec.py: ARCH_WAN "wan2.1", IMPL_WAN; its dataset ARCHITECTURE_WAN "wan".
-    tool_names={None: ToolNames("wan", "wan2.1", _IMPL)},
+    # Wan 2.1: musubi-tuner's names (utils/sai_model_spec.py ARCH_WAN "wan2.1", IMPL_WAN; ss_base_model_version its
+    # ARCHITECTURE_WAN_FULL "wan"). musubi-tuner writes those for Wan 2.2 too (no 2.2 names); ai-toolkit's
+    # get_base_model_version tells the 2.2 releases apart, "wan_2.2_5b" (TI2V-5B) and "wan_2.2_14b" (A14B, both
+    # expert files): those, with the Wan2.2 repo as implementation. Which expert a file is for: each expert's file
+    # says its timestep range (Wan.group_metadata, musubi-tuner's modelspec.timestep_range).
+    tool_names={None: ToolNames("wan", "wan2.1", _IMPL, hub_tags=("wan2.1",)),
+                "ti2v-5b": ToolNames("wan_2.2_5b", "wan2.2-ti2v-5b", _IMPL22, display_name="Wan 2.2 TI2V-5B "
+                                     "(text-to-video)", hub_tags=("wan2.2",)),
+                A14B: ToolNames("wan_2.2_14b", "wan2.2-t2v-a14b", _IMPL22, display_name="Wan 2.2 T2V-A14B "
+                                "(text-to-video, two experts)", hub_tags=("wan2.2",))},
     tool_file_dora=True,
-    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("wan", "wan2.1", "text-to-video"),
+    kohya_v2=False, kohya_sgm_unet=False, extra_metadata={}, hub_tags=("wan", "text-to-video"),
     temporal_compression=4,
     experts={A14B: EXPERTS})
