@@ -105,7 +105,10 @@ def _generate_set(cfg, family, comps, *, accelerator: Any, events, resolution: i
         out_dir.mkdir(parents=True, exist_ok=True)
     denoisers = dict(comps.denoisers)  # the plain modules, LoRA attached: no DDP wrapper in a pipeline
     moved = []
-    for module in (comps.vae, *comps.text_encoders.values(), *comps.sampling_only.values()):
+    # A frozen model the validation release replaces (an expert the run does not train) stays on the host.
+    replaced = set(validation_model.denoisers) if validation_model is not None else set()
+    for module in (comps.vae, *comps.text_encoders.values(),
+                   *(m for n, m in comps.sampling_only.items() if n not in replaced)):
         if next(module.parameters()).device != device:
             moved.append(module)
             module.to(device)
