@@ -4,7 +4,6 @@ the block headers, no frame decoded), held-out clips in eval_dataset_path are ev
 reads the VAE's layout (Wan 2.2 TI2V-5B: 48 channels at 16x)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

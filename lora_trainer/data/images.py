@@ -8,7 +8,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
