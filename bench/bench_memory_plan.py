@@ -45,6 +45,18 @@ def _saved_state(model) -> dict:
     return {k: v for k, v in state.items() if k in once or k not in every}
 
 
+def write_header_only_components(root: Path, comps: dict, classes: dict) -> None:
+    """Each of ``comps`` (meta-device models) as a diffusers component folder under ``root``: its config.json (class
+    from ``classes[name][1]``) and a header-only weight file (VAE fp32, everything else bf16): a plan folder."""
+    for name, model in comps.items():
+        config = dict(model.config) if name != "text_encoder" else model.config.to_dict()
+        config["_class_name"] = classes[name][1]
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(config, default=list))
+        file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        header_only(root / name / file, _saved_state(model), "F32" if name == "vae" else "BF16")
+
+
 def _meta_components(family: str) -> dict:
     """The real architecture's components (the published configs in bench/models.py, real vocabularies) on the meta
     device: shapes without memory."""

@@ -69,7 +69,7 @@ def plan_folder(root: Path) -> Path:
     """A diffusers folder of the real architecture with header-only weights (what the probe and the plan read)."""
     import torch
 
-    from bench.bench_memory_plan import _saved_state, header_only
+    from bench.bench_memory_plan import write_header_only_components
     from lora_trainer.families.qwen_image21.tiny import make_processor
 
     with torch.device("meta"):
@@ -85,13 +85,7 @@ def plan_folder(root: Path) -> Path:
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
     make_processor().save_pretrained(root / "processor")
-    for name, model in comps.items():
-        config = dict(model.config) if name != "text_encoder" else model.config.to_dict()
-        config["_class_name"] = classes[name][1]
-        (root / name).mkdir(exist_ok=True)
-        (root / name / "config.json").write_text(json.dumps(config, default=list))
-        file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        header_only(root / name / file, _saved_state(model), "F32" if name == "vae" else "BF16")
+    write_header_only_components(root, comps, classes)
     return root
 
 
