@@ -173,12 +173,12 @@ def test_validate_only_checks_transformer_targets(tmp_path, tiny_models, dataset
         assert ok.returncode == 0, ok.last("validation")["errors"]
 
 
-@pytest.mark.parametrize("name", ["flux1_dev.json", "sd35_large.json"])
+@pytest.mark.parametrize("name", ["flux1_dev.json", "sd35_large.json", "wan21_clips.json", "wan22_a14b.json"])
 def test_example_family_configs_validate(name):
     from lora_trainer.config.config import load_config
 
     cfg, warnings = load_config(Path(__file__).resolve().parent.parent / "examples" / "configs" / name)
-    assert cfg.model_type in ("flux1", "sd3") and not warnings
+    assert cfg.model_type in ("flux1", "sd3", "wan") and not warnings
     pre = run_preflight(cfg)
     assert not [e for e in pre.errors if e["code"] == "config_invalid"], "no family rule may refuse the example"
 
