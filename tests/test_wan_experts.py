@@ -5,6 +5,8 @@ WanPipeline loads onto the right transformer (and the ComfyUI files by the tests
 bitwise on both experts, and train_experts refused for a model without experts."""
 from __future__ import annotations
 
+import html
+
 import shutil
 from pathlib import Path
 
@@ -148,6 +150,12 @@ def test_both_experts_train_export_and_resume_bitwise(tmp_path, tiny_models, dat
     assert Path(done["lora"]) == files["lora_high_noise"] and not (out / "lora.safetensors").exists()
     card = (out / "README.md").read_text()
     assert "pytorch_lora_weights_low_noise.safetensors\", load_into_transformer_2=True" in card
+    # The report names the release, lists each expert's pair and loads each on its own model; no lora.safetensors.
+    report = html.unescape((out / "report.html").read_text())
+    assert "A Wan 2.2 T2V-A14B" in report and "LoraLoaderModelOnly" in report
+    assert 'pytorch_lora_weights_low_noise.safetensors", load_into_transformer_2=True)' in report
+    assert all(f"<code>{p.name}</code>" in report for p in files.values())
+    assert str(out / "lora.safetensors") not in report
     # The tool files: Wan 2.2's names (ai-toolkit's ss_base_model_version, the Wan2.2 repo) and each expert's
     # timesteps (musubi-tuner's modelspec.timestep_range); the card calls it Wan 2.2 and tags it so.
     names = SPEC.tool_names_for("t2v-a14b")

@@ -342,6 +342,11 @@ class ModelFamily:
         """The extra ``load_lora_weights`` arguments a group's PEFT file needs (the model card says them)."""
         return ""
 
+    def file_groups(self, components) -> list[tuple[str, str]] | None:
+        """(file-name suffix, load_kwargs) per file pair where a run writes named pairs; None for the one pair."""
+        groups = self.export_groups(list(components))
+        return None if [g[0] for g in groups] == [""] else [(suffix, self.load_kwargs(suffix)) for suffix, _ in groups]
+
     def denoisers_routed(self, comps: Components) -> bool:
         """Whether a training step may leave some of the trained denoisers unrun (each sample going to one of them:
         Wan 2.2 A14B with both experts trained). Several processes then reduce their gradients without DDP

@@ -117,9 +117,14 @@ def _clips_html(samples_dir: Path, prompts: list[str], limit: int = 4) -> str:
     return f'<h3>Clips at step {step} (the newest samples)</h3>{"".join(cells)}'
 
 
-def _files_table(out_dir: Path, lora_name: str) -> str:
-    what = {lora_name: "ComfyUI, A1111/Forge (and diffusers)", "pytorch_lora_weights.safetensors": "diffusers / PEFT",
-            "training_manifest.json": "settings, dataset fingerprint, versions", "README.md": "model card (Hugging Face)"}
+def _files_table(out_dir: Path, output_name: str, suffixes: list[str]) -> str:
+    what = {}
+    for suffix in suffixes:  # a file pair per denoiser group (Wan 2.2 A14B's experts), else the one pair
+        group = f" ({suffix.strip('_').replace('_', '-')} expert)" if suffix else ""
+        what[f"{output_name}{suffix}.safetensors"] = f"ComfyUI, A1111/Forge (and diffusers){group}"
+        what[f"pytorch_lora_weights{suffix}.safetensors"] = f"diffusers / PEFT{group}"
+    what.update({"training_manifest.json": "settings, dataset fingerprint, versions",
+                 "README.md": "model card (Hugging Face)"})
     rows = []
     for name, use in what.items():
         p = out_dir / name
@@ -159,10 +164,34 @@ def try_write_report(cfg, events, **kwargs) -> dict[str, str]:
         return {}
 
 
+def _how_to_load(cfg, out_dir: Path, groups: list[tuple[str, str]] | None) -> str:
+    e = html.escape
+    triggers = ", ".join(cfg.trigger_words)
+    if groups:  # one pair per denoiser group, each for its own model (as the model card says)
+        calls = "\n".join(f'pipe.load_lora_weights("{out_dir}", weight_name="pytorch_lora_weights{suffix}.safetensors"'
+                          f'{", " + kwargs if kwargs else ""})' for suffix, kwargs in groups)
+        files = ", ".join(f"<code>{e(cfg.output_name + suffix)}.safetensors</code> on the "
+                          f"{e(suffix.strip('_').replace('_', '-'))} model" for suffix, _ in groups)
+        return (f"<p><b>diffusers</b> (one PEFT file per expert)</p><pre>{e(calls)}</pre>"
+                f"<p><b>ComfyUI</b>: copy the files to <code>models/loras/</code> and add one <i>LoraLoaderModelOnly</i>"
+                f" node per expert model: {files}.</p>")
+    name = f"{cfg.output_name}.safetensors"
+    return f"""<p><b>diffusers</b> (reads <code>pytorch_lora_weights.safetensors</code>, the exact PEFT weights)</p>
+<pre>pipe.load_lora_weights("{e(str(out_dir))}")
+image = pipe("{e(triggers)}, ...").images[0]</pre>
+<p><b>ComfyUI</b>: copy <code>{e(name)}</code> to <code>models/loras/</code> and add a <i>LoraLoader</i> node
+between the checkpoint loader and the sampler.</p>
+<p><b>A1111 / Forge</b>: copy it to <code>models/Lora/</code> and prompt with
+<code>&lt;lora:{e(cfg.output_name)}:1&gt; {e(triggers)}</code>.</p>"""
+
+
 def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, run_id: str, device_info: Any,
                  loss_history: list[tuple], duration_s: float | None = None,
-                 final_loss: float | None = None, eval_history: list[tuple] = ()) -> dict[str, str]:
-    """Write the figures and report.html into cfg.output_path; returns their paths. Main process only."""
+                 final_loss: float | None = None, eval_history: list[tuple] = (), variant: str | None = None,
+                 groups: list[tuple[str, str]] | None = None) -> dict[str, str]:
+    """Write the figures and report.html into cfg.output_path; returns their paths. Main process only. ``groups``:
+    (file-name suffix, extra load_lora_weights arguments) per file pair where the family writes one per denoiser
+    group (ModelFamily.export_groups), None for the one pair."""
     from ..data.captions import prompts_for
 
     out_dir = cfg.output_path
@@ -173,7 +202,6 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
     samples_png = out_dir / plots.SAMPLES_PNG
     if plots.samples_over_steps(out_dir / "samples", prompts_for(cfg), samples_png):
         result["samples_over_steps"] = str(samples_png)
-    lora_name = f"{cfg.output_name}.safetensors"
     e = html.escape
     triggers = ", ".join(cfg.trigger_words)
     facts = [("steps", f"{step} of {total_steps}"), ("base model", str(cfg.base_model)),
@@ -189,25 +217,20 @@ def write_report(cfg, *, status: str, family: str, step: int, total_steps: int, 
         if "samples_over_steps" in result else \
         '<p class="muted">No samples: set <code>validation_steps</code> (and <code>validation_prompts</code>).</p>'
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(json.dumps(v))}</td></tr>" for k, v in cfg.to_dict().items())
-    lora_path = str(out_dir / lora_name)
+    suffixes = [suffix for suffix, _ in groups] if groups else [""]
+    lora_path = ", ".join(str(out_dir / f"{cfg.output_name}{suffix}.safetensors") for suffix in suffixes)
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{e(cfg.output_name)}: {e(family)} LoRA ({e(status)})</title><style>{_CSS}</style></head><body>
 <h1>{e(cfg.output_name)} <span class="badge {e(status)}">{e(status)}</span></h1>
-<p class="sub">A {e(family_name(family))} LoRA trained by train_lora. Status: <b>{e(status)}</b>,
+<p class="sub">A {e(family_name(family, variant))} LoRA trained by train_lora. Status: <b>{e(status)}</b>,
 step {step} of {total_steps}, run {e(run_id)}.</p>
 <div class="card facts">{facts_html}</div>
 <h2>Loss</h2><div class="card">{_img_tag(png)}{_eval_table(eval_history)}</div>
 <h2>Samples</h2><div class="card">{samples_html}</div>
-<h2>Files</h2>{_files_table(out_dir, lora_name)}
+<h2>Files</h2>{_files_table(out_dir, cfg.output_name, suffixes)}
 <h2>How to load</h2>
-<p><b>diffusers</b> (reads <code>pytorch_lora_weights.safetensors</code>, the exact PEFT weights)</p>
-<pre>pipe.load_lora_weights("{e(str(out_dir))}")
-image = pipe("{e(triggers)}, ...").images[0]</pre>
-<p><b>ComfyUI</b>: copy <code>{e(lora_name)}</code> to <code>models/loras/</code> and add a <i>LoraLoader</i> node
-between the checkpoint loader and the sampler.</p>
-<p><b>A1111 / Forge</b>: copy it to <code>models/Lora/</code> and prompt with
-<code>&lt;lora:{e(cfg.output_name)}:1&gt; {e(triggers)}</code>.</p>
+{_how_to_load(cfg, out_dir, groups)}
 <h2>Configuration</h2><details><summary>All settings ({len(cfg.to_dict())})</summary><table>{rows}</table></details>
 <p class="muted">Written by train_lora; the LoRA itself: <code>{e(lora_path)}</code></p>
 {_IMAGE_CHECK}</body></html>"""

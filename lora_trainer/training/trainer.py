@@ -478,7 +478,8 @@ class Trainer:
         return try_write_report(self.cfg, self.events, status=status, family=self.family.name,
                                 step=self.progress.global_step, total_steps=self.total_steps, run_id=self.events.run_id,
                                 device_info=self.device_info, loss_history=self.loss_history, final_loss=self.last_loss,
-                                eval_history=self.state.eval_history, duration_s=time.monotonic() - self.started)
+                                eval_history=self.state.eval_history, duration_s=time.monotonic() - self.started,
+                                variant=self.family.variant, groups=self.family.file_groups(self.denoisers))
 
     def cleanup(self) -> None:
         try:
