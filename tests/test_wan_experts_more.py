@@ -158,3 +158,16 @@ def test_validation_base_model_samples_with_both_of_its_experts(tmp_path, tiny_m
     errors = bad.last("validation")["errors"]
     assert [e["path"] for e in errors] == ["validation_base_model"], errors
     assert "transformer_2" in errors[0]["message"]
+
+
+def test_validate_only_refuses_sharding_both_experts(tmp_path, tiny_models, dataset):
+    """shard_base with both experts training is found before a run starts (a process whose samples all went to one
+    expert would never join the other's sharded passes); with one expert trained it is allowed."""
+    base = {"dataset_path": str(dataset), "base_model": str(tiny_models["wan22-a14b"]), "trigger_words": ["ohwx"],
+            "output_path": str(tmp_path / "out"), "resolution": 64, "shard_base": True}
+    both = run_cli("--config", str(write_config(tmp_path / "both.json", **base)), "--validate-only")
+    assert both.returncode == 2
+    assert [e["path"] for e in both.last("validation")["errors"]] == ["shard_base"]
+    one = run_cli("--config", str(write_config(tmp_path / "one.json", **base, train_experts="low_noise")),
+                  "--validate-only")
+    assert one.returncode == 0, one.last("validation")["errors"]

@@ -218,6 +218,10 @@ def _check_family_keys(cfg: Any, family: str | None, variant: str | None, errors
     if cfg.train_experts != "both" and (files_read or not spec.experts) and variant not in spec.experts:
         refuse("train_experts", f"this {spec.label} model has one denoiser, not two experts (only Wan 2.2 T2V-A14B "
                "has: transformer for high noise, transformer_2 for low noise)", "\"both\"")
+    if cfg.shard_base and cfg.train_experts == "both" and variant in spec.experts:  # distributed/routed.py
+        refuse("shard_base", f"both experts of this {spec.label} model train, each step's samples routed to one: a "
+               "sharded expert needs every process in each of its passes, which a process whose samples all went to "
+               "the other never joins", "false (or train_experts naming one expert)")
     if cfg.train_text_encoder and not spec.lora_text_encoders:
         refuse("train_text_encoder", f"{spec.label}'s text encoder gets no LoRA (its pipeline's LoRA loader reads "
                "transformer layers only)", "false")
