@@ -349,18 +349,6 @@ def to_tensor(frames: np.ndarray, bucket: tuple[int, int], *, random_crop: bool 
     return (x, (left, top)) if with_crop else x
 
 
-def load_clip(path: str | Path, info: VideoInfo, *, target_fps: float, frames: int, short_clip: str = "shorten",
-              start: str = "first", epoch: int = 0, seed: int = 0, key: str = "", windows: int = 1):
-    """(frames [F, H, W, 3] uint8, start seconds) for one epoch's window of a clip; None where short_clip skips it."""
-    available = frames_at(info.duration, target_fps)
-    n = clip_length(available, frames, short_clip)
-    if n is None:
-        return None
-    starts = window_starts(info.duration, target_fps, n, windows=windows, start=start)
-    t0 = starts[window_index(len(starts), start=start, epoch=epoch, seed=seed, key=key)]
-    return read_frames(path, sample_times(info.duration, target_fps, n, t0)), t0
-
-
 # -- buckets over (frames, h, w) -----------------------------------------------------------------------
 def latent_frames(frames: int, temporal: int = 4) -> int:
     """Latent frames of a 4k+1 clip through a causal VAE compressing time ``temporal``x: the first frame alone."""
