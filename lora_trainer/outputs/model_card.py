@@ -48,11 +48,21 @@ def _datasets_md(datasets: list[dict] | None) -> str:
             f"| --- | --- | --- | --- | --- | --- |\n{rows}\n")
 
 
+def group_label(suffix: str) -> str:
+    """A file pair's group as people name it: "_high_noise" -> "high-noise"."""
+    return suffix.strip("_").replace("_", "-")
+
+
+def group_load_calls(folder: str, groups: list[tuple[str, str]]) -> str:
+    """The diffusers calls that load each group's PEFT file onto its own denoiser (the card's and the report's)."""
+    return "\n".join(f'pipe.load_lora_weights("{folder}", weight_name="pytorch_lora_weights{suffix}.safetensors"'
+                     f'{", " + kwargs if kwargs else ""})' for suffix, kwargs in groups)
+
+
 def _groups_md(cfg: Any, groups: list[tuple[str, str]]) -> str:
     """How to load a LoRA written as a file pair per denoiser group (Wan 2.2 A14B's experts)."""
-    calls = "\n".join(f'pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights{suffix}'
-                      f'.safetensors"{", " + kwargs if kwargs else ""})' for suffix, kwargs in groups)
-    files = ", ".join(f"`{cfg.output_name}{suffix}.safetensors` on the {suffix.strip('_').replace('_', '-')} model"
+    calls = group_load_calls("path/to/this/folder", groups)
+    files = ", ".join(f"`{cfg.output_name}{suffix}.safetensors` on the {group_label(suffix)} model"
                       for suffix, _ in groups)
     return f"""**diffusers** (`pytorch_lora_weights_*.safetensors`, the exact PEFT weights; one file per expert):
 

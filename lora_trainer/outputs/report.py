@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .model_card import family_name
+from .model_card import family_name, group_label, group_load_calls
 
 REPORT_HTML = "report.html"
 LOSS_PNG = plots.LOSS_PNG
@@ -120,7 +120,7 @@ def _clips_html(samples_dir: Path, prompts: list[str], limit: int = 4) -> str:
 def _files_table(out_dir: Path, output_name: str, suffixes: list[str]) -> str:
     what = {}
     for suffix in suffixes:  # a file pair per denoiser group (Wan 2.2 A14B's experts), else the one pair
-        group = f" ({suffix.strip('_').replace('_', '-')} expert)" if suffix else ""
+        group = f" ({group_label(suffix)} expert)" if suffix else ""
         what[f"{output_name}{suffix}.safetensors"] = f"ComfyUI, A1111/Forge (and diffusers){group}"
         what[f"pytorch_lora_weights{suffix}.safetensors"] = f"diffusers / PEFT{group}"
     what.update({"training_manifest.json": "settings, dataset fingerprint, versions",
@@ -168,10 +168,9 @@ def _how_to_load(cfg, out_dir: Path, groups: list[tuple[str, str]] | None) -> st
     e = html.escape
     triggers = ", ".join(cfg.trigger_words)
     if groups:  # one pair per denoiser group, each for its own model (as the model card says)
-        calls = "\n".join(f'pipe.load_lora_weights("{out_dir}", weight_name="pytorch_lora_weights{suffix}.safetensors"'
-                          f'{", " + kwargs if kwargs else ""})' for suffix, kwargs in groups)
+        calls = group_load_calls(str(out_dir), groups)
         files = ", ".join(f"<code>{e(cfg.output_name + suffix)}.safetensors</code> on the "
-                          f"{e(suffix.strip('_').replace('_', '-'))} model" for suffix, _ in groups)
+                          f"{e(group_label(suffix))} model" for suffix, _ in groups)
         return (f"<p><b>diffusers</b> (one PEFT file per expert)</p><pre>{e(calls)}</pre>"
                 f"<p><b>ComfyUI</b>: copy the files to <code>models/loras/</code> and add one <i>LoraLoaderModelOnly</i>"
                 f" node per expert model: {files}.</p>")
