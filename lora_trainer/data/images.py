@@ -84,7 +84,7 @@ def latent_bytes(layout: tuple[int, int], images: list[TrainImage], cfg=None) ->
 
     channels, factor = layout
     return sum(channels * (img.bucket[0] // factor) * (img.bucket[1] // factor) * 4
-               * latent_units(img, windows=len(starts(cfg, img)) if img.is_clip else 1) for img in images)
+               * latent_units(img, windows=len(starts(cfg, img))) for img in images)
 
 
 class LatentCache:

@@ -53,6 +53,15 @@ def original_name(path: str) -> str:
     return path
 
 
+def _model_index(folder) -> dict:
+    return json.loads((Path(folder) / "model_index.json").read_text())
+
+
+def _boundary(index: Mapping) -> float:
+    """A two-expert release's boundary_ratio (its model_index.json; T2V's 0.875 where it is not written)."""
+    return float(index.get("boundary_ratio") or EXPERTS.boundary)
+
+
 class FrameGrid:
     """WanPipeline called as the sampler calls image pipelines (``pipe(...).images[0]``): it makes a clip of
     ``frames`` frames and returns a few of them side by side as ``images`` (outputs/clips.frame_grid; a one-frame clip:
@@ -169,7 +178,7 @@ class Wan(ModelFamily):
     def _load_folder(self, source: Path, *, dtype, progress, load_denoiser=None, load_dtypes=None) -> Components:
         comps = super()._load_folder(source, dtype=dtype, progress=progress, load_denoiser=load_denoiser,
                                      load_dtypes=load_dtypes)
-        index = json.loads((Path(source) / "model_index.json").read_text())
+        index = _model_index(source)
         if load_denoiser is not None or (index.get(SECOND_EXPERT) or [None, None])[1] is None:
             if self.train_experts != "both":  # preflight refuses it where it read the files; a hub download here
                 from ...contract.errors import ConfigError
@@ -183,14 +192,13 @@ class Wan(ModelFamily):
         second = WanTransformer3DModel.from_pretrained(
             source, subfolder=SECOND_EXPERT, torch_dtype=(load_dtypes or {}).get("transformer", dtype),
             use_safetensors=True, local_files_only=True)
-        self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
+        self.boundary = _boundary(index)
         return self.experts_arranged(comps, second)
 
     def read_release(self, folder, name) -> None:
         """validation_base_model: a two-expert release's own boundary_ratio (its model_index.json)."""
         if folder is not None and self.variant == A14B:
-            index = json.loads((Path(folder) / "model_index.json").read_text())
-            self.boundary = float(index.get("boundary_ratio") or EXPERTS.boundary)
+            self.boundary = _boundary(_model_index(folder))
 
     def experts_arranged(self, comps: Components, second: torch.nn.Module) -> Components:
         """The two experts split by train_experts: the trained ones are the denoisers (LoRA, optimizer, the
