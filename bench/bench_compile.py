@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def child(model: str, compiled: bool, steps: int) -> dict:
     import torch
 
+    from lora_trainer.adapters.fused import fuse_lora_forward
     from lora_trainer.adapters.lora import add_lora
     from lora_trainer.families import SPECS
     from lora_trainer.runtime.compile import compile_denoisers
@@ -65,6 +66,7 @@ def child(model: str, compiled: bool, steps: int) -> dict:
                         guidance=torch.tensor([3.5]))
     net.requires_grad_(False)
     params = add_lora(net, rank=16, alpha=16, dropout=0.0, targets=targets, use_dora=False, path="target_modules")
+    fuse_lora_forward([net])  # as the trainer does (training/attach.py)
     net.train()
     stats = compile_denoisers({"denoiser": net}, spec.blocks) if compiled else None
     opt = torch.optim.AdamW(params, lr=1e-4)

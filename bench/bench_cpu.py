@@ -87,8 +87,10 @@ def prepare(work: Path, *, tiny: bool, n_images: int, resolution: int, kind: str
     return model, data
 
 
-def train_lora_config(work: Path, model: Path, data: Path, out: Path, *, steps: int, resolution: int) -> Path:
-    cfg = {"dataset_path": str(data), "base_model": str(model), "output_path": str(out), "trigger_words": ["ohwx"],
+def train_lora_config(work: Path, model: Path, data: Path, out: Path, *, steps: int, resolution: int,
+                      compile_blocks: bool = False) -> Path:
+    cfg = {"compile": True} if compile_blocks else {}
+    cfg |= {"dataset_path": str(data), "base_model": str(model), "output_path": str(out), "trigger_words": ["ohwx"],
            "max_train_steps": steps, "batch_size": 1, "log_every_n_steps": 1, "checkpointing_steps": None,
            "cache_latents": True, "resolution": resolution, "min_bucket_resolution": 64, "lora_rank": 16,
            "heartbeat_seconds": 600, "overwrite_output": True}
@@ -285,6 +287,7 @@ def print_table(res: dict, args, meta: dict) -> dict:
     w1 = max(12, *(len(r[1]) for r in rows))
     w2 = max(12, *(len(r[2]) for r in rows))
     lines = [f"CPU benchmark {meta['date']}: {meta['model']}, {args.resolution} px, batch 1, rank 16, fp32, "
+             f"{'train_lora compile: true, ' if args.compile else ''}"
              f"{meta['torch']} ({meta['threads']} thread(s) per process) on {meta['cpu']}",
              f"{args.rounds} run(s) of {args.steps} steps each, alternating train_lora/naive; steady = steps "
              f"{args.skip + 1}..{args.steps}",
@@ -334,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", choices=("auto", "on", "off"), default="auto",
                     help="profile train_lora's step in-process: always, never, or when the target is missed")
     ap.add_argument("--profile-steps", type=int, default=4)
+    ap.add_argument("--compile", action="store_true",
+                    help="train_lora with compile: true (its first step compiles; --skip leaves it out)")
     ap.add_argument("--keep", metavar="DIR", help="work folder to keep (model and data are reused)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     ap.add_argument("--timeout", type=float, default=900, help="per child process, seconds")
@@ -362,7 +367,8 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             out = work / f"out_{r}"
             shutil.rmtree(out, ignore_errors=True)
-            cfg = train_lora_config(work, model, data, out, steps=args.steps, resolution=args.resolution)
+            cfg = train_lora_config(work, model, data, out, steps=args.steps, resolution=args.resolution,
+                                    compile_blocks=args.compile)
             log(f"round {r + 1}/{args.rounds}: train_lora")
             run = run_child([sys.executable, str(ROOT / "train_lora.py"), "--config", str(cfg)],
                             step_re=step_event, stream="stdout", env=env, timeout=args.timeout)

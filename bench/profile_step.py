@@ -17,6 +17,11 @@ discarded), then calls ``Trainer._optimizer_step`` -- the trainer's own step -- 
    - fused_adamw: the trainer's step with AdamW(fused=True) swapped in for its foreach AdamW
    - optimizer: AdamW for-loop vs foreach (the trainer's choice on the CPU) vs fused, on the real LoRA params
    - text_tokens_half (FLUX / SD3 only): half the cached T5 sequence (the cost of max_sequence_length / 2)
+   - peft_forward: PEFT's own LoRA forward instead of the trainer's lean one (adapters/fused.py)
+   - lora_floor: the LoRA layers compute only their base layer, and the gradient is taken to the denoiser's first
+     layer's output (a trainable scalar there) so that the backward still runs: the denoiser's own forward +
+     backward without any LoRA work, slightly more than the floor a LoRA step cannot go under (the backward also
+     crosses the blocks before the first LoRA layer)
    - bf16_weights: frozen UNet weights stored in bf16 + autocast (= config mixed_precision "bf16"; destructive,
      so it runs last)
 """
@@ -89,26 +94,37 @@ def denoiser(trainer):
 
 
 def split_step(trainer, batches: Batches, n: int) -> dict:
-    """The step's phases, timed around the trainer's own calls (same order as Trainer._optimizer_step)."""
+    """The step's phases, timed around the trainer's own calls (same order as Trainer._optimizer_step). ``glue``:
+    the forward's time outside the denoiser's own call (batch assembly, noise, timesteps, the objective's loss)."""
     acc = trainer.accelerator
-    parts: dict[str, list[float]] = {k: [] for k in ("forward", "backward", "clip", "optimizer", "zero_grad", "step")}
-    for _ in range(n):
-        (batch,), epoch, i = batches.next()
-        t0 = time.perf_counter()
-        with acc.autocast():
-            loss = trainer._loss(batch, epoch, i)
-        t1 = time.perf_counter()
-        acc.backward(loss)
-        t2 = time.perf_counter()
-        acc.clip_grad_norm_(lora_params(trainer) + trainer.te_params, trainer.cfg.max_grad_norm)
-        t3 = time.perf_counter()
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        t4 = time.perf_counter()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        t5 = time.perf_counter()
-        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
-            parts[k].append(v)
+    parts: dict[str, list[float]] = {k: [] for k in ("forward", "glue", "backward", "clip", "optimizer", "zero_grad",
+                                                     "step")}
+    net, inside = denoiser(trainer), []
+    pre = net.register_forward_pre_hook(lambda m, a: inside.append(-time.perf_counter()))
+    post = net.register_forward_hook(lambda m, a, out: inside.append(time.perf_counter()))
+    try:
+        for _ in range(n):
+            (batch,), epoch, i = batches.next()
+            inside.clear()
+            t0 = time.perf_counter()
+            with acc.autocast():
+                loss = trainer._loss(batch, epoch, i)
+            t1 = time.perf_counter()
+            acc.backward(loss)
+            t2 = time.perf_counter()
+            acc.clip_grad_norm_(lora_params(trainer) + trainer.te_params, trainer.cfg.max_grad_norm)
+            t3 = time.perf_counter()
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            t4 = time.perf_counter()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            t5 = time.perf_counter()
+            glue = (t1 - t0) - sum(inside)
+            for k, v in zip(parts, (t1 - t0, glue, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
+                parts[k].append(v)
+    finally:
+        pre.remove()
+        post.remove()
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
@@ -187,6 +203,36 @@ def grad_numerics(trainer, batches: Batches, ctx_factory) -> dict:
             "grad_cosine": cos, "grad_rel_err": rel}
 
 
+def lora_floor(trainer, batches: Batches, unet, pairs: int) -> dict:
+    """The step with every LoRA layer reduced to its base layer (see the module doc)."""
+    import types
+
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    first = next(m for m in unet.children() if any(True for _ in m.parameters()))
+    scalar = torch.nn.Parameter(torch.ones((), device=trainer.device))
+    state = {}
+
+    def base_only(self, x, *args, **kwargs):
+        return self.base_layer(x, *args, **kwargs)
+
+    def on():
+        state["saved"] = [layer.__dict__.get("forward") for layer in layers]
+        for layer in layers:
+            layer.forward = types.MethodType(base_only, layer)
+        state["hook"] = first.register_forward_hook(lambda m, a, out: out * scalar)
+
+    def off():
+        for layer, fwd in zip(layers, state.pop("saved")):
+            layer.__dict__.pop("forward", None)
+            if fwd is not None:
+                layer.forward = fwd
+        state.pop("hook").remove()
+    return ab(trainer, batches, pairs, on, off, f"no LoRA work, backward to {type(first).__name__}'s output (floor)")
+
+
 def optimizer_bench(params, reps: int) -> dict:
     """AdamW step time on copies of the LoRA params with random grads: for-loop / foreach / fused."""
     import torch
@@ -224,7 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps under torch.profiler")
     ap.add_argument("--pairs", type=int, default=4, help="A/B pairs per experiment")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="fewer experiments (threads, bf16_autocast, fused_adamw, optimizer)")
+    ap.add_argument("--quick", action="store_true", help="fewer experiments (threads, bf16_autocast, fused_adamw, optimizer, peft_forward, lora_floor)")
     ap.add_argument("--only", help="comma list of experiments")
     args = ap.parse_args(argv)
 
@@ -251,14 +297,16 @@ def main(argv=None) -> int:
     log(f"profiling {args.steps} steps with torch.profiler")
     fam, top = profile_ops(trainer, batches, args.steps)
 
-    wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "fused_adamw", "optimizer", "bf16_weights"]
+    wanted = ["threads", "channels_last", "attn_classic", "bf16_autocast", "fused_adamw", "optimizer", "peft_forward",
+              "lora_floor", "bf16_weights"]
     tc = trainer.text_cache
     captions = (list(tc.captions) if hasattr(tc, "captions") else list(getattr(tc, "entries", {}))) if tc else []
     flux_like = bool(captions) and "prompt_embeds" in tc.batch(captions[:1])
     if flux_like:
         wanted.insert(1, "text_tokens_half")
     if args.quick:
-        wanted = ["threads", "bf16_autocast", "fused_adamw", "optimizer"] + (["text_tokens_half"] if flux_like else [])
+        wanted = ["threads", "bf16_autocast", "fused_adamw", "optimizer", "peft_forward", "lora_floor"] + (
+            ["text_tokens_half"] if flux_like else [])
     if args.only:
         wanted = [w for w in args.only.split(",") if w]
     exps, notes = [], {}
@@ -319,6 +367,14 @@ def main(argv=None) -> int:
             exps.append(ab(trainer, batches, args.pairs, lambda: setattr(cache, "batch", halved),
                            lambda: setattr(cache, "batch", plain),
                            f"text tokens {n_txt // 2} instead of {n_txt} (max_sequence_length)"))
+        elif name == "peft_forward":
+            from lora_trainer.adapters.fused import fuse_lora_forward, unfuse_lora_forward
+
+            mods = list(trainer.lora_modules.values())
+            exps.append(ab(trainer, batches, args.pairs, lambda: unfuse_lora_forward(mods),
+                           lambda: fuse_lora_forward(mods), "PEFT's LoRA forward instead of the lean one"))
+        elif name == "lora_floor":
+            exps.append(lora_floor(trainer, batches, unet, args.pairs))
         elif name == "optimizer":
             notes["optimizer"] = optimizer_bench(lora_params(trainer), reps=20)
         elif name == "bf16_weights":

@@ -49,6 +49,9 @@ def test_compiled_run_resumes_bitwise_and_counts_its_graphs(runs):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     started = compiled.last("run_started")["compile"]
     assert started["blocks"] == 4 and started["classes"] == ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    # the compiled blocks trace the lean LoRA forward (adapters/fused.py), every LoRA layer of the run on it
+    forward = compiled.last("run_started")["lora_forward"]
+    assert forward["fused"] > 0 and forward["peft"] == 0, forward
     graphs = [e["compile"]["graphs"] for e in compiled.of_type("step")]
     # compiled at the first step (forward and backward of each class); samples at steps 0, 2, 4 run eagerly and
     # the later steps reuse the graphs: no recompilation

@@ -111,6 +111,8 @@ def test_lokr_sd15_trains_exports_reconstructs_in_comfyui_loads_in_diffusers_and
     plan = check.last("validation")["summary"]["memory"]
     run = run_cli("--config", str(cfg))
     assert run.returncode == 0, run.stderr[-3000:]
+    forward = run.last("run_started")["lora_forward"]  # LoKr layers keep PEFT's forward (adapters/fused.py)
+    assert forward["fused"] == 0 and forward["peft"] > 0, forward
     out = tmp_path / "run"
     ckpt = {c: safetensors.torch.load_file(out / "checkpoints" / "step-000004" / f"lora_{c}.safetensors")
             for c in ("unet", "text_encoder")}

@@ -194,6 +194,12 @@ export interface RunStartedEvent {
     [k: string]: unknown | undefined;
   } | null;
   /**
+   * how the adapter layers run their forward: fused (plain LoRA Linear layers on the lean forward: the scale and the add inside the second matmul, no input casts), peft (the others on PEFT's own: DoRA, LoKr, LoHa, conv layers)
+   */
+  lora_forward?: {
+    [k: string]: unknown | undefined;
+  } | null;
+  /**
    * sharding of the frozen denoiser across processes (shard_base; null when off or with one process): processes, units (FSDP units: the blocks plus the denoiser itself), frozen_bytes (the denoiser's frozen weights, whole), local_bytes (rank 0's shards of them)
    */
   shard?: {

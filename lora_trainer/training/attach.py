@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.fused import fuse_lora_forward, lora_layer_count
 from ..adapters.init_experts import init_experts
 from ..adapters.init_from_file import init_from_file
 from ..adapters.lora import add_lora
@@ -25,6 +26,7 @@ class Attached:
     streamers: dict  # offload.BlockStreamer per streamed denoiser
     shards: dict  # shard.shard_denoisers' summary per sharded denoiser
     compiled: CompileStats | None = None  # compile: the regions compiled and the graphs so far
+    lora_forward: dict | None = None  # run_started's: LoRA layers on the lean forward (fused) and on PEFT's (peft)
 
 
 def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: int = 1) -> Attached:
@@ -59,6 +61,10 @@ def attach_adapters(cfg, family, comps, device: torch.device, events, *, world: 
         init_from_file(cfg, family.name, comps, out.lora_modules, events)
     after_lora(cfg, comps, out.lora_modules)  # fp8 storage follows injection (PEFT copies the base dtype), then
     # every LoRA tensor is checked to be trainable fp32
+    # the lean forward goes in before compilation, which traces it, and before streaming and sharding, which wrap
+    # or replace the weights it reads at call time
+    fused = fuse_lora_forward(out.lora_modules.values())
+    out.lora_forward = {"fused": fused, "peft": lora_layer_count(out.lora_modules.values()) - fused}
     if cfg.compile:  # the blocks' forwards, LoRA inside; streaming then wraps the compiled forward (compile.py)
         out.compiled = compile_denoisers(comps.denoisers, spec.blocks)
     out.streamers = stream_denoisers(cfg.offload_blocks, spec.blocks, comps.denoisers, device)

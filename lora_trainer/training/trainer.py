@@ -132,7 +132,7 @@ class Trainer:
                 objective=objective_summary(self.cfg, self.family.spec, self.comps.variant),
                 cpu_threads=self.cpu_threads, latent_cache=self.latent_plan, memory_plan=self.memory_plan,
                 offload=offload_summary(self.streamers), shard=shard_summary(self.shards),
-                compile=self.compiled.summary() if self.compiled else None,
+                compile=self.compiled.summary() if self.compiled else None, lora_forward=self.lora_forward,
                 text_cache={**self.text_cache.plan(), "text_encoders_released": not self.comps.text_encoders}
                 if self.text_cache is not None else None)
 
@@ -199,6 +199,7 @@ class Trainer:
         a = attach_adapters(self.cfg, self.family, self.comps, self.device, self.events, world=self.world)
         # lora_modules: the modules that carry LoRA, by component name: what checkpoints, resume and export read.
         self.lora_modules, self.streamers, self.shards, self.compiled = a.lora_modules, a.streamers, a.shards, a.compiled
+        self.lora_forward = a.lora_forward
         self.denoiser_params, self.te_params = a.denoiser_params, a.te_params
 
     def _build_optimizer(self) -> None:
