@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lora_trainer.data.buckets import bucket_plan, make_buckets, nearest_bucket, resize_and_crop, square_plan, upscale_factor
+from lora_trainer.data.buckets import bucket_finder, bucket_plan, make_buckets, nearest_bucket, resize_and_crop, square_plan, upscale_factor
 
 # kohya sd-scripts' list for resolution 512, min 256, max 1024 (make_bucket_resolutions), worked out by hand.
 KOHYA_512 = sorted({
@@ -71,6 +71,20 @@ def test_nearest_bucket_is_optimal_and_symmetric(w, h):
     err = abs(math.log(bw / bh) - math.log(w / h))
     assert all(err <= abs(math.log(x / y) - math.log(w / h)) + 1e-9 for x, y in b)
     assert nearest_bucket(h, w, b) == (bh, bw)
+
+
+def test_bucket_finder_is_nearest_bucket_memoised():
+    """The loops over a dataset's images (preflight, TrainImages) look buckets up through one finder per list."""
+    rng = random.Random(3)
+    lists = [make_buckets(1024, 256, 2048), make_buckets(512, 256, 1024)]
+    finders = [bucket_finder(b) for b in lists]
+    for _ in range(500):
+        w, h = rng.choice([(512, 768), (1920, 1080)]) if rng.random() < 0.5 else (rng.randint(16, 5000),
+                                                                                   rng.randint(16, 5000))
+        for b, find in zip(lists, finders):
+            assert find(w, h) == nearest_bucket(w, h, b)
+    with pytest.raises(ValueError):
+        finders[0](0, 10)
 
 
 @settings(max_examples=300, deadline=None)

@@ -135,9 +135,32 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
     keeps that one as the reference), so a `dataset_path` run's plan and its old checkpoints are unchanged. A pure
     function of (seed, epoch), as exact resume needs.
     """
-    images = list(images)
-    size = (lambda d: batch_sizes) if isinstance(batch_sizes, int) else batch_sizes.__getitem__
+    size = _sizes(batch_sizes)
     rng = random.Random(f"plan:{seed}:{epoch}")
+    by_group = _groups(images, epoch)
+    batches: list[list[int]] = []
+    for group in sorted(by_group):
+        idx = by_group[group]
+        rng.shuffle(idx)
+        step = size(group[0])
+        batches.extend(idx[i:i + step] for i in range(0, len(idx), step))
+    rng.shuffle(batches)
+    return batches
+
+
+def count_batches(images: Iterable, batch_sizes: int | dict[int, int], epoch: int) -> int:
+    """len(plan_epoch(...)) without building and shuffling it (--validate-only's step count on 100,000 images)."""
+    size = _sizes(batch_sizes)
+    return sum(-(-len(idx) // size(group[0])) for group, idx in _groups(images, epoch).items())
+
+
+def _sizes(batch_sizes: int | dict[int, int]):
+    return (lambda d: batch_sizes) if isinstance(batch_sizes, int) else batch_sizes.__getitem__
+
+
+def _groups(images: Iterable, epoch: int) -> dict[tuple[int, tuple[int, ...]], list[int]]:
+    """An epoch's samples (image indices, repeats included) by (dataset, (frames, w, h)), unshuffled."""
+    images = list(images)
     by_group: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     train = [img for img in images if img.role != REG]
     # Grouped by (frames, w, h): a batch's tensors stack. Images (1 frame) sort as they did by (w, h) alone.
@@ -150,14 +173,7 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
         for k in range(wanted):
             img = pool[(start + k) % len(pool)]
             by_group.setdefault((img.dataset, _shape(img)), []).append(img.index)
-    batches: list[list[int]] = []
-    for group in sorted(by_group):
-        idx = by_group[group]
-        rng.shuffle(idx)
-        step = size(group[0])
-        batches.extend(idx[i:i + step] for i in range(0, len(idx), step))
-    rng.shuffle(batches)
-    return batches
+    return by_group
 
 
 def _shape(img: Any) -> tuple[int, ...]:
@@ -176,8 +192,16 @@ def fingerprint(entries: list[tuple[DatasetEntry, Any]], cfg: Any) -> str:
 
 def run_plan(cfg: Any, images: list, epoch: int) -> list[list[int]]:
     """The run's epoch plan: plan_epoch with each dataset's batch size."""
-    sizes = {i: e.setting(cfg, "batch_size") for i, e in enumerate(cfg.datasets)} or cfg.batch_size
-    return plan_epoch(images, sizes, cfg.seed, epoch)
+    return plan_epoch(images, _run_sizes(cfg), cfg.seed, epoch)
+
+
+def run_batches(cfg: Any, images: list, epoch: int) -> int:
+    """len(run_plan(cfg, images, epoch)), counted."""
+    return count_batches(images, _run_sizes(cfg), epoch)
+
+
+def _run_sizes(cfg: Any) -> int | dict[int, int]:
+    return {i: e.setting(cfg, "batch_size") for i, e in enumerate(cfg.datasets)} or cfg.batch_size
 
 
 def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool, family: str | None = None,

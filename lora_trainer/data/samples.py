@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from .buckets import make_buckets, nearest_bucket
+from .buckets import bucket_finder, make_buckets
 
 
 @dataclass(frozen=True)
 class TrainImage:
     index: int
-    path: Path
+    path: str | Path  # the scan's str (100,000 Path objects were 1.3 s of a --validate-only); every reader takes both
     rel: str
     folder: str
     caption: str | None
@@ -69,11 +69,11 @@ def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_siz
     """``token_budget``: denoiser tokens a clip's (frames, w, h) bucket may take (data/video.clip_bucket), counted
     with ``geometry``."""
     buckets = make_buckets(resolution, min_size, max_size, 64) if bucketing else [(resolution, resolution)]
-    images = []
+    images, nearest = [], bucket_finder(buckets)
     for i, r in enumerate(records):
         w, h = r.width, r.height  # the scan reports the size after EXIF orientation
-        bucket = nearest_bucket(w, h, buckets) if bucketing else (resolution, resolution)
-        img = TrainImage(i, Path(r.path), r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket))
+        bucket = nearest(w, h) if bucketing else (resolution, resolution)
+        img = TrainImage(i, r.path, r.rel_path, r.folder, r.caption, r.repeats, (w, h), tuple(bucket))
         clip = getattr(r, "clip", None)  # preflight/video_scan.ClipRecord of a usable clip
         if clip is not None:
             from .video import clip_bucket

@@ -30,7 +30,7 @@ from ..data import captions as cap
 from ..data import video as V
 from . import video_scan as VS
 from .scan_index import ScanIndex, identity
-from ..data.buckets import bucket_range, make_buckets, nearest_bucket, upscale_factor
+from ..data.buckets import bucket_finder, bucket_range, make_buckets, upscale_factor
 from ..data.masks import is_sidecar
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -267,13 +267,13 @@ def _caption_for(d: str, stem: str, ext: str, names: dict[str, str]) -> str | No
     return os.path.join(d, alt) if alt else None
 
 
-def _too_small(rec: ImageRecord, resolution: int, buckets: list | None) -> bool:
+def _too_small(rec: ImageRecord, resolution: int, nearest) -> bool:
     """True when training would enlarge the image: its shorter side is below resolution (square
     training), or it does not cover its nearest bucket (bucketing). One rule for both modes: any
     upscale blurs what the LoRA learns."""
-    if buckets is None:
+    if nearest is None:  # square training
         return min(rec.width, rec.height) < resolution
-    return upscale_factor(rec.width, rec.height, nearest_bucket(rec.width, rec.height, buckets)) > 1.0
+    return upscale_factor(rec.width, rec.height, nearest(rec.width, rec.height)) > 1.0
 
 
 def resolve_training_shape(cfg: Any, family: str | None = None, prediction_type: str | None = None) -> tuple[int, bool]:
@@ -416,9 +416,11 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         folder = "/".join(rel)
         repeats = _repeats_for(rel, cfg.repeats)
         used_captions: set[str] = set()
+        others = []  # not training samples: captions (counted below once the used ones are known) and the rest
         for e in files:
             stem, ext = os.path.splitext(e.name)
             if ext.lower() not in wanted or is_sidecar(stem):  # a -masklabel file is a mask, not an image
+                others.append(e.name)
                 continue
             try:
                 ident = identity(e.stat())
@@ -430,10 +432,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
                 used_captions.add(cname)
             found.append((e.path, "/".join(rel + (e.name,)), folder, repeats, ident,
                           cpath, "/".join(rel + (cname,)) if cname is not None else None))
-        for e in files:
-            stem, ext = os.path.splitext(e.name)
-            if (ext.lower() not in wanted or is_sidecar(stem)) and e.name not in used_captions:
-                ignored += 1
+        ignored += sum(name not in used_captions for name in others)
 
     inspected = [index.image(f[1], f[4]) if f[4][0] else None for f in found]
     captions = [_cached_caption(index, f[5], f[6]) for f in found]
@@ -474,6 +473,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
                                                                resolution))
         except ValueError:
             buckets = None  # the config check reports impossible bucket settings; judge as square
+    nearest = bucket_finder(buckets) if buckets is not None else None
     usable = tuple(r for r in records if r.usable)
     folders: dict[str, dict[str, int]] = {}
     for r in records:
@@ -487,7 +487,7 @@ def scan_dataset(cfg: Any, *, verify: bool = True, deep: bool = False, resolutio
         bad=tuple(r for r in records if not r.usable),
         without_caption=tuple(r for r in usable if not r.has_caption),
         missing_trigger=tuple(r for r in usable if r.missing_triggers),
-        too_small=tuple(r for r in usable if _too_small(r, resolution, buckets)),
+        too_small=tuple(r for r in usable if _too_small(r, resolution, nearest)),
         samples_per_epoch=sum(r.repeats for r in usable),
         fingerprint=_fingerprint(records),
         resolution=resolution,

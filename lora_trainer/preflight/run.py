@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..data.buckets import bucket_plan, bucket_range, make_buckets, nearest_bucket
-from ..data.datasets import build_run_images, run_plan
+from ..data.buckets import bucket_finder, bucket_plan, bucket_range, make_buckets
+from ..data.datasets import build_run_images, run_batches
 from .cache_plan import plan_caches, vae_config_of
 from .video_plan import clip_frames, planned_frames, record_frames, scan_clip_frames
 from .video_scan import takes_clips
@@ -211,9 +211,9 @@ def _files(records: Iterable[ImageRecord], detail: bool = False) -> list[str]:
 
 def _steps(cfg: Any, scan: Any, buckets: list | None, family: str | None, variant: str | None) -> dict:
     """Batches and steps an epoch as the trainer plans them: its TrainImages (a clip's (frames, w, h) bucket in the
-    token budget) through its epoch plan (data/datasets.run_plan groups by dataset and (frames, w, h))."""
+    token budget) through its epoch plan (data/datasets.run_batches counts run_plan's batches: it groups by dataset and (frames, w, h))."""
     images = build_run_images(cfg, scan, scan.resolution, scan.bucketing, family, variant)
-    batches = len(run_plan(cfg, images, 0))
+    batches = run_batches(cfg, images, 0)  # len(run_plan(...)), counted without building it
     plan = bucket_plan(images, buckets, cfg.batch_size) if buckets is not None else None
     steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     if cfg.num_epochs is not None:
@@ -350,7 +350,8 @@ def _plan_caches(cfg: Any, family: str | None, scan: DatasetScan | None, info: d
     res = info["resolution"]
     buckets = make_buckets(res, *bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)) \
         if info["bucketing"] else None
-    shapes = [nearest_bucket(r.width, r.height, buckets) if buckets else (res, res) for r in scan.usable]
+    nearest = bucket_finder(buckets) if buckets else None
+    shapes = [nearest(r.width, r.height) if nearest else (res, res) for r in scan.usable]
     # A video family's clips: as (w, h, frames), at the largest size (their spatial buckets are not planned here).
     shapes = [s + ((f,) if (f := record_frames(r)) > 1 else ()) for s, r in zip(shapes, scan.usable)]
     if not scan_clip_frames(scan):

@@ -91,9 +91,12 @@ class ScanIndex:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            # dumps, not dump: json.dump streams through the pure-Python encoder, dumps runs the C one in one
+            # go (100,000 images: 5 s against 0.4 s, most of a first --validate-only's serial time)
+            text = json.dumps({"options": self.options, "images": self.fresh_images, "captions": self.fresh_captions},
+                              separators=(",", ":"), ensure_ascii=False)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"options": self.options, "images": self.fresh_images, "captions": self.fresh_captions},
-                          fh, separators=(",", ":"), ensure_ascii=False)
+                fh.write(text)
             os.replace(tmp, self.path)
         except OSError as exc:
             log.debug("dataset index not written (%s): the next scan reads every file again", exc)
