@@ -116,6 +116,10 @@ def test_only_plain_lora_takes_it():
     add_lora(lokr, rank=4, alpha=4.0, dropout=0.0, targets=("to_q",), use_dora=False, path="target_modules",
              network=Network("lokr", -1, False, False))
     assert fuse_lora_forward([lokr]) == 0
+    from peft import LoraConfig, inject_adapter_in_model
+
+    biased = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], lora_bias=True), Block())
+    assert fuse_lora_forward([biased]) == 0  # a bias on B: not the function the lean forward computes
 
 
 class _Ops(TorchDispatchMode):
