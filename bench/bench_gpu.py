@@ -24,6 +24,8 @@ What it measures, in one process:
    - train_lora: ``lora_trainer.training.trainer.Trainer`` driven in-process from a config (cache_latents, default text
      cache, mixed_precision bf16, LoRA rank 16 on to_q/to_k/to_v/to_out.0), timing ``Trainer._optimizer_step``
      -- the trainer's own step -- on its own epoch plan, with a CUDA sync only before and after the timed steps;
+   - the first train_lora configuration again on PEFT's own LoRA forward (``train_lora[peft forward]``): what
+     the lean forward (lora_trainer/adapters/fused.py) saves on the card;
    - naive: bench/naive_loop.py's NaiveLoop in its GPU form (frozen UNet and text encoders bf16, VAE fp32,
      image load + VAE + both text encoders + UNet every step, bf16 autocast for the UNet);
    images/s, peak VRAM of the training phase (torch.cuda.max_memory_allocated after a reset; weights
@@ -243,6 +245,23 @@ def measure(dev: Dev, runner, *, batch: int, warmup: int, steps: int, flops: boo
     return res
 
 
+def peft_forward_row(dev: Dev, runner: TrainLoraRunner, lean: dict, args) -> dict:
+    """The same trainer's step on PEFT's own LoRA forward instead of the lean one (adapters/fused.py), then back:
+    what the lean forward saves on this card (row ``train_lora[peft forward]``, ``vs_lean``)."""
+    from lora_trainer.adapters.fused import fuse_lora_forward, unfuse_lora_forward
+
+    modules = list(runner.trainer.lora_modules.values())
+    unfuse_lora_forward(modules)
+    try:
+        res = measure(dev, runner, batch=lean["batch"], warmup=1, steps=args.steps, flops=False)
+    finally:
+        fuse_lora_forward(modules)
+    res.update(who="train_lora[peft forward]", batch=lean["batch"], ckpt=lean["ckpt"], resolution=lean["resolution"],
+               vs_lean=res["step_s"] / lean["step_s"])
+    log(f"  PEFT's forward: {res['step_s']:.3f} s/step ({res['vs_lean']:.2f}x the lean forward's)")
+    return res
+
+
 # ------------------------------------------------------------------------------------------- report
 TARGETS = ("images/s >= 3x naive at equal batch", ">= 30% MFU at batch 4 without checkpointing",
            "peak VRAM <= 8 GiB at batch 1 with checkpointing")
@@ -420,6 +439,7 @@ def main(argv=None) -> int:
         configs += [(1, True, r, "none", float(off), (f"train_lora[offload {off}]",))
                     for off in args.offload.split(",") if off and float(off) for r in args.resolutions_list]
         durations: list[float] = []
+        peft_done = False  # the first train_lora configuration is timed again on PEFT's own LoRA forward
         for batch, ckpt, resolution, base, offload, whos in configs:
             for who in whos:
                 est = max(durations) if durations else 0.0
@@ -449,6 +469,9 @@ def main(argv=None) -> int:
                     log(f"  {res['images_per_s']:.3f} images/s, {res['step_s']:.3f} s/step, peak "
                         f"{res['peak_vram_gib']} GiB, flops {res.get('flops_per_step')}, syncs {res.get('host_syncs_per_step')}")
                     rows.append(res)
+                    if who == "train_lora" and not peft_done:
+                        rows.append(peft_forward_row(dev, runner, res, args))
+                        peft_done = True
                 except Exception as exc:  # noqa: BLE001 - an OOM or failure is a result too
                     msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                     log(f"  failed: {msg}")
@@ -468,6 +491,8 @@ def main(argv=None) -> int:
             notes.append("T5 is a 2-layer stand-in of the real width (4096): the naive rows omit ~4.8 TFLOP "
                          "(~5-10 ms on this card) of the real 24-layer T5 per step")
         notes.append("MFU counts model FLOPs (FlopCounterMode, no recomputation); HFU counts what ran, recompute included")
+        notes += [f"train_lora[peft forward]: the same trainer on PEFT's own LoRA forward: {r['vs_lean']:.2f}x the "
+                  "lean forward's step (lora_trainer/adapters/fused.py)" for r in rows if r.get("vs_lean")]
         if not dev.cuda:
             notes.append("CPU check run: numbers say nothing about a GPU")
         report = finish(rows, ceiling, info, args, {"model": model_desc, "precision": precision, "notes": notes,
