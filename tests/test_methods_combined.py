@@ -56,7 +56,7 @@ def test_masks_and_held_out_images_follow_their_dataset(sets, tiny_models):
     for img in images:
         src = masks.sources[img.index]
         if img.role == "train":
-            assert src is not None and Path(src).parent == sets / "masks" and Path(src).stem == img.path.stem
+            assert src is not None and Path(src).parent == sets / "masks" and Path(src).stem == Path(img.path).stem
         else:
             assert src is None, (img.rel, src)  # reg images share names with train ones: never their masks
 

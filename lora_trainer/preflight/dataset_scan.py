@@ -310,7 +310,7 @@ def _fingerprint(records: list[ImageRecord]) -> str:
 def _cached_caption(index: ScanIndex, cpath: Path | None, crel: str | None):
     if cpath is None:
         return (None, None)
-    if crel not in index.captions:  # a first scan: the worker that reads the caption stats it (no stat twice)
+    if not index.knows_caption(crel):  # a first scan: the worker that reads the caption stats it (no stat twice)
         return None
     try:
         return index.caption(crel, identity(os.stat(cpath)))

@@ -54,6 +54,9 @@ class _EntryIndex:
     def caption(self, rel, ident):
         return self.index.caption(self.prefix + rel, ident)
 
+    def knows_caption(self, rel):
+        return self.index.knows_caption(self.prefix + rel)
+
     def put_image(self, rel, ident, result):
         self.index.put_image(self.prefix + rel, ident, result)
 

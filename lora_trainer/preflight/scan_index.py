@@ -78,6 +78,10 @@ class ScanIndex:
             return entry[1], entry[2]
         return None
 
+    def knows_caption(self, rel: str) -> bool:
+        """Whether an earlier scan saw this caption (else there is no identity to compare, nor a stat to spend)."""
+        return rel in self.captions
+
     def put_image(self, rel: str, ident: list[int], result) -> None:
         self.fresh_images[rel] = [_key(ident), list(result)]
 
