@@ -9,9 +9,10 @@ LoRA matmul as it is.
 
 The weights, their names, the state dict, the files and the adapter config stay PEFT's: only the instance's
 ``forward`` is replaced. A layer takes the lean path only when it is a plain LoRA (the exact ``lora.Linear`` class,
-no DoRA or other variant, no LoRA bias, the single adapter the trainer adds); at call time it falls back to PEFT's forward when the
-adapter is disabled or merged, when extra arguments come in, or when the dtypes would need PEFT's casts (a base in
-another dtype than the LoRA without autocast). Measured in bench/RESULTS.md ("Less glue per step")."""
+no DoRA or other variant, no LoRA bias, the single adapter the trainer adds); at call time it falls back to PEFT's
+forward when the adapter is disabled or merged, when extra arguments come in, or when the dtypes would need PEFT's
+casts (a base in another dtype than the LoRA without autocast). Measured in bench/RESULTS.md ("Less glue per
+step")."""
 from __future__ import annotations
 
 import types
