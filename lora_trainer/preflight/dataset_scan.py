@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from ..data import captions as cap
 from ..data import video as V
 from . import video_scan as VS
+from .file_ends import cut_short, tail_problem
 from .scan_index import ScanIndex, identity
 from ..data.buckets import bucket_finder, bucket_range, make_buckets, upscale_factor
 from ..data.masks import is_sidecar
@@ -39,13 +40,10 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
                              "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
-_TAIL = 4096
 # Reads in flight per scanning process: enough to keep an SSD's or a network filesystem's queue busy on a cold
 # page cache (bench/bench_validate_only.py measures it), few enough that thread start-up stays negligible.
 IO_THREADS = 16
 PARALLEL_MIN_FILES = 4000  # below this, worker start-up costs more than it saves (2 cores: ~0.6 s vs 0.2 ms/file)
-_PNG_IEND = b"IEND\xaeB`\x82"
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"RIFF", "WEBP"), (b"BM", "BMP"))
 
 # Problem codes of a single image (ImageRecord.problem["code"]).
 ZERO_BYTE = "zero_byte"
@@ -164,43 +162,6 @@ def _walk(root: Path, recursive: bool, skip_dirs: set[str]):
             stack.append((Path(e.path), rel + (e.name,)))
 
 
-def _tail_problem(fp, fmt: str, size: int) -> str | None:
-    """Cheap end-of-file check for the format; a message when the file looks cut short."""
-    fp.seek(max(0, size - _TAIL))
-    tail = fp.read(_TAIL)
-    if fmt == "PNG":
-        return None if _PNG_IEND in tail else "PNG has no IEND chunk at its end"
-    if fmt in ("JPEG", "MPO"):
-        return None if b"\xff\xd9" in tail else "JPEG has no end-of-image marker"
-    if fmt == "WEBP":
-        fp.seek(4)
-        (riff_size,) = struct.unpack("<I", fp.read(4))
-        return None if riff_size + 8 <= size else f"WebP declares {riff_size + 8} bytes but the file has {size}"
-    if fmt == "BMP":
-        fp.seek(10)
-        (data_offset,) = struct.unpack("<I", fp.read(4))
-        fp.seek(14)
-        header = fp.read(20)
-        if len(header) >= 20 and struct.unpack("<I", header[:4])[0] >= 40:
-            w, h, _planes, bpp, compression = struct.unpack("<iiHHI", header[4:20])
-            if compression in (0, 3):  # uncompressed rows: the size is fully determined
-                need = data_offset + ((bpp * abs(w) + 31) // 32) * 4 * abs(h)
-                if need > size:
-                    return f"BMP pixel data needs {need} bytes but the file has {size}"
-    return None
-
-
-def _cut_short(fp, size: int) -> str | None:
-    """The end-of-file check for a file PIL could not even open, its format guessed from magic bytes."""
-    try:
-        fp.seek(0)
-        head = fp.read(16)
-        fmt = next((f for magic, f in _MAGIC if head.startswith(magic) and (f != "WEBP" or head[8:12] == b"WEBP")), None)
-        return _tail_problem(fp, fmt, size) if fmt else None
-    except (OSError, struct.error):
-        return None
-
-
 def _inspect_image(path: Path, size: int, *, verify: bool, deep: bool):
     """(width, height, mode, format, exif_rotated, problem)."""
     if size == 0:
@@ -233,7 +194,7 @@ def _inspect_image(path: Path, size: int, *, verify: bool, deep: bool):
         except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
             # WebP (and some JPEGs) fail already in open() when cut short: tell truncation apart by the
             # format's declared size / end marker, which is what the user can act on (re-download).
-            short = _cut_short(fp, size)
+            short = cut_short(fp, size)
             if short or "truncat" in str(exc).lower():
                 return None, None, None, None, False, _problem(TRUNCATED, f"truncated: {short or exc}")
             return None, None, None, None, False, _problem(CORRUPT, f"cannot decode: {exc}")
@@ -244,7 +205,7 @@ def _inspect_image(path: Path, size: int, *, verify: bool, deep: bool):
         if verify and not deep:
             msg = None
             try:
-                msg = _tail_problem(fp, fmt, size)
+                msg = tail_problem(fp, fmt, size)
                 if msg is not None:
                     # Cut short, or data appended after a complete image? Only a full decode can tell.
                     fp.seek(0)
