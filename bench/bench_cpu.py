@@ -89,11 +89,12 @@ def prepare(work: Path, *, tiny: bool, n_images: int, resolution: int, kind: str
 
 def train_lora_config(work: Path, model: Path, data: Path, out: Path, *, steps: int, resolution: int,
                       compile_blocks: bool = False) -> Path:
-    cfg = {"compile": True} if compile_blocks else {}
-    cfg |= {"dataset_path": str(data), "base_model": str(model), "output_path": str(out), "trigger_words": ["ohwx"],
+    cfg = {"dataset_path": str(data), "base_model": str(model), "output_path": str(out), "trigger_words": ["ohwx"],
            "max_train_steps": steps, "batch_size": 1, "log_every_n_steps": 1, "checkpointing_steps": None,
            "cache_latents": True, "resolution": resolution, "min_bucket_resolution": 64, "lora_rank": 16,
            "heartbeat_seconds": 600, "overwrite_output": True}
+    if compile_blocks:
+        cfg["compile"] = True
     path = work / f"config_{out.name}.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path

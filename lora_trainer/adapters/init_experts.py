@@ -41,23 +41,31 @@ def expert_files(path: Path, family: str, variant: str | None, train_experts: st
                    for comp, p in files.items() if p in missing]
 
 
+def file_problems(cfg: Any, path: Path, family: str | None) -> list[dict]:
+    """One init_lora file's header checks, by the run's network type: a LoRA's rank, DoRA and layout
+    (init_from_file), a LoKr / LoHa file's (init_lycoris). --validate-only and the trainer both ask here."""
+    from .init_from_file import header_problems
+    from .init_lycoris import header_problems as lycoris_header_problems
+
+    if cfg.network_type == "lora":
+        return header_problems(path, rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family)
+    return lycoris_header_problems(path, network_type=cfg.network_type)
+
+
 def init_experts(cfg: Any, family: Any, comps: Any, modules: dict, events: Any) -> bool:
     """Load each trained expert's file into its LoRA (training/attach.py, right after injection); False where the
     model has no experts (the caller loads the one file)."""
     import dataclasses
 
     from ..contract.errors import ConfigError
-    from .init_from_file import header_problems, init_from_file
-    from .init_lycoris import header_problems as lycoris_header_problems
+    from .init_from_file import init_from_file
 
     path = cfg.resolve(cfg.init_lora)
     files, problems = expert_files(path, family.name, comps.variant, getattr(cfg, "train_experts", None) or "both")
     if files is None:
         return False
     for p in files.values():
-        problems += [] if problems else (
-            header_problems(p, rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family.name)
-            if cfg.network_type == "lora" else lycoris_header_problems(p, network_type=cfg.network_type))
+        problems += [] if problems else file_problems(cfg, p, family.name)
     if problems:  # before anything is loaded: no expert starts from its file while another starts from zero
         raise ConfigError(f"init_lora: {problems[0]['message']}", problems)
     first = family.spec.denoisers[0]  # the name both experts' files use

@@ -147,13 +147,12 @@ def bucket_plan(records: Iterable, buckets: Sequence[Shape], batch_size: int) ->
     nearest = bucket_finder(buckets)
     for rec in records:
         if isinstance(rec, tuple):
-            w, h = rec[0], rec[1]
-            reps = rec[2] if len(rec) > 2 else 1
-        elif hasattr(rec, "bucket"):
-            w, h, reps = *rec.bucket, rec.repeats
+            shape, reps = nearest(rec[0], rec[1]), rec[2] if len(rec) > 2 else 1
+        elif hasattr(rec, "bucket"):  # a TrainImage: bucketed already
+            shape, reps = rec.bucket, rec.repeats
         else:
-            w, h, reps = rec.width, rec.height, getattr(rec, "repeats", 1)
-        b = (*(rec.bucket if hasattr(rec, "bucket") else nearest(w, h)), getattr(rec, "frames", 1))
+            shape, reps = nearest(rec.width, rec.height), getattr(rec, "repeats", 1)
+        b = (*shape, getattr(rec, "frames", 1))
         images[b] += 1
         samples[b] += reps
     rows = []

@@ -209,22 +209,14 @@ def build_run_images(cfg: Any, scan: Any, resolution: int, bucketing: bool, fami
     """The run's TrainImages: a `dataset_path` scan's as always; a MultiScan's per entry at the entry's resolution,
     a regularisation image's caption falling back to its class prompt. Torch-free: ``--validate-only`` plans its
     steps on these too. ``family`` / ``variant``: how a clip's tokens are counted (data/samples.clip_geometry)."""
-    from .buckets import bucket_range
-    from .samples import build_images, clip_geometry
+    from .samples import clip_geometry, images_at
 
     geometry = clip_geometry(family, variant)
-
-    def build(records, res):
-        lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, res)
-        # A clip's bucket costs at most the tokens of video_frames at the resolution's square.
-        return build_images(records, res, bucketing=bucketing, min_size=lo, max_size=hi,
-                            token_budget=geometry.tokens(cfg.video_frames, res, res), geometry=geometry)
-
     if not getattr(scan, "entries", None):
-        return build(scan.usable, resolution)
+        return images_at(cfg, scan.usable, resolution, bucketing, geometry)
     images: list = []
     for d, (entry, s) in enumerate(scan.entries):
-        for img in build(s.usable, s.resolution):
+        for img in images_at(cfg, s.usable, s.resolution, bucketing, geometry):
             caption = img.caption if not entry.is_reg or (img.caption or "").strip() else entry.class_prompt
             images.append(dataclasses.replace(
                 img, index=len(images), dataset=d, role=entry.role, loss_weight=entry.loss_weight, caption=caption,

@@ -85,9 +85,11 @@ def build_images(records: Iterable, resolution: int, *, bucketing: bool, min_siz
     return images
 
 
-def held_out_images(cfg: Any, records: Iterable, resolution: int, bucketing: bool, geometry: ClipGeometry
-                    ) -> list[TrainImage]:
-    """The held-out set's TrainImages (training/eval_loss.py): built as the training images are, clips included."""
+def images_at(cfg: Any, records: Iterable, resolution: int, bucketing: bool, geometry: ClipGeometry
+              ) -> list[TrainImage]:
+    """``records``' TrainImages at ``resolution`` with the run's bucket range: one dataset's training images
+    (data/datasets.build_run_images) and the held-out set's (training/eval_loss.py). A clip's bucket costs at most
+    the tokens of video_frames at the resolution's square."""
     from .buckets import bucket_range
 
     lo, hi = bucket_range(cfg.min_bucket_resolution, cfg.max_bucket_resolution, resolution)

@@ -211,7 +211,8 @@ def _files(records: Iterable[ImageRecord], detail: bool = False) -> list[str]:
 
 def _steps(cfg: Any, scan: Any, buckets: list | None, family: str | None, variant: str | None) -> dict:
     """Batches and steps an epoch as the trainer plans them: its TrainImages (a clip's (frames, w, h) bucket in the
-    token budget) through its epoch plan (data/datasets.run_batches counts run_plan's batches: it groups by dataset and (frames, w, h))."""
+    token budget) through its epoch plan (data/datasets.run_batches counts run_plan's batches, grouped by dataset
+    and (frames, w, h))."""
     images = build_run_images(cfg, scan, scan.resolution, scan.bucketing, family, variant)
     batches = run_batches(cfg, images, 0)  # len(run_plan(...)), counted without building it
     plan = bucket_plan(images, buckets, cfg.batch_size) if buckets is not None else None
@@ -403,19 +404,14 @@ def run_preflight(cfg: Any, config_warnings: Iterable[dict] = (), *, verify: boo
     _check_targets(cfg, probe, errors)
     _check_video_samples(cfg, family, errors, warnings)
     if getattr(cfg, "init_lora", None):
-        from ..adapters.init_from_file import header_problems
-        from ..adapters.init_lycoris import header_problems as lycoris_header_problems
-
-        from ..adapters.init_experts import expert_files
+        from ..adapters.init_experts import expert_files, file_problems
 
         # a model with experts: each trained expert's own file (init_experts.py), every one checked
         files, problems = expert_files(cfg.resolve(cfg.init_lora), family, getattr(probe, "variant", None),
                                        getattr(cfg, "train_experts", None) or "both") if family else (None, [])
         errors.extend(dict(p, code="init_lora_mismatch") for p in problems)
         for path in ([cfg.resolve(cfg.init_lora)] if files is None else [] if problems else files.values()):
-            errors.extend(dict(p, code="init_lora_mismatch") for p in (
-                header_problems(path, rank=cfg.lora_rank, use_dora=cfg.use_dora, family=family)
-                if cfg.network_type == "lora" else lycoris_header_problems(path, network_type=cfg.network_type)))
+            errors.extend(dict(p, code="init_lora_mismatch") for p in file_problems(cfg, path, family))
     if getattr(cfg, "merge_lora", None):
         from ..runtime.merge_lora import header_problems as merge_problems
 

@@ -59,12 +59,11 @@ class HeldOutLoss:
         if not records:
             return cls(cfg, [], 0)
         from ..data import clips
-        from ..data.samples import clip_geometry, held_out_images
+        from ..data.samples import clip_geometry, images_at
 
         # A held-out clip is evaluated on its first window only: the same frames at every evaluation.
         vcfg = dataclasses.replace(cfg, video_windows=1, video_start="first")
-        images = held_out_images(cfg, records, trainer.resolution, trainer.bucketing,
-                                 clip_geometry(fam.name, comps.variant))
+        images = images_at(cfg, records, trainer.resolution, trainer.bucketing, clip_geometry(fam.name, comps.variant))
         ev.emit("status", phase="caching_latents", message=f"encoding {len(images)} held-out image(s) (eval_loss)")
         disk = cfg.output_path / "cache" / "latents" if cfg.cache_latents_to_disk else None
         cache = LatentCache(disk, model_key(cfg.base_model, comps.vae, trainer.downloaded or trainer.probe.path))
