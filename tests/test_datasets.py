@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, parse_events, run_cli, write_config
 from lora_trainer.config.config import parse_config
 from lora_trainer.contract.errors import ConfigError
-from lora_trainer.data.datasets import REG, TRAIN, PlanItem, count_batches, plan_epoch
+from lora_trainer.data.datasets import REG, TRAIN, PlanItem, epoch_counts, plan_epoch
 from lora_trainer.testing.dataset import make_dataset
 
 BASE = {"base_model": "org/model", "output_path": "out", "trigger_words": ["ohwx"]}
@@ -93,7 +94,7 @@ def test_plan_of_one_dataset_is_the_old_plan_epoch():
         for epoch in range(3):
             bs = rng.randint(1, 4)
             assert plan_epoch(items, bs, trial, epoch) == old_plan(items, bs, trial, epoch)
-            assert count_batches(items, bs, epoch) == len(old_plan(items, bs, trial, epoch))
+            assert epoch_counts(items, bs, epoch)[0] == len(old_plan(items, bs, trial, epoch))
 
 
 def test_regularisation_is_balanced_to_the_train_samples_and_cycles():
@@ -106,7 +107,9 @@ def test_regularisation_is_balanced_to_the_train_samples_and_cycles():
     for epoch in range(4):
         batches = plan_epoch(train + reg, {0: 3, 1: 2, 2: 1}, 7, epoch)
         assert batches == plan_epoch(train + reg, {0: 3, 1: 2, 2: 1}, 7, epoch)  # a pure function
-        assert count_batches(train + reg, {0: 3, 1: 2, 2: 1}, epoch) == len(batches)  # --validate-only's count
+        counted, samples = epoch_counts(train + reg, {0: 3, 1: 2, 2: 1}, epoch)  # --validate-only's counts
+        assert counted == len(batches)
+        assert samples == dict(Counter(by_index[i].dataset for b in batches for i in b))
         for b in batches:  # one bucket of one dataset, at most that dataset's batch size
             assert len({(by_index[i].dataset, by_index[i].bucket) for i in b}) == 1
             assert len(b) <= {0: 3, 1: 2, 2: 1}[by_index[b[0]].dataset]

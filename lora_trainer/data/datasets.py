@@ -148,10 +148,14 @@ def plan_epoch(images: Iterable, batch_sizes: int | dict[int, int], seed: int, e
     return batches
 
 
-def count_batches(images: Iterable, batch_sizes: int | dict[int, int], epoch: int) -> int:
-    """len(plan_epoch(...)) without building and shuffling it (--validate-only's step count on 100,000 images)."""
-    size = _sizes(batch_sizes)
-    return sum(-(-len(idx) // size(group[0])) for group, idx in _groups(images, epoch).items())
+def epoch_counts(images: Iterable, batch_sizes: int | dict[int, int], epoch: int) -> tuple[int, dict[int, int]]:
+    """(len(plan_epoch(...)), its samples per dataset) without building and shuffling it (--validate-only's step
+    count on 100,000 images)."""
+    size, batches, samples = _sizes(batch_sizes), 0, {}
+    for (dataset, _), idx in _groups(images, epoch).items():
+        batches += -(-len(idx) // size(dataset))
+        samples[dataset] = samples.get(dataset, 0) + len(idx)
+    return batches, samples
 
 
 def _sizes(batch_sizes: int | dict[int, int]):
@@ -195,9 +199,9 @@ def run_plan(cfg: Any, images: list, epoch: int) -> list[list[int]]:
     return plan_epoch(images, _run_sizes(cfg), cfg.seed, epoch)
 
 
-def run_batches(cfg: Any, images: list, epoch: int) -> int:
-    """len(run_plan(cfg, images, epoch)), counted."""
-    return count_batches(images, _run_sizes(cfg), epoch)
+def run_counts(cfg: Any, images: list, epoch: int) -> tuple[int, dict[int, int]]:
+    """(len(run_plan(cfg, images, epoch)), its samples per dataset), counted (epoch_counts)."""
+    return epoch_counts(images, _run_sizes(cfg), epoch)
 
 
 def _run_sizes(cfg: Any) -> int | dict[int, int]:

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.datasets import OVERRIDES, DatasetEntry, build_run_images, entry_config, fingerprint, run_plan
+from ..data.datasets import OVERRIDES, DatasetEntry, build_run_images, entry_config, fingerprint, run_counts
 from .dataset_scan import DatasetScan
 from .model_checks import _issue
 from .scan_index import ScanIndex
@@ -133,13 +133,13 @@ def _combine(cfg: Any, scans: list, summary: dict, family: str | None, variant: 
                    fingerprint=multi.fingerprint)
     # The trainer's images and epoch plan (clips grouped by their frames too), not a re-derivation of them.
     images = build_run_images(cfg, multi, multi.resolution, multi.bucketing, family, variant)
-    if images:
-        batches = run_plan(cfg, images, 0)
-        steps_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
+    if images:  # counted, not built and shuffled (data/datasets.run_counts)
+        batches, samples = run_counts(cfg, images, 0)
+        steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
         total = cfg.num_epochs * steps_per_epoch if cfg.num_epochs is not None else cfg.max_train_steps
         for d, info in enumerate(summary["datasets"]):
-            info["samples_per_epoch"] = sum(len(b) for b in batches if images[b[0]].dataset == d)
-        summary.update(samples_per_epoch=sum(map(len, batches)), batches_per_epoch=len(batches),
+            info["samples_per_epoch"] = samples.get(d, 0)
+        summary.update(samples_per_epoch=sum(samples.values()), batches_per_epoch=batches,
                        steps_per_epoch=steps_per_epoch, total_steps=total,
                        num_epochs=cfg.num_epochs or (math.ceil(total / steps_per_epoch) if steps_per_epoch else None))
     return multi

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..data.buckets import bucket_finder, bucket_plan, bucket_range, make_buckets
-from ..data.datasets import build_run_images, run_batches
+from ..data.datasets import build_run_images, run_counts
 from .cache_plan import plan_caches, vae_config_of
 from .video_plan import clip_frames, planned_frames, record_frames, scan_clip_frames
 from .video_scan import takes_clips
@@ -211,10 +211,10 @@ def _files(records: Iterable[ImageRecord], detail: bool = False) -> list[str]:
 
 def _steps(cfg: Any, scan: Any, buckets: list | None, family: str | None, variant: str | None) -> dict:
     """Batches and steps an epoch as the trainer plans them: its TrainImages (a clip's (frames, w, h) bucket in the
-    token budget) through its epoch plan (data/datasets.run_batches counts run_plan's batches, grouped by dataset
+    token budget) through its epoch plan (data/datasets.run_counts counts run_plan's batches, grouped by dataset
     and (frames, w, h))."""
     images = build_run_images(cfg, scan, scan.resolution, scan.bucketing, family, variant)
-    batches = run_batches(cfg, images, 0)  # len(run_plan(...)), counted without building it
+    batches, _ = run_counts(cfg, images, 0)  # len(run_plan(...)), counted without building it
     plan = bucket_plan(images, buckets, cfg.batch_size) if buckets is not None else None
     steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     if cfg.num_epochs is not None:
