@@ -62,25 +62,30 @@ def test_image_that_fails_to_decode_is_skipped(tmp_path, tiny_models, dataset):
 
 
 def test_sigterm_during_model_loading_exits_cleanly(tmp_path, tiny_models, dataset):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """A signal while the model loads exits at once with no checkpoint. The process holds inside the loading phase
+    until the signal comes (TRAIN_LORA_TEST_HOLD): a tiny model loads faster than a test can react to the phase
+    event, and a signal that lands after the first step is a different case."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRAIN_LORA_TEST_HOLD": "loading_model"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), "--config",
                              str(_cfg(tmp_path, tiny_models["sd15"], dataset))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if json.loads(line).get("phase") == "loading_model":
+    stderr = []
+    for line in proc.stderr:
+        stderr.append(line)
+        if line.strip() == "train_lora test hold: loading_model":
             proc.send_signal(signal.SIGTERM)
-            break
-    lines += proc.stdout.readlines()
     rc = proc.wait(timeout=120)
-    stderr = proc.stderr.read()
-    events = parse_events("".join(lines))
+    stderr = "".join(stderr)
+    events = parse_events(proc.stdout.read())
     assert rc == 143, stderr[-2000:]
+    assert "train_lora test hold: loading_model" in stderr
+    assert any(e.get("phase") == "loading_model" for e in events)
     inter = [e for e in events if e["type"] == "interrupted"]
     assert inter and inter[-1]["signal"] == "SIGTERM" and inter[-1]["checkpoint"] is None
+    assert inter[-1]["step"] is None and not any(e["type"] == "step" for e in events)
     assert "Traceback" not in stderr
     assert not (tmp_path / "out_c" / "lora.safetensors").exists()
+    assert not (tmp_path / "out_c" / "checkpoints").exists() or not any((tmp_path / "out_c" / "checkpoints").iterdir())
 
 
 def test_sigterm_during_latent_caching_exits_at_once(tmp_path, tiny_models, dataset):

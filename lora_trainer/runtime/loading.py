@@ -14,6 +14,7 @@ from ..contract.errors import ModelLoadError
 from ..families import SPECS
 from ..preflight.probe import hub_offline
 from ..preflight.probe.headers import PIPELINE_INDEX_FILES
+from .signals import hold
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Exactly what the family adapters load from a pipeline folder (from_pretrained(..., use_safetensors=True), no
@@ -185,6 +186,7 @@ def load_components(cfg, family, probe, ev, *, downloaded: Path | None, dtype):
 
     ev.set_phase("loading_model")
     ev.emit("status", phase="loading_model", message=f"loading {family.name} model from {cfg.base_model}")
+    hold("loading_model")  # test hook (runtime/signals.py): a signal here is a signal during loading, not after it
     source = Path(probe.path) if probe.path else None
     if probe.kind == "hub":
         # A cached snapshot may be partial (an interrupted download): snapshot_download completes it, and costs

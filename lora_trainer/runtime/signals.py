@@ -6,12 +6,14 @@ Three regimes, switched by the trainer:
   a checkpoint and exits with 128 + signal. A second signal outside a save exits at once.
 - saving: every signal is only recorded, so a checkpoint is never left half-written by our own exit.
 
-Test hook: TRAIN_LORA_TEST_HOLD=stop_requested|saving|export_lora|export_manifest|checkpoint_write makes the process
-announce that point on stderr ("train_lora test hold: <point>") and wait there for the next signal (60 s at most), so a test can
-deliver a signal exactly inside the window it means (two back-to-back kill() calls are one signal: standard signals
-do not queue) without guessing with sleeps. export_lora and export_manifest are in the final export (outputs/final.py):
-after the LoRA files, and after the manifest (before the model card); checkpoint_write holds the background writer
-thread (training/background.py) before it writes, while training goes on.
+Test hook: TRAIN_LORA_TEST_HOLD=loading_model|stop_requested|saving|export_lora|export_manifest|checkpoint_write
+makes the process announce that point on stderr ("train_lora test hold: <point>") and wait there for the next signal
+(60 s at most), so a test can deliver a signal exactly inside the window it means (two back-to-back kill() calls are
+one signal: standard signals do not queue) without guessing with sleeps. loading_model is just after the loading
+phase's first event (runtime/loading.py), where a tiny model would otherwise be loaded before the signal lands.
+export_lora and export_manifest are in the final export (outputs/final.py): after the LoRA files, and after the
+manifest (before the model card); checkpoint_write holds the background writer thread (training/background.py)
+before it writes, while training goes on.
 """
 from __future__ import annotations
 
